@@ -1,0 +1,117 @@
+//! Cache key schemes. They are the compatibility contract with applications that cache by
+//! hand, so each is spelled out here and pinned by the SPEC's test vectors.
+
+use sha2::{Digest, Sha256};
+
+/// `SQL.CACHED` key: lowercase hex SHA-256 of the query bytes — exactly what
+/// `hashlib.sha256(query.encode()).hexdigest()` gives — optionally prefixed. With parameters,
+/// each is appended as `\0` + param before hashing, so `$1 = 'a', $2 = 'bc'` and
+/// `$1 = 'ab', $2 = 'c'` never share a key.
+pub fn sql_key(prefix: &str, query: &[u8], params: &[impl AsRef<[u8]>]) -> String {
+    let mut h = Sha256::new();
+    h.update(query);
+    for p in params {
+        h.update([0u8]);
+        h.update(p.as_ref());
+    }
+    let digest = h.finalize();
+    let mut out = String::with_capacity(prefix.len() + 64);
+    out.push_str(prefix);
+    out.push_str(&hex::encode(digest));
+    out
+}
+
+/// A named query's key template, e.g. `employee:{1}`: literal text with `{n}` for the n-th
+/// argument. Parsed once at start so rendering is a copy loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Arg(usize),
+}
+
+impl KeyTemplate {
+    /// Parses `template`; every `{n}` must name one of the `nargs` arguments.
+    pub fn parse(template: &str, nargs: usize) -> Result<KeyTemplate, String> {
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("unclosed '{{' in '{template}'"))?
+                + open;
+            let n: usize = rest[open + 1..close].parse().map_err(|_| {
+                format!("'{{{}}}' is not an argument number", &rest[open + 1..close])
+            })?;
+            if n == 0 || n > nargs {
+                return Err(format!("{{{n}}} but the query takes {nargs} argument(s)"));
+            }
+            parts.push(Part::Arg(n - 1));
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        if parts.is_empty() {
+            return Err("empty key".into());
+        }
+        Ok(KeyTemplate { parts })
+    }
+
+    /// Renders the key for validated arguments.
+    pub fn render(&self, args: &[impl AsRef<str>]) -> String {
+        let mut out = String::with_capacity(32);
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Arg(i) => out.push_str(args.get(*i).map(|a| a.as_ref()).unwrap_or_default()),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guide's join query, byte for byte as its Python code holds it.
+    pub const GUIDE_QUERY: &str = "   \nSELECT   \n    employees.name AS employee_name,   \n    departments.name AS department_name,  \n    employees.job_title \nFROM  \n    employees  \nINNER JOIN  \n    departments   \nON \n    employees.dept_id = departments.id;   \n";
+
+    #[test]
+    fn sql_keys_match_hashlib() {
+        // hashlib.sha256(b"SELECT 1").hexdigest()
+        assert_eq!(
+            sql_key("", b"SELECT 1", &[] as &[&[u8]]),
+            "e004ebd5b5532a4b85984a62f8ad48a81aa3460c1ca07701f386135d72cdecf5"
+        );
+        // hashlib.sha256(GUIDE_QUERY.encode()).hexdigest()
+        assert_eq!(
+            sql_key("", GUIDE_QUERY.as_bytes(), &[] as &[&[u8]]),
+            "c6260e61202726451f2251e2051e50764a29e212db01aa5c7119b413d54e2b40"
+        );
+        assert_eq!(sql_key("db1:", b"SELECT 1", &[] as &[&[u8]]).len(), 4 + 64);
+        assert_ne!(
+            sql_key("", b"q", &["a", "bc"]),
+            sql_key("", b"q", &["ab", "c"])
+        );
+    }
+
+    #[test]
+    fn templates() {
+        let t = KeyTemplate::parse("employee:{1}", 1).unwrap();
+        assert_eq!(t.render(&["7"]), "employee:7");
+        let t = KeyTemplate::parse("{2}/{1}", 2).unwrap();
+        assert_eq!(t.render(&["a", "b"]), "b/a");
+        assert!(KeyTemplate::parse("x:{2}", 1).is_err());
+        assert!(KeyTemplate::parse("x:{1", 1).is_err());
+        assert!(KeyTemplate::parse("x:{a}", 1).is_err());
+    }
+}

@@ -1,0 +1,315 @@
+//! Connection-level commands cachefront answers itself: PING, ECHO, HELLO, AUTH, QUIT, RESET,
+//! SELECT and CLIENT.
+
+use bytes::Bytes;
+use std::sync::Arc;
+
+use super::{wrong_args, Action, Route, StateChange, Transform};
+use crate::protocol::request::{encode_multibulk, parse_i64_strict};
+use crate::protocol::{Proto, Reply, Request};
+use crate::server::Shared;
+use crate::session::Session;
+
+/// Commands an unauthenticated client may send.
+pub fn allowed_before_auth(name: &[u8]) -> bool {
+    matches!(name, b"AUTH" | b"HELLO" | b"QUIT" | b"RESET")
+}
+
+pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, name: &[u8], req: Request) -> Action {
+    match name {
+        b"PING" => match req.args.len() {
+            1 => Action::Reply(Reply::Simple("PONG")),
+            2 => Action::Reply(Reply::Bulk(req.args[1].clone())),
+            _ => Action::Reply(wrong_args(&req)),
+        },
+        b"ECHO" => match req.args.len() {
+            2 => Action::Reply(Reply::Bulk(req.args[1].clone())),
+            _ => Action::Reply(wrong_args(&req)),
+        },
+        b"QUIT" => Action::Close(Reply::ok()),
+        b"RESET" => Action::Reset,
+        b"AUTH" => Action::Reply(auth(shared, session, &req)),
+        b"HELLO" => Action::Reply(hello(shared, session, &req)),
+        _ => select(session, req),
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
+    }
+    diff == 0 && a.len() == b.len()
+}
+
+/// Checks `user`/`pass` against the configured password; `Err` is the reply to send.
+fn check_password(shared: &Shared, user: &[u8], pass: &[u8]) -> Result<(), Reply> {
+    let required = shared.config.auth.requirepass.as_bytes();
+    if required.is_empty() {
+        return Err(Reply::err(
+            "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+        ));
+    }
+    if user == b"default" && constant_time_eq(pass, required) {
+        Ok(())
+    } else {
+        Err(Reply::err(
+            "WRONGPASS invalid username-password pair or user is disabled.",
+        ))
+    }
+}
+
+fn auth(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
+    let (user, pass) = match req.args.len() {
+        2 => (&b"default"[..], &req.args[1][..]),
+        3 => (&req.args[1][..], &req.args[2][..]),
+        _ => return wrong_args(req),
+    };
+    match check_password(shared, user, pass) {
+        Ok(()) => {
+            session.authed = true;
+            Reply::ok()
+        }
+        Err(r) => r,
+    }
+}
+
+fn hello(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
+    let mut proto = session.proto;
+    let mut i = 1;
+    if let Some(v) = req.args.get(1) {
+        proto = match parse_i64_strict(v) {
+            Some(2) => Proto::Resp2,
+            Some(3) => Proto::Resp3,
+            Some(_) => return Reply::err("NOPROTO unsupported protocol version"),
+            None => return Reply::err("ERR Protocol version is not an integer or out of range"),
+        };
+        i = 2;
+    }
+    let mut name = None;
+    let mut authed_now = false;
+    while i < req.args.len() {
+        let opt = &req.args[i];
+        if opt.eq_ignore_ascii_case(b"AUTH") && i + 2 < req.args.len() {
+            if let Err(r) = check_password(shared, &req.args[i + 1], &req.args[i + 2]) {
+                return r;
+            }
+            authed_now = true;
+            i += 3;
+        } else if opt.eq_ignore_ascii_case(b"SETNAME") && i + 1 < req.args.len() {
+            match valid_name(&req.args[i + 1]) {
+                Ok(n) => name = Some(n),
+                Err(r) => return r,
+            }
+            i += 2;
+        } else {
+            return Reply::err(format!(
+                "ERR Syntax error in HELLO option '{}'",
+                String::from_utf8_lossy(opt)
+            ));
+        }
+    }
+    if !session.authed && !authed_now {
+        return Reply::err("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
+    }
+    if proto != session.proto && session.needs_dedicated() {
+        return Reply::err("ERR cachefront cannot switch protocol while the connection holds a transaction, watched keys, subscriptions, tracking or a selected database; RESET first");
+    }
+    session.authed = true;
+    session.proto = proto;
+    if let Some(n) = name {
+        session.name = n;
+    }
+    let version = shared.upstream.server_version();
+    Reply::Map(vec![
+        (Reply::text("server"), Reply::text("valkey")),
+        (
+            Reply::text("version"),
+            Reply::text(if version.is_empty() {
+                "8.0.0"
+            } else {
+                &version
+            }),
+        ),
+        (Reply::text("proto"), Reply::Int(proto.number())),
+        (Reply::text("id"), Reply::Int(session.id as i64)),
+        (Reply::text("mode"), Reply::text("standalone")),
+        (Reply::text("role"), Reply::text("master")),
+        (Reply::text("modules"), Reply::Array(Vec::new())),
+    ])
+}
+
+/// Valkey's rule for client names: printable ASCII without spaces; empty clears the name.
+fn valid_name(raw: &Bytes) -> Result<Option<String>, Reply> {
+    if raw.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
+        return Err(Reply::err(
+            "ERR Client names cannot contain spaces, newlines or special characters.",
+        ));
+    }
+    Ok((!raw.is_empty()).then(|| String::from_utf8_lossy(raw).into_owned()))
+}
+
+fn select(session: &mut Session, req: Request) -> Action {
+    if req.args.len() != 2 {
+        return Action::Reply(wrong_args(&req));
+    }
+    let Some(db) = parse_i64_strict(&req.args[1]) else {
+        return Action::Reply(Reply::err("ERR value is not an integer or out of range"));
+    };
+    if db == 0 && !session.needs_dedicated() {
+        return Action::Reply(Reply::ok());
+    }
+    Action::Forward {
+        raw: req.raw,
+        route: Route::Dedicated(StateChange::Select(db)),
+        transform: Transform::None,
+    }
+}
+
+/// `CLIENT …`: identity subcommands are local (cachefront's clients are not Valkey's);
+/// tracking and similar state go to the client's dedicated Valkey connection.
+pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
+    let Some(sub) = req.args.get(1) else {
+        return Action::Reply(wrong_args(&req));
+    };
+    let sub = sub.to_ascii_uppercase();
+    let reply = match sub.as_slice() {
+        b"ID" => Reply::Int(session.id as i64),
+        b"GETNAME" => match &session.name {
+            Some(n) => Reply::text(n),
+            None => Reply::Nil,
+        },
+        b"SETNAME" if req.args.len() == 3 => match valid_name(&req.args[2]) {
+            Ok(n) => {
+                session.name = n;
+                Reply::ok()
+            }
+            Err(r) => r,
+        },
+        b"SETINFO" if req.args.len() == 4 => setinfo(session, &req.args[2], &req.args[3]),
+        b"INFO" if req.args.len() == 2 => Reply::Verbatim(Bytes::from(client_info(session))),
+        b"REPLY" => Reply::err("ERR CLIENT REPLY is not supported by cachefront"),
+        b"TRACKING" => return tracking(shared, req),
+        b"NO-EVICT" | b"NO-TOUCH" => {
+            return Action::Forward {
+                raw: req.raw,
+                route: Route::Dedicated(StateChange::Pin),
+                transform: Transform::None,
+            }
+        }
+        b"CACHING" | b"TRACKINGINFO" | b"GETREDIR" => {
+            return Action::Forward {
+                raw: req.raw,
+                route: Route::Dedicated(StateChange::None),
+                transform: Transform::None,
+            }
+        }
+        b"SETNAME" | b"SETINFO" | b"INFO" => wrong_args(&req),
+        _ => {
+            return Action::Forward {
+                raw: req.raw,
+                route: Route::Any,
+                transform: Transform::None,
+            }
+        }
+    };
+    Action::Reply(reply)
+}
+
+fn setinfo(session: &mut Session, attr: &[u8], value: &Bytes) -> Reply {
+    if value.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
+        return Reply::err(format!(
+            "ERR {} cannot contain spaces, newlines or special characters.",
+            String::from_utf8_lossy(attr).to_ascii_lowercase()
+        ));
+    }
+    let v = Some(String::from_utf8_lossy(value).into_owned());
+    if attr.eq_ignore_ascii_case(b"LIB-NAME") {
+        session.lib_name = v;
+    } else if attr.eq_ignore_ascii_case(b"LIB-VER") {
+        session.lib_ver = v;
+    } else {
+        return Reply::err(format!(
+            "ERR Unrecognized option '{}'",
+            String::from_utf8_lossy(attr)
+        ));
+    }
+    Reply::ok()
+}
+
+fn client_info(s: &Session) -> String {
+    format!(
+        "id={} addr={} name={} db={} multi={} resp={} lib-name={} lib-ver={}\n",
+        s.id,
+        s.addr,
+        s.name.as_deref().unwrap_or(""),
+        s.db,
+        if s.in_multi { 0 } else { -1 },
+        s.proto.number(),
+        s.lib_name.as_deref().unwrap_or(""),
+        s.lib_ver.as_deref().unwrap_or(""),
+    )
+}
+
+/// `CLIENT TRACKING on|off …`. A `REDIRECT <id>` names a cachefront client; Valkey needs the
+/// id of that client's own upstream connection, so the argument is rewritten.
+fn tracking(shared: &Arc<Shared>, req: Request) -> Action {
+    let on = match req.args.get(2).map(|a| a.to_ascii_lowercase()) {
+        Some(a) if a == b"on" => true,
+        Some(a) if a == b"off" => false,
+        _ => {
+            return Action::Forward {
+                raw: req.raw,
+                route: Route::Dedicated(StateChange::None),
+                transform: Transform::None,
+            }
+        }
+    };
+    let mut args = req.args.clone();
+    let mut rewritten = false;
+    let mut i = 3;
+    while i < args.len() {
+        if args[i].eq_ignore_ascii_case(b"REDIRECT") && i + 1 < args.len() {
+            let target = parse_i64_strict(&args[i + 1]).filter(|&t| t > 0);
+            match target.and_then(|t| shared.upstream.upstream_id_of(t as u64)) {
+                Some(up) => {
+                    args[i + 1] = Bytes::from(up.to_string());
+                    rewritten = true;
+                }
+                None => {
+                    return Action::Reply(Reply::err(
+                        "ERR The client ID you want redirect to does not exist",
+                    ))
+                }
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    let raw = if rewritten {
+        encode_multibulk(&args)
+    } else {
+        req.raw
+    };
+    Action::Forward {
+        raw,
+        route: Route::Dedicated(StateChange::Tracking(on)),
+        transform: Transform::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secrets"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

@@ -1,0 +1,151 @@
+//! What a cached command does on a miss: load from PostgreSQL, store through the cache's fill
+//! protocol, and reply in the command's reply kind.
+
+use bytes::Bytes;
+use std::sync::Arc;
+
+use super::named_query::NamedQuery;
+use crate::cache::{CacheStatus, Entry, Value};
+use crate::config::ReplyKind;
+use crate::db::{DbError, QueryResult};
+use crate::error::{Error, Result};
+use crate::metrics::inc;
+use crate::protocol::{Proto, Reply};
+use crate::server::Shared;
+
+/// Where a cached command's value comes from.
+pub enum Source {
+    Named {
+        query: Arc<NamedQuery>,
+        /// Validated, canonical argument texts.
+        args: Vec<String>,
+    },
+    Sql {
+        sql: String,
+        params: Vec<String>,
+    },
+}
+
+/// Everything needed to answer a miss.
+pub struct FillPlan {
+    pub entry: Entry,
+    pub source: Source,
+    pub kind: ReplyKind,
+    /// The client's protocol when it asked.
+    pub proto: Proto,
+}
+
+/// Whether the lookup reply found an entry (`GET` not nil, `HGETALL` not empty). Errors count
+/// as found: they are passed to the client as Valkey sent them (e.g. WRONGTYPE).
+pub fn is_hit(frame: &[u8]) -> bool {
+    !matches!(
+        frame,
+        b"$-1\r\n" | b"_\r\n" | b"*0\r\n" | b"%0\r\n" | b"*-1\r\n"
+    )
+}
+
+/// Answers a miss. With `via_cache` false (Valkey unavailable) the value comes straight from
+/// PostgreSQL and nothing is stored.
+pub async fn run(shared: Arc<Shared>, plan: FillPlan, via_cache: bool) -> Reply {
+    let FillPlan {
+        entry,
+        source,
+        kind,
+        proto,
+    } = plan;
+    let db_shared = Arc::clone(&shared);
+    let load = move || async move { load(&db_shared, &source, kind).await };
+    let result = if via_cache {
+        shared.cache.fill(entry, load).await
+    } else {
+        inc(&shared.metrics.fail_open);
+        inc(&shared.metrics.db_queries);
+        load()
+            .await
+            .inspect_err(|_| inc(&shared.metrics.db_errors))
+            .map(|v| (v, CacheStatus::FailOpen))
+    };
+    match result {
+        Ok((value, _status)) => render(value, proto),
+        Err(e) => e.to_reply(),
+    }
+}
+
+/// The reply for a filled value.
+fn render(value: Value, _proto: Proto) -> Reply {
+    match value {
+        Value::Absent => Reply::Nil,
+        Value::String(b) => Reply::Bulk(b),
+        Value::Hash(fields) => Reply::Map(
+            fields
+                .into_iter()
+                .map(|(k, v)| (Reply::Bulk(Bytes::from(k)), Reply::Bulk(v)))
+                .collect(),
+        ),
+    }
+}
+
+async fn load(shared: &Shared, source: &Source, kind: ReplyKind) -> Result<Value> {
+    let result = match source {
+        Source::Named { query, args } => shared
+            .db
+            .query_params(&query.sql, args)
+            .await
+            .map_err(|e| named_error(query, args, e))?,
+        Source::Sql { sql, params } => {
+            shared
+                .db
+                .query_read_only(sql, params, shared.config.sql.max_rows)
+                .await?
+        }
+    };
+    shape(result, kind, shared.config.sql.max_result_bytes)
+}
+
+/// PostgreSQL's verdict on an argument's type (bad text, out of range) is the client's error.
+fn named_error(q: &NamedQuery, args: &[String], e: DbError) -> Error {
+    match e.code() {
+        Some("22P02") | Some("22003") | Some("22007") | Some("22008") => {
+            if args.len() == 1 {
+                Error::Client(q.invalid_arg(0, args[0].as_bytes()))
+            } else {
+                Error::client(format!("invalid arguments for {}: {e}", q.name))
+            }
+        }
+        _ => e.into(),
+    }
+}
+
+/// Turns rows into the value a reply kind stores.
+fn shape(result: QueryResult, kind: ReplyKind, max_bytes: usize) -> Result<Value> {
+    let QueryResult { names, rows } = result;
+    Ok(match kind {
+        ReplyKind::Value => match rows.first().and_then(|r| crate::db::rows::cell_text(r, 0)) {
+            Some(s) => Value::String(Bytes::from(s)),
+            None => Value::Absent,
+        },
+        ReplyKind::Hash => match rows.first() {
+            Some(row) => Value::Hash(
+                names
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, n)| {
+                        crate::db::rows::cell_text(row, i).map(|v| (n.clone(), Bytes::from(v)))
+                    })
+                    .collect(),
+            ),
+            None => Value::Absent,
+        },
+        ReplyKind::Json => {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let mut out = Vec::with_capacity(64 + rows.len() * 64);
+            crate::db::rows::write_rows_json(&names, &rows, &mut out);
+            if out.len() > max_bytes {
+                return Err(Error::client(format!(
+                    "result is larger than sql.max_result_bytes ({max_bytes} bytes); add a LIMIT"
+                )));
+            }
+            Value::String(Bytes::from(out))
+        }
+    })
+}

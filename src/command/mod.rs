@@ -1,0 +1,122 @@
+//! Commands: each family parses its own arguments and says what the connection should do.
+//!
+//! `dispatch` never blocks: it returns an [`Action`] — a reply now, a command to forward, a
+//! cached lookup, or a task — and the connection keeps replies in request order.
+
+pub mod connection_cmds;
+pub mod fill;
+pub mod introspection;
+pub mod named_query;
+pub mod passthrough;
+pub mod sql_cached;
+pub mod sql_invalidate;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+
+use crate::protocol::{Reply, Request};
+use crate::server::Shared;
+use crate::session::Session;
+pub use fill::FillPlan;
+pub use passthrough::{Route, StateChange, Transform};
+
+/// What the connection does with one request.
+pub enum Action {
+    /// Reply now.
+    Reply(Reply),
+    /// Reply, then close the connection (QUIT).
+    Close(Reply),
+    /// Send to Valkey; the reply goes back (transformed if asked).
+    Forward {
+        raw: Bytes,
+        route: Route,
+        transform: Transform,
+    },
+    /// A cached command: look the entry up over the shared connection; fill on a miss.
+    Cached { lookup: Bytes, plan: Box<FillPlan> },
+    /// Local work that needs to await (database, cachefront's own Valkey writes).
+    Task(BoxFuture<'static, Reply>),
+    /// `RESET`: drop upstream state and the dedicated connection.
+    Reset,
+}
+
+/// cachefront's own command names, which named queries may not reuse.
+const RESERVED: &[&str] = &[
+    "SQL.CACHED",
+    "SQL.INVALIDATE",
+    "PING",
+    "ECHO",
+    "HELLO",
+    "AUTH",
+    "QUIT",
+    "RESET",
+    "CLIENT",
+    "SELECT",
+    "COMMAND",
+    "INFO",
+    "MULTI",
+    "EXEC",
+    "DISCARD",
+    "WATCH",
+    "UNWATCH",
+];
+
+/// Whether `name` is one of cachefront's built-in or transaction commands.
+pub fn is_reserved_name(name: &str) -> bool {
+    RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
+/// Uppercases a command name into a stack buffer (names are short; longer ones are never ours).
+fn upper(name: &[u8], buf: &mut [u8; 32]) -> Option<usize> {
+    if name.len() > buf.len() {
+        return None;
+    }
+    for (d, s) in buf.iter_mut().zip(name) {
+        *d = s.to_ascii_uppercase();
+    }
+    Some(name.len())
+}
+
+/// `ERR wrong number of arguments for '<cmd>' command`, Valkey's wording.
+pub fn wrong_args(req: &Request) -> Reply {
+    Reply::err(format!(
+        "ERR wrong number of arguments for '{}' command",
+        req.name_lossy().to_ascii_lowercase()
+    ))
+}
+
+/// Decides what to do with `req`.
+pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
+    let mut buf = [0u8; 32];
+    let name: &[u8] = match upper(req.name(), &mut buf) {
+        Some(n) => &buf[..n],
+        None => b"",
+    };
+    if !session.authed && !connection_cmds::allowed_before_auth(name) {
+        return Action::Reply(Reply::err("NOAUTH Authentication required."));
+    }
+    if session.streaming() {
+        return passthrough::in_subscribed_mode(shared, session, name, req);
+    }
+    if session.in_multi {
+        return passthrough::in_transaction(shared, session, name, req);
+    }
+    match name {
+        b"SQL.CACHED" => sql_cached::dispatch(shared, session, &req),
+        b"SQL.INVALIDATE" => sql_invalidate::dispatch(shared, &req),
+        b"PING" | b"ECHO" | b"HELLO" | b"AUTH" | b"QUIT" | b"RESET" | b"SELECT" => {
+            connection_cmds::dispatch(shared, session, name, req)
+        }
+        b"CLIENT" => connection_cmds::client(shared, session, req),
+        b"COMMAND" => introspection::command(shared, session, req),
+        b"INFO" => introspection::info(shared, session, req),
+        _ => match shared
+            .named
+            .get(std::str::from_utf8(name).unwrap_or_default())
+        {
+            Some(q) => named_query::dispatch(shared, session, q, &req),
+            None => passthrough::dispatch(session, name, req),
+        },
+    }
+}

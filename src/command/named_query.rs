@@ -1,0 +1,130 @@
+//! Named queries: `EMP.GET` and every `[[query]]` in config.toml — a command name bound to a
+//! parameterised SQL statement, a key template, a TTL and a reply kind.
+
+use bytes::Bytes;
+use std::sync::Arc;
+
+use super::fill::{FillPlan, Source};
+use super::{wrong_args, Action};
+use crate::cache::key::KeyTemplate;
+use crate::cache::Entry;
+use crate::config::{ArgType, NamedQueryConfig, ReplyKind};
+use crate::protocol::request::{encode_multibulk, parse_i64_strict};
+use crate::protocol::{Reply, Request};
+use crate::server::Shared;
+use crate::session::Session;
+
+/// A named query, ready to serve.
+#[derive(Debug)]
+pub struct NamedQuery {
+    /// Uppercased command name.
+    pub name: String,
+    pub sql: Arc<str>,
+    pub key: KeyTemplate,
+    pub ttl: u64,
+    pub reply: ReplyKind,
+    pub args: Vec<ArgType>,
+    pub arg_names: Vec<String>,
+    pub summary: String,
+    /// Tables the SQL reads: writes to them drop this query's entries.
+    pub tables: Vec<String>,
+}
+
+impl NamedQuery {
+    /// Builds from (already validated) config.
+    pub fn from_config(c: &NamedQueryConfig, default_ttl: u64) -> Result<NamedQuery, String> {
+        let analysis = crate::db::sql::check_read_only(&c.sql).map_err(|e| e.to_string())?;
+        Ok(NamedQuery {
+            name: c.command.to_ascii_uppercase(),
+            sql: Arc::from(c.sql.as_str()),
+            key: KeyTemplate::parse(&c.key, c.args.len())?,
+            ttl: c.ttl.unwrap_or(default_ttl),
+            reply: c.reply,
+            args: c.args.clone(),
+            arg_names: c.arg_names.clone(),
+            summary: if c.summary.is_empty() {
+                format!("Named query: {}", c.sql)
+            } else {
+                c.summary.clone()
+            },
+            tables: analysis.tables,
+        })
+    }
+
+    /// The noun used for argument `i` in error messages ("employee id").
+    pub fn arg_name(&self, i: usize) -> String {
+        self.arg_names
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("argument {} for {}", i + 1, self.name))
+    }
+
+    /// `ERR invalid <what> '<value>'`, the value shortened so a huge argument cannot make a huge reply.
+    pub fn invalid_arg(&self, i: usize, value: &[u8]) -> String {
+        let shown: String = String::from_utf8_lossy(value).chars().take(128).collect();
+        format!("ERR invalid {} '{}'", self.arg_name(i), shown)
+    }
+}
+
+/// Checks one argument against its declared type; returns its canonical text.
+fn validate(t: ArgType, raw: &Bytes) -> Option<String> {
+    let s = std::str::from_utf8(raw).ok()?;
+    if s.contains('\0') {
+        return None;
+    }
+    match t {
+        ArgType::Int => parse_i64_strict(raw).map(|v| v.to_string()),
+        ArgType::Float => s
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite() && !s.starts_with(['+', ' ']) && !s.ends_with(' '))
+            .map(|_| s.to_string()),
+        ArgType::Bool => match s.to_ascii_lowercase().as_str() {
+            "true" | "t" | "1" | "yes" | "on" => Some("true".into()),
+            "false" | "f" | "0" | "no" | "off" => Some("false".into()),
+            _ => None,
+        },
+        ArgType::Text => Some(s.to_string()),
+    }
+}
+
+pub fn dispatch(
+    shared: &Arc<Shared>,
+    session: &Session,
+    q: &Arc<NamedQuery>,
+    req: &Request,
+) -> Action {
+    if req.args.len() != q.args.len() + 1 {
+        return Action::Reply(wrong_args(req));
+    }
+    let mut args = Vec::with_capacity(q.args.len());
+    for (i, (t, raw)) in q.args.iter().zip(&req.args[1..]).enumerate() {
+        match validate(*t, raw) {
+            Some(v) => args.push(v),
+            None => return Action::Reply(Reply::err(q.invalid_arg(i, raw))),
+        }
+    }
+    let key = q.key.render(&args);
+    let lookup_cmd: &[u8] = match q.reply {
+        ReplyKind::Hash => b"HGETALL",
+        ReplyKind::Value | ReplyKind::Json => b"GET",
+    };
+    let lookup = encode_multibulk(&[Bytes::from_static(lookup_cmd), Bytes::from(key.clone())]);
+    let _ = shared;
+    Action::Cached {
+        lookup,
+        plan: Box::new(FillPlan {
+            entry: Entry {
+                key,
+                ttl: q.ttl,
+                tables: q.tables.clone(),
+            },
+            source: Source::Named {
+                query: Arc::clone(q),
+                args,
+            },
+            kind: q.reply,
+            proto: session.proto,
+        }),
+    }
+}

@@ -1,0 +1,223 @@
+//! Commands cachefront does not serve itself, and how each must travel to Valkey.
+//!
+//! Stateless commands share pipelined connections. Commands that leave state on the Valkey
+//! connection, or block it, need a connection of the client's own; the connection layer keeps
+//! it while the session says the state lasts.
+
+use bytes::Bytes;
+use std::sync::Arc;
+
+use super::{introspection, Action};
+use crate::protocol::{Proto, Reply, Request};
+use crate::server::Shared;
+use crate::session::Session;
+
+/// Which connection a forwarded command takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The client's dedicated connection if it holds one, else a shared one.
+    Any,
+    /// A dedicated connection (acquired if needed), applying this change to the session.
+    Dedicated(StateChange),
+}
+
+/// How a forwarded command changes what Valkey remembers for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateChange {
+    None,
+    Multi,
+    EndMulti,
+    Watch,
+    Unwatch,
+    Subscribe,
+    Monitor,
+    Select(i64),
+    Tracking(bool),
+    Pin,
+}
+
+/// What to do with Valkey's reply before it reaches the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transform {
+    None,
+    /// EXEC after a refused command: Valkey ran DISCARD; the client sees EXECABORT.
+    ExecAbort,
+    /// INFO: append the `# Cachefront` section.
+    Info,
+    /// `COMMAND` / `COMMAND INFO` with no names: append cachefront's entries.
+    CommandAll,
+    /// `COMMAND COUNT`: add cachefront's commands.
+    CommandCount,
+    /// `COMMAND INFO names…`: fill in the entries Valkey does not know (positions given).
+    CommandInfo(Vec<Option<String>>),
+    /// `COMMAND DOCS [names…]`: append docs of cachefront's commands among `names` (all if empty).
+    CommandDocs(Vec<String>),
+    /// `COMMAND LIST`: append cachefront's command names.
+    CommandList,
+}
+
+impl Transform {
+    /// Applies the transform to Valkey's reply (or failure).
+    pub fn apply(
+        &self,
+        shared: &Arc<Shared>,
+        proto: Proto,
+        reply: crate::error::Result<Bytes>,
+    ) -> Reply {
+        match (self, reply) {
+            (Transform::Info, r) => introspection::merge_info(shared, proto, r),
+            (_, Err(e)) => e.to_reply(),
+            (Transform::None, Ok(raw)) => Reply::Raw(raw),
+            (Transform::ExecAbort, Ok(_)) => {
+                Reply::err("EXECABORT Transaction discarded because of previous errors.")
+            }
+            (t, Ok(raw)) => introspection::merge_command(shared, proto, t, raw),
+        }
+    }
+}
+
+/// Commands that can block the connection they run on.
+const BLOCKING: &[&[u8]] = &[
+    b"BLPOP",
+    b"BRPOP",
+    b"BRPOPLPUSH",
+    b"BLMOVE",
+    b"BLMPOP",
+    b"BZPOPMIN",
+    b"BZPOPMAX",
+    b"BZMPOP",
+    b"WAIT",
+    b"WAITAOF",
+];
+
+const SUBSCRIBE_FAMILY: &[&[u8]] = &[
+    b"SUBSCRIBE",
+    b"PSUBSCRIBE",
+    b"SSUBSCRIBE",
+    b"UNSUBSCRIBE",
+    b"PUNSUBSCRIBE",
+    b"SUNSUBSCRIBE",
+];
+
+fn forward(req: Request, route: Route) -> Action {
+    Action::Forward {
+        raw: req.raw,
+        route,
+        transform: Transform::None,
+    }
+}
+
+fn has_block_option(req: &Request) -> bool {
+    req.args
+        .iter()
+        .skip(1)
+        .take_while(|a| !a.eq_ignore_ascii_case(b"STREAMS"))
+        .any(|a| a.eq_ignore_ascii_case(b"BLOCK"))
+}
+
+/// Routes a pass-through command (name already uppercased) in normal mode.
+pub fn dispatch(session: &Session, name: &[u8], req: Request) -> Action {
+    let route = match name {
+        b"MULTI" => Route::Dedicated(StateChange::Multi),
+        b"WATCH" => Route::Dedicated(StateChange::Watch),
+        b"UNWATCH" if session.watching => Route::Dedicated(StateChange::Unwatch),
+        b"EXEC" | b"DISCARD" if session.watching => Route::Dedicated(StateChange::None),
+        b"MONITOR" => Route::Dedicated(StateChange::Monitor),
+        b"READONLY" | b"READWRITE" | b"ASKING" => Route::Dedicated(StateChange::Pin),
+        b"XREAD" | b"XREADGROUP" if has_block_option(&req) => Route::Dedicated(StateChange::None),
+        b"SYNC" | b"PSYNC" | b"REPLCONF" => {
+            return Action::Reply(Reply::err(
+                "ERR cachefront does not relay replication; connect replicas to Valkey directly",
+            ))
+        }
+        n if SUBSCRIBE_FAMILY.contains(&n) => Route::Dedicated(StateChange::Subscribe),
+        n if BLOCKING.contains(&n) => Route::Dedicated(StateChange::None),
+        _ => Route::Any,
+    };
+    forward(req, route)
+}
+
+/// In a transaction every command is queued by Valkey, except cachefront's own, which cannot
+/// be: they are refused and, as Valkey does for a command refused while queuing, the EXEC that
+/// follows fails with EXECABORT.
+pub fn in_transaction(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    name: &[u8],
+    req: Request,
+) -> Action {
+    let refuse = |session: &mut Session, what: &str| {
+        session.multi_failed = true;
+        Action::Reply(Reply::err(format!(
+            "ERR {what} is not allowed inside MULTI: cachefront commands cannot be queued in a transaction"
+        )))
+    };
+    match name {
+        b"EXEC" if session.multi_failed => Action::Forward {
+            raw: Request::from_args([&b"DISCARD"[..]]).raw,
+            route: Route::Dedicated(StateChange::EndMulti),
+            transform: Transform::ExecAbort,
+        },
+        b"EXEC" | b"DISCARD" => forward(req, Route::Dedicated(StateChange::EndMulti)),
+        b"QUIT" => Action::Close(Reply::ok()),
+        b"RESET" => Action::Reset,
+        b"HELLO" | b"AUTH" => refuse(session, &req.name_lossy().to_ascii_uppercase()),
+        b"SQL.CACHED" | b"SQL.INVALIDATE" => {
+            refuse(session, &req.name_lossy().to_ascii_uppercase())
+        }
+        _ if shared
+            .named
+            .contains_key(std::str::from_utf8(name).unwrap_or_default()) =>
+        {
+            refuse(session, &req.name_lossy().to_ascii_uppercase())
+        }
+        b"SELECT" => match req
+            .args
+            .get(1)
+            .and_then(|a| crate::protocol::request::parse_i64_strict(a))
+        {
+            Some(db) => forward(req, Route::Dedicated(StateChange::Select(db))),
+            None => forward(req, Route::Dedicated(StateChange::None)),
+        },
+        _ => forward(req, Route::Dedicated(StateChange::None)),
+    }
+}
+
+/// In subscribed (or MONITOR) mode Valkey's replies and messages interleave on the dedicated
+/// connection, so everything goes there in order; only QUIT and RESET are handled here.
+pub fn in_subscribed_mode(
+    shared: &Arc<Shared>,
+    session: &Session,
+    name: &[u8],
+    req: Request,
+) -> Action {
+    match name {
+        b"QUIT" => Action::Close(Reply::ok()),
+        b"RESET" => Action::Reset,
+        b"HELLO" | b"AUTH" | b"SQL.CACHED" | b"SQL.INVALIDATE" => not_in_subscribed(session, &req),
+        n if shared
+            .named
+            .contains_key(std::str::from_utf8(n).unwrap_or_default()) =>
+        {
+            not_in_subscribed(session, &req)
+        }
+        n if SUBSCRIBE_FAMILY.contains(&n) => {
+            forward(req, Route::Dedicated(StateChange::Subscribe))
+        }
+        _ => forward(req, Route::Dedicated(StateChange::None)),
+    }
+}
+
+fn not_in_subscribed(session: &Session, req: &Request) -> Action {
+    let name = req.name_lossy();
+    Action::Reply(Reply::err(match session.proto {
+        Proto::Resp2 => format!(
+            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+            name.to_ascii_lowercase()
+        ),
+        Proto::Resp3 => format!(
+            "ERR {} is not available on a connection in subscribed mode; use another connection",
+            name.to_ascii_uppercase()
+        ),
+    }))
+}

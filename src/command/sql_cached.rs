@@ -1,0 +1,135 @@
+//! `SQL.CACHED <query> [EX <seconds>] [PARAMS <p>…]`: the guide's query result caching as a
+//! command — the result as a JSON array of rows, under the SHA-256 of the query text.
+
+use bytes::Bytes;
+use futures::FutureExt;
+use std::sync::Arc;
+
+use super::fill::{FillPlan, Source};
+use super::{wrong_args, Action};
+use crate::cache::key::sql_key;
+use crate::cache::Entry;
+use crate::config::{ReplyKind, SqlMode};
+use crate::db::sql::{check_read_only, SqlError};
+use crate::protocol::request::{encode_multibulk, parse_i64_strict};
+use crate::protocol::{Reply, Request};
+use crate::server::Shared;
+use crate::session::Session;
+
+/// The SPEC's reply for anything that is not one read-only query.
+pub const NOT_READ_ONLY: &str = "ERR SQL.CACHED accepts a single read-only query";
+
+struct Parsed {
+    query: Bytes,
+    ttl: Option<u64>,
+    params: Vec<String>,
+}
+
+fn parse(req: &Request) -> Result<Parsed, Reply> {
+    if req.args.len() < 2 {
+        return Err(wrong_args(req));
+    }
+    let mut p = Parsed {
+        query: req.args[1].clone(),
+        ttl: None,
+        params: Vec::new(),
+    };
+    let mut i = 2;
+    while i < req.args.len() {
+        let opt = &req.args[i];
+        if opt.eq_ignore_ascii_case(b"EX") && p.ttl.is_none() {
+            let secs = req
+                .args
+                .get(i + 1)
+                .and_then(|s| parse_i64_strict(s))
+                .filter(|&s| s > 0)
+                .ok_or_else(|| Reply::err("ERR invalid expire time in 'sql.cached' command"))?;
+            p.ttl = Some(secs as u64);
+            i += 2;
+        } else if opt.eq_ignore_ascii_case(b"PARAMS") {
+            for raw in &req.args[i + 1..] {
+                let s = std::str::from_utf8(raw)
+                    .ok()
+                    .filter(|s| !s.contains('\0'))
+                    .ok_or_else(|| {
+                        Reply::err("ERR SQL.CACHED parameters must be valid UTF-8 text")
+                    })?;
+                p.params.push(s.to_string());
+            }
+            i = req.args.len();
+        } else {
+            return Err(Reply::err("ERR syntax error"));
+        }
+    }
+    Ok(p)
+}
+
+pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Action {
+    let cfg = &shared.config.sql;
+    if cfg.mode == SqlMode::Off {
+        return Action::Reply(Reply::err(
+            "ERR SQL.CACHED is disabled on this server (sql.mode = \"off\")",
+        ));
+    }
+    let p = match parse(req) {
+        Ok(p) => p,
+        Err(r) => return Action::Reply(r),
+    };
+    if p.query.len() > cfg.max_sql_bytes {
+        return Action::Reply(Reply::err(format!(
+            "ERR SQL.CACHED query is longer than sql.max_sql_bytes ({} bytes)",
+            cfg.max_sql_bytes
+        )));
+    }
+    let Ok(sql) = std::str::from_utf8(&p.query) else {
+        return Action::Reply(Reply::err("ERR SQL.CACHED query must be valid UTF-8 text"));
+    };
+    if cfg.mode == SqlMode::Allowlist && !cfg.allowlist.iter().any(|a| a == sql) {
+        return Action::Reply(Reply::err(
+            "ERR SQL.CACHED accepts only allowlisted queries on this server (sql.mode = \"allowlist\")",
+        ));
+    }
+    let tables = match check_read_only(sql) {
+        Ok(a) => a.tables,
+        Err(SqlError::NotReadOnly(why)) => {
+            tracing::debug!(reason = %why, "SQL.CACHED refused");
+            return Action::Reply(Reply::err(NOT_READ_ONLY));
+        }
+        Err(SqlError::Parse(why)) => return explain_parse_failure(shared, sql.to_string(), why),
+    };
+    let key = sql_key(&cfg.key_prefix, &p.query, &p.params);
+    let lookup = encode_multibulk(&[Bytes::from_static(b"GET"), Bytes::from(key.clone())]);
+    Action::Cached {
+        lookup,
+        plan: Box::new(FillPlan {
+            entry: Entry {
+                key,
+                ttl: p.ttl.unwrap_or(shared.config.cache.default_ttl),
+                tables,
+            },
+            source: Source::Sql {
+                sql: sql.to_string(),
+                params: p.params,
+            },
+            kind: ReplyKind::Json,
+            proto: session.proto,
+        }),
+    }
+}
+
+/// Our parser could not read the query. PostgreSQL's own error is the most useful answer for
+/// a typo; if PostgreSQL can parse it, we still refuse (we could not tell what it reads).
+fn explain_parse_failure(shared: &Arc<Shared>, sql: String, why: String) -> Action {
+    let shared = Arc::clone(shared);
+    Action::Task(
+        async move {
+            match shared.db.prepare_only(&sql).await {
+                Err(e) => crate::error::Error::from(e).to_reply(),
+                Ok(()) => Reply::err(format!(
+                    "{NOT_READ_ONLY} that cachefront can analyse (its SQL parser says: {why})"
+                )),
+            }
+        }
+        .boxed(),
+    )
+}

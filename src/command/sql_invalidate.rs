@@ -1,0 +1,39 @@
+//! `SQL.INVALIDATE <table> [<table> …]`: drop every entry read from the tables; reply the count.
+
+use futures::FutureExt;
+use std::sync::Arc;
+
+use super::{wrong_args, Action};
+use crate::db::sql::normalize_table_text;
+use crate::protocol::{Reply, Request};
+use crate::server::Shared;
+
+pub fn dispatch(shared: &Arc<Shared>, req: &Request) -> Action {
+    if req.args.len() < 2 {
+        return Action::Reply(wrong_args(req));
+    }
+    let mut tables = Vec::with_capacity(req.args.len() - 1);
+    for a in &req.args[1..] {
+        match std::str::from_utf8(a) {
+            Ok(t) if !t.trim().is_empty() => tables.push(normalize_table_text(t)),
+            _ => {
+                return Action::Reply(Reply::err(format!(
+                    "ERR invalid table name '{}'",
+                    String::from_utf8_lossy(a)
+                )))
+            }
+        }
+    }
+    tables.sort();
+    tables.dedup();
+    let shared = Arc::clone(shared);
+    Action::Task(
+        async move {
+            match shared.cache.invalidate(&tables).await {
+                Ok(n) => Reply::Int(n as i64),
+                Err(e) => e.to_reply(),
+            }
+        }
+        .boxed(),
+    )
+}

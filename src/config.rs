@@ -1,0 +1,600 @@
+//! Configuration: `config.toml`, overridden key by key by `CACHEFRONT_*` environment variables.
+//!
+//! Every struct denies unknown keys, so a typo is refused at start with the key named instead of
+//! silently ignored; an environment override that does not parse is an error too, never a
+//! silent fall back to the default.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("environment variable {var}: {msg}")]
+    Env { var: String, msg: String },
+    #[error("{key}: {msg}")]
+    Invalid { key: String, msg: String },
+}
+
+fn invalid(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        msg: msg.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address cachefront listens on.
+    pub listen: String,
+    /// Log format: "text" or "json".
+    pub log_format: String,
+    pub valkey: ValkeyConfig,
+    pub postgres: PostgresConfig,
+    pub cache: CacheConfig,
+    pub sql: SqlConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+    /// Named queries; `EMP.GET` is built in unless redefined here.
+    #[serde(rename = "query")]
+    pub queries: Vec<NamedQueryConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValkeyConfig {
+    /// `redis://[user:password@]host:port[/db]` of the upstream Valkey.
+    pub url: String,
+    /// Shared pipelined connections per protocol version for stateless pass-through commands.
+    pub pool_size: usize,
+    /// Idle dedicated connections kept for clients entering MULTI, SUBSCRIBE, blocking commands…
+    pub idle_dedicated: usize,
+    pub connect_timeout_ms: u64,
+    /// How long a reply on a shared connection may take before the connection is discarded.
+    pub command_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    pub url: String,
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+    /// `statement_timeout` for every query cachefront runs.
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// TTL in seconds for SQL.CACHED and named queries that set none.
+    pub default_ttl: u64,
+    /// Prefix of cachefront's own bookkeeping keys (table versions, dependency sets).
+    pub meta_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqlMode {
+    /// Any single read-only statement.
+    Any,
+    /// Only the statements listed in `sql.allowlist`.
+    Allowlist,
+    /// SQL.CACHED disabled.
+    Off,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlConfig {
+    pub mode: SqlMode,
+    /// Exact query texts accepted when `mode = "allowlist"`.
+    pub allowlist: Vec<String>,
+    /// Prepended to SQL.CACHED keys; empty keeps them identical to hand-written caches.
+    pub key_prefix: String,
+    /// Longest SQL text accepted, checked before parsing.
+    pub max_sql_bytes: usize,
+    /// Most rows a result may have; larger results are refused, not cached.
+    pub max_rows: usize,
+    /// Most bytes of JSON a result may render to.
+    pub max_result_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_clients: usize,
+    pub max_inline: usize,
+    pub max_bulk: usize,
+    pub max_multibulk: usize,
+    pub max_query_buffer: usize,
+    /// Most replies a client may have queued (pipelined requests in flight) before
+    /// cachefront stops reading from it until it catches up.
+    pub max_pipeline: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Password of the default user; empty means no authentication.
+    pub requirepass: String,
+}
+
+/// How a named query replies and stores its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyKind {
+    /// First column of the first row, as a string value.
+    Value,
+    /// First row stored with HSET, replied as a map.
+    Hash,
+    /// All rows as a JSON array of objects.
+    Json,
+}
+
+/// Type an argument of a named query must have; checked before any query runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgType {
+    Int,
+    Float,
+    Bool,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedQueryConfig {
+    /// Command name clients send, e.g. `EMP.GET`.
+    pub command: String,
+    /// Parameterised SQL; `$n` is the n-th argument.
+    pub sql: String,
+    /// Key template; `{n}` is the n-th argument.
+    pub key: String,
+    /// Seconds; defaults to `cache.default_ttl`.
+    #[serde(default)]
+    pub ttl: Option<u64>,
+    #[serde(default = "default_reply")]
+    pub reply: ReplyKind,
+    #[serde(default)]
+    pub args: Vec<ArgType>,
+    /// Noun used in argument errors, e.g. "employee id".
+    #[serde(default)]
+    pub arg_names: Vec<String>,
+    /// One-line description shown by COMMAND DOCS.
+    #[serde(default)]
+    pub summary: String,
+}
+
+fn default_reply() -> ReplyKind {
+    ReplyKind::Value
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:6380".into(),
+            log_format: "text".into(),
+            valkey: ValkeyConfig::default(),
+            postgres: PostgresConfig::default(),
+            cache: CacheConfig::default(),
+            sql: SqlConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+            queries: Vec::new(),
+        }
+    }
+}
+
+impl Default for ValkeyConfig {
+    fn default() -> Self {
+        ValkeyConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            pool_size: 2,
+            idle_dedicated: 16,
+            connect_timeout_ms: 1000,
+            command_timeout_ms: 5000,
+        }
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "postgres://postgres@127.0.0.1:5432/staff".into(),
+            pool_size: 16,
+            connect_timeout_ms: 2000,
+            statement_timeout_ms: 5000,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            default_ttl: 3600,
+            meta_prefix: "cachefront:".into(),
+        }
+    }
+}
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        SqlConfig {
+            mode: SqlMode::Any,
+            allowlist: Vec::new(),
+            key_prefix: String::new(),
+            max_sql_bytes: 64 * 1024,
+            max_rows: 100_000,
+            max_result_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = crate::protocol::Limits::default();
+        LimitsConfig {
+            max_clients: 10_000,
+            max_inline: l.max_inline,
+            max_bulk: l.max_bulk,
+            max_multibulk: l.max_multibulk,
+            max_query_buffer: l.max_query_buffer,
+            max_pipeline: 1024,
+        }
+    }
+}
+
+/// The built-in `EMP.GET`: the guide's simple value caching.
+pub fn builtin_emp_get() -> NamedQueryConfig {
+    NamedQueryConfig {
+        command: "EMP.GET".into(),
+        sql: "SELECT name FROM employees WHERE id = $1".into(),
+        key: "employee:{1}".into(),
+        ttl: None,
+        reply: ReplyKind::Value,
+        args: vec![ArgType::Int],
+        arg_names: vec!["employee id".into()],
+        summary: "Get an employee's name, cached at employee:<id>".into(),
+    }
+}
+
+/// Sections whose keys may be overridden as `CACHEFRONT_<SECTION>_<KEY>`.
+const SECTIONS: &[&str] = &["valkey", "postgres", "cache", "sql", "limits", "auth"];
+
+impl Config {
+    /// Loads `path` (or the defaults when `None`), applies `CACHEFRONT_*` variables from `env`,
+    /// and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml_with_env(&text, env)
+    }
+
+    /// Parses TOML text, applies environment overrides and validates.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let defaults = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CACHEFRONT_") && !IGNORED_ENV.contains(&k.as_str()))
+            .collect();
+        vars.sort();
+        for (var, value) in vars {
+            apply_env(&mut doc, &defaults, &var, &value)?;
+        }
+        let cfg: Config = doc
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot: addresses, URLs, ranges, and the named queries.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "listen",
+                format!("'{}' is not host:port ({e})", self.listen),
+            )
+        })?;
+        let url = redis::parse_redis_url(&self.valkey.url);
+        if url.is_none() {
+            return Err(invalid("valkey.url", "not a redis:// or valkey:// URL"));
+        }
+        self.postgres
+            .url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| invalid("postgres.url", format!("not a PostgreSQL URL ({e})")))?;
+        positive("valkey.pool_size", self.valkey.pool_size as u64)?;
+        positive("valkey.connect_timeout_ms", self.valkey.connect_timeout_ms)?;
+        positive("valkey.command_timeout_ms", self.valkey.command_timeout_ms)?;
+        positive("postgres.pool_size", self.postgres.pool_size as u64)?;
+        positive(
+            "postgres.connect_timeout_ms",
+            self.postgres.connect_timeout_ms,
+        )?;
+        positive("cache.default_ttl", self.cache.default_ttl)?;
+        positive("limits.max_clients", self.limits.max_clients as u64)?;
+        positive("limits.max_pipeline", self.limits.max_pipeline as u64)?;
+        if self.limits.max_inline < 1024 {
+            return Err(invalid("limits.max_inline", "must be at least 1024"));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(invalid("log_format", "must be \"text\" or \"json\""));
+        }
+        if self.cache.meta_prefix.is_empty() {
+            return Err(invalid("cache.meta_prefix", "must not be empty"));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, q) in self.queries.iter().enumerate() {
+            let key = format!("query[{i}] ({})", q.command);
+            q.validate().map_err(|msg| invalid(key.clone(), msg))?;
+            if !seen.insert(q.command.to_ascii_uppercase()) {
+                return Err(invalid(key, "command declared twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The named queries in force: those declared, plus the built-in `EMP.GET` unless redefined.
+    pub fn named_queries(&self) -> Vec<NamedQueryConfig> {
+        let mut out = self.queries.clone();
+        if !out
+            .iter()
+            .any(|q| q.command.eq_ignore_ascii_case("EMP.GET"))
+        {
+            out.insert(0, builtin_emp_get());
+        }
+        out
+    }
+
+    /// The protocol limits, as the request parser wants them.
+    pub fn protocol_limits(&self) -> crate::protocol::Limits {
+        crate::protocol::Limits {
+            max_inline: self.limits.max_inline,
+            max_bulk: self.limits.max_bulk,
+            max_multibulk: self.limits.max_multibulk,
+            max_query_buffer: self.limits.max_query_buffer,
+            ..Default::default()
+        }
+    }
+}
+
+/// Variables that configure the process, not the server.
+const IGNORED_ENV: &[&str] = &[
+    "CACHEFRONT_CONFIG",
+    "CACHEFRONT_VALKEY_SERVER",
+    "CACHEFRONT_PG_BIN",
+];
+
+fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+impl NamedQueryConfig {
+    fn validate(&self) -> Result<(), String> {
+        let name = &self.command;
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("command must be a non-empty word".into());
+        }
+        if crate::command::is_reserved_name(name) {
+            return Err(format!("command {name} is a built-in command"));
+        }
+        if self.ttl == Some(0) {
+            return Err("ttl must be greater than 0".into());
+        }
+        let n = self.args.len();
+        let placeholders =
+            crate::db::sql::placeholders(&self.sql).map_err(|e| format!("sql: {e}"))?;
+        if placeholders.iter().any(|&p| p == 0 || p > n) {
+            return Err(format!(
+                "sql uses a parameter beyond the {n} declared args (args = [...])"
+            ));
+        }
+        crate::db::sql::check_read_only(&self.sql).map_err(|e| format!("sql: {e}"))?;
+        crate::cache::key::KeyTemplate::parse(&self.key, n).map_err(|e| format!("key: {e}"))?;
+        if !self.arg_names.is_empty() && self.arg_names.len() != n {
+            return Err("arg_names must name every arg".into());
+        }
+        Ok(())
+    }
+}
+
+/// Applies `CACHEFRONT_SECTION_KEY=value` to the document, typed like the default value.
+fn apply_env(
+    doc: &mut toml::Table,
+    defaults: &toml::Table,
+    var: &str,
+    value: &str,
+) -> Result<(), ConfigError> {
+    let env_err = |msg: String| ConfigError::Env {
+        var: var.to_string(),
+        msg,
+    };
+    let rest = var["CACHEFRONT_".len()..].to_ascii_lowercase();
+    let (section, key) = match SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) {
+        Some(s) => (Some(*s), rest[s.len() + 1..].to_string()),
+        None => (None, rest),
+    };
+    let default_table = match section {
+        Some(s) => defaults.get(s).and_then(|v| v.as_table()),
+        None => Some(defaults),
+    };
+    let template = default_table
+        .and_then(|t| t.get(&key))
+        .filter(|v| {
+            !v.is_table() && !matches!(v, toml::Value::Array(a) if a.iter().any(|x| x.is_table()))
+        })
+        .ok_or_else(|| env_err("no such configuration key".into()))?;
+    let dotted = match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.clone(),
+    };
+    let typed = typed_like(template, value).map_err(|expected| {
+        env_err(format!(
+            "invalid value '{value}' for {dotted} (expected {expected})"
+        ))
+    })?;
+    let target = match section {
+        Some(s) => doc
+            .entry(s)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| invalid(s, "must be a table"))?,
+        None => doc,
+    };
+    target.insert(key, typed);
+    Ok(())
+}
+
+fn typed_like(template: &toml::Value, value: &str) -> Result<toml::Value, &'static str> {
+    Ok(match template {
+        toml::Value::String(_) => toml::Value::String(value.to_string()),
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(value.trim().parse().map_err(|_| "an integer")?)
+        }
+        toml::Value::Float(_) => toml::Value::Float(value.trim().parse().map_err(|_| "a number")?),
+        toml::Value::Boolean(_) => toml::Value::Boolean(match value.trim() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => return Err("true or false"),
+        }),
+        toml::Value::Array(_) => toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+        _ => return Err("a plain value"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::from_toml_with_env("", env(&[])).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:6380");
+        assert_eq!(c.valkey.url, "redis://127.0.0.1:6379");
+        assert_eq!(c.postgres.url, "postgres://postgres@127.0.0.1:5432/staff");
+        assert_eq!(c.cache.default_ttl, 3600);
+        assert_eq!(c.named_queries()[0].command, "EMP.GET");
+    }
+
+    #[test]
+    fn env_overrides_are_typed_and_checked() {
+        let c = Config::from_toml_with_env(
+            "[valkey]\npool_size = 3\n",
+            env(&[
+                ("CACHEFRONT_VALKEY_POOL_SIZE", "5"),
+                ("CACHEFRONT_LISTEN", "127.0.0.1:7000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.valkey.pool_size, 5);
+        assert_eq!(c.listen, "127.0.0.1:7000");
+        let e = Config::from_toml_with_env("", env(&[("CACHEFRONT_VALKEY_POOL_SIZE", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("CACHEFRONT_VALKEY_POOL_SIZE") && e.contains("valkey.pool_size"),
+            "{e}"
+        );
+        let e = Config::from_toml_with_env("", env(&[("CACHEFRONT_VALKEY_COLOUR", "red")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CACHEFRONT_VALKEY_COLOUR"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = Config::from_toml_with_env("[valkey]\nurll = \"x\"\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("urll"), "{e}");
+        let e = Config::from_toml_with_env("listen = \"nowhere\"\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("listen:"), "{e}");
+        let e = Config::from_toml_with_env("[cache]\ndefault_ttl = 0\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cache.default_ttl"), "{e}");
+    }
+
+    #[test]
+    fn named_queries_are_validated() {
+        let bad = r#"
+[[query]]
+command = "X.GET"
+sql = "SELECT name FROM employees WHERE id = $2"
+key = "x:{1}"
+args = ["int"]
+"#;
+        let e = Config::from_toml_with_env(bad, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("query[0] (X.GET)"), "{e}");
+        let write = bad.replace(
+            "SELECT name FROM employees WHERE id = $2",
+            "DELETE FROM employees WHERE id = $1",
+        );
+        assert!(Config::from_toml_with_env(&write, env(&[])).is_err());
+        let key = bad.replace("$2", "$1").replace("x:{1}", "x:{3}");
+        let e = Config::from_toml_with_env(&key, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key"), "{e}");
+    }
+
+    #[test]
+    fn shipped_config_toml_parses() {
+        let text = include_str!("../config.toml");
+        let c = Config::from_toml_with_env(text, env(&[])).unwrap();
+        let names: Vec<_> = c
+            .named_queries()
+            .iter()
+            .map(|q| q.command.clone())
+            .collect();
+        assert!(names.contains(&"EMP.GET".to_string()));
+        assert!(c.named_queries().iter().any(|q| q.reply == ReplyKind::Hash));
+    }
+}

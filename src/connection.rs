@@ -1,0 +1,598 @@
+//! One client connection: read requests, dispatch, and write replies strictly in request order.
+//!
+//! Replies wait in an ordered queue of slots. A slot is ready at once (local commands), or
+//! waits for a shared upstream connection, a fill task, or the client's dedicated upstream
+//! connection. Only the front slot is ever written, so pipelined replies can complete out of
+//! order internally and still leave in order — and a reply can only reach the client whose
+//! slot it fills.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::command::{self, fill, Action, FillPlan, Route, StateChange, Transform};
+use crate::error::Error;
+use crate::metrics::inc;
+use crate::protocol::request::Parsed;
+use crate::protocol::{Proto, Reply, RequestParser};
+use crate::server::Shared;
+use crate::session::Session;
+use crate::upstream::{RawConn, ReplyRx};
+
+/// A reply position in the output queue.
+enum Slot {
+    Ready(Bytes),
+    /// A pass-through reply from a shared connection.
+    Upstream {
+        rx: ReplyRx,
+        transform: Transform,
+        proto: Proto,
+    },
+    /// A cached command's lookup; a miss turns it into a `Task`.
+    Lookup {
+        rx: ReplyRx,
+        plan: Box<FillPlan>,
+    },
+    Task(JoinHandle<Reply>, Proto),
+    /// Waiting for the next reply on the dedicated connection.
+    Dedicated {
+        transform: Transform,
+        proto: Proto,
+        reset: bool,
+    },
+}
+
+/// What woke the connection up.
+enum Event {
+    ClientRead(std::io::Result<usize>),
+    Front(FrontDone),
+    DedicatedRead(std::io::Result<usize>),
+    Shutdown,
+}
+
+enum FrontDone {
+    Upstream(crate::error::Result<Bytes>),
+    Joined(Reply),
+}
+
+/// The client's own upstream connection, while it needs one.
+struct Dedicated {
+    conn: RawConn,
+    wbuf: BytesMut,
+    /// `Dedicated` slots still waiting for their reply.
+    pending: usize,
+    /// False once the connection carried state we would have to undo (SELECT, tracking,
+    /// subscriptions…): it is closed instead of reused.
+    reusable: bool,
+    /// Subscription counts from Valkey's confirmations: (channels + patterns, shard channels).
+    subs: (i64, i64),
+}
+
+pub struct Connection {
+    shared: Arc<Shared>,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    inbuf: BytesMut,
+    outbuf: BytesMut,
+    parser: RequestParser,
+    session: Session,
+    outq: VecDeque<Slot>,
+    ded: Option<Dedicated>,
+    closing: bool,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Connection {
+    pub fn new(
+        shared: Arc<Shared>,
+        stream: TcpStream,
+        shutdown: watch::Receiver<bool>,
+    ) -> Connection {
+        let addr = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        stream.set_nodelay(true).ok();
+        let (rd, wr) = stream.into_split();
+        let id = shared.next_client_id();
+        let authed = shared.config.auth.requirepass.is_empty();
+        Connection {
+            shared,
+            rd,
+            wr,
+            inbuf: BytesMut::with_capacity(16 * 1024),
+            outbuf: BytesMut::with_capacity(16 * 1024),
+            parser: RequestParser::default(),
+            session: Session::new(id, addr, authed),
+            outq: VecDeque::new(),
+            ded: None,
+            closing: false,
+            shutdown,
+        }
+    }
+
+    /// Serves the client until it leaves, misbehaves, or the server shuts down.
+    pub async fn run(mut self) {
+        if let Err(e) = self.serve().await {
+            tracing::debug!(client = self.session.id, error = %e, "connection ended");
+        }
+        self.finish();
+    }
+
+    async fn serve(&mut self) -> std::io::Result<()> {
+        let max_pipeline = self.shared.config.limits.max_pipeline;
+        loop {
+            self.process_input().await;
+            self.flush_dedicated().await;
+            self.drain_ready();
+            if !self.outbuf.is_empty() {
+                self.wr.write_all(&self.outbuf).await?;
+                self.outbuf.clear();
+            }
+            if self.closing && self.outq.is_empty() {
+                return Ok(());
+            }
+            let can_read = !self.closing && self.outq.len() < max_pipeline;
+            if can_read && self.inbuf.capacity() - self.inbuf.len() < 4096 {
+                self.inbuf.reserve(16 * 1024);
+            }
+            let event = tokio::select! {
+                r = self.rd.read_buf(&mut self.inbuf), if can_read => Event::ClientRead(r),
+                f = front_event(&mut self.outq) => Event::Front(f),
+                r = read_dedicated(&mut self.ded) => Event::DedicatedRead(r),
+                _ = self.shutdown.changed(), if !self.closing => Event::Shutdown,
+            };
+            match event {
+                Event::ClientRead(Ok(0)) => return Ok(()),
+                Event::ClientRead(Ok(_)) => {}
+                Event::ClientRead(Err(e)) => return Err(e),
+                Event::Front(done) => self.resolve_front(done),
+                Event::DedicatedRead(r) => self.on_dedicated_read(r),
+                Event::Shutdown => self.closing = true,
+            }
+        }
+    }
+
+    /// Parses and dispatches every complete request buffered, up to the pipeline limit.
+    async fn process_input(&mut self) {
+        let limits = self.shared.limits;
+        while !self.closing && self.outq.len() < self.shared.config.limits.max_pipeline {
+            match self
+                .parser
+                .parse(&mut self.inbuf, &limits, self.session.authed)
+            {
+                Ok(Parsed::Request(req)) => {
+                    let action = command::dispatch(&self.shared, &mut self.session, req);
+                    self.apply(action).await;
+                }
+                Ok(Parsed::Incomplete) => return,
+                Err(e) => {
+                    self.push_reply(Reply::err(format!("ERR {e}")));
+                    self.closing = true;
+                }
+            }
+        }
+    }
+
+    fn push_reply(&mut self, r: Reply) {
+        let mut b = BytesMut::new();
+        r.encode(self.session.proto, &mut b);
+        self.outq.push_back(Slot::Ready(b.freeze()));
+    }
+
+    async fn apply(&mut self, action: Action) {
+        match action {
+            Action::Reply(r) => self.push_reply(r),
+            Action::Close(r) => {
+                self.push_reply(r);
+                self.closing = true;
+            }
+            Action::Forward {
+                raw,
+                route,
+                transform,
+            } => self.forward(raw, route, transform).await,
+            Action::Cached { lookup, plan } => {
+                let rx = self.shared.upstream.send(plan.proto, lookup);
+                self.outq.push_back(Slot::Lookup { rx, plan });
+            }
+            Action::Task(fut) => {
+                let h = tokio::spawn(fut);
+                self.outq.push_back(Slot::Task(h, self.session.proto));
+            }
+            Action::Reset => self.reset().await,
+        }
+    }
+
+    async fn forward(&mut self, raw: Bytes, route: Route, transform: Transform) {
+        inc(&self.shared.metrics.passthrough);
+        let proto = self.session.proto;
+        let held = self.ded.as_ref().is_some_and(|d| d.conn.proto == proto);
+        if route == Route::Any && !held {
+            let rx = self.shared.upstream.send(proto, raw);
+            self.outq.push_back(Slot::Upstream {
+                rx,
+                transform,
+                proto,
+            });
+            return;
+        }
+        if !held {
+            if let Err(e) = self.acquire_dedicated().await {
+                inc(&self.shared.metrics.upstream_errors);
+                self.push_reply(e.to_reply());
+                return;
+            }
+        }
+        if let Route::Dedicated(change) = route {
+            self.apply_state_change(change);
+        }
+        let streaming = self.session.streaming();
+        let Some(ded) = self.ded.as_mut() else { return };
+        ded.wbuf.extend_from_slice(&raw);
+        if !streaming {
+            ded.pending += 1;
+            self.outq.push_back(Slot::Dedicated {
+                transform,
+                proto,
+                reset: false,
+            });
+        }
+    }
+
+    async fn acquire_dedicated(&mut self) -> Result<(), Error> {
+        if let Some(old) = self.ded.take() {
+            // Held in another protocol after HELLO: it may not be reused.
+            self.shared
+                .upstream
+                .release(self.session.id, old.conn, false);
+        }
+        let conn = self
+            .shared
+            .upstream
+            .dedicated(self.session.proto, self.session.id)
+            .await?;
+        self.ded = Some(Dedicated {
+            conn,
+            wbuf: BytesMut::new(),
+            pending: 0,
+            reusable: true,
+            subs: (0, 0),
+        });
+        Ok(())
+    }
+
+    fn apply_state_change(&mut self, change: StateChange) {
+        let s = &mut self.session;
+        let sticky = match change {
+            StateChange::None => false,
+            StateChange::Multi => {
+                s.in_multi = true;
+                s.multi_failed = false;
+                false
+            }
+            StateChange::EndMulti => {
+                s.in_multi = false;
+                s.multi_failed = false;
+                s.watching = false;
+                false
+            }
+            StateChange::Watch => {
+                s.watching = true;
+                false
+            }
+            StateChange::Unwatch => {
+                s.watching = false;
+                false
+            }
+            StateChange::Subscribe => {
+                s.subscribed = true;
+                true
+            }
+            StateChange::Monitor => {
+                s.monitor = true;
+                true
+            }
+            StateChange::Select(db) => {
+                s.db = db;
+                true
+            }
+            StateChange::Tracking(on) => {
+                s.tracking = on;
+                true
+            }
+            StateChange::Pin => {
+                s.pinned = true;
+                true
+            }
+        };
+        if sticky {
+            if let Some(d) = self.ded.as_mut() {
+                d.reusable = false;
+            }
+        }
+    }
+
+    /// RESET: Valkey must reset the dedicated connection too (its +RESET is the reply);
+    /// without one, the reply is ours.
+    async fn reset(&mut self) {
+        let authed = self.shared.config.auth.requirepass.is_empty();
+        let proto = self.session.proto;
+        self.session.reset(authed);
+        match self.ded.as_mut() {
+            Some(ded) => {
+                // RESET also returns Valkey's connection to RESP2: never reuse it.
+                ded.reusable = false;
+                ded.wbuf.extend_from_slice(b"*1\r\n$5\r\nRESET\r\n");
+                ded.pending += 1;
+                self.outq.push_back(Slot::Dedicated {
+                    transform: Transform::None,
+                    proto,
+                    reset: true,
+                });
+            }
+            None => self.push_reply(Reply::Simple("RESET")),
+        }
+    }
+
+    async fn flush_dedicated(&mut self) {
+        let Some(ded) = self.ded.as_mut() else { return };
+        if ded.wbuf.is_empty() {
+            return;
+        }
+        let r = ded.conn.stream.write_all(&ded.wbuf).await;
+        ded.wbuf.clear();
+        if let Err(e) = r {
+            self.dedicated_lost(Error::upstream(format!("connection to Valkey lost: {e}")));
+        }
+    }
+
+    /// Moves every reply that is ready at the front of the queue into the output buffer.
+    fn drain_ready(&mut self) {
+        while let Some(front) = self.outq.front_mut() {
+            let done = match front {
+                Slot::Ready(_) => None,
+                Slot::Upstream { rx, .. } | Slot::Lookup { rx, .. } => match rx.try_recv() {
+                    Ok(r) => Some(FrontDone::Upstream(r)),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                    Err(_) => Some(FrontDone::Upstream(Err(dropped()))),
+                },
+                Slot::Task(h, _) if h.is_finished() => match futures::FutureExt::now_or_never(h) {
+                    Some(r) => Some(FrontDone::Joined(joined(r))),
+                    None => break,
+                },
+                Slot::Task(..) | Slot::Dedicated { .. } => break,
+            };
+            if let Some(done) = done {
+                self.resolve_front(done);
+                continue;
+            }
+            if let Some(Slot::Ready(b)) = self.outq.pop_front() {
+                if matches!(b.first(), Some(b'-') | Some(b'!')) {
+                    inc(&self.shared.metrics.errors);
+                }
+                self.outbuf.extend_from_slice(&b);
+            }
+        }
+    }
+
+    /// Turns the front slot's completed work into a ready reply (or, for a cache miss, a fill).
+    fn resolve_front(&mut self, done: FrontDone) {
+        let Some(front) = self.outq.pop_front() else {
+            return;
+        };
+        let next = match (front, done) {
+            (
+                Slot::Upstream {
+                    transform, proto, ..
+                },
+                FrontDone::Upstream(r),
+            ) => {
+                if r.is_err() {
+                    inc(&self.shared.metrics.upstream_errors);
+                }
+                Slot::Ready(transform.apply(&self.shared, proto, r).to_bytes(proto))
+            }
+            (Slot::Lookup { plan, .. }, FrontDone::Upstream(Ok(frame))) if fill::is_hit(&frame) => {
+                inc(&self.shared.metrics.hits);
+                let _ = plan;
+                Slot::Ready(frame)
+            }
+            (Slot::Lookup { plan, .. }, FrontDone::Upstream(r)) => {
+                let via_cache = r.is_ok();
+                if via_cache {
+                    inc(&self.shared.metrics.misses);
+                } else {
+                    inc(&self.shared.metrics.upstream_errors);
+                }
+                let proto = plan.proto;
+                let h = tokio::spawn(fill::run(Arc::clone(&self.shared), *plan, via_cache));
+                Slot::Task(h, proto)
+            }
+            (Slot::Task(_, proto), FrontDone::Joined(reply)) => Slot::Ready(reply.to_bytes(proto)),
+            (other, _) => other,
+        };
+        self.outq.push_front(next);
+    }
+
+    fn on_dedicated_read(&mut self, r: std::io::Result<usize>) {
+        match r {
+            Ok(0) => self.dedicated_lost(Error::upstream("Valkey closed the connection")),
+            Err(e) => {
+                self.dedicated_lost(Error::upstream(format!("connection to Valkey lost: {e}")))
+            }
+            Ok(_) => loop {
+                let next = match self.ded.as_mut() {
+                    Some(d) => d.conn.next_buffered(),
+                    None => return,
+                };
+                match next {
+                    Ok(Some(frame)) => self.route_dedicated_frame(frame),
+                    Ok(None) => break,
+                    Err(e) => return self.dedicated_lost(e),
+                }
+            },
+        }
+        self.maybe_release();
+    }
+
+    /// Gives a frame from the dedicated connection its place: the reply to the oldest waiting
+    /// command, or — for pushes, pub/sub messages and MONITOR lines — out of band, ahead of
+    /// the replies still to come.
+    fn route_dedicated_frame(&mut self, frame: Bytes) {
+        let Some(ded) = self.ded.as_mut() else { return };
+        let is_push = ded.conn.proto == Proto::Resp3 && frame.first() == Some(&b'>');
+        if self.session.subscribed {
+            if let Some(counts) = subscription_counts(&frame) {
+                match counts {
+                    (SubKind::Regular, n) => ded.subs.0 = n,
+                    (SubKind::Shard, n) => ded.subs.1 = n,
+                }
+                if ded.subs == (0, 0) {
+                    self.session.subscribed = false;
+                }
+            }
+        }
+        let first_waiting = self
+            .outq
+            .iter()
+            .position(|s| matches!(s, Slot::Dedicated { .. }));
+        let out_of_band = is_push || self.session.streaming();
+        match first_waiting {
+            Some(i) if !out_of_band => {
+                if let Some(Slot::Dedicated {
+                    transform,
+                    proto,
+                    reset,
+                }) = self.outq.get(i)
+                {
+                    if *reset && &frame[..] != b"+RESET\r\n" {
+                        // A message that was already on its way before RESET took effect.
+                        self.outq.insert(i, Slot::Ready(frame));
+                        return;
+                    }
+                    let reply = transform
+                        .apply(&self.shared, *proto, Ok(frame))
+                        .to_bytes(*proto);
+                    self.outq[i] = Slot::Ready(reply);
+                    ded.pending -= 1;
+                }
+            }
+            Some(i) => self.outq.insert(i, Slot::Ready(frame)),
+            None => self.outq.push_back(Slot::Ready(frame)),
+        }
+    }
+
+    /// The dedicated connection failed: waiting commands get the error. If Valkey held state
+    /// for the client (transaction, subscriptions, tracking, database), that state is gone, so
+    /// the client is disconnected after its replies, as it would be by a Valkey restart.
+    fn dedicated_lost(&mut self, e: Error) {
+        let Some(ded) = self.ded.take() else { return };
+        self.shared.upstream.forget(self.session.id);
+        inc(&self.shared.metrics.upstream_errors);
+        tracing::warn!(client = self.session.id, error = %e, "dedicated upstream connection lost");
+        let reply = e.to_reply();
+        for slot in self.outq.iter_mut() {
+            if let Slot::Dedicated { proto, .. } = slot {
+                *slot = Slot::Ready(reply.to_bytes(*proto));
+            }
+        }
+        let stateful = self.session.needs_dedicated();
+        drop(ded);
+        if stateful {
+            self.closing = true;
+        }
+    }
+
+    /// Gives the dedicated connection back once nothing waits on it and no state needs it.
+    fn maybe_release(&mut self) {
+        let idle = self
+            .ded
+            .as_ref()
+            .is_some_and(|d| d.pending == 0 && d.wbuf.is_empty());
+        if idle && !self.session.needs_dedicated() {
+            if let Some(d) = self.ded.take() {
+                self.shared
+                    .upstream
+                    .release(self.session.id, d.conn, d.reusable);
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(d) = self.ded.take() {
+            let clean = d.reusable && d.pending == 0 && !self.session.needs_dedicated();
+            self.shared.upstream.release(self.session.id, d.conn, clean);
+        }
+        self.shared.upstream.forget(self.session.id);
+    }
+}
+
+fn dropped() -> Error {
+    Error::upstream("connection to Valkey lost before the reply arrived")
+}
+
+fn joined(r: Result<Reply, tokio::task::JoinError>) -> Reply {
+    r.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "command task failed");
+        Reply::err("ERR internal error while running the command")
+    })
+}
+
+/// Waits for the front slot's work to complete (never, if it is not waiting on anything).
+async fn front_event(outq: &mut VecDeque<Slot>) -> FrontDone {
+    match outq.front_mut() {
+        Some(Slot::Upstream { rx, .. }) | Some(Slot::Lookup { rx, .. }) => {
+            FrontDone::Upstream(rx.await.unwrap_or_else(|_| Err(dropped())))
+        }
+        Some(Slot::Task(h, _)) => FrontDone::Joined(joined(h.await)),
+        _ => std::future::pending().await,
+    }
+}
+
+async fn read_dedicated(ded: &mut Option<Dedicated>) -> std::io::Result<usize> {
+    match ded.as_mut() {
+        Some(d) => {
+            if d.conn.rbuf.capacity() - d.conn.rbuf.len() < 4096 {
+                d.conn.rbuf.reserve(16 * 1024);
+            }
+            d.conn.stream.read_buf(&mut d.conn.rbuf).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+enum SubKind {
+    Regular,
+    Shard,
+}
+
+/// For a (un)subscribe confirmation, which count it reports and the count.
+fn subscription_counts(frame: &[u8]) -> Option<(SubKind, i64)> {
+    if frame.len() > 4096 || !(frame.starts_with(b"*3\r\n") || frame.starts_with(b">3\r\n")) {
+        return None;
+    }
+    use redis_protocol::resp3::types::{OwnedFrame, Resp3Frame};
+    let (decoded, _) = redis_protocol::resp3::decode::complete::decode(frame).ok()??;
+    let items = match decoded {
+        OwnedFrame::Array { data, .. } | OwnedFrame::Push { data, .. } => data,
+        _ => return None,
+    };
+    let kind = items.first()?.to_string()?.to_ascii_lowercase();
+    let count = match items.get(2)? {
+        OwnedFrame::Number { data, .. } => *data,
+        _ => return None,
+    };
+    match kind.as_str() {
+        "subscribe" | "psubscribe" | "unsubscribe" | "punsubscribe" => {
+            Some((SubKind::Regular, count))
+        }
+        "ssubscribe" | "sunsubscribe" => Some((SubKind::Shard, count)),
+        _ => None,
+    }
+}

@@ -1,0 +1,231 @@
+//! PostgreSQL: a pool, read-only execution, and rows rendered as the SPEC's JSON.
+
+pub mod rows;
+pub mod sql;
+
+use bytes::{BufMut, BytesMut};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures::{pin_mut, TryStreamExt};
+use postgres_types::{Format, IsNull, ToSql, Type};
+use std::time::Duration;
+use tokio_postgres::{NoTls, Row, Statement};
+
+use crate::config::PostgresConfig;
+
+/// A database failure, with PostgreSQL's own message when it has one.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("{message} (SQLSTATE {code})")]
+    Query { code: String, message: String },
+    #[error("{0}")]
+    Other(String),
+    /// The client's input was refused by PostgreSQL's type checks (full `ERR …` text).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DbError {
+    /// The SQLSTATE, when PostgreSQL sent one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            DbError::Query { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> DbError {
+        match e.as_db_error() {
+            Some(db) => DbError::Query {
+                code: db.code().code().to_string(),
+                message: db.message().to_string(),
+            },
+            None if e.is_closed() => DbError::Unavailable(e.to_string()),
+            None => DbError::Other(e.to_string()),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> DbError {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => DbError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// A parameter sent in PostgreSQL's text format, so PostgreSQL itself parses it as whatever
+/// type the statement expects — the same rules a hand-written `%s` parameter would meet.
+#[derive(Debug)]
+pub struct TextParam<'a>(pub &'a str);
+
+impl ToSql for TextParam<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    postgres_types::to_sql_checked!();
+}
+
+/// Rows plus the column names to show for them.
+pub struct QueryResult {
+    pub names: Vec<String>,
+    pub rows: Vec<Row>,
+}
+
+/// The database side: a connection pool and the ways cachefront queries.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+impl Db {
+    /// Builds the pool; connections are opened on demand, so a database that is down at start
+    /// does not stop cachefront from serving hits.
+    pub fn new(cfg: &PostgresConfig) -> Result<Db, DbError> {
+        let mut pg: tokio_postgres::Config = cfg
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| DbError::Other(e.to_string()))?;
+        pg.connect_timeout(Duration::from_millis(cfg.connect_timeout_ms));
+        pg.application_name("cachefront");
+        let mut options = pg.get_options().unwrap_or_default().to_string();
+        options.push_str(&format!(
+            " -c statement_timeout={} -c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC -c bytea_output=hex",
+            cfg.statement_timeout_ms
+        ));
+        pg.options(options.trim());
+        let mgr = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .build()
+            .map_err(|e| DbError::Other(e.to_string()))?;
+        Ok(Db { pool })
+    }
+
+    /// Runs a named query's statement with its (already validated) arguments.
+    pub async fn query_params(&self, sql: &str, args: &[String]) -> Result<QueryResult, DbError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql).await?;
+        let params: Vec<TextParam> = args.iter().map(|a| TextParam(a)).collect();
+        let rows = client.query(&stmt, &as_dyn(&params)).await?;
+        Ok(QueryResult {
+            names: column_names(&stmt),
+            rows,
+        })
+    }
+
+    /// Runs a client's query for SQL.CACHED in a READ ONLY transaction, at most `max_rows` rows.
+    pub async fn query_read_only(
+        &self,
+        sql: &str,
+        params: &[String],
+        max_rows: usize,
+    ) -> Result<QueryResult, DbError> {
+        let mut client = self.pool.get().await?;
+        let stmt = client.prepare_cached(sql).await?;
+        let names = column_names(&stmt);
+        let stmt = match wrap_for_text_casts(sql, &stmt) {
+            Some(wrapped) => client.prepare_cached(&wrapped).await?,
+            None => stmt,
+        };
+        let tx = client.build_transaction().read_only(true).start().await?;
+        let text: Vec<TextParam> = params.iter().map(|p| TextParam(p)).collect();
+        let stream = tx
+            .query_raw(&stmt, text.iter().map(|p| p as &(dyn ToSql + Sync)))
+            .await?;
+        pin_mut!(stream);
+        let mut rows = Vec::new();
+        while let Some(row) = stream.try_next().await? {
+            if rows.len() == max_rows {
+                return Err(DbError::Invalid(format!(
+                    "ERR result has more than {max_rows} rows (sql.max_rows); add a LIMIT"
+                )));
+            }
+            rows.push(row);
+        }
+        tx.commit().await?;
+        Ok(QueryResult { names, rows })
+    }
+
+    /// Asks PostgreSQL to parse `sql` without running it: a clearer error for a query our own
+    /// parser could not read. `Ok` means PostgreSQL accepts what the parser did not.
+    pub async fn prepare_only(&self, sql: &str) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client.prepare(sql).await?;
+        Ok(())
+    }
+
+    /// Pool gauges for INFO: (size, available).
+    pub fn pool_status(&self) -> (usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.available)
+    }
+}
+
+fn as_dyn<'a>(params: &'a [TextParam<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+}
+
+fn column_names(stmt: &Statement) -> Vec<String> {
+    stmt.columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect()
+}
+
+/// When some columns have types the renderer cannot decode from binary, wraps the query so
+/// PostgreSQL casts just those columns to text (by position, so duplicate or odd column names
+/// don't matter): `SELECT q.c1, q.c2::text FROM (<sql>) AS q(c1, c2)`.
+fn wrap_for_text_casts(sql: &str, stmt: &Statement) -> Option<String> {
+    let cols = stmt.columns();
+    if cols.iter().all(|c| rows::decodes_natively(c.type_())) {
+        return None;
+    }
+    let inner = sql.trim_end().trim_end_matches(';');
+    let select: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if rows::decodes_natively(c.type_()) {
+                format!("q.c{i}")
+            } else {
+                format!("q.c{i}::{}", rows::text_cast(c.type_()))
+            }
+        })
+        .collect();
+    let aliases: Vec<String> = (0..cols.len()).map(|i| format!("c{i}")).collect();
+    Some(format!(
+        "SELECT {} FROM (\n{inner}\n) AS q({})",
+        select.join(", "),
+        aliases.join(", ")
+    ))
+}

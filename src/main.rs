@@ -1,0 +1,79 @@
+//! The `cachefront` binary: parse the command line, load the config, run until signalled.
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+
+use cachefront::config::Config;
+
+/// A Valkey-protocol caching front for PostgreSQL.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without one, the documented defaults apply.
+    #[arg(long, short, env = "CACHEFRONT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Check the configuration (file and CACHEFRONT_* variables) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config =
+        Config::load(cli.config.as_deref(), std::env::vars()).with_context(|| {
+            match &cli.config {
+                Some(p) => format!("invalid configuration in {}", p.display()),
+                None => "invalid configuration".to_string(),
+            }
+        })?;
+    if cli.check_config {
+        println!(
+            "configuration OK: listen {}, {} named queries",
+            config.listen,
+            config.named_queries().len()
+        );
+        return Ok(());
+    }
+    init_tracing(&config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(config))
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let server = cachefront::server::Server::bind(config).await?;
+    tracing::info!(addr = %server.local_addr(), "cachefront listening");
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// SIGTERM or SIGINT (Ctrl-C) starts a graceful shutdown.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install a SIGTERM handler");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}

@@ -1,0 +1,183 @@
+//! Finds where a RESP2/RESP3 frame from Valkey ends, without decoding or allocating.
+//!
+//! An aggregate of `n` elements just adds `n` to the number of frames still owed, so one
+//! counter is the whole parse state and a scan can resume where the previous read stopped —
+//! a 100 MB reply arriving in 64 KiB pieces is scanned once, not 1,600 times.
+
+/// A frame Valkey would never send.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed reply from upstream: {0}")]
+pub struct ScanError(pub &'static str);
+
+/// Resumable scanner for one frame at a time.
+#[derive(Debug, Default, Clone)]
+pub struct FrameScanner {
+    /// Bytes of the current frame already scanned.
+    pos: usize,
+    /// Frames (or nested elements) still to be read; 0 when idle.
+    owed: u64,
+}
+
+impl FrameScanner {
+    /// Returns the length of the complete frame at the start of `buf`, or `None` if more bytes
+    /// are needed (call again with the same buffer, grown). `buf` must start where the previous
+    /// complete frame ended.
+    pub fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, ScanError> {
+        if self.owed == 0 {
+            self.pos = 0;
+            self.owed = 1;
+        }
+        while self.owed > 0 {
+            let Some(rel) = find_crlf(&buf[self.pos..]) else {
+                return Ok(None);
+            };
+            let start = self.pos;
+            let line_end = start + rel;
+            let next = line_end + 2;
+            let kind = buf[start];
+            let body = &buf[start + 1..line_end];
+            match kind {
+                b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {
+                    self.pos = next;
+                    self.owed -= 1;
+                }
+                b'$' | b'!' | b'=' => {
+                    let n = parse_signed(body).ok_or(ScanError("bad blob length"))?;
+                    if n < 0 {
+                        if n != -1 || kind != b'$' {
+                            return Err(ScanError("bad blob length"));
+                        }
+                        self.pos = next;
+                    } else {
+                        let end = next + n as usize + 2;
+                        if buf.len() < end {
+                            return Ok(None);
+                        }
+                        if &buf[end - 2..end] != b"\r\n" {
+                            return Err(ScanError("blob not terminated by CRLF"));
+                        }
+                        self.pos = end;
+                    }
+                    self.owed -= 1;
+                }
+                b'*' | b'~' | b'>' | b'%' | b'|' => {
+                    let n = parse_signed(body).ok_or(ScanError("bad aggregate length"))?;
+                    self.pos = next;
+                    self.owed -= 1;
+                    if n < 0 {
+                        if n != -1 || kind != b'*' {
+                            return Err(ScanError("bad aggregate length"));
+                        }
+                    } else {
+                        let n = n as u64;
+                        self.owed += match kind {
+                            b'%' => n * 2,
+                            // An attribute map is followed by the frame it annotates.
+                            b'|' => n * 2 + 1,
+                            _ => n,
+                        };
+                    }
+                }
+                _ => return Err(ScanError("unknown frame type")),
+            }
+        }
+        Ok(Some(self.pos))
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    loop {
+        let i = from + buf[from..].iter().position(|&b| b == b'\n')?;
+        if i > 0 && buf[i - 1] == b'\r' {
+            return Some(i - 1);
+        }
+        from = i + 1;
+    }
+}
+
+fn parse_signed(s: &[u8]) -> Option<i64> {
+    let (neg, digits) = match s.first()? {
+        b'-' => (true, &s[1..]),
+        _ => (false, s),
+    };
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let v = digits.iter().fold(0i64, |v, d| v * 10 + (d - b'0') as i64);
+    Some(if neg { -v } else { v })
+}
+
+/// The first byte of the frame after any attributes: what kind of reply it is.
+pub fn frame_kind(frame: &[u8]) -> u8 {
+    frame.first().copied().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(buf: &[u8]) -> Option<usize> {
+        FrameScanner::default().scan(buf).unwrap()
+    }
+
+    #[test]
+    fn frames_of_every_kind() {
+        let frames: &[&[u8]] = &[
+            b"+OK\r\n",
+            b"-ERR x\r\n",
+            b":12\r\n",
+            b"$3\r\nabc\r\n",
+            b"$-1\r\n",
+            b"*-1\r\n",
+            b"*2\r\n$1\r\na\r\n*1\r\n:1\r\n",
+            b"%1\r\n+a\r\n~2\r\n,1.5\r\n#t\r\n",
+            b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n",
+            b"|1\r\n+k\r\n+v\r\n:5\r\n",
+            b"=7\r\ntxt:abc\r\n",
+            b"_\r\n",
+            b"(123456789012345678901234567890\r\n",
+            b"!3\r\nerr\r\n",
+            b"$4\r\na\r\nb\r\n",
+        ];
+        for f in frames {
+            let mut buf = f.to_vec();
+            buf.extend_from_slice(b"+NEXT\r\n");
+            assert_eq!(whole(&buf), Some(f.len()), "{}", String::from_utf8_lossy(f));
+            for cut in 0..f.len() {
+                assert_eq!(whole(&f[..cut]), None);
+            }
+            // Byte by byte with one resumable scanner.
+            let mut s = FrameScanner::default();
+            let mut found = None;
+            for end in 1..=f.len() {
+                if let Some(n) = s.scan(&f[..end]).unwrap() {
+                    found = Some(n);
+                    break;
+                }
+            }
+            assert_eq!(found, Some(f.len()));
+        }
+    }
+
+    #[test]
+    fn agrees_with_redis_protocol() {
+        let frames: &[&[u8]] = &[
+            b"*3\r\n$3\r\nfoo\r\n*2\r\n:1\r\n:2\r\n$-1\r\n",
+            b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n#f\r\n",
+        ];
+        for f in frames {
+            let (_, n) = redis_protocol::resp3::decode::complete::decode(f)
+                .unwrap()
+                .unwrap();
+            assert_eq!(whole(f), Some(n));
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(FrameScanner::default().scan(b"?x\r\n").is_err());
+        assert!(FrameScanner::default().scan(b"$abc\r\n").is_err());
+        assert!(FrameScanner::default().scan(b"$3\r\nabcde\r\n").is_err());
+    }
+}

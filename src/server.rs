@@ -1,0 +1,207 @@
+//! The listener: accepts clients up to `limits.max_clients`, runs a [`Connection`] for each, and
+//! shuts down gracefully — stop accepting, let connections finish their in-flight replies.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cache::store::Store;
+use crate::cache::Cache;
+use crate::command::named_query::NamedQuery;
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::db::Db;
+use crate::metrics::{inc, Metrics};
+use crate::protocol::Limits;
+use crate::upstream::Upstream;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Everything connections share.
+pub struct Shared {
+    pub config: Config,
+    pub limits: Limits,
+    pub upstream: Upstream,
+    pub cache: Cache,
+    pub db: Db,
+    pub metrics: Arc<Metrics>,
+    /// Named queries by uppercased command name.
+    pub named: HashMap<String, Arc<NamedQuery>>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Result<Shared, StartError> {
+        let setup = |e: &dyn std::fmt::Display| StartError::Setup(e.to_string());
+        let metrics = Arc::new(Metrics::default());
+        let store = Store::new(&config.valkey, &config.cache.meta_prefix).map_err(|e| setup(&e))?;
+        let mut named = HashMap::new();
+        for q in config.named_queries() {
+            let nq = NamedQuery::from_config(&q, config.cache.default_ttl)
+                .map_err(|e| StartError::Setup(format!("query {}: {e}", q.command)))?;
+            named.insert(nq.name.clone(), Arc::new(nq));
+        }
+        Ok(Shared {
+            limits: config.protocol_limits(),
+            upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
+            cache: Cache::new(store, Arc::clone(&metrics)),
+            db: Db::new(&config.postgres).map_err(|e| setup(&e))?,
+            metrics,
+            named,
+            next_id: AtomicU64::new(1),
+            config,
+        })
+    }
+
+    /// Client ids start at 1 and are never reused, like Valkey's.
+    pub fn next_client_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// How long shutdown waits for connections to finish their replies.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+impl Server {
+    /// Binds the listen address (port 0 picks a free port) and prepares the shared state.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let addr = config.listen.clone();
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
+        let shared = Arc::new(Shared::new(config)?);
+        Ok(Server { listener, shared })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Accepts clients until `shutdown` completes, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let live = Arc::new(AtomicUsize::new(0));
+        let max = self.shared.config.limits.max_clients;
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = &mut shutdown => break,
+            };
+            let (mut stream, _) = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if live.load(Ordering::Relaxed) >= max {
+                inc(&self.shared.metrics.rejected_connections);
+                tokio::spawn(async move {
+                    let _ = stream
+                        .write_all(b"-ERR max number of clients reached\r\n")
+                        .await;
+                });
+                continue;
+            }
+            live.fetch_add(1, Ordering::Relaxed);
+            let shared = Arc::clone(&self.shared);
+            let live = Arc::clone(&live);
+            let stop = stop_rx.clone();
+            tokio::spawn(async move {
+                inc(&shared.metrics.connections_total);
+                inc(&shared.metrics.connections_current);
+                Connection::new(Arc::clone(&shared), stream, stop)
+                    .run()
+                    .await;
+                shared
+                    .metrics
+                    .connections_current
+                    .fetch_sub(1, Ordering::Relaxed);
+                live.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+        drop(self.listener);
+        let _ = stop_tx.send(true);
+        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        while live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(remaining = live.load(Ordering::Relaxed), "shut down");
+    }
+}
+
+/// A server running in the background (tests, embedding): its address, and a handle that
+/// shuts it down when dropped.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Shuts down gracefully and waits for the drain.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Binds and runs a server on the current runtime.
+pub async fn spawn(config: Config) -> Result<Running, StartError> {
+    let server = Server::bind(config).await?;
+    let addr = server.local_addr();
+    let shared = server.shared();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    Ok(Running {
+        addr,
+        shared,
+        stop: Some(stop),
+        task: Some(task),
+    })
+}

@@ -1,0 +1,211 @@
+//! One raw TCP connection to Valkey, set up for a client protocol version.
+
+use bytes::{Bytes, BytesMut};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::ValkeyConfig;
+use crate::error::{Error, Result};
+use crate::protocol::request::encode_multibulk;
+use crate::protocol::{FrameScanner, Proto};
+
+/// Where the upstream Valkey is and how to log in to it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: i64,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+}
+
+impl Endpoint {
+    pub fn from_config(cfg: &ValkeyConfig) -> Result<Endpoint> {
+        let client = redis::Client::open(cfg.url.as_str())
+            .map_err(|e| Error::client(format!("valkey.url: {e}")))?;
+        let info = client.get_connection_info();
+        let addr = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+            other => {
+                return Err(Error::client(format!(
+                    "valkey.url: unsupported address {other}"
+                )))
+            }
+        };
+        let settings = info.redis_settings();
+        Ok(Endpoint {
+            addr,
+            username: settings.username().map(str::to_string),
+            password: settings.password().map(str::to_string),
+            db: settings.db(),
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            command_timeout: Duration::from_millis(cfg.command_timeout_ms),
+        })
+    }
+}
+
+/// A connection after the handshake.
+pub struct RawConn {
+    pub stream: TcpStream,
+    /// Bytes read past the handshake replies (normally none).
+    pub rbuf: BytesMut,
+    pub scanner: FrameScanner,
+    pub proto: Proto,
+    /// Valkey's own id for this connection (from HELLO), for `CLIENT TRACKING … REDIRECT`.
+    pub upstream_id: i64,
+    /// Valkey's version (from HELLO).
+    pub server_version: String,
+}
+
+impl RawConn {
+    /// Reads until one complete frame is buffered and returns it.
+    pub async fn read_frame(&mut self) -> Result<Bytes> {
+        loop {
+            if let Some(n) = self
+                .scanner
+                .scan(&self.rbuf)
+                .map_err(|e| Error::upstream(e.to_string()))?
+            {
+                return Ok(self.rbuf.split_to(n).freeze());
+            }
+            let read = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| Error::upstream(format!("connection to Valkey lost: {e}")))?;
+            if read == 0 {
+                return Err(Error::upstream("connection to Valkey closed"));
+            }
+        }
+    }
+
+    /// Takes the next complete frame already buffered, if any.
+    pub fn next_buffered(&mut self) -> Result<Option<Bytes>> {
+        match self.scanner.scan(&self.rbuf) {
+            Ok(Some(n)) => Ok(Some(self.rbuf.split_to(n).freeze())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(Error::upstream(e.to_string())),
+        }
+    }
+
+    /// True if the peer has closed (checked without blocking) — for idle connections before reuse.
+    pub fn is_closed(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Ok(0) => true,
+            Ok(_) => true, // unsolicited bytes on an idle connection: don't trust it
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
+/// Opens a connection and runs the handshake: `HELLO <proto> [AUTH …]`, then `SELECT` if the URL
+/// names a database. Everything within the connect timeout.
+pub async fn connect(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
+    tokio::time::timeout(
+        ep.connect_timeout + ep.command_timeout,
+        connect_inner(ep, proto),
+    )
+    .await
+    .map_err(|_| Error::upstream(format!("timed out connecting to Valkey at {}", ep.addr)))?
+}
+
+async fn connect_inner(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
+    let stream = tokio::time::timeout(ep.connect_timeout, TcpStream::connect(&ep.addr))
+        .await
+        .map_err(|_| Error::upstream(format!("timed out connecting to Valkey at {}", ep.addr)))?
+        .map_err(|e| Error::upstream(format!("cannot connect to Valkey at {}: {e}", ep.addr)))?;
+    stream.set_nodelay(true).ok();
+    let mut hello: Vec<Bytes> = vec![
+        Bytes::from_static(b"HELLO"),
+        Bytes::from(proto.number().to_string()),
+    ];
+    if let Some(pw) = &ep.password {
+        hello.push(Bytes::from_static(b"AUTH"));
+        hello.push(Bytes::from(
+            ep.username.clone().unwrap_or_else(|| "default".into()),
+        ));
+        hello.push(Bytes::from(pw.clone()));
+    }
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&encode_multibulk(&hello));
+    if ep.db != 0 {
+        out.extend_from_slice(&encode_multibulk(&[
+            Bytes::from_static(b"SELECT"),
+            Bytes::from(ep.db.to_string()),
+        ]));
+    }
+    let mut conn = RawConn {
+        stream,
+        rbuf: BytesMut::with_capacity(16 * 1024),
+        scanner: FrameScanner::default(),
+        proto,
+        upstream_id: 0,
+        server_version: String::new(),
+    };
+    conn.stream
+        .write_all(&out)
+        .await
+        .map_err(|e| Error::upstream(format!("cannot write to Valkey: {e}")))?;
+    let hello_reply = conn.read_frame().await?;
+    let (id, version) = parse_hello(&hello_reply, proto)?;
+    conn.upstream_id = id;
+    conn.server_version = version;
+    if ep.db != 0 {
+        let r = conn.read_frame().await?;
+        if r.first() == Some(&b'-') {
+            return Err(Error::upstream(format!(
+                "SELECT {} refused by Valkey: {}",
+                ep.db,
+                String::from_utf8_lossy(&r).trim()
+            )));
+        }
+    }
+    Ok(conn)
+}
+
+/// Pulls `id` and `version` out of a HELLO reply (a map in RESP3, a flat array in RESP2).
+fn parse_hello(frame: &[u8], proto: Proto) -> Result<(i64, String)> {
+    if frame.first() == Some(&b'-') {
+        return Err(Error::upstream(format!(
+            "Valkey refused the handshake: {}",
+            String::from_utf8_lossy(&frame[1..]).trim()
+        )));
+    }
+    use redis_protocol::resp3::types::{OwnedFrame as F3, Resp3Frame};
+    let pairs: Vec<(String, String)> = match proto {
+        Proto::Resp3 => match redis_protocol::resp3::decode::complete::decode(frame) {
+            Ok(Some((F3::Map { data, .. }, _))) => data
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string().unwrap_or_default(),
+                        v.to_string().unwrap_or_default(),
+                    )
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
+        Proto::Resp2 => {
+            use redis_protocol::resp2::types::{OwnedFrame as F2, Resp2Frame};
+            match redis_protocol::resp2::decode::decode(frame) {
+                Ok(Some((F2::Array(items), _))) => items
+                    .chunks(2)
+                    .filter(|c| c.len() == 2)
+                    .map(|c| {
+                        (
+                            c[0].to_string().unwrap_or_default(),
+                            c[1].to_string().unwrap_or_default(),
+                        )
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            }
+        }
+    };
+    let get = |k: &str| pairs.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone());
+    let id = get("id").and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((id, get("version").unwrap_or_default()))
+}

@@ -1,0 +1,131 @@
+//! Valkey as the pass-through target: shared pipelined connections for stateless commands, and
+//! dedicated connections for clients that enter a stateful mode (MULTI, WATCH, SUBSCRIBE,
+//! blocking commands, SELECT, CLIENT TRACKING).
+//!
+//! Callers see two operations — `send` on the shared pool and `dedicated`/`release` — so the
+//! strategy behind them can change without touching commands.
+
+pub mod conn;
+pub mod mux;
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::config::ValkeyConfig;
+use crate::error::Result;
+use crate::protocol::Proto;
+pub use conn::{Endpoint, RawConn};
+pub use mux::{Mux, ReplyRx};
+
+pub struct Upstream {
+    endpoint: Arc<Endpoint>,
+    shared2: Vec<Mux>,
+    shared3: Vec<Mux>,
+    next: AtomicUsize,
+    idle: Mutex<Vec<RawConn>>,
+    max_idle: usize,
+    /// cachefront client id → the upstream id of the dedicated connection it holds, so
+    /// `CLIENT TRACKING … REDIRECT <id>` can name the right Valkey connection.
+    dedicated_ids: Mutex<HashMap<u64, i64>>,
+}
+
+impl Upstream {
+    pub fn new(cfg: &ValkeyConfig) -> Result<Upstream> {
+        let endpoint = Arc::new(Endpoint::from_config(cfg)?);
+        let spawn = |proto| {
+            (0..cfg.pool_size)
+                .map(|_| Mux::spawn(Arc::clone(&endpoint), proto))
+                .collect::<Vec<_>>()
+        };
+        Ok(Upstream {
+            shared2: spawn(Proto::Resp2),
+            shared3: spawn(Proto::Resp3),
+            endpoint,
+            next: AtomicUsize::new(0),
+            idle: Mutex::new(Vec::new()),
+            max_idle: cfg.idle_dedicated,
+            dedicated_ids: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Forwards one stateless command over a shared connection.
+    pub fn send(&self, proto: Proto, raw: Bytes) -> ReplyRx {
+        let pool = match proto {
+            Proto::Resp2 => &self.shared2,
+            Proto::Resp3 => &self.shared3,
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.len();
+        pool[i].send(raw)
+    }
+
+    /// A connection of the client's own, from the idle set or newly opened.
+    pub async fn dedicated(&self, proto: Proto, client_id: u64) -> Result<RawConn> {
+        let reused = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut found = None;
+            while let Some(pos) = idle.iter().rposition(|c| c.proto == proto) {
+                let c = idle.swap_remove(pos);
+                if !c.is_closed() {
+                    found = Some(c);
+                    break;
+                }
+            }
+            found
+        };
+        let conn = match reused {
+            Some(c) => c,
+            None => conn::connect(&self.endpoint, proto).await?,
+        };
+        self.dedicated_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(client_id, conn.upstream_id);
+        Ok(conn)
+    }
+
+    /// Gives back a dedicated connection. `clean` says it carries no client state (no
+    /// subscription, transaction, tracking or selected database); only then is it reused.
+    pub fn release(&self, client_id: u64, conn: RawConn, clean: bool) {
+        self.forget(client_id);
+        if !clean || !conn.rbuf.is_empty() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(conn);
+        }
+    }
+
+    /// Drops the client's registration (it no longer holds a dedicated connection).
+    pub fn forget(&self, client_id: u64) {
+        self.dedicated_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&client_id);
+    }
+
+    /// The Valkey-side id of the dedicated connection held by cachefront client `client_id`.
+    pub fn upstream_id_of(&self, client_id: u64) -> Option<i64> {
+        self.dedicated_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&client_id)
+            .copied()
+    }
+
+    /// Valkey's version, once any shared connection has completed a handshake.
+    pub fn server_version(&self) -> String {
+        self.shared2
+            .iter()
+            .chain(&self.shared3)
+            .map(Mux::server_version)
+            .find(|v| !v.is_empty())
+            .unwrap_or_default()
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}

@@ -1,0 +1,199 @@
+//! A shared, pipelined connection to Valkey: requests from many clients go out in one stream
+//! and replies come back in the same order, so each is matched to its sender by position.
+//!
+//! Each `Mux` is one actor task that owns its socket and reconnects by itself. A connection
+//! that errors or stops answering within the command timeout is dropped with every request
+//! still pending on it failed — a late reply can then never be matched to the wrong request.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use super::conn::{connect, Endpoint, RawConn};
+use crate::error::{Error, Result};
+use crate::protocol::Proto;
+
+/// The reply to one forwarded request: the raw frame, or why there is none.
+pub type ReplyRx = oneshot::Receiver<Result<Bytes>>;
+
+struct Job {
+    raw: Bytes,
+    reply: oneshot::Sender<Result<Bytes>>,
+}
+
+/// Handle to one shared connection actor.
+pub struct Mux {
+    tx: mpsc::UnboundedSender<Job>,
+    /// Valkey's version as last seen in a handshake.
+    version: Arc<Mutex<String>>,
+}
+
+/// Largest batch of requests written in one go.
+const MAX_BATCH: usize = 64 * 1024;
+/// Longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+impl Mux {
+    pub fn spawn(ep: Arc<Endpoint>, proto: Proto) -> Mux {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let version = Arc::new(Mutex::new(String::new()));
+        tokio::spawn(actor(ep, proto, rx, Arc::clone(&version)));
+        Mux { tx, version }
+    }
+
+    /// Queues `raw` (one encoded command) and returns where its reply will arrive.
+    pub fn send(&self, raw: Bytes) -> ReplyRx {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { raw, reply }) {
+            let _ = job
+                .reply
+                .send(Err(Error::upstream("cachefront is shutting down")));
+        }
+        rx
+    }
+
+    pub fn server_version(&self) -> String {
+        self.version.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+async fn actor(
+    ep: Arc<Endpoint>,
+    proto: Proto,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    version: Arc<Mutex<String>>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        // Connect only when there is work, so an idle proxy holds no upstream connections
+        // it does not need and a dead Valkey costs nothing while nobody asks.
+        let Some(first) = jobs.recv().await else {
+            return;
+        };
+        match connect(&ep, proto).await {
+            Ok(conn) => {
+                backoff = Duration::from_millis(50);
+                if let Ok(mut v) = version.lock() {
+                    v.clone_from(&conn.server_version);
+                }
+                let outcome = serve(conn, first, &mut jobs, ep.command_timeout).await;
+                if let Err(e) = outcome {
+                    tracing::warn!(error = %e, addr = %ep.addr, "shared upstream connection dropped");
+                } else {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach Valkey; failing requests until it is back");
+                let _ = first.reply.send(Err(e.clone()));
+                fail_for(&mut jobs, backoff, &e).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Fails every request arriving during `period`: while Valkey is unreachable, clients get a
+/// prompt `-UPSTREAM` instead of waiting on connect timeouts.
+async fn fail_for(jobs: &mut mpsc::UnboundedReceiver<Job>, period: Duration, e: &Error) {
+    let until = tokio::time::Instant::now() + period;
+    loop {
+        match tokio::time::timeout_at(until, jobs.recv()).await {
+            Ok(Some(job)) => {
+                let _ = job.reply.send(Err(e.clone()));
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// Runs one live connection until it fails (`Err`) or the pool is dropped (`Ok`).
+async fn serve(
+    mut conn: RawConn,
+    first: Job,
+    jobs: &mut mpsc::UnboundedReceiver<Job>,
+    timeout: Duration,
+) -> Result<()> {
+    let mut pending: VecDeque<oneshot::Sender<Result<Bytes>>> = VecDeque::new();
+    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    let mut last_progress = Instant::now();
+    let mut ticker = tokio::time::interval((timeout / 4).max(Duration::from_millis(20)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next = Some(first);
+    let result: Result<()> = loop {
+        if let Some(job) = next.take() {
+            if pending.is_empty() {
+                last_progress = Instant::now();
+            }
+            wbuf.extend_from_slice(&job.raw);
+            pending.push_back(job.reply);
+            while wbuf.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        wbuf.extend_from_slice(&job.raw);
+                        pending.push_back(job.reply);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = conn.stream.write_all(&wbuf).await {
+                break Err(Error::upstream(format!("write to Valkey failed: {e}")));
+            }
+            wbuf.clear();
+        }
+        tokio::select! {
+            job = jobs.recv() => match job {
+                Some(job) => next = Some(job),
+                None => break Ok(()),
+            },
+            read = conn.stream.read_buf(&mut conn.rbuf) => match read {
+                Ok(0) => break Err(Error::upstream("Valkey closed the connection")),
+                Ok(_) => {
+                    last_progress = Instant::now();
+                    if let Err(e) = deliver(&mut conn, &mut pending) {
+                        break Err(e);
+                    }
+                }
+                Err(e) => break Err(Error::upstream(format!("read from Valkey failed: {e}"))),
+            },
+            _ = ticker.tick() => {
+                if !pending.is_empty() && last_progress.elapsed() > timeout {
+                    break Err(Error::upstream(format!(
+                        "Valkey did not answer within {} ms", timeout.as_millis()
+                    )));
+                }
+            }
+        }
+    };
+    if let Err(e) = &result {
+        for reply in pending.drain(..) {
+            let _ = reply.send(Err(e.clone()));
+        }
+    }
+    result
+}
+
+/// Hands every complete buffered frame to the oldest waiting request.
+fn deliver(
+    conn: &mut RawConn,
+    pending: &mut VecDeque<oneshot::Sender<Result<Bytes>>>,
+) -> Result<()> {
+    while let Some(frame) = conn.next_buffered()? {
+        if frame.first() == Some(&b'>') {
+            // An out-of-band push on a shared connection (nothing here subscribes or tracks):
+            // never let it be taken for someone's reply.
+            continue;
+        }
+        match pending.pop_front() {
+            Some(reply) => {
+                let _ = reply.send(Ok(frame));
+            }
+            None => return Err(Error::upstream("unexpected reply from Valkey")),
+        }
+    }
+    Ok(())
+}

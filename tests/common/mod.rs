@@ -1,0 +1,190 @@
+//! Shared test support: real servers (services.rs) plus cachefront running in-process on
+//! port 0, and a raw RESP client for byte-exact assertions.
+#![allow(dead_code)]
+
+pub mod services;
+
+use bytes::BytesMut;
+use cachefront::config::Config;
+use cachefront::protocol::FrameScanner;
+use cachefront::server::Running;
+use services::{postgres, TestDb, Valkey};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A throwaway Valkey, a fresh copy of the staff database and a cachefront in front of both.
+pub struct Stack {
+    pub valkey: Valkey,
+    pub db: TestDb,
+    pub proxy: Running,
+}
+
+/// The config a test's cachefront runs with: its own Valkey and database, port 0.
+pub fn config_for(valkey: &Valkey, db: &TestDb) -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".into();
+    c.valkey.url = valkey.url();
+    c.postgres.url = db.url();
+    c.postgres.pool_size = 4;
+    c
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Stack {
+        let valkey = Valkey::start();
+        let db = tokio::task::spawn_blocking(|| postgres().fresh_db())
+            .await
+            .expect("fresh db");
+        let mut cfg = config_for(&valkey, &db);
+        tweak(&mut cfg);
+        cfg.validate().expect("test config is valid");
+        let proxy = cachefront::server::spawn(cfg)
+            .await
+            .expect("cachefront starts");
+        Stack { valkey, db, proxy }
+    }
+
+    pub fn proxy_port(&self) -> u16 {
+        self.proxy.addr.port()
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.proxy_port())
+    }
+
+    /// A redis-rs connection to cachefront.
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.proxy_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to cachefront")
+    }
+
+    /// A redis-rs connection straight to the test's Valkey.
+    pub async fn valkey_client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.valkey.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to valkey")
+    }
+
+    pub async fn raw(&self) -> Raw {
+        Raw::connect(self.proxy_port()).await
+    }
+
+    /// Runs SQL in the test's database (psql), returning its unaligned output.
+    pub fn psql(&self, sql: &str) -> String {
+        postgres().psql(self.db.name(), sql)
+    }
+
+    /// A tokio-postgres client on the test's database.
+    pub async fn pg(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.db.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to postgres");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+/// A raw RESP connection: send exact bytes, read exact frames.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(port: u16) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Sends a command as multibulk.
+    pub async fn cmd(&mut self, args: &[&[u8]]) {
+        let raw = cachefront::protocol::Request::from_args(args.iter().copied()).raw;
+        self.send(&raw).await;
+    }
+
+    /// Reads one complete frame (5 s timeout), as text for easy asserts.
+    pub async fn frame(&mut self) -> String {
+        String::from_utf8_lossy(&self.frame_bytes().await).into_owned()
+    }
+
+    pub async fn frame_bytes(&mut self) -> Vec<u8> {
+        let mut scanner = FrameScanner::default();
+        loop {
+            if let Some(n) = scanner.scan(&self.buf).expect("well-formed reply") {
+                return self.buf.split_to(n).to_vec();
+            }
+            let n =
+                tokio::time::timeout(Duration::from_secs(5), self.stream.read_buf(&mut self.buf))
+                    .await
+                    .expect("reply within 5 s")
+                    .expect("read");
+            assert!(
+                n > 0,
+                "connection closed while waiting for a reply; have {:?}",
+                self.buf
+            );
+        }
+    }
+
+    /// Sends a command and returns its reply.
+    pub async fn call(&mut self, args: &[&[u8]]) -> String {
+        self.cmd(args).await;
+        self.frame().await
+    }
+
+    /// True if the server closes the connection (after any buffered bytes) within 5 s.
+    pub async fn closed(&mut self) -> bool {
+        let mut sink = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut sink)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Reads whatever arrives within `ms` milliseconds.
+    pub async fn drain(&mut self, ms: u64) -> String {
+        let mut out = std::mem::take(&mut self.buf).to_vec();
+        let mut sink = [0u8; 4096];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(ms), self.stream.read(&mut sink)).await
+        {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&sink[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// The guide's join query, byte for byte as its Python code holds it.
+pub const GUIDE_QUERY: &str = "   \nSELECT   \n    employees.name AS employee_name,   \n    departments.name AS department_name,  \n    employees.job_title \nFROM  \n    employees  \nINNER JOIN  \n    departments   \nON \n    employees.dept_id = departments.id;   \n";
+
+/// hashlib.sha256(GUIDE_QUERY.encode()).hexdigest()
+pub const GUIDE_QUERY_KEY: &str =
+    "c6260e61202726451f2251e2051e50764a29e212db01aa5c7119b413d54e2b40";
+
+/// The guide's join result as json.dumps writes it.
+pub const GUIDE_JOIN_JSON: &str = r#"[{"employee_name": "Alice Johnson", "department_name": "Finance", "job_title": "Accountant"}, {"employee_name": "Bob Smith", "department_name": "Human Resources", "job_title": "HR Manager"}, {"employee_name": "Charlie Brown", "department_name": "IT", "job_title": "Software Engineer"}, {"employee_name": "Diana Evans", "department_name": "Sales", "job_title": "Sales Representative"}, {"employee_name": "Ethan Williams", "department_name": "Marketing", "job_title": "Marketing Specialist"}]"#;
