@@ -39,11 +39,13 @@ enum Slot {
         plan: Box<FillPlan>,
     },
     Task(JoinHandle<Reply>, Proto),
-    /// Waiting for the next reply on the dedicated connection.
+    /// Waiting for the next reply on the dedicated connection; with a plan, that reply is a
+    /// cached command's lookup.
     Dedicated {
         transform: Transform,
         proto: Proto,
         reset: bool,
+        plan: Option<Box<FillPlan>>,
     },
 }
 
@@ -197,10 +199,7 @@ impl Connection {
                 route,
                 transform,
             } => self.forward(raw, route, transform).await,
-            Action::Cached { lookup, plan } => {
-                let rx = self.shared.upstream.send(plan.proto, lookup);
-                self.outq.push_back(Slot::Lookup { rx, plan });
-            }
+            Action::Cached { lookup, plan } => self.lookup(lookup, plan),
             Action::Task(fut) => {
                 let h = tokio::spawn(fut);
                 self.outq.push_back(Slot::Task(h, self.session.proto));
@@ -209,12 +208,40 @@ impl Connection {
         }
     }
 
+    /// Sends a cached command's lookup. While the client holds a dedicated connection on the
+    /// cache's database, the lookup goes there too, behind the client's own writes.
+    fn lookup(&mut self, lookup: Bytes, plan: Box<FillPlan>) {
+        let cache_db = self.shared.upstream.endpoint().db;
+        let streaming = self.session.streaming();
+        match self.ded.as_mut() {
+            Some(ded)
+                if !streaming && self.session.db == cache_db && ded.conn.proto == plan.proto =>
+            {
+                ded.wbuf.extend_from_slice(&lookup);
+                ded.pending += 1;
+                self.outq.push_back(Slot::Dedicated {
+                    transform: Transform::None,
+                    proto: plan.proto,
+                    reset: false,
+                    plan: Some(plan),
+                });
+            }
+            _ => {
+                let rx = self
+                    .shared
+                    .upstream
+                    .send(self.session.id, plan.proto, lookup);
+                self.outq.push_back(Slot::Lookup { rx, plan });
+            }
+        }
+    }
+
     async fn forward(&mut self, raw: Bytes, route: Route, transform: Transform) {
         inc(&self.shared.metrics.passthrough);
         let proto = self.session.proto;
         let held = self.ded.as_ref().is_some_and(|d| d.conn.proto == proto);
         if route == Route::Any && !held {
-            let rx = self.shared.upstream.send(proto, raw);
+            let rx = self.shared.upstream.send(self.session.id, proto, raw);
             self.outq.push_back(Slot::Upstream {
                 rx,
                 transform,
@@ -241,6 +268,7 @@ impl Connection {
                 transform,
                 proto,
                 reset: false,
+                plan: None,
             });
         }
     }
@@ -334,6 +362,7 @@ impl Connection {
                     transform: Transform::None,
                     proto,
                     reset: true,
+                    plan: None,
                 });
             }
             None => self.push_reply(Reply::Simple("RESET")),
@@ -398,12 +427,22 @@ impl Connection {
                 }
                 Slot::Ready(transform.apply(&self.shared, proto, r).to_bytes(proto))
             }
-            (Slot::Lookup { plan, .. }, FrontDone::Upstream(Ok(frame))) if fill::is_hit(&frame) => {
+            (Slot::Lookup { plan, .. }, FrontDone::Upstream(r)) => self.looked_up(plan, r),
+            (Slot::Task(_, proto), FrontDone::Joined(reply)) => Slot::Ready(reply.to_bytes(proto)),
+            (other, _) => other,
+        };
+        self.outq.push_front(next);
+    }
+
+    /// A lookup's answer: the entry itself on a hit; otherwise a fill (from PostgreSQL alone
+    /// if Valkey failed).
+    fn looked_up(&self, plan: Box<FillPlan>, r: crate::error::Result<Bytes>) -> Slot {
+        match r {
+            Ok(frame) if fill::is_hit(&frame) => {
                 inc(&self.shared.metrics.hits);
-                let _ = plan;
                 Slot::Ready(frame)
             }
-            (Slot::Lookup { plan, .. }, FrontDone::Upstream(r)) => {
+            r => {
                 let via_cache = r.is_ok();
                 if via_cache {
                     inc(&self.shared.metrics.misses);
@@ -411,13 +450,12 @@ impl Connection {
                     inc(&self.shared.metrics.upstream_errors);
                 }
                 let proto = plan.proto;
-                let h = tokio::spawn(fill::run(Arc::clone(&self.shared), *plan, via_cache));
-                Slot::Task(h, proto)
+                Slot::Task(
+                    tokio::spawn(fill::run(Arc::clone(&self.shared), *plan, via_cache)),
+                    proto,
+                )
             }
-            (Slot::Task(_, proto), FrontDone::Joined(reply)) => Slot::Ready(reply.to_bytes(proto)),
-            (other, _) => other,
-        };
-        self.outq.push_front(next);
+        }
     }
 
     fn on_dedicated_read(&mut self, r: std::io::Result<usize>) {
@@ -465,23 +503,29 @@ impl Connection {
         let out_of_band = is_push || self.session.streaming();
         match first_waiting {
             Some(i) if !out_of_band => {
-                if let Some(Slot::Dedicated {
-                    transform,
-                    proto,
-                    reset,
-                }) = self.outq.get(i)
-                {
-                    if *reset && &frame[..] != b"+RESET\r\n" {
+                if let Some(Slot::Dedicated { reset: true, .. }) = self.outq.get(i) {
+                    if &frame[..] != b"+RESET\r\n" {
                         // A message that was already on its way before RESET took effect.
                         self.outq.insert(i, Slot::Ready(frame));
                         return;
                     }
-                    let reply = transform
-                        .apply(&self.shared, *proto, Ok(frame))
-                        .to_bytes(*proto);
-                    self.outq[i] = Slot::Ready(reply);
-                    ded.pending -= 1;
                 }
+                ded.pending -= 1;
+                let filled = match self.outq.remove(i) {
+                    Some(Slot::Dedicated {
+                        plan: Some(plan), ..
+                    }) => self.looked_up(plan, Ok(frame)),
+                    Some(Slot::Dedicated {
+                        transform, proto, ..
+                    }) => Slot::Ready(
+                        transform
+                            .apply(&self.shared, proto, Ok(frame))
+                            .to_bytes(proto),
+                    ),
+                    Some(other) => other,
+                    None => return,
+                };
+                self.outq.insert(i, filled);
             }
             Some(i) => self.outq.insert(i, Slot::Ready(frame)),
             None => self.outq.push_back(Slot::Ready(frame)),
@@ -497,10 +541,16 @@ impl Connection {
         inc(&self.shared.metrics.upstream_errors);
         tracing::warn!(client = self.session.id, error = %e, "dedicated upstream connection lost");
         let reply = e.to_reply();
-        for slot in self.outq.iter_mut() {
-            if let Slot::Dedicated { proto, .. } = slot {
-                *slot = Slot::Ready(reply.to_bytes(*proto));
-            }
+        for i in 0..self.outq.len() {
+            let filled = match &mut self.outq[i] {
+                Slot::Dedicated { plan, proto, .. } => match plan.take() {
+                    // A lookup that lost its connection is answered from PostgreSQL.
+                    Some(plan) => self.looked_up(plan, Err(e.clone())),
+                    None => Slot::Ready(reply.to_bytes(*proto)),
+                },
+                _ => continue,
+            };
+            self.outq[i] = filled;
         }
         let stateful = self.session.needs_dedicated();
         drop(ded);

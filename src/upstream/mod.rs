@@ -10,7 +10,6 @@ pub mod mux;
 
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::ValkeyConfig;
@@ -23,7 +22,6 @@ pub struct Upstream {
     endpoint: Arc<Endpoint>,
     shared2: Vec<Mux>,
     shared3: Vec<Mux>,
-    next: AtomicUsize,
     idle: Mutex<Vec<RawConn>>,
     max_idle: usize,
     /// cachefront client id → the upstream id of the dedicated connection it holds, so
@@ -43,21 +41,20 @@ impl Upstream {
             shared2: spawn(Proto::Resp2),
             shared3: spawn(Proto::Resp3),
             endpoint,
-            next: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
             max_idle: cfg.idle_dedicated,
             dedicated_ids: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Forwards one stateless command over a shared connection.
-    pub fn send(&self, proto: Proto, raw: Bytes) -> ReplyRx {
+    /// Forwards one stateless command over a shared connection. A client always uses the
+    /// same one (`lane`, e.g. its id), so its commands reach Valkey in the order it sent them.
+    pub fn send(&self, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
         let pool = match proto {
             Proto::Resp2 => &self.shared2,
             Proto::Resp3 => &self.shared3,
         };
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.len();
-        pool[i].send(raw)
+        pool[(lane % pool.len() as u64) as usize].send(raw)
     }
 
     /// A connection of the client's own, from the idle set or newly opened.

@@ -1,0 +1,267 @@
+//! SQL.CACHED: the guide's query result caching, through cachefront.
+
+mod common;
+
+use common::{Stack, GUIDE_JOIN_JSON, GUIDE_QUERY, GUIDE_QUERY_KEY};
+use redis::AsyncCommands;
+use std::sync::atomic::Ordering;
+
+#[tokio::test]
+async fn guide_join_is_cached_under_the_guides_key() {
+    let s = Stack::start().await;
+    let mut c = s.client().await;
+    let json: String = redis::cmd("SQL.CACHED")
+        .arg(GUIDE_QUERY)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(json, GUIDE_JOIN_JSON);
+    let mut v = s.valkey_client().await;
+    let stored: String = v.get(GUIDE_QUERY_KEY).await.unwrap();
+    assert_eq!(stored, GUIDE_JOIN_JSON);
+    let ttl: i64 = v.ttl(GUIDE_QUERY_KEY).await.unwrap();
+    assert!((3590..=3600).contains(&ttl), "{ttl}");
+    // Served from the cache afterwards.
+    let _: () = v.set(GUIDE_QUERY_KEY, "[]").await.unwrap();
+    let again: String = redis::cmd("SQL.CACHED")
+        .arg(GUIDE_QUERY)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(again, "[]");
+    // Both tables are recorded as dependencies.
+    let deps: Vec<String> = v.smembers("cachefront:d:departments").await.unwrap();
+    assert_eq!(deps, vec![GUIDE_QUERY_KEY.to_string()]);
+    let deps: Vec<String> = v.smembers("cachefront:d:employees").await.unwrap();
+    assert_eq!(deps, vec![GUIDE_QUERY_KEY.to_string()]);
+}
+
+#[tokio::test]
+async fn ex_and_params() {
+    let s = Stack::start().await;
+    let mut c = s.client().await;
+    let mut v = s.valkey_client().await;
+    let q = "SELECT id, name FROM employees WHERE dept_id = $1 ORDER BY id";
+    let json: String = redis::cmd("SQL.CACHED")
+        .arg(q)
+        .arg("EX")
+        .arg(120)
+        .arg("PARAMS")
+        .arg("3")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(json, r#"[{"id": 3, "name": "Charlie Brown"}]"#);
+    let key = cachefront::cache::key::sql_key("", q.as_bytes(), &["3"]);
+    let ttl: i64 = v.ttl(&key).await.unwrap();
+    assert!((110..=120).contains(&ttl), "{ttl}");
+    // Another parameter is another entry.
+    let json: String = redis::cmd("SQL.CACHED")
+        .arg(q)
+        .arg("PARAMS")
+        .arg("1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(json, r#"[{"id": 1, "name": "Alice Johnson"}]"#);
+    let empty: String = redis::cmd("SQL.CACHED")
+        .arg(q)
+        .arg("PARAMS")
+        .arg("99")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(empty, "[]");
+}
+
+#[tokio::test]
+async fn key_prefix_keeps_databases_apart() {
+    let s = Stack::start_with(|c| c.sql.key_prefix = "staff:".into()).await;
+    let mut c = s.client().await;
+    let _: String = redis::cmd("SQL.CACHED")
+        .arg("SELECT 1 AS one")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut v = s.valkey_client().await;
+    let key = format!(
+        "staff:{}",
+        cachefront::cache::key::sql_key("", b"SELECT 1 AS one", &[] as &[&str])
+    );
+    let stored: String = v.get(&key).await.unwrap();
+    assert_eq!(stored, r#"[{"one": 1}]"#);
+}
+
+#[tokio::test]
+async fn writes_and_tricks_are_refused() {
+    let s = Stack::start().await;
+    let mut raw = s.raw().await;
+    for q in [
+        "DELETE FROM employees",
+        "UPDATE employees SET name = 'x'",
+        "INSERT INTO employees (name, job_title, dept_id) VALUES ('x', 'y', 1)",
+        "DROP TABLE employees",
+        "SELECT 1; DELETE FROM employees",
+        "WITH d AS (DELETE FROM employees RETURNING *) SELECT * FROM d",
+        "SELECT * FROM employees FOR UPDATE",
+        "SELECT * INTO stolen FROM employees",
+        "SELECT pg_sleep(5)",
+        "SELECT set_config('default_transaction_read_only', 'off', false)",
+        "COPY employees TO STDOUT",
+        "BEGIN",
+    ] {
+        let r = raw.call(&[b"SQL.CACHED", q.as_bytes()]).await;
+        assert_eq!(
+            r, "-ERR SQL.CACHED accepts a single read-only query\r\n",
+            "{q}"
+        );
+    }
+    assert_eq!(s.psql("SELECT count(*) FROM employees"), "5");
+    assert_eq!(
+        raw.call(&[b"SQL.CACHED", b"SELECT 1", b"EX", b"0"]).await,
+        "-ERR invalid expire time in 'sql.cached' command\r\n"
+    );
+    assert_eq!(
+        raw.call(&[b"SQL.CACHED", b"SELECT 1", b"BOGUS"]).await,
+        "-ERR syntax error\r\n"
+    );
+    assert_eq!(
+        raw.call(&[b"SQL.CACHED"]).await,
+        "-ERR wrong number of arguments for 'sql.cached' command\r\n"
+    );
+    // Not UTF-8.
+    let r = raw.call(&[b"SQL.CACHED", b"SELECT '\xff'"]).await;
+    assert!(
+        r.starts_with("-ERR SQL.CACHED query must be valid UTF-8"),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn database_errors_carry_postgresqls_message() {
+    let s = Stack::start().await;
+    let mut raw = s.raw().await;
+    let r = raw.call(&[b"SQL.CACHED", b"SELECT * FROM nosuch"]).await;
+    assert_eq!(
+        r,
+        "-DBERR relation \"nosuch\" does not exist (SQLSTATE 42P01)\r\n"
+    );
+    // A syntax error our parser rejects first is still explained by PostgreSQL.
+    let r = raw.call(&[b"SQL.CACHED", b"SELEC 1"]).await;
+    assert!(
+        r.starts_with("-DBERR syntax error at or near \"SELEC\""),
+        "{r}"
+    );
+    let r = raw.call(&[b"SQL.CACHED", b"SELECT 1/0"]).await;
+    assert_eq!(r, "-DBERR division by zero (SQLSTATE 22012)\r\n");
+    // Nothing was cached for the failures.
+    let mut v = s.valkey_client().await;
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut v).await.unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(
+        s.proxy.shared.metrics.db_errors.load(Ordering::Relaxed),
+        2,
+        "two failed queries counted"
+    );
+}
+
+#[tokio::test]
+async fn runs_in_a_read_only_transaction_with_a_timeout() {
+    let s = Stack::start_with(|c| c.postgres.statement_timeout_ms = 300).await;
+    let mut raw = s.raw().await;
+    // transaction_read_only is on inside SQL.CACHED's transaction.
+    let r = raw
+        .call(&[
+            b"SQL.CACHED",
+            b"SELECT current_setting('transaction_read_only') AS ro",
+        ])
+        .await;
+    assert!(r.contains(r#"[{"ro": "on"}]"#), "{r}");
+    // A slow query is cancelled by the statement timeout.
+    let r = raw
+        .call(&[
+            b"SQL.CACHED",
+            b"SELECT count(*) FROM generate_series(1, 100000000)",
+        ])
+        .await;
+    assert!(
+        r.starts_with("-DBERR canceling statement due to statement timeout"),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn types_the_renderer_casts_to_text() {
+    let s = Stack::start().await;
+    let mut raw = s.raw().await;
+    let r = raw
+        .call(&[
+            b"SQL.CACHED",
+            b"SELECT 1.5::money::numeric AS n, point(1,2) AS p, int4range(1,5) AS r, ARRAY[point(0,0)] AS ps, 'a' AS t",
+        ])
+        .await;
+    assert!(
+        r.contains(r#"[{"n": "1.50", "p": "(1,2)", "r": "[1,5)", "ps": ["(0,0)"], "t": "a"}]"#),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn sql_invalidate_drops_dependents() {
+    let s = Stack::start().await;
+    let mut c = s.client().await;
+    let _: String = redis::cmd("SQL.CACHED")
+        .arg(GUIDE_QUERY)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("SQL.CACHED")
+        .arg("SELECT name FROM departments")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("SQL.CACHED")
+        .arg("SELECT 1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let n: i64 = redis::cmd("SQL.INVALIDATE")
+        .arg("public.Departments")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let mut v = s.valkey_client().await;
+    let gone: bool = v.exists(GUIDE_QUERY_KEY).await.unwrap();
+    assert!(!gone);
+    let one_key = cachefront::cache::key::sql_key("", b"SELECT 1", &[] as &[&str]);
+    let kept: bool = v.exists(&one_key).await.unwrap();
+    assert!(kept);
+    let n: i64 = redis::cmd("SQL.INVALIDATE")
+        .arg("departments")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_fill_that_raced_an_invalidation_is_not_stored() {
+    // Force the race: read versions, invalidate, then try to store.
+    let s = Stack::start().await;
+    let store = &s.proxy.shared.cache.store;
+    let entry = cachefront::cache::Entry {
+        key: "race:1".into(),
+        ttl: 60,
+        tables: vec!["employees".into()],
+    };
+    let versions = store.versions(&entry.tables).await.unwrap();
+    store.invalidate(&entry.tables).await.unwrap();
+    let value = cachefront::cache::Value::String("old".into());
+    assert!(!store.store(&entry, &value, &versions).await.unwrap());
+    let mut v = s.valkey_client().await;
+    let exists: bool = v.exists("race:1").await.unwrap();
+    assert!(!exists, "a stale fill must not be stored");
+    let fresh = store.versions(&entry.tables).await.unwrap();
+    assert!(store.store(&entry, &value, &fresh).await.unwrap());
+}
