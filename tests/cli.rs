@@ -1,0 +1,85 @@
+//! The binary's edges: --check-config, config errors naming the key, env overrides.
+
+use std::process::Command;
+
+fn cachefront() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cachefront"))
+}
+
+#[test]
+fn check_config_accepts_the_shipped_config() {
+    let out = cachefront()
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+            "--check-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("configuration OK") && text.contains("2 named queries"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_config_without_a_file_uses_the_defaults() {
+    let out = cachefront().arg("--check-config").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listen 127.0.0.1:6380"));
+}
+
+#[test]
+fn bad_config_is_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[postgres]\npool_sise = 3\n").unwrap();
+    let out = cachefront()
+        .arg("--config")
+        .arg(&path)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pool_sise"), "{err}");
+
+    let out = cachefront()
+        .arg("--check-config")
+        .env("CACHEFRONT_POSTGRES_POOL_SIZE", "lots")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CACHEFRONT_POSTGRES_POOL_SIZE") && err.contains("postgres.pool_size"),
+        "{err}"
+    );
+}
+
+#[test]
+fn env_overrides_apply() {
+    let out = cachefront()
+        .arg("--check-config")
+        .env("CACHEFRONT_LISTEN", "127.0.0.1:7777")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listen 127.0.0.1:7777"));
+}
+
+#[test]
+fn missing_config_file_is_an_error() {
+    let out = cachefront()
+        .args(["--config", "/nonexistent/cachefront.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cachefront.toml"));
+}
