@@ -45,6 +45,7 @@ pub struct Config {
     pub sql: SqlConfig,
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
+    pub invalidation: InvalidationConfig,
     /// Named queries; `EMP.GET` is built in unless redefined here.
     #[serde(rename = "query")]
     pub queries: Vec<NamedQueryConfig>,
@@ -81,6 +82,39 @@ pub struct CacheConfig {
     pub default_ttl: u64,
     /// Prefix of cachefront's own bookkeeping keys (table versions, dependency sets).
     pub meta_prefix: String,
+    /// Seconds to remember that a named query found no row (0: off). Per-query `negative_ttl`
+    /// overrides it. The marker is a separate key, so hand-written readers never see it.
+    pub negative_ttl: u64,
+    /// Fraction of a TTL randomly taken off each entry's TTL (0 to 0.5), so entries filled
+    /// together expire apart.
+    pub ttl_jitter: f64,
+    /// XFetch's beta for probabilistic early refresh of hot entries (0: off; 1: the paper's
+    /// default; larger refreshes earlier).
+    pub early_refresh_beta: f64,
+    /// How many recently filled entries early refresh keeps timing data for.
+    pub early_refresh_keys: u64,
+}
+
+/// Invalidation of cached entries when PostgreSQL data changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InvalidationConfig {
+    /// Listen for change notifications and drop dependent entries.
+    pub enabled: bool,
+    /// Create the notification triggers on tables cachefront caches from (needs the table
+    /// owner's rights; otherwise run `cachefront triggers install` once as the owner).
+    pub install_triggers: bool,
+    /// NOTIFY channel the triggers use.
+    pub channel: String,
+    /// Extra tables to put triggers on at start (besides those named queries read).
+    pub tables: Vec<String>,
+    /// A statement touching more rows than this invalidates its whole table instead of rows.
+    pub max_rows_per_notification: u64,
+    /// After this many notifications in one transaction, the rest are table-wide (and
+    /// PostgreSQL folds identical ones), so bulk writes cannot flood the channel.
+    pub max_notifications_per_transaction: u64,
+    /// Longest pause between reconnection attempts of the listening connection.
+    pub reconnect_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +142,8 @@ pub struct SqlConfig {
     pub max_rows: usize,
     /// Most bytes of JSON a result may render to.
     pub max_result_bytes: usize,
+    /// Seconds to cache an empty result (`[]`); 0 (default) does not cache empty results.
+    pub negative_ttl: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,6 +210,16 @@ pub struct NamedQueryConfig {
     /// One-line description shown by COMMAND DOCS.
     #[serde(default)]
     pub summary: String,
+    /// `table.column` the key argument equals (e.g. `employees.id`): then a write drops only
+    /// the entries of the rows it changed, instead of every entry of the query.
+    #[serde(default)]
+    pub key_column: Option<String>,
+    /// Which argument (1-based) holds the `key_column` value; default 1.
+    #[serde(default)]
+    pub key_arg: Option<usize>,
+    /// Seconds to remember "no row" for this query (overrides `cache.negative_ttl`).
+    #[serde(default)]
+    pub negative_ttl: Option<u64>,
 }
 
 fn default_reply() -> ReplyKind {
@@ -191,6 +237,7 @@ impl Default for Config {
             sql: SqlConfig::default(),
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
+            invalidation: InvalidationConfig::default(),
             queries: Vec::new(),
         }
     }
@@ -224,6 +271,24 @@ impl Default for CacheConfig {
         CacheConfig {
             default_ttl: 3600,
             meta_prefix: "cachefront:".into(),
+            negative_ttl: 0,
+            ttl_jitter: 0.0,
+            early_refresh_beta: 1.0,
+            early_refresh_keys: 100_000,
+        }
+    }
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        InvalidationConfig {
+            enabled: true,
+            install_triggers: true,
+            channel: "cachefront_invalidate".into(),
+            tables: Vec::new(),
+            max_rows_per_notification: 1000,
+            max_notifications_per_transaction: 100,
+            reconnect_max_ms: 5000,
         }
     }
 }
@@ -237,6 +302,7 @@ impl Default for SqlConfig {
             max_sql_bytes: 64 * 1024,
             max_rows: 100_000,
             max_result_bytes: 64 * 1024 * 1024,
+            negative_ttl: 0,
         }
     }
 }
@@ -266,11 +332,22 @@ pub fn builtin_emp_get() -> NamedQueryConfig {
         args: vec![ArgType::Int],
         arg_names: vec!["employee id".into()],
         summary: "Get an employee's name, cached at employee:<id>".into(),
+        key_column: Some("employees.id".into()),
+        key_arg: None,
+        negative_ttl: None,
     }
 }
 
 /// Sections whose keys may be overridden as `CACHEFRONT_<SECTION>_<KEY>`.
-const SECTIONS: &[&str] = &["valkey", "postgres", "cache", "sql", "limits", "auth"];
+const SECTIONS: &[&str] = &[
+    "valkey",
+    "postgres",
+    "cache",
+    "sql",
+    "limits",
+    "auth",
+    "invalidation",
+];
 
 impl Config {
     /// Loads `path` (or the defaults when `None`), applies `CACHEFRONT_*` variables from `env`,
@@ -349,6 +426,27 @@ impl Config {
         if self.cache.meta_prefix.is_empty() {
             return Err(invalid("cache.meta_prefix", "must not be empty"));
         }
+        if !(0.0..=0.5).contains(&self.cache.ttl_jitter) {
+            return Err(invalid("cache.ttl_jitter", "must be between 0 and 0.5"));
+        }
+        if !(self.cache.early_refresh_beta >= 0.0 && self.cache.early_refresh_beta.is_finite()) {
+            return Err(invalid("cache.early_refresh_beta", "must be 0 or more"));
+        }
+        let ch = &self.invalidation.channel;
+        if ch.is_empty() || !ch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(invalid(
+                "invalidation.channel",
+                "must be letters, digits and _",
+            ));
+        }
+        positive(
+            "invalidation.max_rows_per_notification",
+            self.invalidation.max_rows_per_notification,
+        )?;
+        positive(
+            "invalidation.reconnect_max_ms",
+            self.invalidation.reconnect_max_ms,
+        )?;
         let mut seen = BTreeSet::new();
         for (i, q) in self.queries.iter().enumerate() {
             let key = format!("query[{i}] ({})", q.command);
@@ -422,6 +520,33 @@ impl NamedQueryConfig {
         crate::cache::key::KeyTemplate::parse(&self.key, n).map_err(|e| format!("key: {e}"))?;
         if !self.arg_names.is_empty() && self.arg_names.len() != n {
             return Err("arg_names must name every arg".into());
+        }
+        if self.negative_ttl == Some(0) {
+            return Err(
+                "negative_ttl must be greater than 0 (leave it out to use cache.negative_ttl)"
+                    .into(),
+            );
+        }
+        if let Some(kc) = &self.key_column {
+            let (table, column) = kc
+                .split_once('.')
+                .filter(|(t, c)| !t.is_empty() && !c.is_empty() && !c.contains('.'))
+                .ok_or("key_column must be table.column")?;
+            let arg = self.key_arg.unwrap_or(1);
+            if arg == 0 || arg > n {
+                return Err(format!("key_arg {arg} but the query takes {n} argument(s)"));
+            }
+            let tables = crate::db::sql::check_read_only(&self.sql)
+                .map_err(|e| format!("sql: {e}"))?
+                .tables;
+            if !tables.contains(&crate::db::sql::normalize_table_text(table)) {
+                return Err(format!("key_column table {table} is not read by the sql"));
+            }
+            let _ = column;
+            let tpl = crate::cache::key::KeyTemplate::parse(&self.key, n)?;
+            if tpl.args_used().iter().any(|&a| a != arg - 1) {
+                return Err("with key_column, the key may use only the key argument".into());
+            }
         }
         Ok(())
     }

@@ -427,7 +427,7 @@ impl Connection {
                 }
                 Slot::Ready(transform.apply(&self.shared, proto, r).to_bytes(proto))
             }
-            (Slot::Lookup { plan, .. }, FrontDone::Upstream(r)) => self.looked_up(plan, r),
+            (Slot::Lookup { plan, .. }, FrontDone::Upstream(r)) => self.looked_up(*plan, r),
             (Slot::Task(_, proto), FrontDone::Joined(reply)) => Slot::Ready(reply.to_bytes(proto)),
             (other, _) => other,
         };
@@ -436,10 +436,14 @@ impl Connection {
 
     /// A lookup's answer: the entry itself on a hit; otherwise a fill (from PostgreSQL alone
     /// if Valkey failed).
-    fn looked_up(&self, plan: Box<FillPlan>, r: crate::error::Result<Bytes>) -> Slot {
+    fn looked_up(&self, plan: FillPlan, r: crate::error::Result<Bytes>) -> Slot {
         match r {
             Ok(frame) if fill::is_hit(&frame) => {
                 inc(&self.shared.metrics.hits);
+                if self.shared.cache.should_refresh_early(&plan.entry.key) {
+                    inc(&self.shared.metrics.early_refreshes);
+                    fill::refresh_in_background(Arc::clone(&self.shared), plan);
+                }
                 Slot::Ready(frame)
             }
             r => {
@@ -451,7 +455,7 @@ impl Connection {
                 }
                 let proto = plan.proto;
                 Slot::Task(
-                    tokio::spawn(fill::run(Arc::clone(&self.shared), *plan, via_cache)),
+                    tokio::spawn(fill::run(Arc::clone(&self.shared), plan, via_cache)),
                     proto,
                 )
             }
@@ -514,7 +518,7 @@ impl Connection {
                 let filled = match self.outq.remove(i) {
                     Some(Slot::Dedicated {
                         plan: Some(plan), ..
-                    }) => self.looked_up(plan, Ok(frame)),
+                    }) => self.looked_up(*plan, Ok(frame)),
                     Some(Slot::Dedicated {
                         transform, proto, ..
                     }) => Slot::Ready(
@@ -545,7 +549,7 @@ impl Connection {
             let filled = match &mut self.outq[i] {
                 Slot::Dedicated { plan, proto, .. } => match plan.take() {
                     // A lookup that lost its connection is answered from PostgreSQL.
-                    Some(plan) => self.looked_up(plan, Err(e.clone())),
+                    Some(plan) => self.looked_up(*plan, Err(e.clone())),
                     None => Slot::Ready(reply.to_bytes(*proto)),
                 },
                 _ => continue,

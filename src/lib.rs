@@ -9,7 +9,8 @@
 //! - [`command`] holds one file per command family; `dispatch` turns a request into an action.
 //! - [`cache`] is the read-through cache: keys, coalesced fills, the versioned store in Valkey.
 //! - [`upstream`] is Valkey for pass-through: shared pipelined and dedicated connections.
-//! - [`db`] is PostgreSQL: pool, read-only execution, SQL checks, rows as JSON.
+//! - [`db`] is PostgreSQL: pool, read-only execution, SQL checks, rows as JSON, triggers.
+//! - [`invalidation`] listens for PostgreSQL's change notifications and drops what changed.
 //! - [`config`], [`error`], [`metrics`], [`session`] are what the others share.
 
 pub mod cache;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod connection;
 pub mod db;
 pub mod error;
+pub mod invalidation;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

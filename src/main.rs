@@ -16,6 +16,26 @@ struct Cli {
     /// Check the configuration (file and CACHEFRONT_* variables) and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Manage the PostgreSQL triggers that notify cachefront of writes (run as the tables'
+    /// owner; idempotent).
+    Triggers {
+        #[command(subcommand)]
+        action: TriggerAction,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum TriggerAction {
+    /// Install triggers on the tables named queries read plus `invalidation.tables`.
+    Install,
+    /// Remove every cachefront trigger, its function and schema.
+    Remove,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,7 +60,36 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(config))
+    match cli.command {
+        None => runtime.block_on(run(config)),
+        Some(Cmd::Triggers { action }) => runtime.block_on(triggers(config, action)),
+    }
+}
+
+async fn triggers(config: Config, action: TriggerAction) -> anyhow::Result<()> {
+    let shared = cachefront::server::Shared::new(config)?;
+    match action {
+        TriggerAction::Install => {
+            shared
+                .invalidation
+                .install_configured(&shared.db, &shared.named)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("invalidation triggers installed");
+        }
+        TriggerAction::Remove => {
+            let mut client = shared
+                .db
+                .client()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let n = cachefront::db::triggers::remove_all(&mut client)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("invalidation triggers removed from {n} table(s)");
+        }
+    }
+    Ok(())
 }
 
 fn init_tracing(format: &str) {

@@ -35,6 +35,12 @@ pub struct Metrics {
     pub connections_current: AtomicU64,
     /// Connections refused because `limits.max_clients` was reached.
     pub rejected_connections: AtomicU64,
+    /// Change notifications received from PostgreSQL.
+    pub notifications: AtomicU64,
+    /// Times the invalidation listener (re)connected.
+    pub listener_reconnects: AtomicU64,
+    /// Hot entries refreshed before expiry (XFetch).
+    pub early_refreshes: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -49,7 +55,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 impl Metrics {
     /// The `# Cachefront` INFO section, CRLF-separated like Valkey's own sections.
-    pub fn info_section(&self, db_pool: (usize, usize)) -> String {
+    pub fn info_section(&self, db_pool: (usize, usize), listening: bool) -> String {
         let g = |c: &AtomicU64| c.load(Relaxed);
         let hits = g(&self.hits);
         let misses = g(&self.misses);
@@ -58,7 +64,7 @@ impl Metrics {
         } else {
             hits as f64 / (hits + misses) as f64
         };
-        let rows: [(&str, String); 18] = [
+        let rows: Vec<(&str, String)> = vec![
             ("cachefront_version", env!("CARGO_PKG_VERSION").to_string()),
             ("hits", hits.to_string()),
             ("misses", misses.to_string()),
@@ -92,6 +98,13 @@ impl Metrics {
                 "db_pool",
                 format!("size={},available={}", db_pool.0, db_pool.1),
             ),
+            ("invalidation_listening", u8::from(listening).to_string()),
+            ("notifications", g(&self.notifications).to_string()),
+            (
+                "listener_reconnects",
+                g(&self.listener_reconnects).to_string(),
+            ),
+            ("early_refreshes", g(&self.early_refreshes).to_string()),
         ];
         let mut out = String::from("# Cachefront\r\n");
         for (k, v) in rows {

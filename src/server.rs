@@ -17,6 +17,7 @@ use crate::command::named_query::NamedQuery;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::db::Db;
+use crate::invalidation::Invalidation;
 use crate::metrics::{inc, Metrics};
 use crate::protocol::Limits;
 use crate::upstream::Upstream;
@@ -43,6 +44,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Named queries by uppercased command name.
     pub named: HashMap<String, Arc<NamedQuery>>,
+    pub invalidation: Invalidation,
+    listening: watch::Sender<bool>,
     next_id: AtomicU64,
 }
 
@@ -53,20 +56,49 @@ impl Shared {
         let store = Store::new(&config.valkey, &config.cache.meta_prefix).map_err(|e| setup(&e))?;
         let mut named = HashMap::new();
         for q in config.named_queries() {
-            let nq = NamedQuery::from_config(&q, config.cache.default_ttl)
-                .map_err(|e| StartError::Setup(format!("query {}: {e}", q.command)))?;
+            let nq =
+                NamedQuery::from_config(&q, config.cache.default_ttl, config.cache.negative_ttl)
+                    .map_err(|e| StartError::Setup(format!("query {}: {e}", q.command)))?;
             named.insert(nq.name.clone(), Arc::new(nq));
         }
         Ok(Shared {
             limits: config.protocol_limits(),
             upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
-            cache: Cache::new(store, Arc::clone(&metrics)),
+            cache: Cache::new(store, Arc::clone(&metrics), &config.cache),
+            invalidation: Invalidation::new(&config.invalidation, &named),
+            listening: watch::Sender::new(false),
             db: Db::new(&config.postgres).map_err(|e| setup(&e))?,
             metrics,
             named,
             next_id: AtomicU64::new(1),
             config,
         })
+    }
+
+    /// Whether the invalidation listener is connected and listening.
+    pub fn set_listening(&self, on: bool) {
+        self.listening.send_replace(on);
+    }
+
+    pub fn is_listening(&self) -> bool {
+        *self.listening.borrow()
+    }
+
+    /// Waits (at most `limit`) until the invalidation listener is listening, so no entry is
+    /// stored while writes could go unheard — in particular not just before the listener's
+    /// first flush, which would throw it away. Returns at once when invalidation is off.
+    pub async fn wait_listening(&self, limit: Duration) {
+        if !self.config.invalidation.enabled || self.is_listening() {
+            return;
+        }
+        let mut rx = self.listening.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|on| *on)).await;
+    }
+
+    /// The `# Cachefront` INFO section.
+    pub fn info_section(&self) -> String {
+        self.metrics
+            .info_section(self.db.pool_status(), self.is_listening())
     }
 
     /// Client ids start at 1 and are never reused, like Valkey's.
@@ -106,6 +138,7 @@ impl Server {
 
     /// Accepts clients until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let listener_task = tokio::spawn(crate::invalidation::run(Arc::clone(&self.shared)));
         let (stop_tx, stop_rx) = watch::channel(false);
         let live = Arc::new(AtomicUsize::new(0));
         let max = self.shared.config.limits.max_clients;
@@ -156,6 +189,7 @@ impl Server {
         while live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        listener_task.abort();
         tracing::info!(remaining = live.load(Ordering::Relaxed), "shut down");
     }
 }

@@ -65,6 +65,17 @@ impl KeyTemplate {
         Ok(KeyTemplate { parts })
     }
 
+    /// The (0-based) arguments the template uses.
+    pub fn args_used(&self) -> Vec<usize> {
+        self.parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Arg(i) => Some(*i),
+                Part::Lit(_) => None,
+            })
+            .collect()
+    }
+
     /// Renders the key for validated arguments.
     pub fn render(&self, args: &[impl AsRef<str>]) -> String {
         let mut out = String::with_capacity(32);

@@ -6,13 +6,33 @@ pub mod key;
 pub mod store;
 
 use bytes::Bytes;
+use rand::Rng;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use crate::config::CacheConfig;
 use crate::error::Result;
-use crate::metrics::{inc, Metrics};
+use crate::metrics::{add, inc, Metrics};
 use coalesce::Coalescer;
 use store::Store;
+
+/// What an entry was read from, so writes there drop it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deps {
+    /// Tables any change to which drops the entry (normalised names).
+    pub tables: Vec<String>,
+    /// The one row (of a keyed table) the entry stands for: only that row's changes, or a
+    /// table-wide event, drop it.
+    pub row: Option<RowDep>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowDep {
+    pub table: String,
+    pub column: String,
+    pub value: String,
+}
 
 /// One cache entry's identity and what it depends on.
 #[derive(Debug, Clone)]
@@ -20,14 +40,24 @@ pub struct Entry {
     pub key: String,
     /// Seconds.
     pub ttl: u64,
-    /// Tables the value was read from (normalised names); their writes drop the entry.
-    pub tables: Vec<String>,
+    pub deps: Deps,
+}
+
+impl Entry {
+    /// Every table the entry depends on, row-keyed or not.
+    pub fn tables(&self) -> Vec<String> {
+        let mut t = self.deps.tables.clone();
+        if let Some(r) = &self.deps.row {
+            t.push(r.table.clone());
+        }
+        t
+    }
 }
 
 /// What a fill produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
-    /// No row: nothing to cache.
+    /// No row: nothing to cache (unless negative caching is on).
     Absent,
     String(Bytes),
     Hash(Vec<(String, Bytes)>),
@@ -45,32 +75,95 @@ pub enum CacheStatus {
     FailOpen,
 }
 
+/// When an entry this instance stored expires and how long its fill took: what XFetch needs.
+#[derive(Debug, Clone, Copy)]
+struct Freshness {
+    expires: Instant,
+    delta: Duration,
+}
+
 /// Cache operations shared by every connection.
 pub struct Cache {
     pub store: Store,
     coalescer: Arc<Coalescer<(Value, CacheStatus)>>,
     metrics: Arc<Metrics>,
+    recent: moka::sync::Cache<String, Freshness>,
+    early_refresh_beta: f64,
+    ttl_jitter: f64,
+    /// Tables already recorded in Valkey's registry by this process.
+    registered: Mutex<std::collections::HashSet<String>>,
+}
+
+/// How a miss should be filled.
+pub struct FillOptions {
+    /// Seconds to remember "no such row", if at all.
+    pub negative_ttl: Option<u64>,
 }
 
 impl Cache {
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Cache {
+    pub fn new(store: Store, metrics: Arc<Metrics>, cfg: &CacheConfig) -> Cache {
         Cache {
             store,
             coalescer: Arc::new(Coalescer::default()),
             metrics,
+            recent: moka::sync::Cache::builder()
+                .max_capacity(cfg.early_refresh_keys)
+                .build(),
+            early_refresh_beta: cfg.early_refresh_beta,
+            ttl_jitter: cfg.ttl_jitter,
+            registered: Mutex::new(Default::default()),
         }
     }
 
+    /// `ttl` shortened by up to `cache.ttl_jitter` of itself, so entries filled together do not
+    /// all expire together.
+    pub fn jittered_ttl(&self, ttl: u64) -> u64 {
+        if self.ttl_jitter <= 0.0 || ttl < 2 {
+            return ttl;
+        }
+        let max_cut = (ttl as f64 * self.ttl_jitter) as u64;
+        ttl - rand::thread_rng().gen_range(0..=max_cut.min(ttl - 1))
+    }
+
+    /// Probabilistic early expiration (XFetch): true, now and then, for an entry close to
+    /// expiry — the closer and the slower its fill, the likelier — so one request refreshes a
+    /// hot key before it expires instead of every request missing at once when it does.
+    pub fn should_refresh_early(&self, key: &str) -> bool {
+        if self.early_refresh_beta <= 0.0 {
+            return false;
+        }
+        let Some(f) = self.recent.get(key) else {
+            return false;
+        };
+        let r: f64 = rand::thread_rng().gen_range(f64::MIN_POSITIVE..1.0);
+        let lead = f.delta.mul_f64(self.early_refresh_beta * -r.ln());
+        let due = Instant::now() + lead >= f.expires;
+        if due {
+            // One refresh per expiry window is enough.
+            self.recent.invalidate(key);
+        }
+        due
+    }
+
     /// Fills `entry` after a miss: one `load` per key however many clients miss at once.
-    pub async fn fill<F, Fut>(&self, entry: Entry, load: F) -> Result<(Value, CacheStatus)>
+    pub async fn fill<F, Fut>(
+        &self,
+        entry: Entry,
+        opts: FillOptions,
+        load: F,
+    ) -> Result<(Value, CacheStatus)>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Value>> + Send + 'static,
     {
-        let store = self.store.clone();
-        let metrics = Arc::clone(&self.metrics);
+        self.register(&entry.tables()).await;
+        let ctx = FillCtx {
+            store: self.store.clone(),
+            metrics: Arc::clone(&self.metrics),
+            recent: self.recent.clone(),
+        };
         let key = entry.key.clone();
-        let fill = async move { fill_once(store, metrics, entry, load).await };
+        let fill = async move { ctx.fill_once(entry, opts, load).await };
         let (result, waited) = self.coalescer.run(&key, fill).await;
         if waited {
             inc(&self.metrics.coalesced_waits);
@@ -86,48 +179,131 @@ impl Cache {
         result
     }
 
-    /// Drops every entry depending on `tables`.
+    /// Records tables in Valkey's registry (once per process), so a lost notification channel
+    /// knows what to flush.
+    async fn register(&self, tables: &[String]) {
+        let new: Vec<String> = {
+            let known = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+            tables
+                .iter()
+                .filter(|t| !known.contains(*t))
+                .cloned()
+                .collect()
+        };
+        if new.is_empty() {
+            return;
+        }
+        if self.store.register_tables(&new).await.is_ok() {
+            self.registered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(new);
+        }
+    }
+
+    /// Table-wide invalidation.
     pub async fn invalidate(&self, tables: &[String]) -> Result<u64> {
-        let n = self.store.invalidate(tables).await?;
-        crate::metrics::add(&self.metrics.invalidations, n);
+        let n = self.store.invalidate_tables(tables).await?;
+        add(&self.metrics.invalidations, n);
+        for t in tables {
+            tracing::debug!(table = %t, dropped = n, "table invalidated");
+        }
+        Ok(n)
+    }
+
+    /// Row-level invalidation (see [`Store::invalidate_rows`]).
+    pub async fn invalidate_rows(
+        &self,
+        table: &str,
+        column: &str,
+        values: &[String],
+        entry_keys: &[String],
+    ) -> Result<u64> {
+        for k in entry_keys {
+            self.recent.invalidate(k);
+        }
+        let n = self
+            .store
+            .invalidate_rows(table, column, values, entry_keys)
+            .await?;
+        add(&self.metrics.invalidations, n);
         Ok(n)
     }
 }
 
-/// The fill protocol: versions, query, conditional store.
-async fn fill_once<F, Fut>(
+/// What a fill task carries (it outlives the request that started it).
+struct FillCtx {
     store: Store,
     metrics: Arc<Metrics>,
-    entry: Entry,
-    load: F,
-) -> Result<(Value, CacheStatus)>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Value>> + Send + 'static,
-{
-    let versions = store.versions(&entry.tables).await;
-    inc(&metrics.db_queries);
-    let value = load().await.inspect_err(|_| inc(&metrics.db_errors))?;
-    let versions = match versions {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(error = %e, "valkey unavailable; answering from PostgreSQL");
-            inc(&metrics.fail_open);
-            inc(&metrics.upstream_errors);
-            return Ok((value, CacheStatus::FailOpen));
+    recent: moka::sync::Cache<String, Freshness>,
+}
+
+impl FillCtx {
+    /// The fill protocol: versions, query, conditional store.
+    async fn fill_once<F, Fut>(
+        self,
+        entry: Entry,
+        opts: FillOptions,
+        load: F,
+    ) -> Result<(Value, CacheStatus)>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Value>> + Send + 'static,
+    {
+        let negative_key = opts
+            .negative_ttl
+            .map(|_| self.store.negative_key(&entry.key));
+        if let Some(nk) = &negative_key {
+            if let Ok(true) = self.store.exists(nk).await {
+                inc(&self.metrics.hits);
+                return Ok((Value::Absent, CacheStatus::Hit));
+            }
         }
-    };
-    if value != Value::Absent {
-        match store.store(&entry, &value, &versions).await {
-            Ok(true) => inc(&metrics.fills),
-            Ok(false) => inc(&metrics.stale_fill_rejections),
+        let versions = self.store.versions(&entry.deps).await;
+        let started = Instant::now();
+        inc(&self.metrics.db_queries);
+        let value = load().await.inspect_err(|_| inc(&self.metrics.db_errors))?;
+        let delta = started.elapsed();
+        let versions = match versions {
+            Ok(v) => v,
             Err(e) => {
-                tracing::warn!(error = %e, key = %entry.key, "could not store a filled entry");
-                inc(&metrics.upstream_errors);
-                inc(&metrics.fail_open);
+                tracing::warn!(error = %e, "valkey unavailable; answering from PostgreSQL");
+                inc(&self.metrics.fail_open);
+                inc(&self.metrics.upstream_errors);
+                return Ok((value, CacheStatus::FailOpen));
+            }
+        };
+        let (target, stored_value) = match (&value, negative_key, opts.negative_ttl) {
+            (Value::Absent, Some(nk), Some(ttl)) => (
+                Entry {
+                    key: nk,
+                    ttl,
+                    deps: entry.deps.clone(),
+                },
+                Value::String(Bytes::new()),
+            ),
+            (Value::Absent, _, _) => return Ok((value, CacheStatus::Miss)),
+            _ => (entry, value.clone()),
+        };
+        match self.store.store(&target, &stored_value, &versions).await {
+            Ok(true) => {
+                inc(&self.metrics.fills);
+                self.recent.insert(
+                    target.key,
+                    Freshness {
+                        expires: started + Duration::from_secs(target.ttl),
+                        delta,
+                    },
+                );
+            }
+            Ok(false) => inc(&self.metrics.stale_fill_rejections),
+            Err(e) => {
+                tracing::warn!(error = %e, key = %target.key, "could not store a filled entry");
+                inc(&self.metrics.upstream_errors);
+                inc(&self.metrics.fail_open);
                 return Ok((value, CacheStatus::FailOpen));
             }
         }
+        Ok((value, CacheStatus::Miss))
     }
-    Ok((value, CacheStatus::Miss))
 }

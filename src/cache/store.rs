@@ -1,57 +1,97 @@
 //! cachefront's own writes to Valkey: versioned fills and invalidations, each one Lua script so
 //! the check and the write are atomic.
 //!
-//! Layout (prefix `cache.meta_prefix`, default `cachefront:`):
-//! - `<p>v:<table>` — the table's version, bumped by every invalidation; never expires.
-//! - `<p>d:<table>` — set of entry keys read from the table; expires no earlier than they do.
+//! Keys (prefix `cache.meta_prefix`, default `cachefront:`), `<t>` a table, `<c>` a column:
+//! - `<p>v:<t>` — bumped by every change to the table; checked by entries that depend on the
+//!   whole table (joins, aggregates, SQL.CACHED).
+//! - `<p>e:<t>` — the table's epoch, bumped only by table-wide events (TRUNCATE, a statement
+//!   touching too many rows, SQL.INVALIDATE, a lost notification channel); checked by
+//!   row-keyed entries, which plain row changes to *other* rows must not disturb.
+//! - `<p>r:<t>:<c>:<value>` — one row's version, bumped when that row changes; expires after a day.
+//! - `<p>d:<t>` — set of entries depending on the whole table; `<p>k:<t>` — set of row-keyed
+//!   entries on the table (dropped by table-wide events). Both expire no earlier than members.
+//! - `<p>tables` — every table any entry ever depended on (flushed when notifications may
+//!   have been lost).
 //!
-//! A fill reads the versions of its tables *before* querying PostgreSQL and stores only if they
-//! are unchanged; an invalidation bumps the versions *before* deleting. So a fill that read
-//! old rows can never store them after the write's invalidation ran.
+//! A fill reads its versions *before* querying PostgreSQL and stores only if they are unchanged;
+//! an invalidation bumps versions *before* deleting. So a fill that read old rows can never
+//! store them after the invalidation of the write that changed them.
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use std::time::Duration;
 
-use super::{Entry, Value};
+use super::{Deps, Entry, Value};
 use crate::config::ValkeyConfig;
 use crate::error::Result;
 
 const FILL_LUA: &str = r#"
-local n = tonumber(ARGV[3])
-for i = 1, n do
+local nv = tonumber(ARGV[3])
+local nr = tonumber(ARGV[4])
+for i = 1, nv do
   local v = redis.call('GET', KEYS[1 + i])
-  if (v or '') ~= ARGV[3 + i] then return 0 end
+  if (v or '') ~= ARGV[4 + i] then return 0 end
 end
 local ttl = tonumber(ARGV[2])
+local first = 5 + nv
 if ARGV[1] == 's' then
-  redis.call('SET', KEYS[1], ARGV[4 + n], 'EX', ttl)
+  redis.call('SET', KEYS[1], ARGV[first], 'EX', ttl)
 else
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], unpack(ARGV, 4 + n))
+  redis.call('HSET', KEYS[1], unpack(ARGV, first))
   redis.call('EXPIRE', KEYS[1], ttl)
 end
-for i = 1, n do
-  local d = KEYS[1 + n + i]
+for i = 1, nr do
+  local d = KEYS[1 + nv + i]
   redis.call('SADD', d, KEYS[1])
   if redis.call('TTL', d) < ttl then redis.call('EXPIRE', d, ttl) end
 end
 return 1
 "#;
 
-const INVALIDATE_LUA: &str = r#"
+/// Shared by both invalidation scripts: unlink a registry set's members, then the set.
+const DROP_FN: &str = r#"
 local dropped = 0
-for i = 1, #KEYS, 2 do
-  redis.call('INCR', KEYS[i])
-  local members = redis.call('SMEMBERS', KEYS[i + 1])
-  for j = 1, #members, 500 do
-    dropped = dropped + redis.call('UNLINK', unpack(members, j, math.min(j + 499, #members)))
+local function unlink_all(keys, from, to)
+  for j = from, to, 500 do
+    dropped = dropped + redis.call('UNLINK', unpack(keys, j, math.min(j + 499, to)))
   end
-  redis.call('DEL', KEYS[i + 1])
+end
+local function drop(set)
+  local members = redis.call('SMEMBERS', set)
+  unlink_all(members, 1, #members)
+  redis.call('DEL', set)
+end
+"#;
+
+/// KEYS: per table `e:`, `v:`, `d:`, `k:`.
+const INVALIDATE_TABLES_LUA: &str = r#"
+for i = 1, #KEYS, 4 do
+  redis.call('INCR', KEYS[i])
+  redis.call('INCR', KEYS[i + 1])
+  drop(KEYS[i + 2])
+  drop(KEYS[i + 3])
 end
 return dropped
 "#;
+
+/// KEYS: `v:<t>`, `d:<t>`, then ARGV[1] row version keys, then entry keys to delete.
+const INVALIDATE_ROWS_LUA: &str = r#"
+local nr = tonumber(ARGV[1])
+local rttl = tonumber(ARGV[2])
+redis.call('INCR', KEYS[1])
+drop(KEYS[2])
+for i = 3, 2 + nr do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], rttl)
+end
+if #KEYS >= 3 + nr then unlink_all(KEYS, 3 + nr, #KEYS) end
+return dropped
+"#;
+
+/// How long a row's version outlives its last change: far longer than any fill takes.
+const ROW_VERSION_TTL: u64 = 86_400;
 
 /// Valkey as cachefront itself uses it (not the pass-through path).
 #[derive(Clone)]
@@ -59,7 +99,8 @@ pub struct Store {
     conn: ConnectionManager,
     prefix: String,
     fill: Script,
-    invalidate: Script,
+    invalidate_tables: Script,
+    invalidate_rows: Script,
 }
 
 impl Store {
@@ -76,46 +117,69 @@ impl Store {
             conn,
             prefix: meta_prefix.to_string(),
             fill: Script::new(FILL_LUA),
-            invalidate: Script::new(INVALIDATE_LUA),
+            invalidate_tables: Script::new(&format!("{DROP_FN}{INVALIDATE_TABLES_LUA}")),
+            invalidate_rows: Script::new(&format!("{DROP_FN}{INVALIDATE_ROWS_LUA}")),
         })
     }
 
-    pub fn version_key(&self, table: &str) -> String {
-        format!("{}v:{table}", self.prefix)
+    fn meta(&self, kind: &str, rest: &str) -> String {
+        format!("{}{kind}:{rest}", self.prefix)
     }
 
-    pub fn deps_key(&self, table: &str) -> String {
-        format!("{}d:{table}", self.prefix)
+    /// The key of the negative-cache marker for an entry key.
+    pub fn negative_key(&self, key: &str) -> String {
+        self.meta("n", key)
     }
 
-    /// Current versions of `tables` ("" for a table never invalidated).
-    pub async fn versions(&self, tables: &[String]) -> Result<Vec<String>> {
-        if tables.is_empty() {
+    /// The version keys a fill of `deps` must find unchanged.
+    fn version_keys(&self, deps: &Deps) -> Vec<String> {
+        let mut keys: Vec<String> = deps.tables.iter().map(|t| self.meta("v", t)).collect();
+        if let Some(r) = &deps.row {
+            keys.push(self.meta("e", &r.table));
+            keys.push(self.meta("r", &format!("{}:{}:{}", r.table, r.column, r.value)));
+        }
+        keys
+    }
+
+    /// The registry sets an entry of `deps` joins.
+    fn registry_keys(&self, deps: &Deps) -> Vec<String> {
+        let mut keys: Vec<String> = deps.tables.iter().map(|t| self.meta("d", t)).collect();
+        if let Some(r) = &deps.row {
+            keys.push(self.meta("k", &r.table));
+        }
+        keys
+    }
+
+    /// Current versions for a fill of `deps` ("" for never bumped).
+    pub async fn versions(&self, deps: &Deps) -> Result<Vec<String>> {
+        let keys = self.version_keys(deps);
+        if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = tables.iter().map(|t| self.version_key(t)).collect();
         let mut conn = self.conn.clone();
         let vals: Vec<Option<String>> =
             redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
         Ok(vals.into_iter().map(Option::unwrap_or_default).collect())
     }
 
-    /// Stores `value` under `entry` if its tables still have `versions`. `Ok(false)` means a
-    /// write raced this fill and the value was not stored.
+    /// Stores `value` under `entry` if its versions are still `versions`. `Ok(false)` means a
+    /// write raced this fill and nothing was stored.
     pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {
-        let mut inv = self.fill.key(&entry.key);
-        for t in &entry.tables {
-            inv.key(self.version_key(t));
-        }
-        for t in &entry.tables {
-            inv.key(self.deps_key(t));
-        }
         let kind = match value {
             Value::String(_) => "s",
-            Value::Hash(_) => "h",
-            Value::Absent => return Ok(false),
+            Value::Hash(f) if !f.is_empty() => "h",
+            Value::Hash(_) | Value::Absent => return Ok(false),
         };
-        inv.arg(kind).arg(entry.ttl).arg(entry.tables.len());
+        let vkeys = self.version_keys(&entry.deps);
+        let rkeys = self.registry_keys(&entry.deps);
+        let mut inv = self.fill.key(&entry.key);
+        for k in vkeys.iter().chain(&rkeys) {
+            inv.key(k);
+        }
+        inv.arg(kind)
+            .arg(entry.ttl)
+            .arg(vkeys.len())
+            .arg(rkeys.len());
         for v in versions {
             inv.arg(v);
         }
@@ -124,9 +188,6 @@ impl Store {
                 inv.arg(b.as_ref());
             }
             Value::Hash(fields) => {
-                if fields.is_empty() {
-                    return Ok(false);
-                }
                 for (f, v) in fields {
                     inv.arg(f).arg(v.as_ref());
                 }
@@ -138,19 +199,74 @@ impl Store {
         Ok(stored == 1)
     }
 
-    /// Bumps the versions of `tables` and drops every entry that depends on them; returns how
-    /// many entries existed and were dropped.
-    pub async fn invalidate(&self, tables: &[String]) -> Result<u64> {
+    /// Table-wide invalidation: bumps every version of `tables` and drops every entry that
+    /// depends on them. Returns how many entries existed and were dropped.
+    pub async fn invalidate_tables(&self, tables: &[String]) -> Result<u64> {
         if tables.is_empty() {
             return Ok(0);
         }
-        let mut inv = self.invalidate.prepare_invoke();
+        let mut inv = self.invalidate_tables.prepare_invoke();
         for t in tables {
-            inv.key(self.version_key(t)).key(self.deps_key(t));
+            inv.key(self.meta("e", t))
+                .key(self.meta("v", t))
+                .key(self.meta("d", t))
+                .key(self.meta("k", t));
         }
         let mut conn = self.conn.clone();
         let n: i64 = inv.invoke_async(&mut conn).await?;
         Ok(n.max(0) as u64)
+    }
+
+    /// Row-level invalidation of `table`: rows whose `column` took `values` changed. Drops the
+    /// table's whole-table dependents and exactly the row-keyed `entry_keys`.
+    pub async fn invalidate_rows(
+        &self,
+        table: &str,
+        column: &str,
+        values: &[String],
+        entry_keys: &[String],
+    ) -> Result<u64> {
+        let mut inv = self.invalidate_rows.prepare_invoke();
+        inv.key(self.meta("v", table)).key(self.meta("d", table));
+        for v in values {
+            inv.key(self.meta("r", &format!("{table}:{column}:{v}")));
+        }
+        for k in entry_keys {
+            inv.key(k);
+        }
+        inv.arg(values.len()).arg(ROW_VERSION_TTL);
+        let mut conn = self.conn.clone();
+        let n: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Records tables in the registry of everything ever cached.
+    pub async fn register_tables(&self, tables: &[String]) -> Result<()> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.meta("tables", "all"))
+            .arg(tables)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Every table any cachefront instance sharing this Valkey has cached from.
+    pub async fn registered_tables(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("SMEMBERS")
+            .arg(self.meta("tables", "all"))
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// A plain EXISTS, for the negative-cache marker.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?)
     }
 
     /// A plain GET, for callers outside the pass-through path.

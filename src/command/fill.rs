@@ -5,7 +5,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use super::named_query::NamedQuery;
-use crate::cache::{CacheStatus, Entry, Value};
+use crate::cache::{CacheStatus, Entry, FillOptions, Value};
 use crate::config::ReplyKind;
 use crate::db::{DbError, QueryResult};
 use crate::error::{Error, Result};
@@ -51,12 +51,27 @@ pub async fn run(shared: Arc<Shared>, plan: FillPlan, via_cache: bool) -> Reply 
         entry,
         source,
         kind,
-        proto,
+        proto: _,
     } = plan;
     let db_shared = Arc::clone(&shared);
+    let negative_ttl = match &source {
+        Source::Named { query, .. } => query.negative_ttl,
+        Source::Sql { .. } => {
+            let ttl = shared.config.sql.negative_ttl;
+            (ttl > 0).then_some(ttl)
+        }
+    };
     let load = move || async move { load(&db_shared, &source, kind).await };
     let result = if via_cache {
-        shared.cache.fill(entry, load).await
+        match prepare(&shared, entry).await {
+            Ok(entry) => {
+                shared
+                    .cache
+                    .fill(entry, FillOptions { negative_ttl }, load)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
     } else {
         inc(&shared.metrics.fail_open);
         inc(&shared.metrics.db_queries);
@@ -66,14 +81,43 @@ pub async fn run(shared: Arc<Shared>, plan: FillPlan, via_cache: bool) -> Reply 
             .map(|v| (v, CacheStatus::FailOpen))
     };
     match result {
-        Ok((value, _status)) => render(value, proto),
+        Ok((value, _status)) => render(value, kind),
         Err(e) => e.to_reply(),
     }
 }
 
+/// Resolves the entry's tables (views to their tables) and makes sure they notify on writes,
+/// before any version is read.
+async fn prepare(shared: &Shared, mut entry: Entry) -> Result<Entry> {
+    shared
+        .wait_listening(std::time::Duration::from_millis(
+            shared.config.postgres.connect_timeout_ms,
+        ))
+        .await;
+    let mut names = entry.deps.tables.clone();
+    if let Some(r) = &entry.deps.row {
+        names.push(r.table.clone());
+    }
+    let resolved = shared.invalidation.prepare(&shared.db, &names).await?;
+    let row_table = entry.deps.row.as_ref().map(|r| r.table.clone());
+    entry.deps.tables = resolved
+        .into_iter()
+        .filter(|t| Some(t) != row_table.as_ref())
+        .collect();
+    Ok(entry)
+}
+
+/// Answers a hit that early refresh picked: refill in the background, reply to nobody.
+pub fn refresh_in_background(shared: Arc<Shared>, plan: FillPlan) {
+    tokio::spawn(async move {
+        let _ = run(shared, plan, true).await;
+    });
+}
+
 /// The reply for a filled value.
-fn render(value: Value, _proto: Proto) -> Reply {
+fn render(value: Value, kind: ReplyKind) -> Reply {
     match value {
+        Value::Absent if kind == ReplyKind::Json => Reply::Bulk(Bytes::from_static(b"[]")),
         Value::Absent => Reply::Nil,
         Value::String(b) => Reply::Bulk(b),
         Value::Hash(fields) => Reply::Map(
@@ -93,10 +137,15 @@ async fn load(shared: &Shared, source: &Source, kind: ReplyKind) -> Result<Value
             .await
             .map_err(|e| named_error(query, args, e))?,
         Source::Sql { sql, params } => {
-            shared
+            let r = shared
                 .db
                 .query_read_only(sql, params, shared.config.sql.max_rows)
-                .await?
+                .await?;
+            if r.rows.is_empty() {
+                // Answered as `[]`; remembered only as a negative entry (sql.negative_ttl).
+                return Ok(Value::Absent);
+            }
+            r
         }
     };
     shape(result, kind, shared.config.sql.max_result_bytes)

@@ -297,7 +297,7 @@ pub fn info(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action
         };
     }
     if args.len() == 1 && args[0].eq_ignore_ascii_case(b"cachefront") {
-        let text = shared.metrics.info_section(shared.db.pool_status());
+        let text = shared.info_section();
         return Action::Reply(info_reply(session.proto, text));
     }
     Action::Forward {
@@ -316,7 +316,7 @@ fn info_reply(proto: Proto, text: String) -> Reply {
 
 /// Valkey's INFO text followed by `# Cachefront`; if Valkey is down, ours alone plus a note.
 pub fn merge_info(shared: &Arc<Shared>, proto: Proto, upstream: Result<Bytes>) -> Reply {
-    let ours = shared.metrics.info_section(shared.db.pool_status());
+    let ours = shared.info_section();
     let text = match upstream {
         Ok(raw) => match body_of_text_reply(&raw) {
             Some(body) => {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::fill::{FillPlan, Source};
 use super::{wrong_args, Action};
 use crate::cache::key::KeyTemplate;
-use crate::cache::Entry;
+use crate::cache::{Deps, Entry, RowDep};
 use crate::config::{ArgType, NamedQueryConfig, ReplyKind};
 use crate::protocol::request::{encode_multibulk, parse_i64_strict};
 use crate::protocol::{Reply, Request};
@@ -26,14 +26,44 @@ pub struct NamedQuery {
     pub args: Vec<ArgType>,
     pub arg_names: Vec<String>,
     pub summary: String,
-    /// Tables the SQL reads: writes to them drop this query's entries.
+    /// Tables the SQL reads, except the row-keyed one: any write to them drops every entry.
     pub tables: Vec<String>,
+    /// When entries stand for one row each (`key_column`): which table, column and argument.
+    pub row_key: Option<RowKey>,
+    /// Seconds to remember "no row", if at all.
+    pub negative_ttl: Option<u64>,
+}
+
+/// A named query's binding of one argument to one table column.
+#[derive(Debug, Clone)]
+pub struct RowKey {
+    pub table: String,
+    pub column: String,
+    /// 0-based argument index.
+    pub arg: usize,
 }
 
 impl NamedQuery {
     /// Builds from (already validated) config.
-    pub fn from_config(c: &NamedQueryConfig, default_ttl: u64) -> Result<NamedQuery, String> {
+    pub fn from_config(
+        c: &NamedQueryConfig,
+        default_ttl: u64,
+        default_negative_ttl: u64,
+    ) -> Result<NamedQuery, String> {
         let analysis = crate::db::sql::check_read_only(&c.sql).map_err(|e| e.to_string())?;
+        let row_key = c.key_column.as_ref().and_then(|kc| {
+            let (t, col) = kc.split_once('.')?;
+            Some(RowKey {
+                table: crate::db::sql::normalize_table_text(t),
+                column: crate::db::sql::normalize_table_text(col),
+                arg: c.key_arg.unwrap_or(1) - 1,
+            })
+        });
+        let tables = analysis
+            .tables
+            .into_iter()
+            .filter(|t| row_key.as_ref().is_none_or(|r| &r.table != t))
+            .collect();
         Ok(NamedQuery {
             name: c.command.to_ascii_uppercase(),
             sql: Arc::from(c.sql.as_str()),
@@ -47,8 +77,46 @@ impl NamedQuery {
             } else {
                 c.summary.clone()
             },
-            tables: analysis.tables,
+            tables,
+            row_key,
+            negative_ttl: c
+                .negative_ttl
+                .or((default_negative_ttl > 0).then_some(default_negative_ttl)),
         })
+    }
+
+    /// Every table the query reads.
+    pub fn all_tables(&self) -> Vec<String> {
+        let mut t = self.tables.clone();
+        if let Some(r) = &self.row_key {
+            t.push(r.table.clone());
+        }
+        t
+    }
+
+    /// The entry key for the row whose key column has `value` (row-keyed queries only use
+    /// the key argument in their template).
+    pub fn key_for_row(&self, value: &str) -> String {
+        let n = self.args.len().max(1);
+        let mut args = vec![""; n];
+        if let Some(r) = &self.row_key {
+            if let Some(slot) = args.get_mut(r.arg) {
+                *slot = value;
+            }
+        }
+        self.key.render(&args)
+    }
+
+    /// What an entry for these arguments depends on.
+    pub fn deps(&self, args: &[String]) -> Deps {
+        Deps {
+            tables: self.tables.clone(),
+            row: self.row_key.as_ref().map(|r| RowDep {
+                table: r.table.clone(),
+                column: r.column.clone(),
+                value: args.get(r.arg).cloned().unwrap_or_default(),
+            }),
+        }
     }
 
     /// The noun used for argument `i` in error messages ("employee id").
@@ -110,14 +178,13 @@ pub fn dispatch(
         ReplyKind::Value | ReplyKind::Json => b"GET",
     };
     let lookup = encode_multibulk(&[Bytes::from_static(lookup_cmd), Bytes::from(key.clone())]);
-    let _ = shared;
     Action::Cached {
         lookup,
         plan: Box::new(FillPlan {
             entry: Entry {
                 key,
-                ttl: q.ttl,
-                tables: q.tables.clone(),
+                ttl: shared.cache.jittered_ttl(q.ttl),
+                deps: q.deps(&args),
             },
             source: Source::Named {
                 query: Arc::clone(q),

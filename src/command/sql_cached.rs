@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::fill::{FillPlan, Source};
 use super::{wrong_args, Action};
 use crate::cache::key::sql_key;
-use crate::cache::Entry;
+use crate::cache::{Deps, Entry};
 use crate::config::{ReplyKind, SqlMode};
 use crate::db::sql::{check_read_only, SqlError};
 use crate::protocol::request::{encode_multibulk, parse_i64_strict};
@@ -104,8 +104,10 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
         plan: Box::new(FillPlan {
             entry: Entry {
                 key,
-                ttl: p.ttl.unwrap_or(shared.config.cache.default_ttl),
-                tables,
+                ttl: shared
+                    .cache
+                    .jittered_ttl(p.ttl.unwrap_or(shared.config.cache.default_ttl)),
+                deps: Deps { tables, row: None },
             },
             source: Source::Sql {
                 sql: sql.to_string(),

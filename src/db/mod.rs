@@ -2,6 +2,7 @@
 
 pub mod rows;
 pub mod sql;
+pub mod triggers;
 
 use bytes::{BufMut, BytesMut};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -94,6 +95,8 @@ pub struct QueryResult {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// For connections outside the pool (the invalidation listener).
+    pg: tokio_postgres::Config,
 }
 
 impl Db {
@@ -113,7 +116,7 @@ impl Db {
         ));
         pg.options(options.trim());
         let mgr = Manager::from_config(
-            pg,
+            pg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -128,7 +131,25 @@ impl Db {
             .recycle_timeout(timeout)
             .build()
             .map_err(|e| DbError::Other(e.to_string()))?;
-        Ok(Db { pool })
+        Ok(Db { pool, pg })
+    }
+
+    /// A pooled connection, for catalog queries and trigger maintenance.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// A connection of its own (not pooled): the invalidation listener keeps it for LISTEN.
+    pub async fn connect_dedicated(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        DbError,
+    > {
+        Ok(self.pg.connect(NoTls).await?)
     }
 
     /// Runs a named query's statement with its (already validated) arguments.

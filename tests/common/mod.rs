@@ -22,8 +22,10 @@ pub struct Stack {
 
 /// The config a test's cachefront runs with: its own Valkey and database, port 0.
 pub fn config_for(valkey: &Valkey, db: &TestDb) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".into();
+    let mut c = Config {
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
     c.valkey.url = valkey.url();
     c.postgres.url = db.url();
     c.postgres.pool_size = 4;
