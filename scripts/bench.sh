@@ -11,7 +11,7 @@
 #   scripts/bench.sh
 # Environment: CACHEFRONT_PORT (6380), VALKEY_PORT (6379), PG_PORT (5432),
 #   BENCH_HOST (127.0.0.1), BENCH_N (100000 requests per run), BENCH_CLIENTS (50),
-#   BENCH_MISS_N (500 requests per latency row).
+#   BENCH_MISS_N (500 requests per latency row), BENCH_REPEAT (3 runs per cell; median shown).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +22,7 @@ PG="${PG_PORT:-5432}"
 N="${BENCH_N:-100000}"
 C="${BENCH_CLIENTS:-50}"
 MISS_N="${BENCH_MISS_N:-500}"
+REPEAT="${BENCH_REPEAT:-3}"
 
 die() {
     printf 'bench: %s\n' "$*" >&2
@@ -49,7 +50,7 @@ echo "machine:     $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /pro
 echo "kernel:      $(uname -sr)"
 echo "cachefront:  $(info_field "$CF" cachefront cachefront_version) on $HOST:$CF"
 echo "valkey:      $(info_field "$VK" server valkey_version || true) on $HOST:$VK"
-echo "client:      $(redis-benchmark --version 2>/dev/null | head -n 1), $C clients, $N requests per run"
+echo "client:      $(redis-benchmark --version 2>/dev/null | head -n 1), $C clients, $N requests per run, median of $REPEAT runs"
 echo "note:        client, cachefront, Valkey and PostgreSQL all share these CPUs"
 echo
 
@@ -69,6 +70,8 @@ print(r[1], r[4], r[6])
 }
 
 rows=()
+# One table row: the cachefront and Valkey runs alternate, REPEAT times each; the row shows
+# the median of each column over the repeats (this machine's run-to-run noise is large).
 row() { # label pipeline cachefront-args... -- valkey-args...
     local label="$1" pipe="$2"
     shift 2
@@ -79,11 +82,22 @@ row() { # label pipeline cachefront-args... -- valkey-args...
     done
     shift
     vk_args=("$@")
-    local cf vk
-    cf="$(rb "$CF" "$pipe" "${cf_args[@]}")" || die "redis-benchmark against cachefront failed: ${cf_args[*]}"
-    vk="$(rb "$VK" "$pipe" "${vk_args[@]}")" || die "redis-benchmark against valkey failed: ${vk_args[*]}"
-    rows+=("$label|$pipe|$cf|$vk")
-    printf '.' >&2
+    local cf=() vk=() r
+    for ((r = 0; r < REPEAT; r++)); do
+        cf+=("$(rb "$CF" "$pipe" "${cf_args[@]}")") || die "redis-benchmark against cachefront failed: ${cf_args[*]}"
+        vk+=("$(rb "$VK" "$pipe" "${vk_args[@]}")") || die "redis-benchmark against valkey failed: ${vk_args[*]}"
+        printf '.' >&2
+    done
+    rows+=("$label|$pipe|$(median "${cf[@]}")|$(median "${vk[@]}")")
+}
+
+# Column-wise median of "rps p50 p99" triples.
+median() {
+    printf '%s\n' "$@" | python3 -c '
+import statistics, sys
+cols = list(zip(*(map(float, l.split()) for l in sys.stdin if l.strip())))
+print(" ".join("%.3f" % statistics.median(c) for c in cols))
+'
 }
 
 printf 'running redis-benchmark ' >&2
@@ -103,7 +117,7 @@ for line in sys.stdin:
     label, pipe, cf, vk = line.rstrip("\n").split("|")
     c, v = cf.split(), vk.split()
     ratio = float(c[0]) / float(v[0]) if float(v[0]) else 0.0
-    print(f"| {label} | {pipe} | {float(c[0]):,.0f} | {c[1]} | {c[2]} | {float(v[0]):,.0f} | {v[1]} | {v[2]} | {ratio:.2f} |")
+    print(f"| {label} | {pipe} | {float(c[0]):,.0f} | {float(c[1]):.3f} | {float(c[2]):.3f} | {float(v[0]):,.0f} | {float(v[1]):.3f} | {float(v[2]):.3f} | {ratio:.2f} |")
 '
 echo
 python3 "$ROOT/scripts/miss_latency.py" -n "$MISS_N" --host "$HOST" \

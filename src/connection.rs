@@ -130,8 +130,8 @@ impl Connection {
         let max_pipeline = self.shared.config.limits.max_pipeline;
         loop {
             self.process_input().await;
-            self.flush_dedicated().await;
             self.drain_ready();
+            self.flush_dedicated().await;
             if !self.outbuf.is_empty() {
                 self.wr.write_all(&self.outbuf).await?;
                 self.outbuf.clear();
@@ -369,9 +369,18 @@ impl Connection {
         }
     }
 
+    /// Sends what is queued for the dedicated connection — but only once every command sent
+    /// earlier over a shared connection has been answered: two connections give no ordering,
+    /// and a client's `SET k 1` must reach Valkey before its `MULTI … EXEC` that reads k.
     async fn flush_dedicated(&mut self) {
+        let waiting_on_shared = self.outq.iter().any(|s| {
+            matches!(
+                s,
+                Slot::Upstream { .. } | Slot::Lookup { .. } | Slot::Task(..)
+            )
+        });
         let Some(ded) = self.ded.as_mut() else { return };
-        if ded.wbuf.is_empty() {
+        if ded.wbuf.is_empty() || waiting_on_shared {
             return;
         }
         let r = ded.conn.stream.write_all(&ded.wbuf).await;

@@ -123,6 +123,12 @@ impl Server {
             .await
             .map_err(|source| StartError::Listen { addr, source })?;
         let shared = Arc::new(Shared::new(config)?);
+        shared.upstream.warm_up();
+        // Briefly: learn Valkey's version for HELLO; a Valkey that is down does not hold us up.
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        while shared.upstream.server_version().is_empty() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Ok(Server { listener, shared })
     }
 

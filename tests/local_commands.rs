@@ -157,7 +157,6 @@ async fn hello_switches_protocol_like_valkey() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: HELLO reports version 8.0.0 until a shared upstream connection has been used"]
 async fn hello_reply_describes_the_server_like_valkey() {
     let s = Stack::start().await;
     let mut ours = s.raw().await;
@@ -352,7 +351,6 @@ async fn client_names_and_lib_info_match_valkey() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: CLIENT subcommand arity errors name 'client' instead of 'client|setname'"]
 async fn client_subcommand_arity_errors_match_valkey() {
     let s = Stack::start().await;
     same_as_valkey(
@@ -380,7 +378,6 @@ async fn auth_without_a_password_configured_matches_valkey() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: AUTH default <any> is refused although the passwordless default user accepts it"]
 async fn auth_with_username_without_a_password_configured_matches_valkey() {
     // The default user has no password: Valkey accepts any password given with a username.
     let s = Stack::start().await;

@@ -34,6 +34,24 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, name: &[u8], req: R
     }
 }
 
+/// CLIENT subcommands answered by cachefront itself (they describe cachefront's client, not
+/// the Valkey connection behind it).
+pub fn is_local_client_subcommand(req: &Request) -> bool {
+    req.args.get(1).is_some_and(|s| {
+        [&b"ID"[..], b"GETNAME", b"SETNAME", b"SETINFO", b"INFO"]
+            .iter()
+            .any(|l| s.eq_ignore_ascii_case(l))
+    })
+}
+
+/// `ERR wrong number of arguments for 'client|<sub>' command`, as Valkey names subcommands.
+fn wrong_sub_args(sub: &[u8]) -> Reply {
+    Reply::err(format!(
+        "ERR wrong number of arguments for 'client|{}' command",
+        String::from_utf8_lossy(sub).to_ascii_lowercase()
+    ))
+}
+
 /// Compares secrets in time independent of where they differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
@@ -43,15 +61,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0 && a.len() == b.len()
 }
 
-/// Checks `user`/`pass` against the configured password; `Err` is the reply to send.
+/// Checks `user`/`pass` like Valkey's default user: without `requirepass` it has no password
+/// (any password is accepted), with one it must match. Other users do not exist (yet).
 fn check_password(shared: &Shared, user: &[u8], pass: &[u8]) -> Result<(), Reply> {
     let required = shared.config.auth.requirepass.as_bytes();
-    if required.is_empty() {
-        return Err(Reply::err(
-            "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-        ));
-    }
-    if user == b"default" && constant_time_eq(pass, required) {
+    let ok = user == b"default" && (required.is_empty() || constant_time_eq(pass, required));
+    if ok {
         Ok(())
     } else {
         Err(Reply::err(
@@ -62,9 +77,13 @@ fn check_password(shared: &Shared, user: &[u8], pass: &[u8]) -> Result<(), Reply
 
 fn auth(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
     let (user, pass) = match req.args.len() {
+        2 if shared.config.auth.requirepass.is_empty() => {
+            return Reply::err("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?");
+        }
         2 => (&b"default"[..], &req.args[1][..]),
         3 => (&req.args[1][..], &req.args[2][..]),
-        _ => return wrong_args(req),
+        1 => return wrong_args(req),
+        _ => return Reply::err("ERR syntax error"),
     };
     match check_password(shared, user, pass) {
         Ok(()) => {
@@ -174,21 +193,25 @@ pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Acti
         return Action::Reply(wrong_args(&req));
     };
     let sub = sub.to_ascii_uppercase();
+    let n = req.args.len();
     let reply = match sub.as_slice() {
+        b"ID" | b"GETNAME" | b"INFO" if n != 2 => wrong_sub_args(&sub),
+        b"SETNAME" if n != 3 => wrong_sub_args(&sub),
+        b"SETINFO" if n != 4 => wrong_sub_args(&sub),
         b"ID" => Reply::Int(session.id as i64),
         b"GETNAME" => match &session.name {
             Some(n) => Reply::text(n),
             None => Reply::Nil,
         },
-        b"SETNAME" if req.args.len() == 3 => match valid_name(&req.args[2]) {
+        b"SETNAME" => match valid_name(&req.args[2]) {
             Ok(n) => {
                 session.name = n;
                 Reply::ok()
             }
             Err(r) => r,
         },
-        b"SETINFO" if req.args.len() == 4 => setinfo(session, &req.args[2], &req.args[3]),
-        b"INFO" if req.args.len() == 2 => Reply::Verbatim(Bytes::from(client_info(session))),
+        b"SETINFO" => setinfo(session, &req.args[2], &req.args[3]),
+        b"INFO" => Reply::Verbatim(Bytes::from(client_info(session))),
         b"REPLY" => Reply::err("ERR CLIENT REPLY is not supported by cachefront"),
         b"TRACKING" => return tracking(shared, req),
         b"NO-EVICT" | b"NO-TOUCH" => {
@@ -205,7 +228,6 @@ pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Acti
                 transform: Transform::None,
             }
         }
-        b"SETNAME" | b"SETINFO" | b"INFO" => wrong_args(&req),
         _ => {
             return Action::Forward {
                 raw: req.raw,

@@ -162,6 +162,10 @@ pub fn in_transaction(
         b"QUIT" => Action::Close(Reply::ok()),
         b"RESET" => Action::Reset,
         b"HELLO" | b"AUTH" => refuse(session, &req.name_lossy().to_ascii_uppercase()),
+        b"CLIENT" if super::connection_cmds::is_local_client_subcommand(&req) => {
+            let sub = String::from_utf8_lossy(&req.args[1]).to_ascii_uppercase();
+            refuse(session, &format!("CLIENT {sub}"))
+        }
         b"SQL.CACHED" | b"SQL.INVALIDATE" => {
             refuse(session, &req.name_lossy().to_ascii_uppercase())
         }

@@ -112,6 +112,14 @@ impl Upstream {
             .copied()
     }
 
+    /// Opens the shared connections now (a PING each) instead of on first use, so the first
+    /// clients don't pay for the handshakes and HELLO can report Valkey's version.
+    pub fn warm_up(&self) {
+        for mux in self.shared2.iter().chain(&self.shared3) {
+            drop(mux.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")));
+        }
+    }
+
     /// Valkey's version, once any shared connection has completed a handshake.
     pub fn server_version(&self) -> String {
         self.shared2
