@@ -502,6 +502,11 @@ impl NamedQueryConfig {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
             return Err("command must be a non-empty word".into());
         }
+        if !name.contains('.') || name.starts_with('.') || name.ends_with('.') {
+            return Err(format!(
+                "command {name} must be namespaced with a dot (like EMP.GET), so it can never shadow a Valkey command"
+            ));
+        }
         if crate::command::is_reserved_name(name) {
             return Err(format!("command {name} is a built-in command"));
         }
@@ -703,6 +708,11 @@ args = ["int"]
             "DELETE FROM employees WHERE id = $1",
         );
         assert!(Config::from_toml_with_env(&write, env(&[])).is_err());
+        let shadow = bad.replace("$2", "$1").replace("X.GET", "GET");
+        let e = Config::from_toml_with_env(&shadow, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("namespaced"), "{e}");
         let key = bad.replace("$2", "$1").replace("x:{1}", "x:{3}");
         let e = Config::from_toml_with_env(&key, env(&[]))
             .unwrap_err()

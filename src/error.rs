@@ -49,6 +49,12 @@ impl From<crate::db::DbError> for Error {
     }
 }
 
+impl From<redis::ParsingError> for Error {
+    fn from(e: redis::ParsingError) -> Error {
+        Error::Upstream(format!("unexpected reply from Valkey: {e}"))
+    }
+}
+
 impl From<redis::RedisError> for Error {
     fn from(e: redis::RedisError) -> Error {
         Error::Upstream(e.to_string())

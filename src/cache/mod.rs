@@ -98,6 +98,10 @@ pub struct Cache {
 pub struct FillOptions {
     /// Seconds to remember "no such row", if at all.
     pub negative_ttl: Option<u64>,
+    /// The entry is a hash (else a string).
+    pub hash: bool,
+    /// An early refresh: query even though the entry exists.
+    pub refresh: bool,
 }
 
 impl Cache {
@@ -253,19 +257,30 @@ impl FillCtx {
         let negative_key = opts
             .negative_ttl
             .map(|_| self.store.negative_key(&entry.key));
-        if let Some(nk) = &negative_key {
-            if let Ok(true) = self.store.exists(nk).await {
-                inc(&self.metrics.hits);
+        let prefill = self
+            .store
+            .prefill(&entry, opts.hash, negative_key.as_deref())
+            .await;
+        if let Ok(p) = &prefill {
+            // Stored by a fill that finished between this request's lookup and now.
+            if let Some(v) = p.existing.as_ref().filter(|_| !opts.refresh) {
+                inc(&self.metrics.coalesced_waits);
+                return Ok((v.clone(), CacheStatus::Coalesced));
+            }
+            if p.negative {
                 return Ok((Value::Absent, CacheStatus::Hit));
             }
         }
-        let versions = self.store.versions(&entry.deps).await;
         let started = Instant::now();
         inc(&self.metrics.db_queries);
-        let value = load().await.inspect_err(|_| inc(&self.metrics.db_errors))?;
+        let value = load().await.inspect_err(|e| {
+            if !matches!(e, crate::error::Error::Client(_)) {
+                inc(&self.metrics.db_errors)
+            }
+        })?;
         let delta = started.elapsed();
-        let versions = match versions {
-            Ok(v) => v,
+        let versions = match prefill {
+            Ok(p) => p.versions,
             Err(e) => {
                 tracing::warn!(error = %e, "valkey unavailable; answering from PostgreSQL");
                 inc(&self.metrics.fail_open);
@@ -283,6 +298,8 @@ impl FillCtx {
                 Value::String(Bytes::new()),
             ),
             (Value::Absent, _, _) => return Ok((value, CacheStatus::Miss)),
+            // A row whose columns are all NULL: nothing to store in a hash.
+            (Value::Hash(f), _, _) if f.is_empty() => return Ok((value, CacheStatus::Miss)),
             _ => (entry, value.clone()),
         };
         match self.store.store(&target, &stored_value, &versions).await {

@@ -90,6 +90,13 @@ if #KEYS >= 3 + nr then unlink_all(KEYS, 3 + nr, #KEYS) end
 return dropped
 "#;
 
+/// See [`Store::prefill`].
+pub struct Prefill {
+    pub versions: Vec<String>,
+    pub existing: Option<Value>,
+    pub negative: bool,
+}
+
 /// How long a row's version outlives its last change: far longer than any fill takes.
 const ROW_VERSION_TTL: u64 = 86_400;
 
@@ -160,6 +167,58 @@ impl Store {
         let vals: Vec<Option<String>> =
             redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
         Ok(vals.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// What a fill reads before querying, in one round trip: the versions to check at store
+    /// time, the entry itself (a concurrent fill may have stored it since this request's
+    /// lookup), and whether a negative marker exists.
+    pub async fn prefill(
+        &self,
+        entry: &Entry,
+        hash: bool,
+        negative_key: Option<&str>,
+    ) -> Result<Prefill> {
+        let keys = self.version_keys(&entry.deps);
+        let mut pipe = redis::pipe();
+        if keys.is_empty() {
+            pipe.cmd("ECHO").arg("");
+        } else {
+            pipe.cmd("MGET").arg(&keys);
+        }
+        if hash {
+            pipe.cmd("HGETALL").arg(&entry.key);
+        } else {
+            pipe.cmd("GET").arg(&entry.key);
+        }
+        pipe.cmd("EXISTS").arg(negative_key.unwrap_or(""));
+        let mut conn = self.conn.clone();
+        let (versions, existing, negative): (redis::Value, redis::Value, bool) =
+            pipe.query_async(&mut conn).await?;
+        let versions: Vec<String> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            let v: Vec<Option<String>> = redis::from_redis_value(versions)?;
+            v.into_iter().map(Option::unwrap_or_default).collect()
+        };
+        let existing = if hash {
+            let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value(existing)?;
+            (!fields.is_empty()).then(|| {
+                Value::Hash(
+                    fields
+                        .into_iter()
+                        .map(|(k, v)| (k, Bytes::from(v)))
+                        .collect(),
+                )
+            })
+        } else {
+            let v: Option<Vec<u8>> = redis::from_redis_value(existing)?;
+            v.map(|b| Value::String(Bytes::from(b)))
+        };
+        Ok(Prefill {
+            versions,
+            existing,
+            negative: negative_key.is_some() && negative,
+        })
     }
 
     /// Stores `value` under `entry` if its versions are still `versions`. `Ok(false)` means a
@@ -261,12 +320,6 @@ impl Store {
             .arg(self.meta("tables", "all"))
             .query_async(&mut conn)
             .await?)
-    }
-
-    /// A plain EXISTS, for the negative-cache marker.
-    pub async fn exists(&self, key: &str) -> Result<bool> {
-        let mut conn = self.conn.clone();
-        Ok(redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?)
     }
 
     /// A plain GET, for callers outside the pass-through path.

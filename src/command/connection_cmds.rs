@@ -213,6 +213,10 @@ pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Acti
         b"SETINFO" => setinfo(session, &req.args[2], &req.args[3]),
         b"INFO" => Reply::Verbatim(Bytes::from(client_info(session))),
         b"REPLY" => Reply::err("ERR CLIENT REPLY is not supported by cachefront"),
+        b"KILL" => Reply::err(
+            "ERR CLIENT KILL is not supported through cachefront: it would kill cachefront's own shared connections to Valkey; to drop a cachefront client, close it (or connect to Valkey directly to kill Valkey clients)",
+        ),
+        b"UNBLOCK" => return unblock(shared, req),
         b"TRACKING" => return tracking(shared, req),
         b"NO-EVICT" | b"NO-TOUCH" => {
             return Action::Forward {
@@ -237,6 +241,32 @@ pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Acti
         }
     };
     Action::Reply(reply)
+}
+
+/// `CLIENT UNBLOCK <id>`: the id is a cachefront client's; a blocked client waits on its
+/// dedicated connection, whose Valkey id is what Valkey needs.
+fn unblock(shared: &Arc<Shared>, req: Request) -> Action {
+    let target = req.args.get(2).and_then(|a| parse_i64_strict(a));
+    let Some(target) = target else {
+        return Action::Forward {
+            raw: req.raw,
+            route: Route::Any,
+            transform: Transform::None,
+        };
+    };
+    match shared.upstream.upstream_id_of(target.max(0) as u64) {
+        Some(up) => {
+            let mut args = req.args.clone();
+            args[2] = Bytes::from(up.to_string());
+            Action::Forward {
+                raw: encode_multibulk(&args),
+                route: Route::Any,
+                transform: Transform::None,
+            }
+        }
+        // Not blocked on a connection of its own: nothing to unblock, as Valkey answers.
+        None => Action::Reply(Reply::Int(0)),
+    }
 }
 
 fn setinfo(session: &mut Session, attr: &[u8], value: &Bytes) -> Reply {

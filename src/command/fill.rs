@@ -47,6 +47,10 @@ pub fn is_hit(frame: &[u8]) -> bool {
 /// Answers a miss. With `via_cache` false (Valkey unavailable) the value comes straight from
 /// PostgreSQL and nothing is stored.
 pub async fn run(shared: Arc<Shared>, plan: FillPlan, via_cache: bool) -> Reply {
+    fill(shared, plan, via_cache, false).await
+}
+
+async fn fill(shared: Arc<Shared>, plan: FillPlan, via_cache: bool, refresh: bool) -> Reply {
     let FillPlan {
         entry,
         source,
@@ -67,7 +71,15 @@ pub async fn run(shared: Arc<Shared>, plan: FillPlan, via_cache: bool) -> Reply 
             Ok(entry) => {
                 shared
                     .cache
-                    .fill(entry, FillOptions { negative_ttl }, load)
+                    .fill(
+                        entry,
+                        FillOptions {
+                            negative_ttl,
+                            hash: kind == ReplyKind::Hash,
+                            refresh,
+                        },
+                        load,
+                    )
                     .await
             }
             Err(e) => Err(e),
@@ -77,7 +89,11 @@ pub async fn run(shared: Arc<Shared>, plan: FillPlan, via_cache: bool) -> Reply 
         inc(&shared.metrics.db_queries);
         load()
             .await
-            .inspect_err(|_| inc(&shared.metrics.db_errors))
+            .inspect_err(|e| {
+                if !matches!(e, Error::Client(_)) {
+                    inc(&shared.metrics.db_errors)
+                }
+            })
             .map(|v| (v, CacheStatus::FailOpen))
     };
     match result {
@@ -110,7 +126,7 @@ async fn prepare(shared: &Shared, mut entry: Entry) -> Result<Entry> {
 /// Answers a hit that early refresh picked: refill in the background, reply to nobody.
 pub fn refresh_in_background(shared: Arc<Shared>, plan: FillPlan) {
     tokio::spawn(async move {
-        let _ = run(shared, plan, true).await;
+        let _ = fill(shared, plan, true, true).await;
     });
 }
 

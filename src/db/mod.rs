@@ -44,17 +44,33 @@ impl From<tokio_postgres::Error> for DbError {
                 code: db.code().code().to_string(),
                 message: db.message().to_string(),
             },
-            None if e.is_closed() => DbError::Unavailable(e.to_string()),
-            None => DbError::Other(e.to_string()),
+            None if e.is_closed() => DbError::Unavailable(with_causes(&e)),
+            None => DbError::Other(with_causes(&e)),
         }
     }
+}
+
+/// The error and its causes ("error connecting to server: Connection refused"), since the
+/// top-level text alone rarely says what went wrong.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
 }
 
 impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> DbError {
         match e {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
-            other => DbError::Unavailable(other.to_string()),
+            other => DbError::Unavailable(with_causes(&other)),
         }
     }
 }

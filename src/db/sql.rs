@@ -62,8 +62,17 @@ const DENIED_PREFIXES: &[&str] = &["dblink", "pg_catalog.dblink"];
 
 /// Parses `sql` and checks that it is exactly one read-only query.
 pub fn check_read_only(sql: &str) -> Result<Analysis, SqlError> {
-    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)
-        .map_err(|e| SqlError::Parse(e.to_string()))?;
+    let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(s) => s,
+        Err(e) => match table_shorthand(sql) {
+            // `TABLE t` is `SELECT * FROM t`; the parser does not know the short form.
+            Some(name) => {
+                Parser::parse_sql(&PostgreSqlDialect {}, &format!("SELECT * FROM {name}"))
+                    .map_err(|_| SqlError::Parse(e.to_string()))?
+            }
+            None => return Err(SqlError::Parse(e.to_string())),
+        },
+    };
     let [stmt] = stmts.as_slice() else {
         return Err(SqlError::NotReadOnly(format!("{} statements", stmts.len())));
     };
@@ -83,6 +92,17 @@ pub fn check_read_only(sql: &str) -> Result<Analysis, SqlError> {
     Ok(Analysis {
         tables: tables.into_iter().collect(),
     })
+}
+
+/// The relation name of `TABLE name [;]`, if that is the whole statement.
+fn table_shorthand(sql: &str) -> Option<&str> {
+    let t = sql.trim().trim_end_matches(';').trim_end();
+    let (kw, rest) = t.split_at(t.find(char::is_whitespace)?);
+    let name = rest.trim();
+    let simple = name
+        .chars()
+        .all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '"' | '$'));
+    (kw.eq_ignore_ascii_case("TABLE") && !name.is_empty() && simple).then_some(name)
 }
 
 /// What the checker learned about an accepted query.
@@ -166,10 +186,16 @@ impl Visitor for Checker {
     }
 
     fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<String> {
-        if let TableFactor::Function { name, .. } = t {
-            return deny_function(name);
+        match t {
+            TableFactor::Function { name, .. } => deny_function(name),
+            // `FROM f(args)` parses as a table with arguments: a set-returning function.
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } => deny_function(name),
+            _ => ControlFlow::Continue(()),
         }
-        ControlFlow::Continue(())
     }
 
     fn pre_visit_relation(&mut self, rel: &ObjectName) -> ControlFlow<String> {

@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn agrees_with_redis_protocol() {
         let frames: &[&[u8]] = &[
-            b"*3\r\n$3\r\nfoo\r\n*2\r\n:1\r\n:2\r\n$-1\r\n",
+            b"*3\r\n$3\r\nfoo\r\n*2\r\n:1\r\n:2\r\n_\r\n",
             b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n#f\r\n",
         ];
         for f in frames {
