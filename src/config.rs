@@ -93,6 +93,10 @@ pub struct CacheConfig {
     pub early_refresh_beta: f64,
     /// How many recently filled entries early refresh keeps timing data for.
     pub early_refresh_keys: u64,
+    /// Bytes of the in-process L1 (0 turns it off).
+    pub l1_max_bytes: u64,
+    /// Longest an L1 entry lives (it is also dropped whenever Valkey reports a change).
+    pub l1_ttl_ms: u64,
 }
 
 /// Invalidation of cached entries when PostgreSQL data changes.
@@ -275,6 +279,8 @@ impl Default for CacheConfig {
             ttl_jitter: 0.0,
             early_refresh_beta: 1.0,
             early_refresh_keys: 100_000,
+            l1_max_bytes: 64 * 1024 * 1024,
+            l1_ttl_ms: 1000,
         }
     }
 }

@@ -15,7 +15,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cache::l1::Ticket;
 use crate::command::{self, fill, Action, FillPlan, Route, StateChange, Transform};
+use crate::config::ReplyKind;
 use crate::error::Error;
 use crate::metrics::inc;
 use crate::protocol::request::Parsed;
@@ -33,10 +35,12 @@ enum Slot {
         transform: Transform,
         proto: Proto,
     },
-    /// A cached command's lookup; a miss turns it into a `Task`.
+    /// A cached command's lookup; a miss turns it into a `Task`. With a ticket, the lookup
+    /// was tracked and a hit may enter the L1.
     Lookup {
         rx: ReplyRx,
         plan: Box<FillPlan>,
+        ticket: Option<Ticket>,
     },
     Task(JoinHandle<Reply>, Proto),
     /// Waiting for the next reply on the dedicated connection; with a plan, that reply is a
@@ -211,6 +215,15 @@ impl Connection {
     /// Sends a cached command's lookup. While the client holds a dedicated connection on the
     /// cache's database, the lookup goes there too, behind the client's own writes.
     fn lookup(&mut self, lookup: Bytes, plan: Box<FillPlan>) {
+        let hash = plan.kind == ReplyKind::Hash;
+        let l1 = &self.shared.cache.l1;
+        if let Some(frame) = l1.get(&plan.entry.key, hash, plan.proto) {
+            inc(&self.shared.metrics.hits);
+            inc(&self.shared.metrics.l1_hits);
+            self.maybe_refresh_early(*plan);
+            self.outq.push_back(Slot::Ready(frame));
+            return;
+        }
         let cache_db = self.shared.upstream.endpoint().db;
         let streaming = self.session.streaming();
         match self.ded.as_mut() {
@@ -227,11 +240,19 @@ impl Connection {
                 });
             }
             _ => {
-                let rx = self
-                    .shared
-                    .upstream
-                    .send(self.session.id, plan.proto, lookup);
-                self.outq.push_back(Slot::Lookup { rx, plan });
+                let up = &self.shared.upstream;
+                let ticket = l1.enabled().then(|| l1.ticket(&plan.entry.key));
+                let tracked = ticket
+                    .and_then(|_| up.send_tracked(self.session.id, plan.proto, lookup.clone()));
+                let slot = match tracked {
+                    Some(rx) => Slot::Lookup { rx, plan, ticket },
+                    None => Slot::Lookup {
+                        rx: up.send(self.session.id, plan.proto, lookup),
+                        plan,
+                        ticket: None,
+                    },
+                };
+                self.outq.push_back(slot);
             }
         }
     }
@@ -436,7 +457,9 @@ impl Connection {
                 }
                 Slot::Ready(transform.apply(&self.shared, proto, r).to_bytes(proto))
             }
-            (Slot::Lookup { plan, .. }, FrontDone::Upstream(r)) => self.looked_up(*plan, r),
+            (Slot::Lookup { plan, ticket, .. }, FrontDone::Upstream(r)) => {
+                self.looked_up(*plan, r, ticket)
+            }
             (Slot::Task(_, proto), FrontDone::Joined(reply)) => Slot::Ready(reply.to_bytes(proto)),
             (other, _) => other,
         };
@@ -445,14 +468,28 @@ impl Connection {
 
     /// A lookup's answer: the entry itself on a hit; otherwise a fill (from PostgreSQL alone
     /// if Valkey failed).
-    fn looked_up(&self, plan: FillPlan, r: crate::error::Result<Bytes>) -> Slot {
+    fn looked_up(
+        &self,
+        plan: FillPlan,
+        r: crate::error::Result<Bytes>,
+        ticket: Option<Ticket>,
+    ) -> Slot {
         match r {
             Ok(frame) if fill::is_hit(&frame) => {
                 inc(&self.shared.metrics.hits);
-                if self.shared.cache.should_refresh_early(&plan.entry.key) {
-                    inc(&self.shared.metrics.early_refreshes);
-                    fill::refresh_in_background(Arc::clone(&self.shared), plan);
+                if let Some(t) = ticket.filter(|_| !frame.starts_with(b"-")) {
+                    let hash = plan.kind == ReplyKind::Hash;
+                    let deps = plan.entry.l1_deps();
+                    self.shared.cache.l1.insert(
+                        &plan.entry.key,
+                        hash,
+                        plan.proto,
+                        frame.clone(),
+                        deps,
+                        t,
+                    );
                 }
+                self.maybe_refresh_early(plan);
                 Slot::Ready(frame)
             }
             r => {
@@ -468,6 +505,14 @@ impl Connection {
                     proto,
                 )
             }
+        }
+    }
+
+    /// XFetch: now and then a hit starts a background refresh of an entry close to expiry.
+    fn maybe_refresh_early(&self, plan: FillPlan) {
+        if self.shared.cache.should_refresh_early(&plan.entry.key) {
+            inc(&self.shared.metrics.early_refreshes);
+            fill::refresh_in_background(Arc::clone(&self.shared), plan);
         }
     }
 
@@ -527,7 +572,7 @@ impl Connection {
                 let filled = match self.outq.remove(i) {
                     Some(Slot::Dedicated {
                         plan: Some(plan), ..
-                    }) => self.looked_up(*plan, Ok(frame)),
+                    }) => self.looked_up(*plan, Ok(frame), None),
                     Some(Slot::Dedicated {
                         transform, proto, ..
                     }) => Slot::Ready(
@@ -558,7 +603,7 @@ impl Connection {
             let filled = match &mut self.outq[i] {
                 Slot::Dedicated { plan, proto, .. } => match plan.take() {
                     // A lookup that lost its connection is answered from PostgreSQL.
-                    Some(plan) => self.looked_up(*plan, Err(e.clone())),
+                    Some(plan) => self.looked_up(*plan, Err(e.clone()), None),
                     None => Slot::Ready(reply.to_bytes(*proto)),
                 },
                 _ => continue,

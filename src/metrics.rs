@@ -41,6 +41,8 @@ pub struct Metrics {
     pub listener_reconnects: AtomicU64,
     /// Hot entries refreshed before expiry (XFetch).
     pub early_refreshes: AtomicU64,
+    /// Hits answered from the in-process L1 (also counted in `hits`).
+    pub l1_hits: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -105,6 +107,7 @@ impl Metrics {
                 g(&self.listener_reconnects).to_string(),
             ),
             ("early_refreshes", g(&self.early_refreshes).to_string()),
+            ("l1_hits", g(&self.l1_hits).to_string()),
         ];
         let mut out = String::from("# Cachefront\r\n");
         for (k, v) in rows {

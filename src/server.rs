@@ -97,8 +97,15 @@ impl Shared {
 
     /// The `# Cachefront` INFO section.
     pub fn info_section(&self) -> String {
-        self.metrics
-            .info_section(self.db.pool_status(), self.is_listening())
+        let mut s = self
+            .metrics
+            .info_section(self.db.pool_status(), self.is_listening());
+        let (entries, bytes) = self.cache.l1.usage();
+        let tracking = u8::from(self.upstream.tracking.current().0 != 0);
+        s.push_str(&format!(
+            "l1_entries:{entries}\r\nl1_bytes:{bytes}\r\nl1_tracking:{tracking}\r\n"
+        ));
+        s
     }
 
     /// Client ids start at 1 and are never reused, like Valkey's.
@@ -145,6 +152,12 @@ impl Server {
     /// Accepts clients until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let listener_task = tokio::spawn(crate::invalidation::run(Arc::clone(&self.shared)));
+        if self.shared.cache.l1.enabled() {
+            let l1 = Arc::clone(&self.shared.cache.l1);
+            self.shared
+                .upstream
+                .start_tracking(Arc::new(move |ev| l1.on_tracking(ev)));
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let live = Arc::new(AtomicUsize::new(0));
         let max = self.shared.config.limits.max_clients;

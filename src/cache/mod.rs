@@ -3,6 +3,7 @@
 
 pub mod coalesce;
 pub mod key;
+pub mod l1;
 pub mod store;
 
 use bytes::Bytes;
@@ -44,6 +45,14 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Its dependencies as the L1 keeps them.
+    pub fn l1_deps(&self) -> Arc<l1::ItemDeps> {
+        Arc::new(l1::ItemDeps {
+            tables: self.deps.tables.clone(),
+            row_table: self.deps.row.as_ref().map(|r| r.table.clone()),
+        })
+    }
+
     /// Every table the entry depends on, row-keyed or not.
     pub fn tables(&self) -> Vec<String> {
         let mut t = self.deps.tables.clone();
@@ -85,6 +94,7 @@ struct Freshness {
 /// Cache operations shared by every connection.
 pub struct Cache {
     pub store: Store,
+    pub l1: Arc<l1::L1>,
     coalescer: Arc<Coalescer<(Value, CacheStatus)>>,
     metrics: Arc<Metrics>,
     recent: moka::sync::Cache<String, Freshness>,
@@ -108,6 +118,10 @@ impl Cache {
     pub fn new(store: Store, metrics: Arc<Metrics>, cfg: &CacheConfig) -> Cache {
         Cache {
             store,
+            l1: Arc::new(l1::L1::new(
+                cfg.l1_max_bytes,
+                Duration::from_millis(cfg.l1_ttl_ms),
+            )),
             coalescer: Arc::new(Coalescer::default()),
             metrics,
             recent: moka::sync::Cache::builder()
@@ -207,6 +221,7 @@ impl Cache {
 
     /// Table-wide invalidation.
     pub async fn invalidate(&self, tables: &[String]) -> Result<u64> {
+        self.l1.invalidate_tables(tables, true);
         let n = self.store.invalidate_tables(tables).await?;
         add(&self.metrics.invalidations, n);
         for t in tables {
@@ -225,7 +240,9 @@ impl Cache {
     ) -> Result<u64> {
         for k in entry_keys {
             self.recent.invalidate(k);
+            self.l1.invalidate_key(k.as_bytes());
         }
+        self.l1.invalidate_tables(&[table.to_string()], false);
         let n = self
             .store
             .invalidate_rows(table, column, values, entry_keys)

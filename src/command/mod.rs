@@ -100,6 +100,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
         return passthrough::in_subscribed_mode(shared, session, name, req);
     }
     if session.in_multi {
+        shared.cache.l1.note_command(name, &req.args);
         return passthrough::in_transaction(shared, session, name, req);
     }
     match name {
@@ -116,7 +117,10 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
             .get(std::str::from_utf8(name).unwrap_or_default())
         {
             Some(q) => named_query::dispatch(shared, session, q, &req),
-            None => passthrough::dispatch(session, name, req),
+            None => {
+                shared.cache.l1.note_command(name, &req.args);
+                passthrough::dispatch(session, name, req)
+            }
         },
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod conn;
 pub mod mux;
+pub mod tracking;
 
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use crate::error::Result;
 use crate::protocol::Proto;
 pub use conn::{Endpoint, RawConn};
 pub use mux::{Mux, ReplyRx};
+pub use tracking::{TrackingEvent, TrackingState};
 
 pub struct Upstream {
     endpoint: Arc<Endpoint>,
@@ -27,14 +29,16 @@ pub struct Upstream {
     /// cachefront client id → the upstream id of the dedicated connection it holds, so
     /// `CLIENT TRACKING … REDIRECT <id>` can name the right Valkey connection.
     dedicated_ids: Mutex<HashMap<u64, i64>>,
+    pub tracking: Arc<TrackingState>,
 }
 
 impl Upstream {
     pub fn new(cfg: &ValkeyConfig) -> Result<Upstream> {
         let endpoint = Arc::new(Endpoint::from_config(cfg)?);
+        let tracking = Arc::new(TrackingState::default());
         let spawn = |proto| {
             (0..cfg.pool_size)
-                .map(|_| Mux::spawn(Arc::clone(&endpoint), proto))
+                .map(|_| Mux::spawn(Arc::clone(&endpoint), proto, Arc::clone(&tracking)))
                 .collect::<Vec<_>>()
         };
         Ok(Upstream {
@@ -44,6 +48,7 @@ impl Upstream {
             idle: Mutex::new(Vec::new()),
             max_idle: cfg.idle_dedicated,
             dedicated_ids: Mutex::new(HashMap::new()),
+            tracking,
         })
     }
 
@@ -55,6 +60,28 @@ impl Upstream {
             Proto::Resp3 => &self.shared3,
         };
         pool[(lane % pool.len() as u64) as usize].send(raw)
+    }
+
+    /// A tracked lookup for the L1 on the client's shared connection, or `None` while the
+    /// tracking connection is down (then nothing read may enter the L1).
+    pub fn send_tracked(&self, lane: u64, proto: Proto, raw: Bytes) -> Option<ReplyRx> {
+        if self.tracking.current().0 == 0 {
+            return None;
+        }
+        let pool = match proto {
+            Proto::Resp2 => &self.shared2,
+            Proto::Resp3 => &self.shared3,
+        };
+        Some(pool[(lane % pool.len() as u64) as usize].send_tracked(raw))
+    }
+
+    /// Starts the tracking connection; `on_event` receives its invalidations.
+    pub fn start_tracking(&self, on_event: Arc<dyn Fn(TrackingEvent) + Send + Sync>) {
+        tokio::spawn(tracking::run(
+            Arc::clone(&self.endpoint),
+            Arc::clone(&self.tracking),
+            on_event,
+        ));
     }
 
     /// A connection of the client's own, from the idle set or newly opened.

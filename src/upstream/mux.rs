@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::conn::{connect, Endpoint, RawConn};
+use super::tracking::TrackingState;
 use crate::error::{Error, Result};
 use crate::protocol::Proto;
 
@@ -23,6 +24,8 @@ pub type ReplyRx = oneshot::Receiver<Result<Bytes>>;
 struct Job {
     raw: Bytes,
     reply: oneshot::Sender<Result<Bytes>>,
+    /// Send as a tracked read (`CLIENT CACHING yes` first) — cachefront's L1 lookups.
+    tracked: bool,
 }
 
 /// Handle to one shared connection actor.
@@ -32,23 +35,41 @@ pub struct Mux {
     version: Arc<Mutex<String>>,
 }
 
+/// A reply slot: `None` for commands cachefront adds itself, whose replies are dropped.
+type Pending = Option<oneshot::Sender<Result<Bytes>>>;
+
+const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nyes\r\n";
+
 /// Largest batch of requests written in one go.
 const MAX_BATCH: usize = 64 * 1024;
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 impl Mux {
-    pub fn spawn(ep: Arc<Endpoint>, proto: Proto) -> Mux {
+    pub fn spawn(ep: Arc<Endpoint>, proto: Proto, tracking: Arc<TrackingState>) -> Mux {
         let (tx, rx) = mpsc::unbounded_channel();
         let version = Arc::new(Mutex::new(String::new()));
-        tokio::spawn(actor(ep, proto, rx, Arc::clone(&version)));
+        tokio::spawn(actor(ep, proto, rx, Arc::clone(&version), tracking));
         Mux { tx, version }
     }
 
     /// Queues `raw` (one encoded command) and returns where its reply will arrive.
     pub fn send(&self, raw: Bytes) -> ReplyRx {
+        self.enqueue(raw, false)
+    }
+
+    /// Like `send`, but Valkey tracks the keys read, for the L1 (see `upstream::tracking`).
+    pub fn send_tracked(&self, raw: Bytes) -> ReplyRx {
+        self.enqueue(raw, true)
+    }
+
+    fn enqueue(&self, raw: Bytes, tracked: bool) -> ReplyRx {
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { raw, reply }) {
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job {
+            raw,
+            reply,
+            tracked,
+        }) {
             let _ = job
                 .reply
                 .send(Err(Error::upstream("cachefront is shutting down")));
@@ -66,6 +87,7 @@ async fn actor(
     proto: Proto,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     version: Arc<Mutex<String>>,
+    tracking: Arc<TrackingState>,
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -80,7 +102,7 @@ async fn actor(
                 if let Ok(mut v) = version.lock() {
                     v.clone_from(&conn.server_version);
                 }
-                let outcome = serve(conn, first, &mut jobs, ep.command_timeout).await;
+                let outcome = serve(conn, first, &mut jobs, ep.command_timeout, &tracking).await;
                 if let Err(e) = outcome {
                     tracing::warn!(error = %e, addr = %ep.addr, "shared upstream connection dropped");
                 } else {
@@ -117,8 +139,11 @@ async fn serve(
     first: Job,
     jobs: &mut mpsc::UnboundedReceiver<Job>,
     timeout: Duration,
+    tracking: &TrackingState,
 ) -> Result<()> {
-    let mut pending: VecDeque<oneshot::Sender<Result<Bytes>>> = VecDeque::new();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    // The tracking generation this connection's `CLIENT TRACKING` points at (0: none).
+    let mut tracked_gen = 0u64;
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut last_progress = Instant::now();
     let mut ticker = tokio::time::interval((timeout / 4).max(Duration::from_millis(20)));
@@ -129,14 +154,10 @@ async fn serve(
             if pending.is_empty() {
                 last_progress = Instant::now();
             }
-            wbuf.extend_from_slice(&job.raw);
-            pending.push_back(job.reply);
+            push_job(job, &mut wbuf, &mut pending, &mut tracked_gen, tracking);
             while wbuf.len() < MAX_BATCH {
                 match jobs.try_recv() {
-                    Ok(job) => {
-                        wbuf.extend_from_slice(&job.raw);
-                        pending.push_back(job.reply);
-                    }
+                    Ok(job) => push_job(job, &mut wbuf, &mut pending, &mut tracked_gen, tracking),
                     Err(_) => break,
                 }
             }
@@ -170,18 +191,49 @@ async fn serve(
         }
     };
     if let Err(e) = &result {
-        for reply in pending.drain(..) {
+        for reply in pending.drain(..).flatten() {
             let _ = reply.send(Err(e.clone()));
         }
     }
     result
 }
 
+/// Appends a job to the write buffer. A tracked read first (re)points this connection's
+/// tracking at the current tracking connection if needed, then opts the read in; the replies
+/// to those added commands are dropped.
+fn push_job(
+    job: Job,
+    wbuf: &mut BytesMut,
+    pending: &mut VecDeque<Pending>,
+    tracked_gen: &mut u64,
+    tracking: &TrackingState,
+) {
+    if job.tracked {
+        let (generation, redirect) = tracking.current();
+        if generation != 0 {
+            if *tracked_gen != generation {
+                let on = crate::protocol::request::encode_multibulk(&[
+                    Bytes::from_static(b"CLIENT"),
+                    Bytes::from_static(b"TRACKING"),
+                    Bytes::from_static(b"on"),
+                    Bytes::from_static(b"REDIRECT"),
+                    Bytes::from(redirect.to_string()),
+                    Bytes::from_static(b"OPTIN"),
+                ]);
+                wbuf.extend_from_slice(&on);
+                pending.push_back(None);
+                *tracked_gen = generation;
+            }
+            wbuf.extend_from_slice(CACHING_YES);
+            pending.push_back(None);
+        }
+    }
+    wbuf.extend_from_slice(&job.raw);
+    pending.push_back(Some(job.reply));
+}
+
 /// Hands every complete buffered frame to the oldest waiting request.
-fn deliver(
-    conn: &mut RawConn,
-    pending: &mut VecDeque<oneshot::Sender<Result<Bytes>>>,
-) -> Result<()> {
+fn deliver(conn: &mut RawConn, pending: &mut VecDeque<Pending>) -> Result<()> {
     while let Some(frame) = conn.next_buffered()? {
         if frame.first() == Some(&b'>') {
             // An out-of-band push on a shared connection (nothing here subscribes or tracks):
@@ -189,8 +241,13 @@ fn deliver(
             continue;
         }
         match pending.pop_front() {
-            Some(reply) => {
+            Some(Some(reply)) => {
                 let _ = reply.send(Ok(frame));
+            }
+            Some(None) => {
+                if frame.first() == Some(&b'-') {
+                    tracing::debug!(reply = %String::from_utf8_lossy(&frame), "tracking setup refused");
+                }
             }
             None => return Err(Error::upstream("unexpected reply from Valkey")),
         }

@@ -1,0 +1,267 @@
+//! The in-process L1: cachefront's own entries (named queries, SQL.CACHED) kept in memory,
+//! bounded in bytes, so a hot hit needs no round trip to Valkey at all.
+//!
+//! Coherence: Valkey's client-side caching reports every change of a key cachefront read into
+//! the L1 (see `upstream::tracking`); writes passed through cachefront and invalidations from
+//! PostgreSQL are applied here directly as well, before the next read can see them. A value
+//! enters the L1 only if no invalidation touched its key between the lookup being sent and
+//! its reply arriving (a per-key-stripe epoch check), and the whole L1 is flushed whenever
+//! tracking restarts or is lost. Entries also live at most `cache.l1_ttl_ms`, which bounds how
+//! far past Valkey's own expiry an entry can be served.
+
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::protocol::Proto;
+use crate::upstream::TrackingEvent;
+
+const STRIPES: usize = 1024;
+
+#[derive(Clone)]
+struct Item {
+    frame: Bytes,
+    deps: Arc<ItemDeps>,
+}
+
+/// What an L1 item was read from (mirrors `cache::Deps`).
+#[derive(Debug, Default)]
+pub struct ItemDeps {
+    /// Any change to these tables drops the item.
+    pub tables: Vec<String>,
+    /// The item stands for one row of this table: only table-wide events drop it by table.
+    pub row_table: Option<String>,
+}
+
+/// A lookup in flight: what the epochs were when it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    global: u64,
+    stripe: u64,
+}
+
+pub struct L1 {
+    items: moka::sync::Cache<Bytes, Item>,
+    /// Bumped by flushes.
+    global: AtomicU64,
+    /// Bumped by invalidations of keys hashing to the stripe.
+    stripes: Box<[AtomicU64]>,
+    /// Makes "check the epoch, insert" atomic against "bump the epoch, remove".
+    write_lock: Mutex<()>,
+    enabled: bool,
+    /// Longest key a lookup was ever sent for: longer arguments of a write cannot be L1 keys,
+    /// so a 1 MB `SET` value is never hashed.
+    max_key_len: AtomicUsize,
+}
+
+/// Commands that never change a key: they leave the L1 alone.
+const READ_ONLY: &[&[u8]] = &[
+    b"GET",
+    b"MGET",
+    b"HGET",
+    b"HGETALL",
+    b"HMGET",
+    b"HKEYS",
+    b"HVALS",
+    b"HLEN",
+    b"HEXISTS",
+    b"EXISTS",
+    b"TTL",
+    b"PTTL",
+    b"TYPE",
+    b"STRLEN",
+    b"GETRANGE",
+    b"LRANGE",
+    b"LLEN",
+    b"LINDEX",
+    b"SMEMBERS",
+    b"SISMEMBER",
+    b"SCARD",
+    b"ZRANGE",
+    b"ZSCORE",
+    b"ZCARD",
+    b"ZRANK",
+    b"SCAN",
+    b"KEYS",
+    b"DBSIZE",
+    b"PING",
+    b"ECHO",
+    b"INFO",
+    b"TIME",
+    b"PUBLISH",
+    b"EXPIRETIME",
+    b"PEXPIRETIME",
+    b"OBJECT",
+    b"MEMORY",
+    b"XRANGE",
+    b"XLEN",
+    b"XREAD",
+];
+
+impl L1 {
+    pub fn new(max_bytes: u64, ttl: Duration) -> L1 {
+        let items = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &Bytes, v: &Item| {
+                (k.len() + v.frame.len() + 96).min(u32::MAX as usize) as u32
+            })
+            .time_to_live(ttl.max(Duration::from_millis(1)))
+            .support_invalidation_closures()
+            .build();
+        L1 {
+            items,
+            global: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            write_lock: Mutex::new(()),
+            enabled: max_bytes > 0,
+            max_key_len: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The L1 key: the entry key, plus the protocol for hashes (whose frames differ).
+    fn slot_key(key: &[u8], hash: bool, proto: Proto) -> Bytes {
+        if !hash {
+            return Bytes::copy_from_slice(key);
+        }
+        let mut k = Vec::with_capacity(key.len() + 3);
+        k.extend_from_slice(key);
+        k.extend_from_slice(if proto == Proto::Resp3 {
+            b"\0h3"
+        } else {
+            b"\0h2"
+        });
+        Bytes::from(k)
+    }
+
+    fn stripe(key: &[u8]) -> usize {
+        // FNV-1a: cheap, and only spreads keys over stripes.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in key {
+            h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
+        }
+        (h as usize) % STRIPES
+    }
+
+    /// The cached reply frame for an entry, if present.
+    pub fn get(&self, key: &str, hash: bool, proto: Proto) -> Option<Bytes> {
+        if !self.enabled {
+            return None;
+        }
+        self.items
+            .get(&Self::slot_key(key.as_bytes(), hash, proto))
+            .map(|i| i.frame)
+    }
+
+    /// Taken when a lookup is sent; an insert with it succeeds only if nothing invalidated
+    /// the key meanwhile.
+    pub fn ticket(&self, key: &str) -> Ticket {
+        self.max_key_len.fetch_max(key.len() + 3, Ordering::AcqRel);
+        Ticket {
+            global: self.global.load(Ordering::Acquire),
+            stripe: self.stripes[Self::stripe(key.as_bytes())].load(Ordering::Acquire),
+        }
+    }
+
+    /// Stores a reply Valkey gave for a tracked lookup.
+    pub fn insert(
+        &self,
+        key: &str,
+        hash: bool,
+        proto: Proto,
+        frame: Bytes,
+        deps: Arc<ItemDeps>,
+        t: Ticket,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.ticket(key) != t {
+            return;
+        }
+        self.items.insert(
+            Self::slot_key(key.as_bytes(), hash, proto),
+            Item { frame, deps },
+        );
+    }
+
+    /// Drops every form of `key`.
+    pub fn invalidate_key(&self, key: &[u8]) {
+        if !self.enabled {
+            return;
+        }
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.stripes[Self::stripe(key)].fetch_add(1, Ordering::AcqRel);
+        for (hash, proto) in [
+            (false, Proto::Resp2),
+            (true, Proto::Resp2),
+            (true, Proto::Resp3),
+        ] {
+            self.items.invalidate(&Self::slot_key(key, hash, proto));
+        }
+    }
+
+    /// Drops everything.
+    pub fn clear(&self) {
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.global.fetch_add(1, Ordering::AcqRel);
+        self.items.invalidate_all();
+    }
+
+    /// Drops the entries read from any of `tables`: every entry for a table-wide event
+    /// (`rows_too`), else only those depending on the whole table (a row change drops its
+    /// row-keyed entries by key).
+    pub fn invalidate_tables(&self, tables: &[String], rows_too: bool) {
+        if !self.enabled {
+            return;
+        }
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.global.fetch_add(1, Ordering::AcqRel);
+        let tables: Vec<String> = tables.to_vec();
+        let _ = self.items.invalidate_entries_if(move |_, v| {
+            v.deps.tables.iter().any(|t| tables.contains(t))
+                || (rows_too
+                    && v.deps
+                        .row_table
+                        .as_ref()
+                        .is_some_and(|t| tables.contains(t)))
+        });
+    }
+
+    /// Applies what the tracking connection reported.
+    pub fn on_tracking(&self, ev: TrackingEvent) {
+        match ev {
+            TrackingEvent::Keys(keys) => keys.iter().for_each(|k| self.invalidate_key(k)),
+            TrackingEvent::Flush => self.clear(),
+        }
+    }
+
+    /// A command passed through to Valkey: if it can write, drop what it may write, so this
+    /// cachefront's next read sees the write even before Valkey's own notice arrives.
+    pub fn note_command(&self, name: &[u8], args: &[Bytes]) {
+        if !self.enabled || READ_ONLY.contains(&name) {
+            return;
+        }
+        match name {
+            b"FLUSHALL" | b"FLUSHDB" | b"SWAPDB" | b"RESTORE" | b"MOVE" | b"COPY" => self.clear(),
+            _ => {
+                let max = self.max_key_len.load(Ordering::Acquire);
+                args.iter()
+                    .skip(1)
+                    .filter(|a| a.len() <= max)
+                    .for_each(|a| self.invalidate_key(a))
+            }
+        }
+    }
+
+    /// (entries, bytes) for INFO.
+    pub fn usage(&self) -> (u64, u64) {
+        self.items.run_pending_tasks();
+        (self.items.entry_count(), self.items.weighted_size())
+    }
+}

@@ -1,0 +1,211 @@
+//! The in-process L1: hits without a round trip, kept coherent by Valkey's client tracking,
+//! by writes passed through cachefront, and by invalidations from PostgreSQL.
+
+mod common;
+
+use common::Stack;
+use redis::AsyncCommands;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+async fn tracking_up(s: &Stack) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.proxy.shared.upstream.tracking.current().0 == 0 || !s.proxy.shared.is_listening() {
+        assert!(
+            Instant::now() < deadline,
+            "tracking connection never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn emp(c: &mut redis::aio::MultiplexedConnection, id: i64) -> Option<String> {
+    redis::cmd("EMP.GET").arg(id).query_async(c).await.unwrap()
+}
+
+fn l1_hits(s: &Stack) -> u64 {
+    s.proxy.shared.metrics.l1_hits.load(Ordering::Relaxed)
+}
+
+/// Reads EMP.GET until it returns `want` (2 s at most); returns how long it took.
+async fn until_value(c: &mut redis::aio::MultiplexedConnection, id: i64, want: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        if emp(c, id).await.as_deref() == Some(want) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "never saw {want}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hits_are_served_from_memory() {
+    let s = Stack::start().await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    assert_eq!(emp(&mut c, 1).await.as_deref(), Some("Alice Johnson")); // miss
+    assert_eq!(emp(&mut c, 1).await.as_deref(), Some("Alice Johnson")); // Valkey hit → L1
+    let before = l1_hits(&s);
+    for _ in 0..10 {
+        assert_eq!(emp(&mut c, 1).await.as_deref(), Some("Alice Johnson"));
+    }
+    assert_eq!(l1_hits(&s) - before, 10);
+    let info = s.proxy.shared.info_section();
+    assert!(
+        info.contains("l1_entries:1\r\n") && info.contains("l1_tracking:1\r\n"),
+        "{info}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_through_cachefront_is_seen_by_the_next_read() {
+    let s = Stack::start().await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    emp(&mut c, 2).await;
+    emp(&mut c, 2).await;
+    emp(&mut c, 2).await;
+    assert!(l1_hits(&s) >= 1);
+    let _: () = c.set("employee:2", "Written Through").await.unwrap();
+    // No waiting: the very next read must not come from the old L1 entry.
+    assert_eq!(emp(&mut c, 2).await.as_deref(), Some("Written Through"));
+    // Another client's write through cachefront too.
+    let mut other = s.client().await;
+    let _: () = other.set("employee:2", "Second Writer").await.unwrap();
+    assert_eq!(emp(&mut c, 2).await.as_deref(), Some("Second Writer"));
+    let _: i64 = other.del("employee:2").await.unwrap();
+    assert_eq!(emp(&mut c, 2).await.as_deref(), Some("Bob Smith"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_straight_to_valkey_reaches_the_l1_through_tracking() {
+    let s = Stack::start().await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    for _ in 0..3 {
+        emp(&mut c, 3).await;
+    }
+    assert!(l1_hits(&s) >= 1, "served from the L1 before the write");
+    let mut v = s.valkey_client().await;
+    let _: () = v.set("employee:3", "Changed In Valkey").await.unwrap();
+    let took = until_value(&mut c, 3, "Changed In Valkey").await;
+    eprintln!("tracking invalidation reached the L1 in {took:?}");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_write_reaches_the_l1() {
+    let s = Stack::start().await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    for _ in 0..3 {
+        emp(&mut c, 4).await;
+    }
+    assert!(l1_hits(&s) >= 1);
+    s.pg()
+        .await
+        .execute("UPDATE employees SET name = 'Diana Ross' WHERE id = 4", &[])
+        .await
+        .unwrap();
+    until_value(&mut c, 4, "Diana Ross").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn losing_the_tracking_connection_flushes_the_l1() {
+    let s = Stack::start().await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    for _ in 0..3 {
+        emp(&mut c, 5).await;
+    }
+    assert_eq!(s.proxy.shared.cache.l1.usage().0, 1);
+    let generation = s.proxy.shared.upstream.tracking.current().0;
+    // Kill cachefront's tracking connection (the one subscribed to __redis__:invalidate).
+    let mut v = s.valkey_client().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut v)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (g, _) = s.proxy.shared.upstream.tracking.current();
+        if g != 0 && g != generation {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tracking did not come back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.proxy.shared.cache.l1.usage().0, 0, "flushed whole");
+    // And it is coherent again with the new tracking connection.
+    for _ in 0..3 {
+        emp(&mut c, 5).await;
+    }
+    let _: () = v.set("employee:5", "After Reconnect").await.unwrap();
+    until_value(&mut c, 5, "After Reconnect").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_l1_is_bounded_in_bytes() {
+    let s = Stack::start_with(|c| c.cache.l1_max_bytes = 20_000).await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    for i in 0..300 {
+        let q = format!("SELECT {i} AS n, repeat('x', 200) AS pad");
+        for _ in 0..2 {
+            let _: String = redis::cmd("SQL.CACHED")
+                .arg(&q)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+    let (entries, bytes) = s.proxy.shared.cache.l1.usage();
+    assert!(bytes <= 20_000, "{bytes} bytes in {entries} entries");
+    assert!(entries > 10, "{entries}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_clients_share_a_few_upstream_connections() {
+    let s = Stack::start().await;
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let port = s.proxy_port();
+        tasks.push(tokio::spawn(async move {
+            let mut raw = common::Raw::connect(port).await;
+            let k = format!("k{i}");
+            assert_eq!(raw.call(&[b"SET", k.as_bytes(), b"v"]).await, "+OK\r\n");
+            assert_eq!(raw.call(&[b"GET", k.as_bytes()]).await, "$1\r\nv\r\n");
+            raw
+        }));
+    }
+    let mut open = Vec::new();
+    for t in tasks {
+        open.push(t.await.unwrap());
+    }
+    let mut v = s.valkey_client().await;
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut v)
+        .await
+        .unwrap();
+    let connected: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Shared pools (2 per protocol), tracking, cachefront's own store connection, this client.
+    assert!(
+        connected <= 12,
+        "{connected} upstream connections for 1,000 clients"
+    );
+    drop(open);
+}
