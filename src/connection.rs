@@ -137,7 +137,18 @@ impl Connection {
             self.drain_ready();
             self.flush_dedicated().await;
             if !self.outbuf.is_empty() {
-                self.wr.write_all(&self.outbuf).await?;
+                let limit = std::time::Duration::from_millis(
+                    self.shared.config.limits.client_write_timeout_ms,
+                );
+                match tokio::time::timeout(limit, self.wr.write_all(&self.outbuf)).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "client did not read its replies (limits.client_write_timeout_ms)",
+                        ))
+                    }
+                }
                 self.outbuf.clear();
             }
             if self.closing && self.outq.is_empty() {
@@ -147,8 +158,18 @@ impl Connection {
             if can_read && self.inbuf.capacity() - self.inbuf.len() < 4096 {
                 self.inbuf.reserve(16 * 1024);
             }
+            let idle_limit = self.idle_limit();
             let event = tokio::select! {
                 r = self.rd.read_buf(&mut self.inbuf), if can_read => Event::ClientRead(r),
+                _ = async {
+                    match idle_limit {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tracing::debug!(client = self.session.id, "idle timeout");
+                    return Ok(());
+                }
                 f = front_event(&mut self.outq) => Event::Front(f),
                 r = read_dedicated(&mut self.ded) => Event::DedicatedRead(r),
                 _ = self.shutdown.changed(), if !self.closing => Event::Shutdown,
@@ -162,6 +183,14 @@ impl Connection {
                 Event::Shutdown => self.closing = true,
             }
         }
+    }
+
+    /// How long this client may stay idle now: `limits.timeout_secs`, unless it waits on
+    /// something (replies in flight, subscriptions, a blocking command) — Valkey exempts those.
+    fn idle_limit(&self) -> Option<std::time::Duration> {
+        let secs = self.shared.config.limits.timeout_secs;
+        let busy = !self.outq.is_empty() || self.session.streaming() || self.ded.is_some();
+        (secs > 0 && !busy).then(|| std::time::Duration::from_secs(secs))
     }
 
     /// Parses and dispatches every complete request buffered, up to the pipeline limit.

@@ -149,6 +149,20 @@ impl Server {
         Arc::clone(&self.shared)
     }
 
+    /// Protected mode: without a password, a client from outside loopback gets Valkey's
+    /// DENIED reply and nothing else.
+    fn refuse(&self, stream: &tokio::net::TcpStream) -> Option<&'static str> {
+        let auth = &self.shared.config.auth;
+        if !auth.protected_mode || !auth.requirepass.is_empty() {
+            return None;
+        }
+        let peer = stream.peer_addr().ok()?;
+        if peer.ip().is_loopback() {
+            return None;
+        }
+        Some("-DENIED cachefront is running in protected mode because protected mode is enabled and no password is set for the default user. In this mode connections are only accepted from the loopback interface. Set auth.requirepass, or disable protected mode with auth.protected_mode = false.\r\n")
+    }
+
     /// Accepts clients until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let listener_task = tokio::spawn(crate::invalidation::run(Arc::clone(&self.shared)));
@@ -176,6 +190,13 @@ impl Server {
                     continue;
                 }
             };
+            if let Some(reason) = self.refuse(&stream) {
+                inc(&self.shared.metrics.rejected_connections);
+                tokio::spawn(async move {
+                    let _ = stream.write_all(reason.as_bytes()).await;
+                });
+                continue;
+            }
             if live.load(Ordering::Relaxed) >= max {
                 inc(&self.shared.metrics.rejected_connections);
                 tokio::spawn(async move {

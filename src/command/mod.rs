@@ -96,6 +96,18 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
     if !session.authed && !connection_cmds::allowed_before_auth(name) {
         return Action::Reply(Reply::err("NOAUTH Authentication required."));
     }
+    if shared
+        .config
+        .auth
+        .deny_commands
+        .iter()
+        .any(|d| d.as_bytes().eq_ignore_ascii_case(name))
+    {
+        return Action::Reply(Reply::err(format!(
+            "NOPERM User default has no permissions to run the '{}' command",
+            req.name_lossy().to_ascii_lowercase()
+        )));
+    }
     if session.streaming() {
         return passthrough::in_subscribed_mode(shared, session, name, req);
     }

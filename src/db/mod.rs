@@ -8,7 +8,9 @@ use bytes::{BufMut, BytesMut};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures::{pin_mut, TryStreamExt};
 use postgres_types::{Format, IsNull, ToSql, Type};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::config::PostgresConfig;
@@ -69,6 +71,10 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> DbError {
         match e {
+            // No SQLSTATE: the connection itself could not be made.
+            deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_none() => {
+                DbError::Unavailable(with_causes(&e))
+            }
             deadpool_postgres::PoolError::Backend(e) => e.into(),
             other => DbError::Unavailable(with_causes(&other)),
         }
@@ -107,10 +113,59 @@ pub struct QueryResult {
     pub rows: Vec<Row>,
 }
 
+/// Stops hammering a PostgreSQL that keeps failing: after three connection failures in a
+/// row, requests fail at once for a cool-down that doubles (100 ms up to 5 s) while failures
+/// continue; the first request after it is let through to probe, and a success closes it.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: AtomicU32,
+    /// Milliseconds since `epoch` until which requests fail fast.
+    open_until: AtomicU64,
+    epoch: OnceLock<Instant>,
+}
+
+impl Breaker {
+    fn now_ms(&self) -> u64 {
+        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    fn check(&self) -> Result<(), DbError> {
+        let until = self.open_until.load(Ordering::Acquire);
+        let now = self.now_ms();
+        if now < until {
+            return Err(DbError::Unavailable(format!(
+                "PostgreSQL failed {} times in a row; not trying again for {} ms",
+                self.failures.load(Ordering::Relaxed),
+                until - now
+            )));
+        }
+        Ok(())
+    }
+
+    fn record<T>(&self, r: &Result<T, DbError>) {
+        match r {
+            Err(DbError::Unavailable(_)) => {
+                let f = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+                if f >= 3 {
+                    let cool = (100u64 << (f - 3).min(6)).min(5000);
+                    self.open_until
+                        .store(self.now_ms() + cool, Ordering::Release);
+                }
+            }
+            _ => {
+                if self.failures.swap(0, Ordering::AcqRel) != 0 {
+                    self.open_until.store(0, Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
 /// The database side: a connection pool and the ways cachefront queries.
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    breaker: Arc<Breaker>,
     /// For connections outside the pool (the invalidation listener).
     pg: tokio_postgres::Config,
 }
@@ -147,12 +202,24 @@ impl Db {
             .recycle_timeout(timeout)
             .build()
             .map_err(|e| DbError::Other(e.to_string()))?;
-        Ok(Db { pool, pg })
+        Ok(Db {
+            pool,
+            pg,
+            breaker: Arc::new(Breaker::default()),
+        })
+    }
+
+    /// A pooled connection, unless the circuit breaker is open.
+    async fn get(&self) -> Result<deadpool_postgres::Object, DbError> {
+        self.breaker.check()?;
+        let r = self.pool.get().await.map_err(DbError::from);
+        self.breaker.record(&r);
+        r
     }
 
     /// A pooled connection, for catalog queries and trigger maintenance.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
-        Ok(self.pool.get().await?)
+        self.get().await
     }
 
     /// A connection of its own (not pooled): the invalidation listener keeps it for LISTEN.
@@ -170,7 +237,7 @@ impl Db {
 
     /// Runs a named query's statement with its (already validated) arguments.
     pub async fn query_params(&self, sql: &str, args: &[String]) -> Result<QueryResult, DbError> {
-        let client = self.pool.get().await?;
+        let client = self.get().await?;
         let stmt = client.prepare_cached(sql).await?;
         let params: Vec<TextParam> = args.iter().map(|a| TextParam(a)).collect();
         let rows = client.query(&stmt, &as_dyn(&params)).await?;
@@ -187,7 +254,7 @@ impl Db {
         params: &[String],
         max_rows: usize,
     ) -> Result<QueryResult, DbError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.get().await?;
         let stmt = client.prepare_cached(sql).await?;
         let names = column_names(&stmt);
         let stmt = match wrap_for_text_casts(sql, &stmt) {
@@ -216,7 +283,7 @@ impl Db {
     /// Asks PostgreSQL to parse `sql` without running it: a clearer error for a query our own
     /// parser could not read. `Ok` means PostgreSQL accepts what the parser did not.
     pub async fn prepare_only(&self, sql: &str) -> Result<(), DbError> {
-        let client = self.pool.get().await?;
+        let client = self.get().await?;
         client.prepare(sql).await?;
         Ok(())
     }

@@ -53,6 +53,13 @@ def main():
             return
         if got == expected:
             print(f"ok   [{label}] {name}")
+        elif isinstance(got, list) and isinstance(expected, list) and len(got) == len(expected):
+            i = next(i for i, (g, e) in enumerate(zip(got, expected)) if g != e)
+            print(
+                f"FAIL [{label}] {name}: reply #{i} (of {len(got)}): "
+                f"expected {expected[i]!r}, got {got[i]!r}"
+            )
+            failures.append(name)
         else:
             print(f"FAIL [{label}] {name}: expected {expected!r}, got {got!r}")
             failures.append(name)
@@ -89,6 +96,7 @@ def main():
                 lambda: (r.execute_command("HELLO", 3)["proto"], 3),
             )
 
+        r.delete(f"{k}:s", f"{k}:h", f"{k}:n", f"{k}:tx", f"{k}:txn")  # reruns start clean
         # --- plain commands -----------------------------------------------------------
         check(f"{tag} SET", lambda: (r.set(f"{k}:s", "v1"), True))
         check(f"{tag} GET", lambda: (r.get(f"{k}:s"), "v1"))
