@@ -164,7 +164,10 @@ fn check_request(seg: &[u8], req: &cachefront::protocol::Request, limits: &Limit
         }
     } else {
         for a in &req.args {
-            assert!(a.len() <= limits.max_inline, "an inline word over the line limit");
+            assert!(
+                a.len() <= limits.max_inline,
+                "an inline word over the line limit"
+            );
         }
     }
     // `raw` re-parses, alone and completely, to the same arguments.
@@ -263,7 +266,9 @@ fn scan_growing(
 fn oracle(buf: &[u8], ours: &Result<Option<usize>, cachefront::protocol::ScanError>) {
     // redis-protocol knows streamed RESP3 types (`$?`, `*?`, `;`, `.`), which Valkey never
     // sends and the scanner rightly refuses; the oracle says nothing about those.
-    if buf.windows(2).any(|w| w[1] == b'?' && b"$*~%|!=>".contains(&w[0]))
+    if buf
+        .windows(2)
+        .any(|w| w[1] == b'?' && b"$*~%|!=>".contains(&w[0]))
         || buf.first().is_some_and(|b| b";.".contains(b))
     {
         return;
@@ -300,6 +305,10 @@ pub fn sql_check(data: &[u8]) {
         return;
     };
     let first = check_read_only(sql);
-    assert_eq!(first, check_read_only(sql), "check_read_only is not deterministic");
+    assert_eq!(
+        first,
+        check_read_only(sql),
+        "check_read_only is not deterministic"
+    );
     let _ = placeholders(sql);
 }

@@ -1,124 +1,286 @@
 #!/usr/bin/env bash
-# cachefront benchmarks against a running demo stack (start it with scripts/demo.sh):
-#   1. EMP.GET hits through cachefront  vs  GET employee:1 on Valkey directly
-#   2. pass-through SET / GET through cachefront  vs  the same on Valkey directly
-#   each with redis-benchmark at 50 clients, without and with a pipeline of 16;
-#   3. single-request latency of an EMP.GET miss vs a hit, next to a plain psycopg2 SELECT
-#      (scripts/miss_latency.py).
-# Prints the machine, the date, and one table: requests/s, p50 and p99 (ms, as reported by
-# redis-benchmark --csv), and cachefront's throughput as a fraction of Valkey's.
+# cachefront benchmark, self-contained: installs what is missing (scripts/deps.sh, and the
+# Debian package `nutcracker`, i.e. twemproxy), builds the release binary, starts its own
+# throwaway Valkey, PostgreSQL (sql/staff.sql plus 100,000 generated employees), cachefront
+# and twemproxy in front of the same Valkey, all on free ports of 127.0.0.1, measures, and
+# stops everything on exit.
 #
-#   scripts/bench.sh
-# Environment: CACHEFRONT_PORT (6380), VALKEY_PORT (6379), PG_PORT (5432),
-#   BENCH_HOST (127.0.0.1), BENCH_N (100000 requests per run), BENCH_CLIENTS (50),
-#   BENCH_MISS_N (500 requests per latency row), BENCH_REPEAT (3 runs per cell; median shown).
+#   bash scripts/bench.sh            the table (scripts/bench_run.py), the single-request
+#                                    latencies (scripts/miss_latency.py) and the idle-
+#                                    connection memory test (scripts/bench_idle.py)
+#   bash scripts/bench.sh --profile  also profile the EMP.GET hit path and the pass-through
+#                                    GET path under callgrind (or perf, when the CPU's
+#                                    counters are available); the top functions are printed
+#   bash scripts/bench.sh --profile-only   only the profiles
+#   bash scripts/bench.sh --services       start everything, print the ports, wait (Ctrl-C stops)
+#
+# Environment:
+#   BENCH_N (100000)        requests per redis-benchmark run at 50 clients
+#   BENCH_N_1K (20000)      requests per run at 1,000 clients
+#   BENCH_MISS_N (20000)    requests per miss run (each starts from a flushed cache)
+#   BENCH_LAT_N (2000)      requests per row of the single-request latency table
+#   BENCH_REPEAT (3)        runs per cell; the median is shown
+#   BENCH_QUIET_MAX (60)    seconds to wait for a quiet machine before each run
+#   BENCH_IDLE_CONNS (9990) idle connections for the memory test (max_clients is 10,000)
+#   BENCH_PROFILE_N (20000) requests per profiled run
+#   BENCH_SKIP_BUILD=1      use the existing target/release/cachefront
+#   BENCH_ONLY=regex        only the table rows whose workload matches (for trying things)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-HOST="${BENCH_HOST:-127.0.0.1}"
-CF="${CACHEFRONT_PORT:-6380}"
-VK="${VALKEY_PORT:-6379}"
-PG="${PG_PORT:-5432}"
-N="${BENCH_N:-100000}"
-C="${BENCH_CLIENTS:-50}"
-MISS_N="${BENCH_MISS_N:-500}"
-REPEAT="${BENCH_REPEAT:-3}"
+cd "$ROOT"
 
+mode=all
+case "${1:-}" in
+"") ;;
+--profile) mode=all+profile ;;
+--profile-only) mode=profile ;;
+--services) mode=services ;;
+-h | --help)
+    sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit 0
+    ;;
+*)
+    echo "usage: $0 [--profile | --profile-only | --services | --help]" >&2
+    exit 2
+    ;;
+esac
+
+say() { printf 'bench: %s\n' "$*" >&2; }
 die() {
-    printf 'bench: %s\n' "$*" >&2
+    say "error: $*"
     exit 1
 }
 
-for b in redis-benchmark redis-cli python3; do
-    command -v "$b" >/dev/null 2>&1 || die "$b not found (scripts/deps.sh installs it)"
-done
-[[ "$(redis-cli -h "$HOST" -p "$VK" PING 2>/dev/null)" == PONG ]] ||
-    die "no Valkey on $HOST:$VK; start the demo first: bash scripts/demo.sh"
-[[ "$(redis-cli -h "$HOST" -p "$CF" PING 2>/dev/null)" == PONG ]] ||
-    die "no cachefront on $HOST:$CF; start the demo first: bash scripts/demo.sh"
-# Warm the entry the hit benchmark reads (and check that the database is there).
-[[ -n "$(redis-cli -h "$HOST" -p "$CF" EMP.GET 1 2>/dev/null)" ]] ||
-    die "EMP.GET 1 through cachefront returned nothing; is PostgreSQL up with the staff data?"
+# --- what is needed ----------------------------------------------------------------------
+bash "$ROOT/scripts/deps.sh"
+# shellcheck source=scripts/deps.sh
+source "$ROOT/scripts/deps.sh" # lookup functions
+as_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-cache show "$1" >/dev/null 2>&1 || ! as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null; then
+        say "apt-get update"
+        as_root apt-get update -qq
+        as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    fi
+}
+NUTCRACKER="$(command -v nutcracker || true)"
+[[ -z "$NUTCRACKER" && -x /usr/sbin/nutcracker ]] && NUTCRACKER=/usr/sbin/nutcracker
+if [[ -z "$NUTCRACKER" ]]; then
+    say "apt-get install nutcracker"
+    apt_install nutcracker
+    NUTCRACKER="$(command -v nutcracker || echo /usr/sbin/nutcracker)"
+    # The package enables a system service; it is not ours to run (and does not start
+    # without systemd anyway).
+fi
+[[ -x "$NUTCRACKER" ]] || die "nutcracker not found"
+PGBIN="$(pg_bin_dir)" || die "PostgreSQL binaries not found"
+VALKEY_SERVER="$(valkey_server_bin)" || die "valkey-server not found"
+[[ -x "$PGBIN/pgbench" ]] || command -v pgbench >/dev/null || apt_install postgresql-contrib
+PGBENCH="$PGBIN/pgbench"
+[[ -x "$PGBENCH" ]] || PGBENCH="$(command -v pgbench)"
 
-info_field() { # port section field
-    redis-cli -h "$HOST" -p "$1" INFO "$2" 2>/dev/null | tr -d '\r' | sed -n "s/^$3://p" | head -n 1
+if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
+    say "cargo build --release"
+    cargo build --release -q
+fi
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+CACHEFRONT="$TARGET_DIR/release/cachefront"
+[[ -x "$CACHEFRONT" ]] || die "$CACHEFRONT not built"
+
+# 10,000 idle clients and 1,000-client runs need file descriptors (cachefront, Valkey,
+# twemproxy and the clients inherit this limit).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [[ "$(ulimit -n)" != unlimited && "$(ulimit -n)" -lt 20000 ]]; then
+    ulimit -Hn 20000 2>/dev/null && ulimit -n 20000 2>/dev/null || true
+fi
+
+# --- a throwaway directory and free ports --------------------------------------------------
+WORK="$(mktemp -d /var/tmp/cachefront-bench.XXXXXX)"
+chmod 755 "$WORK"
+read -r VALKEY_PORT PG_PORT CF_PORT NC_PORT CFP_PORT < <(python3 - <<'PY'
+import socket
+socks = []
+for _ in range(5):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+)
+
+PG_USER=""
+if [[ $EUID -eq 0 ]]; then
+    if id postgres >/dev/null 2>&1; then PG_USER=postgres; else PG_USER=nobody; fi
+fi
+as_pg() {
+    if [[ -z "$PG_USER" ]]; then
+        (cd / && "$@")
+    elif command -v setpriv >/dev/null 2>&1; then
+        (cd / && setpriv --reuid "$PG_USER" --regid "$(id -g "$PG_USER")" --init-groups -- "$@")
+    else
+        (cd / && runuser -u "$PG_USER" -- "$@")
+    fi
 }
 
-echo "# cachefront benchmark"
-echo "date:        $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-echo "machine:     $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), $(awk '/MemTotal/ {printf "%.0f GB RAM", $2/1048576}' /proc/meminfo)"
-echo "kernel:      $(uname -sr)"
-echo "cachefront:  $(info_field "$CF" cachefront cachefront_version) on $HOST:$CF"
-echo "valkey:      $(info_field "$VK" server valkey_version || true) on $HOST:$VK"
-echo "client:      $(redis-benchmark --version 2>/dev/null | head -n 1), $C clients, $N requests per run, median of $REPEAT runs"
-echo "note:        client, cachefront, Valkey and PostgreSQL all share these CPUs"
-echo
-
-# One redis-benchmark run; prints "rps p50 p99" (p50/p99 in ms).
-rb() { # port pipeline args...
-    local port="$1" pipe="$2"
-    shift 2
-    redis-benchmark -h "$HOST" -p "$port" -n "$N" -c "$C" -P "$pipe" --csv "$@" 2>/dev/null |
-        python3 -c '
-import csv, sys
-rows = [r for r in csv.reader(sys.stdin) if r and r[0] != "test"]
-if not rows:
-    sys.exit("redis-benchmark printed no result")
-r = rows[-1]   # header: test,rps,avg,min,p50,p95,p99,max
-print(r[1], r[4], r[6])
-'
+VALKEY_PID="" CF_PID="" NC_PID="" PG_DATA="$WORK/pg"
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    [[ -n "$CF_PID" ]] && kill -TERM "$CF_PID" 2>/dev/null && wait "$CF_PID" 2>/dev/null
+    [[ -n "$NC_PID" ]] && kill -TERM "$NC_PID" 2>/dev/null && wait "$NC_PID" 2>/dev/null
+    [[ -n "$VALKEY_PID" ]] && kill -TERM "$VALKEY_PID" 2>/dev/null && wait "$VALKEY_PID" 2>/dev/null
+    if [[ -f "$PG_DATA/postmaster.pid" ]]; then
+        as_pg "$PGBIN/pg_ctl" -D "$PG_DATA" -m immediate -w -t 20 stop >/dev/null 2>&1 || true
+    fi
+    if [[ "${BENCH_KEEP_WORK:-0}" == 1 ]]; then say "left $WORK"; else rm -rf "$WORK"; fi
+    exit "$rc"
 }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-rows=()
-# One table row: the cachefront and Valkey runs alternate, REPEAT times each; the row shows
-# the median of each column over the repeats (this machine's run-to-run noise is large).
-row() { # label pipeline cachefront-args... -- valkey-args...
-    local label="$1" pipe="$2"
-    shift 2
-    local cf_args=() vk_args=()
-    while [[ "$1" != -- ]]; do
-        cf_args+=("$1")
-        shift
+wait_port() { # port seconds what
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
     done
+    die "$3 did not start on port $1"
+}
+
+# --- Valkey ----------------------------------------------------------------------------
+mkdir -p "$WORK/valkey"
+"$VALKEY_SERVER" --port "$VALKEY_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$WORK/valkey" --logfile "$WORK/valkey.log" --maxclients 12000 &
+VALKEY_PID=$!
+wait_port "$VALKEY_PORT" 10 valkey-server
+say "valkey-server on 127.0.0.1:$VALKEY_PORT (pid $VALKEY_PID)"
+
+# --- PostgreSQL ------------------------------------------------------------------------
+mkdir -p "$PG_DATA"
+chmod 700 "$PG_DATA"
+[[ -n "$PG_USER" ]] && chown "$PG_USER" "$PG_DATA" && touch "$WORK/postgres.log" && chown "$PG_USER" "$WORK/postgres.log"
+as_pg "$PGBIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --locale=C -N >"$WORK/initdb.log" 2>&1 ||
+    { cat "$WORK/initdb.log" >&2; die "initdb failed"; }
+# A throwaway cluster: no durability needed. 200 connections: pgbench's 50 clients plus
+# cachefront's pool.
+as_pg "$PGBIN/pg_ctl" -D "$PG_DATA" -l "$WORK/postgres.log" -w -t 60 start \
+    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+    >/dev/null || { tail -n 20 "$WORK/postgres.log" >&2; die "postgres did not start"; }
+say "postgres on 127.0.0.1:$PG_PORT (data $PG_DATA)"
+PSQL=("$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres)
+"${PSQL[@]}" -d postgres -c "CREATE DATABASE staff"
+"${PSQL[@]}" -d staff -f "$ROOT/sql/staff.sql" >/dev/null
+# The 100,000 generated employees are inserted by bench_run.py after the SQL.CACHED rows:
+# over them the guide's join would return 100,005 rows (more than sql.max_rows, and an
+# 8 MB value), so the join is measured on the guide's five rows.
+GEN_SQL="INSERT INTO employees (name, job_title, dept_id)
+SELECT 'Employee ' || g, 'Job title ' || (g % 97), 1 + g % 5 FROM generate_series(1, 100000) AS g;
+ANALYZE employees;"
+
+# --- cachefront --------------------------------------------------------------------------
+export CACHEFRONT_VALKEY_URL="redis://127.0.0.1:$VALKEY_PORT"
+export CACHEFRONT_POSTGRES_URL="postgres://postgres@127.0.0.1:$PG_PORT/staff"
+export RUST_LOG="${RUST_LOG:-warn}"
+# The repository's config plus one bench-only named query: redis-benchmark's __rand_int__
+# is a zero-padded 12-digit number ("000000012345"), which EMP.GET refuses (its id is an
+# "int", parsed as strictly as Valkey parses integers). BENCH.EMP is EMP.GET with a text
+# argument: the same SQL and the same named-query path; PostgreSQL reads '000000012345' as
+# 12345; the key is employee:000000012345.
+CONFIG="$WORK/config.toml"
+cat "$ROOT/config.toml" - >"$CONFIG" <<'EOF'
+
+# --- added by scripts/bench.sh ---
+[[query]]
+command = "BENCH.EMP"
+sql = "SELECT name FROM employees WHERE id = $1"
+key = "employee:{1}"
+ttl = 3600
+reply = "value"
+args = ["text"]
+summary = "EMP.GET for redis-benchmark's zero-padded __rand_int__ ids"
+EOF
+"$CACHEFRONT" --check-config --config "$CONFIG" >/dev/null || die "bench config refused"
+
+start_cachefront() { # port [wrapper...]
+    local port="$1"
     shift
-    vk_args=("$@")
-    local cf=() vk=() r
-    for ((r = 0; r < REPEAT; r++)); do
-        cf+=("$(rb "$CF" "$pipe" "${cf_args[@]}")") || die "redis-benchmark against cachefront failed: ${cf_args[*]}"
-        vk+=("$(rb "$VK" "$pipe" "${vk_args[@]}")") || die "redis-benchmark against valkey failed: ${vk_args[*]}"
-        printf '.' >&2
-    done
-    rows+=("$label|$pipe|$(median "${cf[@]}")|$(median "${vk[@]}")")
+    CACHEFRONT_LISTEN="127.0.0.1:$port" "$@" "$CACHEFRONT" --config "$CONFIG" >>"$WORK/cachefront.log" 2>&1 &
+    STARTED_PID=$!
 }
+start_cachefront "$CF_PORT"
+CF_PID=$STARTED_PID
+wait_port "$CF_PORT" 20 cachefront
+say "cachefront on 127.0.0.1:$CF_PORT (pid $CF_PID)"
 
-# Column-wise median of "rps p50 p99" triples.
-median() {
-    printf '%s\n' "$@" | python3 -c '
-import statistics, sys
-cols = list(zip(*(map(float, l.split()) for l in sys.stdin if l.strip())))
-print(" ".join("%.3f" % statistics.median(c) for c in cols))
-'
-}
+# --- twemproxy in front of the same Valkey ---------------------------------------------------
+cat >"$WORK/nutcracker.yml" <<EOF
+bench:
+  listen: 127.0.0.1:$NC_PORT
+  hash: fnv1a_64
+  distribution: ketama
+  redis: true
+  auto_eject_hosts: false
+  timeout: 5000
+  servers:
+   - 127.0.0.1:$VALKEY_PORT:1
+EOF
+"$NUTCRACKER" -c "$WORK/nutcracker.yml" -o "$WORK/nutcracker.log" -s "$((NC_PORT + 1))" -a 127.0.0.1 \
+    -p "$WORK/nutcracker.pid" -v 4 &
+NC_PID=$!
+wait_port "$NC_PORT" 10 nutcracker
+say "nutcracker (twemproxy) on 127.0.0.1:$NC_PORT (pid $NC_PID)"
 
-printf 'running redis-benchmark ' >&2
-row "EMP.GET 1 (hit) vs GET employee:1" 1 EMP.GET 1 -- GET employee:1
-row "EMP.GET 1 (hit) vs GET employee:1" 16 EMP.GET 1 -- GET employee:1
-row "pass-through SET" 1 -t set -- -t set
-row "pass-through GET" 1 -t get -- -t get
-row "pass-through SET" 16 -t set -- -t set
-row "pass-through GET" 16 -t get -- -t get
-echo >&2
+export BENCH_VALKEY_VERSION="$("$VALKEY_SERVER" --version | head -n 1)"
+export BENCH_PG_VERSION="$("$PGBIN/postgres" --version)"
+export BENCH_NC_VERSION="$("$NUTCRACKER" --version 2>&1 | head -n 1)"
+export BENCH_COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo '+dirty')"
 
-printf '%s\n' "${rows[@]}" | python3 -c '
-import sys
-print("| workload | -P | cachefront req/s | p50 ms | p99 ms | valkey req/s | p50 ms | p99 ms | cachefront/valkey |")
-print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
-for line in sys.stdin:
-    label, pipe, cf, vk = line.rstrip("\n").split("|")
-    c, v = cf.split(), vk.split()
-    ratio = float(c[0]) / float(v[0]) if float(v[0]) else 0.0
-    print(f"| {label} | {pipe} | {float(c[0]):,.0f} | {float(c[1]):.3f} | {float(c[2]):.3f} | {float(v[0]):,.0f} | {float(v[1]):.3f} | {float(v[2]):.3f} | {ratio:.2f} |")
-'
-echo
-python3 "$ROOT/scripts/miss_latency.py" -n "$MISS_N" --host "$HOST" \
-    --cachefront-port "$CF" --valkey-port "$VK" --pg-port "$PG"
+run_args=(--cachefront-port "$CF_PORT" --valkey-port "$VALKEY_PORT" --nutcracker-port "$NC_PORT"
+    --pg-port "$PG_PORT" --cachefront-pid "$CF_PID" --valkey-pid "$VALKEY_PID" --nutcracker-pid "$NC_PID"
+    --pg-data "$PG_DATA" --pgbench "$PGBENCH" --psql "$PGBIN/psql" --work "$WORK")
+
+if [[ "$mode" == services ]]; then
+    cat <<EOF
+VALKEY_PORT=$VALKEY_PORT
+PG_PORT=$PG_PORT
+CACHEFRONT_PORT=$CF_PORT   (pid $CF_PID)
+NUTCRACKER_PORT=$NC_PORT
+WORK=$WORK
+generate the 100,000 employees: ${PSQL[*]} -d staff -c "\$GEN_SQL"
+EOF
+    say "running; Ctrl-C stops everything"
+    export GEN_SQL
+    wait "$CF_PID" || true
+    exit 0
+fi
+
+if [[ "$mode" == all || "$mode" == all+profile ]]; then
+    # Memory first, on a fresh process: 10,000 is limits.max_clients, minus a few for the
+    # benchmark's own connections.
+    python3 "$ROOT/scripts/bench_idle.py" --port "$CF_PORT" --pid "$CF_PID" \
+        -n "${BENCH_IDLE_CONNS:-9990}" --ping 100 >"$WORK/idle.txt" ||
+        say "idle-connection test failed"
+    GEN_SQL="$GEN_SQL" python3 "$ROOT/scripts/bench_run.py" "${run_args[@]}"
+    echo
+    cat "$WORK/idle.txt"
+    echo
+    # Single requests, one client: cold misses on never-requested ids of the 100,000.
+    python3 "$ROOT/scripts/miss_latency.py" -n "${BENCH_LAT_N:-2000}" --ids 100000 \
+        --cachefront-port "$CF_PORT" --valkey-port "$VALKEY_PORT" --pg-port "$PG_PORT"
+    if grep -qiE 'panic|ERROR' "$WORK/cachefront.log"; then
+        echo
+        echo "cachefront log (warnings and errors):"
+        grep -iE 'panic|ERROR|WARN' "$WORK/cachefront.log" | head -n 40
+    fi
+fi
+
+if [[ "$mode" == profile || "$mode" == all+profile ]]; then
+    if [[ "$mode" == profile ]]; then
+        "${PSQL[@]}" -d staff -c "$GEN_SQL" >/dev/null
+    fi
+    echo
+    # shellcheck source=scripts/bench_profile.sh
+    source "$ROOT/scripts/bench_profile.sh"
+fi

@@ -46,6 +46,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub invalidation: InvalidationConfig,
+    pub metrics: MetricsConfig,
     /// Named queries; `EMP.GET` is built in unless redefined here.
     #[serde(rename = "query")]
     pub queries: Vec<NamedQueryConfig>,
@@ -97,6 +98,14 @@ pub struct CacheConfig {
     pub l1_max_bytes: u64,
     /// Longest an L1 entry lives (it is also dropped whenever Valkey reports a change).
     pub l1_ttl_ms: u64,
+}
+
+/// Observability.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` of the Prometheus endpoint (`GET /metrics`); empty: off.
+    pub listen: String,
 }
 
 /// Invalidation of cached entries when PostgreSQL data changes.
@@ -264,6 +273,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             invalidation: InvalidationConfig::default(),
+            metrics: MetricsConfig::default(),
             queries: Vec::new(),
         }
     }
@@ -378,6 +388,7 @@ const SECTIONS: &[&str] = &[
     "limits",
     "auth",
     "invalidation",
+    "metrics",
 ];
 
 impl Config {
@@ -465,6 +476,14 @@ impl Config {
         }
         if self.limits.max_inline < 1024 {
             return Err(invalid("limits.max_inline", "must be at least 1024"));
+        }
+        if !self.metrics.listen.is_empty() {
+            self.metrics.listen.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "metrics.listen",
+                    format!("'{}' is not host:port ({e})", self.metrics.listen),
+                )
+            })?;
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(invalid("log_format", "must be \"text\" or \"json\""));

@@ -9,6 +9,7 @@
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -34,6 +35,7 @@ enum Slot {
         rx: ReplyRx,
         transform: Transform,
         proto: Proto,
+        started: Instant,
     },
     /// A cached command's lookup; a miss turns it into a `Task`. With a ticket, the lookup
     /// was tracked and a hit may enter the L1.
@@ -41,8 +43,10 @@ enum Slot {
         rx: ReplyRx,
         plan: Box<FillPlan>,
         ticket: Option<Ticket>,
+        started: Instant,
     },
-    Task(JoinHandle<Reply>, Proto),
+    /// Local work; with a start time, a cache miss being filled (timed as such).
+    Task(JoinHandle<Reply>, Proto, Option<Instant>),
     /// Waiting for the next reply on the dedicated connection; with a plan, that reply is a
     /// cached command's lookup.
     Dedicated {
@@ -235,7 +239,7 @@ impl Connection {
             Action::Cached { lookup, plan } => self.lookup(lookup, plan),
             Action::Task(fut) => {
                 let h = tokio::spawn(fut);
-                self.outq.push_back(Slot::Task(h, self.session.proto));
+                self.outq.push_back(Slot::Task(h, self.session.proto, None));
             }
             Action::Reset => self.reset().await,
         }
@@ -249,6 +253,7 @@ impl Connection {
         if let Some(frame) = l1.get(&plan.entry.key, hash, plan.proto) {
             inc(&self.shared.metrics.hits);
             inc(&self.shared.metrics.l1_hits);
+            self.shared.metrics.latency.hit.observe(Duration::ZERO);
             self.maybe_refresh_early(*plan);
             self.outq.push_back(Slot::Ready(frame));
             return;
@@ -273,12 +278,19 @@ impl Connection {
                 let ticket = l1.enabled().then(|| l1.ticket(&plan.entry.key));
                 let tracked = ticket
                     .and_then(|_| up.send_tracked(self.session.id, plan.proto, lookup.clone()));
+                let started = Instant::now();
                 let slot = match tracked {
-                    Some(rx) => Slot::Lookup { rx, plan, ticket },
+                    Some(rx) => Slot::Lookup {
+                        rx,
+                        plan,
+                        ticket,
+                        started,
+                    },
                     None => Slot::Lookup {
                         rx: up.send(self.session.id, plan.proto, lookup),
                         plan,
                         ticket: None,
+                        started,
                     },
                 };
                 self.outq.push_back(slot);
@@ -296,6 +308,7 @@ impl Connection {
                 rx,
                 transform,
                 proto,
+                started: Instant::now(),
             });
             return;
         }
@@ -450,7 +463,7 @@ impl Connection {
                     Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
                     Err(_) => Some(FrontDone::Upstream(Err(dropped()))),
                 },
-                Slot::Task(h, _) if h.is_finished() => match futures::FutureExt::now_or_never(h) {
+                Slot::Task(h, ..) if h.is_finished() => match futures::FutureExt::now_or_never(h) {
                     Some(r) => Some(FrontDone::Joined(joined(r))),
                     None => break,
                 },
@@ -477,19 +490,38 @@ impl Connection {
         let next = match (front, done) {
             (
                 Slot::Upstream {
-                    transform, proto, ..
+                    transform,
+                    proto,
+                    started,
+                    ..
                 },
                 FrontDone::Upstream(r),
             ) => {
                 if r.is_err() {
                     inc(&self.shared.metrics.upstream_errors);
                 }
+                self.shared
+                    .metrics
+                    .latency
+                    .passthrough
+                    .observe(started.elapsed());
                 Slot::Ready(transform.apply(&self.shared, proto, r).to_bytes(proto))
             }
-            (Slot::Lookup { plan, ticket, .. }, FrontDone::Upstream(r)) => {
-                self.looked_up(*plan, r, ticket)
+            (
+                Slot::Lookup {
+                    plan,
+                    ticket,
+                    started,
+                    ..
+                },
+                FrontDone::Upstream(r),
+            ) => self.looked_up(*plan, r, ticket, started),
+            (Slot::Task(_, proto, started), FrontDone::Joined(reply)) => {
+                if let Some(t) = started {
+                    self.shared.metrics.latency.miss.observe(t.elapsed());
+                }
+                Slot::Ready(reply.to_bytes(proto))
             }
-            (Slot::Task(_, proto), FrontDone::Joined(reply)) => Slot::Ready(reply.to_bytes(proto)),
             (other, _) => other,
         };
         self.outq.push_front(next);
@@ -502,10 +534,12 @@ impl Connection {
         plan: FillPlan,
         r: crate::error::Result<Bytes>,
         ticket: Option<Ticket>,
+        started: Instant,
     ) -> Slot {
         match r {
             Ok(frame) if fill::is_hit(&frame) => {
                 inc(&self.shared.metrics.hits);
+                self.shared.metrics.latency.hit.observe(started.elapsed());
                 if let Some(t) = ticket.filter(|_| !frame.starts_with(b"-")) {
                     let hash = plan.kind == ReplyKind::Hash;
                     let deps = plan.entry.l1_deps();
@@ -532,6 +566,7 @@ impl Connection {
                 Slot::Task(
                     tokio::spawn(fill::run(Arc::clone(&self.shared), plan, via_cache)),
                     proto,
+                    Some(started),
                 )
             }
         }
@@ -601,7 +636,7 @@ impl Connection {
                 let filled = match self.outq.remove(i) {
                     Some(Slot::Dedicated {
                         plan: Some(plan), ..
-                    }) => self.looked_up(*plan, Ok(frame), None),
+                    }) => self.looked_up(*plan, Ok(frame), None, Instant::now()),
                     Some(Slot::Dedicated {
                         transform, proto, ..
                     }) => Slot::Ready(
@@ -632,7 +667,7 @@ impl Connection {
             let filled = match &mut self.outq[i] {
                 Slot::Dedicated { plan, proto, .. } => match plan.take() {
                     // A lookup that lost its connection is answered from PostgreSQL.
-                    Some(plan) => self.looked_up(*plan, Err(e.clone()), None),
+                    Some(plan) => self.looked_up(*plan, Err(e.clone()), None, Instant::now()),
                     None => Slot::Ready(reply.to_bytes(*proto)),
                 },
                 _ => continue,
@@ -687,7 +722,7 @@ async fn front_event(outq: &mut VecDeque<Slot>) -> FrontDone {
         Some(Slot::Upstream { rx, .. }) | Some(Slot::Lookup { rx, .. }) => {
             FrontDone::Upstream(rx.await.unwrap_or_else(|_| Err(dropped())))
         }
-        Some(Slot::Task(h, _)) => FrontDone::Joined(joined(h.await)),
+        Some(Slot::Task(h, ..)) => FrontDone::Joined(joined(h.await)),
         _ => std::future::pending().await,
     }
 }

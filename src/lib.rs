@@ -11,7 +11,8 @@
 //! - [`upstream`] is Valkey for pass-through: shared pipelined and dedicated connections.
 //! - [`db`] is PostgreSQL: pool, read-only execution, SQL checks, rows as JSON, triggers.
 //! - [`invalidation`] listens for PostgreSQL's change notifications and drops what changed.
-//! - [`config`], [`error`], [`metrics`], [`session`] are what the others share.
+//! - [`config`], [`error`], [`metrics`], [`session`] are what the others share;
+//!   [`prometheus`] serves the metrics over HTTP.
 
 pub mod cache;
 pub mod command;
@@ -21,6 +22,7 @@ pub mod db;
 pub mod error;
 pub mod invalidation;
 pub mod metrics;
+pub mod prometheus;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -1,6 +1,96 @@
-//! Counters, named once here; `INFO`'s `# Cachefront` section renders them.
+//! Counters and latency histograms, named once here; `INFO`'s `# Cachefront` section and the
+//! Prometheus endpoint (`metrics.listen`) both render them.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).
+pub const BUCKETS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000,
+];
+
+/// A fixed-bucket latency histogram of relaxed atomics: recording is two adds, no lock.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 15],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    /// The bucket bound under which `q` of the observations fall (an upper estimate).
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let want = (total as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Relaxed);
+            if seen >= want {
+                return Some(BUCKETS_US.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        None
+    }
+
+    fn prometheus(&self, out: &mut String, name: &str, family: &str) {
+        let mut cum = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cum += b.load(Relaxed);
+            let le = match BUCKETS_US.get(i) {
+                Some(us) => format!("{}", *us as f64 / 1e6),
+                None => "+Inf".to_string(),
+            };
+            out.push_str(&format!(
+                "{name}_bucket{{family=\"{family}\",le=\"{le}\"}} {cum}\n"
+            ));
+        }
+        out.push_str(&format!(
+            "{name}_sum{{family=\"{family}\"}} {}\n{name}_count{{family=\"{family}\"}} {cum}\n",
+            self.sum_us.load(Relaxed) as f64 / 1e6
+        ));
+    }
+}
+
+/// Latency per command family.
+#[derive(Debug, Default)]
+pub struct Latency {
+    /// Cached commands answered from the L1 or Valkey.
+    pub hit: Histogram,
+    /// Cached commands that had to be filled (lookup, query, store).
+    pub miss: Histogram,
+    /// Commands passed through to Valkey over a shared connection.
+    pub passthrough: Histogram,
+    /// PostgreSQL queries of fills.
+    pub db_query: Histogram,
+}
+
+impl Latency {
+    fn families(&self) -> [(&'static str, &Histogram); 4] {
+        [
+            ("hit", &self.hit),
+            ("miss", &self.miss),
+            ("passthrough", &self.passthrough),
+            ("db_query", &self.db_query),
+        ]
+    }
+}
 
 /// Process-wide counters. Plain relaxed atomics: each is an independent tally.
 #[derive(Debug, Default)]
@@ -43,7 +133,51 @@ pub struct Metrics {
     pub early_refreshes: AtomicU64,
     /// Hits answered from the in-process L1 (also counted in `hits`).
     pub l1_hits: AtomicU64,
+    pub latency: Latency,
 }
+
+/// Help texts for the Prometheus exposition, by counter name.
+const COUNTERS: &[(&str, &str)] = &[
+    ("hits", "Cached commands answered from the cache"),
+    ("misses", "Cached commands that found no entry"),
+    ("fills", "Entries stored after a miss"),
+    (
+        "coalesced_waits",
+        "Misses that waited for another request's fill",
+    ),
+    ("db_queries", "Queries sent to PostgreSQL"),
+    (
+        "db_errors",
+        "Queries PostgreSQL failed or could not be reached for",
+    ),
+    (
+        "fail_open",
+        "Cached commands answered from PostgreSQL because Valkey was unavailable",
+    ),
+    ("upstream_errors", "Valkey failures seen"),
+    ("invalidations", "Cache entries dropped by invalidation"),
+    (
+        "stale_fill_rejections",
+        "Fills not stored because a write raced them",
+    ),
+    ("errors", "Error replies sent to clients"),
+    ("passthrough_commands", "Commands passed through to Valkey"),
+    ("connections_received", "Client connections accepted"),
+    (
+        "rejected_connections",
+        "Client connections refused (max clients, protected mode)",
+    ),
+    (
+        "notifications",
+        "Change notifications received from PostgreSQL",
+    ),
+    (
+        "listener_reconnects",
+        "Times the invalidation listener (re)connected",
+    ),
+    ("early_refreshes", "Hot entries refreshed before expiry"),
+    ("l1_hits", "Hits answered from the in-process L1"),
+];
 
 /// Adds one to a counter.
 pub fn inc(c: &AtomicU64) {
@@ -56,6 +190,75 @@ pub fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Metrics {
+    fn counter(&self, name: &str) -> u64 {
+        let c = match name {
+            "hits" => &self.hits,
+            "misses" => &self.misses,
+            "fills" => &self.fills,
+            "coalesced_waits" => &self.coalesced_waits,
+            "db_queries" => &self.db_queries,
+            "db_errors" => &self.db_errors,
+            "fail_open" => &self.fail_open,
+            "upstream_errors" => &self.upstream_errors,
+            "invalidations" => &self.invalidations,
+            "stale_fill_rejections" => &self.stale_fill_rejections,
+            "errors" => &self.errors,
+            "passthrough_commands" => &self.passthrough,
+            "connections_received" => &self.connections_total,
+            "rejected_connections" => &self.rejected_connections,
+            "notifications" => &self.notifications,
+            "listener_reconnects" => &self.listener_reconnects,
+            "early_refreshes" => &self.early_refreshes,
+            "l1_hits" => &self.l1_hits,
+            _ => return 0,
+        };
+        c.load(Relaxed)
+    }
+
+    /// The Prometheus text exposition (version 0.0.4): counters, `gauges` given by the
+    /// caller (pools, L1, listener), and the latency histograms.
+    pub fn prometheus(&self, gauges: &[(&str, &str, f64)]) -> String {
+        let mut out = String::with_capacity(8192);
+        for (name, help) in COUNTERS {
+            out.push_str(&format!(
+                "# HELP cachefront_{name}_total {help}.\n# TYPE cachefront_{name}_total counter\ncachefront_{name}_total {}\n",
+                self.counter(name)
+            ));
+        }
+        for (name, help, v) in gauges {
+            out.push_str(&format!(
+                "# HELP cachefront_{name} {help}.\n# TYPE cachefront_{name} gauge\ncachefront_{name} {v}\n"
+            ));
+        }
+        let name = "cachefront_latency_seconds";
+        out.push_str(&format!(
+            "# HELP {name} Latency by command family (hit, miss, passthrough, db_query).\n# TYPE {name} histogram\n"
+        ));
+        for (family, h) in self.latency.families() {
+            h.prometheus(&mut out, name, family);
+        }
+        out
+    }
+
+    /// `latency_<family>:count=…,p50_us=…,p99_us=…` lines for INFO.
+    fn latency_info(&self) -> Vec<(String, String)> {
+        self.latency
+            .families()
+            .iter()
+            .map(|(f, h)| {
+                let q = |x| {
+                    h.quantile_us(x)
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|| "-".into())
+                };
+                (
+                    format!("latency_{f}"),
+                    format!("count={},p50_us={},p99_us={}", h.count(), q(0.5), q(0.99)),
+                )
+            })
+            .collect()
+    }
+
     /// The `# Cachefront` INFO section, CRLF-separated like Valkey's own sections.
     pub fn info_section(&self, db_pool: (usize, usize), listening: bool) -> String {
         let g = |c: &AtomicU64| c.load(Relaxed);
@@ -110,8 +313,13 @@ impl Metrics {
             ("l1_hits", g(&self.l1_hits).to_string()),
         ];
         let mut out = String::from("# Cachefront\r\n");
+        let latency = self.latency_info();
+        let rows = rows
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .chain(latency);
         for (k, v) in rows {
-            out.push_str(k);
+            out.push_str(&k);
             out.push(':');
             out.push_str(&v);
             out.push_str("\r\n");

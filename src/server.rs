@@ -108,6 +108,47 @@ impl Shared {
         s
     }
 
+    /// The Prometheus exposition: counters, gauges, histograms.
+    pub fn prometheus(&self) -> String {
+        let (size, available) = self.db.pool_status();
+        let (entries, bytes) = self.cache.l1.usage();
+        let gauges = [
+            (
+                "connected_clients",
+                "Client connections open",
+                self.metrics.connections_current.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "db_pool_size",
+                "PostgreSQL pool connections open",
+                size as f64,
+            ),
+            (
+                "db_pool_available",
+                "PostgreSQL pool connections idle",
+                available as f64,
+            ),
+            (
+                "upstream_shared_connections",
+                "Shared pipelined connections to Valkey per protocol",
+                self.config.valkey.pool_size as f64,
+            ),
+            ("l1_entries", "Entries in the in-process L1", entries as f64),
+            ("l1_bytes", "Bytes held by the in-process L1", bytes as f64),
+            (
+                "l1_tracking_up",
+                "1 while Valkey client tracking keeps the L1 coherent",
+                f64::from(u8::from(self.upstream.tracking.current().0 != 0)),
+            ),
+            (
+                "invalidation_listening",
+                "1 while listening for PostgreSQL change notifications",
+                f64::from(u8::from(self.is_listening())),
+            ),
+        ];
+        self.metrics.prometheus(&gauges)
+    }
+
     /// Client ids start at 1 and are never reused, like Valkey's.
     pub fn next_client_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -117,6 +158,7 @@ impl Shared {
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// How long shutdown waits for connections to finish their replies.
@@ -129,6 +171,17 @@ impl Server {
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| StartError::Listen { addr, source })?;
+        let metrics_listener = match config.metrics.listen.as_str() {
+            "" => None,
+            addr => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen {
+                        addr: addr.to_string(),
+                        source,
+                    })?,
+            ),
+        };
         let shared = Arc::new(Shared::new(config)?);
         shared.upstream.warm_up();
         // Briefly: learn Valkey's version for HELLO; a Valkey that is down does not hold us up.
@@ -136,7 +189,13 @@ impl Server {
         while shared.upstream.server_version().is_empty() && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Ok(Server { listener, shared })
+        let metrics_task = metrics_listener
+            .map(|l| tokio::spawn(crate::prometheus::serve(l, Arc::clone(&shared))));
+        Ok(Server {
+            listener,
+            shared,
+            metrics_task,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -230,6 +289,9 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         listener_task.abort();
+        if let Some(t) = &self.metrics_task {
+            t.abort();
+        }
         tracing::info!(remaining = live.load(Ordering::Relaxed), "shut down");
     }
 }

@@ -296,6 +296,7 @@ impl FillCtx {
             }
         })?;
         let delta = started.elapsed();
+        self.metrics.latency.db_query.observe(delta);
         let versions = match prefill {
             Ok(p) => p.versions,
             Err(e) => {

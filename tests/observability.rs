@@ -1,0 +1,122 @@
+//! Metrics: the Prometheus endpoint, INFO's latency lines, and two cachefront instances
+//! sharing one Valkey staying coherent.
+
+mod common;
+
+use common::services::free_port;
+use common::{config_for, Raw, Stack};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn http_get(port: u16, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_endpoint_and_info_latency() {
+    let port = free_port();
+    let s = Stack::start_with(|c| c.metrics.listen = format!("127.0.0.1:{port}")).await;
+    let mut raw = s.raw().await;
+    for _ in 0..3 {
+        raw.call(&[b"EMP.GET", b"1"]).await;
+    }
+    raw.call(&[b"SET", b"a", b"b"]).await;
+    let body = http_get(port, "/metrics").await;
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(
+        body.contains("# TYPE cachefront_hits_total counter\ncachefront_hits_total 2\n"),
+        "{body}"
+    );
+    assert!(body.contains("cachefront_misses_total 1\n"), "{body}");
+    assert!(body.contains("cachefront_db_queries_total 1\n"), "{body}");
+    assert!(
+        body.contains("cachefront_passthrough_commands_total 1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("cachefront_latency_seconds_count{family=\"hit\"} 2\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("cachefront_latency_seconds_count{family=\"miss\"} 1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("cachefront_latency_seconds_bucket{family=\"passthrough\",le=\"+Inf\"} 1\n"),
+        "{body}"
+    );
+    assert!(body.contains("cachefront_db_pool_size "), "{body}");
+    assert!(http_get(port, "/nope").await.starts_with("HTTP/1.1 404"));
+    let info = raw.call(&[b"INFO", b"cachefront"]).await;
+    assert!(info.contains("latency_hit:count=2,p50_us="), "{info}");
+    assert!(info.contains("latency_db_query:count=1,"), "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_sharing_one_valkey_stay_coherent() {
+    let a = Stack::start().await;
+    let b = cachefront::server::spawn(config_for(&a.valkey, &a.db))
+        .await
+        .unwrap();
+    let wait_ready = |shared: std::sync::Arc<cachefront::server::Shared>| async move {
+        let t = Instant::now();
+        while shared.upstream.tracking.current().0 == 0 || !shared.is_listening() {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    wait_ready(a.proxy.shared.clone()).await;
+    wait_ready(b.shared.clone()).await;
+    let mut ra = a.raw().await;
+    let mut rb = Raw::connect(b.addr.port()).await;
+    // Both have employee 1 in their L1.
+    for _ in 0..3 {
+        assert_eq!(
+            ra.call(&[b"EMP.GET", b"1"]).await,
+            "$13\r\nAlice Johnson\r\n"
+        );
+        assert_eq!(
+            rb.call(&[b"EMP.GET", b"1"]).await,
+            "$13\r\nAlice Johnson\r\n"
+        );
+    }
+    // A write through instance B reaches instance A's L1 (through Valkey's tracking).
+    assert_eq!(
+        rb.call(&[b"SET", b"employee:1", b"Changed Via B"]).await,
+        "+OK\r\n"
+    );
+    let t = Instant::now();
+    while ra.call(&[b"EMP.GET", b"1"]).await != "$13\r\nChanged Via B\r\n" {
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "instance A still serves the old value"
+        );
+    }
+    eprintln!("instance A saw B's write after {:?}", t.elapsed());
+    // A database write reaches both.
+    a.pg()
+        .await
+        .execute(
+            "UPDATE employees SET name = 'Alice Cooper' WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    for r in [&mut ra, &mut rb] {
+        let t = Instant::now();
+        while r.call(&[b"EMP.GET", b"1"]).await != "$12\r\nAlice Cooper\r\n" {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "an instance still serves the old value"
+            );
+        }
+    }
+}
