@@ -55,6 +55,9 @@ struct Outcome {
 }
 
 /// Limits from the first config byte: the defaults, or small ones so that every limit is hit.
+/// `max_inline` stays above the longest valid header line (`*-9223372036854775808\r\n`, 23
+/// bytes): below that, whether a header trips the limit depends on how it was split into
+/// reads, in Valkey too.
 fn limits_from(cfg: &[u8; 3]) -> Limits {
     if cfg[0] & 2 == 0 {
         return Limits::default();
@@ -62,7 +65,7 @@ fn limits_from(cfg: &[u8; 3]) -> Limits {
     let a = cfg[1] as usize;
     let b = cfg[2] as usize;
     Limits {
-        max_inline: 4 + a % 64,
+        max_inline: 23 + a % 64,
         max_bulk: b % 48,
         max_multibulk: 1 + a % 8,
         max_query_buffer: 8 + b * 2,

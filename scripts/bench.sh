@@ -124,11 +124,12 @@ as_pg() {
     fi
 }
 
-VALKEY_PID="" CF_PID="" NC_PID="" PG_DATA="$WORK/pg"
+VALKEY_PID="" CF_PID="" CFP_PID="" NC_PID="" PG_DATA="$WORK/pg"
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     [[ -n "$CF_PID" ]] && kill -TERM "$CF_PID" 2>/dev/null && wait "$CF_PID" 2>/dev/null
+    [[ -n "$CFP_PID" ]] && kill -TERM "$CFP_PID" 2>/dev/null && wait "$CFP_PID" 2>/dev/null
     [[ -n "$NC_PID" ]] && kill -TERM "$NC_PID" 2>/dev/null && wait "$NC_PID" 2>/dev/null
     [[ -n "$VALKEY_PID" ]] && kill -TERM "$VALKEY_PID" 2>/dev/null && wait "$VALKEY_PID" 2>/dev/null
     if [[ -f "$PG_DATA/postmaster.pid" ]]; then

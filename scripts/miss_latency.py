@@ -11,11 +11,15 @@ Needs a running demo stack (scripts/demo.sh) and psycopg2 (scripts/deps.sh insta
     python3 scripts/miss_latency.py [-n 500] [--cachefront-port 6380]
                                     [--valkey-port 6379] [--pg-port 5432]
 
-A miss is made by deleting employee:<id> on Valkey directly before asking cachefront; the
-DEL is not timed. Ids cycle over 1..5 (the guide's five employees).
+Hits cycle over ids 1..5 (the guide's five employees). A miss is, by default, made by
+deleting employee:<id> on Valkey directly before asking cachefront (the DEL is not timed);
+with --ids N (a database holding ids up to N, as scripts/bench.sh makes), every miss asks for
+an id never asked for before instead, so no in-process L1 entry or pending invalidation can
+turn it into a hit, and the plain SELECT row reads random ids of the N.
 """
 
 import argparse
+import random
 import socket
 import time
 
@@ -102,6 +106,8 @@ def main():
     ap.add_argument("--pg-port", type=int, default=5432)
     ap.add_argument("--pg-user", default="postgres")
     ap.add_argument("--pg-db", default="staff")
+    ap.add_argument("--ids", type=int, default=0,
+                    help="employees have ids 1..IDS: misses on never-requested ids (default: DEL 1..5)")
     a = ap.parse_args()
 
     cf = Resp(a.host, a.cachefront_port)
@@ -116,15 +122,28 @@ def main():
     def nothing(i):
         pass
 
+    # Cold ids: a fresh one per miss request, none of them cached or asked for before.
+    rng = random.Random(1)
+    cold = iter(rng.sample(range(len(IDS) + 1, a.ids + 1), min(a.ids - len(IDS), 2 * (a.n + 20)))) if a.ids else None
+    cur_id = {}
+
     def drop(i):
-        vk.call("DEL", f"employee:{emp(i)}")
+        if cold is not None:
+            cur_id["id"] = next(cold)
+        else:
+            cur_id["id"] = emp(i)
+            vk.call("DEL", f"employee:{emp(i)}")
 
     def cf_get(i):
         v = cf.call("EMP.GET", emp(i))
         assert v is not None, "EMP.GET returned nil for an existing employee"
 
+    def cf_miss(i):
+        v = cf.call("EMP.GET", cur_id["id"])
+        assert v is not None, "EMP.GET returned nil for an existing employee"
+
     def pg_select(i):
-        cur.execute(SQL, (emp(i),))
+        cur.execute(SQL, (rng.randint(1, a.ids) if a.ids else emp(i),))
         assert cur.fetchone() is not None
 
     def vk_get(i):
@@ -133,9 +152,9 @@ def main():
     def guide_miss(i):
         # The guide's cache-aside, on persistent connections (the guide itself opens a new
         # PostgreSQL connection per call, which costs several milliseconds more).
-        key = f"employee:{emp(i)}"
+        key = f"employee:{cur_id['id']}"
         if vk.call("GET", key) is None:
-            cur.execute(SQL, (emp(i),))
+            cur.execute(SQL, (cur_id["id"],))
             row = cur.fetchone()
             vk.call("SETEX", key, 3600, row[0])
 
@@ -148,7 +167,7 @@ def main():
         a.n,
         [
             ("cachefront EMP.GET, hit", nothing, cf_get),
-            ("cachefront EMP.GET, miss (fill from PostgreSQL)", drop, cf_get),
+            ("cachefront EMP.GET, miss (fill from PostgreSQL)", drop, cf_miss),
             ("valkey GET employee:<id>, direct", nothing, vk_get),
             ("psycopg2 SELECT name ... WHERE id = %s", nothing, pg_select),
             ("by hand: GET miss + SELECT + SETEX (guide)", drop, guide_miss),

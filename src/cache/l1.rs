@@ -5,13 +5,14 @@
 //! the L1 (see `upstream::tracking`); writes passed through cachefront and invalidations from
 //! PostgreSQL are applied here directly as well, before the next read can see them. A value
 //! enters the L1 only if no invalidation touched its key between the lookup being sent and
-//! its reply arriving (a per-key-stripe epoch check), and the whole L1 is flushed whenever
+//! its reply arriving (a per-key-stripe epoch, checked before and after inserting; an
+//! invalidation bumps it before removing), and the whole L1 is flushed whenever
 //! tracking restarts or is lost. Entries also live at most `cache.l1_ttl_ms`, which bounds how
 //! far past Valkey's own expiry an entry can be served.
 
 use bytes::Bytes;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::Proto;
@@ -47,8 +48,8 @@ pub struct L1 {
     global: AtomicU64,
     /// Bumped by invalidations of keys hashing to the stripe.
     stripes: Box<[AtomicU64]>,
-    /// Makes "check the epoch, insert" atomic against "bump the epoch, remove".
-    write_lock: Mutex<()>,
+    /// Whether any hash-kind entry was ever stored (its keys carry a protocol suffix).
+    hashes: AtomicBool,
     enabled: bool,
     /// Longest key a lookup was ever sent for: longer arguments of a write cannot be L1 keys,
     /// so a 1 MB `SET` value is never hashed.
@@ -113,7 +114,7 @@ impl L1 {
             items,
             global: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
-            write_lock: Mutex::new(()),
+            hashes: AtomicBool::new(false),
             enabled: max_bytes > 0,
             max_key_len: AtomicUsize::new(0),
         }
@@ -162,8 +163,8 @@ impl L1 {
     pub fn ticket(&self, key: &str) -> Ticket {
         self.max_key_len.fetch_max(key.len() + 3, Ordering::AcqRel);
         Ticket {
-            global: self.global.load(Ordering::Acquire),
-            stripe: self.stripes[Self::stripe(key.as_bytes())].load(Ordering::Acquire),
+            global: self.global.load(Ordering::SeqCst),
+            stripe: self.stripes[Self::stripe(key.as_bytes())].load(Ordering::SeqCst),
         }
     }
 
@@ -180,36 +181,42 @@ impl L1 {
         if !self.enabled {
             return;
         }
-        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.ticket(key) != t {
             return;
         }
-        self.items.insert(
-            Self::slot_key(key.as_bytes(), hash, proto),
-            Item { frame, deps },
-        );
+        if hash {
+            self.hashes.store(true, Ordering::Release);
+        }
+        let slot = Self::slot_key(key.as_bytes(), hash, proto);
+        self.items.insert(slot.clone(), Item { frame, deps });
+        // An invalidation may have run between the check and the insert; it bumped the
+        // epoch before removing, so looking again after inserting catches it.
+        if self.ticket(key) != t {
+            self.items.invalidate(&slot);
+        }
     }
 
-    /// Drops every form of `key`.
+    /// Drops every form of `key`. Lock-free, and cheap for keys the L1 does not hold: every
+    /// write passed through cachefront calls it for each of its arguments.
     pub fn invalidate_key(&self, key: &[u8]) {
         if !self.enabled {
             return;
         }
-        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.stripes[Self::stripe(key)].fetch_add(1, Ordering::AcqRel);
-        for (hash, proto) in [
-            (false, Proto::Resp2),
-            (true, Proto::Resp2),
-            (true, Proto::Resp3),
-        ] {
-            self.items.invalidate(&Self::slot_key(key, hash, proto));
+        self.stripes[Self::stripe(key)].fetch_add(1, Ordering::SeqCst);
+        let plain = Bytes::copy_from_slice(key);
+        if self.items.contains_key(&plain) {
+            self.items.invalidate(&plain);
+        }
+        if self.hashes.load(Ordering::Acquire) {
+            for proto in [Proto::Resp2, Proto::Resp3] {
+                self.items.invalidate(&Self::slot_key(key, true, proto));
+            }
         }
     }
 
     /// Drops everything.
     pub fn clear(&self) {
-        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.global.fetch_add(1, Ordering::AcqRel);
+        self.global.fetch_add(1, Ordering::SeqCst);
         self.items.invalidate_all();
     }
 
@@ -220,8 +227,7 @@ impl L1 {
         if !self.enabled {
             return;
         }
-        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.global.fetch_add(1, Ordering::AcqRel);
+        self.global.fetch_add(1, Ordering::SeqCst);
         let tables: Vec<String> = tables.to_vec();
         let _ = self.items.invalidate_entries_if(move |_, v| {
             v.deps.tables.iter().any(|t| tables.contains(t))
