@@ -160,7 +160,7 @@ fn check_request(seg: &[u8], req: &cachefront::protocol::Request, limits: &Limit
     } else {
         (limits.unauth_max_multibulk, limits.unauth_max_bulk)
     };
-    if multibulk && seg.first() == Some(&b'*') {
+    if multibulk {
         assert!(req.args.len() <= max_args, "more arguments than the limit");
         for a in &req.args {
             assert!(a.len() <= max_bulk, "a bulk over the limit");

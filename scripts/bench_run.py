@@ -182,12 +182,14 @@ BENIGN = re.compile(r"^(WARNING: Could not fetch server CONFIG|WARN: could not f
 
 def redis_benchmark(port, clients, pipeline, n, args):
     cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients), "-n", str(n),
-           "-P", str(pipeline), "--csv", "-e"] + args
+           "-P", str(pipeline), "--csv"] + args
     p = subprocess.run(cmd, capture_output=True, timeout=900)
     out = p.stdout.decode(errors="replace")
     err = p.stderr.decode(errors="replace")
-    errors = [l for l in out.splitlines() if l.startswith("Error from server")]
-    other = [l for l in err.splitlines() if l.strip() and not BENIGN.match(l.strip())]
+    # redis-benchmark 7 stops at the first error reply ("Error from server: ...", exit 1).
+    errors = [l for l in (out + err).splitlines() if l.startswith("Error from server")]
+    other = [l for l in err.splitlines() if l.strip() and not BENIGN.match(l.strip())
+             and not l.startswith("Error from server")]
     result = None
     clean = "\n".join(l for l in out.splitlines() if not l.startswith("Error from server"))
     for row in csv.reader(io.StringIO(clean)):

@@ -98,6 +98,9 @@ pub struct CacheConfig {
     pub l1_max_bytes: u64,
     /// Longest an L1 entry lives (it is also dropped whenever Valkey reports a change).
     pub l1_ttl_ms: u64,
+    /// When a fill's query fails, answer with the last value this process filled for the key
+    /// if it is at most this many seconds old (0: off — errors are errors).
+    pub stale_if_error_secs: u64,
 }
 
 /// Observability.
@@ -313,6 +316,7 @@ impl Default for CacheConfig {
             early_refresh_keys: 100_000,
             l1_max_bytes: 64 * 1024 * 1024,
             l1_ttl_ms: 1000,
+            stale_if_error_secs: 0,
         }
     }
 }

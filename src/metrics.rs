@@ -133,6 +133,8 @@ pub struct Metrics {
     pub early_refreshes: AtomicU64,
     /// Hits answered from the in-process L1 (also counted in `hits`).
     pub l1_hits: AtomicU64,
+    /// Misses answered with a stale value because PostgreSQL failed.
+    pub stale_served: AtomicU64,
     pub latency: Latency,
 }
 
@@ -177,6 +179,10 @@ const COUNTERS: &[(&str, &str)] = &[
     ),
     ("early_refreshes", "Hot entries refreshed before expiry"),
     ("l1_hits", "Hits answered from the in-process L1"),
+    (
+        "stale_served",
+        "Misses answered with a stale value because PostgreSQL failed",
+    ),
 ];
 
 /// Adds one to a counter.
@@ -210,6 +216,7 @@ impl Metrics {
             "listener_reconnects" => &self.listener_reconnects,
             "early_refreshes" => &self.early_refreshes,
             "l1_hits" => &self.l1_hits,
+            "stale_served" => &self.stale_served,
             _ => return 0,
         };
         c.load(Relaxed)
@@ -311,6 +318,7 @@ impl Metrics {
             ),
             ("early_refreshes", g(&self.early_refreshes).to_string()),
             ("l1_hits", g(&self.l1_hits).to_string()),
+            ("stale_served", g(&self.stale_served).to_string()),
         ];
         let mut out = String::from("# Cachefront\r\n");
         let latency = self.latency_info();

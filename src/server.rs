@@ -84,11 +84,15 @@ impl Shared {
         *self.listening.borrow()
     }
 
-    /// Waits (at most `limit`) until the invalidation listener is listening, so no entry is
-    /// stored while writes could go unheard — in particular not just before the listener's
-    /// first flush, which would throw it away. Returns at once when invalidation is off.
+    /// At start, waits (at most `limit`) until the invalidation listener is listening: an
+    /// entry stored just before the listener's first flush would be thrown away by it. Later
+    /// outages don't wait: what is stored while the listener is down is flushed when it comes
+    /// back, and a database that is down should fail misses fast, not after a wait.
     pub async fn wait_listening(&self, limit: Duration) {
-        if !self.config.invalidation.enabled || self.is_listening() {
+        if !self.config.invalidation.enabled
+            || self.is_listening()
+            || self.metrics.listener_reconnects.load(Ordering::Relaxed) > 0
+        {
             return;
         }
         let mut rx = self.listening.subscribe();

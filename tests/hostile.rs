@@ -360,8 +360,9 @@ async fn deeply_nested_arrays_are_a_protocol_error() {
     protocol_error(&s, &bytes, "expected '$', got '*'").await;
     // Byte-exact too when split so that the nested headers arrive one by one.
     let mut raw = s.raw().await;
-    for chunk in bytes.chunks(7).take(200) {
-        raw.send(chunk).await;
+    for chunk in bytes.chunks(7).take(3) {
+        // The server may already have answered and closed.
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut raw.stream, chunk).await;
     }
     assert_eq!(
         raw.frame().await,
@@ -473,7 +474,8 @@ const WRITE_ATTEMPTS: &[&str] = &[
     "SELECT 1 /* ; */ ; DELETE FROM employees",
     "SELECT 1 /* /* nested */ ; */ ; DELETE FROM employees",
     "SELECT 1 --\n; DELETE FROM employees",
-    "SELECT E'\\'; DELETE FROM employees; --'",
+    "SELECT 'a\\'; DELETE FROM employees; --'",
+    "VALUES (1); DELETE FROM employees",
     "WITH d AS (DELETE FROM employees RETURNING *) SELECT * FROM d",
     "WITH u AS (UPDATE employees SET name = 'x' RETURNING id) SELECT count(*) FROM u",
     "WITH i AS (INSERT INTO departments (name) VALUES ('x') RETURNING id) SELECT * FROM i",
@@ -533,6 +535,23 @@ async fn sql_cached_refuses_writes_and_smuggling() {
         wrong.is_empty(),
         "not refused as the SPEC says:\n{}",
         wrong.join("\n")
+    );
+}
+
+/// Several statements that sqlparser cannot read go to PostgreSQL's parser for a better
+/// message; PostgreSQL refuses them, but the reply should still be the SPEC's `-ERR`.
+#[tokio::test]
+#[ignore = "BUG: explain_parse_failure answers -DBERR (cannot insert multiple commands) instead of the SPEC's -ERR for multi-statement text"]
+async fn unparseable_multi_statement_gets_the_spec_error() {
+    let s = Stack::start().await;
+    let mut raw = s.raw().await;
+    let r = raw
+        .call(&[b"SQL.CACHED", b"TABLE employees; DELETE FROM employees"])
+        .await;
+    assert_eq!(employee_count(&s), "5");
+    assert!(
+        r.starts_with("-ERR SQL.CACHED accepts a single read-only query"),
+        "{r}"
     );
 }
 
@@ -600,7 +619,8 @@ async fn side_effect_functions_outside_the_deny_list() {
 
 /// The writes SQL.CACHED's parser refuses, sent straight to `Db::query_read_only` as if the
 /// parser had let them through: PostgreSQL refuses each one, in the READ ONLY transaction
-/// (SQLSTATE 25006) or because a prepared statement holds one command (SQLSTATE 42601).
+/// (SQLSTATE 25006; 0A000 for a write inside a function) or because a prepared statement
+/// holds one command (SQLSTATE 42601).
 #[tokio::test]
 async fn database_layers_refuse_writes_without_the_parser() {
     let s = Stack::start().await;
@@ -634,7 +654,6 @@ async fn database_layers_refuse_writes_without_the_parser() {
         "SELECT setval('employees_id_seq', 1)",
         "SELECT query_to_xml('DELETE FROM employees RETURNING id', true, true, '')",
         "DO $$BEGIN DELETE FROM employees; END$$",
-        "LOCK TABLE employees",
         "COPY employees FROM '/etc/hostname'",
         "EXPLAIN ANALYZE DELETE FROM employees",
     ];
@@ -644,7 +663,8 @@ async fn database_layers_refuse_writes_without_the_parser() {
             Ok(r) => wrong.push(format!("{sql:?} ran ({} rows)", r.rows.len())),
             Err(e) => {
                 let text = e.to_string();
-                let ok = e.code() == Some("25006")
+                // 0A000: PostgreSQL refuses a write inside a function it runs read-only.
+                let ok = matches!(e.code(), Some("25006") | Some("0A000"))
                     || text.contains("cannot insert multiple commands into a prepared statement");
                 if !ok {
                     wrong.push(format!("{sql:?} failed otherwise: {text}"));
@@ -666,7 +686,7 @@ async fn database_layers_refuse_writes_without_the_parser() {
 /// outlive the query on a pooled connection, and a server-side file write. Only the parser
 /// (and the database role) stands in their way; this records what the other layers let by.
 #[tokio::test]
-#[ignore = "GAP (defence in depth): with the parser bypassed, the READ ONLY transaction lets SET ROLE / SET persist on pooled connections and COPY TO write files"]
+#[ignore = "GAP (defence in depth): with the parser bypassed, the READ ONLY transaction lets SET persist on pooled connections, COPY TO write server files, LOCK TABLE take an exclusive lock"]
 async fn database_layers_alone_let_session_changes_through() {
     let s = Stack::start().await;
     let mut cfg = common::config_for(&s.valkey, &s.db);
@@ -678,6 +698,7 @@ async fn database_layers_alone_let_session_changes_through() {
         "SET default_transaction_read_only = off",
         "COPY (SELECT 1) TO '/tmp/cachefront-hostile-copy'",
         "SELECT pg_terminate_backend(0)",
+        "LOCK TABLE employees",
     ] {
         if db.query_read_only(sql, &[], 100).await.is_ok() {
             ran.push(sql);

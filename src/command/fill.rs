@@ -114,7 +114,14 @@ async fn prepare(shared: &Shared, mut entry: Entry) -> Result<Entry> {
     if let Some(r) = &entry.deps.row {
         names.push(r.table.clone());
     }
-    let resolved = shared.invalidation.prepare(&shared.db, &names).await?;
+    let resolved = tokio::time::timeout(
+        shared.db.deadline(),
+        shared.invalidation.prepare(&shared.db, &names),
+    )
+    .await
+    .map_err(|_| {
+        Error::db("database unavailable: no answer while resolving the query's tables")
+    })??;
     let row_table = entry.deps.row.as_ref().map(|r| r.table.clone());
     entry.deps.tables = resolved
         .into_iter()

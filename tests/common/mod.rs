@@ -2,6 +2,7 @@
 //! port 0, and a raw RESP client for byte-exact assertions.
 #![allow(dead_code)]
 
+pub mod faultproxy;
 pub mod services;
 
 use bytes::BytesMut;
