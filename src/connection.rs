@@ -505,7 +505,7 @@ impl Connection {
                     .latency
                     .passthrough
                     .observe(started.elapsed());
-                Slot::Ready(transform.apply(&self.shared, proto, r).to_bytes(proto))
+                Slot::Ready(transform.apply(&self.shared, proto, r).into_bytes(proto))
             }
             (
                 Slot::Lookup {
@@ -520,7 +520,7 @@ impl Connection {
                 if let Some(t) = started {
                     self.shared.metrics.latency.miss.observe(t.elapsed());
                 }
-                Slot::Ready(reply.to_bytes(proto))
+                Slot::Ready(reply.into_bytes(proto))
             }
             (other, _) => other,
         };
@@ -642,7 +642,7 @@ impl Connection {
                     }) => Slot::Ready(
                         transform
                             .apply(&self.shared, proto, Ok(frame))
-                            .to_bytes(proto),
+                            .into_bytes(proto),
                     ),
                     Some(other) => other,
                     None => return,
