@@ -211,7 +211,8 @@ impl Connection {
                 }
                 Ok(Parsed::Incomplete) => return,
                 Err(e) => {
-                    self.push_reply(Reply::err(format!("ERR {e}")));
+                    self.outq
+                        .push_back(Slot::Ready(Bytes::from(e.reply_bytes())));
                     self.closing = true;
                 }
             }

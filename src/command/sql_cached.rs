@@ -126,6 +126,10 @@ fn explain_parse_failure(shared: &Arc<Shared>, sql: String, why: String) -> Acti
     Action::Task(
         async move {
             match shared.db.prepare_only(&sql).await {
+                // Several statements: PostgreSQL says so (42601); the SPEC's answer is ours.
+                Err(e) if e.to_string().contains("cannot insert multiple commands") => {
+                    Reply::err(NOT_READ_ONLY)
+                }
                 Err(e) => crate::error::Error::from(e).to_reply(),
                 Ok(()) => Reply::err(format!(
                     "{NOT_READ_ONLY} that cachefront can analyse (its SQL parser says: {why})"
