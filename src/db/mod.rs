@@ -345,7 +345,10 @@ async fn read_only(
         }
         rows.push(row);
     }
-    tx.commit().await?;
+    // Rolled back, not committed: a read needs no commit, and a rollback also undoes any
+    // session change a statement could have made (`SET`, locks) should one get past the
+    // parser — defence in depth behind the checks in `db::sql`.
+    tx.rollback().await?;
     Ok(QueryResult { names, rows })
 }
 
