@@ -166,7 +166,8 @@ impl Breaker {
 pub struct Db {
     pool: Pool,
     breaker: Arc<Breaker>,
-    /// Longest a query may take from our side (statement timeout + 1 s).
+    /// Longest a query may take from our side (twice the statement timeout + 1 s: the server's
+    /// own timeout should always fire first).
     deadline: Duration,
     /// For connections outside the pool (the invalidation listener).
     pg: tokio_postgres::Config,
@@ -208,7 +209,7 @@ impl Db {
             pool,
             pg,
             breaker: Arc::new(Breaker::default()),
-            deadline: Duration::from_millis(cfg.statement_timeout_ms + 1000),
+            deadline: Duration::from_millis(cfg.statement_timeout_ms * 2 + 1000),
         })
     }
 
@@ -238,8 +239,7 @@ impl Db {
         Ok(self.pg.connect(NoTls).await?)
     }
 
-    /// Runs `work` on a pooled connection within the query deadline (the statement timeout
-    /// plus a second). A connection that does not answer in time — a partitioned or hung
+    /// Runs `work` on a pooled connection within the query deadline (see `deadline`). A connection that does not answer in time — a partitioned or hung
     /// server the statement timeout cannot reach — is taken out of the pool, not reused.
     async fn with_deadline<T, F>(&self, work: F) -> Result<T, DbError>
     where
