@@ -189,14 +189,13 @@ impl RequestParser {
             Some(p) => p,
             None => {
                 // A bad number before a bad CRLF is reported as such, as Valkey does.
-                let Some((line, next)) = line_at(buf, 0).map_err(|e| {
-                    match buf.iter().position(|&b| b == b'\r') {
+                let Some((line, next)) =
+                    line_at(buf, 0).map_err(|e| match buf.iter().position(|&b| b == b'\r') {
                         Some(cr) if parse_len(&buf[1..cr]).is_none() => {
                             perr("invalid multibulk length")
                         }
                         _ => e,
-                    }
-                })?
+                    })?
                 else {
                     if buf.len() > limits.max_inline {
                         return Err(perr("too big mbulk count string"));
