@@ -9,7 +9,7 @@
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -115,8 +115,9 @@ impl Connection {
             shared,
             rd,
             wr,
-            inbuf: BytesMut::with_capacity(16 * 1024),
-            outbuf: BytesMut::with_capacity(16 * 1024),
+            // Buffers grow with use: 10,000 idle clients must not cost 32 KiB each.
+            inbuf: BytesMut::new(),
+            outbuf: BytesMut::new(),
             parser: RequestParser::default(),
             session: Session::new(id, addr, authed),
             outq: VecDeque::new(),
@@ -159,8 +160,14 @@ impl Connection {
                 return Ok(());
             }
             let can_read = !self.closing && self.outq.len() < max_pipeline;
-            if can_read && self.inbuf.capacity() - self.inbuf.len() < 4096 {
-                self.inbuf.reserve(16 * 1024);
+            if can_read && self.inbuf.capacity() - self.inbuf.len() < 512 {
+                // Small until the client sends more than small requests.
+                let grow = if self.inbuf.capacity() < 4096 {
+                    1024
+                } else {
+                    16 * 1024
+                };
+                self.inbuf.reserve(grow);
             }
             let idle_limit = self.idle_limit();
             let event = tokio::select! {
@@ -249,16 +256,7 @@ impl Connection {
     /// Sends a cached command's lookup. While the client holds a dedicated connection on the
     /// cache's database, the lookup goes there too, behind the client's own writes.
     fn lookup(&mut self, lookup: Bytes, plan: Box<FillPlan>) {
-        let hash = plan.kind == ReplyKind::Hash;
         let l1 = &self.shared.cache.l1;
-        if let Some(frame) = l1.get(&plan.entry.key, hash, plan.proto) {
-            inc(&self.shared.metrics.hits);
-            inc(&self.shared.metrics.l1_hits);
-            self.shared.metrics.latency.hit.observe(Duration::ZERO);
-            self.maybe_refresh_early(*plan);
-            self.outq.push_back(Slot::Ready(frame));
-            return;
-        }
         let cache_db = self.shared.upstream.endpoint().db;
         let streaming = self.session.streaming();
         match self.ded.as_mut() {

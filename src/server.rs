@@ -45,6 +45,9 @@ pub struct Shared {
     /// Named queries by uppercased command name.
     pub named: HashMap<String, Arc<NamedQuery>>,
     pub invalidation: Invalidation,
+    /// SQL.CACHED texts already checked: their verdict and tables (parsing is the costly
+    /// part of a hit otherwise).
+    pub sql_checks: moka::sync::Cache<String, Result<Vec<String>, crate::db::sql::SqlError>>,
     listening: watch::Sender<bool>,
     next_id: AtomicU64,
 }
@@ -66,6 +69,7 @@ impl Shared {
             upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
             cache: Cache::new(store, Arc::clone(&metrics), &config.cache),
             invalidation: Invalidation::new(&config.invalidation, &named),
+            sql_checks: moka::sync::Cache::builder().max_capacity(10_000).build(),
             listening: watch::Sender::new(false),
             db: Db::new(&config.postgres).map_err(|e| setup(&e))?,
             metrics,

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use std::sync::Arc;
 
-use super::fill::{FillPlan, Source};
+use super::fill::{serve_from_l1, FillPlan, Source};
 use super::{wrong_args, Action};
 use crate::cache::key::KeyTemplate;
 use crate::cache::{Deps, Entry, RowDep};
@@ -173,6 +173,24 @@ pub fn dispatch(
         }
     }
     let key = q.key.render(&args);
+    let plan = |key: String, args: Vec<String>| FillPlan {
+        entry: Entry {
+            key,
+            ttl: shared.cache.jittered_ttl(q.ttl),
+            deps: q.deps(&args),
+        },
+        source: Source::Named {
+            query: Arc::clone(q),
+            args,
+        },
+        kind: q.reply,
+        proto: session.proto,
+    };
+    if let Some(hit) = serve_from_l1(shared, &key, q.reply, session.proto, || {
+        plan(key.clone(), args.clone())
+    }) {
+        return Action::Reply(hit);
+    }
     let lookup_cmd: &[u8] = match q.reply {
         ReplyKind::Hash => b"HGETALL",
         ReplyKind::Value | ReplyKind::Json => b"GET",
@@ -180,18 +198,6 @@ pub fn dispatch(
     let lookup = encode_multibulk(&[Bytes::from_static(lookup_cmd), Bytes::from(key.clone())]);
     Action::Cached {
         lookup,
-        plan: Box::new(FillPlan {
-            entry: Entry {
-                key,
-                ttl: shared.cache.jittered_ttl(q.ttl),
-                deps: q.deps(&args),
-            },
-            source: Source::Named {
-                query: Arc::clone(q),
-                args,
-            },
-            kind: q.reply,
-            proto: session.proto,
-        }),
+        plan: Box::new(plan(key, args)),
     }
 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use std::sync::Arc;
 
-use super::fill::{FillPlan, Source};
+use super::fill::{serve_from_l1, FillPlan, Source};
 use super::{wrong_args, Action};
 use crate::cache::key::sql_key;
 use crate::cache::{Deps, Entry};
@@ -89,8 +89,11 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
             "ERR SQL.CACHED accepts only allowlisted queries on this server (sql.mode = \"allowlist\")",
         ));
     }
-    let tables = match check_read_only(sql) {
-        Ok(a) => a.tables,
+    let checked = shared
+        .sql_checks
+        .get_with_by_ref(sql, || check_read_only(sql).map(|a| a.tables));
+    let tables = match checked {
+        Ok(t) => t,
         Err(SqlError::NotReadOnly(why)) => {
             tracing::debug!(reason = %why, "SQL.CACHED refused");
             return Action::Reply(Reply::err(NOT_READ_ONLY));
@@ -98,24 +101,32 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
         Err(SqlError::Parse(why)) => return explain_parse_failure(shared, sql.to_string(), why),
     };
     let key = sql_key(&cfg.key_prefix, &p.query, &p.params);
+    let ttl = p.ttl.unwrap_or(shared.config.cache.default_ttl);
+    let plan = |key: String, params: Vec<String>| FillPlan {
+        entry: Entry {
+            key,
+            ttl: shared.cache.jittered_ttl(ttl),
+            deps: Deps {
+                tables: tables.clone(),
+                row: None,
+            },
+        },
+        source: Source::Sql {
+            sql: sql.to_string(),
+            params,
+        },
+        kind: ReplyKind::Json,
+        proto: session.proto,
+    };
+    if let Some(hit) = serve_from_l1(shared, &key, ReplyKind::Json, session.proto, || {
+        plan(key.clone(), p.params.clone())
+    }) {
+        return Action::Reply(hit);
+    }
     let lookup = encode_multibulk(&[Bytes::from_static(b"GET"), Bytes::from(key.clone())]);
     Action::Cached {
         lookup,
-        plan: Box::new(FillPlan {
-            entry: Entry {
-                key,
-                ttl: shared
-                    .cache
-                    .jittered_ttl(p.ttl.unwrap_or(shared.config.cache.default_ttl)),
-                deps: Deps { tables, row: None },
-            },
-            source: Source::Sql {
-                sql: sql.to_string(),
-                params: p.params,
-            },
-            kind: ReplyKind::Json,
-            proto: session.proto,
-        }),
+        plan: Box::new(plan(key, p.params)),
     }
 }
 
