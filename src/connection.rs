@@ -9,10 +9,8 @@
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -25,6 +23,7 @@ use crate::protocol::request::Parsed;
 use crate::protocol::{Proto, Reply, RequestParser};
 use crate::server::Shared;
 use crate::session::Session;
+use crate::tls::ClientStream;
 use crate::upstream::{RawConn, ReplyRx};
 
 /// A reply position in the output queue.
@@ -85,8 +84,8 @@ struct Dedicated {
 
 pub struct Connection {
     shared: Arc<Shared>,
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    /// Plain TCP or TLS; reads and writes take turns in `serve`, so it is never split.
+    stream: ClientStream,
     inbuf: BytesMut,
     outbuf: BytesMut,
     parser: RequestParser,
@@ -98,23 +97,19 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A client on `stream`, from `peer` (for `CLIENT LIST`-style reporting).
     pub fn new(
         shared: Arc<Shared>,
-        stream: TcpStream,
+        stream: ClientStream,
+        peer: Option<std::net::SocketAddr>,
         shutdown: watch::Receiver<bool>,
     ) -> Connection {
-        let addr = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        stream.set_nodelay(true).ok();
-        let (rd, wr) = stream.into_split();
+        let addr = peer.map(|a| a.to_string()).unwrap_or_default();
         let id = shared.next_client_id();
         let authed = shared.config.auth.requirepass.is_empty();
         Connection {
             shared,
-            rd,
-            wr,
+            stream,
             // Buffers grow with use: 10,000 idle clients must not cost 32 KiB each.
             inbuf: BytesMut::new(),
             outbuf: BytesMut::new(),
@@ -133,6 +128,10 @@ impl Connection {
             tracing::debug!(client = self.session.id, error = %e, "connection ended");
         }
         self.finish();
+        if self.stream.is_tls() {
+            // close_notify, so the client sees a clean end rather than a truncation.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+        }
     }
 
     async fn serve(&mut self) -> std::io::Result<()> {
@@ -145,7 +144,11 @@ impl Connection {
                 let limit = std::time::Duration::from_millis(
                     self.shared.config.limits.client_write_timeout_ms,
                 );
-                match tokio::time::timeout(limit, self.wr.write_all(&self.outbuf)).await {
+                let write = async {
+                    self.stream.write_all(&self.outbuf).await?;
+                    self.stream.flush().await
+                };
+                match tokio::time::timeout(limit, write).await {
                     Ok(r) => r?,
                     Err(_) => {
                         return Err(std::io::Error::new(
@@ -171,7 +174,7 @@ impl Connection {
             }
             let idle_limit = self.idle_limit();
             let event = tokio::select! {
-                r = self.rd.read_buf(&mut self.inbuf), if can_read => Event::ClientRead(r),
+                r = self.stream.read_buf(&mut self.inbuf), if can_read => Event::ClientRead(r),
                 _ = async {
                     match idle_limit {
                         Some(d) => tokio::time::sleep(d).await,
@@ -445,7 +448,7 @@ impl Connection {
         if ded.wbuf.is_empty() || waiting_on_shared {
             return;
         }
-        let r = ded.conn.stream.write_all(&ded.wbuf).await;
+        let r = ded.conn.write_all(&ded.wbuf).await;
         ded.wbuf.clear();
         if let Err(e) = r {
             self.dedicated_lost(Error::upstream(format!("connection to Valkey lost: {e}")));

@@ -4,6 +4,7 @@
 
 pub mod faultproxy;
 pub mod services;
+pub mod tls;
 
 use bytes::BytesMut;
 use cachefront::config::Config;
