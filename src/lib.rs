@@ -11,6 +11,7 @@
 //! - [`upstream`] is Valkey for pass-through: shared pipelined and dedicated connections.
 //! - [`db`] is PostgreSQL: pool, read-only execution, SQL checks, rows as JSON, triggers.
 //! - [`invalidation`] listens for PostgreSQL's change notifications and drops what changed.
+//! - [`tls`] is rustls for the TLS listener and for TLS to Valkey.
 //! - [`acl`] is who may run what: users, passwords, command and key permissions.
 //! - [`config`], [`error`], [`metrics`], [`session`] are what the others share;
 //!   [`prometheus`] serves the metrics over HTTP.
@@ -28,4 +29,5 @@ pub mod prometheus;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod upstream;

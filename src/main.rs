@@ -48,9 +48,16 @@ fn main() -> anyhow::Result<()> {
             }
         })?;
     if cli.check_config {
+        let plain = match config.tls.only {
+            true => "off (tls.only)".to_string(),
+            false => config.listen.clone(),
+        };
+        let tls = match config.tls.enabled() {
+            true => format!(", tls.listen {}", config.tls.listen),
+            false => String::new(),
+        };
         println!(
-            "configuration OK: listen {}, {} named queries",
-            config.listen,
+            "configuration OK: listen {plain}{tls}, {} named queries",
             config.named_queries().len()
         );
         return Ok(());
@@ -108,9 +115,19 @@ fn init_tracing(format: &str) {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let server = cachefront::server::Server::bind(config).await?;
-    tracing::info!(addr = %server.local_addr(), "cachefront listening");
+    match (server.tls_addr(), config_only_tls(&server)) {
+        (Some(tls), true) => tracing::info!(tls = %tls, "cachefront listening (TLS only)"),
+        (Some(tls), false) => {
+            tracing::info!(addr = %server.local_addr(), tls = %tls, "cachefront listening")
+        }
+        (None, _) => tracing::info!(addr = %server.local_addr(), "cachefront listening"),
+    }
     server.run(shutdown_signal()).await;
     Ok(())
+}
+
+fn config_only_tls(server: &cachefront::server::Server) -> bool {
+    server.shared().config.tls.only
 }
 
 /// SIGTERM or SIGINT (Ctrl-C) starts a graceful shutdown.

@@ -133,6 +133,10 @@ pub struct Metrics {
     pub early_refreshes: AtomicU64,
     /// Hits answered from the in-process L1 (also counted in `hits`).
     pub l1_hits: AtomicU64,
+    /// Misses answered with a stale value because PostgreSQL failed.
+    pub stale_served: AtomicU64,
+    /// TLS handshakes with clients that failed or timed out.
+    pub tls_handshake_failures: AtomicU64,
     pub latency: Latency,
 }
 
@@ -177,6 +181,14 @@ const COUNTERS: &[(&str, &str)] = &[
     ),
     ("early_refreshes", "Hot entries refreshed before expiry"),
     ("l1_hits", "Hits answered from the in-process L1"),
+    (
+        "stale_served",
+        "Misses answered with a stale value because PostgreSQL failed",
+    ),
+    (
+        "tls_handshake_failures",
+        "TLS handshakes with clients that failed or timed out",
+    ),
 ];
 
 /// Adds one to a counter.
@@ -210,6 +222,8 @@ impl Metrics {
             "listener_reconnects" => &self.listener_reconnects,
             "early_refreshes" => &self.early_refreshes,
             "l1_hits" => &self.l1_hits,
+            "stale_served" => &self.stale_served,
+            "tls_handshake_failures" => &self.tls_handshake_failures,
             _ => return 0,
         };
         c.load(Relaxed)
@@ -311,6 +325,11 @@ impl Metrics {
             ),
             ("early_refreshes", g(&self.early_refreshes).to_string()),
             ("l1_hits", g(&self.l1_hits).to_string()),
+            ("stale_served", g(&self.stale_served).to_string()),
+            (
+                "tls_handshake_failures",
+                g(&self.tls_handshake_failures).to_string(),
+            ),
         ];
         let mut out = String::from("# Cachefront\r\n");
         let latency = self.latency_info();

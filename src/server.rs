@@ -1,5 +1,6 @@
-//! The listener: accepts clients up to `limits.max_clients`, runs a [`Connection`] for each, and
-//! shuts down gracefully — stop accepting, let connections finish their in-flight replies.
+//! The listeners: accept clients — plain TCP on `listen`, TLS on `tls.listen`, or both — up to
+//! `limits.max_clients` in all, run a [`Connection`] for each, and shut down gracefully — stop
+//! accepting, let connections finish their in-flight replies.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::cache::store::Store;
@@ -20,6 +21,7 @@ use crate::db::Db;
 use crate::invalidation::Invalidation;
 use crate::metrics::{inc, Metrics};
 use crate::protocol::Limits;
+use crate::tls::Stream;
 use crate::upstream::Upstream;
 
 /// Why the server could not start.
@@ -49,6 +51,9 @@ pub struct Shared {
     pub users: crate::acl::Users,
     /// Valkey's command table, for permission checks.
     pub acl: crate::acl::Acl,
+    /// SQL.CACHED texts already checked: their verdict and tables (parsing is the costly
+    /// part of a hit otherwise).
+    pub sql_checks: moka::sync::Cache<String, Result<Vec<String>, crate::db::sql::SqlError>>,
     listening: watch::Sender<bool>,
     next_id: AtomicU64,
 }
@@ -74,6 +79,7 @@ impl Shared {
             upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
             cache: Cache::new(store, Arc::clone(&metrics), &config.cache),
             invalidation: Invalidation::new(&config.invalidation, &named),
+            sql_checks: moka::sync::Cache::builder().max_capacity(10_000).build(),
             listening: watch::Sender::new(false),
             db: Db::new(&config.postgres).map_err(|e| setup(&e))?,
             metrics,
@@ -92,11 +98,15 @@ impl Shared {
         *self.listening.borrow()
     }
 
-    /// Waits (at most `limit`) until the invalidation listener is listening, so no entry is
-    /// stored while writes could go unheard — in particular not just before the listener's
-    /// first flush, which would throw it away. Returns at once when invalidation is off.
+    /// At start, waits (at most `limit`) until the invalidation listener is listening: an
+    /// entry stored just before the listener's first flush would be thrown away by it. Later
+    /// outages don't wait: what is stored while the listener is down is flushed when it comes
+    /// back, and a database that is down should fail misses fast, not after a wait.
     pub async fn wait_listening(&self, limit: Duration) {
-        if !self.config.invalidation.enabled || self.is_listening() {
+        if !self.config.invalidation.enabled
+            || self.is_listening()
+            || self.metrics.listener_reconnects.load(Ordering::Relaxed) > 0
+        {
             return;
         }
         let mut rx = self.listening.subscribe();
@@ -164,21 +174,81 @@ impl Shared {
 }
 
 pub struct Server {
-    listener: TcpListener,
+    /// Plain TCP clients; `None` with `tls.only`.
+    listener: Option<TcpListener>,
+    tls: Option<TlsListener>,
     shared: Arc<Shared>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The TLS listener and what its handshakes need.
+struct TlsListener {
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake_timeout: Duration,
 }
 
 /// How long shutdown waits for connections to finish their replies.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
+const MAX_CLIENTS_REACHED: &str = "-ERR max number of clients reached\r\n";
+
+async fn bind_listener(addr: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// The next client of `listener`; never, without one.
+async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs the server side of a TLS handshake within `limit`; a failure is logged (debug) and
+/// counted, and gives `None`.
+async fn handshake(
+    shared: &Shared,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    limit: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let why = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => return Some(s),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no handshake within {} ms", limit.as_millis()),
+    };
+    inc(&shared.metrics.tls_handshake_failures);
+    tracing::debug!(%peer, error = %why, "TLS handshake failed");
+    None
+}
+
 impl Server {
     /// Binds the listen address (port 0 picks a free port) and prepares the shared state.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let addr = config.listen.clone();
-        let listener = TcpListener::bind(&addr)
-            .await
-            .map_err(|source| StartError::Listen { addr, source })?;
+        crate::tls::install_default_provider();
+        let listener = match config.tls.only {
+            true => None,
+            false => Some(bind_listener(&config.listen).await?),
+        };
+        let tls = match config.tls.enabled() {
+            false => None,
+            true => {
+                let server_config = crate::tls::server_config(&config.tls)
+                    .map_err(|e| StartError::Setup(e.to_string()))?;
+                Some(TlsListener {
+                    listener: bind_listener(&config.tls.listen).await?,
+                    acceptor: tokio_rustls::TlsAcceptor::from(server_config),
+                    handshake_timeout: Duration::from_millis(config.tls.handshake_timeout_ms),
+                })
+            }
+        };
         let metrics_listener = match config.metrics.listen.as_str() {
             "" => None,
             addr => Some(
@@ -210,15 +280,24 @@ impl Server {
             .map(|l| tokio::spawn(crate::prometheus::serve(l, Arc::clone(&shared))));
         Ok(Server {
             listener,
+            tls,
             shared,
             metrics_task,
         })
     }
 
+    /// The plain TCP address; with `tls.only`, the TLS one.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+            .as_ref()
+            .or(self.tls.as_ref().map(|t| &t.listener))
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The TLS listener's address, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|t| t.listener.local_addr().ok())
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -227,16 +306,29 @@ impl Server {
 
     /// Protected mode: without a password, a client from outside loopback gets Valkey's
     /// DENIED reply and nothing else.
-    fn refuse(&self, stream: &tokio::net::TcpStream) -> Option<&'static str> {
+    fn refuse(&self, peer: SocketAddr) -> Option<&'static str> {
         let auth = &self.shared.config.auth;
         if !auth.protected_mode || !self.shared.users.default_authed() {
             return None;
         }
-        let peer = stream.peer_addr().ok()?;
         if peer.ip().is_loopback() {
             return None;
         }
         Some("-DENIED cachefront is running in protected mode because protected mode is enabled and no password is set for the default user. In this mode connections are only accepted from the loopback interface. Set auth.requirepass, or disable protected mode with auth.protected_mode = false.\r\n")
+    }
+
+    /// `limits.tcp_keepalive_secs`: probes after that long idle, then every third of it.
+    fn keepalive(&self, stream: &TcpStream) {
+        let secs = self.shared.config.limits.tcp_keepalive_secs;
+        if secs == 0 {
+            return;
+        }
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(secs))
+            .with_interval(Duration::from_secs((secs / 3).max(1)));
+        if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive");
+        }
     }
 
     /// Accepts clients until `shutdown` completes, then drains.
@@ -253,11 +345,12 @@ impl Server {
         let max = self.shared.config.limits.max_clients;
         tokio::pin!(shutdown);
         loop {
-            let accepted = tokio::select! {
-                a = self.listener.accept() => a,
+            let (accepted, is_tls) = tokio::select! {
+                a = accept_on(self.listener.as_ref()) => (a, false),
+                a = accept_on(self.tls.as_ref().map(|t| &t.listener)) => (a, true),
                 _ = &mut shutdown => break,
             };
-            let (mut stream, _) = match accepted {
+            let (stream, peer) = match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -266,40 +359,68 @@ impl Server {
                     continue;
                 }
             };
-            if let Some(reason) = self.refuse(&stream) {
+            stream.set_nodelay(true).ok();
+            self.keepalive(&stream);
+            let tls = match (&self.tls, is_tls) {
+                (Some(t), true) => Some((t.acceptor.clone(), t.handshake_timeout)),
+                _ => None,
+            };
+            let refusal = self
+                .refuse(peer)
+                .or_else(|| (live.load(Ordering::Relaxed) >= max).then_some(MAX_CLIENTS_REACHED));
+            if let Some(reason) = refusal {
                 inc(&self.shared.metrics.rejected_connections);
+                let shared = Arc::clone(&self.shared);
                 tokio::spawn(async move {
-                    let _ = stream.write_all(reason.as_bytes()).await;
+                    match tls {
+                        None => {
+                            let mut stream = stream;
+                            let _ = stream.write_all(reason.as_bytes()).await;
+                        }
+                        // The reason goes over TLS, so the handshake comes first; the whole
+                        // exchange is bounded by the handshake timeout.
+                        Some((acceptor, limit)) => {
+                            let _ = tokio::time::timeout(limit, async {
+                                let hs = handshake(&shared, &acceptor, stream, peer, limit).await;
+                                if let Some(mut s) = hs {
+                                    let _ = s.write_all(reason.as_bytes()).await;
+                                    let _ = s.shutdown().await;
+                                }
+                            })
+                            .await;
+                        }
+                    }
                 });
                 continue;
             }
-            if live.load(Ordering::Relaxed) >= max {
-                inc(&self.shared.metrics.rejected_connections);
-                tokio::spawn(async move {
-                    let _ = stream
-                        .write_all(b"-ERR max number of clients reached\r\n")
-                        .await;
-                });
-                continue;
-            }
+            // A client in its TLS handshake holds a slot too, at most for the handshake timeout.
             live.fetch_add(1, Ordering::Relaxed);
             let shared = Arc::clone(&self.shared);
             let live = Arc::clone(&live);
             let stop = stop_rx.clone();
             tokio::spawn(async move {
-                inc(&shared.metrics.connections_total);
-                inc(&shared.metrics.connections_current);
-                Connection::new(Arc::clone(&shared), stream, stop)
-                    .run()
-                    .await;
-                shared
-                    .metrics
-                    .connections_current
-                    .fetch_sub(1, Ordering::Relaxed);
+                let stream = match tls {
+                    None => Some(Stream::Plain(stream)),
+                    Some((acceptor, limit)) => handshake(&shared, &acceptor, stream, peer, limit)
+                        .await
+                        .map(|s| Stream::Tls(Box::new(s))),
+                };
+                if let Some(stream) = stream {
+                    inc(&shared.metrics.connections_total);
+                    inc(&shared.metrics.connections_current);
+                    Connection::new(Arc::clone(&shared), stream, Some(peer), stop)
+                        .run()
+                        .await;
+                    shared
+                        .metrics
+                        .connections_current
+                        .fetch_sub(1, Ordering::Relaxed);
+                }
                 live.fetch_sub(1, Ordering::Relaxed);
             });
         }
         drop(self.listener);
+        drop(self.tls);
         let _ = stop_tx.send(true);
         let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
         while live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
@@ -316,7 +437,10 @@ impl Server {
 /// A server running in the background (tests, embedding): its address, and a handle that
 /// shuts it down when dropped.
 pub struct Running {
+    /// The plain TCP address (with `tls.only`, the TLS one).
     pub addr: SocketAddr,
+    /// The TLS listener's address, if there is one.
+    pub tls_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -346,6 +470,7 @@ impl Drop for Running {
 pub async fn spawn(config: Config) -> Result<Running, StartError> {
     let server = Server::bind(config).await?;
     let addr = server.local_addr();
+    let tls_addr = server.tls_addr();
     let shared = server.shared();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async move {
@@ -353,6 +478,7 @@ pub async fn spawn(config: Config) -> Result<Running, StartError> {
     }));
     Ok(Running {
         addr,
+        tls_addr,
         shared,
         stop: Some(stop),
         task: Some(task),

@@ -256,3 +256,190 @@ async fn shutdown_finishes_replies_in_flight() {
     drop((valkey, db));
     let _ = postgres();
 }
+
+/// Clients that each write and read back their own key in a loop, counting answers that are
+/// neither theirs nor an error: a reply that reached the wrong client.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, u64, u64)>>,
+}
+
+impl Load {
+    fn start(port: u16, clients: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|i| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut raw = Raw::connect(port).await;
+                    let (mut ok, mut errors, mut wrong) = (0u64, 0u64, 0u64);
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let key = format!("load:{i}");
+                        let val = format!("{i}-{n}");
+                        let set = raw.call(&[b"SET", key.as_bytes(), val.as_bytes()]).await;
+                        let get = raw.call(&[b"GET", key.as_bytes()]).await;
+                        if set.starts_with('-') || get.starts_with('-') {
+                            errors += 1;
+                        } else if get == format!("${}\r\n{val}\r\n", val.len()) {
+                            ok += 1;
+                        } else {
+                            wrong += 1;
+                        }
+                    }
+                    (ok, errors, wrong)
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    /// Stops the clients; returns (good round trips, errors, wrong replies).
+    async fn finish(self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut t = (0, 0, 0);
+        for h in self.tasks {
+            let (a, b, c) = h.await.unwrap();
+            t = (t.0 + a, t.1 + b, t.2 + c);
+        }
+        t
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_silent_and_broken_links_to_valkey() {
+    let valkey = Valkey::start();
+    let db = postgres().fresh_db();
+    let link = common::faultproxy::FaultProxy::start(valkey.port()).await;
+    let mut cfg = config_for(&valkey, &db);
+    cfg.valkey.url = format!("redis://127.0.0.1:{}", link.port);
+    cfg.valkey.command_timeout_ms = 300;
+    cfg.valkey.connect_timeout_ms = 300;
+    let proxy = cachefront::server::spawn(cfg).await.unwrap();
+    let port = proxy.addr.port();
+    let load = Load::start(port, 8);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut probe = Raw::connect(port).await;
+    for (name, mode) in [
+        (
+            "slow",
+            common::faultproxy::Mode::Delay(Duration::from_millis(800)),
+        ),
+        ("silent", common::faultproxy::Mode::Blackhole),
+    ] {
+        link.set(mode);
+        // Pass-through fails within the command timeout instead of hanging…
+        let started = Instant::now();
+        let r = probe.call(&[b"GET", b"probe"]).await;
+        assert!(r.starts_with("-UPSTREAM"), "{name}: {r}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{name}: {:?}",
+            started.elapsed()
+        );
+        // …and cached commands fall back to PostgreSQL.
+        assert_eq!(
+            probe.call(&[b"EMP.GET", b"2"]).await,
+            "$9\r\nBob Smith\r\n",
+            "{name}"
+        );
+        link.set(common::faultproxy::Mode::Pass);
+        let took = until(
+            &mut probe,
+            &[b"SET", b"probe", b"x"],
+            Duration::from_secs(5),
+            |r| r == "+OK\r\n",
+        )
+        .await;
+        eprintln!("{name} link: recovered {took:?} after the link healed");
+    }
+    // Broken: every connection cut at once, then new ones refused for a moment.
+    link.cut();
+    link.set(common::faultproxy::Mode::Refuse);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(probe
+        .call(&[b"GET", b"probe"])
+        .await
+        .starts_with("-UPSTREAM"));
+    link.set(common::faultproxy::Mode::Pass);
+    let took = until(
+        &mut probe,
+        &[b"GET", b"probe"],
+        Duration::from_secs(5),
+        |r| r == "$1\r\nx\r\n",
+    )
+    .await;
+    eprintln!("cut link: recovered {took:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, errors, wrong) = load.finish().await;
+    eprintln!(
+        "load during link faults: {ok} good round trips, {errors} errors, {wrong} wrong replies"
+    );
+    assert_eq!(wrong, 0, "a reply reached the wrong client");
+    assert!(ok > 50, "the load made progress ({ok})");
+    // Data Valkey acknowledged is there.
+    let mut direct = Raw::connect(valkey.port()).await;
+    assert_eq!(direct.call(&[b"GET", b"probe"]).await, "$1\r\nx\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_partitioned_postgres() {
+    let valkey = Valkey::start();
+    let db = postgres().fresh_db();
+    let link = common::faultproxy::FaultProxy::start(db.port()).await;
+    let mut cfg = config_for(&valkey, &db);
+    cfg.postgres.url = format!("postgres://postgres@127.0.0.1:{}/{}", link.port, db.name());
+    cfg.postgres.statement_timeout_ms = 500;
+    cfg.postgres.connect_timeout_ms = 500;
+    cfg.cache.stale_if_error_secs = 60;
+    let proxy = cachefront::server::spawn(cfg).await.unwrap();
+    let mut raw = Raw::connect(proxy.addr.port()).await;
+    let t = Instant::now();
+    while !proxy.shared.is_listening() {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        raw.call(&[b"EMP.GET", b"1"]).await,
+        "$13\r\nAlice Johnson\r\n"
+    );
+    assert_eq!(
+        raw.call(&[b"EMP.GET", b"3"]).await,
+        "$13\r\nCharlie Brown\r\n"
+    );
+    // Drop employee 3 from the cache so the next read must query (stale-if-error can serve it).
+    let mut direct = Raw::connect(valkey.port()).await;
+    direct.call(&[b"DEL", b"employee:3"]).await;
+    link.set(common::faultproxy::Mode::Blackhole);
+    // Hits are still served.
+    assert_eq!(
+        raw.call(&[b"EMP.GET", b"1"]).await,
+        "$13\r\nAlice Johnson\r\n"
+    );
+    // A miss with no stale copy fails within the deadline.
+    let started = Instant::now();
+    let r = raw.call(&[b"EMP.GET", b"2"]).await;
+    assert!(r.starts_with("-DBERR"), "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // A miss with a recent stale copy is answered with it (stale-if-error).
+    assert_eq!(
+        raw.call(&[b"EMP.GET", b"3"]).await,
+        "$13\r\nCharlie Brown\r\n"
+    );
+    assert!(proxy.shared.metrics.stale_served.load(Ordering::Relaxed) >= 1);
+    link.set(common::faultproxy::Mode::Pass);
+    link.cut();
+    let took = until(
+        &mut raw,
+        &[b"EMP.GET", b"2"],
+        Duration::from_secs(15),
+        |r| r == "$9\r\nBob Smith\r\n",
+    )
+    .await;
+    eprintln!("misses recovered {took:?} after the PostgreSQL link healed");
+}

@@ -252,11 +252,6 @@ fn frame_scanner_corpus_and_seeded() {
     let mut rng = XorShift::new(0x5EED_0002);
     for i in 0..9_000 {
         let input = gen_frames(&mut rng);
-        // KNOWN BUG (see `frame_scanner_empty_line_is_an_error`): an empty line where a frame
-        // starts panics. Remove this filter once FrameScanner refuses it.
-        if has_empty_line(&input) {
-            continue;
-        }
         check("frame_scanner", i, &input, props::frame_scanner);
     }
 }
@@ -278,15 +273,9 @@ fn sql_check_corpus_and_seeded() {
     assert!(cachefront::db::sql::check_read_only(&deep).is_err());
 }
 
-/// Whether `buf` has an empty line (`\r\n` at the start or right after another `\r\n`).
-fn has_empty_line(buf: &[u8]) -> bool {
-    buf.starts_with(b"\r\n") || buf.windows(4).any(|w| w == b"\r\n\r\n")
-}
-
-/// An empty line where a frame (or an aggregate's element) should start is malformed: an
-/// error, not a panic (`&buf[start + 1..line_end]` with `line_end == start`).
+/// Regression (found by this seeded run, fixed in 34f2cb1): an empty line where a frame (or an
+/// aggregate's element) should start is an error, not a panic in `&buf[start + 1..line_end]`.
 #[test]
-#[ignore = "BUG: FrameScanner::scan panics (slice index starts at 1 but ends at 0) on an empty line"]
 fn frame_scanner_empty_line_is_an_error() {
     for input in [
         &b"\r\n"[..],
@@ -303,11 +292,10 @@ fn frame_scanner_empty_line_is_an_error() {
     }
 }
 
-/// Aggregate lengths add up in the scanner's `owed: u64` counter: twenty arrays of 10^18 - 1
-/// elements each, nested, overflow it (a debug-build panic; a wrapped count, and so a wrong
-/// frame end, in release).
+/// Regression (fixed in 34f2cb1): aggregate lengths add up in the scanner's `owed` counter;
+/// twenty nested arrays of 10^18 - 1 elements once overflowed it (a debug-build panic; a
+/// wrapped count, and so a wrong frame end, in release).
 #[test]
-#[ignore = "BUG: FrameScanner::scan adds declared aggregate lengths to `owed` unchecked (u64 overflow)"]
 fn frame_scanner_nested_huge_aggregates_do_not_overflow() {
     let input = b"*999999999999999999\r\n".repeat(20);
     let r = std::panic::catch_unwind(|| cachefront::protocol::FrameScanner::default().scan(&input));

@@ -355,6 +355,9 @@ async fn writers_and_readers_end_consistent() {
         .await
         .unwrap();
     }
+    // Writes stop; readers go on a little, so entries are cached again after the last writes
+    // (a stale entry, if any, would keep being served and so stay cached too).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();

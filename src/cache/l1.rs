@@ -203,9 +203,8 @@ impl L1 {
             return;
         }
         self.stripes[Self::stripe(key)].fetch_add(1, Ordering::SeqCst);
-        let plain = Bytes::copy_from_slice(key);
-        if self.items.contains_key(&plain) {
-            self.items.invalidate(&plain);
+        if self.items.contains_key(key) {
+            self.items.invalidate(key);
         }
         if self.hashes.load(Ordering::Acquire) {
             for proto in [Proto::Resp2, Proto::Resp3] {

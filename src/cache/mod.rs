@@ -82,6 +82,8 @@ pub enum CacheStatus {
     Coalesced,
     /// Valkey was unavailable; answered straight from PostgreSQL.
     FailOpen,
+    /// PostgreSQL failed; answered with the last value filled, within `stale_if_error_secs`.
+    Stale,
 }
 
 /// When an entry this instance stored expires and how long its fill took: what XFetch needs.
@@ -102,6 +104,8 @@ pub struct Cache {
     ttl_jitter: f64,
     /// Tables already recorded in Valkey's registry by this process.
     registered: Mutex<std::collections::HashSet<String>>,
+    /// Last filled values, served if PostgreSQL fails (`cache.stale_if_error_secs`).
+    stale: Option<moka::sync::Cache<String, Value>>,
 }
 
 /// How a miss should be filled.
@@ -130,6 +134,12 @@ impl Cache {
             early_refresh_beta: cfg.early_refresh_beta,
             ttl_jitter: cfg.ttl_jitter,
             registered: Mutex::new(Default::default()),
+            stale: (cfg.stale_if_error_secs > 0).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(cfg.early_refresh_keys)
+                    .time_to_live(Duration::from_secs(cfg.stale_if_error_secs))
+                    .build()
+            }),
         }
     }
 
@@ -179,6 +189,7 @@ impl Cache {
             store: self.store.clone(),
             metrics: Arc::clone(&self.metrics),
             recent: self.recent.clone(),
+            stale: self.stale.clone(),
         };
         let key = entry.key.clone();
         let fill = async move { ctx.fill_once(entry, opts, load).await };
@@ -257,6 +268,7 @@ struct FillCtx {
     store: Store,
     metrics: Arc<Metrics>,
     recent: moka::sync::Cache<String, Freshness>,
+    stale: Option<moka::sync::Cache<String, Value>>,
 }
 
 impl FillCtx {
@@ -290,11 +302,23 @@ impl FillCtx {
         }
         let started = Instant::now();
         inc(&self.metrics.db_queries);
-        let value = load().await.inspect_err(|e| {
-            if !matches!(e, crate::error::Error::Client(_)) {
-                inc(&self.metrics.db_errors)
+        let value = match load().await {
+            Ok(v) => v,
+            Err(e) if matches!(e, crate::error::Error::Client(_)) => return Err(e),
+            Err(e) => {
+                inc(&self.metrics.db_errors);
+                // Stale-if-error: the last value this process filled, if recent enough.
+                if let Some(v) = self.stale.as_ref().and_then(|s| s.get(&entry.key)) {
+                    tracing::debug!(key = %entry.key, error = %e, "serving a stale value");
+                    inc(&self.metrics.stale_served);
+                    return Ok((v, CacheStatus::Stale));
+                }
+                return Err(e);
             }
-        })?;
+        };
+        if let (Some(s), false) = (&self.stale, value == Value::Absent) {
+            s.insert(entry.key.clone(), value.clone());
+        }
         let delta = started.elapsed();
         self.metrics.latency.db_query.observe(delta);
         let versions = match prefill {

@@ -110,10 +110,46 @@ pub struct Store {
     invalidate_rows: Script,
 }
 
+/// The `redis` client for `valkey.url`; for `rediss://`, trusting `valkey.tls_ca_file` (or the
+/// system's CAs), or anything with `valkey.tls_insecure`.
+fn tls_client(cfg: &ValkeyConfig) -> Result<redis::Client> {
+    let client = redis::Client::open(cfg.url.as_str())?;
+    let info = client.get_connection_info().clone();
+    let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() else {
+        return Ok(client);
+    };
+    crate::tls::install_default_provider();
+    if cfg.tls_insecure {
+        let info = info.set_addr(redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: true,
+            tls_params: None,
+        });
+        return Ok(redis::Client::open(info)?);
+    }
+    if cfg.tls_ca_file.is_empty() {
+        return Ok(client);
+    }
+    let pem = std::fs::read(&cfg.tls_ca_file).map_err(|e| {
+        crate::error::Error::client(format!(
+            "valkey.tls_ca_file: cannot read {}: {e}",
+            cfg.tls_ca_file
+        ))
+    })?;
+    Ok(redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        },
+    )?)
+}
+
 impl Store {
     /// Connects lazily: cachefront starts even if Valkey is down, and the manager reconnects.
     pub fn new(cfg: &ValkeyConfig, meta_prefix: &str) -> Result<Store> {
-        let client = redis::Client::open(cfg.url.as_str())?;
+        let client = tls_client(cfg)?;
         let mcfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
             .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))

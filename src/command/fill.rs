@@ -114,13 +114,45 @@ async fn prepare(shared: &Shared, mut entry: Entry) -> Result<Entry> {
     if let Some(r) = &entry.deps.row {
         names.push(r.table.clone());
     }
-    let resolved = shared.invalidation.prepare(&shared.db, &names).await?;
+    let resolved = tokio::time::timeout(
+        shared.db.deadline(),
+        shared.invalidation.prepare(&shared.db, &names),
+    )
+    .await
+    .map_err(|_| {
+        Error::db("database unavailable: no answer while resolving the query's tables")
+    })??;
     let row_table = entry.deps.row.as_ref().map(|r| r.table.clone());
     entry.deps.tables = resolved
         .into_iter()
         .filter(|t| Some(t) != row_table.as_ref())
         .collect();
     Ok(entry)
+}
+
+/// Answers from the in-process L1 if it holds the entry — before any plan is built, so a hot
+/// hit costs a hash lookup, not the allocations of a miss. `plan` is built only if early
+/// refresh picks this hit.
+pub fn serve_from_l1(
+    shared: &Arc<Shared>,
+    key: &str,
+    kind: ReplyKind,
+    proto: Proto,
+    plan: impl FnOnce() -> FillPlan,
+) -> Option<Reply> {
+    let frame = shared.cache.l1.get(key, kind == ReplyKind::Hash, proto)?;
+    inc(&shared.metrics.hits);
+    inc(&shared.metrics.l1_hits);
+    shared
+        .metrics
+        .latency
+        .hit
+        .observe(std::time::Duration::ZERO);
+    if shared.cache.should_refresh_early(key) {
+        inc(&shared.metrics.early_refreshes);
+        refresh_in_background(Arc::clone(shared), plan());
+    }
+    Some(Reply::Raw(frame))
 }
 
 /// Answers a hit that early refresh picked: refill in the background, reply to nobody.

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use std::sync::Arc;
 
-use super::fill::{FillPlan, Source};
+use super::fill::{serve_from_l1, FillPlan, Source};
 use super::{wrong_args, Action};
 use crate::cache::key::KeyTemplate;
 use crate::cache::{Deps, Entry, RowDep};
@@ -176,6 +176,24 @@ pub fn dispatch(
     if !session.user.key_allowed(key.as_bytes()) {
         return Action::Reply(Reply::err(crate::acl::NOPERM_KEY));
     }
+    let plan = |key: String, args: Vec<String>| FillPlan {
+        entry: Entry {
+            key,
+            ttl: shared.cache.jittered_ttl(q.ttl),
+            deps: q.deps(&args),
+        },
+        source: Source::Named {
+            query: Arc::clone(q),
+            args,
+        },
+        kind: q.reply,
+        proto: session.proto,
+    };
+    if let Some(hit) = serve_from_l1(shared, &key, q.reply, session.proto, || {
+        plan(key.clone(), args.clone())
+    }) {
+        return Action::Reply(hit);
+    }
     let lookup_cmd: &[u8] = match q.reply {
         ReplyKind::Hash => b"HGETALL",
         ReplyKind::Value | ReplyKind::Json => b"GET",
@@ -183,18 +201,6 @@ pub fn dispatch(
     let lookup = encode_multibulk(&[Bytes::from_static(lookup_cmd), Bytes::from(key.clone())]);
     Action::Cached {
         lookup,
-        plan: Box::new(FillPlan {
-            entry: Entry {
-                key,
-                ttl: shared.cache.jittered_ttl(q.ttl),
-                deps: q.deps(&args),
-            },
-            source: Source::Named {
-                query: Arc::clone(q),
-                args,
-            },
-            kind: q.reply,
-            proto: session.proto,
-        }),
+        plan: Box::new(plan(key, args)),
     }
 }

@@ -166,6 +166,9 @@ impl Breaker {
 pub struct Db {
     pool: Pool,
     breaker: Arc<Breaker>,
+    /// Longest a query may take from our side (twice the statement timeout + 1 s: the server's
+    /// own timeout should always fire first).
+    deadline: Duration,
     /// For connections outside the pool (the invalidation listener).
     pg: tokio_postgres::Config,
 }
@@ -206,6 +209,7 @@ impl Db {
             pool,
             pg,
             breaker: Arc::new(Breaker::default()),
+            deadline: Duration::from_millis(cfg.statement_timeout_ms * 2 + 1000),
         })
     }
 
@@ -235,16 +239,44 @@ impl Db {
         Ok(self.pg.connect(NoTls).await?)
     }
 
+    /// Runs `work` on a pooled connection within the query deadline (see `deadline`). A connection that does not answer in time — a partitioned or hung
+    /// server the statement timeout cannot reach — is taken out of the pool, not reused.
+    async fn with_deadline<T, F>(&self, work: F) -> Result<T, DbError>
+    where
+        F: for<'a> FnOnce(
+            &'a mut deadpool_postgres::Object,
+        ) -> futures::future::BoxFuture<'a, Result<T, DbError>>,
+    {
+        let mut client = self.get().await?;
+        match tokio::time::timeout(self.deadline, work(&mut client)).await {
+            Ok(r) => r,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                let e = Err(DbError::Unavailable(format!(
+                    "no answer from PostgreSQL within {} ms",
+                    self.deadline.as_millis()
+                )));
+                self.breaker.record(&e);
+                e
+            }
+        }
+    }
+
     /// Runs a named query's statement with its (already validated) arguments.
     pub async fn query_params(&self, sql: &str, args: &[String]) -> Result<QueryResult, DbError> {
-        let client = self.get().await?;
-        let stmt = client.prepare_cached(sql).await?;
-        let params: Vec<TextParam> = args.iter().map(|a| TextParam(a)).collect();
-        let rows = client.query(&stmt, &as_dyn(&params)).await?;
-        Ok(QueryResult {
-            names: column_names(&stmt),
-            rows,
+        let (sql, args) = (sql.to_string(), args.to_vec());
+        self.with_deadline(move |client| {
+            Box::pin(async move {
+                let stmt = client.prepare_cached(&sql).await?;
+                let params: Vec<TextParam> = args.iter().map(|a| TextParam(a)).collect();
+                let rows = client.query(&stmt, &as_dyn(&params)).await?;
+                Ok(QueryResult {
+                    names: column_names(&stmt),
+                    rows,
+                })
+            })
         })
+        .await
     }
 
     /// Runs a client's query for SQL.CACHED in a READ ONLY transaction, at most `max_rows` rows.
@@ -254,38 +286,29 @@ impl Db {
         params: &[String],
         max_rows: usize,
     ) -> Result<QueryResult, DbError> {
-        let mut client = self.get().await?;
-        let stmt = client.prepare_cached(sql).await?;
-        let names = column_names(&stmt);
-        let stmt = match wrap_for_text_casts(sql, &stmt) {
-            Some(wrapped) => client.prepare_cached(&wrapped).await?,
-            None => stmt,
-        };
-        let tx = client.build_transaction().read_only(true).start().await?;
-        let text: Vec<TextParam> = params.iter().map(|p| TextParam(p)).collect();
-        let stream = tx
-            .query_raw(&stmt, text.iter().map(|p| p as &(dyn ToSql + Sync)))
-            .await?;
-        pin_mut!(stream);
-        let mut rows = Vec::new();
-        while let Some(row) = stream.try_next().await? {
-            if rows.len() == max_rows {
-                return Err(DbError::Invalid(format!(
-                    "ERR result has more than {max_rows} rows (sql.max_rows); add a LIMIT"
-                )));
-            }
-            rows.push(row);
-        }
-        tx.commit().await?;
-        Ok(QueryResult { names, rows })
+        let (sql, params) = (sql.to_string(), params.to_vec());
+        self.with_deadline(move |client| {
+            Box::pin(async move { read_only(client, &sql, &params, max_rows).await })
+        })
+        .await
     }
 
     /// Asks PostgreSQL to parse `sql` without running it: a clearer error for a query our own
     /// parser could not read. `Ok` means PostgreSQL accepts what the parser did not.
     pub async fn prepare_only(&self, sql: &str) -> Result<(), DbError> {
-        let client = self.get().await?;
-        client.prepare(sql).await?;
-        Ok(())
+        let sql = sql.to_string();
+        self.with_deadline(move |client| {
+            Box::pin(async move {
+                client.prepare(&sql).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Longest a database operation may take from cachefront's side.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
     }
 
     /// Pool gauges for INFO: (size, available).
@@ -293,6 +316,40 @@ impl Db {
         let s = self.pool.status();
         (s.size, s.available)
     }
+}
+
+async fn read_only(
+    client: &mut deadpool_postgres::Object,
+    sql: &str,
+    params: &[String],
+    max_rows: usize,
+) -> Result<QueryResult, DbError> {
+    let stmt = client.prepare_cached(sql).await?;
+    let names = column_names(&stmt);
+    let stmt = match wrap_for_text_casts(sql, &stmt) {
+        Some(wrapped) => client.prepare_cached(&wrapped).await?,
+        None => stmt,
+    };
+    let tx = client.build_transaction().read_only(true).start().await?;
+    let text: Vec<TextParam> = params.iter().map(|p| TextParam(p)).collect();
+    let stream = tx
+        .query_raw(&stmt, text.iter().map(|p| p as &(dyn ToSql + Sync)))
+        .await?;
+    pin_mut!(stream);
+    let mut rows = Vec::new();
+    while let Some(row) = stream.try_next().await? {
+        if rows.len() == max_rows {
+            return Err(DbError::Invalid(format!(
+                "ERR result has more than {max_rows} rows (sql.max_rows); add a LIMIT"
+            )));
+        }
+        rows.push(row);
+    }
+    // Rolled back, not committed: a read needs no commit, and a rollback also undoes any
+    // session change a statement could have made (`SET`, locks) should one get past the
+    // parser — defence in depth behind the checks in `db::sql`.
+    tx.rollback().await?;
+    Ok(QueryResult { names, rows })
 }
 
 fn as_dyn<'a>(params: &'a [TextParam<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {

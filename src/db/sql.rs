@@ -21,44 +21,53 @@ pub enum SqlError {
     NotReadOnly(String),
 }
 
-/// Functions with side effects (or that stall a connection) that a cached read must not call.
+/// Functions with side effects (or that stall a connection, or reach outside the database)
+/// that a cached read must not call — even though some are allowed in a READ ONLY transaction.
 const DENIED_FUNCTIONS: &[&str] = &[
     "pg_sleep",
     "pg_sleep_for",
     "pg_sleep_until",
     "set_config",
+    "setseed",
     "pg_notify",
     "nextval",
     "setval",
-    "pg_advisory_lock",
-    "pg_advisory_xact_lock",
-    "pg_advisory_lock_shared",
-    "pg_advisory_xact_lock_shared",
-    "pg_try_advisory_lock",
-    "pg_try_advisory_xact_lock",
+    "txid_current",
+    "pg_current_xact_id",
     "pg_cancel_backend",
     "pg_terminate_backend",
     "pg_reload_conf",
     "pg_rotate_logfile",
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_dir",
     "pg_stat_file",
-    "lo_import",
-    "lo_export",
-    "lo_create",
-    "lo_unlink",
-    "lo_put",
-    "lo_from_bytea",
-    "txid_current",
-    "pg_current_xact_id",
     "pg_switch_wal",
     "pg_create_restore_point",
-    "pg_logical_emit_message",
+    "pg_promote",
+    "pg_start_backup",
+    "pg_stop_backup",
+    "pg_import_system_collations",
 ];
 
-/// Function name prefixes that reach outside the database.
-const DENIED_PREFIXES: &[&str] = &["dblink", "pg_catalog.dblink"];
+/// Function name prefixes of the same kind (families: advisory locks, replication slots and
+/// origins, statistics resets, backups, large objects, server files, dblink…).
+const DENIED_PREFIXES: &[&str] = &[
+    "dblink",
+    "pg_advisory",
+    "pg_try_advisory",
+    "pg_create_",
+    "pg_drop_",
+    "pg_copy_",
+    "pg_replication_",
+    "pg_logical_",
+    "pg_stat_reset",
+    "pg_stat_statements_reset",
+    "pg_backup_",
+    "pg_wal_replay_",
+    "pg_log_backend",
+    "pg_read_",
+    "pg_ls_",
+    "pg_file_",
+    "lo_",
+];
 
 /// Parses `sql` and checks that it is exactly one read-only query.
 pub fn check_read_only(sql: &str) -> Result<Analysis, SqlError> {
@@ -321,6 +330,10 @@ mod tests {
             "SELECT set_config('default_transaction_read_only', 'off', false)",
             "SELECT * FROM dblink('x', 'y') AS t(a int)",
             "SELECT nextval('employees_id_seq')",
+            "SELECT pg_create_physical_replication_slot('x')",
+            "SELECT pg_catalog.pg_stat_reset()",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT lo_unlink(1)",
             "CREATE TABLE x (a int)",
             "SET statement_timeout = 0",
             "COPY employees TO '/tmp/x'",

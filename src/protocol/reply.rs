@@ -101,6 +101,14 @@ impl Reply {
         }
     }
 
+    /// The encoded frame; a `Raw` frame is handed over as it is, without copying.
+    pub fn into_bytes(self, proto: Proto) -> Bytes {
+        match self {
+            Reply::Raw(b) => b,
+            other => other.to_bytes(proto),
+        }
+    }
+
     /// Encodes into a fresh buffer (tests, small one-off frames).
     pub fn to_bytes(&self, proto: Proto) -> Bytes {
         let mut out = BytesMut::new();

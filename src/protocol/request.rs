@@ -40,13 +40,28 @@ impl Default for Limits {
     }
 }
 
-/// A malformed request. The text follows `-ERR Protocol error: ` exactly as Valkey words it;
-/// the connection is closed after replying, as Valkey does.
+/// A malformed request. The text follows `-ERR Protocol error: ` exactly as Valkey words it
+/// (bytes, because Valkey quotes the offending byte as it is); the connection is closed after
+/// replying, as Valkey does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Protocol error: {0}")]
-pub struct ProtocolError(pub String);
+#[error("Protocol error: {}", String::from_utf8_lossy(.0))]
+pub struct ProtocolError(pub Vec<u8>);
 
-fn perr(msg: impl Into<String>) -> ProtocolError {
+impl ProtocolError {
+    /// The whole error reply, CR and LF shown as spaces as Valkey does.
+    pub fn reply_bytes(&self) -> Vec<u8> {
+        let mut out = b"-ERR Protocol error: ".to_vec();
+        out.extend(
+            self.0
+                .iter()
+                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+        );
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+fn perr(msg: impl Into<Vec<u8>>) -> ProtocolError {
     ProtocolError(msg.into())
 }
 
@@ -173,7 +188,15 @@ impl RequestParser {
         let mut st = match self.partial.take() {
             Some(p) => p,
             None => {
-                let Some((line, next)) = line_at(buf, 0) else {
+                // A bad number before a bad CRLF is reported as such, as Valkey does.
+                let Some((line, next)) =
+                    line_at(buf, 0).map_err(|e| match buf.iter().position(|&b| b == b'\r') {
+                        Some(cr) if parse_len(&buf[1..cr]).is_none() => {
+                            perr("invalid multibulk length")
+                        }
+                        _ => e,
+                    })?
+                else {
                     if buf.len() > limits.max_inline {
                         return Err(perr("too big mbulk count string"));
                     }
@@ -200,20 +223,31 @@ impl RequestParser {
             }
         };
         while st.args.len() < st.argc {
-            let Some((line, next)) = line_at(buf, st.pos) else {
+            let Some(&head) = buf.get(st.pos) else {
+                self.partial = Some(st);
+                return Ok(Step::Incomplete);
+            };
+            if head != b'$' {
+                let mut msg = b"expected '$', got '".to_vec();
+                msg.push(head);
+                msg.push(b'\'');
+                return Err(perr(msg));
+            }
+            let line = line_at(buf, st.pos).map_err(|e| {
+                match buf[st.pos..].iter().position(|&b| b == b'\r') {
+                    Some(cr) if parse_len(&buf[st.pos + 1..st.pos + cr]).is_none() => {
+                        perr("invalid bulk length")
+                    }
+                    _ => e,
+                }
+            })?;
+            let Some((line, next)) = line else {
                 if buf.len() - st.pos > limits.max_inline {
                     return Err(perr("too big bulk count string"));
                 }
                 self.partial = Some(st);
                 return Ok(Step::Incomplete);
             };
-            let head = buf[st.pos];
-            if head != b'$' {
-                return Err(perr(format!(
-                    "expected '$', got '{}'",
-                    char::from(head).escape_default()
-                )));
-            }
             let len = parse_len(&buf[st.pos + 1..line])
                 .filter(|&l| l >= 0 && l as u64 <= limits.max_bulk as u64)
                 .ok_or_else(|| perr("invalid bulk length"))? as usize;
@@ -226,7 +260,7 @@ impl RequestParser {
                 return Ok(Step::Incomplete);
             }
             if &buf[end..end + 2] != b"\r\n" {
-                return Err(perr("expected CRLF after bulk data"));
+                return Err(perr("invalid CRLF in request"));
             }
             st.args.push(next..end);
             st.pos = end + 2;
@@ -243,25 +277,19 @@ enum Step {
     Incomplete,
 }
 
-/// Finds the `\r\n`-terminated line starting at `start`: (index of `\r`, index after `\n`).
-fn line_at(buf: &[u8], start: usize) -> Option<(usize, usize)> {
-    let rel = memchr_crlf(&buf[start..])?;
-    Some((start + rel, start + rel + 2))
-}
-
-fn memchr_crlf(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = buf[from..].iter().position(|&b| b == b'\r') {
-        let at = from + i;
-        if at + 1 >= buf.len() {
-            return None;
-        }
-        if buf[at + 1] == b'\n' {
-            return Some(at);
-        }
-        from = at + 1;
+/// Finds the header line starting at `start` as Valkey does: up to the first `\r`, which
+/// must be followed by `\n`. Returns (index of `\r`, index after `\n`), `None` if more bytes
+/// are needed.
+fn line_at(buf: &[u8], start: usize) -> Result<Option<(usize, usize)>, ProtocolError> {
+    let Some(rel) = buf[start..].iter().position(|&b| b == b'\r') else {
+        return Ok(None);
+    };
+    let cr = start + rel;
+    match buf.get(cr + 1) {
+        None => Ok(None),
+        Some(b'\n') => Ok(Some((cr, cr + 2))),
+        Some(_) => Err(perr("invalid CRLF in request")),
     }
-    None
 }
 
 /// Parses a length the way Valkey's `string2ll` does: optional `-`, digits, no leading zeros,
@@ -322,91 +350,79 @@ fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Step, ProtocolErr
     Ok(Step::Done(Request { raw, args }))
 }
 
-/// Splits an inline line into words like Valkey's `sdssplitargs`: `"…"` with C escapes
-/// (`\n \r \t \b \a \\ \" \xHH`), `'…'` with only `\'`, and a closing quote must be followed by
-/// a space or the end. `None` means unbalanced quotes.
+/// Splits an inline line into words like Valkey's `sdssplitargs`: words separated by
+/// whitespace; inside a word, `"…"` sections take C escapes (`\n \r \t \b \a \\ \" \xHH`)
+/// and `'…'` sections only `\'`, and quoted and unquoted pieces join into one word
+/// (`"a"b'c'` is `abc`, as in Valkey 9). `None` means unbalanced quotes.
 pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     let mut i = 0;
     loop {
-        while i < line.len() && line[i].is_ascii_whitespace() {
+        while i < line.len() && (line[i].is_ascii_whitespace() || line[i] == 0) {
             i += 1;
         }
         if i >= line.len() {
             return Some(out);
         }
         let mut word = Vec::new();
-        let mut in_dq = false;
-        let mut in_sq = false;
-        loop {
-            if in_dq {
-                if i >= line.len() {
-                    return None;
-                }
-                let c = line[i];
-                if c == b'\\' && i + 3 < line.len() && line[i + 1] == b'x' {
-                    if let (Some(h), Some(l)) = (hex_val(line[i + 2]), hex_val(line[i + 3])) {
-                        word.push(h * 16 + l);
-                        i += 4;
-                        continue;
-                    }
-                }
-                if c == b'\\' && i + 1 < line.len() {
-                    let e = match line[i + 1] {
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        b'b' => 8,
-                        b'a' => 7,
-                        other => other,
-                    };
-                    word.push(e);
-                    i += 2;
-                } else if c == b'"' {
-                    if i + 1 < line.len() && !line[i + 1].is_ascii_whitespace() {
-                        return None;
-                    }
-                    i += 1;
-                    break;
-                } else {
+        while i < line.len() && !(line[i].is_ascii_whitespace() || line[i] == 0) {
+            match line[i] {
+                b'"' => i = double_quoted(line, i + 1, &mut word)?,
+                b'\'' => i = single_quoted(line, i + 1, &mut word)?,
+                c => {
                     word.push(c);
                     i += 1;
                 }
-            } else if in_sq {
-                if i >= line.len() {
-                    return None;
-                }
-                let c = line[i];
-                if c == b'\\' && i + 1 < line.len() && line[i + 1] == b'\'' {
-                    word.push(b'\'');
-                    i += 2;
-                } else if c == b'\'' {
-                    if i + 1 < line.len() && !line[i + 1].is_ascii_whitespace() {
-                        return None;
-                    }
-                    i += 1;
-                    break;
-                } else {
-                    word.push(c);
-                    i += 1;
-                }
-            } else {
-                if i >= line.len() {
-                    break;
-                }
-                match line[i] {
-                    b' ' | b'\n' | b'\r' | b'\t' | 0 => {
-                        i += 1;
-                        break;
-                    }
-                    b'"' => in_dq = true,
-                    b'\'' => in_sq = true,
-                    c => word.push(c),
-                }
-                i += 1;
             }
         }
         out.push(word);
+    }
+}
+
+/// Reads a `"…"` section starting after the quote; returns the index after the closing quote.
+fn double_quoted(line: &[u8], mut i: usize, word: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        let c = *line.get(i)?;
+        if c == b'"' {
+            return Some(i + 1);
+        }
+        if c == b'\\' && i + 3 < line.len() && line[i + 1] == b'x' {
+            if let (Some(h), Some(l)) = (hex_val(line[i + 2]), hex_val(line[i + 3])) {
+                word.push(h * 16 + l);
+                i += 4;
+                continue;
+            }
+        }
+        if c == b'\\' && i + 1 < line.len() {
+            word.push(match line[i + 1] {
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b't' => b'\t',
+                b'b' => 8,
+                b'a' => 7,
+                other => other,
+            });
+            i += 2;
+        } else {
+            word.push(c);
+            i += 1;
+        }
+    }
+}
+
+/// Reads a `'…'` section starting after the quote; returns the index after the closing quote.
+fn single_quoted(line: &[u8], mut i: usize, word: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        let c = *line.get(i)?;
+        if c == b'\\' && line.get(i + 1) == Some(&b'\'') {
+            word.push(b'\'');
+            i += 2;
+        } else if c == b'\'' {
+            return Some(i + 1);
+        } else {
+            word.push(c);
+            i += 1;
+        }
     }
 }
 
@@ -469,23 +485,29 @@ mod tests {
         );
         assert_eq!(
             parse_all(b"SET \"a\r\n").unwrap_err().0,
-            "unbalanced quotes in request"
+            b"unbalanced quotes in request"
         );
+        // Valkey 9 joins quoted and unquoted pieces of a word.
         assert_eq!(
-            parse_all(b"SET \"a\"b\r\n").unwrap_err().0,
-            "unbalanced quotes in request"
+            parse_all(b"set \"\"\"tes\"t-'k'e\"y\" 'a'\"b\"c\r\n").unwrap(),
+            vec![vec![b"set".to_vec(), b"test-key".to_vec(), b"abc".to_vec()]]
         );
     }
 
     #[test]
     fn valkey_error_texts() {
-        let e = |b: &[u8]| parse_all(b).unwrap_err().0;
+        let e = |b: &[u8]| String::from_utf8_lossy(&parse_all(b).unwrap_err().0).into_owned();
         assert_eq!(e(b"*x\r\n"), "invalid multibulk length");
         assert_eq!(e(b"*1\r\n+PING\r\n"), "expected '$', got '+'");
         assert_eq!(e(b"*1\r\n$-5\r\n"), "invalid bulk length");
         assert_eq!(e(b"*1\r\n$99999999999\r\n"), "invalid bulk length");
         assert_eq!(e(b"*99999999\r\n"), "invalid multibulk length");
-        assert_eq!(e(b"*1\r\n$1\r\nab\r\n"), "expected CRLF after bulk data");
+        assert_eq!(e(b"*1\r\n$1\r\nab\r\n"), "invalid CRLF in request");
+        assert_eq!(e(b"*3\rx$3\r\n"), "invalid CRLF in request");
+        assert_eq!(e(b"*3x\n$3\r\nSET\r\n"), "invalid multibulk length");
+        assert_eq!(e(b"*1\r\n$3x\nfoo\r\n"), "invalid bulk length");
+        assert_eq!(e(b"*1\r\n$3\rxfoo\r\n"), "invalid CRLF in request");
+        assert_eq!(e(b"*1\r\n\r\n"), "expected '$', got '\r'");
         let long = vec![b'a'; 70 * 1024];
         assert_eq!(e(&long), "too big inline request");
         let mut mb = b"*".to_vec();
@@ -510,11 +532,11 @@ mod tests {
         let mut p = RequestParser::default();
         let mut buf = BytesMut::from(&b"*11\r\n"[..]);
         let e = p.parse(&mut buf, &Limits::default(), false).err().unwrap();
-        assert_eq!(e.0, "unauthenticated multibulk length");
+        assert_eq!(e.0, b"unauthenticated multibulk length");
         let mut p = RequestParser::default();
         let mut buf = BytesMut::from(&b"*1\r\n$20000\r\n"[..]);
         let e = p.parse(&mut buf, &Limits::default(), false).err().unwrap();
-        assert_eq!(e.0, "unauthenticated bulk length");
+        assert_eq!(e.0, b"unauthenticated bulk length");
     }
 
     #[test]

@@ -9,6 +9,10 @@
 #[error("malformed reply from upstream: {0}")]
 pub struct ScanError(pub &'static str);
 
+/// More elements than any real reply can have (Valkey caps aggregates far lower); beyond
+/// this the "frame" is garbage, and the count cannot overflow.
+const MAX_OWED: u64 = 1 << 40;
+
 /// Resumable scanner for one frame at a time.
 #[derive(Debug, Default, Clone)]
 pub struct FrameScanner {
@@ -34,6 +38,9 @@ impl FrameScanner {
             let start = self.pos;
             let line_end = start + rel;
             let next = line_end + 2;
+            if line_end == start {
+                return Err(ScanError("empty line"));
+            }
             let kind = buf[start];
             let body = &buf[start + 1..line_end];
             match kind {
@@ -70,12 +77,16 @@ impl FrameScanner {
                         }
                     } else {
                         let n = n as u64;
-                        self.owed += match kind {
-                            b'%' => n * 2,
+                        let more = match kind {
+                            b'%' => n.checked_mul(2),
                             // An attribute map is followed by the frame it annotates.
-                            b'|' => n * 2 + 1,
-                            _ => n,
+                            b'|' => n.checked_mul(2).and_then(|m| m.checked_add(1)),
+                            _ => Some(n),
                         };
+                        self.owed = more
+                            .and_then(|m| self.owed.checked_add(m))
+                            .filter(|&o| o <= MAX_OWED)
+                            .ok_or(ScanError("aggregate too large"))?;
                     }
                 }
                 _ => return Err(ScanError("unknown frame type")),
@@ -176,6 +187,10 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error() {
+        assert!(FrameScanner::default().scan(b"\r\n").is_err());
+        assert!(FrameScanner::default().scan(b"*1\r\n\r\n").is_err());
+        let huge = b"*999999999999999999\r\n*999999999999999999\r\n";
+        assert!(FrameScanner::default().scan(huge).is_err());
         assert!(FrameScanner::default().scan(b"?x\r\n").is_err());
         assert!(FrameScanner::default().scan(b"$abc\r\n").is_err());
         assert!(FrameScanner::default().scan(b"$3\r\nabcde\r\n").is_err());

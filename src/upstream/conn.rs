@@ -1,14 +1,16 @@
-//! One raw TCP connection to Valkey, set up for a client protocol version.
+//! One raw connection to Valkey (TCP, or TLS over TCP for `rediss://`), set up for a client
+//! protocol version.
 
 use bytes::{Bytes, BytesMut};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::ValkeyConfig;
 use crate::error::{Error, Result};
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::{FrameScanner, Proto};
+use crate::tls::{Stream, UpstreamStream, UpstreamTls};
 
 /// Where the upstream Valkey is and how to log in to it.
 #[derive(Debug, Clone)]
@@ -19,6 +21,8 @@ pub struct Endpoint {
     pub db: i64,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// TLS settings, for a `rediss://` URL.
+    pub tls: Option<UpstreamTls>,
 }
 
 impl Endpoint {
@@ -26,8 +30,18 @@ impl Endpoint {
         let client = redis::Client::open(cfg.url.as_str())
             .map_err(|e| Error::client(format!("valkey.url: {e}")))?;
         let info = client.get_connection_info();
-        let addr = match info.addr() {
-            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        let (addr, tls) = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => (format!("{host}:{port}"), None),
+            redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure,
+                ..
+            } => {
+                let tls = UpstreamTls::new(host, &cfg.tls_ca_file, *insecure || cfg.tls_insecure)
+                    .map_err(|e| Error::client(e.to_string()))?;
+                (format!("{host}:{port}"), Some(tls))
+            }
             other => {
                 return Err(Error::client(format!(
                     "valkey.url: unsupported address {other}"
@@ -42,13 +56,14 @@ impl Endpoint {
             db: settings.db(),
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             command_timeout: Duration::from_millis(cfg.command_timeout_ms),
+            tls,
         })
     }
 }
 
 /// A connection after the handshake.
 pub struct RawConn {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     /// Bytes read past the handshake replies (normally none).
     pub rbuf: BytesMut,
     pub scanner: FrameScanner,
@@ -91,13 +106,31 @@ impl RawConn {
     }
 
     /// True if the peer has closed (checked without blocking) — for idle connections before reuse.
-    pub fn is_closed(&self) -> bool {
+    pub fn is_closed(&mut self) -> bool {
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Ok(0) => true,
-            Ok(_) => true, // unsolicited bytes on an idle connection: don't trust it
-            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        match &mut self.stream {
+            Stream::Plain(s) => match s.try_read(&mut probe) {
+                Ok(0) => true,
+                Ok(_) => true, // unsolicited bytes on an idle connection: don't trust it
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            },
+            // TLS: one poll of a read that must not complete. Records that carry no data
+            // (session tickets, key updates) are consumed by rustls and leave it pending; a
+            // close_notify, EOF or error completes it.
+            Stream::Tls(s) => {
+                let mut buf = tokio::io::ReadBuf::new(&mut probe);
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                std::pin::Pin::new(s.as_mut())
+                    .poll_read(&mut cx, &mut buf)
+                    .is_ready()
+            }
         }
+    }
+
+    /// Writes all of `buf` and flushes it (TLS keeps records buffered until a flush).
+    pub async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(buf).await?;
+        self.stream.flush().await
     }
 }
 
@@ -118,6 +151,20 @@ async fn connect_inner(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
         .map_err(|_| Error::upstream(format!("timed out connecting to Valkey at {}", ep.addr)))?
         .map_err(|e| Error::upstream(format!("cannot connect to Valkey at {}: {e}", ep.addr)))?;
     stream.set_nodelay(true).ok();
+    let stream = match &ep.tls {
+        None => Stream::Plain(stream),
+        Some(tls) => Stream::Tls(Box::new(
+            tls.connector
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .map_err(|e| {
+                    Error::upstream(format!(
+                        "TLS handshake with Valkey at {} failed: {e}",
+                        ep.addr
+                    ))
+                })?,
+        )),
+    };
     let mut hello: Vec<Bytes> = vec![
         Bytes::from_static(b"HELLO"),
         Bytes::from(proto.number().to_string()),
@@ -145,8 +192,7 @@ async fn connect_inner(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
         upstream_id: 0,
         server_version: String::new(),
     };
-    conn.stream
-        .write_all(&out)
+    conn.write_all(&out)
         .await
         .map_err(|e| Error::upstream(format!("cannot write to Valkey: {e}")))?;
     let hello_reply = conn.read_frame().await?;

@@ -35,6 +35,13 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(cfg: &ValkeyConfig) -> Result<Upstream> {
         let endpoint = Arc::new(Endpoint::from_config(cfg)?);
+        if endpoint.tls.as_ref().is_some_and(|t| t.insecure) {
+            tracing::warn!(
+                addr = %endpoint.addr,
+                "INSECURE: TLS to Valkey accepts ANY certificate (valkey.tls_insecure or #insecure); \
+                 anyone in the network path can impersonate Valkey. Use valkey.tls_ca_file instead."
+            );
+        }
         let tracking = Arc::new(TrackingState::default());
         let spawn = |proto| {
             (0..cfg.pool_size)
@@ -90,7 +97,7 @@ impl Upstream {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let mut found = None;
             while let Some(pos) = idle.iter().rposition(|c| c.proto == proto) {
-                let c = idle.swap_remove(pos);
+                let mut c = idle.swap_remove(pos);
                 if !c.is_closed() {
                     found = Some(c);
                     break;

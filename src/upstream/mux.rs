@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::conn::{connect, Endpoint, RawConn};
@@ -161,7 +161,7 @@ async fn serve(
                     Err(_) => break,
                 }
             }
-            if let Err(e) = conn.stream.write_all(&wbuf).await {
+            if let Err(e) = conn.write_all(&wbuf).await {
                 break Err(Error::upstream(format!("write to Valkey failed: {e}")));
             }
             wbuf.clear();

@@ -15,7 +15,6 @@ use bytes::Bytes;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 use super::conn::{connect, Endpoint};
 use crate::protocol::Proto;
@@ -96,8 +95,7 @@ pub async fn run(
 
 async fn subscribe(ep: &Endpoint) -> crate::error::Result<super::RawConn> {
     let mut conn = connect(ep, Proto::Resp2).await?;
-    conn.stream
-        .write_all(b"*2\r\n$9\r\nSUBSCRIBE\r\n$20\r\n__redis__:invalidate\r\n")
+    conn.write_all(b"*2\r\n$9\r\nSUBSCRIBE\r\n$20\r\n__redis__:invalidate\r\n")
         .await
         .map_err(|e| crate::error::Error::upstream(format!("tracking subscribe failed: {e}")))?;
     let confirm = conn.read_frame().await?;

@@ -2,7 +2,9 @@
 //! port 0, and a raw RESP client for byte-exact assertions.
 #![allow(dead_code)]
 
+pub mod faultproxy;
 pub mod services;
+pub mod tls;
 
 use bytes::BytesMut;
 use cachefront::config::Config;
