@@ -242,6 +242,50 @@ pub struct AuthConfig {
     pub protected_mode: bool,
     /// Commands refused to every client (e.g. FLUSHALL, CONFIG, DEBUG, SHUTDOWN, KEYS).
     pub deny_commands: Vec<String>,
+    /// ACL-style users (`[[auth.users]]`); `requirepass` is the password of user `default`.
+    pub users: Vec<UserConfig>,
+}
+
+/// One `[[auth.users]]` entry; see `acl` for the rules.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain text, or `sha256:<hex>` (the SHA-256 of the password).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Several passwords (any one authenticates), e.g. during a rotation.
+    #[serde(default)]
+    pub passwords: Vec<String>,
+    /// Allowed commands: `*`, names (`get`, `client|id`), `@category`; `-name` / `-@category`
+    /// exclude.
+    #[serde(default)]
+    pub commands: Vec<String>,
+    /// Key glob patterns the user may touch; default every key.
+    #[serde(default = "all_keys")]
+    pub keys: Vec<String>,
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+}
+
+impl std::fmt::Debug for UserConfig {
+    // Passwords stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("commands", &self.commands)
+            .field("keys", &self.keys)
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+fn all_keys() -> Vec<String> {
+    vec!["*".into()]
+}
+
+fn enabled_by_default() -> bool {
+    true
 }
 
 impl Default for AuthConfig {
@@ -250,6 +294,7 @@ impl Default for AuthConfig {
             requirepass: String::new(),
             protected_mode: true,
             deny_commands: Vec::new(),
+            users: Vec::new(),
         }
     }
 }
@@ -534,6 +579,7 @@ impl Config {
                 format!("'{bad}' is not a command name"),
             ));
         }
+        crate::acl::Users::from_config(&self.auth).map_err(|(key, msg)| invalid(key, msg))?;
         if self.limits.max_inline < 1024 {
             return Err(invalid("limits.max_inline", "must be at least 1024"));
         }
@@ -740,6 +786,7 @@ fn apply_env(
     };
     let template = default_table
         .and_then(|t| t.get(&key))
+        .filter(|_| !(section == Some("auth") && key == "users"))
         .filter(|v| {
             !v.is_table() && !matches!(v, toml::Value::Array(a) if a.iter().any(|x| x.is_table()))
         })
@@ -879,6 +926,22 @@ args = ["int"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("key"), "{e}");
+    }
+
+    #[test]
+    fn commented_users_example_parses() {
+        let text = include_str!("../config.toml");
+        let block: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[auth.users]]"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        let c = Config::from_toml_with_env(&block, env(&[])).unwrap();
+        assert_eq!(c.auth.users.len(), 2);
+        let users = crate::acl::Users::from_config(&c.auth).unwrap();
+        assert!(users.authenticate(b"app", b"app-secret").is_ok());
+        assert!(users.authenticate(b"reporting", b"new-secret").is_ok());
     }
 
     #[test]

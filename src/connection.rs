@@ -106,7 +106,8 @@ impl Connection {
     ) -> Connection {
         let addr = peer.map(|a| a.to_string()).unwrap_or_default();
         let id = shared.next_client_id();
-        let authed = shared.config.auth.requirepass.is_empty();
+        let authed = shared.users.default_authed();
+        let user = Arc::clone(shared.users.default_user());
         Connection {
             shared,
             stream,
@@ -114,7 +115,7 @@ impl Connection {
             inbuf: BytesMut::new(),
             outbuf: BytesMut::new(),
             parser: RequestParser::default(),
-            session: Session::new(id, addr, authed),
+            session: Session::new(id, addr, user, authed),
             outq: VecDeque::new(),
             ded: None,
             closing: false,
@@ -236,7 +237,22 @@ impl Connection {
     }
 
     async fn apply(&mut self, action: Action) {
+        let action = match action {
+            Action::Check { req, verdict } => match verdict.await {
+                crate::acl::Check::Deny(r) => {
+                    if self.session.in_multi {
+                        // As in Valkey: a command refused while queuing aborts the EXEC.
+                        self.session.multi_failed = true;
+                    }
+                    self.push_reply(r);
+                    return;
+                }
+                _ => command::dispatch_checked(&self.shared, &mut self.session, req),
+            },
+            a => a,
+        };
         match action {
+            Action::Check { .. } => self.push_reply(Reply::err("ERR permission check failed")),
             Action::Reply(r) => self.push_reply(r),
             Action::Close(r) => {
                 self.push_reply(r);
@@ -414,9 +430,10 @@ impl Connection {
     /// RESET: Valkey must reset the dedicated connection too (its +RESET is the reply);
     /// without one, the reply is ours.
     async fn reset(&mut self) {
-        let authed = self.shared.config.auth.requirepass.is_empty();
+        let authed = self.shared.users.default_authed();
         let proto = self.session.proto;
-        self.session.reset(authed);
+        self.session
+            .reset(Arc::clone(self.shared.users.default_user()), authed);
         match self.ded.as_mut() {
             Some(ded) => {
                 // RESET also returns Valkey's connection to RESP2: never reuse it.

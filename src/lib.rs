@@ -12,9 +12,11 @@
 //! - [`db`] is PostgreSQL: pool, read-only execution, SQL checks, rows as JSON, triggers.
 //! - [`invalidation`] listens for PostgreSQL's change notifications and drops what changed.
 //! - [`tls`] is rustls for the TLS listener and for TLS to Valkey.
+//! - [`acl`] is who may run what: users, passwords, command and key permissions.
 //! - [`config`], [`error`], [`metrics`], [`session`] are what the others share;
 //!   [`prometheus`] serves the metrics over HTTP.
 
+pub mod acl;
 pub mod cache;
 pub mod command;
 pub mod config;

@@ -47,6 +47,10 @@ pub struct Shared {
     /// Named queries by uppercased command name.
     pub named: HashMap<String, Arc<NamedQuery>>,
     pub invalidation: Invalidation,
+    /// Client users (`default` always exists).
+    pub users: crate::acl::Users,
+    /// Valkey's command table, for permission checks.
+    pub acl: crate::acl::Acl,
     /// SQL.CACHED texts already checked: their verdict and tables (parsing is the costly
     /// part of a hit otherwise).
     pub sql_checks: moka::sync::Cache<String, Result<Vec<String>, crate::db::sql::SqlError>>,
@@ -66,7 +70,11 @@ impl Shared {
                     .map_err(|e| StartError::Setup(format!("query {}: {e}", q.command)))?;
             named.insert(nq.name.clone(), Arc::new(nq));
         }
+        let users = crate::acl::Users::from_config(&config.auth)
+            .map_err(|(k, m)| StartError::Setup(format!("{k}: {m}")))?;
         Ok(Shared {
+            users,
+            acl: crate::acl::Acl::default(),
             limits: config.protocol_limits(),
             upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
             cache: Cache::new(store, Arc::clone(&metrics), &config.cache),
@@ -259,6 +267,15 @@ impl Server {
         while shared.upstream.server_version().is_empty() && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        if shared.users.any_restricted() {
+            // Permission checks need Valkey's command table; fetch it now, not at first need.
+            let s = Arc::clone(&shared);
+            tokio::spawn(async move {
+                if let Err(e) = s.acl.table(&s.upstream).await {
+                    tracing::warn!(error = %e, "cannot load Valkey's command table yet; will retry at first need");
+                }
+            });
+        }
         let metrics_task = metrics_listener
             .map(|l| tokio::spawn(crate::prometheus::serve(l, Arc::clone(&shared))));
         Ok(Server {
@@ -291,7 +308,7 @@ impl Server {
     /// DENIED reply and nothing else.
     fn refuse(&self, peer: SocketAddr) -> Option<&'static str> {
         let auth = &self.shared.config.auth;
-        if !auth.protected_mode || !auth.requirepass.is_empty() {
+        if !auth.protected_mode || !self.shared.users.default_authed() {
             return None;
         }
         if peer.ip().is_loopback() {

@@ -1,5 +1,8 @@
 //! What one client connection remembers between commands.
 
+use std::sync::Arc;
+
+use crate::acl::User;
 use crate::protocol::Proto;
 
 /// Per-client state. Modes that live on the Valkey side (transaction, watches, subscriptions,
@@ -14,6 +17,8 @@ pub struct Session {
     pub lib_name: Option<String>,
     pub lib_ver: Option<String>,
     pub authed: bool,
+    /// The user the client is (or will be, once authenticated) logged in as.
+    pub user: Arc<User>,
     pub db: i64,
     pub in_multi: bool,
     /// A command was refused while queuing: EXEC must fail with EXECABORT, as in Valkey.
@@ -28,7 +33,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(id: u64, addr: String, authed: bool) -> Session {
+    pub fn new(id: u64, addr: String, user: Arc<User>, authed: bool) -> Session {
         Session {
             id,
             addr,
@@ -37,6 +42,7 @@ impl Session {
             lib_name: None,
             lib_ver: None,
             authed,
+            user,
             db: 0,
             in_multi: false,
             multi_failed: false,
@@ -64,8 +70,14 @@ impl Session {
         self.subscribed || self.monitor
     }
 
-    /// `RESET`: back to a fresh connection's state (authentication too, as in Valkey).
-    pub fn reset(&mut self, authed: bool) {
-        *self = Session::new(self.id, std::mem::take(&mut self.addr), authed);
+    /// `RESET`: back to a fresh connection's state (authentication too, as in Valkey: the
+    /// client is `default` again, authenticated only if `default` needs no password).
+    pub fn reset(&mut self, default_user: Arc<User>, authed: bool) {
+        *self = Session::new(
+            self.id,
+            std::mem::take(&mut self.addr),
+            default_user,
+            authed,
+        );
     }
 }

@@ -18,6 +18,8 @@ pub struct CommandDoc {
     pub summary: String,
     pub group: &'static str,
     pub arguments: Vec<ArgDoc>,
+    /// ACL categories, as `[[auth.users]]` rules see them.
+    pub categories: &'static [&'static str],
 }
 
 pub struct ArgDoc {
@@ -61,6 +63,7 @@ pub fn own_commands(shared: &Shared) -> Vec<CommandDoc> {
                     ..arg("param", "string")
                 },
             ],
+            categories: crate::acl::SQL_CACHED_CATEGORIES,
         },
         CommandDoc {
             name: "sql.invalidate".into(),
@@ -71,6 +74,7 @@ pub fn own_commands(shared: &Shared) -> Vec<CommandDoc> {
                 multiple: true,
                 ..arg("table", "string")
             }],
+            categories: crate::acl::SQL_INVALIDATE_CATEGORIES,
         },
     ];
     for q in shared.named.values() {
@@ -97,6 +101,7 @@ pub fn own_commands(shared: &Shared) -> Vec<CommandDoc> {
                     )
                 })
                 .collect(),
+            categories: crate::acl::NAMED_QUERY_CATEGORIES,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -108,11 +113,15 @@ fn info_entry(d: &CommandDoc) -> Reply {
     Reply::Array(vec![
         Reply::text(&d.name),
         Reply::Int(d.arity),
-        Reply::Array(vec![Reply::Simple("readonly")]),
+        Reply::Array(vec![Reply::Simple(if d.categories.contains(&"@read") {
+            "readonly"
+        } else {
+            "write"
+        })]),
         Reply::Int(0),
         Reply::Int(0),
         Reply::Int(0),
-        Reply::Array(vec![Reply::Simple("@read")]),
+        Reply::Array(d.categories.iter().map(|c| Reply::Simple(c)).collect()),
         Reply::Array(vec![]),
         Reply::Array(vec![]),
         Reply::Array(vec![]),

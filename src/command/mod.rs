@@ -13,8 +13,10 @@ pub mod sql_invalidate;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use std::sync::Arc;
 
+use crate::acl;
 use crate::protocol::{Reply, Request};
 use crate::server::Shared;
 use crate::session::Session;
@@ -39,6 +41,12 @@ pub enum Action {
     Task(BoxFuture<'static, Reply>),
     /// `RESET`: drop upstream state and the dedicated connection.
     Reset,
+    /// A permission check that needs Valkey (its command table, `COMMAND GETKEYS`): await the
+    /// verdict, then run `req` through [`dispatch_checked`] — or reply the refusal.
+    Check {
+        req: Request,
+        verdict: BoxFuture<'static, crate::acl::Check>,
+    },
 }
 
 /// cachefront's own command names, which named queries may not reuse.
@@ -60,6 +68,7 @@ const RESERVED: &[&str] = &[
     "DISCARD",
     "WATCH",
     "UNWATCH",
+    "ACL",
 ];
 
 /// Whether `name` is one of cachefront's built-in or transaction commands.
@@ -86,7 +95,7 @@ pub fn wrong_args(req: &Request) -> Reply {
     ))
 }
 
-/// Decides what to do with `req`.
+/// Decides what to do with `req`: authentication and permissions first, as Valkey does.
 pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
     let mut buf = [0u8; 32];
     let name: &[u8] = match upper(req.name(), &mut buf) {
@@ -103,11 +112,79 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
         .iter()
         .any(|d| d.as_bytes().eq_ignore_ascii_case(name))
     {
-        return Action::Reply(Reply::err(format!(
-            "NOPERM User default has no permissions to run the '{}' command",
-            req.name_lossy().to_ascii_lowercase()
-        )));
+        return Action::Reply(acl::noperm_command(
+            &session.user.name,
+            &req.name_lossy().to_ascii_lowercase(),
+        ));
     }
+    // AUTH, HELLO, QUIT and RESET are open to every user, as in Valkey.
+    if !session.user.unrestricted() && !connection_cmds::allowed_before_auth(name) {
+        match permission(shared, session, name, &req) {
+            acl::Check::Allow => {}
+            acl::Check::Deny(r) => {
+                if session.in_multi {
+                    session.multi_failed = true;
+                }
+                return Action::Reply(r);
+            }
+            acl::Check::Ask => {
+                let verdict = acl::resolve(
+                    Arc::clone(shared),
+                    Arc::clone(&session.user),
+                    session.id,
+                    req.clone(),
+                )
+                .boxed();
+                return Action::Check { req, verdict };
+            }
+        }
+    }
+    dispatch_checked(shared, session, req)
+}
+
+/// The user's permission for `req`. cachefront's own commands are checked here (their key
+/// when they have computed it); Valkey's against Valkey's command table.
+fn permission(shared: &Arc<Shared>, session: &Session, name: &[u8], req: &Request) -> acl::Check {
+    let argc = req.args.len();
+    let own: Option<(String, &[&str], bool)> = match name {
+        b"SQL.CACHED" => Some(("sql.cached".into(), acl::SQL_CACHED_CATEGORIES, argc >= 2)),
+        b"SQL.INVALIDATE" => Some((
+            "sql.invalidate".into(),
+            acl::SQL_INVALIDATE_CATEGORIES,
+            argc >= 2,
+        )),
+        _ => std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| shared.named.get(n))
+            .map(|q| {
+                (
+                    q.name.to_ascii_lowercase(),
+                    acl::NAMED_QUERY_CATEGORIES,
+                    argc == q.args.len() + 1,
+                )
+            }),
+    };
+    match own {
+        // A wrong arity is answered first, as Valkey does.
+        Some((_, _, false)) => acl::Check::Allow,
+        Some((full, cats, true)) => {
+            if session.user.command_allowed(&full, cats) {
+                acl::Check::Allow
+            } else {
+                acl::Check::Deny(acl::noperm_command(&session.user.name, &full))
+            }
+        }
+        None => acl::check(&shared.acl, &session.user, &req.args),
+    }
+}
+
+/// Decides what to do with `req` once it may run.
+pub fn dispatch_checked(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
+    let mut buf = [0u8; 32];
+    let name: &[u8] = match upper(req.name(), &mut buf) {
+        Some(n) => &buf[..n],
+        None => b"",
+    };
     if session.streaming() {
         return passthrough::in_subscribed_mode(shared, session, name, req);
     }
@@ -122,6 +199,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
             connection_cmds::dispatch(shared, session, name, req)
         }
         b"CLIENT" => connection_cmds::client(shared, session, req),
+        b"ACL" => connection_cmds::acl(session, &req),
         b"COMMAND" => introspection::command(shared, session, req),
         b"INFO" => introspection::info(shared, session, req),
         _ => match shared

@@ -173,6 +173,9 @@ pub fn dispatch(
         }
     }
     let key = q.key.render(&args);
+    if !session.user.key_allowed(key.as_bytes()) {
+        return Action::Reply(Reply::err(crate::acl::NOPERM_KEY));
+    }
     let plan = |key: String, args: Vec<String>| FillPlan {
         entry: Entry {
             key,

@@ -161,7 +161,7 @@ pub fn in_transaction(
         b"EXEC" | b"DISCARD" => forward(req, Route::Dedicated(StateChange::EndMulti)),
         b"QUIT" => Action::Close(Reply::ok()),
         b"RESET" => Action::Reset,
-        b"HELLO" | b"AUTH" => refuse(session, &req.name_lossy().to_ascii_uppercase()),
+        b"HELLO" | b"AUTH" | b"ACL" => refuse(session, &req.name_lossy().to_ascii_uppercase()),
         b"CLIENT" if super::connection_cmds::is_local_client_subcommand(&req) => {
             let sub = String::from_utf8_lossy(&req.args[1]).to_ascii_uppercase();
             refuse(session, &format!("CLIENT {sub}"))
@@ -198,7 +198,9 @@ pub fn in_subscribed_mode(
     match name {
         b"QUIT" => Action::Close(Reply::ok()),
         b"RESET" => Action::Reset,
-        b"HELLO" | b"AUTH" | b"SQL.CACHED" | b"SQL.INVALIDATE" => not_in_subscribed(session, &req),
+        b"HELLO" | b"AUTH" | b"ACL" | b"SQL.CACHED" | b"SQL.INVALIDATE" => {
+            not_in_subscribed(session, &req)
+        }
         n if shared
             .named
             .contains_key(std::str::from_utf8(n).unwrap_or_default()) =>

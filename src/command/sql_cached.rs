@@ -101,6 +101,9 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
         Err(SqlError::Parse(why)) => return explain_parse_failure(shared, sql.to_string(), why),
     };
     let key = sql_key(&cfg.key_prefix, &p.query, &p.params);
+    if !session.user.key_allowed(key.as_bytes()) {
+        return Action::Reply(Reply::err(crate::acl::NOPERM_KEY));
+    }
     let ttl = p.ttl.unwrap_or(shared.config.cache.default_ttl);
     let plan = |key: String, params: Vec<String>| FillPlan {
         entry: Entry {
