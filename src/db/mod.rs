@@ -185,7 +185,7 @@ impl Db {
         pg.application_name("cachefront");
         let mut options = pg.get_options().unwrap_or_default().to_string();
         options.push_str(&format!(
-            " -c statement_timeout={} -c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC -c bytea_output=hex",
+            " -c statement_timeout={} -c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC -c bytea_output=hex -c client_min_messages=warning",
             cfg.statement_timeout_ms
         ));
         pg.options(options.trim());
