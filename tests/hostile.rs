@@ -678,12 +678,22 @@ async fn database_layers_refuse_writes_without_the_parser() {
 }
 
 /// Past the parser, statements a READ ONLY transaction does allow. A session setting must not
-/// outlive the query on the pooled connection, and no server-side file may be written.
+/// outlive the query on the pooled connection (the transaction is rolled back), and no
+/// server-side file may be written (the role layer: cachefront connects as the read-only role
+/// the README describes, not as a superuser).
 #[tokio::test]
-#[ignore = "GAP (defence in depth): with the parser bypassed, COPY … TO '<file>' runs inside the READ ONLY transaction and writes a server-side file (the test role is a superuser)"]
 async fn database_layers_alone_leave_no_trace() {
     let s = Stack::start().await;
+    s.psql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'cachefront_ro') THEN CREATE ROLE cachefront_ro LOGIN; END IF; END $$; \
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO cachefront_ro",
+    );
     let mut cfg = common::config_for(&s.valkey, &s.db);
+    cfg.postgres.url = format!(
+        "postgres://cachefront_ro@127.0.0.1:{}/{}",
+        s.db.port(),
+        s.db.name()
+    );
     cfg.postgres.pool_size = 1;
     let db = cachefront::db::Db::new(&cfg.postgres).expect("db");
     let show = |name: &'static str| {
