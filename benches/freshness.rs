@@ -82,7 +82,7 @@ async fn main() {
         .unwrap();
 
     // 1. Freshness lag.
-    let updates = env_or("FRESHNESS_UPDATES", 1000);
+    let updates = env_or("FRESHNESS_UPDATES", if full_run() { 1000 } else { 50 });
     let stop = Arc::new(AtomicBool::new(false));
     let load = readers(s.proxy_url(), 8, 1000, stop.clone()).await;
     let mut lags = Vec::with_capacity(updates as usize);
@@ -149,7 +149,7 @@ async fn main() {
         m.hits.load(Ordering::Relaxed),
         m.misses.load(Ordering::Relaxed),
     );
-    let secs = env_or("HITRATIO_SECS", 10);
+    let secs = env_or("HITRATIO_SECS", if full_run() { 10 } else { 1 });
     let stop = Arc::new(AtomicBool::new(false));
     let load = readers(s.proxy_url(), 16, hot, stop.clone()).await;
     let started = Instant::now();
