@@ -23,6 +23,11 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// `cargo bench` passes `--bench`; under `cargo test` the bench only smoke-tests itself.
+fn full_run() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
