@@ -4,61 +4,12 @@
 
 mod common;
 
+use common::{call_line as call, encode_line as encode, replies};
+
 use cachefront::config::{Config, UserConfig};
 use common::services::Valkey;
 use common::{Raw, Stack};
 use sha2::{Digest, Sha256};
-
-/// Splits a command line into words at spaces; `"…"` groups a word.
-fn words(line: &str) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut started = false;
-    for ch in line.chars() {
-        match ch {
-            '"' => {
-                quoted = !quoted;
-                started = true;
-            }
-            ' ' if !quoted => {
-                if started {
-                    out.push(std::mem::take(&mut cur).into_bytes());
-                }
-                started = false;
-            }
-            c => {
-                cur.push(c);
-                started = true;
-            }
-        }
-    }
-    if started {
-        out.push(cur.into_bytes());
-    }
-    out
-}
-
-fn encode(line: &str) -> Vec<u8> {
-    let w = words(line);
-    cachefront::protocol::Request::from_args(w.iter().map(Vec::as_slice))
-        .raw
-        .to_vec()
-}
-
-async fn call(r: &mut Raw, line: &str) -> String {
-    r.send(&encode(line)).await;
-    r.frame().await
-}
-
-async fn replies(port: u16, cmds: &[&str]) -> Vec<String> {
-    let mut r = Raw::connect(port).await;
-    let mut out = Vec::new();
-    for c in cmds {
-        out.push(call(&mut r, c).await);
-    }
-    out
-}
 
 /// All of `cmds` written at once; the replies read after.
 async fn pipelined(port: u16, cmds: &[&str]) -> Vec<String> {

@@ -5,54 +5,11 @@
 
 mod common;
 
+use common::{call_line as call, replies};
+
 use common::services::Valkey;
 use common::{Raw, Stack};
 use std::process::Command;
-
-/// Splits a command line into words at spaces; `"…"` groups a word (`""` is an empty word).
-fn words(line: &str) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut started = false;
-    for ch in line.chars() {
-        match ch {
-            '"' => {
-                quoted = !quoted;
-                started = true;
-            }
-            ' ' if !quoted => {
-                if started {
-                    out.push(std::mem::take(&mut cur).into_bytes());
-                }
-                started = false;
-            }
-            c => {
-                cur.push(c);
-                started = true;
-            }
-        }
-    }
-    if started {
-        out.push(cur.into_bytes());
-    }
-    out
-}
-
-async fn call(r: &mut Raw, line: &str) -> String {
-    let w = words(line);
-    let args: Vec<&[u8]> = w.iter().map(Vec::as_slice).collect();
-    r.call(&args).await
-}
-
-async fn replies(port: u16, cmds: &[&str]) -> Vec<String> {
-    let mut r = Raw::connect(port).await;
-    let mut out = Vec::new();
-    for c in cmds {
-        out.push(call(&mut r, c).await);
-    }
-    out
-}
 
 /// Runs `cmds` on a fresh connection to cachefront and to `valkey_port`, asserting identical
 /// replies. Successful HELLO replies (which hold the connection id) are only compared by type.

@@ -192,3 +192,57 @@ pub const GUIDE_QUERY_KEY: &str =
 
 /// The guide's join result as json.dumps writes it.
 pub const GUIDE_JOIN_JSON: &str = r#"[{"employee_name": "Alice Johnson", "department_name": "Finance", "job_title": "Accountant"}, {"employee_name": "Bob Smith", "department_name": "Human Resources", "job_title": "HR Manager"}, {"employee_name": "Charlie Brown", "department_name": "IT", "job_title": "Software Engineer"}, {"employee_name": "Diana Evans", "department_name": "Sales", "job_title": "Sales Representative"}, {"employee_name": "Ethan Williams", "department_name": "Marketing", "job_title": "Marketing Specialist"}]"#;
+
+/// Splits a command line into words at spaces; `"…"` groups a word (`""` is an empty word).
+pub fn words(line: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut started = false;
+    for ch in line.chars() {
+        match ch {
+            '"' => {
+                quoted = !quoted;
+                started = true;
+            }
+            ' ' if !quoted => {
+                if started {
+                    out.push(std::mem::take(&mut cur).into_bytes());
+                }
+                started = false;
+            }
+            c => {
+                cur.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        out.push(cur.into_bytes());
+    }
+    out
+}
+
+/// A command line (see [`words`]) encoded as a multibulk request.
+pub fn encode_line(line: &str) -> Vec<u8> {
+    let w = words(line);
+    cachefront::protocol::Request::from_args(w.iter().map(Vec::as_slice))
+        .raw
+        .to_vec()
+}
+
+/// Sends one command line and returns its reply.
+pub async fn call_line(r: &mut Raw, line: &str) -> String {
+    r.send(&encode_line(line)).await;
+    r.frame().await
+}
+
+/// Sends `cmds` one at a time on a fresh connection to `port`, returning each reply.
+pub async fn replies(port: u16, cmds: &[&str]) -> Vec<String> {
+    let mut r = Raw::connect(port).await;
+    let mut out = Vec::new();
+    for c in cmds {
+        out.push(call_line(&mut r, c).await);
+    }
+    out
+}
