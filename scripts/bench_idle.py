@@ -54,6 +54,9 @@ def main():
     ap.add_argument("--pid", type=int, required=True)
     ap.add_argument("-n", type=int, default=9990)
     ap.add_argument("--ping", type=int, default=100)
+    ap.add_argument("--header", action="store_true",
+                    help="each connection sends a request header declaring a 100-byte argument, "
+                         "and never the argument (header-only connections)")
     a = ap.parse_args()
 
     want = max(a.n + 100, 20000)
@@ -78,15 +81,23 @@ def main():
     for _ in range(a.n):
         try:
             s = socket.create_connection((a.host, a.port), timeout=10)
+            if a.header:
+                s.sendall(b"*1\r\n$100\r\n")
             socks.append(s)
         except OSError:
             failed += 1
     connect_s = time.monotonic() - t0
     after = settle(a.pid, 2.0)
 
-    # Are they served? PING on connections spread over the whole set.
+    # Are they served? PING on connections spread over the whole set (header-only ones are
+    # mid-request, so fresh connections stand in for them).
     step = max(1, len(socks) // max(1, a.ping))
     sample = socks[::step][: a.ping]
+    if a.header:
+        for s in socks[: min(a.ping, 10)]:
+            s.close()
+        socks = socks[min(a.ping, 10):]
+        sample = [socket.create_connection((a.host, a.port), timeout=10) for _ in range(min(a.ping, 10))]
     pongs = 0
     bad = []
     for s in sample:
@@ -107,10 +118,11 @@ def main():
     n = len(socks)
     per = (after - before) * 1024 / n if n else 0
     per_ping = (after_ping - before) * 1024 / n if n else 0
-    print("idle connections to cachefront (one process, RSS from /proc/<pid>/status)")
+    kind = "header-only" if a.header else "idle"
+    print(f"{kind} connections to cachefront (one process, RSS from /proc/<pid>/status)")
     print(f"  connections opened        {n:,} of {a.n:,} ({failed} failed) in {connect_s:.1f} s")
     print(f"  RSS before                {before / 1024:8.1f} MB")
-    print(f"  RSS with {n:,} idle     {after / 1024:8.1f} MB   -> {per:,.0f} bytes per connection")
+    print(f"  RSS with {n:,} {kind}     {after / 1024:8.1f} MB   -> {per:,.0f} bytes per connection")
     print(f"  after PING on {len(sample)}          {after_ping / 1024:8.1f} MB   -> {per_ping:,.0f} bytes per connection; {pongs}/{len(sample)} answered +PONG" +
           (f" (others: {bad})" if bad else ""))
     print(f"  after closing them        {closed / 1024:8.1f} MB")
