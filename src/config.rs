@@ -39,6 +39,8 @@ pub struct Config {
     pub listen: String,
     /// Log format: "text" or "json".
     pub log_format: String,
+    /// Worker threads (0: one per CPU).
+    pub threads: usize,
     pub valkey: ValkeyConfig,
     pub postgres: PostgresConfig,
     pub cache: CacheConfig,
@@ -364,6 +366,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:6380".into(),
             log_format: "text".into(),
+            threads: 0,
             valkey: ValkeyConfig::default(),
             postgres: PostgresConfig::default(),
             cache: CacheConfig::default(),
