@@ -231,6 +231,18 @@ impl Connection {
     }
 
     fn push_reply(&mut self, r: Reply) {
+        if let Reply::Raw(b) = r {
+            self.outq.push_back(Slot::Ready(b));
+            return;
+        }
+        if self.outq.is_empty() {
+            // Nothing is waiting before it: straight into the output buffer, no slot needed.
+            if r.is_error() {
+                inc(&self.shared.metrics.errors);
+            }
+            r.encode(self.session.proto, &mut self.outbuf);
+            return;
+        }
         let mut b = BytesMut::new();
         r.encode(self.session.proto, &mut b);
         self.outq.push_back(Slot::Ready(b.freeze()));

@@ -153,9 +153,13 @@ impl L1 {
         if !self.enabled {
             return None;
         }
-        self.items
-            .get(&Self::slot_key(key.as_bytes(), hash, proto))
-            .map(|i| i.frame)
+        let item = if hash {
+            self.items.get(&Self::slot_key(key.as_bytes(), hash, proto))
+        } else {
+            // A plain key is its own L1 key: look it up without building one.
+            self.items.get(key.as_bytes())
+        };
+        item.map(|i| i.frame)
     }
 
     /// Taken when a lookup is sent; an insert with it succeeds only if nothing invalidated

@@ -2,6 +2,7 @@
 //! parameterised SQL statement, a key template, a TTL and a reply kind.
 
 use bytes::Bytes;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::fill::{serve_from_l1, FillPlan, Source};
@@ -135,24 +136,25 @@ impl NamedQuery {
 }
 
 /// Checks one argument against its declared type; returns its canonical text.
-fn validate(t: ArgType, raw: &Bytes) -> Option<String> {
+fn validate(t: ArgType, raw: &Bytes) -> Option<Cow<'_, str>> {
     let s = std::str::from_utf8(raw).ok()?;
     if s.contains('\0') {
         return None;
     }
     match t {
-        ArgType::Int => parse_i64_strict(raw).map(|v| v.to_string()),
+        // The strict parse accepts only the canonical form, so the text itself is the value.
+        ArgType::Int => parse_i64_strict(raw).map(|_| Cow::Borrowed(s)),
         ArgType::Float => s
             .parse::<f64>()
             .ok()
             .filter(|f| f.is_finite() && !s.starts_with(['+', ' ']) && !s.ends_with(' '))
-            .map(|_| s.to_string()),
+            .map(|_| Cow::Borrowed(s)),
         ArgType::Bool => match s.to_ascii_lowercase().as_str() {
-            "true" | "t" | "1" | "yes" | "on" => Some("true".into()),
-            "false" | "f" | "0" | "no" | "off" => Some("false".into()),
+            "true" | "t" | "1" | "yes" | "on" => Some(Cow::Borrowed("true")),
+            "false" | "f" | "0" | "no" | "off" => Some(Cow::Borrowed("false")),
             _ => None,
         },
-        ArgType::Text => Some(s.to_string()),
+        ArgType::Text => Some(Cow::Borrowed(s)),
     }
 }
 
@@ -176,6 +178,8 @@ pub fn dispatch(
     if !session.user.key_allowed(key.as_bytes()) {
         return Action::Reply(Reply::err(crate::acl::NOPERM_KEY));
     }
+    // Arguments stay borrowed on the hit path; a miss copies them into its plan.
+    let owned = |args: &[Cow<str>]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
     let plan = |key: String, args: Vec<String>| FillPlan {
         entry: Entry {
             key,
@@ -190,7 +194,7 @@ pub fn dispatch(
         proto: session.proto,
     };
     if let Some(hit) = serve_from_l1(shared, &key, q.reply, session.proto, || {
-        plan(key.clone(), args.clone())
+        plan(key.clone(), owned(&args))
     }) {
         return Action::Reply(hit);
     }
@@ -201,6 +205,6 @@ pub fn dispatch(
     let lookup = encode_multibulk(&[Bytes::from_static(lookup_cmd), Bytes::from(key.clone())]);
     Action::Cached {
         lookup,
-        plan: Box::new(plan(key, args)),
+        plan: Box::new(plan(key, owned(&args))),
     }
 }
