@@ -136,14 +136,14 @@ impl Connection {
     }
 
     async fn serve(&mut self) -> std::io::Result<()> {
-        let max_pipeline = self.shared.config.limits.max_pipeline;
+        let max_pipeline = self.shared.config().limits.max_pipeline;
         loop {
             self.process_input().await;
             self.drain_ready();
             self.flush_dedicated().await;
             if !self.outbuf.is_empty() {
                 let limit = std::time::Duration::from_millis(
-                    self.shared.config.limits.client_write_timeout_ms,
+                    self.shared.config().limits.client_write_timeout_ms,
                 );
                 let write = async {
                     self.stream.write_all(&self.outbuf).await?;
@@ -203,15 +203,16 @@ impl Connection {
     /// How long this client may stay idle now: `limits.timeout_secs`, unless it waits on
     /// something (replies in flight, subscriptions, a blocking command) — Valkey exempts those.
     fn idle_limit(&self) -> Option<std::time::Duration> {
-        let secs = self.shared.config.limits.timeout_secs;
+        let secs = self.shared.config().limits.timeout_secs;
         let busy = !self.outq.is_empty() || self.session.streaming() || self.ded.is_some();
         (secs > 0 && !busy).then(|| std::time::Duration::from_secs(secs))
     }
 
     /// Parses and dispatches every complete request buffered, up to the pipeline limit.
     async fn process_input(&mut self) {
-        let limits = self.shared.limits;
-        while !self.closing && self.outq.len() < self.shared.config.limits.max_pipeline {
+        let limits = self.shared.limits();
+        let max_pipeline = self.shared.config().limits.max_pipeline;
+        while !self.closing && self.outq.len() < max_pipeline {
             match self
                 .parser
                 .parse(&mut self.inbuf, &limits, self.session.authed)

@@ -72,7 +72,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     match cli.command {
-        None => runtime.block_on(run(config)),
+        None => runtime.block_on(run(config, cli.config)),
         Some(Cmd::Triggers { action }) => runtime.block_on(triggers(config, action)),
     }
 }
@@ -83,7 +83,7 @@ async fn triggers(config: Config, action: TriggerAction) -> anyhow::Result<()> {
         TriggerAction::Install => {
             shared
                 .invalidation
-                .install_configured(&shared.db, &shared.named)
+                .install_configured(&shared.db, &shared.named())
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("invalidation triggers installed");
@@ -117,8 +117,9 @@ fn init_tracing(format: &str) {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let server = cachefront::server::Server::bind(config).await?;
+    tokio::spawn(reload_on_sighup(server.shared(), path));
     match (server.tls_addr(), config_only_tls(&server)) {
         (Some(tls), true) => tracing::info!(tls = %tls, "cachefront listening (TLS only)"),
         (Some(tls), false) => {
@@ -130,8 +131,52 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `SIGHUP` re-reads the configuration (file and `CACHEFRONT_*` variables) and applies what
+/// can change while running; a bad file is refused and the running configuration kept.
+async fn reload_on_sighup(
+    shared: std::sync::Arc<cachefront::server::Shared>,
+    path: Option<PathBuf>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install a SIGHUP handler; reloading is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let loaded = Config::load(path.as_deref(), std::env::vars());
+        match loaded
+            .map_err(|e| e.to_string())
+            .and_then(|c| shared.reload(c))
+        {
+            Ok(kept) => {
+                tracing::info!(
+                    named_queries = shared.named().len(),
+                    "configuration reloaded (named queries, TTLs, SQL settings, limits)"
+                );
+                if !kept.is_empty() {
+                    tracing::warn!(keys = ?kept, "these settings changed but need a restart; the running values are kept");
+                }
+                let shared = std::sync::Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let named = shared.named();
+                    if let Err(e) = shared
+                        .invalidation
+                        .install_configured(&shared.db, &named)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot put triggers on the reloaded queries' tables yet");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the running configuration is kept")
+            }
+        }
+    }
+}
+
 fn config_only_tls(server: &cachefront::server::Server) -> bool {
-    server.shared().config.tls.only
+    server.shared().config().tls.only
 }
 
 /// SIGTERM or SIGINT (Ctrl-C) starts a graceful shutdown.

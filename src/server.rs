@@ -36,16 +36,32 @@ pub enum StartError {
     Setup(String),
 }
 
+/// The part of the shared state `SIGHUP` replaces.
+struct Live {
+    config: Arc<Config>,
+    named: Arc<HashMap<String, Arc<NamedQuery>>>,
+    limits: Limits,
+}
+
+/// Named queries by uppercased command name, from a configuration.
+fn build_named(config: &Config) -> Result<HashMap<String, Arc<NamedQuery>>, String> {
+    let mut named = HashMap::new();
+    for q in config.named_queries() {
+        let nq = NamedQuery::from_config(&q, config.cache.default_ttl, config.cache.negative_ttl)
+            .map_err(|e| format!("query {}: {e}", q.command))?;
+        named.insert(nq.name.clone(), Arc::new(nq));
+    }
+    Ok(named)
+}
+
 /// Everything connections share.
 pub struct Shared {
-    pub config: Config,
-    pub limits: Limits,
+    /// What `SIGHUP` can change: the config (as in force) and the named queries built from it.
+    live: std::sync::RwLock<Arc<Live>>,
     pub upstream: Upstream,
     pub cache: Cache,
     pub db: Db,
     pub metrics: Arc<Metrics>,
-    /// Named queries by uppercased command name.
-    pub named: HashMap<String, Arc<NamedQuery>>,
     pub invalidation: Invalidation,
     /// Client users (`default` always exists).
     pub users: crate::acl::Users,
@@ -63,19 +79,12 @@ impl Shared {
         let setup = |e: &dyn std::fmt::Display| StartError::Setup(e.to_string());
         let metrics = Arc::new(Metrics::default());
         let store = Store::new(&config.valkey, &config.cache.meta_prefix).map_err(|e| setup(&e))?;
-        let mut named = HashMap::new();
-        for q in config.named_queries() {
-            let nq =
-                NamedQuery::from_config(&q, config.cache.default_ttl, config.cache.negative_ttl)
-                    .map_err(|e| StartError::Setup(format!("query {}: {e}", q.command)))?;
-            named.insert(nq.name.clone(), Arc::new(nq));
-        }
+        let named = build_named(&config).map_err(StartError::Setup)?;
         let users = crate::acl::Users::from_config(&config.auth)
             .map_err(|(k, m)| StartError::Setup(format!("{k}: {m}")))?;
         Ok(Shared {
             users,
             acl: crate::acl::Acl::default(),
-            limits: config.protocol_limits(),
             upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
             cache: Cache::new(store, Arc::clone(&metrics), &config.cache),
             invalidation: Invalidation::new(&config.invalidation, &named),
@@ -83,10 +92,77 @@ impl Shared {
             listening: watch::Sender::new(false),
             db: Db::new(&config.postgres).map_err(|e| setup(&e))?,
             metrics,
-            named,
             next_id: AtomicU64::new(1),
-            config,
+            live: std::sync::RwLock::new(Arc::new(Live {
+                limits: config.protocol_limits(),
+                config: Arc::new(config),
+                named: Arc::new(named),
+            })),
         })
+    }
+
+    fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.live().config)
+    }
+
+    /// Named queries by uppercased command name.
+    pub fn named(&self) -> Arc<HashMap<String, Arc<NamedQuery>>> {
+        Arc::clone(&self.live().named)
+    }
+
+    /// Protocol limits for the request parser.
+    pub fn limits(&self) -> Limits {
+        self.live().limits
+    }
+
+    /// `SIGHUP`: applies a new configuration's named queries, TTLs, SQL settings and limits
+    /// without touching connections. Settings that need a restart (listen addresses, Valkey,
+    /// PostgreSQL, TLS, metrics, invalidation, users, L1 and refresh settings) keep their
+    /// running values; their names are returned so the operator is told.
+    pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, String> {
+        let old = self.config();
+        let mut next = new;
+        let mut kept = Vec::new();
+        macro_rules! keep {
+            ($($field:ident).+, $name:literal) => {
+                if serde_json::to_value(&next.$($field).+).ok() != serde_json::to_value(&old.$($field).+).ok() {
+                    kept.push($name);
+                    next.$($field).+ = old.$($field).+.clone();
+                }
+            };
+        }
+        keep!(listen, "listen");
+        keep!(log_format, "log_format");
+        keep!(threads, "threads");
+        keep!(valkey, "valkey");
+        keep!(postgres, "postgres");
+        keep!(auth, "auth");
+        keep!(invalidation, "invalidation");
+        keep!(metrics, "metrics");
+        keep!(tls, "tls");
+        keep!(cache.meta_prefix, "cache.meta_prefix");
+        keep!(cache.ttl_jitter, "cache.ttl_jitter");
+        keep!(cache.early_refresh_beta, "cache.early_refresh_beta");
+        keep!(cache.early_refresh_keys, "cache.early_refresh_keys");
+        keep!(cache.l1_max_bytes, "cache.l1_max_bytes");
+        keep!(cache.l1_ttl_ms, "cache.l1_ttl_ms");
+        keep!(cache.stale_if_error_secs, "cache.stale_if_error_secs");
+        let named = build_named(&next)?;
+        self.invalidation.set_named(&named);
+        let live = Live {
+            limits: next.protocol_limits(),
+            config: Arc::new(next),
+            named: Arc::new(named),
+        };
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        // Statements may have changed under the same text-keyed caches: start them afresh.
+        self.sql_checks.invalidate_all();
+        Ok(kept)
     }
 
     /// Whether the invalidation listener is connected and listening.
@@ -103,7 +179,7 @@ impl Shared {
     /// outages don't wait: what is stored while the listener is down is flushed when it comes
     /// back, and a database that is down should fail misses fast, not after a wait.
     pub async fn wait_listening(&self, limit: Duration) {
-        if !self.config.invalidation.enabled
+        if !self.config().invalidation.enabled
             || self.is_listening()
             || self.metrics.listener_reconnects.load(Ordering::Relaxed) > 0
         {
@@ -149,7 +225,7 @@ impl Shared {
             (
                 "upstream_shared_connections",
                 "Shared pipelined connections to Valkey per protocol",
-                self.config.valkey.pool_size as f64,
+                self.config().valkey.pool_size as f64,
             ),
             ("l1_entries", "Entries in the in-process L1", entries as f64),
             ("l1_bytes", "Bytes held by the in-process L1", bytes as f64),
@@ -307,7 +383,8 @@ impl Server {
     /// Protected mode: without a password, a client from outside loopback gets Valkey's
     /// DENIED reply and nothing else.
     fn refuse(&self, peer: SocketAddr) -> Option<&'static str> {
-        let auth = &self.shared.config.auth;
+        let config = self.shared.config();
+        let auth = &config.auth;
         if !auth.protected_mode || !self.shared.users.default_authed() {
             return None;
         }
@@ -319,7 +396,7 @@ impl Server {
 
     /// `limits.tcp_keepalive_secs`: probes after that long idle, then every third of it.
     fn keepalive(&self, stream: &TcpStream) {
-        let secs = self.shared.config.limits.tcp_keepalive_secs;
+        let secs = self.shared.config().limits.tcp_keepalive_secs;
         if secs == 0 {
             return;
         }
@@ -342,7 +419,7 @@ impl Server {
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let live = Arc::new(AtomicUsize::new(0));
-        let max = self.shared.config.limits.max_clients;
+        let max = self.shared.config().limits.max_clients;
         tokio::pin!(shutdown);
         loop {
             let (accepted, is_tls) = tokio::select! {

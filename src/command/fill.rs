@@ -61,7 +61,7 @@ async fn fill(shared: Arc<Shared>, plan: FillPlan, via_cache: bool, refresh: boo
     let negative_ttl = match &source {
         Source::Named { query, .. } => query.negative_ttl,
         Source::Sql { .. } => {
-            let ttl = shared.config.sql.negative_ttl;
+            let ttl = shared.config().sql.negative_ttl;
             (ttl > 0).then_some(ttl)
         }
     };
@@ -107,7 +107,7 @@ async fn fill(shared: Arc<Shared>, plan: FillPlan, via_cache: bool, refresh: boo
 async fn prepare(shared: &Shared, mut entry: Entry) -> Result<Entry> {
     shared
         .wait_listening(std::time::Duration::from_millis(
-            shared.config.postgres.connect_timeout_ms,
+            shared.config().postgres.connect_timeout_ms,
         ))
         .await;
     let mut names = entry.deps.tables.clone();
@@ -187,7 +187,7 @@ async fn load(shared: &Shared, source: &Source, kind: ReplyKind) -> Result<Value
         Source::Sql { sql, params } => {
             let r = shared
                 .db
-                .query_read_only(sql, params, shared.config.sql.max_rows)
+                .query_read_only(sql, params, shared.config().sql.max_rows)
                 .await?;
             if r.rows.is_empty() {
                 // Answered as `[]`; remembered only as a negative entry (sql.negative_ttl).
@@ -196,7 +196,7 @@ async fn load(shared: &Shared, source: &Source, kind: ReplyKind) -> Result<Value
             r
         }
     };
-    shape(result, kind, shared.config.sql.max_result_bytes)
+    shape(result, kind, shared.config().sql.max_result_bytes)
 }
 
 /// PostgreSQL's verdict on an argument's type (bad text, out of range) is the client's error.

@@ -77,7 +77,7 @@ pub fn own_commands(shared: &Shared) -> Vec<CommandDoc> {
             categories: crate::acl::SQL_INVALIDATE_CATEGORIES,
         },
     ];
-    for q in shared.named.values() {
+    for q in shared.named().values() {
         out.push(CommandDoc {
             name: q.name.to_ascii_lowercase(),
             arity: q.args.len() as i64 + 1,

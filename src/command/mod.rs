@@ -106,7 +106,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
         return Action::Reply(Reply::err("NOAUTH Authentication required."));
     }
     if shared
-        .config
+        .config()
         .auth
         .deny_commands
         .iter()
@@ -155,7 +155,7 @@ fn permission(shared: &Arc<Shared>, session: &Session, name: &[u8], req: &Reques
         )),
         _ => std::str::from_utf8(name)
             .ok()
-            .and_then(|n| shared.named.get(n))
+            .and_then(|n| shared.named().get(n).cloned())
             .map(|q| {
                 (
                     q.name.to_ascii_lowercase(),
@@ -202,11 +202,18 @@ pub fn dispatch_checked(shared: &Arc<Shared>, session: &mut Session, req: Reques
         b"ACL" => connection_cmds::acl(session, &req),
         b"COMMAND" => introspection::command(shared, session, req),
         b"INFO" => introspection::info(shared, session, req),
-        _ => match shared
-            .named
-            .get(std::str::from_utf8(name).unwrap_or_default())
+        // Named queries are namespaced (`EMP.GET`): a name without a dot is never one.
+        _ => match name
+            .contains(&b'.')
+            .then(|| {
+                shared
+                    .named()
+                    .get(std::str::from_utf8(name).unwrap_or_default())
+                    .cloned()
+            })
+            .flatten()
         {
-            Some(q) => named_query::dispatch(shared, session, q, &req),
+            Some(q) => named_query::dispatch(shared, session, &q, &req),
             None => {
                 shared.cache.l1.note_command(name, &req.args);
                 passthrough::dispatch(session, name, req)

@@ -170,7 +170,7 @@ pub fn in_transaction(
             refuse(session, &req.name_lossy().to_ascii_uppercase())
         }
         _ if shared
-            .named
+            .named()
             .contains_key(std::str::from_utf8(name).unwrap_or_default()) =>
         {
             refuse(session, &req.name_lossy().to_ascii_uppercase())
@@ -202,7 +202,7 @@ pub fn in_subscribed_mode(
             not_in_subscribed(session, &req)
         }
         n if shared
-            .named
+            .named()
             .contains_key(std::str::from_utf8(n).unwrap_or_default()) =>
         {
             not_in_subscribed(session, &req)

@@ -65,7 +65,8 @@ fn parse(req: &Request) -> Result<Parsed, Reply> {
 }
 
 pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Action {
-    let cfg = &shared.config.sql;
+    let config = shared.config();
+    let cfg = &config.sql;
     if cfg.mode == SqlMode::Off {
         return Action::Reply(Reply::err(
             "ERR SQL.CACHED is disabled on this server (sql.mode = \"off\")",
@@ -104,7 +105,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
     if !session.user.key_allowed(key.as_bytes()) {
         return Action::Reply(Reply::err(crate::acl::NOPERM_KEY));
     }
-    let ttl = p.ttl.unwrap_or(shared.config.cache.default_ttl);
+    let ttl = p.ttl.unwrap_or(config.cache.default_ttl);
     let plan = |key: String, params: Vec<String>| FillPlan {
         entry: Entry {
             key,

@@ -32,7 +32,7 @@ struct RowBinding {
 pub struct Invalidation {
     cfg: InvalidationConfig,
     /// Row-keyed named queries by table.
-    bindings: HashMap<String, Vec<RowBinding>>,
+    bindings: Mutex<Arc<HashMap<String, Vec<RowBinding>>>>,
     /// Relation name → the base tables behind it (itself, or a view's tables).
     resolved: Mutex<HashMap<String, Vec<TableRef>>>,
     /// Tables whose triggers this process has installed or checked.
@@ -41,30 +41,32 @@ pub struct Invalidation {
 
 impl Invalidation {
     pub fn new(cfg: &InvalidationConfig, named: &HashMap<String, Arc<NamedQuery>>) -> Invalidation {
-        let mut bindings: HashMap<String, Vec<RowBinding>> = HashMap::new();
-        for q in named.values() {
-            if let Some(r) = &q.row_key {
-                bindings
-                    .entry(r.table.clone())
-                    .or_default()
-                    .push(RowBinding {
-                        column: r.column.clone(),
-                        query: Arc::clone(q),
-                    });
-            }
-        }
         Invalidation {
             cfg: cfg.clone(),
-            bindings,
+            bindings: Mutex::new(Arc::new(row_bindings(named))),
             resolved: Mutex::new(HashMap::new()),
             triggered: Mutex::new(HashSet::new()),
         }
     }
 
+    /// After a reload: the row-keyed named queries now in force. Tables whose key columns
+    /// changed get their triggers checked again on next use.
+    pub fn set_named(&self, named: &HashMap<String, Arc<NamedQuery>>) {
+        *self.bindings.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(row_bindings(named));
+        self.triggered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn bindings(&self) -> Arc<HashMap<String, Vec<RowBinding>>> {
+        Arc::clone(&self.bindings.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Key columns whose values notifications for `table` must carry.
     fn key_columns(&self, table: &str) -> Vec<String> {
         let mut cols: Vec<String> = self
-            .bindings
+            .bindings()
             .get(table)
             .map(|b| b.iter().map(|b| b.column.clone()).collect())
             .unwrap_or_default();
@@ -170,7 +172,8 @@ impl Invalidation {
         values: &[String],
     ) -> Vec<String> {
         let mut keys = Vec::new();
-        for b in self.bindings.get(table).into_iter().flatten() {
+        let bindings = self.bindings();
+        for b in bindings.get(table).into_iter().flatten() {
             if b.column != column {
                 continue;
             }
@@ -182,6 +185,23 @@ impl Invalidation {
         }
         keys
     }
+}
+
+/// Row-keyed named queries by the table their key column belongs to.
+fn row_bindings(named: &HashMap<String, Arc<NamedQuery>>) -> HashMap<String, Vec<RowBinding>> {
+    let mut bindings: HashMap<String, Vec<RowBinding>> = HashMap::new();
+    for q in named.values() {
+        if let Some(r) = &q.row_key {
+            bindings
+                .entry(r.table.clone())
+                .or_default()
+                .push(RowBinding {
+                    column: r.column.clone(),
+                    query: Arc::clone(q),
+                });
+        }
+    }
+    bindings
 }
 
 /// One parsed notification.
@@ -262,10 +282,10 @@ async fn apply_rows(shared: &Shared, table: &str, keys: &[(String, Vec<String>)]
 /// Runs the listener until the process ends: connect, LISTEN, flush what may have been missed,
 /// apply notifications; on any failure, reconnect with backoff.
 pub async fn run(shared: Arc<Shared>) {
-    if !shared.config.invalidation.enabled {
+    if !shared.config().invalidation.enabled {
         return;
     }
-    let max = Duration::from_millis(shared.config.invalidation.reconnect_max_ms);
+    let max = Duration::from_millis(shared.config().invalidation.reconnect_max_ms);
     let mut backoff = Duration::from_millis(50);
     loop {
         match listen_once(&shared).await {
@@ -310,11 +330,11 @@ async fn serve(
     client: &tokio_postgres::Client,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
 ) -> std::result::Result<(), DbError> {
-    let channel = triggers::quote_ident(&shared.config.invalidation.channel);
+    let channel = triggers::quote_ident(&shared.config().invalidation.channel);
     client.batch_execute(&format!("LISTEN {channel}")).await?;
     if let Err(e) = shared
         .invalidation
-        .install_configured(&shared.db, &shared.named)
+        .install_configured(&shared.db, &shared.named())
         .await
     {
         tracing::warn!(error = %e, "cannot install configured invalidation triggers yet");
