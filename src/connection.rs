@@ -468,6 +468,9 @@ impl Connection {
     /// earlier over a shared connection has been answered: two connections give no ordering,
     /// and a client's `SET k 1` must reach Valkey before its `MULTI … EXEC` that reads k.
     async fn flush_dedicated(&mut self) {
+        if self.ded.as_ref().is_none_or(|d| d.wbuf.is_empty()) {
+            return;
+        }
         let waiting_on_shared = self.outq.iter().any(|s| {
             matches!(
                 s,
@@ -475,7 +478,7 @@ impl Connection {
             )
         });
         let Some(ded) = self.ded.as_mut() else { return };
-        if ded.wbuf.is_empty() || waiting_on_shared {
+        if waiting_on_shared {
             return;
         }
         let r = ded.conn.write_all(&ded.wbuf).await;
