@@ -69,6 +69,7 @@ pub const CATEGORIES: &[&str] = &[
 pub const NAMED_QUERY_CATEGORIES: &[&str] = &["@read", "@cachefront"];
 pub const SQL_CACHED_CATEGORIES: &[&str] = &["@read", "@cachefront"];
 pub const SQL_INVALIDATE_CATEGORIES: &[&str] = &["@admin", "@dangerous", "@cachefront"];
+pub const SLOWLOG_CATEGORIES: &[&str] = &["@admin", "@slow", "@dangerous", "@cachefront"];
 
 /// `NOPERM User <name> has no permissions to run the '<cmd>' command`, Valkey's wording.
 pub fn noperm_command(user: &str, full_name: &str) -> Reply {

@@ -156,11 +156,25 @@ pub struct CacheConfig {
 }
 
 /// Observability.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `host:port` of the Prometheus endpoint (`GET /metrics`); empty: off.
     pub listen: String,
+    /// Fills that take at least this many milliseconds go to `CACHEFRONT.SLOWLOG`.
+    pub slow_fill_ms: u64,
+    /// How many slow fills `CACHEFRONT.SLOWLOG` keeps.
+    pub slowlog_max_len: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: String::new(),
+            slow_fill_ms: 100,
+            slowlog_max_len: 128,
+        }
+    }
 }
 
 /// Invalidation of cached entries when PostgreSQL data changes.

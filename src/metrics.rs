@@ -68,6 +68,57 @@ impl Histogram {
     }
 }
 
+/// One slow fill, as `CACHEFRONT.SLOWLOG GET` shows it.
+#[derive(Debug, Clone)]
+pub struct SlowFill {
+    pub id: u64,
+    /// Unix time, seconds.
+    pub at: u64,
+    pub duration_us: u64,
+    /// The command that missed (`EMP.GET`, `SQL.CACHED` …).
+    pub command: String,
+    pub key: String,
+    /// The SQL, shortened; only this command shows it (logs never carry SQL text).
+    pub sql: String,
+}
+
+/// The most recent slow fills, newest first, like Valkey's SLOWLOG.
+#[derive(Debug, Default)]
+pub struct SlowLog {
+    entries: std::sync::Mutex<std::collections::VecDeque<SlowFill>>,
+    next_id: AtomicU64,
+}
+
+impl SlowLog {
+    pub fn record(&self, max_len: usize, mut fill: SlowFill) {
+        fill.id = self.next_id.fetch_add(1, Relaxed);
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        e.push_front(fill);
+        e.truncate(max_len);
+    }
+
+    /// The newest `n` entries.
+    pub fn get(&self, n: usize) -> Vec<SlowFill> {
+        let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        e.iter().take(n).cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn reset(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
 /// Latency per command family.
 #[derive(Debug, Default)]
 pub struct Latency {
@@ -138,6 +189,7 @@ pub struct Metrics {
     /// TLS handshakes with clients that failed or timed out.
     pub tls_handshake_failures: AtomicU64,
     pub latency: Latency,
+    pub slowlog: SlowLog,
 }
 
 /// Help texts for the Prometheus exposition, by counter name.

@@ -120,3 +120,42 @@ async fn two_instances_sharing_one_valkey_stay_coherent() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_fills_are_kept_for_cachefront_slowlog() {
+    let s = Stack::start_with(|c| {
+        c.metrics.slow_fill_ms = 0; // every fill counts as slow
+        c.metrics.slowlog_max_len = 2;
+    })
+    .await;
+    let mut raw = s.raw().await;
+    assert_eq!(raw.call(&[b"CACHEFRONT.SLOWLOG", b"LEN"]).await, ":0\r\n");
+    raw.call(&[b"EMP.GET", b"1"]).await; // miss: a fill
+    raw.call(&[b"EMP.GET", b"1"]).await; // hit: not a fill
+    assert_eq!(raw.call(&[b"CACHEFRONT.SLOWLOG", b"LEN"]).await, ":1\r\n");
+    let got = raw.call(&[b"CACHEFRONT.SLOWLOG", b"GET"]).await;
+    assert!(got.starts_with("*1\r\n*6\r\n:0\r\n:"), "{got}");
+    assert!(
+        got.contains("*3\r\n$7\r\nEMP.GET\r\n$10\r\nemployee:1\r\n$40\r\nSELECT name FROM employees WHERE id = $1\r\n"),
+        "{got}"
+    );
+    raw.call(&[b"SQL.CACHED", b"SELECT 1 AS a"]).await;
+    raw.call(&[b"SQL.CACHED", b"SELECT 2 AS b"]).await;
+    // Bounded, newest first.
+    assert_eq!(raw.call(&[b"CACHEFRONT.SLOWLOG", b"LEN"]).await, ":2\r\n");
+    let got = raw.call(&[b"CACHEFRONT.SLOWLOG", b"GET", b"1"]).await;
+    assert!(got.contains("SELECT 2 AS b"), "{got}");
+    assert!(raw
+        .call(&[b"CACHEFRONT.SLOWLOG", b"GET", b"-5"])
+        .await
+        .starts_with("-ERR count should be greater than or equal to -1"));
+    assert!(raw
+        .call(&[b"CACHEFRONT.SLOWLOG", b"NOPE"])
+        .await
+        .starts_with("-ERR unknown subcommand"));
+    assert_eq!(
+        raw.call(&[b"CACHEFRONT.SLOWLOG", b"RESET"]).await,
+        "+OK\r\n"
+    );
+    assert_eq!(raw.call(&[b"CACHEFRONT.SLOWLOG", b"LEN"]).await, ":0\r\n");
+}

@@ -58,6 +58,8 @@ async fn fill(shared: Arc<Shared>, plan: FillPlan, via_cache: bool, refresh: boo
         proto: _,
     } = plan;
     let db_shared = Arc::clone(&shared);
+    let started = std::time::Instant::now();
+    let slow = SlowNote::of(&source, &entry.key);
     let negative_ttl = match &source {
         Source::Named { query, .. } => query.negative_ttl,
         Source::Sql { .. } => {
@@ -96,9 +98,58 @@ async fn fill(shared: Arc<Shared>, plan: FillPlan, via_cache: bool, refresh: boo
             })
             .map(|v| (v, CacheStatus::FailOpen))
     };
+    if let Ok((_, CacheStatus::Miss | CacheStatus::FailOpen)) = &result {
+        slow.record_if_slow(&shared, started.elapsed());
+    }
     match result {
         Ok((value, _status)) => render(value, kind),
         Err(e) => e.to_reply(),
+    }
+}
+
+/// What the slow-fill log says about a fill, taken before the fill consumes its plan.
+struct SlowNote {
+    command: String,
+    key: String,
+    sql: String,
+}
+
+impl SlowNote {
+    fn of(source: &Source, key: &str) -> SlowNote {
+        let (command, sql) = match source {
+            Source::Named { query, .. } => (query.name.clone(), query.sql.to_string()),
+            Source::Sql { sql, .. } => ("SQL.CACHED".to_string(), sql.clone()),
+        };
+        SlowNote {
+            command,
+            key: key.to_string(),
+            sql: sql.chars().take(256).collect(),
+        }
+    }
+
+    /// Keeps the fill in `CACHEFRONT.SLOWLOG` if it took `metrics.slow_fill_ms` or more.
+    /// The log line names the command and key, never the SQL text.
+    fn record_if_slow(self, shared: &Shared, took: std::time::Duration) {
+        let config = shared.config();
+        if took < std::time::Duration::from_millis(config.metrics.slow_fill_ms) {
+            return;
+        }
+        tracing::warn!(command = %self.command, key = %self.key, ms = took.as_millis() as u64, "slow fill");
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        shared.metrics.slowlog.record(
+            config.metrics.slowlog_max_len,
+            crate::metrics::SlowFill {
+                id: 0,
+                at,
+                duration_us: took.as_micros() as u64,
+                command: self.command,
+                key: self.key,
+                sql: self.sql,
+            },
+        );
     }
 }
 

@@ -76,6 +76,14 @@ pub fn own_commands(shared: &Shared) -> Vec<CommandDoc> {
             }],
             categories: crate::acl::SQL_INVALIDATE_CATEGORIES,
         },
+        CommandDoc {
+            name: "cachefront.slowlog".into(),
+            arity: -2,
+            summary: "Show, count or clear the fills slower than metrics.slow_fill_ms".into(),
+            group: "server",
+            arguments: vec![arg("subcommand", "string")],
+            categories: crate::acl::SLOWLOG_CATEGORIES,
+        },
     ];
     for q in shared.named().values() {
         out.push(CommandDoc {
@@ -353,4 +361,70 @@ fn body_of_text_reply(raw: &[u8]) -> Option<&[u8]> {
         b'=' => body.get(4..),
         _ => None,
     }
+}
+
+/// `CACHEFRONT.SLOWLOG GET [count] | LEN | RESET | HELP`: fills that took at least
+/// `metrics.slow_fill_ms`, newest first, in the shape of Valkey's SLOWLOG entries (id, unix
+/// time, microseconds, [command, key, SQL], two empty client fields).
+pub fn slowlog(shared: &Arc<Shared>, req: &Request) -> Action {
+    let log = &shared.metrics.slowlog;
+    let sub = req.args.get(1).map(|s| s.to_ascii_uppercase());
+    let reply = match (sub.as_deref(), req.args.len()) {
+        (Some(b"GET"), 2 | 3) => {
+            let n = match req.args.get(2) {
+                None => 10,
+                Some(a) => match crate::protocol::request::parse_i64_strict(a) {
+                    Some(-1) => usize::MAX,
+                    Some(n) if n >= 0 => n as usize,
+                    _ => {
+                        return Action::Reply(Reply::err(
+                            "ERR count should be greater than or equal to -1",
+                        ))
+                    }
+                },
+            };
+            Reply::Array(
+                log.get(n)
+                    .into_iter()
+                    .map(|e| {
+                        Reply::Array(vec![
+                            Reply::Int(e.id as i64),
+                            Reply::Int(e.at as i64),
+                            Reply::Int(e.duration_us as i64),
+                            Reply::Array(vec![
+                                Reply::text(&e.command),
+                                Reply::text(&e.key),
+                                Reply::text(&e.sql),
+                            ]),
+                            Reply::text(""),
+                            Reply::text(""),
+                        ])
+                    })
+                    .collect(),
+            )
+        }
+        (Some(b"LEN"), 2) => Reply::Int(log.len() as i64),
+        (Some(b"RESET"), 2) => {
+            log.reset();
+            Reply::ok()
+        }
+        (Some(b"HELP"), 2) => Reply::Array(
+            [
+                "CACHEFRONT.SLOWLOG <subcommand>. Subcommands are:",
+                "GET [<count>]    The newest <count> slow fills (default 10, -1 for all).",
+                "LEN              How many slow fills are kept.",
+                "RESET            Forget them.",
+                "Fills taking metrics.slow_fill_ms or more are kept (metrics.slowlog_max_len at most).",
+            ]
+            .iter()
+            .map(|l| Reply::Simple(l))
+            .collect(),
+        ),
+        (Some(s), _) => Reply::err(format!(
+            "ERR unknown subcommand or wrong number of arguments for '{}'. Try CACHEFRONT.SLOWLOG HELP.",
+            String::from_utf8_lossy(s).to_ascii_lowercase()
+        )),
+        (None, _) => super::wrong_args(req),
+    };
+    Action::Reply(reply)
 }

@@ -53,6 +53,7 @@ pub enum Action {
 const RESERVED: &[&str] = &[
     "SQL.CACHED",
     "SQL.INVALIDATE",
+    "CACHEFRONT.SLOWLOG",
     "PING",
     "ECHO",
     "HELLO",
@@ -153,6 +154,11 @@ fn permission(shared: &Arc<Shared>, session: &Session, name: &[u8], req: &Reques
             acl::SQL_INVALIDATE_CATEGORIES,
             argc >= 2,
         )),
+        b"CACHEFRONT.SLOWLOG" => Some((
+            "cachefront.slowlog".into(),
+            acl::SLOWLOG_CATEGORIES,
+            argc >= 2,
+        )),
         _ => std::str::from_utf8(name)
             .ok()
             .and_then(|n| shared.named().get(n).cloned())
@@ -195,6 +201,7 @@ pub fn dispatch_checked(shared: &Arc<Shared>, session: &mut Session, req: Reques
     match name {
         b"SQL.CACHED" => sql_cached::dispatch(shared, session, &req),
         b"SQL.INVALIDATE" => sql_invalidate::dispatch(shared, &req),
+        b"CACHEFRONT.SLOWLOG" => introspection::slowlog(shared, &req),
         b"PING" | b"ECHO" | b"HELLO" | b"AUTH" | b"QUIT" | b"RESET" | b"SELECT" => {
             connection_cmds::dispatch(shared, session, name, req)
         }

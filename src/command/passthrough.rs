@@ -166,7 +166,7 @@ pub fn in_transaction(
             let sub = String::from_utf8_lossy(&req.args[1]).to_ascii_uppercase();
             refuse(session, &format!("CLIENT {sub}"))
         }
-        b"SQL.CACHED" | b"SQL.INVALIDATE" => {
+        b"SQL.CACHED" | b"SQL.INVALIDATE" | b"CACHEFRONT.SLOWLOG" => {
             refuse(session, &req.name_lossy().to_ascii_uppercase())
         }
         _ if shared
@@ -198,7 +198,7 @@ pub fn in_subscribed_mode(
     match name {
         b"QUIT" => Action::Close(Reply::ok()),
         b"RESET" => Action::Reset,
-        b"HELLO" | b"AUTH" | b"ACL" | b"SQL.CACHED" | b"SQL.INVALIDATE" => {
+        b"HELLO" | b"AUTH" | b"ACL" | b"SQL.CACHED" | b"SQL.INVALIDATE" | b"CACHEFRONT.SLOWLOG" => {
             not_in_subscribed(session, &req)
         }
         n if shared
