@@ -5,24 +5,10 @@
 
 mod common;
 
+use common::protocol_error;
+
 use common::{Raw, Stack};
 use std::time::{Duration, Instant};
-
-/// Sends `bytes` to a fresh connection and expects `-ERR Protocol error: <msg>` then a close.
-async fn protocol_error(s: &Stack, bytes: &[u8], msg: &str) {
-    let mut raw = s.raw().await;
-    raw.send(bytes).await;
-    assert_eq!(
-        raw.frame().await,
-        format!("-ERR Protocol error: {msg}\r\n"),
-        "{:?}",
-        String::from_utf8_lossy(bytes)
-    );
-    assert!(
-        raw.closed().await,
-        "connection must close after a protocol error"
-    );
-}
 
 /// The employees table as text, to compare before and after an attack.
 fn employees(s: &Stack) -> String {

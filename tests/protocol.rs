@@ -3,23 +3,9 @@
 
 mod common;
 
-use common::{Raw, Stack};
+use common::protocol_error;
 
-/// Sends `bytes` to a fresh connection and expects `-ERR Protocol error: <msg>` then a close.
-async fn protocol_error(s: &Stack, bytes: &[u8], msg: &str) {
-    let mut raw = s.raw().await;
-    raw.send(bytes).await;
-    assert_eq!(
-        raw.frame().await,
-        format!("-ERR Protocol error: {msg}\r\n"),
-        "{:?}",
-        String::from_utf8_lossy(bytes)
-    );
-    assert!(
-        raw.closed().await,
-        "connection must close after a protocol error"
-    );
-}
+use common::{Raw, Stack};
 
 #[tokio::test]
 async fn valkeys_protocol_error_cases() {

@@ -246,3 +246,19 @@ pub async fn replies(port: u16, cmds: &[&str]) -> Vec<String> {
     }
     out
 }
+
+/// Sends `bytes` to a fresh connection and expects `-ERR Protocol error: <msg>` then a close.
+pub async fn protocol_error(s: &Stack, bytes: &[u8], msg: &str) {
+    let mut raw = s.raw().await;
+    raw.send(bytes).await;
+    assert_eq!(
+        raw.frame().await,
+        format!("-ERR Protocol error: {msg}\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(bytes)
+    );
+    assert!(
+        raw.closed().await,
+        "connection must close after a protocol error"
+    );
+}
