@@ -553,7 +553,7 @@ impl CmdInfo {
     }
 
     /// Keys at the legacy (first, last, step) positions.
-    fn legacy_keys<'a>(&self, args: &'a [Bytes]) -> impl Iterator<Item = &'a Bytes> + 'a {
+    pub fn legacy_keys<'a>(&self, args: &'a [Bytes]) -> impl Iterator<Item = &'a Bytes> + 'a {
         let argc = args.len() as i64;
         let first = self.first;
         let last = if self.last < 0 {
@@ -598,7 +598,7 @@ impl CommandTable {
 
     /// The entry Valkey would run for `args`: the subcommand's for a container command
     /// given one. `Err(name)` when the table does not know it (name to ask Valkey about).
-    fn lookup(&self, args: &[Bytes]) -> Result<&CmdInfo, String> {
+    pub fn lookup(&self, args: &[Bytes]) -> Result<&CmdInfo, String> {
         let name = String::from_utf8_lossy(args.first().map(|a| &a[..]).unwrap_or_default())
             .to_ascii_lowercase();
         let Some(cmd) = self.cmds.get(&name) else {

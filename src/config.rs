@@ -74,6 +74,10 @@ pub struct ValkeyConfig {
     /// With `rediss://`: accept any certificate from Valkey (no verification at all). For
     /// tests only; logged as a warning at start.
     pub tls_insecure: bool,
+    /// `host:port` of some nodes of a Valkey Cluster (any few: the rest are discovered). Set,
+    /// it makes the upstream a cluster: requests route by hash slot; `url` then only supplies
+    /// the login. Empty: a single Valkey at `url`.
+    pub cluster: Vec<String>,
 }
 
 /// The TLS listener for clients. It runs beside the plain `listen` one, or alone with
@@ -405,6 +409,7 @@ impl Default for ValkeyConfig {
             command_timeout_ms: 5000,
             tls_ca_file: String::new(),
             tls_insecure: false,
+            cluster: Vec::new(),
         }
     }
 }
@@ -566,6 +571,7 @@ impl Config {
             return Err(invalid("valkey.url", "not a redis:// or valkey:// URL"));
         };
         self.validate_tls(url.scheme())?;
+        self.validate_cluster(url.scheme())?;
         self.postgres
             .url
             .parse::<tokio_postgres::Config>()
@@ -648,6 +654,41 @@ impl Config {
 
     /// The TLS settings: addresses, and the files named can be read and parsed (so a bad
     /// certificate stops the start, and `--check-config`, with the key named).
+    fn validate_cluster(&self, valkey_scheme: &str) -> Result<(), ConfigError> {
+        if self.valkey.cluster.is_empty() {
+            return Ok(());
+        }
+        if matches!(valkey_scheme, "rediss" | "valkeys") {
+            return Err(invalid(
+                "valkey.cluster",
+                "TLS to a cluster is not supported yet; use a redis:// url",
+            ));
+        }
+        for node in &self.valkey.cluster {
+            let addr = node
+                .trim()
+                .trim_start_matches("redis://")
+                .trim_start_matches("valkey://")
+                .trim_end_matches('/');
+            let ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(invalid(
+                    "valkey.cluster",
+                    format!("'{node}' is not host:port"),
+                ));
+            }
+        }
+        if self.cache.meta_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "cache.meta_prefix",
+                "must not contain '{' or '}' with valkey.cluster (cachefront adds hash tags itself)",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_tls(&self, valkey_scheme: &str) -> Result<(), ConfigError> {
         let tls = &self.tls;
         if tls.enabled() {

@@ -20,10 +20,11 @@ use crate::config::ReplyKind;
 use crate::error::Error;
 use crate::metrics::inc;
 use crate::protocol::request::Parsed;
-use crate::protocol::{Proto, Reply, RequestParser};
+use crate::protocol::{Proto, Reply, Request, RequestParser};
 use crate::server::Shared;
 use crate::session::Session;
 use crate::tls::ClientStream;
+use crate::upstream::cluster::Owner;
 use crate::upstream::{RawConn, ReplyRx};
 
 /// A reply position in the output queue.
@@ -80,6 +81,17 @@ struct Dedicated {
     reusable: bool,
     /// Subscription counts from Valkey's confirmations: (channels + patterns, shard channels).
     subs: (i64, i64),
+    /// Replies to drop: commands cachefront sent itself (a cluster transaction's MULTI).
+    swallow: usize,
+}
+
+/// What the cluster rules decided for a forwarded command.
+enum ClusterStep {
+    /// Answered already.
+    Done,
+    /// Over the shared connections, though a dedicated one is held.
+    Shared,
+    Continue,
 }
 
 pub struct Connection {
@@ -92,6 +104,8 @@ pub struct Connection {
     session: Session,
     outq: VecDeque<Slot>,
     ded: Option<Dedicated>,
+    /// Cluster: MULTI was answered locally and opens on the node of the next command.
+    deferred_multi: bool,
     closing: bool,
     shutdown: watch::Receiver<bool>,
 }
@@ -118,6 +132,7 @@ impl Connection {
             session: Session::new(id, addr, user, authed),
             outq: VecDeque::new(),
             ded: None,
+            deferred_multi: false,
             closing: false,
             shutdown,
         }
@@ -272,10 +287,10 @@ impl Connection {
                 self.closing = true;
             }
             Action::Forward {
-                raw,
+                req,
                 route,
                 transform,
-            } => self.forward(raw, route, transform).await,
+            } => self.forward(req, route, transform).await,
             Action::Cached { lookup, plan } => self.lookup(lookup, plan),
             Action::Task(fut) => {
                 let h = tokio::spawn(fut);
@@ -291,9 +306,16 @@ impl Connection {
         let l1 = &self.shared.cache.l1;
         let cache_db = self.shared.upstream.endpoint().db;
         let streaming = self.session.streaming();
+        let same_node = |ded: &Dedicated| match &self.shared.upstream.cluster {
+            Some(c) => c.addr_for_key(plan.entry.key.as_bytes()).as_deref() == Some(&ded.conn.addr),
+            None => true,
+        };
         match self.ded.as_mut() {
             Some(ded)
-                if !streaming && self.session.db == cache_db && ded.conn.proto == plan.proto =>
+                if !streaming
+                    && self.session.db == cache_db
+                    && ded.conn.proto == plan.proto
+                    && same_node(ded) =>
             {
                 ded.wbuf.extend_from_slice(&lookup);
                 ded.pending += 1;
@@ -318,7 +340,12 @@ impl Connection {
                         started,
                     },
                     None => Slot::Lookup {
-                        rx: up.send(self.session.id, plan.proto, lookup),
+                        rx: up.send_key(
+                            self.session.id,
+                            plan.proto,
+                            lookup,
+                            plan.entry.key.as_bytes(),
+                        ),
                         plan,
                         ticket: None,
                         started,
@@ -329,12 +356,19 @@ impl Connection {
         }
     }
 
-    async fn forward(&mut self, raw: Bytes, route: Route, transform: Transform) {
+    async fn forward(&mut self, req: Request, route: Route, transform: Transform) {
         inc(&self.shared.metrics.passthrough);
         let proto = self.session.proto;
-        let held = self.ded.as_ref().is_some_and(|d| d.conn.proto == proto);
+        let mut held = self.ded.as_ref().is_some_and(|d| d.conn.proto == proto);
+        if self.shared.upstream.cluster.is_some() {
+            match self.cluster_forward(&req, route, &transform, held) {
+                ClusterStep::Done => return,
+                ClusterStep::Shared => held = false,
+                ClusterStep::Continue => {}
+            }
+        }
         if route == Route::Any && !held {
-            let rx = self.shared.upstream.send(self.session.id, proto, raw);
+            let rx = self.shared.upstream.forward(self.session.id, proto, &req);
             self.outq.push_back(Slot::Upstream {
                 rx,
                 transform,
@@ -344,10 +378,17 @@ impl Connection {
             return;
         }
         if !held {
-            if let Err(e) = self.acquire_dedicated().await {
+            if let Err(e) = self.acquire_dedicated(&req.args).await {
                 inc(&self.shared.metrics.upstream_errors);
                 self.push_reply(e.to_reply());
                 return;
+            }
+            if std::mem::take(&mut self.deferred_multi) {
+                if let Some(ded) = self.ded.as_mut() {
+                    // The transaction opens on the node of its first command.
+                    ded.wbuf.extend_from_slice(b"*1\r\n$5\r\nMULTI\r\n");
+                    ded.swallow += 1;
+                }
             }
         }
         if let Route::Dedicated(change) = route {
@@ -355,7 +396,7 @@ impl Connection {
         }
         let streaming = self.session.streaming();
         let Some(ded) = self.ded.as_mut() else { return };
-        ded.wbuf.extend_from_slice(&raw);
+        ded.wbuf.extend_from_slice(&req.raw);
         if !streaming {
             ded.pending += 1;
             self.outq.push_back(Slot::Dedicated {
@@ -367,7 +408,65 @@ impl Connection {
         }
     }
 
-    async fn acquire_dedicated(&mut self) -> Result<(), Error> {
+    /// Cluster rules before a command is forwarded. A transaction opens lazily, on the node of
+    /// its first command; a command for another node than the dedicated connection's fails
+    /// inside a transaction (as Valkey's CROSSSLOT would) and goes over the shared
+    /// connections otherwise.
+    fn cluster_forward(
+        &mut self,
+        req: &Request,
+        route: Route,
+        transform: &Transform,
+        held: bool,
+    ) -> ClusterStep {
+        let Some(cluster) = self.shared.upstream.cluster.as_ref() else {
+            return ClusterStep::Continue;
+        };
+        if !held {
+            if route == Route::Dedicated(StateChange::Multi) {
+                self.apply_state_change(StateChange::Multi);
+                self.deferred_multi = true;
+                self.push_reply(Reply::ok());
+                return ClusterStep::Done;
+            }
+            if self.deferred_multi && route == Route::Dedicated(StateChange::EndMulti) {
+                // Nothing reached Valkey: answer as it would for an empty transaction.
+                self.deferred_multi = false;
+                let reply = if *transform == Transform::ExecAbort {
+                    Reply::err("EXECABORT Transaction discarded because of previous errors.")
+                } else if req.name().eq_ignore_ascii_case(b"EXEC") {
+                    Reply::Array(Vec::new())
+                } else {
+                    Reply::ok()
+                };
+                self.apply_state_change(StateChange::EndMulti);
+                self.push_reply(reply);
+                return ClusterStep::Done;
+            }
+            return ClusterStep::Continue;
+        }
+        let here = self.ded.as_ref().map(|d| d.conn.addr.as_str());
+        let elsewhere = match cluster.owner_of(&req.args) {
+            Owner::CrossSlot => true,
+            Owner::Node(addr) => Some(addr.as_str()) != here,
+            Owner::Unknown => false,
+        };
+        if !elsewhere {
+            return ClusterStep::Continue;
+        }
+        if self.session.in_multi || route != Route::Any {
+            if self.session.in_multi {
+                self.session.multi_failed = true;
+            }
+            self.push_reply(Reply::err(
+                "CROSSSLOT Keys in request don't hash to the same slot",
+            ));
+            return ClusterStep::Done;
+        }
+        ClusterStep::Shared
+    }
+
+    async fn acquire_dedicated(&mut self, args: &[Bytes]) -> Result<(), Error> {
         if let Some(old) = self.ded.take() {
             // Held in another protocol after HELLO: it may not be reused.
             self.shared
@@ -377,7 +476,7 @@ impl Connection {
         let conn = self
             .shared
             .upstream
-            .dedicated(self.session.proto, self.session.id)
+            .dedicated(self.session.proto, self.session.id, args)
             .await?;
         self.ded = Some(Dedicated {
             conn,
@@ -385,6 +484,7 @@ impl Connection {
             pending: 0,
             reusable: true,
             subs: (0, 0),
+            swallow: 0,
         });
         Ok(())
     }
@@ -447,6 +547,7 @@ impl Connection {
         let proto = self.session.proto;
         self.session
             .reset(Arc::clone(self.shared.users.default_user()), authed);
+        self.deferred_multi = false;
         match self.ded.as_mut() {
             Some(ded) => {
                 // RESET also returns Valkey's connection to RESP2: never reuse it.
@@ -642,6 +743,18 @@ impl Connection {
     fn route_dedicated_frame(&mut self, frame: Bytes) {
         let Some(ded) = self.ded.as_mut() else { return };
         let is_push = ded.conn.proto == Proto::Resp3 && frame.first() == Some(&b'>');
+        if !is_push && ded.swallow > 0 && !self.session.streaming() {
+            ded.swallow -= 1;
+            return;
+        }
+        let frame = match &self.shared.upstream.cluster {
+            Some(c) if crate::upstream::mux::parse_redirect(&frame).is_some() => {
+                // The slot moved while this connection is bound to its node.
+                c.refresh_soon();
+                Bytes::from_static(b"-TRYAGAIN the key's slot moved to another node; retry\r\n")
+            }
+            _ => frame,
+        };
         if self.session.subscribed {
             if let Some(counts) = subscription_counts(&frame) {
                 match counts {

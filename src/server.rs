@@ -199,6 +199,13 @@ impl Shared {
         s.push_str(&format!(
             "l1_entries:{entries}\r\nl1_bytes:{bytes}\r\nl1_tracking:{tracking}\r\n"
         ));
+        if let Some(c) = &self.upstream.cluster {
+            let st = c.stats();
+            s.push_str(&format!(
+                "cluster_nodes:{}\r\ncluster_slots_served:{}\r\ncluster_moved:{}\r\ncluster_ask:{}\r\ncluster_map_refreshes:{}\r\n",
+                st.nodes, st.slots_served, st.moved, st.ask, st.refreshes
+            ));
+        }
         s
     }
 
@@ -240,7 +247,47 @@ impl Shared {
                 f64::from(u8::from(self.is_listening())),
             ),
         ];
-        self.metrics.prometheus(&gauges)
+        let mut out = self.metrics.prometheus(&gauges);
+        if let Some(c) = &self.upstream.cluster {
+            let st = c.stats();
+            for (name, kind, help, v) in [
+                (
+                    "cluster_nodes",
+                    "gauge",
+                    "Primaries in the cluster's slot map",
+                    st.nodes,
+                ),
+                (
+                    "cluster_slots_served",
+                    "gauge",
+                    "Hash slots with a known primary",
+                    st.slots_served,
+                ),
+                (
+                    "cluster_moved_total",
+                    "counter",
+                    "MOVED redirects followed",
+                    st.moved,
+                ),
+                (
+                    "cluster_ask_total",
+                    "counter",
+                    "ASK redirects followed",
+                    st.ask,
+                ),
+                (
+                    "cluster_map_refreshes_total",
+                    "counter",
+                    "Slot map loads",
+                    st.refreshes,
+                ),
+            ] {
+                out.push_str(&format!(
+                    "# HELP cachefront_{name} {help}\n# TYPE cachefront_{name} {kind}\ncachefront_{name} {v}\n"
+                ));
+            }
+        }
+        out
     }
 
     /// Client ids start at 1 and are never reused, like Valkey's.

@@ -266,13 +266,13 @@ async fn a_fill_that_raced_an_invalidation_is_not_stored() {
             row: None,
         },
     };
-    let versions = store.versions(&entry.deps).await.unwrap();
+    let versions = store.versions(&entry).await.unwrap();
     store.invalidate_tables(&entry.deps.tables).await.unwrap();
     let value = cachefront::cache::Value::String("old".into());
     assert!(!store.store(&entry, &value, &versions).await.unwrap());
     let mut v = s.valkey_client().await;
     let exists: bool = v.exists("race:1").await.unwrap();
     assert!(!exists, "a stale fill must not be stored");
-    let fresh = store.versions(&entry.deps).await.unwrap();
+    let fresh = store.versions(&entry).await.unwrap();
     assert!(store.store(&entry, &value, &fresh).await.unwrap());
 }

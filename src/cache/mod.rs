@@ -1,6 +1,7 @@
 //! The read-through cache: look up, and on a miss fill once, from PostgreSQL, without ever
 //! storing a value a concurrent write has made stale.
 
+pub mod cluster_store;
 pub mod coalesce;
 pub mod key;
 pub mod l1;
@@ -120,12 +121,15 @@ pub struct FillOptions {
 
 impl Cache {
     pub fn new(store: Store, metrics: Arc<Metrics>, cfg: &CacheConfig) -> Cache {
+        // In a cluster, Valkey's tracking is per node: no L1 there (documented).
+        let l1_bytes = if store.is_cluster() {
+            0
+        } else {
+            cfg.l1_max_bytes
+        };
         Cache {
             store,
-            l1: Arc::new(l1::L1::new(
-                cfg.l1_max_bytes,
-                Duration::from_millis(cfg.l1_ttl_ms),
-            )),
+            l1: Arc::new(l1::L1::new(l1_bytes, Duration::from_millis(cfg.l1_ttl_ms))),
             coalescer: Arc::new(Coalescer::default()),
             metrics,
             recent: moka::sync::Cache::builder()

@@ -22,6 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use std::time::Duration;
 
+use super::cluster_store::ClusterStore;
 use super::{Deps, Entry, Value};
 use crate::config::ValkeyConfig;
 use crate::error::Result;
@@ -100,9 +101,141 @@ pub struct Prefill {
 /// How long a row's version outlives its last change: far longer than any fill takes.
 const ROW_VERSION_TTL: u64 = 86_400;
 
-/// Valkey as cachefront itself uses it (not the pass-through path).
+/// Valkey as cachefront itself uses it (not the pass-through path): one server, or a
+/// cluster (see `cluster_store`).
 #[derive(Clone)]
-pub struct Store {
+pub enum Store {
+    Single(SingleStore),
+    Cluster(Box<ClusterStore>),
+}
+
+impl Store {
+    /// Connects lazily: cachefront starts even if Valkey is down.
+    pub fn new(cfg: &ValkeyConfig, meta_prefix: &str) -> Result<Store> {
+        Ok(if cfg.cluster.is_empty() {
+            Store::Single(SingleStore::new(cfg, meta_prefix)?)
+        } else {
+            Store::Cluster(Box::new(ClusterStore::new(cfg, meta_prefix)?))
+        })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Store::Cluster(_))
+    }
+
+    /// The key of the negative-cache marker for an entry key.
+    pub fn negative_key(&self, key: &str) -> String {
+        match self {
+            Store::Single(s) => s.negative_key(key),
+            Store::Cluster(c) => c.negative_key(key),
+        }
+    }
+
+    /// Current versions for a fill of `entry` ("" for never bumped).
+    pub async fn versions(&self, entry: &Entry) -> Result<Vec<String>> {
+        match self {
+            Store::Single(s) => s.versions(&entry.deps).await,
+            Store::Cluster(c) => Ok(vec![c.generation(&entry.key).await?]),
+        }
+    }
+
+    /// What a fill reads before querying, in one round trip: the versions to check at store
+    /// time, the entry itself (a concurrent fill may have stored it since this request's
+    /// lookup), and whether a negative marker exists.
+    pub async fn prefill(
+        &self,
+        entry: &Entry,
+        hash: bool,
+        negative_key: Option<&str>,
+    ) -> Result<Prefill> {
+        match self {
+            Store::Single(s) => s.prefill(entry, hash, negative_key).await,
+            Store::Cluster(c) => c.prefill(entry, hash, negative_key).await,
+        }
+    }
+
+    /// Stores `value` under `entry` if its versions are still `versions`. `Ok(false)` means a
+    /// write raced this fill and nothing was stored.
+    pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {
+        match self {
+            Store::Single(s) => s.store(entry, value, versions).await,
+            Store::Cluster(c) => c.store(entry, value, versions).await,
+        }
+    }
+
+    /// Table-wide invalidation: drops every entry that depends on `tables`. Returns how many
+    /// entries existed and were dropped.
+    pub async fn invalidate_tables(&self, tables: &[String]) -> Result<u64> {
+        match self {
+            Store::Single(s) => s.invalidate_tables(tables).await,
+            Store::Cluster(c) => c.invalidate_tables(tables).await,
+        }
+    }
+
+    /// Row-level invalidation of `table`: rows whose `column` took `values` changed. Drops the
+    /// table's whole-table dependents and exactly the row-keyed `entry_keys`.
+    pub async fn invalidate_rows(
+        &self,
+        table: &str,
+        column: &str,
+        values: &[String],
+        entry_keys: &[String],
+    ) -> Result<u64> {
+        match self {
+            Store::Single(s) => s.invalidate_rows(table, column, values, entry_keys).await,
+            Store::Cluster(c) => c.invalidate_rows(table, entry_keys).await,
+        }
+    }
+
+    /// Records tables in the registry of everything ever cached.
+    pub async fn register_tables(&self, tables: &[String]) -> Result<()> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Store::Single(s) => s.register_tables(tables).await,
+            Store::Cluster(c) => c.register_tables(tables).await,
+        }
+    }
+
+    /// Every table any cachefront instance sharing this Valkey has cached from.
+    pub async fn registered_tables(&self) -> Result<Vec<String>> {
+        match self {
+            Store::Single(s) => s.registered_tables().await,
+            Store::Cluster(c) => c.registered_tables().await,
+        }
+    }
+
+    /// A plain GET, for callers outside the pass-through path.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        match self {
+            Store::Single(s) => s.get(key).await,
+            Store::Cluster(c) => c.get(key).await,
+        }
+    }
+}
+
+/// The entry as read by GET or HGETALL (`None`: absent).
+pub(super) fn existing_value(v: redis::Value, hash: bool) -> Result<Option<Value>> {
+    Ok(if hash {
+        let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value(v)?;
+        (!fields.is_empty()).then(|| {
+            Value::Hash(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (k, Bytes::from(v)))
+                    .collect(),
+            )
+        })
+    } else {
+        let v: Option<Vec<u8>> = redis::from_redis_value(v)?;
+        v.map(|b| Value::String(Bytes::from(b)))
+    })
+}
+
+/// A single Valkey server.
+#[derive(Clone)]
+pub struct SingleStore {
     conn: ConnectionManager,
     prefix: String,
     fill: Script,
@@ -146,9 +279,9 @@ fn tls_client(cfg: &ValkeyConfig) -> Result<redis::Client> {
     )?)
 }
 
-impl Store {
+impl SingleStore {
     /// Connects lazily: cachefront starts even if Valkey is down, and the manager reconnects.
-    pub fn new(cfg: &ValkeyConfig, meta_prefix: &str) -> Result<Store> {
+    pub fn new(cfg: &ValkeyConfig, meta_prefix: &str) -> Result<SingleStore> {
         let client = tls_client(cfg)?;
         let mcfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
@@ -156,7 +289,7 @@ impl Store {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(cfg.connect_timeout_ms));
         let conn = ConnectionManager::new_lazy_with_config(client, mcfg)?;
-        Ok(Store {
+        Ok(SingleStore {
             conn,
             prefix: meta_prefix.to_string(),
             fill: Script::new(FILL_LUA),
@@ -236,23 +369,9 @@ impl Store {
             let v: Vec<Option<String>> = redis::from_redis_value(versions)?;
             v.into_iter().map(Option::unwrap_or_default).collect()
         };
-        let existing = if hash {
-            let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value(existing)?;
-            (!fields.is_empty()).then(|| {
-                Value::Hash(
-                    fields
-                        .into_iter()
-                        .map(|(k, v)| (k, Bytes::from(v)))
-                        .collect(),
-                )
-            })
-        } else {
-            let v: Option<Vec<u8>> = redis::from_redis_value(existing)?;
-            v.map(|b| Value::String(Bytes::from(b)))
-        };
         Ok(Prefill {
             versions,
-            existing,
+            existing: existing_value(existing, hash)?,
             negative: negative_key.is_some() && negative,
         })
     }

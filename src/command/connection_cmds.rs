@@ -5,7 +5,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use super::{wrong_args, Action, Route, StateChange, Transform};
-use crate::protocol::request::{encode_multibulk, parse_i64_strict};
+use crate::protocol::request::parse_i64_strict;
 use crate::protocol::{Proto, Reply, Request};
 use crate::server::Shared;
 use crate::session::Session;
@@ -174,7 +174,7 @@ fn select(session: &mut Session, req: Request) -> Action {
         return Action::Reply(Reply::ok());
     }
     Action::Forward {
-        raw: req.raw,
+        req,
         route: Route::Dedicated(StateChange::Select(db)),
         transform: Transform::None,
     }
@@ -214,21 +214,21 @@ pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Acti
         b"TRACKING" => return tracking(shared, req),
         b"NO-EVICT" | b"NO-TOUCH" => {
             return Action::Forward {
-                raw: req.raw,
+                req,
                 route: Route::Dedicated(StateChange::Pin),
                 transform: Transform::None,
             }
         }
         b"CACHING" | b"TRACKINGINFO" | b"GETREDIR" => {
             return Action::Forward {
-                raw: req.raw,
+                req,
                 route: Route::Dedicated(StateChange::None),
                 transform: Transform::None,
             }
         }
         _ => {
             return Action::Forward {
-                raw: req.raw,
+                req,
                 route: Route::Any,
                 transform: Transform::None,
             }
@@ -243,7 +243,7 @@ fn unblock(shared: &Arc<Shared>, req: Request) -> Action {
     let target = req.args.get(2).and_then(|a| parse_i64_strict(a));
     let Some(target) = target else {
         return Action::Forward {
-            raw: req.raw,
+            req,
             route: Route::Any,
             transform: Transform::None,
         };
@@ -253,7 +253,7 @@ fn unblock(shared: &Arc<Shared>, req: Request) -> Action {
             let mut args = req.args.clone();
             args[2] = Bytes::from(up.to_string());
             Action::Forward {
-                raw: encode_multibulk(&args),
+                req: Request::from_args(args),
                 route: Route::Any,
                 transform: Transform::None,
             }
@@ -307,7 +307,7 @@ fn tracking(shared: &Arc<Shared>, req: Request) -> Action {
         Some(a) if a == b"off" => false,
         _ => {
             return Action::Forward {
-                raw: req.raw,
+                req,
                 route: Route::Dedicated(StateChange::None),
                 transform: Transform::None,
             }
@@ -335,13 +335,13 @@ fn tracking(shared: &Arc<Shared>, req: Request) -> Action {
             i += 1;
         }
     }
-    let raw = if rewritten {
-        encode_multibulk(&args)
+    let req = if rewritten {
+        Request::from_args(args)
     } else {
-        req.raw
+        req
     };
     Action::Forward {
-        raw,
+        req,
         route: Route::Dedicated(StateChange::Tracking(on)),
         transform: Transform::None,
     }

@@ -197,7 +197,7 @@ pub fn command(shared: &Arc<Shared>, _session: &mut Session, req: Request) -> Ac
         _ => Transform::None,
     };
     Action::Forward {
-        raw: req.raw,
+        req,
         route: Route::Any,
         transform,
     }
@@ -308,7 +308,7 @@ pub fn info(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action
     let args = &req.args[1..];
     if !wants_ours(args) {
         return Action::Forward {
-            raw: req.raw,
+            req,
             route: Route::Any,
             transform: Transform::None,
         };
@@ -318,7 +318,7 @@ pub fn info(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action
         return Action::Reply(info_reply(session.proto, text));
     }
     Action::Forward {
-        raw: req.raw,
+        req,
         route: Route::Any,
         transform: Transform::Info,
     }

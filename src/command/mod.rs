@@ -31,7 +31,7 @@ pub enum Action {
     Close(Reply),
     /// Send to Valkey; the reply goes back (transformed if asked).
     Forward {
-        raw: Bytes,
+        req: Request,
         route: Route,
         transform: Transform,
     },

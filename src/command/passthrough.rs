@@ -101,7 +101,7 @@ const SUBSCRIBE_FAMILY: &[&[u8]] = &[
 
 fn forward(req: Request, route: Route) -> Action {
     Action::Forward {
-        raw: req.raw,
+        req,
         route,
         transform: Transform::None,
     }
@@ -154,7 +154,7 @@ pub fn in_transaction(
     };
     match name {
         b"EXEC" if session.multi_failed => Action::Forward {
-            raw: Request::from_args([&b"DISCARD"[..]]).raw,
+            req: Request::from_args([&b"DISCARD"[..]]),
             route: Route::Dedicated(StateChange::EndMulti),
             transform: Transform::ExecAbort,
         },

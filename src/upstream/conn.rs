@@ -26,6 +26,14 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// The same login and timeouts at another node of a cluster.
+    pub fn at(&self, addr: &str) -> Endpoint {
+        Endpoint {
+            addr: addr.to_string(),
+            ..self.clone()
+        }
+    }
+
     pub fn from_config(cfg: &ValkeyConfig) -> Result<Endpoint> {
         let client = redis::Client::open(cfg.url.as_str())
             .map_err(|e| Error::client(format!("valkey.url: {e}")))?;
@@ -72,6 +80,8 @@ pub struct RawConn {
     pub upstream_id: i64,
     /// Valkey's version (from HELLO).
     pub server_version: String,
+    /// The node's `host:port` (a cluster's dedicated connections serve one node's slots).
+    pub addr: String,
 }
 
 impl RawConn {
@@ -191,6 +201,7 @@ async fn connect_inner(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
         proto,
         upstream_id: 0,
         server_version: String::new(),
+        addr: ep.addr.clone(),
     };
     conn.write_all(&out)
         .await

@@ -3,8 +3,10 @@
 //! blocking commands, SELECT, CLIENT TRACKING).
 //!
 //! Callers see two operations — `send` on the shared pool and `dedicated`/`release` — so the
-//! strategy behind them can change without touching commands.
+//! strategy behind them can change without touching commands. With `valkey.cluster`, the same
+//! operations route by hash slot (see `cluster`).
 
+pub mod cluster;
 pub mod conn;
 pub mod mux;
 pub mod tracking;
@@ -15,7 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::ValkeyConfig;
 use crate::error::Result;
-use crate::protocol::Proto;
+use crate::protocol::{Proto, Request};
+pub use cluster::Cluster;
 pub use conn::{Endpoint, RawConn};
 pub use mux::{Mux, ReplyRx};
 pub use tracking::{TrackingEvent, TrackingState};
@@ -30,6 +33,8 @@ pub struct Upstream {
     /// `CLIENT TRACKING … REDIRECT <id>` can name the right Valkey connection.
     dedicated_ids: Mutex<HashMap<u64, i64>>,
     pub tracking: Arc<TrackingState>,
+    /// Set when the upstream is a Valkey Cluster: requests route by slot through it.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Upstream {
@@ -43,9 +48,20 @@ impl Upstream {
             );
         }
         let tracking = Arc::new(TrackingState::default());
+        let cluster = (!cfg.cluster.is_empty()).then(|| {
+            let seeds = cfg.cluster.iter().map(|s| cluster_seed(s)).collect();
+            Cluster::start(
+                Arc::clone(&endpoint),
+                seeds,
+                cfg.pool_size,
+                Arc::clone(&tracking),
+            )
+        });
+        // In a cluster the per-node connections live in `cluster`; none to a single address.
+        let per_proto = if cluster.is_some() { 0 } else { cfg.pool_size };
         let spawn = |proto| {
-            (0..cfg.pool_size)
-                .map(|_| Mux::spawn(Arc::clone(&endpoint), proto, Arc::clone(&tracking)))
+            (0..per_proto)
+                .map(|_| Mux::spawn(Arc::clone(&endpoint), proto, Arc::clone(&tracking), None))
                 .collect::<Vec<_>>()
         };
         Ok(Upstream {
@@ -56,34 +72,59 @@ impl Upstream {
             max_idle: cfg.idle_dedicated,
             dedicated_ids: Mutex::new(HashMap::new()),
             tracking,
+            cluster,
         })
+    }
+
+    fn mux(&self, lane: u64, proto: Proto) -> &Mux {
+        let pool = match proto {
+            Proto::Resp2 => &self.shared2,
+            Proto::Resp3 => &self.shared3,
+        };
+        &pool[(lane % pool.len() as u64) as usize]
+    }
+
+    /// Forwards a client's pass-through command: to the shared connection of its lane, or in a
+    /// cluster to the node serving its keys.
+    pub fn forward(&self, lane: u64, proto: Proto, req: &Request) -> ReplyRx {
+        match &self.cluster {
+            Some(c) => c.forward(lane, proto, &req.args, req.raw.clone()),
+            None => self.mux(lane, proto).send(req.raw.clone()),
+        }
+    }
+
+    /// Sends one of cachefront's own single-key requests (a cache lookup).
+    pub fn send_key(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
+        match &self.cluster {
+            Some(c) => c.send_key(lane, proto, raw, key),
+            None => self.mux(lane, proto).send(raw),
+        }
     }
 
     /// Forwards one stateless command over a shared connection. A client always uses the
     /// same one (`lane`, e.g. its id), so its commands reach Valkey in the order it sent them.
     pub fn send(&self, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
-        let pool = match proto {
-            Proto::Resp2 => &self.shared2,
-            Proto::Resp3 => &self.shared3,
-        };
-        pool[(lane % pool.len() as u64) as usize].send(raw)
+        match &self.cluster {
+            Some(c) => c.send_any(lane, proto, raw),
+            None => self.mux(lane, proto).send(raw),
+        }
     }
 
     /// A tracked lookup for the L1 on the client's shared connection, or `None` while the
     /// tracking connection is down (then nothing read may enter the L1).
     pub fn send_tracked(&self, lane: u64, proto: Proto, raw: Bytes) -> Option<ReplyRx> {
-        if self.tracking.current().0 == 0 {
+        if self.tracking.current().0 == 0 || self.cluster.is_some() {
             return None;
         }
-        let pool = match proto {
-            Proto::Resp2 => &self.shared2,
-            Proto::Resp3 => &self.shared3,
-        };
-        Some(pool[(lane % pool.len() as u64) as usize].send_tracked(raw))
+        Some(self.mux(lane, proto).send_tracked(raw))
     }
 
     /// Starts the tracking connection; `on_event` receives its invalidations.
     pub fn start_tracking(&self, on_event: Arc<dyn Fn(TrackingEvent) + Send + Sync>) {
+        if self.cluster.is_some() {
+            // Tracking is per node; the L1 is off in cluster mode (see config validation).
+            return;
+        }
         tokio::spawn(tracking::run(
             Arc::clone(&self.endpoint),
             Arc::clone(&self.tracking),
@@ -91,12 +132,21 @@ impl Upstream {
         ));
     }
 
-    /// A connection of the client's own, from the idle set or newly opened.
-    pub async fn dedicated(&self, proto: Proto, client_id: u64) -> Result<RawConn> {
+    /// A connection of the client's own, from the idle set or newly opened. In a cluster it
+    /// goes to the node serving `args`' keys (the command that needs it).
+    pub async fn dedicated(&self, proto: Proto, client_id: u64, args: &[Bytes]) -> Result<RawConn> {
+        let node = match &self.cluster {
+            Some(c) => Some(c.node_for_command(client_id, args).await?),
+            None => None,
+        };
+        let endpoint = node.as_ref().map_or(&self.endpoint, |n| &n.endpoint);
         let reused = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let mut found = None;
-            while let Some(pos) = idle.iter().rposition(|c| c.proto == proto) {
+            while let Some(pos) = idle
+                .iter()
+                .rposition(|c| c.proto == proto && c.addr == endpoint.addr)
+            {
                 let mut c = idle.swap_remove(pos);
                 if !c.is_closed() {
                     found = Some(c);
@@ -107,7 +157,7 @@ impl Upstream {
         };
         let conn = match reused {
             Some(c) => c,
-            None => conn::connect(&self.endpoint, proto).await?,
+            None => conn::connect(endpoint, proto).await?,
         };
         self.dedicated_ids
             .lock()
@@ -149,6 +199,9 @@ impl Upstream {
     /// Opens the shared connections now (a PING each) instead of on first use, so the first
     /// clients don't pay for the handshakes and HELLO can report Valkey's version.
     pub fn warm_up(&self) {
+        if let Some(c) = &self.cluster {
+            c.warm_up();
+        }
         for mux in self.shared2.iter().chain(&self.shared3) {
             drop(mux.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")));
         }
@@ -156,6 +209,9 @@ impl Upstream {
 
     /// Valkey's version, once any shared connection has completed a handshake.
     pub fn server_version(&self) -> String {
+        if let Some(c) = &self.cluster {
+            return c.server_version();
+        }
         self.shared2
             .iter()
             .chain(&self.shared3)
@@ -167,4 +223,14 @@ impl Upstream {
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
+}
+
+/// A `valkey.cluster` entry as `host:port` (`redis://host:port` is accepted too).
+fn cluster_seed(s: &str) -> String {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("redis://")
+        .or_else(|| s.strip_prefix("valkey://"))
+        .unwrap_or(s);
+    s.trim_end_matches('/').to_string()
 }

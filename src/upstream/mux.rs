@@ -21,11 +21,26 @@ use crate::protocol::Proto;
 /// The reply to one forwarded request: the raw frame, or why there is none.
 pub type ReplyRx = oneshot::Receiver<Result<Bytes>>;
 
-struct Job {
-    raw: Bytes,
-    reply: oneshot::Sender<Result<Bytes>>,
+pub struct Job {
+    pub raw: Bytes,
+    pub reply: oneshot::Sender<Result<Bytes>>,
     /// Send as a tracked read (`CLIENT CACHING yes` first) — cachefront's L1 lookups.
-    tracked: bool,
+    pub tracked: bool,
+    /// Cluster: precede with `ASKING` (the slot is being imported by this node).
+    pub asking: bool,
+    /// Cluster: the client's lane (kept for a redirected resend) and redirects so far.
+    pub lane: u64,
+    pub hops: u8,
+    /// Cluster: the protocol of the connection it was sent on (a resend uses the same).
+    pub resp3: bool,
+}
+
+/// Cluster: a request Valkey answered with `-MOVED` or `-ASK`, to be sent again elsewhere.
+pub struct Redirect {
+    pub ask: bool,
+    pub slot: u16,
+    pub addr: String,
+    pub job: Job,
 }
 
 /// Handle to one shared connection actor.
@@ -36,7 +51,13 @@ pub struct Mux {
 }
 
 /// A reply slot: `None` for commands cachefront adds itself, whose replies are dropped.
-type Pending = Option<oneshot::Sender<Result<Bytes>>>;
+type Pending = Option<Waiter>;
+
+/// Who waits for a reply. In a cluster the request is kept too, to resend it on a redirect.
+struct Waiter {
+    reply: oneshot::Sender<Result<Bytes>>,
+    resend: Option<(Bytes, u64, u8)>,
+}
 
 const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nyes\r\n";
 
@@ -46,11 +67,49 @@ const MAX_BATCH: usize = 64 * 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 impl Mux {
-    pub fn spawn(ep: Arc<Endpoint>, proto: Proto, tracking: Arc<TrackingState>) -> Mux {
+    /// Starts the actor. With `redirects` (cluster mode), `-MOVED`/`-ASK` replies are not
+    /// delivered but handed there with the request, to be sent to the right node.
+    pub fn spawn(
+        ep: Arc<Endpoint>,
+        proto: Proto,
+        tracking: Arc<TrackingState>,
+        redirects: Option<mpsc::UnboundedSender<Redirect>>,
+    ) -> Mux {
         let (tx, rx) = mpsc::unbounded_channel();
         let version = Arc::new(Mutex::new(String::new()));
-        tokio::spawn(actor(ep, proto, rx, Arc::clone(&version), tracking));
+        let ctx = Ctx {
+            ep,
+            proto,
+            version: Arc::clone(&version),
+            tracking,
+            redirects,
+        };
+        tokio::spawn(actor(ctx, rx));
         Mux { tx, version }
+    }
+
+    /// Sends a request again (after a cluster redirect), keeping its reply channel.
+    pub fn resend(&self, job: Job) {
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(job) {
+            let _ = job
+                .reply
+                .send(Err(Error::upstream("cachefront is shutting down")));
+        }
+    }
+
+    /// Queues a request for `lane` (cluster mode: kept for a possible redirect).
+    pub fn send_lane(&self, raw: Bytes, lane: u64) -> ReplyRx {
+        let (reply, rx) = oneshot::channel();
+        self.resend(Job {
+            raw,
+            reply,
+            tracked: false,
+            asking: false,
+            lane,
+            hops: 0,
+            resp3: false,
+        });
+        rx
     }
 
     /// Queues `raw` (one encoded command) and returns where its reply will arrive.
@@ -69,6 +128,10 @@ impl Mux {
             raw,
             reply,
             tracked,
+            asking: false,
+            lane: 0,
+            hops: 0,
+            resp3: false,
         }) {
             let _ = job
                 .reply
@@ -82,13 +145,17 @@ impl Mux {
     }
 }
 
-async fn actor(
+/// What one actor works with.
+struct Ctx {
     ep: Arc<Endpoint>,
     proto: Proto,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
     version: Arc<Mutex<String>>,
     tracking: Arc<TrackingState>,
-) {
+    redirects: Option<mpsc::UnboundedSender<Redirect>>,
+}
+
+async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    let ep = &ctx.ep;
     let mut backoff = Duration::from_millis(50);
     loop {
         // Connect only when there is work, so an idle proxy holds no upstream connections
@@ -96,13 +163,13 @@ async fn actor(
         let Some(first) = jobs.recv().await else {
             return;
         };
-        match connect(&ep, proto).await {
+        match connect(ep, ctx.proto).await {
             Ok(conn) => {
                 backoff = Duration::from_millis(50);
-                if let Ok(mut v) = version.lock() {
+                if let Ok(mut v) = ctx.version.lock() {
                     v.clone_from(&conn.server_version);
                 }
-                let outcome = serve(conn, first, &mut jobs, ep.command_timeout, &tracking).await;
+                let outcome = serve(conn, first, &mut jobs, &ctx).await;
                 if let Err(e) = outcome {
                     tracing::warn!(error = %e, addr = %ep.addr, "shared upstream connection dropped");
                 } else {
@@ -138,9 +205,10 @@ async fn serve(
     mut conn: RawConn,
     first: Job,
     jobs: &mut mpsc::UnboundedReceiver<Job>,
-    timeout: Duration,
-    tracking: &TrackingState,
+    ctx: &Ctx,
 ) -> Result<()> {
+    let (timeout, tracking) = (ctx.ep.command_timeout, &*ctx.tracking);
+    let keep = ctx.redirects.is_some();
     let mut pending: VecDeque<Pending> = VecDeque::new();
     // The tracking generation this connection's `CLIENT TRACKING` points at (0: none).
     let mut tracked_gen = 0u64;
@@ -154,10 +222,24 @@ async fn serve(
             if pending.is_empty() {
                 last_progress = Instant::now();
             }
-            push_job(job, &mut wbuf, &mut pending, &mut tracked_gen, tracking);
+            push_job(
+                job,
+                &mut wbuf,
+                &mut pending,
+                &mut tracked_gen,
+                tracking,
+                keep,
+            );
             while wbuf.len() < MAX_BATCH {
                 match jobs.try_recv() {
-                    Ok(job) => push_job(job, &mut wbuf, &mut pending, &mut tracked_gen, tracking),
+                    Ok(job) => push_job(
+                        job,
+                        &mut wbuf,
+                        &mut pending,
+                        &mut tracked_gen,
+                        tracking,
+                        keep,
+                    ),
                     Err(_) => break,
                 }
             }
@@ -175,7 +257,7 @@ async fn serve(
                 Ok(0) => break Err(Error::upstream("Valkey closed the connection")),
                 Ok(_) => {
                     last_progress = Instant::now();
-                    if let Err(e) = deliver(&mut conn, &mut pending) {
+                    if let Err(e) = deliver(&mut conn, &mut pending, ctx.redirects.as_ref()) {
                         break Err(e);
                     }
                 }
@@ -191,8 +273,8 @@ async fn serve(
         }
     };
     if let Err(e) = &result {
-        for reply in pending.drain(..).flatten() {
-            let _ = reply.send(Err(e.clone()));
+        for w in pending.drain(..).flatten() {
+            let _ = w.reply.send(Err(e.clone()));
         }
     }
     result
@@ -207,7 +289,12 @@ fn push_job(
     pending: &mut VecDeque<Pending>,
     tracked_gen: &mut u64,
     tracking: &TrackingState,
+    keep: bool,
 ) {
+    if job.asking {
+        wbuf.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
+        pending.push_back(None);
+    }
     if job.tracked {
         let (generation, redirect) = tracking.current();
         if generation != 0 {
@@ -229,11 +316,20 @@ fn push_job(
         }
     }
     wbuf.extend_from_slice(&job.raw);
-    pending.push_back(Some(job.reply));
+    let resend = keep.then_some((job.raw, job.lane, job.hops));
+    pending.push_back(Some(Waiter {
+        reply: job.reply,
+        resend,
+    }));
 }
 
-/// Hands every complete buffered frame to the oldest waiting request.
-fn deliver(conn: &mut RawConn, pending: &mut VecDeque<Pending>) -> Result<()> {
+/// Hands every complete buffered frame to the oldest waiting request — or, for a cluster
+/// redirect, the request to the router.
+fn deliver(
+    conn: &mut RawConn,
+    pending: &mut VecDeque<Pending>,
+    redirects: Option<&mpsc::UnboundedSender<Redirect>>,
+) -> Result<()> {
     while let Some(frame) = conn.next_buffered()? {
         if frame.first() == Some(&b'>') {
             // An out-of-band push on a shared connection (nothing here subscribes or tracks):
@@ -241,9 +337,30 @@ fn deliver(conn: &mut RawConn, pending: &mut VecDeque<Pending>) -> Result<()> {
             continue;
         }
         match pending.pop_front() {
-            Some(Some(reply)) => {
-                let _ = reply.send(Ok(frame));
-            }
+            Some(Some(w)) => match (redirects, w.resend, parse_redirect(&frame)) {
+                (Some(tx), Some((raw, lane, hops)), Some((ask, slot, addr))) => {
+                    let job = Job {
+                        raw,
+                        reply: w.reply,
+                        tracked: false,
+                        asking: false,
+                        lane,
+                        hops,
+                        resp3: conn.proto == Proto::Resp3,
+                    };
+                    if let Err(mpsc::error::SendError(r)) = tx.send(Redirect {
+                        ask,
+                        slot,
+                        addr,
+                        job,
+                    }) {
+                        let _ = r.job.reply.send(Ok(frame));
+                    }
+                }
+                _ => {
+                    let _ = w.reply.send(Ok(frame));
+                }
+            },
             Some(None) => {
                 if frame.first() == Some(&b'-') {
                     tracing::debug!(reply = %String::from_utf8_lossy(&frame), "tracking setup refused");
@@ -253,4 +370,17 @@ fn deliver(conn: &mut RawConn, pending: &mut VecDeque<Pending>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `-MOVED 3999 127.0.0.1:6381` or `-ASK 3999 127.0.0.1:6381` → (ask, slot, address).
+pub fn parse_redirect(frame: &[u8]) -> Option<(bool, u16, String)> {
+    let (ask, rest) = if let Some(r) = frame.strip_prefix(b"-MOVED ") {
+        (false, r)
+    } else {
+        (true, frame.strip_prefix(b"-ASK ")?)
+    };
+    let text = std::str::from_utf8(rest).ok()?.trim_end();
+    let (slot, addr) = text.split_once(' ')?;
+    let slot: u16 = slot.parse().ok().filter(|s| *s < 16384)?;
+    Some((ask, slot, addr.to_string()))
 }

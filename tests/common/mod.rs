@@ -2,6 +2,7 @@
 //! port 0, and a raw RESP client for byte-exact assertions.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod faultproxy;
 pub mod services;
 pub mod tls;

@@ -398,11 +398,19 @@ pub struct Valkey {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Extra `valkey-server` arguments (e.g. cluster mode).
+    extra: Vec<String>,
 }
 
 impl Valkey {
     /// Starts a server on a free port and waits (≤ 10 s) until it answers PING.
     pub fn start() -> Valkey {
+        Valkey::start_with(&[])
+    }
+
+    /// Like [`start`](Self::start), with extra server arguments.
+    pub fn start_with(extra: &[&str]) -> Valkey {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let dir = make_temp_dir("valkey");
         let mut last_err = String::new();
         // A port picked by free_port() may be taken by someone else before valkey binds
@@ -412,6 +420,7 @@ impl Valkey {
                 port: free_port(),
                 dir: dir.clone(),
                 child: None,
+                extra: extra.clone(),
             };
             match v.spawn_and_wait() {
                 Ok(()) => return v,
@@ -491,6 +500,7 @@ impl Valkey {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--enable-debug-command", "local"])
+            .args(&self.extra)
             .current_dir(&self.dir)
             .stdin(Stdio::null());
         let log = self.log_path();

@@ -1,0 +1,910 @@
+//! A Valkey Cluster as the upstream: every pass-through command goes to the primary that owns
+//! its keys' slot, so clients keep talking to one address as if it were a single Valkey.
+//!
+//! - The slot map comes from `CLUSTER SLOTS` (at start, every few seconds, and at once after a
+//!   redirect). Key positions come from the cluster's own `COMMAND` table (`COMMAND GETKEYS`
+//!   for commands whose keys move), so modules and new commands route correctly.
+//! - `-MOVED` replies update the map and the request is sent again to the named node; `-ASK`
+//!   sends it once to the importing node after `ASKING`. Clients never see either.
+//! - Keys in different slots get Valkey's own `-CROSSSLOT` error, without a round trip.
+//! - Commands about the whole keyspace (`FLUSHALL`, `DBSIZE`, `KEYS`, `SCAN`, script and
+//!   function loading) run on every primary and their replies are combined.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::conn::{connect, Endpoint};
+use super::mux::{Mux, Redirect, ReplyRx};
+use super::tracking::TrackingState;
+use crate::acl::CommandTable;
+use crate::error::{Error, Result};
+use crate::protocol::request::encode_multibulk;
+use crate::protocol::Proto;
+
+/// Number of hash slots in a Valkey Cluster.
+pub const SLOTS: usize = 16384;
+/// A slot no node serves (yet).
+const UNASSIGNED: u16 = u16::MAX;
+/// Redirects followed for one request before its error is returned as is.
+const MAX_HOPS: u8 = 5;
+/// How often the slot map is refreshed when nothing prompts it.
+const REFRESH_EVERY: Duration = Duration::from_secs(5);
+
+pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+
+/// The hash slot of a key, hash tags included (`{user1}:a` and `{user1}:b` share one).
+pub fn slot_of(key: &[u8]) -> u16 {
+    redis_protocol::redis_keyslot(key)
+}
+
+/// One primary and the shared pipelined connections to it.
+pub struct Node {
+    pub addr: String,
+    pub endpoint: Arc<Endpoint>,
+    shared2: Vec<Mux>,
+    shared3: Vec<Mux>,
+}
+
+impl Node {
+    fn mux(&self, proto: Proto, lane: u64) -> &Mux {
+        let pool = match proto {
+            Proto::Resp2 => &self.shared2,
+            Proto::Resp3 => &self.shared3,
+        };
+        &pool[(lane % pool.len() as u64) as usize]
+    }
+
+    pub fn server_version(&self) -> String {
+        self.shared2
+            .iter()
+            .chain(&self.shared3)
+            .map(Mux::server_version)
+            .find(|v| !v.is_empty())
+            .unwrap_or_default()
+    }
+}
+
+/// Which primary serves each slot.
+struct Topology {
+    slots: Vec<u16>,
+    /// Sorted by address, so `SCAN` cursors name the same node between refreshes.
+    nodes: Vec<Arc<Node>>,
+}
+
+impl Topology {
+    fn node_for(&self, slot: u16) -> Option<&Arc<Node>> {
+        match self.slots.get(slot as usize) {
+            Some(&i) if i != UNASSIGNED => self.nodes.get(i as usize),
+            _ => None,
+        }
+    }
+}
+
+/// The node a command's keys belong to.
+pub enum Owner {
+    /// Keyless, or not known without asking Valkey.
+    Unknown,
+    Node(String),
+    /// Keys in different slots.
+    CrossSlot,
+}
+
+/// Where a command must go.
+enum Target {
+    Slot(u16),
+    Any,
+    CrossSlot,
+    /// Keys known only to Valkey (`COMMAND GETKEYS`).
+    Movable,
+    Fanout(Fanout),
+}
+
+/// How replies from every primary are combined.
+#[derive(Clone, Copy)]
+enum Fanout {
+    /// The first error, else the first reply (FLUSHALL, SCRIPT LOAD…).
+    Same,
+    /// Integers added (DBSIZE).
+    Sum,
+    /// Arrays concatenated (KEYS).
+    Concat,
+    /// One node after another, the node's index carried in the cursor (SCAN).
+    Scan,
+}
+
+pub struct Cluster {
+    base: Arc<Endpoint>,
+    seeds: Vec<String>,
+    pool_size: usize,
+    tracking: Arc<TrackingState>,
+    topo: RwLock<Arc<Topology>>,
+    ready: watch::Sender<bool>,
+    redirects: mpsc::UnboundedSender<Redirect>,
+    refresh_now: tokio::sync::Notify,
+    table: RwLock<Option<Arc<CommandTable>>>,
+    moved: AtomicU64,
+    ask: AtomicU64,
+    refreshes: AtomicU64,
+}
+
+/// Figures for INFO and Prometheus.
+pub struct ClusterStats {
+    pub nodes: u64,
+    pub slots_served: u64,
+    pub moved: u64,
+    pub ask: u64,
+    pub refreshes: u64,
+}
+
+impl Cluster {
+    /// Starts the slot-map and redirect tasks; the map loads in the background.
+    pub fn start(
+        base: Arc<Endpoint>,
+        seeds: Vec<String>,
+        pool_size: usize,
+        tracking: Arc<TrackingState>,
+    ) -> Arc<Cluster> {
+        let (redirects, rx) = mpsc::unbounded_channel();
+        let cluster = Arc::new(Cluster {
+            base,
+            seeds,
+            pool_size: pool_size.max(1),
+            tracking,
+            topo: RwLock::new(Arc::new(Topology {
+                slots: vec![UNASSIGNED; SLOTS],
+                nodes: Vec::new(),
+            })),
+            ready: watch::channel(false).0,
+            redirects,
+            refresh_now: tokio::sync::Notify::new(),
+            table: RwLock::new(None),
+            moved: AtomicU64::new(0),
+            ask: AtomicU64::new(0),
+            refreshes: AtomicU64::new(0),
+        });
+        tokio::spawn(refresher(Arc::downgrade(&cluster)));
+        tokio::spawn(redirector(Arc::downgrade(&cluster), rx));
+        cluster
+    }
+
+    pub fn stats(&self) -> ClusterStats {
+        let topo = self.topology();
+        ClusterStats {
+            nodes: topo.nodes.len() as u64,
+            slots_served: topo.slots.iter().filter(|&&s| s != UNASSIGNED).count() as u64,
+            moved: self.moved.load(Ordering::Relaxed),
+            ask: self.ask.load(Ordering::Relaxed),
+            refreshes: self.refreshes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn topology(&self) -> Arc<Topology> {
+        Arc::clone(&self.topo.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn command_table(&self) -> Option<Arc<CommandTable>> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every primary, in address order.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.topology().nodes.clone()
+    }
+
+    /// Waits until the slot map is loaded (or the connect timeout passes).
+    async fn wait_ready(&self) -> Result<()> {
+        let mut rx = self.ready.subscribe();
+        let limit = self.base.connect_timeout + self.base.command_timeout;
+        let ok = matches!(
+            tokio::time::timeout(limit, rx.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        );
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::upstream(
+                "CLUSTERDOWN cachefront has not been able to load the cluster's slot map",
+            ))
+        }
+    }
+
+    /// Sends a request for one key's slot (cachefront's own lookups).
+    pub fn send_key(self: &Arc<Self>, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
+        let slot = slot_of(key);
+        match self.topology().node_for(slot) {
+            Some(node) => node.mux(proto, lane).send_lane(raw, lane),
+            None => self.later(move |c| async move {
+                c.wait_ready().await?;
+                c.send_to(Target::Slot(slot), lane, proto, raw, &[]).await
+            }),
+        }
+    }
+
+    /// Sends a keyless request to some primary (`lane` spreads them).
+    pub fn send_any(self: &Arc<Self>, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
+        let topo = self.topology();
+        match topo
+            .nodes
+            .get((lane % topo.nodes.len().max(1) as u64) as usize)
+        {
+            Some(node) => node.mux(proto, lane).send_lane(raw, lane),
+            None => self.later(move |c| async move {
+                c.wait_ready().await?;
+                c.send_to(Target::Any, lane, proto, raw, &[]).await
+            }),
+        }
+    }
+
+    /// Forwards a client's command to the node(s) its keys say.
+    pub fn forward(
+        self: &Arc<Self>,
+        lane: u64,
+        proto: Proto,
+        args: &[Bytes],
+        raw: Bytes,
+    ) -> ReplyRx {
+        let topo = self.topology();
+        if let (Some(table), false) = (self.command_table(), topo.nodes.is_empty()) {
+            match target(&table, args) {
+                Target::Slot(s) => {
+                    if let Some(node) = topo.node_for(s) {
+                        return node.mux(proto, lane).send_lane(raw, lane);
+                    }
+                }
+                Target::Any => {
+                    let node = &topo.nodes[(lane % topo.nodes.len() as u64) as usize];
+                    return node.mux(proto, lane).send_lane(raw, lane);
+                }
+                Target::CrossSlot => return ready(Ok(Bytes::from_static(CROSSSLOT))),
+                Target::Movable | Target::Fanout(_) => {}
+            }
+        }
+        let args = args.to_vec();
+        self.later(move |c| async move {
+            c.wait_ready().await?;
+            let table = c.table_loaded(lane).await?;
+            let t = match target(&table, &args) {
+                Target::Movable => c.movable_target(lane, &args).await?,
+                t => t,
+            };
+            c.send_to(t, lane, proto, raw, &args).await
+        })
+    }
+
+    /// The node a stateful client's dedicated connection should go to: the one serving the
+    /// keys of the command that needs it, or any for a keyless one.
+    pub async fn node_for_command(
+        self: &Arc<Self>,
+        lane: u64,
+        args: &[Bytes],
+    ) -> Result<Arc<Node>> {
+        self.wait_ready().await?;
+        let table = self.table_loaded(lane).await?;
+        let t = match target(&table, args) {
+            Target::Movable => self.movable_target(lane, args).await?,
+            t => t,
+        };
+        let topo = self.topology();
+        let node = match t {
+            Target::Slot(s) => topo.node_for(s),
+            Target::CrossSlot => {
+                return Err(Error::upstream(
+                    "CROSSSLOT Keys in request don't hash to the same slot",
+                ))
+            }
+            _ => topo
+                .nodes
+                .get((lane % topo.nodes.len().max(1) as u64) as usize),
+        };
+        node.cloned()
+            .ok_or_else(|| Error::upstream("CLUSTERDOWN Hash slot not served"))
+    }
+
+    /// Which node serves `args`' keys, as far as known without asking Valkey.
+    pub fn owner_of(&self, args: &[Bytes]) -> Owner {
+        let Some(table) = self.command_table() else {
+            return Owner::Unknown;
+        };
+        match target(&table, args) {
+            Target::Slot(s) => match self.topology().node_for(s) {
+                Some(n) => Owner::Node(n.addr.clone()),
+                None => Owner::Unknown,
+            },
+            Target::CrossSlot => Owner::CrossSlot,
+            _ => Owner::Unknown,
+        }
+    }
+
+    /// The address serving one key's slot.
+    pub fn addr_for_key(&self, key: &[u8]) -> Option<String> {
+        self.topology()
+            .node_for(slot_of(key))
+            .map(|n| n.addr.clone())
+    }
+
+    /// Asks for a refresh of the slot map (after a redirect on a dedicated connection).
+    pub fn refresh_soon(&self) {
+        self.refresh_now.notify_one();
+    }
+
+    /// Runs `work` on a task and hands its result to the returned receiver.
+    fn later<F, Fut>(self: &Arc<Self>, work: F) -> ReplyRx
+    where
+        F: FnOnce(Arc<Cluster>) -> Fut,
+        Fut: std::future::Future<Output = Result<Bytes>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let fut = work(Arc::clone(self));
+        tokio::spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx
+    }
+
+    async fn table_loaded(&self, lane: u64) -> Result<Arc<CommandTable>> {
+        if let Some(t) = self.command_table() {
+            return Ok(t);
+        }
+        let raw = self
+            .request(
+                Target::Any,
+                lane,
+                Bytes::from_static(b"*1\r\n$7\r\nCOMMAND\r\n"),
+            )
+            .await?;
+        let table = CommandTable::parse(&raw)
+            .map(Arc::new)
+            .ok_or_else(|| Error::upstream("the cluster's COMMAND reply could not be read"))?;
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&table));
+        Ok(table)
+    }
+
+    /// `COMMAND GETKEYS`: the keys of a command whose key positions depend on its arguments.
+    async fn movable_target(&self, lane: u64, args: &[Bytes]) -> Result<Target> {
+        let mut q = vec![
+            Bytes::from_static(b"COMMAND"),
+            Bytes::from_static(b"GETKEYS"),
+        ];
+        q.extend(args.iter().cloned());
+        let raw = self
+            .request(Target::Any, lane, encode_multibulk(&q))
+            .await?;
+        if raw.first() == Some(&b'-') {
+            // No keys in these arguments: any node answers (and reports any argument error).
+            return Ok(Target::Any);
+        }
+        let keys = match redis::parse_redis_value(&raw) {
+            Ok(redis::Value::Array(keys)) => keys,
+            _ => return Err(Error::upstream("unexpected COMMAND GETKEYS reply")),
+        };
+        let slots = keys.iter().filter_map(|k| match k {
+            redis::Value::BulkString(b) => Some(slot_of(b)),
+            _ => None,
+        });
+        Ok(same_slot(slots))
+    }
+
+    /// One request to where `t` says, awaited (RESP2).
+    async fn request(&self, t: Target, lane: u64, raw: Bytes) -> Result<Bytes> {
+        self.send_to(t, lane, Proto::Resp2, raw, &[]).await
+    }
+
+    async fn send_to(
+        &self,
+        t: Target,
+        lane: u64,
+        proto: Proto,
+        raw: Bytes,
+        args: &[Bytes],
+    ) -> Result<Bytes> {
+        let topo = self.topology();
+        let node = match t {
+            Target::Slot(s) => topo.node_for(s),
+            Target::Any | Target::Movable => topo
+                .nodes
+                .get((lane % topo.nodes.len().max(1) as u64) as usize),
+            Target::CrossSlot => return Ok(Bytes::from_static(CROSSSLOT)),
+            Target::Fanout(f) => return self.fanout(f, lane, proto, raw, args).await,
+        };
+        let node = node.ok_or_else(|| Error::upstream("CLUSTERDOWN Hash slot not served"))?;
+        await_reply(node.mux(proto, lane).send_lane(raw, lane)).await
+    }
+
+    async fn fanout(
+        &self,
+        how: Fanout,
+        lane: u64,
+        proto: Proto,
+        raw: Bytes,
+        args: &[Bytes],
+    ) -> Result<Bytes> {
+        let nodes = self.topology().nodes.clone();
+        if let Fanout::Scan = how {
+            return scan(&nodes, lane, proto, args).await;
+        }
+        let rxs: Vec<ReplyRx> = nodes
+            .iter()
+            .map(|n| n.mux(proto, lane).send_lane(raw.clone(), lane))
+            .collect();
+        let mut replies = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            replies.push(await_reply(rx).await?);
+        }
+        if let Some(err) = replies.iter().find(|r| r.first() == Some(&b'-')) {
+            return Ok(err.clone());
+        }
+        Ok(match how {
+            Fanout::Sum => {
+                let total: i64 = replies.iter().filter_map(|r| parse_int(r)).sum();
+                Bytes::from(format!(":{total}\r\n"))
+            }
+            Fanout::Concat => concat_arrays(&replies),
+            Fanout::Same | Fanout::Scan => replies.into_iter().next().unwrap_or_default(),
+        })
+    }
+
+    /// Loads the slot map from any node that answers and swaps it in.
+    async fn refresh(&self) -> Result<()> {
+        let mut candidates: Vec<String> = self
+            .topology()
+            .nodes
+            .iter()
+            .map(|n| n.addr.clone())
+            .collect();
+        candidates.extend(self.seeds.iter().cloned());
+        let mut last = Error::upstream("no cluster node configured");
+        for addr in candidates {
+            match self.slots_from(&addr).await {
+                Ok(map) => {
+                    self.refreshes.fetch_add(1, Ordering::Relaxed);
+                    self.install(map);
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn slots_from(&self, addr: &str) -> Result<Vec<(u16, u16, String)>> {
+        let ep = self.base.at(addr);
+        let mut conn = connect(&ep, Proto::Resp2).await?;
+        conn.write_all(b"*2\r\n$7\r\nCLUSTER\r\n$5\r\nSLOTS\r\n")
+            .await
+            .map_err(|e| Error::upstream(format!("cannot write to Valkey at {addr}: {e}")))?;
+        let raw = tokio::time::timeout(ep.command_timeout, conn.read_frame())
+            .await
+            .map_err(|_| Error::upstream(format!("CLUSTER SLOTS timed out at {addr}")))??;
+        parse_slots(&raw, addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr))
+    }
+
+    fn install(&self, ranges: Vec<(u16, u16, String)>) {
+        let old = self.topology();
+        let mut addrs: Vec<String> = ranges.iter().map(|(_, _, a)| a.clone()).collect();
+        addrs.sort();
+        addrs.dedup();
+        let nodes: Vec<Arc<Node>> = addrs
+            .iter()
+            .map(|a| match old.nodes.iter().find(|n| &n.addr == a) {
+                Some(n) => Arc::clone(n),
+                None => self.new_node(a),
+            })
+            .collect();
+        let index: HashMap<&str, u16> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.as_str(), i as u16))
+            .collect();
+        let mut slots = vec![UNASSIGNED; SLOTS];
+        for (from, to, addr) in &ranges {
+            for s in *from..=(*to).min(SLOTS as u16 - 1) {
+                slots[s as usize] = index[addr.as_str()];
+            }
+        }
+        *self.topo.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Topology { slots, nodes });
+        self.ready.send_replace(true);
+    }
+
+    fn new_node(&self, addr: &str) -> Arc<Node> {
+        let endpoint = Arc::new(self.base.at(addr));
+        let spawn = |proto| {
+            (0..self.pool_size)
+                .map(|_| {
+                    Mux::spawn(
+                        Arc::clone(&endpoint),
+                        proto,
+                        Arc::clone(&self.tracking),
+                        Some(self.redirects.clone()),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        Arc::new(Node {
+            addr: addr.to_string(),
+            shared2: spawn(Proto::Resp2),
+            shared3: spawn(Proto::Resp3),
+            endpoint,
+        })
+    }
+
+    /// A `-MOVED`: the slot now lives at `addr` (a full refresh follows).
+    fn moved(&self, slot: u16, addr: &str) -> Arc<Node> {
+        let mut guard = self.topo.write().unwrap_or_else(|p| p.into_inner());
+        let mut topo = Topology {
+            slots: guard.slots.clone(),
+            nodes: guard.nodes.clone(),
+        };
+        let i = match topo.nodes.iter().position(|n| n.addr == addr) {
+            Some(i) => i,
+            None => {
+                topo.nodes.push(self.new_node(addr));
+                topo.nodes.len() - 1
+            }
+        };
+        topo.slots[slot as usize] = i as u16;
+        let node = Arc::clone(&topo.nodes[i]);
+        *guard = Arc::new(topo);
+        node
+    }
+
+    fn node_at(&self, addr: &str) -> Arc<Node> {
+        match self.topology().nodes.iter().find(|n| n.addr == addr) {
+            Some(n) => Arc::clone(n),
+            None => self.new_node(addr),
+        }
+    }
+
+    /// Any node's Valkey version, once a handshake has completed.
+    pub fn server_version(&self) -> String {
+        self.topology()
+            .nodes
+            .iter()
+            .map(|n| n.server_version())
+            .find(|v| !v.is_empty())
+            .unwrap_or_default()
+    }
+
+    /// Opens the shared connections once the map is known (a PING each).
+    pub fn warm_up(self: &Arc<Self>) {
+        let c = Arc::clone(self);
+        tokio::spawn(async move {
+            if c.wait_ready().await.is_err() {
+                return;
+            }
+            let _ = c.table_loaded(0).await;
+            for node in c.nodes() {
+                for mux in node.shared2.iter().chain(&node.shared3) {
+                    drop(mux.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")));
+                }
+            }
+        });
+    }
+}
+
+fn ready(r: Result<Bytes>) -> ReplyRx {
+    let (tx, rx) = oneshot::channel();
+    let _ = tx.send(r);
+    rx
+}
+
+async fn await_reply(rx: ReplyRx) -> Result<Bytes> {
+    rx.await
+        .map_err(|_| Error::upstream("connection to Valkey lost before the reply arrived"))?
+}
+
+/// Keeps the slot map current: at start (retrying until a node answers), every few seconds,
+/// and at once when a redirect shows it is out of date.
+async fn refresher(cluster: std::sync::Weak<Cluster>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(c) = cluster.upgrade() else { return };
+        let wait = match c.refresh().await {
+            Ok(()) => {
+                backoff = Duration::from_millis(50);
+                REFRESH_EVERY
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the cluster's slot map; retrying");
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff
+            }
+        };
+        let notified = async {
+            c.refresh_now.notified().await;
+            // Redirects come in bursts during a migration: one refresh for the burst.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Sends redirected requests where Valkey said.
+async fn redirector(cluster: std::sync::Weak<Cluster>, mut rx: mpsc::UnboundedReceiver<Redirect>) {
+    while let Some(mut r) = rx.recv().await {
+        let Some(c) = cluster.upgrade() else { return };
+        if r.job.hops >= MAX_HOPS {
+            let msg = format!("TRYAGAIN too many cluster redirects for slot {}", r.slot);
+            let _ = r.job.reply.send(Err(Error::upstream(msg)));
+            continue;
+        }
+        r.job.hops += 1;
+        let addr = if r.addr.starts_with(':') {
+            // An empty host: the node that answered, which shares the seed's host here.
+            let host = c
+                .base
+                .addr
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or("127.0.0.1");
+            format!("{host}{}", r.addr)
+        } else {
+            r.addr.clone()
+        };
+        let node = if r.ask {
+            c.ask.fetch_add(1, Ordering::Relaxed);
+            r.job.asking = true;
+            c.node_at(&addr)
+        } else {
+            c.moved.fetch_add(1, Ordering::Relaxed);
+            c.refresh_soon();
+            c.moved(r.slot, &addr)
+        };
+        node.resend_job(r.job);
+    }
+}
+
+impl Node {
+    /// Sends a redirected request on this node's connection of the same protocol.
+    fn resend_job(&self, job: super::mux::Job) {
+        let pool = if job.resp3 {
+            &self.shared3
+        } else {
+            &self.shared2
+        };
+        pool[(job.lane % pool.len() as u64) as usize].resend(job);
+    }
+}
+
+/// Where `args` must go, from the command table.
+fn target(table: &CommandTable, args: &[Bytes]) -> Target {
+    let name = args
+        .first()
+        .map(|a| a.to_ascii_uppercase())
+        .unwrap_or_default();
+    let sub = || {
+        args.get(1)
+            .map(|a| a.to_ascii_uppercase())
+            .unwrap_or_default()
+    };
+    match name.as_slice() {
+        b"FLUSHALL" | b"FLUSHDB" => return Target::Fanout(Fanout::Same),
+        b"DBSIZE" => return Target::Fanout(Fanout::Sum),
+        b"KEYS" => return Target::Fanout(Fanout::Concat),
+        b"SCAN" => return Target::Fanout(Fanout::Scan),
+        b"SCRIPT" if matches!(sub().as_slice(), b"LOAD" | b"FLUSH") => {
+            return Target::Fanout(Fanout::Same)
+        }
+        b"FUNCTION"
+            if matches!(
+                sub().as_slice(),
+                b"LOAD" | b"FLUSH" | b"DELETE" | b"RESTORE"
+            ) =>
+        {
+            return Target::Fanout(Fanout::Same)
+        }
+        _ => {}
+    }
+    let Ok(info) = table.lookup(args) else {
+        return Target::Any;
+    };
+    if info.movable {
+        return Target::Movable;
+    }
+    same_slot(info.legacy_keys(args).map(|k| slot_of(k)))
+}
+
+fn same_slot(mut slots: impl Iterator<Item = u16>) -> Target {
+    let Some(first) = slots.next() else {
+        return Target::Any;
+    };
+    if slots.all(|s| s == first) {
+        Target::Slot(first)
+    } else {
+        Target::CrossSlot
+    }
+}
+
+/// `CLUSTER SLOTS` → (first slot, last slot, primary address). An empty host means the node
+/// that answered (`host`).
+fn parse_slots(raw: &[u8], host: &str) -> Result<Vec<(u16, u16, String)>> {
+    use redis::Value as V;
+    let bad = || Error::upstream("unexpected CLUSTER SLOTS reply (is valkey.cluster a cluster?)");
+    if raw.first() == Some(&b'-') {
+        return Err(Error::upstream(format!(
+            "CLUSTER SLOTS refused: {}",
+            String::from_utf8_lossy(&raw[1..]).trim()
+        )));
+    }
+    let V::Array(ranges) = redis::parse_redis_value(raw).map_err(|_| bad())? else {
+        return Err(bad());
+    };
+    let text = |v: &V| match v {
+        V::BulkString(b) => Some(String::from_utf8_lossy(b).to_string()),
+        V::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for r in ranges {
+        let V::Array(f) = r else { return Err(bad()) };
+        let (Some(V::Int(from)), Some(V::Int(to)), Some(V::Array(primary))) =
+            (f.first(), f.get(1), f.get(2))
+        else {
+            return Err(bad());
+        };
+        let ip = primary.first().and_then(text).unwrap_or_default();
+        let Some(V::Int(port)) = primary.get(1) else {
+            return Err(bad());
+        };
+        let ip = if ip.is_empty() || ip == "?" {
+            host.to_string()
+        } else {
+            ip
+        };
+        out.push((*from as u16, *to as u16, format!("{ip}:{port}")));
+    }
+    if out.is_empty() {
+        return Err(Error::upstream("CLUSTERDOWN the cluster serves no slots"));
+    }
+    Ok(out)
+}
+
+fn parse_int(frame: &[u8]) -> Option<i64> {
+    std::str::from_utf8(frame.strip_prefix(b":")?)
+        .ok()?
+        .trim_end()
+        .parse()
+        .ok()
+}
+
+/// Concatenates array replies (`*n\r\n` + n complete frames each).
+fn concat_arrays(replies: &[Bytes]) -> Bytes {
+    let mut total = 0usize;
+    let mut bodies = BytesMut::new();
+    for r in replies {
+        let Some(nl) = r.iter().position(|&b| b == b'\n') else {
+            continue;
+        };
+        let n: usize = std::str::from_utf8(&r[1..nl])
+            .ok()
+            .and_then(|s| s.trim_end().parse().ok())
+            .unwrap_or(0);
+        total += n;
+        bodies.extend_from_slice(&r[nl + 1..]);
+    }
+    let mut out = BytesMut::with_capacity(bodies.len() + 16);
+    out.extend_from_slice(format!("*{total}\r\n").as_bytes());
+    out.extend_from_slice(&bodies);
+    out.freeze()
+}
+
+/// Node index bits at the bottom of a cachefront `SCAN` cursor.
+const SCAN_NODE_BITS: u32 = 10;
+
+/// `SCAN` across primaries: the cursor is the node's own cursor shifted left, with the node's
+/// index in the low bits; a node's end (cursor 0) moves on to the next node.
+async fn scan(nodes: &[Arc<Node>], lane: u64, proto: Proto, args: &[Bytes]) -> Result<Bytes> {
+    let invalid = || Ok(Bytes::from_static(b"-ERR invalid cursor\r\n"));
+    let Some(cursor) = args
+        .get(1)
+        .and_then(|c| std::str::from_utf8(c).ok())
+        .and_then(|c| c.parse::<u64>().ok())
+    else {
+        return invalid();
+    };
+    let mut idx = (cursor & ((1 << SCAN_NODE_BITS) - 1)) as usize;
+    let mut node_cursor = cursor >> SCAN_NODE_BITS;
+    if idx >= nodes.len() {
+        return invalid();
+    }
+    loop {
+        let mut q = args.to_vec();
+        q[1] = Bytes::from(node_cursor.to_string());
+        let rx = nodes[idx]
+            .mux(proto, lane)
+            .send_lane(encode_multibulk(&q), lane);
+        let reply = await_reply(rx).await?;
+        let Some((next, keys)) = split_scan_reply(&reply) else {
+            return Ok(reply);
+        };
+        let (next_idx, next_cursor) = if next == 0 { (idx + 1, 0) } else { (idx, next) };
+        let ours = if next_idx >= nodes.len() {
+            0
+        } else {
+            (next_cursor << SCAN_NODE_BITS) | next_idx as u64
+        };
+        if next == 0 && ours != 0 && keys.starts_with(b"*0\r\n") {
+            // This node is done and gave nothing: go straight on to the next one.
+            idx = next_idx;
+            node_cursor = 0;
+            continue;
+        }
+        let c = ours.to_string();
+        let mut out = BytesMut::with_capacity(keys.len() + 32);
+        out.extend_from_slice(format!("*2\r\n${}\r\n{c}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(keys);
+        return Ok(out.freeze());
+    }
+}
+
+/// `*2\r\n$<n>\r\n<cursor>\r\n<keys array>` → (cursor, keys array frame).
+fn split_scan_reply(reply: &Bytes) -> Option<(u64, &[u8])> {
+    let rest = reply.strip_prefix(b"*2\r\n$")?;
+    let nl = rest.iter().position(|&b| b == b'\n')?;
+    let len: usize = std::str::from_utf8(&rest[..nl])
+        .ok()?
+        .trim_end()
+        .parse()
+        .ok()?;
+    let body = rest.get(nl + 1..)?;
+    let cursor: u64 = std::str::from_utf8(body.get(..len)?).ok()?.parse().ok()?;
+    Some((cursor, body.get(len + 2..)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_hash_tags() {
+        // Test vectors from the Valkey Cluster specification.
+        assert_eq!(slot_of(b"123456789"), 12739);
+        assert_eq!(
+            slot_of(b"{user1000}.following"),
+            slot_of(b"{user1000}.followers")
+        );
+        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
+        assert_eq!(slot_of(b"foo{bar}{zap}"), slot_of(b"bar"));
+    }
+
+    #[test]
+    fn arrays_concatenate() {
+        let a = Bytes::from_static(b"*1\r\n$1\r\na\r\n");
+        let b = Bytes::from_static(b"*2\r\n$1\r\nb\r\n$1\r\nc\r\n");
+        let e = Bytes::from_static(b"*0\r\n");
+        assert_eq!(
+            &concat_arrays(&[a, e, b])[..],
+            b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n"
+        );
+    }
+
+    #[test]
+    fn scan_replies_split() {
+        let r = Bytes::from_static(b"*2\r\n$2\r\n17\r\n*1\r\n$1\r\nk\r\n");
+        let (c, keys) = split_scan_reply(&r).unwrap();
+        assert_eq!(c, 17);
+        assert_eq!(keys, b"*1\r\n$1\r\nk\r\n");
+    }
+
+    #[test]
+    fn redirects_parse() {
+        use super::super::mux::parse_redirect;
+        assert_eq!(
+            parse_redirect(b"-MOVED 3999 127.0.0.1:6381\r\n"),
+            Some((false, 3999, "127.0.0.1:6381".into()))
+        );
+        assert_eq!(
+            parse_redirect(b"-ASK 12 10.0.0.2:7000\r\n"),
+            Some((true, 12, "10.0.0.2:7000".into()))
+        );
+        assert_eq!(parse_redirect(b"-MOVED 99999 h:1\r\n"), None);
+        assert_eq!(parse_redirect(b"-ERR MOVED\r\n"), None);
+    }
+}
