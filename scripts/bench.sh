@@ -12,6 +12,10 @@
 #                                    GET path under callgrind (or perf, when the CPU's
 #                                    counters are available); the top functions are printed
 #   bash scripts/bench.sh --profile-only   only the profiles
+#   bash scripts/bench.sh --cluster  only the cluster table: a three-primary Valkey Cluster,
+#                                    cachefront with valkey.cluster in front of it, and
+#                                    redis-benchmark through cachefront beside
+#                                    redis-benchmark --cluster straight to the nodes
 #   bash scripts/bench.sh --services       start everything, print the ports, wait (Ctrl-C stops)
 #
 # Environment:
@@ -36,13 +40,14 @@ case "${1:-}" in
 "") ;;
 --profile) mode=all+profile ;;
 --profile-only) mode=profile ;;
+--cluster) mode=cluster ;;
 --services) mode=services ;;
 -h | --help)
-    sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
-    echo "usage: $0 [--profile | --profile-only | --services | --help]" >&2
+    echo "usage: $0 [--profile | --profile-only | --cluster | --services | --help]" >&2
     exit 2
     ;;
 esac
@@ -125,7 +130,7 @@ as_pg() {
     fi
 }
 
-VALKEY_PID="" CF_PID="" CFP_PID="" NC_PID="" PG_DATA="$WORK/pg"
+VALKEY_PID="" CF_PID="" CFP_PID="" NC_PID="" PG_DATA="$WORK/pg" CLUSTER_PIDS=() CFC_PID=""
 stop_pid() { # pid: TERM, up to 5 s, then KILL
     local pid="$1" i
     [[ -n "$pid" ]] || return 0
@@ -143,6 +148,8 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     stop_pid "$CF_PID"
+    stop_pid "$CFC_PID"
+    for p in "${CLUSTER_PIDS[@]}"; do stop_pid "$p"; done
     stop_pid "$CFP_PID"
     stop_pid "$NC_PID"
     stop_pid "$VALKEY_PID"
@@ -270,6 +277,52 @@ EOF
     export GEN_SQL
     wait "$CF_PID" || true
     exit 0
+fi
+
+if [[ "$mode" == cluster ]]; then
+    # Three primaries, slots split evenly, joined with CLUSTER MEET (what valkey-cli --cluster
+    # create does, without its replicas).
+    NODE_PORTS=() BUS_PORTS=()
+    for i in 0 1 2; do
+        read -r port bus < <(python3 -c 'import socket
+a, b = socket.socket(), socket.socket()
+a.bind(("127.0.0.1", 0)); b.bind(("127.0.0.1", 0))
+print(a.getsockname()[1], b.getsockname()[1])')
+        mkdir -p "$WORK/node$i"
+        # The bus port is given: the default (port + 10000) does not exist above 55535.
+        "$VALKEY_SERVER" --port "$port" --bind 127.0.0.1 --save "" --appendonly no --cluster-enabled yes \
+            --cluster-port "$bus" --cluster-config-file nodes.conf --dir "$WORK/node$i" --logfile "$WORK/node$i.log" --maxclients 12000 &
+        CLUSTER_PIDS+=($!)
+        NODE_PORTS+=("$port")
+        BUS_PORTS+=("$bus")
+        wait_port "$port" 10 "cluster node $i" "$WORK/node$i.log"
+    done
+    for i in 0 1 2; do
+        redis-cli -p "${NODE_PORTS[$i]}" CLUSTER ADDSLOTSRANGE $((i * 16384 / 3)) $(((i + 1) * 16384 / 3 - 1)) >/dev/null
+    done
+    for i in 1 2; do redis-cli -p "${NODE_PORTS[0]}" CLUSTER MEET 127.0.0.1 "${NODE_PORTS[$i]}" "${BUS_PORTS[$i]}" >/dev/null; done
+    for ((i = 0; i < 300; i++)); do
+        ok=0
+        for p in "${NODE_PORTS[@]}"; do
+            redis-cli -p "$p" CLUSTER INFO | grep -q 'cluster_state:ok' && ok=$((ok + 1))
+        done
+        [[ $ok == 3 ]] && break
+        sleep 0.1
+    done
+    [[ $ok == 3 ]] || die "the cluster did not converge"
+    say "valkey cluster on 127.0.0.1:${NODE_PORTS[*]}"
+    CFC_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    CACHEFRONT_VALKEY_CLUSTER="127.0.0.1:${NODE_PORTS[0]}" start_cachefront "$CFC_PORT"
+    CFC_PID=$STARTED_PID
+    wait_port "$CFC_PORT" 20 "cachefront (cluster)" "$WORK/cachefront.log"
+    say "cachefront (valkey.cluster) on 127.0.0.1:$CFC_PORT (pid $CFC_PID)"
+    python3 "$ROOT/scripts/bench_cluster.py" --cachefront-port "$CFC_PORT" --cachefront-pid "$CFC_PID" \
+        --node-ports "$(IFS=,; echo "${NODE_PORTS[*]}")" --node-pids "$(IFS=,; echo "${CLUSTER_PIDS[*]}")" \
+        --pg-pid "$(head -n 1 "$PG_DATA/postmaster.pid")"
+    if grep -qiE 'panic|ERROR' "$WORK/cachefront.log"; then
+        echo
+        grep -iE 'panic|ERROR|WARN' "$WORK/cachefront.log" | head -n 40
+    fi
 fi
 
 if [[ "$mode" == all || "$mode" == all+profile ]]; then

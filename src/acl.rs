@@ -599,10 +599,21 @@ impl CommandTable {
     /// The entry Valkey would run for `args`: the subcommand's for a container command
     /// given one. `Err(name)` when the table does not know it (name to ask Valkey about).
     pub fn lookup(&self, args: &[Bytes]) -> Result<&CmdInfo, String> {
-        let name = String::from_utf8_lossy(args.first().map(|a| &a[..]).unwrap_or_default())
-            .to_ascii_lowercase();
-        let Some(cmd) = self.cmds.get(&name) else {
-            return Err(name);
+        let raw = args.first().map(|a| &a[..]).unwrap_or_default();
+        // Lowercased on the stack: this runs for every command routed in a cluster.
+        let mut buf = [0u8; 32];
+        let short = raw.len() <= buf.len() && raw.is_ascii();
+        let owned;
+        let name: &str = if short {
+            buf[..raw.len()].copy_from_slice(raw);
+            buf[..raw.len()].make_ascii_lowercase();
+            std::str::from_utf8(&buf[..raw.len()]).unwrap_or_default()
+        } else {
+            owned = String::from_utf8_lossy(raw).to_ascii_lowercase();
+            &owned
+        };
+        let Some(cmd) = self.cmds.get(name) else {
+            return Err(name.to_string());
         };
         if cmd.subs.is_empty() || args.len() < 2 {
             return Ok(cmd);

@@ -957,6 +957,36 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_checked() {
+        let c = Config::from_toml_with_env(
+            "",
+            env(&[(
+                "CACHEFRONT_VALKEY_CLUSTER",
+                "127.0.0.1:7000,redis://127.0.0.1:7001",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.valkey.cluster.len(), 2);
+        for (toml, key) in [
+            ("[valkey]\ncluster = [\"nowhere\"]\n", "valkey.cluster"),
+            ("[valkey]\ncluster = [\"h:0\"]\n", "valkey.cluster"),
+            (
+                "[valkey]\ncluster = [\"h:1\"]\nurl = \"rediss://h:1\"\n",
+                "valkey.cluster",
+            ),
+            (
+                "[valkey]\ncluster = [\"h:1\"]\n[cache]\nmeta_prefix = \"{cf}:\"\n",
+                "cache.meta_prefix",
+            ),
+        ] {
+            let e = Config::from_toml_with_env(toml, env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(key), "{toml}: {e}");
+        }
+    }
+
+    #[test]
     fn named_queries_are_validated() {
         let bad = r#"
 [[query]]

@@ -329,8 +329,10 @@ impl Connection {
             _ => {
                 let up = &self.shared.upstream;
                 let ticket = l1.enabled().then(|| l1.ticket(&plan.entry.key));
-                let tracked = ticket
-                    .and_then(|_| up.send_tracked(self.session.id, plan.proto, lookup.clone()));
+                let tracked = ticket.and_then(|_| {
+                    let key = plan.entry.key.as_bytes();
+                    up.send_tracked(self.session.id, plan.proto, lookup.clone(), key)
+                });
                 let started = Instant::now();
                 let slot = match tracked {
                     Some(rx) => Slot::Lookup {

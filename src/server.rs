@@ -195,7 +195,7 @@ impl Shared {
             .metrics
             .info_section(self.db.pool_status(), self.is_listening());
         let (entries, bytes) = self.cache.l1.usage();
-        let tracking = u8::from(self.upstream.tracking.current().0 != 0);
+        let tracking = u8::from(self.upstream.tracking_up());
         s.push_str(&format!(
             "l1_entries:{entries}\r\nl1_bytes:{bytes}\r\nl1_tracking:{tracking}\r\n"
         ));
@@ -239,7 +239,7 @@ impl Shared {
             (
                 "l1_tracking_up",
                 "1 while Valkey client tracking keeps the L1 coherent",
-                f64::from(u8::from(self.upstream.tracking.current().0 != 0)),
+                f64::from(u8::from(self.upstream.tracking_up())),
             ),
             (
                 "invalidation_listening",

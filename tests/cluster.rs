@@ -407,3 +407,100 @@ async fn transactions_blocking_and_pubsub_on_the_right_node() {
         "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_down_fails_only_its_slots_and_recovers() {
+    let mut s = ClusterStack::start().await;
+    let mut r = s.raw().await;
+    // One key per primary.
+    let mut keys = Vec::new();
+    for i in 0.. {
+        let k = format!("k{i}");
+        let port = s.cluster.owner(&k).port();
+        if !keys.iter().any(|(_, p)| *p == port) {
+            keys.push((k, port));
+        }
+        if keys.len() == 3 {
+            break;
+        }
+    }
+    for (k, _) in &keys {
+        assert_eq!(q(&mut r, &format!("SET {k} v")).await, "+OK");
+    }
+    let (down_key, down_port) = keys[0].clone();
+    let idx = s
+        .cluster
+        .nodes
+        .iter()
+        .position(|n| n.port() == down_port)
+        .unwrap();
+    s.cluster.nodes[idx].kill();
+    // The dead node's slots fail with an error; the others keep answering correctly.
+    let reply = q(&mut r, &format!("GET {down_key}")).await;
+    assert!(reply.starts_with('-'), "{reply}");
+    for (k, _) in &keys[1..] {
+        assert_eq!(q(&mut r, &format!("GET {k}")).await, "$1\r\nv");
+    }
+    // Back (same node id and slots from its nodes.conf; data gone: no persistence in
+    // tests): served again without restarting cachefront.
+    tokio::task::block_in_place(|| {
+        s.cluster.nodes[idx].restart();
+        s.cluster.wait_ok();
+    });
+    let mut got = String::new();
+    eventually(
+        "the restarted primary answers through cachefront",
+        async || {
+            got = q(&mut r, &format!("SET {down_key} again")).await;
+            got == "+OK"
+        },
+    )
+    .await;
+    assert_eq!(q(&mut r, &format!("GET {down_key}")).await, "$5\r\nagain");
+    assert_eq!(s.owner_get(&down_key).as_deref(), Some("again"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_l1_follows_every_nodes_tracking() {
+    let s = ClusterStack::start().await;
+    let mut r = s.raw().await;
+    let l1_hits = async |r: &mut Raw| -> u64 {
+        let text = info(r).await;
+        text.split("\r\n")
+            .find_map(|l| l.strip_prefix("l1_hits:"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    eventually("tracking up on every node", async || {
+        info(&mut r).await.contains("l1_tracking:1\r\n")
+    })
+    .await;
+    // Entries on every node: each read twice, the second from the L1.
+    for id in 1..=5 {
+        assert!(q(&mut r, &format!("EMP.GET {id}")).await.starts_with('$'));
+    }
+    let before = l1_hits(&mut r).await;
+    for id in 1..=5 {
+        q(&mut r, &format!("EMP.GET {id}")).await;
+        q(&mut r, &format!("EMP.GET {id}")).await;
+    }
+    assert!(l1_hits(&mut r).await > before, "hits served from the L1");
+    // A write straight to the owning node (not through cachefront) reaches the L1 through
+    // that node's tracking.
+    for id in 1..=5 {
+        let key = format!("employee:{id}");
+        let mut c = node_conn(&s.cluster.owner(&key).addr());
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(format!("direct {id}"))
+            .query(&mut c)
+            .unwrap();
+        let want = format!("${}\r\ndirect {id}", format!("direct {id}").len());
+        let mut got = String::new();
+        eventually("the direct write seen through cachefront", async || {
+            got = q(&mut r, &format!("EMP.GET {id}")).await;
+            got == want
+        })
+        .await;
+    }
+}

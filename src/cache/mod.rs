@@ -121,15 +121,12 @@ pub struct FillOptions {
 
 impl Cache {
     pub fn new(store: Store, metrics: Arc<Metrics>, cfg: &CacheConfig) -> Cache {
-        // In a cluster, Valkey's tracking is per node: no L1 there (documented).
-        let l1_bytes = if store.is_cluster() {
-            0
-        } else {
-            cfg.l1_max_bytes
-        };
         Cache {
             store,
-            l1: Arc::new(l1::L1::new(l1_bytes, Duration::from_millis(cfg.l1_ttl_ms))),
+            l1: Arc::new(l1::L1::new(
+                cfg.l1_max_bytes,
+                Duration::from_millis(cfg.l1_ttl_ms),
+            )),
             coalescer: Arc::new(Coalescer::default()),
             metrics,
             recent: moka::sync::Cache::builder()

@@ -12,14 +12,14 @@
 
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::conn::{connect, Endpoint};
 use super::mux::{Mux, Redirect, ReplyRx};
-use super::tracking::TrackingState;
+use super::tracking::{TrackingEvent, TrackingState};
 use crate::acl::CommandTable;
 use crate::error::{Error, Result};
 use crate::protocol::request::encode_multibulk;
@@ -47,9 +47,22 @@ pub struct Node {
     pub endpoint: Arc<Endpoint>,
     shared2: Vec<Mux>,
     shared3: Vec<Mux>,
+    /// The node's own tracking connection for the L1 (tracking redirects stay on one node).
+    tracking: Arc<TrackingState>,
+    tracking_started: AtomicBool,
 }
 
 impl Node {
+    fn start_tracking(&self, on: &OnTracking) {
+        if !self.tracking_started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(super::tracking::run(
+                Arc::clone(&self.endpoint),
+                Arc::clone(&self.tracking),
+                Arc::clone(on),
+            ));
+        }
+    }
+
     fn mux(&self, proto: Proto, lane: u64) -> &Mux {
         let pool = match proto {
             Proto::Resp2 => &self.shared2,
@@ -116,11 +129,14 @@ enum Fanout {
     Scan,
 }
 
+/// Receives every node's tracking invalidations (the L1's handler).
+type OnTracking = Arc<dyn Fn(TrackingEvent) + Send + Sync>;
+
 pub struct Cluster {
     base: Arc<Endpoint>,
     seeds: Vec<String>,
     pool_size: usize,
-    tracking: Arc<TrackingState>,
+    on_tracking: OnceLock<OnTracking>,
     topo: RwLock<Arc<Topology>>,
     ready: watch::Sender<bool>,
     redirects: mpsc::UnboundedSender<Redirect>,
@@ -142,18 +158,13 @@ pub struct ClusterStats {
 
 impl Cluster {
     /// Starts the slot-map and redirect tasks; the map loads in the background.
-    pub fn start(
-        base: Arc<Endpoint>,
-        seeds: Vec<String>,
-        pool_size: usize,
-        tracking: Arc<TrackingState>,
-    ) -> Arc<Cluster> {
+    pub fn start(base: Arc<Endpoint>, seeds: Vec<String>, pool_size: usize) -> Arc<Cluster> {
         let (redirects, rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             base,
             seeds,
             pool_size: pool_size.max(1),
-            tracking,
+            on_tracking: OnceLock::new(),
             topo: RwLock::new(Arc::new(Topology {
                 slots: vec![UNASSIGNED; SLOTS],
                 nodes: Vec::new(),
@@ -198,7 +209,7 @@ impl Cluster {
     /// Waits until the slot map is loaded (or the connect timeout passes).
     async fn wait_ready(&self) -> Result<()> {
         let mut rx = self.ready.subscribe();
-        let limit = self.base.connect_timeout + self.base.command_timeout;
+        let limit = self.base.connect_timeout;
         let ok = matches!(
             tokio::time::timeout(limit, rx.wait_for(|r| *r)).await,
             Ok(Ok(_))
@@ -410,8 +421,11 @@ impl Cluster {
             Target::CrossSlot => return Ok(Bytes::from_static(CROSSSLOT)),
             Target::Fanout(f) => return self.fanout(f, lane, proto, raw, args).await,
         };
-        let node = node.ok_or_else(|| Error::upstream("CLUSTERDOWN Hash slot not served"))?;
-        await_reply(node.mux(proto, lane).send_lane(raw, lane)).await
+        match node {
+            Some(node) => await_reply(node.mux(proto, lane).send_lane(raw, lane)).await,
+            // What a node says for a slot nobody serves.
+            None => Ok(Bytes::from_static(b"-CLUSTERDOWN Hash slot not served\r\n")),
+        }
     }
 
     async fn fanout(
@@ -511,24 +525,56 @@ impl Cluster {
 
     fn new_node(&self, addr: &str) -> Arc<Node> {
         let endpoint = Arc::new(self.base.at(addr));
+        let tracking = Arc::new(TrackingState::default());
         let spawn = |proto| {
             (0..self.pool_size)
                 .map(|_| {
                     Mux::spawn(
                         Arc::clone(&endpoint),
                         proto,
-                        Arc::clone(&self.tracking),
+                        Arc::clone(&tracking),
                         Some(self.redirects.clone()),
                     )
                 })
                 .collect::<Vec<_>>()
         };
-        Arc::new(Node {
+        let node = Arc::new(Node {
             addr: addr.to_string(),
             shared2: spawn(Proto::Resp2),
             shared3: spawn(Proto::Resp3),
             endpoint,
-        })
+            tracking,
+            tracking_started: AtomicBool::new(false),
+        });
+        if let Some(on) = self.on_tracking.get() {
+            node.start_tracking(on);
+        }
+        node
+    }
+
+    /// Starts tracking on every node, now and as nodes join, for the L1.
+    pub fn start_tracking(&self, on_event: OnTracking) {
+        let on = self.on_tracking.get_or_init(|| on_event);
+        for node in self.nodes() {
+            node.start_tracking(on);
+        }
+    }
+
+    /// True while every known node's tracking connection is up.
+    pub fn tracking_up(&self) -> bool {
+        let nodes = self.nodes();
+        !nodes.is_empty() && nodes.iter().all(|n| n.tracking.current().0 != 0)
+    }
+
+    /// A tracked lookup for the L1 on the key's node, or `None` while that node's tracking
+    /// connection is down (or the map is not loaded): then nothing read may enter the L1.
+    pub fn send_tracked(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> Option<ReplyRx> {
+        let topo = self.topology();
+        let node = topo.node_for(slot_of(key))?;
+        if self.on_tracking.get().is_none() || node.tracking.current().0 == 0 {
+            return None;
+        }
+        Some(node.mux(proto, lane).send_tracked_lane(raw, lane))
     }
 
     /// A `-MOVED`: the slot now lives at `addr` (a full refresh follows).
@@ -635,6 +681,14 @@ async fn redirector(cluster: std::sync::Weak<Cluster>, mut rx: mpsc::UnboundedRe
             continue;
         }
         r.job.hops += 1;
+        if std::mem::take(&mut r.job.tracked) {
+            // A tracked L1 lookup going elsewhere: the new node may not track it yet, so the
+            // L1 starts over rather than take in a value nobody would invalidate. Redirects
+            // are rare (slot migrations).
+            if let Some(on) = c.on_tracking.get() {
+                on(TrackingEvent::Flush);
+            }
+        }
         let addr = if r.addr.starts_with(':') {
             // An empty host: the node that answered, which shares the seed's host here.
             let host = c
@@ -674,32 +728,28 @@ impl Node {
 
 /// Where `args` must go, from the command table.
 fn target(table: &CommandTable, args: &[Bytes]) -> Target {
-    let name = args
-        .first()
-        .map(|a| a.to_ascii_uppercase())
-        .unwrap_or_default();
-    let sub = || {
+    let name = args.first().map(|a| &a[..]).unwrap_or_default();
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    let sub_is = |subs: &[&[u8]]| {
         args.get(1)
-            .map(|a| a.to_ascii_uppercase())
-            .unwrap_or_default()
+            .is_some_and(|a| subs.iter().any(|s| a.eq_ignore_ascii_case(s)))
     };
-    match name.as_slice() {
-        b"FLUSHALL" | b"FLUSHDB" => return Target::Fanout(Fanout::Same),
-        b"DBSIZE" => return Target::Fanout(Fanout::Sum),
-        b"KEYS" => return Target::Fanout(Fanout::Concat),
-        b"SCAN" => return Target::Fanout(Fanout::Scan),
-        b"SCRIPT" if matches!(sub().as_slice(), b"LOAD" | b"FLUSH") => {
-            return Target::Fanout(Fanout::Same)
-        }
-        b"FUNCTION"
-            if matches!(
-                sub().as_slice(),
-                b"LOAD" | b"FLUSH" | b"DELETE" | b"RESTORE"
-            ) =>
-        {
-            return Target::Fanout(Fanout::Same)
-        }
-        _ => {}
+    if is(b"FLUSHALL") || is(b"FLUSHDB") {
+        return Target::Fanout(Fanout::Same);
+    }
+    if is(b"DBSIZE") {
+        return Target::Fanout(Fanout::Sum);
+    }
+    if is(b"KEYS") {
+        return Target::Fanout(Fanout::Concat);
+    }
+    if is(b"SCAN") {
+        return Target::Fanout(Fanout::Scan);
+    }
+    if (is(b"SCRIPT") && sub_is(&[b"LOAD", b"FLUSH"]))
+        || (is(b"FUNCTION") && sub_is(&[b"LOAD", b"FLUSH", b"DELETE", b"RESTORE"]))
+    {
+        return Target::Fanout(Fanout::Same);
     }
     let Ok(info) = table.lookup(args) else {
         return Target::Any;

@@ -50,12 +50,7 @@ impl Upstream {
         let tracking = Arc::new(TrackingState::default());
         let cluster = (!cfg.cluster.is_empty()).then(|| {
             let seeds = cfg.cluster.iter().map(|s| cluster_seed(s)).collect();
-            Cluster::start(
-                Arc::clone(&endpoint),
-                seeds,
-                cfg.pool_size,
-                Arc::clone(&tracking),
-            )
+            Cluster::start(Arc::clone(&endpoint), seeds, cfg.pool_size)
         });
         // In a cluster the per-node connections live in `cluster`; none to a single address.
         let per_proto = if cluster.is_some() { 0 } else { cfg.pool_size };
@@ -112,17 +107,28 @@ impl Upstream {
 
     /// A tracked lookup for the L1 on the client's shared connection, or `None` while the
     /// tracking connection is down (then nothing read may enter the L1).
-    pub fn send_tracked(&self, lane: u64, proto: Proto, raw: Bytes) -> Option<ReplyRx> {
-        if self.tracking.current().0 == 0 || self.cluster.is_some() {
+    pub fn send_tracked(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> Option<ReplyRx> {
+        if let Some(c) = &self.cluster {
+            return c.send_tracked(lane, proto, raw, key);
+        }
+        if self.tracking.current().0 == 0 {
             return None;
         }
         Some(self.mux(lane, proto).send_tracked(raw))
     }
 
+    /// True while the L1's tracking connection(s) are up.
+    pub fn tracking_up(&self) -> bool {
+        match &self.cluster {
+            Some(c) => c.tracking_up(),
+            None => self.tracking.current().0 != 0,
+        }
+    }
+
     /// Starts the tracking connection; `on_event` receives its invalidations.
     pub fn start_tracking(&self, on_event: Arc<dyn Fn(TrackingEvent) + Send + Sync>) {
-        if self.cluster.is_some() {
-            // Tracking is per node; the L1 is off in cluster mode (see config validation).
+        if let Some(c) = &self.cluster {
+            c.start_tracking(on_event);
             return;
         }
         tokio::spawn(tracking::run(

@@ -56,7 +56,15 @@ type Pending = Option<Waiter>;
 /// Who waits for a reply. In a cluster the request is kept too, to resend it on a redirect.
 struct Waiter {
     reply: oneshot::Sender<Result<Bytes>>,
-    resend: Option<(Bytes, u64, u8)>,
+    resend: Option<Resend>,
+}
+
+/// What a redirected request needs to be sent again.
+struct Resend {
+    raw: Bytes,
+    lane: u64,
+    hops: u8,
+    tracked: bool,
 }
 
 const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nyes\r\n";
@@ -114,22 +122,27 @@ impl Mux {
 
     /// Queues `raw` (one encoded command) and returns where its reply will arrive.
     pub fn send(&self, raw: Bytes) -> ReplyRx {
-        self.enqueue(raw, false)
+        self.enqueue(raw, false, 0)
     }
 
     /// Like `send`, but Valkey tracks the keys read, for the L1 (see `upstream::tracking`).
     pub fn send_tracked(&self, raw: Bytes) -> ReplyRx {
-        self.enqueue(raw, true)
+        self.enqueue(raw, true, 0)
     }
 
-    fn enqueue(&self, raw: Bytes, tracked: bool) -> ReplyRx {
+    /// `send_tracked` for a lane (cluster mode: kept for a possible redirect).
+    pub fn send_tracked_lane(&self, raw: Bytes, lane: u64) -> ReplyRx {
+        self.enqueue(raw, true, lane)
+    }
+
+    fn enqueue(&self, raw: Bytes, tracked: bool, lane: u64) -> ReplyRx {
         let (reply, rx) = oneshot::channel();
         if let Err(mpsc::error::SendError(job)) = self.tx.send(Job {
             raw,
             reply,
             tracked,
             asking: false,
-            lane: 0,
+            lane,
             hops: 0,
             resp3: false,
         }) {
@@ -316,7 +329,12 @@ fn push_job(
         }
     }
     wbuf.extend_from_slice(&job.raw);
-    let resend = keep.then_some((job.raw, job.lane, job.hops));
+    let resend = keep.then_some(Resend {
+        raw: job.raw,
+        lane: job.lane,
+        hops: job.hops,
+        tracked: job.tracked,
+    });
     pending.push_back(Some(Waiter {
         reply: job.reply,
         resend,
@@ -338,14 +356,14 @@ fn deliver(
         }
         match pending.pop_front() {
             Some(Some(w)) => match (redirects, w.resend, parse_redirect(&frame)) {
-                (Some(tx), Some((raw, lane, hops)), Some((ask, slot, addr))) => {
+                (Some(tx), Some(r), Some((ask, slot, addr))) => {
                     let job = Job {
-                        raw,
+                        raw: r.raw,
                         reply: w.reply,
-                        tracked: false,
+                        tracked: r.tracked,
                         asking: false,
-                        lane,
-                        hops,
+                        lane: r.lane,
+                        hops: r.hops,
                         resp3: conn.proto == Proto::Resp3,
                     };
                     if let Err(mpsc::error::SendError(r)) = tx.send(Redirect {

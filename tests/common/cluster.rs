@@ -19,11 +19,18 @@ pub fn node_conn(addr: &str) -> redis::Connection {
 impl ValkeyCluster {
     /// Starts `n` primaries and waits (≤ 30 s) until every node reports `cluster_state:ok`.
     pub fn start(n: usize) -> ValkeyCluster {
+        let mut buses = Vec::new();
         let nodes: Vec<Valkey> = (0..n)
             .map(|_| {
+                // The bus port is given: the default (port + 10000) does not exist for ports
+                // above 55535, which free_port() may return.
+                let bus = super::services::free_port().to_string();
+                buses.push(bus.clone());
                 Valkey::start_with(&[
                     "--cluster-enabled",
                     "yes",
+                    "--cluster-port",
+                    &bus,
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
@@ -43,11 +50,12 @@ impl ValkeyCluster {
                 .expect("CLUSTER ADDSLOTSRANGE");
         }
         let mut first = node_conn(&nodes[0].addr());
-        for node in &nodes[1..] {
+        for (node, bus) in nodes.iter().zip(&buses).skip(1) {
             let _: () = redis::cmd("CLUSTER")
                 .arg("MEET")
                 .arg("127.0.0.1")
                 .arg(node.port())
+                .arg(bus)
                 .query(&mut first)
                 .expect("CLUSTER MEET");
         }
