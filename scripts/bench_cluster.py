@@ -64,14 +64,16 @@ def main():
     ]
     table = []
     t0 = time.monotonic()
-    for label, clients, pipe, args in rows:
+
+    def measure(label, clients, pipe, targets):
+        """Runs each (name, port, args) target REPEAT times, taking turns; adds the medians."""
         log(f"bench: cluster {label}, {clients} clients, -P {pipe}, {N:,} requests x {REPEAT} ...")
-        res = {"cachefront": [], "cluster direct": []}
-        notes = {k: [] for k in res}
+        res = {name: [] for name, _, _ in targets}
+        notes = {name: [] for name in res}
         for _ in range(REPEAT):
-            for name, port, extra in (("cachefront", CF, []), ("cluster direct", seed, direct)):
+            for name, port, args in targets:
                 wait_quiet(roots)
-                out, nn = redis_benchmark(port, clients, pipe, N, extra + args)
+                out, nn = redis_benchmark(port, clients, pipe, N, args)
                 notes[name] += nn
                 if out:
                     res[name].append(out)
@@ -82,6 +84,9 @@ def main():
                 continue
             rps, p50, p99 = median3(res[name])
             table.append((label, clients, pipe, name, rps, p50, p99, rps / base if base else None, notes[name]))
+
+    for label, clients, pipe, args in rows:
+        measure(label, clients, pipe, [("cachefront", CF, args), ("cluster direct", seed, direct + args)])
     # Cached reads: EMP.GET 1 / SQL.CACHED through cachefront beside a GET of the same key on
     # the node that owns it (what a cluster client does for one key; redis-benchmark
     # --cluster cannot route a given key).
@@ -89,24 +94,7 @@ def main():
               ("EMP.GET 1 hit | GET employee:1", 16, ["EMP.GET", "1"], "employee:1"),
               ("SQL.CACHED join hit | GET <sha256>", 1, ["SQL.CACHED", GUIDE_JOIN], GUIDE_JOIN_KEY)]
     for label, pipe, ours, key in cached:
-        log(f"bench: cluster {label}, 50 clients, -P {pipe} ...")
-        res = {"cachefront": [], "cluster direct": []}
-        notes = {k: [] for k in res}
-        for _ in range(REPEAT):
-            for name, port, extra in (("cachefront", CF, ours),
-                                      ("cluster direct", owner(key), ["GET", key])):
-                wait_quiet(roots)
-                out, nn = redis_benchmark(port, 50, pipe, N, extra)
-                notes[name] += nn
-                if out:
-                    res[name].append(out)
-        base = statistics.median([x[0] for x in res["cluster direct"]]) if res["cluster direct"] else 0
-        for name in res:
-            if not res[name]:
-                table.append((label, 50, pipe, name, None, None, None, None, notes[name]))
-                continue
-            rps, p50, p99 = median3(res[name])
-            table.append((label, 50, pipe, name, rps, p50, p99, rps / base if base else None, notes[name]))
+        measure(label, 50, pipe, [("cachefront", CF, ours), ("cluster direct", owner(key), ["GET", key])])
     i = info(CF, "cachefront")
     elapsed = time.monotonic() - t0
 

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::store::Prefill;
+use super::store::{existing_value, push_value_args, value_kind, Prefill};
 use super::{Deps, Entry, Value};
 use crate::config::ValkeyConfig;
 use crate::error::Result;
@@ -249,17 +249,15 @@ impl ClusterStore {
         let (_, (generation, existing, negative)) = futures::try_join!(registrations, read)?;
         Ok(Prefill {
             versions: vec![generation.unwrap_or_default()],
-            existing: super::store::existing_value(existing, hash)?,
+            existing: existing_value(existing, hash)?,
             negative: negative_key.is_some() && negative,
         })
     }
 
     /// Stores `value` if the entry's generation is still `versions[0]`.
     pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {
-        let kind = match value {
-            Value::String(_) => "s",
-            Value::Hash(f) if !f.is_empty() => "h",
-            Value::Hash(_) | Value::Absent => return Ok(false),
+        let Some(kind) = value_kind(value) else {
+            return Ok(false);
         };
         let generation = versions.first().map(String::as_str).unwrap_or_default();
         let mut inv = self.fill.key(&entry.key);
@@ -267,17 +265,7 @@ impl ClusterStore {
             .arg(kind)
             .arg(entry.ttl)
             .arg(generation);
-        match value {
-            Value::String(b) => {
-                inv.arg(b.as_ref());
-            }
-            Value::Hash(fields) => {
-                for (f, v) in fields {
-                    inv.arg(f).arg(v.as_ref());
-                }
-            }
-            Value::Absent => {}
-        }
+        push_value_args(&mut inv, value);
         let mut conn = self.conn().await?;
         let stored: i64 = inv.invoke_async(&mut conn).await?;
         Ok(stored == 1)

@@ -215,6 +215,30 @@ impl Store {
     }
 }
 
+/// The fill script's value kind (`s` string, `h` hash), or `None` for nothing to store.
+pub(super) fn value_kind(value: &Value) -> Option<&'static str> {
+    match value {
+        Value::String(_) => Some("s"),
+        Value::Hash(f) if !f.is_empty() => Some("h"),
+        Value::Hash(_) | Value::Absent => None,
+    }
+}
+
+/// Appends the value to a fill script's arguments: the string, or field, value, field…
+pub(super) fn push_value_args(inv: &mut redis::ScriptInvocation<'_>, value: &Value) {
+    match value {
+        Value::String(b) => {
+            inv.arg(b.as_ref());
+        }
+        Value::Hash(fields) => {
+            for (f, v) in fields {
+                inv.arg(f).arg(v.as_ref());
+            }
+        }
+        Value::Absent => {}
+    }
+}
+
 /// The entry as read by GET or HGETALL (`None`: absent).
 pub(super) fn existing_value(v: redis::Value, hash: bool) -> Result<Option<Value>> {
     Ok(if hash {
@@ -379,10 +403,8 @@ impl SingleStore {
     /// Stores `value` under `entry` if its versions are still `versions`. `Ok(false)` means a
     /// write raced this fill and nothing was stored.
     pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {
-        let kind = match value {
-            Value::String(_) => "s",
-            Value::Hash(f) if !f.is_empty() => "h",
-            Value::Hash(_) | Value::Absent => return Ok(false),
+        let Some(kind) = value_kind(value) else {
+            return Ok(false);
         };
         let vkeys = self.version_keys(&entry.deps);
         let rkeys = self.registry_keys(&entry.deps);
@@ -397,17 +419,7 @@ impl SingleStore {
         for v in versions {
             inv.arg(v);
         }
-        match value {
-            Value::String(b) => {
-                inv.arg(b.as_ref());
-            }
-            Value::Hash(fields) => {
-                for (f, v) in fields {
-                    inv.arg(f).arg(v.as_ref());
-                }
-            }
-            Value::Absent => {}
-        }
+        push_value_args(&mut inv, value);
         let mut conn = self.conn.clone();
         let stored: i64 = inv.invoke_async(&mut conn).await?;
         Ok(stored == 1)

@@ -72,12 +72,7 @@ impl Node {
     }
 
     pub fn server_version(&self) -> String {
-        self.shared2
-            .iter()
-            .chain(&self.shared3)
-            .map(Mux::server_version)
-            .find(|v| !v.is_empty())
-            .unwrap_or_default()
+        Mux::any_version(self.shared2.iter().chain(&self.shared3))
     }
 }
 

@@ -218,12 +218,7 @@ impl Upstream {
         if let Some(c) = &self.cluster {
             return c.server_version();
         }
-        self.shared2
-            .iter()
-            .chain(&self.shared3)
-            .map(Mux::server_version)
-            .find(|v| !v.is_empty())
-            .unwrap_or_default()
+        Mux::any_version(self.shared2.iter().chain(&self.shared3))
     }
 
     pub fn endpoint(&self) -> &Endpoint {

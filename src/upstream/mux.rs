@@ -156,6 +156,15 @@ impl Mux {
     pub fn server_version(&self) -> String {
         self.version.lock().map(|v| v.clone()).unwrap_or_default()
     }
+
+    /// The version the first of `muxes` to complete a handshake saw.
+    pub fn any_version<'a>(muxes: impl IntoIterator<Item = &'a Mux>) -> String {
+        muxes
+            .into_iter()
+            .map(Mux::server_version)
+            .find(|v| !v.is_empty())
+            .unwrap_or_default()
+    }
 }
 
 /// What one actor works with.
@@ -235,25 +244,12 @@ async fn serve(
             if pending.is_empty() {
                 last_progress = Instant::now();
             }
-            push_job(
-                job,
-                &mut wbuf,
-                &mut pending,
-                &mut tracked_gen,
-                tracking,
-                keep,
-            );
-            while wbuf.len() < MAX_BATCH {
-                match jobs.try_recv() {
-                    Ok(job) => push_job(
-                        job,
-                        &mut wbuf,
-                        &mut pending,
-                        &mut tracked_gen,
-                        tracking,
-                        keep,
-                    ),
-                    Err(_) => break,
+            // This job and whatever else is already queued, up to a batch.
+            let mut job = Some(job);
+            while let Some(j) = job.take() {
+                push_job(j, &mut wbuf, &mut pending, &mut tracked_gen, tracking, keep);
+                if wbuf.len() < MAX_BATCH {
+                    job = jobs.try_recv().ok();
                 }
             }
             if let Err(e) = conn.write_all(&wbuf).await {
