@@ -199,6 +199,9 @@ impl Shared {
         s.push_str(&format!(
             "l1_entries:{entries}\r\nl1_bytes:{bytes}\r\nl1_tracking:{tracking}\r\n"
         ));
+        if let Some(set) = self.db.replicas() {
+            s.push_str(&set.info_lines());
+        }
         s
     }
 
@@ -240,7 +243,11 @@ impl Shared {
                 f64::from(u8::from(self.is_listening())),
             ),
         ];
-        self.metrics.prometheus(&gauges)
+        let mut out = self.metrics.prometheus(&gauges);
+        if let Some(set) = self.db.replicas() {
+            out.push_str(&set.prometheus());
+        }
+        out
     }
 
     /// Client ids start at 1 and are never reused, like Valkey's.
@@ -411,6 +418,7 @@ impl Server {
     /// Accepts clients until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let listener_task = tokio::spawn(crate::invalidation::run(Arc::clone(&self.shared)));
+        let replicas_task = tokio::spawn(crate::db::replicas::run(self.shared.db.clone()));
         if self.shared.cache.l1.enabled() {
             let l1 = Arc::clone(&self.shared.cache.l1);
             self.shared
@@ -504,6 +512,7 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         listener_task.abort();
+        replicas_task.abort();
         if let Some(t) = &self.metrics_task {
             t.abort();
         }
