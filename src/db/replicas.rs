@@ -27,6 +27,14 @@
 //!
 //! A replica that fails (a poll, or a fill's connection) is not used until a poll succeeds
 //! again; the fill it failed is retried on the primary.
+//!
+//! What this does not promise: requirements live in this process, so with several instances
+//! on one Valkey a fill here can read a version another instance bumped before this
+//! instance's listener has the same notification; that listener then drops what the fill
+//! stored, as for any invalidation. And the insert position can be ahead of anything a
+//! replica can have (WAL not flushed yet, or a position just past a page header); fills
+//! needing it go to the primary until more WAL is flushed — a matter of freshness of the
+//! routing, never of the answer.
 
 use deadpool_postgres::Pool;
 use std::collections::VecDeque;
