@@ -130,6 +130,15 @@ pub struct PostgresConfig {
     pub connect_timeout_ms: u64,
     /// `statement_timeout` for every query cachefront runs.
     pub statement_timeout_ms: u64,
+    /// URLs of streaming read replicas of `url` (empty: none). Fill queries go to one that is
+    /// caught up enough (see `db::replicas`), everything else to the primary. Each gets a pool
+    /// of `pool_size` connections with the same session settings as the primary's.
+    pub replicas: Vec<String>,
+    /// A replica serves fills only while it has replayed everything the primary had flushed
+    /// this many milliseconds ago (0: everything as of the last poll).
+    pub replica_max_lag_ms: u64,
+    /// How often the primary's and the replicas' WAL positions are read.
+    pub replica_poll_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -421,6 +430,9 @@ impl Default for PostgresConfig {
             pool_size: 16,
             connect_timeout_ms: 2000,
             statement_timeout_ms: 5000,
+            replicas: Vec::new(),
+            replica_max_lag_ms: 1000,
+            replica_poll_ms: 100,
         }
     }
 }
@@ -576,6 +588,21 @@ impl Config {
             .url
             .parse::<tokio_postgres::Config>()
             .map_err(|e| invalid("postgres.url", format!("not a PostgreSQL URL ({e})")))?;
+        for (i, url) in self.postgres.replicas.iter().enumerate() {
+            if url.trim().is_empty() {
+                return Err(invalid(
+                    format!("postgres.replicas[{i}]"),
+                    "must not be empty",
+                ));
+            }
+            url.parse::<tokio_postgres::Config>().map_err(|e| {
+                invalid(
+                    format!("postgres.replicas[{i}]"),
+                    format!("not a PostgreSQL URL ({e})"),
+                )
+            })?;
+        }
+        positive("postgres.replica_poll_ms", self.postgres.replica_poll_ms)?;
         positive("valkey.pool_size", self.valkey.pool_size as u64)?;
         positive("valkey.connect_timeout_ms", self.valkey.connect_timeout_ms)?;
         positive("valkey.command_timeout_ms", self.valkey.command_timeout_ms)?;
@@ -938,6 +965,54 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("CACHEFRONT_VALKEY_COLOUR"), "{e}");
+    }
+
+    #[test]
+    fn replicas_from_file_and_environment() {
+        let c = Config::from_toml_with_env("", env(&[])).unwrap();
+        assert!(c.postgres.replicas.is_empty());
+        assert_eq!(
+            (c.postgres.replica_max_lag_ms, c.postgres.replica_poll_ms),
+            (1000, 100)
+        );
+        let c = Config::from_toml_with_env(
+            "[postgres]\nreplicas = [\"postgres://a@r1/staff\"]\nreplica_max_lag_ms = 250\n",
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.postgres.replicas, ["postgres://a@r1/staff"]);
+        assert_eq!(c.postgres.replica_max_lag_ms, 250);
+        let c = Config::from_toml_with_env(
+            "",
+            env(&[
+                (
+                    "CACHEFRONT_POSTGRES_REPLICAS",
+                    "postgres://a@r1/staff, postgres://a@r2:5433/staff",
+                ),
+                ("CACHEFRONT_POSTGRES_REPLICA_POLL_MS", "20"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.postgres.replicas,
+            ["postgres://a@r1/staff", "postgres://a@r2:5433/staff"]
+        );
+        assert_eq!(c.postgres.replica_poll_ms, 20);
+        let e = Config::from_toml_with_env(
+            "[postgres]\nreplicas = [\"postgres://a@r1/staff\", \"postgres://a@r2:notaport/x\"]\n",
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("postgres.replicas[1]:"), "{e}");
+        let e = Config::from_toml_with_env("[postgres]\nreplica_poll_ms = 0\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("postgres.replica_poll_ms"), "{e}");
+        let e = Config::from_toml_with_env("[postgres]\nreplica = []\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replica"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`command`] holds one file per command family; `dispatch` turns a request into an action.
 //! - [`cache`] is the read-through cache: keys, coalesced fills, the versioned store in Valkey.
 //! - [`upstream`] is Valkey for pass-through: shared pipelined and dedicated connections.
-//! - [`db`] is PostgreSQL: pool, read-only execution, SQL checks, rows as JSON, triggers.
+//! - [`db`] is PostgreSQL: pool, read replicas, read-only execution, SQL checks, rows as JSON,
+//!   triggers.
 //! - [`invalidation`] listens for PostgreSQL's change notifications and drops what changed.
 //! - [`tls`] is rustls for the TLS listener and for TLS to Valkey.
 //! - [`acl`] is who may run what: users, passwords, command and key permissions.

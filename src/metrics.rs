@@ -188,6 +188,14 @@ pub struct Metrics {
     pub stale_served: AtomicU64,
     /// TLS handshakes with clients that failed or timed out.
     pub tls_handshake_failures: AtomicU64,
+    /// Fill queries a read replica answered (`postgres.replicas`).
+    pub replica_fills: AtomicU64,
+    /// Fill queries the primary answered although replicas are configured: none had replayed
+    /// a write the fill must see, none was within the lag bound, or none was up.
+    pub replica_fallbacks: AtomicU64,
+    /// Fill queries the primary answered after the replica chosen failed as a server (also
+    /// counted in `replica_fallbacks`).
+    pub replica_errors: AtomicU64,
     pub latency: Latency,
     pub slowlog: SlowLog,
 }
@@ -241,6 +249,15 @@ const COUNTERS: &[(&str, &str)] = &[
         "tls_handshake_failures",
         "TLS handshakes with clients that failed or timed out",
     ),
+    ("replica_fills", "Fill queries a read replica answered"),
+    (
+        "replica_fallbacks",
+        "Fill queries the primary answered because no read replica had caught up or was up",
+    ),
+    (
+        "replica_errors",
+        "Fill queries the primary answered after the read replica chosen failed",
+    ),
 ];
 
 /// Adds one to a counter.
@@ -276,6 +293,9 @@ impl Metrics {
             "l1_hits" => &self.l1_hits,
             "stale_served" => &self.stale_served,
             "tls_handshake_failures" => &self.tls_handshake_failures,
+            "replica_fills" => &self.replica_fills,
+            "replica_fallbacks" => &self.replica_fallbacks,
+            "replica_errors" => &self.replica_errors,
             _ => return 0,
         };
         c.load(Relaxed)
@@ -382,6 +402,9 @@ impl Metrics {
                 "tls_handshake_failures",
                 g(&self.tls_handshake_failures).to_string(),
             ),
+            ("replica_fills", g(&self.replica_fills).to_string()),
+            ("replica_fallbacks", g(&self.replica_fallbacks).to_string()),
+            ("replica_errors", g(&self.replica_errors).to_string()),
         ];
         let mut out = String::from("# Cachefront\r\n");
         let latency = self.latency_info();

@@ -206,6 +206,9 @@ impl Shared {
                 st.nodes, st.slots_served, st.moved, st.ask, st.refreshes
             ));
         }
+        if let Some(set) = self.db.replicas() {
+            s.push_str(&set.info_lines());
+        }
         s
     }
 
@@ -286,6 +289,9 @@ impl Shared {
                     "# HELP cachefront_{name} {help}\n# TYPE cachefront_{name} {kind}\ncachefront_{name} {v}\n"
                 ));
             }
+        }
+        if let Some(set) = self.db.replicas() {
+            out.push_str(&set.prometheus());
         }
         out
     }
@@ -458,6 +464,7 @@ impl Server {
     /// Accepts clients until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let listener_task = tokio::spawn(crate::invalidation::run(Arc::clone(&self.shared)));
+        let replicas_task = tokio::spawn(crate::db::replicas::run(self.shared.db.clone()));
         if self.shared.cache.l1.enabled() {
             let l1 = Arc::clone(&self.shared.cache.l1);
             self.shared
@@ -551,6 +558,7 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         listener_task.abort();
+        replicas_task.abort();
         if let Some(t) = &self.metrics_task {
             t.abort();
         }

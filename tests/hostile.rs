@@ -611,7 +611,7 @@ async fn database_layers_refuse_writes_without_the_parser() {
     let db = cachefront::db::Db::new(&cfg.postgres).expect("db");
     // Sanity: the same path runs a read.
     let ok = db
-        .query_read_only("SELECT count(*) AS n FROM employees", &[], 100)
+        .query_read_only("SELECT count(*) AS n FROM employees", &[], 100, 0)
         .await
         .expect("a read runs");
     assert_eq!(ok.rows.len(), 1);
@@ -640,7 +640,7 @@ async fn database_layers_refuse_writes_without_the_parser() {
     ];
     let mut wrong = Vec::new();
     for sql in writes {
-        match db.query_read_only(sql, &[], 100).await {
+        match db.query_read_only(sql, &[], 100, 0).await {
             Ok(r) => wrong.push(format!("{sql:?} ran ({} rows)", r.rows.len())),
             Err(e) => {
                 let text = e.to_string();
@@ -686,7 +686,12 @@ async fn database_layers_alone_leave_no_trace() {
         let db = db.clone();
         async move {
             let r = db
-                .query_read_only(&format!("SELECT current_setting('{name}') AS v"), &[], 10)
+                .query_read_only(
+                    &format!("SELECT current_setting('{name}') AS v"),
+                    &[],
+                    10,
+                    0,
+                )
                 .await
                 .expect("read a setting");
             r.rows[0].get::<_, String>(0)
@@ -701,7 +706,7 @@ async fn database_layers_alone_leave_no_trace() {
         "SET ROLE NONE",
         "SELECT set_config('statement_timeout', '0', false)",
     ] {
-        let _ = db.query_read_only(sql, &[], 100).await;
+        let _ = db.query_read_only(sql, &[], 100, 0).await;
     }
     let mut traces = Vec::new();
     if show("statement_timeout").await != timeout_before {
@@ -716,7 +721,7 @@ async fn database_layers_alone_leave_no_trace() {
     let path = "/tmp/cachefront-hostile-copy";
     let _ = std::fs::remove_file(path);
     let _ = db
-        .query_read_only(&format!("COPY (SELECT 1) TO '{path}'"), &[], 100)
+        .query_read_only(&format!("COPY (SELECT 1) TO '{path}'"), &[], 100, 0)
         .await;
     if std::path::Path::new(path).exists() {
         let _ = std::fs::remove_file(path);

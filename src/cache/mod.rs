@@ -36,6 +36,43 @@ pub struct RowDep {
     pub value: String,
 }
 
+/// One version counter in Valkey (see [`store`]): a table's, a table's epoch, or one row's.
+/// A fill checks those of its entry ([`Deps::versions`]); an invalidation bumps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version<'a> {
+    Table(&'a str),
+    Epoch(&'a str),
+    Row {
+        table: &'a str,
+        column: &'a str,
+        value: &'a str,
+    },
+}
+
+impl Version<'_> {
+    /// Bumped by a table-wide invalidation of `table`.
+    pub fn of_table(table: &str) -> [Version<'_>; 2] {
+        [Version::Table(table), Version::Epoch(table)]
+    }
+}
+
+impl Deps {
+    /// The versions a fill of these dependencies checks: each table's, and for a row-keyed
+    /// entry its table's epoch and its row's.
+    pub fn versions(&self) -> Vec<Version<'_>> {
+        let mut v: Vec<Version<'_>> = self.tables.iter().map(|t| Version::Table(t)).collect();
+        if let Some(r) = &self.row {
+            v.push(Version::Epoch(&r.table));
+            v.push(Version::Row {
+                table: &r.table,
+                column: &r.column,
+                value: &r.value,
+            });
+        }
+        v
+    }
+}
+
 /// One cache entry's identity and what it depends on.
 #[derive(Debug, Clone)]
 pub struct Entry {

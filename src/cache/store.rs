@@ -23,7 +23,7 @@ use redis::Script;
 use std::time::Duration;
 
 use super::cluster_store::ClusterStore;
-use super::{Deps, Entry, Value};
+use super::{Deps, Entry, Value, Version};
 use crate::config::ValkeyConfig;
 use crate::error::Result;
 
@@ -333,12 +333,18 @@ impl SingleStore {
 
     /// The version keys a fill of `deps` must find unchanged.
     fn version_keys(&self, deps: &Deps) -> Vec<String> {
-        let mut keys: Vec<String> = deps.tables.iter().map(|t| self.meta("v", t)).collect();
-        if let Some(r) = &deps.row {
-            keys.push(self.meta("e", &r.table));
-            keys.push(self.meta("r", &format!("{}:{}:{}", r.table, r.column, r.value)));
-        }
-        keys
+        deps.versions()
+            .into_iter()
+            .map(|v| match v {
+                Version::Table(t) => self.meta("v", t),
+                Version::Epoch(t) => self.meta("e", t),
+                Version::Row {
+                    table,
+                    column,
+                    value,
+                } => self.meta("r", &format!("{table}:{column}:{value}")),
+            })
+            .collect()
     }
 
     /// The registry sets an entry of `deps` joins.

@@ -5,9 +5,9 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use super::named_query::NamedQuery;
-use crate::cache::{CacheStatus, Entry, FillOptions, Value};
+use crate::cache::{CacheStatus, Deps, Entry, FillOptions, Value};
 use crate::config::ReplyKind;
-use crate::db::{DbError, QueryResult};
+use crate::db::{DbError, QueryResult, Served};
 use crate::error::{Error, Result};
 use crate::metrics::inc;
 use crate::protocol::{Proto, Reply};
@@ -67,10 +67,14 @@ async fn fill(shared: Arc<Shared>, plan: FillPlan, via_cache: bool, refresh: boo
             (ttl > 0).then_some(ttl)
         }
     };
-    let load = move || async move { load(&db_shared, &source, kind).await };
     let result = if via_cache {
         match prepare(&shared, entry).await {
             Ok(entry) => {
+                // What replicas must have replayed is judged on the versions this fill checks
+                // — only needed with replicas.
+                let deps = shared.db.replicas().map(|_| entry.deps.clone());
+                let load =
+                    move || async move { load(&db_shared, &source, kind, deps.as_ref()).await };
                 shared
                     .cache
                     .fill(
@@ -89,7 +93,7 @@ async fn fill(shared: Arc<Shared>, plan: FillPlan, via_cache: bool, refresh: boo
     } else {
         inc(&shared.metrics.fail_open);
         inc(&shared.metrics.db_queries);
-        load()
+        load(&db_shared, &source, kind, None)
             .await
             .inspect_err(|e| {
                 if !matches!(e, Error::Client(_)) {
@@ -228,26 +232,68 @@ fn render(value: Value, kind: ReplyKind) -> Reply {
     }
 }
 
-async fn load(shared: &Shared, source: &Source, kind: ReplyKind) -> Result<Value> {
+/// Queries PostgreSQL for a fill. `deps`: the versions the fill checked (read before this
+/// runs), when known.
+async fn load(
+    shared: &Shared,
+    source: &Source,
+    kind: ReplyKind,
+    deps: Option<&Deps>,
+) -> Result<Value> {
+    let must_see = must_see(shared, deps);
     let result = match source {
         Source::Named { query, args } => shared
             .db
-            .query_params(&query.sql, args)
+            .query_params(&query.sql, args, must_see)
             .await
             .map_err(|e| named_error(query, args, e))?,
         Source::Sql { sql, params } => {
             let r = shared
                 .db
-                .query_read_only(sql, params, shared.config().sql.max_rows)
+                .query_read_only(sql, params, shared.config().sql.max_rows, must_see)
                 .await?;
+            count_served(shared, r.served);
             if r.rows.is_empty() {
                 // Answered as `[]`; remembered only as a negative entry (sql.negative_ttl).
                 return Ok(Value::Absent);
             }
-            r
+            return shape(r, kind, shared.config().sql.max_result_bytes);
         }
     };
+    count_served(shared, result.served);
     shape(result, kind, shared.config().sql.max_result_bytes)
+}
+
+/// The WAL position a replica must have replayed to answer a fill that checks the versions
+/// of `deps` (see `db::replicas`); 0 without replicas. Without known versions (a fill
+/// answered straight from PostgreSQL), everything any fill must see. While the invalidation
+/// listener is down, writes go unheard and no requirement is raised for them: the primary
+/// answers every fill until it is back (and has flushed what it missed).
+fn must_see(shared: &Shared, deps: Option<&Deps>) -> u64 {
+    let Some(set) = shared.db.replicas() else {
+        return 0;
+    };
+    if shared.config().invalidation.enabled && !shared.is_listening() {
+        return u64::MAX;
+    }
+    match deps {
+        Some(d) => set.required_for(d.versions()),
+        None => set.latest(),
+    }
+}
+
+/// Which server answered, for the replica counters.
+fn count_served(shared: &Shared, served: Served) {
+    let m = &shared.metrics;
+    match served {
+        Served::Primary => {}
+        Served::Replica => inc(&m.replica_fills),
+        Served::PrimaryReplicasBehind => inc(&m.replica_fallbacks),
+        Served::PrimaryAfterReplicaError => {
+            inc(&m.replica_errors);
+            inc(&m.replica_fallbacks);
+        }
+    }
 }
 
 /// PostgreSQL's verdict on an argument's type (bad text, out of range) is the client's error.
@@ -266,7 +312,7 @@ fn named_error(q: &NamedQuery, args: &[String], e: DbError) -> Error {
 
 /// Turns rows into the value a reply kind stores.
 fn shape(result: QueryResult, kind: ReplyKind, max_bytes: usize) -> Result<Value> {
-    let QueryResult { names, rows } = result;
+    let QueryResult { names, rows, .. } = result;
     Ok(match kind {
         ReplyKind::Value => match rows.first().and_then(|r| crate::db::rows::cell_text(r, 0)) {
             Some(s) => Value::String(Bytes::from(s)),

@@ -1,5 +1,6 @@
 //! PostgreSQL: a pool, read-only execution, and rows rendered as the SPEC's JSON.
 
+pub mod replicas;
 pub mod rows;
 pub mod sql;
 pub mod triggers;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::config::PostgresConfig;
+use replicas::{Replica, Replicas, REPLAY_CHECK};
 
 /// A database failure, with PostgreSQL's own message when it has one.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,29 @@ impl ToSql for TextParam<'_> {
 pub struct QueryResult {
     pub names: Vec<String>,
     pub rows: Vec<Row>,
+    /// Which server answered.
+    pub served: Served,
+}
+
+/// Which server answered a fill's query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The primary, with no replicas configured.
+    Primary,
+    /// A read replica.
+    Replica,
+    /// The primary, because no replica had replayed far enough (behind a write the fill must
+    /// see, beyond the lag bound) or none was up.
+    PrimaryReplicasBehind,
+    /// The primary, after the replica chosen failed (the connection, or the server).
+    PrimaryAfterReplicaError,
+}
+
+/// What one attempt of a fill's query gave: rows, or — on a replica — the news that the
+/// replica had not replayed what the fill must see (its replay position, if it has one).
+enum Attempt {
+    Done(QueryResult),
+    Behind(Option<u64>),
 }
 
 /// Stops hammering a PostgreSQL that keeps failing: after three connection failures in a
@@ -171,46 +196,114 @@ pub struct Db {
     deadline: Duration,
     /// For connections outside the pool (the invalidation listener).
     pg: tokio_postgres::Config,
+    /// `postgres.replicas`; `None` when there are none, so nothing about them costs anything.
+    replicas: Option<Arc<Replicas>>,
+}
+
+/// The connection settings of `url`, with cachefront's session settings (the same for the
+/// primary and every replica, so a fill renders the same wherever it runs).
+fn pg_config(url: &str, cfg: &PostgresConfig) -> Result<tokio_postgres::Config, DbError> {
+    let mut pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| DbError::Other(e.to_string()))?;
+    pg.connect_timeout(Duration::from_millis(cfg.connect_timeout_ms));
+    pg.application_name("cachefront");
+    let mut options = pg.get_options().unwrap_or_default().to_string();
+    options.push_str(&format!(
+        " -c statement_timeout={} -c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC -c bytea_output=hex -c client_min_messages=warning",
+        cfg.statement_timeout_ms
+    ));
+    pg.options(options.trim());
+    Ok(pg)
+}
+
+/// A pool of connections made with `pg`, opened on demand.
+fn build_pool(pg: &tokio_postgres::Config, cfg: &PostgresConfig) -> Result<Pool, DbError> {
+    let mgr = Manager::from_config(
+        pg.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
+    Pool::builder(mgr)
+        .max_size(cfg.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(timeout)
+        .create_timeout(timeout)
+        .recycle_timeout(timeout)
+        .build()
+        .map_err(|e| DbError::Other(e.to_string()))
+}
+
+/// `host:port/dbname` of a connection config: how logs and INFO name a server, without the
+/// password a URL may carry.
+fn server_name(pg: &tokio_postgres::Config) -> String {
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", pg.get_dbname().unwrap_or(""))
 }
 
 impl Db {
-    /// Builds the pool; connections are opened on demand, so a database that is down at start
-    /// does not stop cachefront from serving hits.
+    /// Builds the pools; connections are opened on demand, so a database that is down at
+    /// start does not stop cachefront from serving hits.
     pub fn new(cfg: &PostgresConfig) -> Result<Db, DbError> {
-        let mut pg: tokio_postgres::Config = cfg
-            .url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| DbError::Other(e.to_string()))?;
-        pg.connect_timeout(Duration::from_millis(cfg.connect_timeout_ms));
-        pg.application_name("cachefront");
-        let mut options = pg.get_options().unwrap_or_default().to_string();
-        options.push_str(&format!(
-            " -c statement_timeout={} -c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC -c bytea_output=hex -c client_min_messages=warning",
-            cfg.statement_timeout_ms
-        ));
-        pg.options(options.trim());
-        let mgr = Manager::from_config(
-            pg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
-        let pool = Pool::builder(mgr)
-            .max_size(cfg.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(timeout)
-            .create_timeout(timeout)
-            .recycle_timeout(timeout)
-            .build()
-            .map_err(|e| DbError::Other(e.to_string()))?;
+        let pg = pg_config(&cfg.url, cfg)?;
+        let pool = build_pool(&pg, cfg)?;
+        let replicas = if cfg.replicas.is_empty() {
+            None
+        } else {
+            let mut members = Vec::with_capacity(cfg.replicas.len());
+            for url in &cfg.replicas {
+                let rpg = pg_config(url, cfg)?;
+                members.push(Replica::new(build_pool(&rpg, cfg)?, server_name(&rpg)));
+            }
+            Some(Arc::new(Replicas::new(
+                members,
+                Duration::from_millis(cfg.replica_max_lag_ms),
+                Duration::from_millis(cfg.replica_poll_ms),
+            )))
+        };
         Ok(Db {
             pool,
             pg,
             breaker: Arc::new(Breaker::default()),
             deadline: Duration::from_millis(cfg.statement_timeout_ms * 2 + 1000),
+            replicas,
         })
+    }
+
+    /// The read replicas, if any are configured.
+    pub fn replicas(&self) -> Option<&Arc<Replicas>> {
+        self.replicas.as_ref()
+    }
+
+    /// The primary's WAL insert position, read on `client`: what the invalidation listener
+    /// raises the requirements of the versions it is about to bump to (see [`replicas`]) —
+    /// the commit records of the writes it was told about are behind it. The *insert*
+    /// position, not `pg_current_wal_lsn()` (written) or the flushed one: a transaction
+    /// committed with `synchronous_commit = off` is visible, and notifies, before its commit
+    /// record is written out.
+    pub async fn wal_insert_lsn(&self, client: &tokio_postgres::Client) -> Result<u64, DbError> {
+        let read = client.simple_query("SELECT pg_current_wal_insert_lsn()::text");
+        let messages = tokio::time::timeout(self.deadline, read)
+            .await
+            .map_err(|_| {
+                DbError::Unavailable("no answer while reading the primary's WAL position".into())
+            })??;
+        replicas::lsn_of(&messages)?
+            .ok_or_else(|| DbError::Other("the primary reported no WAL position".into()))
+    }
+
+    /// [`wal_insert_lsn`](Self::wal_insert_lsn) on a pooled connection of the primary.
+    pub async fn wal_insert_lsn_pooled(&self) -> Result<u64, DbError> {
+        let client = self.get().await?;
+        self.wal_insert_lsn(&client).await
     }
 
     /// A pooled connection, unless the circuit breaker is open.
@@ -239,15 +332,32 @@ impl Db {
         Ok(self.pg.connect(NoTls).await?)
     }
 
-    /// Runs `work` on a pooled connection within the query deadline (see `deadline`). A connection that does not answer in time — a partitioned or hung
-    /// server the statement timeout cannot reach — is taken out of the pool, not reused.
+    /// Runs `work` on a pooled connection of the primary within the query deadline (see
+    /// `deadline`). A connection that does not answer in time — a partitioned or hung server
+    /// the statement timeout cannot reach — is taken out of the pool, not reused.
     async fn with_deadline<T, F>(&self, work: F) -> Result<T, DbError>
     where
         F: for<'a> FnOnce(
             &'a mut deadpool_postgres::Object,
         ) -> futures::future::BoxFuture<'a, Result<T, DbError>>,
     {
-        let mut client = self.get().await?;
+        let client = self.get().await?;
+        self.deadline_on(client, Some(&self.breaker), work).await
+    }
+
+    /// `work` on `client` within the deadline; a connection that overruns it is discarded
+    /// (and the overrun counted by `breaker`, if given).
+    async fn deadline_on<T, F>(
+        &self,
+        mut client: deadpool_postgres::Object,
+        breaker: Option<&Breaker>,
+        work: F,
+    ) -> Result<T, DbError>
+    where
+        F: for<'a> FnOnce(
+            &'a mut deadpool_postgres::Object,
+        ) -> futures::future::BoxFuture<'a, Result<T, DbError>>,
+    {
         match tokio::time::timeout(self.deadline, work(&mut client)).await {
             Ok(r) => r,
             Err(_) => {
@@ -256,39 +366,126 @@ impl Db {
                     "no answer from PostgreSQL within {} ms",
                     self.deadline.as_millis()
                 )));
-                self.breaker.record(&e);
+                if let Some(b) = breaker {
+                    b.record(&e);
+                }
                 e
             }
         }
     }
 
-    /// Runs a named query's statement with its (already validated) arguments.
-    pub async fn query_params(&self, sql: &str, args: &[String]) -> Result<QueryResult, DbError> {
-        let (sql, args) = (sql.to_string(), args.to_vec());
-        self.with_deadline(move |client| {
+    /// Runs a fill's query: on a replica that has replayed WAL position `must_see` and is
+    /// within the lag bound (see [`replicas`]), else on the primary. A replica that turns out
+    /// to be behind, or fails as a server rather than on the query, hands the query to the
+    /// primary (once).
+    async fn fill_query<F>(&self, must_see: u64, work: F) -> Result<QueryResult, DbError>
+    where
+        F: for<'a> Fn(
+            &'a mut deadpool_postgres::Object,
+            Option<u64>,
+        ) -> futures::future::BoxFuture<'a, Result<Attempt, DbError>>,
+    {
+        let work = &work;
+        let Some(set) = &self.replicas else {
+            return self.on_primary(work, Served::Primary).await;
+        };
+        let Some(replica) = set.pick(must_see) else {
+            return self.on_primary(work, Served::PrimaryReplicasBehind).await;
+        };
+        let attempt = match replica.pool.get().await {
+            Ok(client) => {
+                // Nothing to check while nothing is required.
+                self.deadline_on(client, None, |c| {
+                    work(c, (must_see > 0).then_some(must_see))
+                })
+                .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        match attempt {
+            Ok(Attempt::Done(mut r)) => {
+                r.served = Served::Replica;
+                Ok(r)
+            }
+            Ok(Attempt::Behind(replay)) => {
+                tracing::debug!(replica = %replica.name, required = %replicas::format_lsn(must_see), "replica behind a write the fill must see");
+                replica.note_replay(replay);
+                self.on_primary(work, Served::PrimaryReplicasBehind).await
+            }
+            Err(e) if replicas::replica_trouble(&e) => {
+                tracing::warn!(replica = %replica.name, error = %e, "fill failed on a read replica; retrying on the primary");
+                replica.mark_down();
+                self.on_primary(work, Served::PrimaryAfterReplicaError)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn on_primary<F>(&self, work: &F, served: Served) -> Result<QueryResult, DbError>
+    where
+        F: for<'a> Fn(
+            &'a mut deadpool_postgres::Object,
+            Option<u64>,
+        ) -> futures::future::BoxFuture<'a, Result<Attempt, DbError>>,
+    {
+        match self.with_deadline(|c| work(c, None)).await? {
+            Attempt::Done(mut r) => {
+                r.served = served;
+                Ok(r)
+            }
+            // Replay is checked only on replicas; the primary is never behind itself.
+            Attempt::Behind(_) => Err(DbError::Other("replay check on the primary".into())),
+        }
+    }
+
+    /// Runs a named query's statement with its (already validated) arguments — a fill, so on
+    /// a read replica that has replayed WAL position `must_see` if one may answer it (0: no
+    /// requirement; always 0 without replicas).
+    pub async fn query_params(
+        &self,
+        sql: &str,
+        args: &[String],
+        must_see: u64,
+    ) -> Result<QueryResult, DbError> {
+        self.fill_query(must_see, |client, check| {
+            let (sql, args) = (sql.to_string(), args.to_vec());
             Box::pin(async move {
                 let stmt = client.prepare_cached(&sql).await?;
                 let params: Vec<TextParam> = args.iter().map(|a| TextParam(a)).collect();
-                let rows = client.query(&stmt, &as_dyn(&params)).await?;
-                Ok(QueryResult {
+                let c: &tokio_postgres::Client = client;
+                let rows = match check {
+                    None => c.query(&stmt, &as_dyn(&params)).await?,
+                    Some(required) => {
+                        let (replay, rows) = checked(c, c.query(&stmt, &as_dyn(&params))).await?;
+                        if replay.is_none_or(|r| r < required) {
+                            return Ok(Attempt::Behind(replay));
+                        }
+                        rows
+                    }
+                };
+                Ok(Attempt::Done(QueryResult {
                     names: column_names(&stmt),
                     rows,
-                })
+                    served: Served::Primary,
+                }))
             })
         })
         .await
     }
 
-    /// Runs a client's query for SQL.CACHED in a READ ONLY transaction, at most `max_rows` rows.
+    /// Runs a client's query for SQL.CACHED in a READ ONLY transaction, at most `max_rows`
+    /// rows — a fill, so on a read replica as [`query_params`](Self::query_params) says.
     pub async fn query_read_only(
         &self,
         sql: &str,
         params: &[String],
         max_rows: usize,
+        must_see: u64,
     ) -> Result<QueryResult, DbError> {
-        let (sql, params) = (sql.to_string(), params.to_vec());
-        self.with_deadline(move |client| {
-            Box::pin(async move { read_only(client, &sql, &params, max_rows).await })
+        self.fill_query(must_see, |client, check| {
+            let (sql, params) = (sql.to_string(), params.to_vec());
+            Box::pin(async move { read_only(client, &sql, &params, max_rows, check).await })
         })
         .await
     }
@@ -323,18 +520,35 @@ async fn read_only(
     sql: &str,
     params: &[String],
     max_rows: usize,
-) -> Result<QueryResult, DbError> {
+    check: Option<u64>,
+) -> Result<Attempt, DbError> {
     let stmt = client.prepare_cached(sql).await?;
     let names = column_names(&stmt);
     let stmt = match wrap_for_text_casts(sql, &stmt) {
         Some(wrapped) => client.prepare_cached(&wrapped).await?,
         None => stmt,
     };
-    let tx = client.build_transaction().read_only(true).start().await?;
+    let mut builder = client.build_transaction().read_only(true);
+    if check.is_some() {
+        // Each statement its own snapshot, so the query's is taken after the replay check
+        // (under REPEATABLE READ the snapshot would be the check's, taken before it reads).
+        builder = builder.isolation_level(tokio_postgres::IsolationLevel::ReadCommitted);
+    }
+    let tx = builder.start().await?;
     let text: Vec<TextParam> = params.iter().map(|p| TextParam(p)).collect();
-    let stream = tx
-        .query_raw(&stmt, text.iter().map(|p| p as &(dyn ToSql + Sync)))
-        .await?;
+    let query = tx.query_raw(&stmt, text.iter().map(|p| p as &(dyn ToSql + Sync)));
+    let stream = match check {
+        None => query.await?,
+        Some(required) => {
+            let (replay, stream) = checked(tx.client(), query).await?;
+            if replay.is_none_or(|r| r < required) {
+                drop(stream);
+                tx.rollback().await?;
+                return Ok(Attempt::Behind(replay));
+            }
+            stream
+        }
+    };
     pin_mut!(stream);
     let mut rows = Vec::new();
     while let Some(row) = stream.try_next().await? {
@@ -349,7 +563,25 @@ async fn read_only(
     // session change a statement could have made (`SET`, locks) should one get past the
     // parser — defence in depth behind the checks in `db::sql`.
     tx.rollback().await?;
-    Ok(QueryResult { names, rows })
+    Ok(Attempt::Done(QueryResult {
+        names,
+        rows,
+        served: Served::Primary,
+    }))
+}
+
+/// Runs `query` right behind a read of the replica's replay position, in one pipeline (no
+/// extra round trip): the check is sent first — `simple_query_raw` returns once it is
+/// queued — so PostgreSQL runs it before the query, and the query's snapshot includes
+/// everything replayed by then. Both answers are read together, so neither can hold up the
+/// other.
+async fn checked<T>(
+    client: &tokio_postgres::Client,
+    query: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<(Option<u64>, T), DbError> {
+    let check = client.simple_query_raw(REPLAY_CHECK).await?;
+    let (messages, out) = futures::future::try_join(check.try_collect::<Vec<_>>(), query).await?;
+    Ok((replicas::lsn_of(&messages)?, out))
 }
 
 fn as_dyn<'a>(params: &'a [TextParam<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_postgres::AsyncMessage;
 
+use crate::cache::Version;
 use crate::command::named_query::NamedQuery;
 use crate::config::InvalidationConfig;
 use crate::db::triggers::{self, TableRef};
@@ -339,7 +340,12 @@ async fn serve(
     {
         tracing::warn!(error = %e, "cannot install configured invalidation triggers yet");
     }
-    // Listening now: anything written before this moment may have been missed.
+    // Listening now: anything written before this moment may have been missed. With read
+    // replicas, fills after the flush must not read a replica that has not replayed those
+    // writes: every fill must see the position of now (see `db::replicas`).
+    if let Some(set) = shared.db.replicas() {
+        set.raise_all(shared.db.wal_insert_lsn(client).await?);
+    }
     flush_all(shared).await;
     shared.set_listening(true);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
@@ -347,10 +353,29 @@ async fn serve(
         tokio::select! {
             payload = rx.recv() => match payload {
                 Some(p) => {
-                    inc(&shared.metrics.notifications);
-                    match parse_payload(&p) {
-                        Some(change) => apply(shared, &change).await,
-                        None => tracing::warn!(payload = %p, "unreadable invalidation notification"),
+                    // Everything already delivered is one batch: one WAL position read for all.
+                    let mut batch = vec![p];
+                    while let Ok(p) = rx.try_recv() {
+                        batch.push(p);
+                    }
+                    let changes: Vec<Change> = batch
+                        .iter()
+                        .filter_map(|p| {
+                            inc(&shared.metrics.notifications);
+                            let change = parse_payload(p);
+                            if change.is_none() {
+                                tracing::warn!(payload = %p, "unreadable invalidation notification");
+                            }
+                            change
+                        })
+                        .collect();
+                    // Before any version is bumped. If the position cannot be read,
+                    // reconnecting flushes everything, these tables included.
+                    if let Err(e) = require_seen(shared, client, &changes).await {
+                        break Err(e);
+                    }
+                    for change in &changes {
+                        apply(shared, change).await;
                     }
                 }
                 None => break Err(DbError::Unavailable("notification stream ended".into())),
@@ -368,6 +393,43 @@ async fn serve(
     };
     shared.set_listening(false);
     result
+}
+
+/// With read replicas: fills that will check a version these changes bump must see the
+/// primary's WAL as of now, which includes the writes that sent them (see `db::replicas`).
+/// Mirrors what [`apply`] bumps: a table's version and epoch, or a table's version and its
+/// rows' versions.
+async fn require_seen(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    changes: &[Change],
+) -> std::result::Result<(), DbError> {
+    let Some(set) = shared.db.replicas() else {
+        return Ok(());
+    };
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let lsn = shared.db.wal_insert_lsn(client).await?;
+    for change in changes {
+        match change {
+            Change::Table(t) => set.raise(Version::of_table(t), lsn),
+            Change::Rows { table, keys } => {
+                set.raise([Version::Table(table)], lsn);
+                for (column, values) in keys {
+                    set.raise(
+                        values.iter().map(|value| Version::Row {
+                            table,
+                            column,
+                            value,
+                        }),
+                        lsn,
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Table-wide invalidation of every table any instance ever cached from.

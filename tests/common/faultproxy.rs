@@ -1,6 +1,7 @@
 //! A TCP proxy on loopback whose link can be made slow, silent or broken on demand, to test
 //! what cachefront does when the network between it and Valkey or PostgreSQL misbehaves.
 
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +24,8 @@ pub enum Mode {
 pub struct FaultProxy {
     pub port: u16,
     mode: Arc<Mutex<Mode>>,
+    /// Where new connections go (see [`FaultProxy::retarget`]).
+    target: Arc<AtomicU16>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -35,16 +38,18 @@ impl FaultProxy {
             .expect("bind fault proxy");
         let port = listener.local_addr().expect("addr").port();
         let mode = Arc::new(Mutex::new(Mode::Pass));
+        let target = Arc::new(AtomicU16::new(target_port));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = tokio::spawn({
-            let (mode, conns) = (mode.clone(), conns.clone());
+            let (mode, conns, target) = (mode.clone(), conns.clone(), target.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     if *mode.lock().unwrap() == Mode::Refuse {
                         drop(client);
                         continue;
                     }
-                    let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await else {
+                    let to = target.load(Ordering::Relaxed);
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", to)).await else {
                         continue;
                     };
                     let (cr, cw) = client.into_split();
@@ -60,9 +65,16 @@ impl FaultProxy {
         FaultProxy {
             port,
             mode,
+            target,
             conns,
             accept,
         }
+    }
+
+    /// New connections go to `port` from now on (those open now stay where they are): one
+    /// address leading to another server, as DNS or a load balancer can do.
+    pub fn retarget(&self, port: u16) {
+        self.target.store(port, Ordering::Relaxed);
     }
 
     pub fn set(&self, mode: Mode) {

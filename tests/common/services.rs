@@ -13,6 +13,8 @@
 //!   ([`TestDb`], dropped → `DROP DATABASE … WITH (FORCE)`).
 //! * [`start_private_postgres`]: a separate server that a fault test may
 //!   [`kill`](Postgres::kill) / [`restart`](Postgres::restart) / [`stop`](Postgres::stop).
+//! * [`Postgres::start_replica`]: a streaming replica (hot standby) of a server, made with
+//!   `pg_basebackup -R` and started on a port of its own; its replay can be paused.
 //!
 //! All functions are synchronous (std::process + polling with a deadline), so they can
 //! be called from `#[test]` and from `#[tokio::test]` alike.
@@ -640,6 +642,81 @@ impl Postgres {
             }
         }
         panic!("PostgreSQL did not start: {last_err}");
+    }
+
+    /// A streaming replica of this server: `pg_basebackup -R` (which copies every database,
+    /// and writes `standby.signal` and `primary_conninfo`) into a directory of its own, then
+    /// started like the primary on another free port, as a hot standby. The primary allows
+    /// it as initdb set it up: `wal_level` above `minimal`, `max_wal_senders`, and trust for
+    /// replication connections from 127.0.0.1 in `pg_hba.conf`. Dropped → stopped and its
+    /// directory removed. [`fresh_db`](Self::fresh_db) must not be called on it (read-only).
+    pub fn start_replica(&self) -> Postgres {
+        // One word for the kind: the sweep reads the pid from the directory name's 2nd field.
+        let root = make_temp_dir("pgreplica");
+        fs::create_dir_all(root.join("sock")).expect("create socket dir");
+        if let Some(who) = self.run_as {
+            chown_tree(&root, who);
+        }
+        let mut replica = Postgres {
+            port: 0,
+            root,
+            run_as: self.run_as,
+            child: Mutex::new(None),
+            template_lock: Mutex::new(()),
+        };
+        let mut cmd = replica.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(replica.data_dir())
+            // Fast checkpoint: the default spread one can take minutes.
+            .args(["-R", "-X", "stream", "-c", "fast"])
+            .args(["-h", "127.0.0.1", "-U", "postgres"])
+            .args(["-p", &self.port.to_string()]);
+        die_with_parent(&mut cmd, self.run_as);
+        let out = cmd.output().expect("run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            replica.port = free_port();
+            match replica.spawn_and_wait() {
+                Ok(()) => return replica,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("replica did not start: {last_err}");
+    }
+
+    /// On a replica: waits (≤ 60 s) until it has replayed everything `primary` had flushed
+    /// when called.
+    pub fn wait_replayed(&self, primary: &Postgres) {
+        let target = primary.psql_ok("postgres", "SELECT pg_current_wal_flush_lsn()");
+        let deadline = Instant::now() + PG_START_TIMEOUT;
+        let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn");
+        while self.psql_ok("postgres", &sql) != "t" {
+            assert!(
+                Instant::now() < deadline,
+                "replica on port {} did not replay up to {target} within 60 s",
+                self.port
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// On a replica: stops applying WAL (it still receives it) until [`resume_replay`].
+    ///
+    /// [`resume_replay`]: Self::resume_replay
+    pub fn pause_replay(&self) {
+        self.psql_ok("postgres", "SELECT pg_wal_replay_pause()");
+    }
+
+    /// On a replica: applies WAL again after [`pause_replay`](Self::pause_replay).
+    pub fn resume_replay(&self) {
+        self.psql_ok("postgres", "SELECT pg_wal_replay_resume()");
     }
 
     pub fn port(&self) -> u16 {
