@@ -396,6 +396,16 @@ async fn transactions_blocking_and_pubsub_on_the_right_node() {
     let _: () = c.lpush("queue", "job").await.unwrap();
     assert_eq!(b.frame().await, "*2\r\n$5\r\nqueue\r\n$3\r\njob\r\n");
 
+    // What would need a connection per node is refused, not served wrong.
+    assert_eq!(
+        q(&mut r, "SELECT 1").await,
+        "-ERR SELECT is not allowed in cluster mode"
+    );
+    assert_eq!(q(&mut r, "SELECT 0").await, "+OK");
+    assert!(q(&mut r, "CLIENT TRACKING on")
+        .await
+        .starts_with("-ERR CLIENT TRACKING is not supported"));
+
     // Pub/sub: a message published through cachefront reaches a subscriber through it.
     let mut sub = s.raw().await;
     sub.cmd(&[b"SUBSCRIBE", b"news"]).await;

@@ -30,7 +30,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, name: &[u8], req: R
         b"RESET" => Action::Reset,
         b"AUTH" => Action::Reply(auth(shared, session, &req)),
         b"HELLO" => Action::Reply(hello(shared, session, &req)),
-        _ => select(session, req),
+        _ => select(shared, session, req),
     }
 }
 
@@ -163,7 +163,7 @@ fn valid_name(raw: &Bytes) -> Result<Option<String>, Reply> {
     Ok((!raw.is_empty()).then(|| String::from_utf8_lossy(raw).into_owned()))
 }
 
-fn select(session: &mut Session, req: Request) -> Action {
+fn select(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
     if req.args.len() != 2 {
         return Action::Reply(wrong_args(&req));
     }
@@ -172,6 +172,11 @@ fn select(session: &mut Session, req: Request) -> Action {
     };
     if db == 0 && !session.needs_dedicated() {
         return Action::Reply(Reply::ok());
+    }
+    if db != 0 && shared.upstream.cluster.is_some() {
+        // A client's keys span every node: another database would need a selected
+        // connection per node. Refused, as a cluster without numbered databases does.
+        return Action::Reply(Reply::err("ERR SELECT is not allowed in cluster mode"));
     }
     Action::Forward {
         req,
@@ -313,6 +318,13 @@ fn tracking(shared: &Arc<Shared>, req: Request) -> Action {
             }
         }
     };
+    if on && shared.upstream.cluster.is_some() {
+        // Tracking lives on one node's connection, and this client's reads go to every
+        // node: its client-side cache would miss invalidations. Refused rather than stale.
+        return Action::Reply(Reply::err(
+            "ERR CLIENT TRACKING is not supported by cachefront in cluster mode (tracking is per node)",
+        ));
+    }
     let mut args = req.args.clone();
     let mut rewritten = false;
     let mut i = 3;
