@@ -514,3 +514,33 @@ async fn the_l1_follows_every_nodes_tracking() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_commands_get_valkeys_own_errors() {
+    let s = ClusterStack::start().await;
+    let mut r = s.raw().await;
+    let mut direct = Raw::connect(s.cluster.nodes[0].port()).await;
+    // Argument errors are the node's own, whatever the routing made of them.
+    for line in [
+        "GET",
+        "SET onlykey",
+        "EVAL \"return 1\" abc",
+        "EVAL \"return 1\" 99999",
+        "EVAL \"return 1\" -1",
+        "XREAD STREAMS a",
+        "KEYS",
+        "DBSIZE extra",
+        "SCRIPT LOAD",
+        "OBJECT ENCODING",
+        "SCAN notanumber",
+        "SCAN 0 COUNT -1",
+        "NOSUCHCOMMAND a b",
+        "FLUSHALL SOMETIMES",
+    ] {
+        let ours = q(&mut r, line).await;
+        let theirs = q(&mut direct, line).await;
+        assert_eq!(ours, theirs, "{line}");
+        assert!(ours.starts_with('-'), "{line}: {ours}");
+    }
+    assert_eq!(q(&mut r, "PING").await, "+PONG");
+}
