@@ -56,8 +56,18 @@ fn main() -> anyhow::Result<()> {
             true => format!(", tls.listen {}", config.tls.listen),
             false => String::new(),
         };
+        let upstream = match config.valkey.cluster.len() {
+            0 => String::new(),
+            1 => ", Valkey Cluster (1 seed node)".to_string(),
+            n => format!(", Valkey Cluster ({n} seed nodes)"),
+        };
+        let replicas = match config.postgres.replicas.len() {
+            0 => String::new(),
+            1 => ", 1 PostgreSQL replica".to_string(),
+            n => format!(", {n} PostgreSQL replicas"),
+        };
         println!(
-            "configuration OK: listen {plain}{tls}, {} named queries",
+            "configuration OK: listen {plain}{tls}, {} named queries{upstream}{replicas}",
             config.named_queries().len()
         );
         return Ok(());

@@ -36,6 +36,33 @@ fn check_config_without_a_file_uses_the_defaults() {
 }
 
 #[test]
+fn check_config_names_a_cluster_and_replicas() {
+    let out = cachefront()
+        .arg("--check-config")
+        .env("CACHEFRONT_VALKEY_CLUSTER", "127.0.0.1:7000,127.0.0.1:7001")
+        .env(
+            "CACHEFRONT_POSTGRES_REPLICAS",
+            "postgres://u@127.0.0.1:5433/staff",
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("Valkey Cluster (2 seed nodes), 1 PostgreSQL replica"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cachefront()
+        .arg("--check-config")
+        .env("CACHEFRONT_VALKEY_CLUSTER", "127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("valkey.cluster"));
+}
+
+#[test]
 fn bad_config_is_refused_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
