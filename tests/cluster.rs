@@ -544,3 +544,41 @@ async fn odd_commands_get_valkeys_own_errors() {
     }
     assert_eq!(q(&mut r, "PING").await, "+PONG");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_down_at_start_fails_open_and_is_used_once_up() {
+    let mut s = ClusterStack::start().await;
+    // Stop every node, then start a second cachefront while nothing answers.
+    tokio::task::block_in_place(|| s.cluster.nodes.iter_mut().for_each(|n| n.kill()));
+    let mut cfg = Config {
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    cfg.valkey.cluster = s.cluster.seeds();
+    cfg.postgres.url = s.db.url();
+    let proxy = cachefront::server::spawn(cfg)
+        .await
+        .expect("starts without a cluster");
+    let mut r = Raw::connect(proxy.addr.port()).await;
+    assert_eq!(q(&mut r, "PING").await, "+PONG");
+    let reply = q(&mut r, "GET somekey").await;
+    assert!(reply.starts_with("-UPSTREAM"), "{reply}");
+    // Cached commands are answered from PostgreSQL meanwhile.
+    assert_eq!(q(&mut r, "EMP.GET 2").await, "$9\r\nBob Smith");
+    // The cluster comes back: cachefront loads the slot map and serves through it.
+    tokio::task::block_in_place(|| {
+        s.cluster.nodes.iter_mut().for_each(|n| n.restart());
+        s.cluster.wait_ok();
+    });
+    let mut got = String::new();
+    eventually("the cluster used once up", async || {
+        got = q(&mut r, "SET somekey 1").await;
+        got == "+OK"
+    })
+    .await;
+    eventually("EMP.GET stored in the cluster again", async || {
+        q(&mut r, "EMP.GET 2").await;
+        s.owner_get("employee:2").as_deref() == Some("Bob Smith")
+    })
+    .await;
+}
