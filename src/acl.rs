@@ -689,6 +689,7 @@ impl Acl {
                         Bytes::from_static(b"*1\r\n$7\r\nCOMMAND\r\n"),
                     )
                     .await
+                    .await
                     .map_err(|_| crate::error::Error::upstream("connection lost"))??;
                 CommandTable::parse(&raw).map(Arc::new).ok_or_else(|| {
                     crate::error::Error::upstream("Valkey's COMMAND reply could not be read")
@@ -718,9 +719,13 @@ pub async fn resolve(
     req: Request,
 ) -> Check {
     let ask = |raw: Bytes| {
-        let rx = shared.upstream.send(lane, Proto::Resp2, raw);
+        let shared = Arc::clone(&shared);
         async move {
-            rx.await
+            shared
+                .upstream
+                .send(lane, Proto::Resp2, raw)
+                .await
+                .await
                 .map_err(|_| crate::error::Error::upstream("connection lost"))?
         }
     };

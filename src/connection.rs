@@ -291,7 +291,7 @@ impl Connection {
                 route,
                 transform,
             } => self.forward(req, route, transform).await,
-            Action::Cached { lookup, plan } => self.lookup(lookup, plan),
+            Action::Cached { lookup, plan } => self.lookup(lookup, plan).await,
             Action::Task(fut) => {
                 let h = tokio::spawn(fut);
                 self.outq.push_back(Slot::Task(h, self.session.proto, None));
@@ -302,7 +302,7 @@ impl Connection {
 
     /// Sends a cached command's lookup. While the client holds a dedicated connection on the
     /// cache's database, the lookup goes there too, behind the client's own writes.
-    fn lookup(&mut self, lookup: Bytes, plan: Box<FillPlan>) {
+    async fn lookup(&mut self, lookup: Bytes, plan: Box<FillPlan>) {
         let l1 = &self.shared.cache.l1;
         let cache_db = self.shared.upstream.endpoint().db;
         let streaming = self.session.streaming();
@@ -342,12 +342,14 @@ impl Connection {
                         started,
                     },
                     None => Slot::Lookup {
-                        rx: up.send_key(
-                            self.session.id,
-                            plan.proto,
-                            lookup,
-                            plan.entry.key.as_bytes(),
-                        ),
+                        rx: up
+                            .send_key(
+                                self.session.id,
+                                plan.proto,
+                                lookup,
+                                plan.entry.key.as_bytes(),
+                            )
+                            .await,
                         plan,
                         ticket: None,
                         started,
@@ -370,7 +372,11 @@ impl Connection {
             }
         }
         if route == Route::Any && !held {
-            let rx = self.shared.upstream.forward(self.session.id, proto, &req);
+            let rx = self
+                .shared
+                .upstream
+                .forward(self.session.id, proto, &req)
+                .await;
             self.outq.push_back(Slot::Upstream {
                 rx,
                 transform,

@@ -218,67 +218,71 @@ impl Cluster {
         }
     }
 
-    /// Sends a request for one key's slot (cachefront's own lookups).
-    pub fn send_key(self: &Arc<Self>, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
-        let slot = slot_of(key);
-        match self.topology().node_for(slot) {
-            Some(node) => node.mux(proto, lane).send_lane(raw, lane),
-            None => self.later(move |c| async move {
-                c.wait_ready().await?;
-                c.send_to(Target::Slot(slot), lane, proto, raw, &[]).await
-            }),
+    /// Sends a request for one key's slot (cachefront's own lookups). Awaits only while the
+    /// slot map is not loaded yet; the request is queued before this returns, so a client's
+    /// requests reach each node in the order it sent them.
+    pub async fn send_key(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
+        if let Err(e) = self.ready_now().await {
+            return ready(Err(e));
         }
+        self.dispatch(Target::Slot(slot_of(key)), lane, proto, raw, &[])
     }
 
     /// Sends a keyless request to some primary (`lane` spreads them).
-    pub fn send_any(self: &Arc<Self>, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
-        let topo = self.topology();
-        match topo
-            .nodes
-            .get((lane % topo.nodes.len().max(1) as u64) as usize)
-        {
-            Some(node) => node.mux(proto, lane).send_lane(raw, lane),
-            None => self.later(move |c| async move {
-                c.wait_ready().await?;
-                c.send_to(Target::Any, lane, proto, raw, &[]).await
-            }),
+    pub async fn send_any(&self, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
+        if let Err(e) = self.ready_now().await {
+            return ready(Err(e));
+        }
+        self.dispatch(Target::Any, lane, proto, raw, &[])
+    }
+
+    /// Forwards a client's command to the node(s) its keys say. What routing needs from
+    /// Valkey (the slot map and command table at first, `COMMAND GETKEYS` for movable keys)
+    /// is awaited here, by the client's own connection, so its commands stay in order; the
+    /// command itself is queued before this returns.
+    pub async fn forward(&self, lane: u64, proto: Proto, args: &[Bytes], raw: Bytes) -> ReplyRx {
+        match self.resolve(lane, args).await {
+            Ok(t) => self.dispatch(t, lane, proto, raw, args),
+            Err(e) => ready(Err(e)),
         }
     }
 
-    /// Forwards a client's command to the node(s) its keys say.
-    pub fn forward(
-        self: &Arc<Self>,
-        lane: u64,
-        proto: Proto,
-        args: &[Bytes],
-        raw: Bytes,
-    ) -> ReplyRx {
-        let topo = self.topology();
-        if let (Some(table), false) = (self.command_table(), topo.nodes.is_empty()) {
-            match target(&table, args) {
-                Target::Slot(s) => {
-                    if let Some(node) = topo.node_for(s) {
-                        return node.mux(proto, lane).send_lane(raw, lane);
-                    }
-                }
-                Target::Any => {
-                    let node = &topo.nodes[(lane % topo.nodes.len() as u64) as usize];
-                    return node.mux(proto, lane).send_lane(raw, lane);
-                }
-                Target::CrossSlot => return ready(Ok(Bytes::from_static(CROSSSLOT))),
-                Target::Movable | Target::Fanout(_) => {}
-            }
+    /// Waits for the slot map, if it is not loaded yet.
+    async fn ready_now(&self) -> Result<()> {
+        if self.topology().nodes.is_empty() {
+            self.wait_ready().await?;
         }
-        let args = args.to_vec();
-        self.later(move |c| async move {
-            c.wait_ready().await?;
-            let table = c.table_loaded(lane).await?;
-            let t = match target(&table, &args) {
-                Target::Movable => c.movable_target(lane, &args).await?,
-                t => t,
-            };
-            c.send_to(t, lane, proto, raw, &args).await
-        })
+        Ok(())
+    }
+
+    /// Where `args` must go, asking Valkey only what the command table cannot say.
+    async fn resolve(&self, lane: u64, args: &[Bytes]) -> Result<Target> {
+        self.ready_now().await?;
+        let table = self.table_loaded(lane).await?;
+        match target(&table, args) {
+            Target::Movable => self.movable_target(lane, args).await,
+            t => Ok(t),
+        }
+    }
+
+    /// Queues the request where `t` says, now; a fan-out's replies are combined on a task.
+    fn dispatch(&self, t: Target, lane: u64, proto: Proto, raw: Bytes, args: &[Bytes]) -> ReplyRx {
+        let topo = self.topology();
+        let node = match t {
+            Target::Slot(s) => topo.node_for(s),
+            Target::Any | Target::Movable => topo
+                .nodes
+                .get((lane % topo.nodes.len().max(1) as u64) as usize),
+            Target::CrossSlot => return ready(Ok(Bytes::from_static(CROSSSLOT))),
+            Target::Fanout(how) => return fanout(&topo.nodes, how, lane, proto, raw, args),
+        };
+        match node {
+            Some(node) => node.mux(proto, lane).send_lane(raw, lane),
+            // What a node says for a slot nobody serves.
+            None => ready(Ok(Bytes::from_static(
+                b"-CLUSTERDOWN Hash slot not served\r\n",
+            ))),
+        }
     }
 
     /// The node a stateful client's dedicated connection should go to: the one serving the
@@ -288,12 +292,7 @@ impl Cluster {
         lane: u64,
         args: &[Bytes],
     ) -> Result<Arc<Node>> {
-        self.wait_ready().await?;
-        let table = self.table_loaded(lane).await?;
-        let t = match target(&table, args) {
-            Target::Movable => self.movable_target(lane, args).await?,
-            t => t,
-        };
+        let t = self.resolve(lane, args).await?;
         let topo = self.topology();
         let node = match t {
             Target::Slot(s) => topo.node_for(s),
@@ -335,20 +334,6 @@ impl Cluster {
     /// Asks for a refresh of the slot map (after a redirect on a dedicated connection).
     pub fn refresh_soon(&self) {
         self.refresh_now.notify_one();
-    }
-
-    /// Runs `work` on a task and hands its result to the returned receiver.
-    fn later<F, Fut>(self: &Arc<Self>, work: F) -> ReplyRx
-    where
-        F: FnOnce(Arc<Cluster>) -> Fut,
-        Fut: std::future::Future<Output = Result<Bytes>> + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        let fut = work(Arc::clone(self));
-        tokio::spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx
     }
 
     async fn table_loaded(&self, lane: u64) -> Result<Arc<CommandTable>> {
@@ -396,64 +381,7 @@ impl Cluster {
 
     /// One request to where `t` says, awaited (RESP2).
     async fn request(&self, t: Target, lane: u64, raw: Bytes) -> Result<Bytes> {
-        self.send_to(t, lane, Proto::Resp2, raw, &[]).await
-    }
-
-    async fn send_to(
-        &self,
-        t: Target,
-        lane: u64,
-        proto: Proto,
-        raw: Bytes,
-        args: &[Bytes],
-    ) -> Result<Bytes> {
-        let topo = self.topology();
-        let node = match t {
-            Target::Slot(s) => topo.node_for(s),
-            Target::Any | Target::Movable => topo
-                .nodes
-                .get((lane % topo.nodes.len().max(1) as u64) as usize),
-            Target::CrossSlot => return Ok(Bytes::from_static(CROSSSLOT)),
-            Target::Fanout(f) => return self.fanout(f, lane, proto, raw, args).await,
-        };
-        match node {
-            Some(node) => await_reply(node.mux(proto, lane).send_lane(raw, lane)).await,
-            // What a node says for a slot nobody serves.
-            None => Ok(Bytes::from_static(b"-CLUSTERDOWN Hash slot not served\r\n")),
-        }
-    }
-
-    async fn fanout(
-        &self,
-        how: Fanout,
-        lane: u64,
-        proto: Proto,
-        raw: Bytes,
-        args: &[Bytes],
-    ) -> Result<Bytes> {
-        let nodes = self.topology().nodes.clone();
-        if let Fanout::Scan = how {
-            return scan(&nodes, lane, proto, args).await;
-        }
-        let rxs: Vec<ReplyRx> = nodes
-            .iter()
-            .map(|n| n.mux(proto, lane).send_lane(raw.clone(), lane))
-            .collect();
-        let mut replies = Vec::with_capacity(rxs.len());
-        for rx in rxs {
-            replies.push(await_reply(rx).await?);
-        }
-        if let Some(err) = replies.iter().find(|r| r.first() == Some(&b'-')) {
-            return Ok(err.clone());
-        }
-        Ok(match how {
-            Fanout::Sum => {
-                let total: i64 = replies.iter().filter_map(|r| parse_int(r)).sum();
-                Bytes::from(format!(":{total}\r\n"))
-            }
-            Fanout::Concat => concat_arrays(&replies),
-            Fanout::Same | Fanout::Scan => replies.into_iter().next().unwrap_or_default(),
-        })
+        await_reply(self.dispatch(t, lane, Proto::Resp2, raw, &[])).await
     }
 
     /// Loads the slot map from any node that answers and swaps it in.
@@ -572,31 +500,29 @@ impl Cluster {
         Some(node.mux(proto, lane).send_tracked_lane(raw, lane))
     }
 
-    /// A `-MOVED`: the slot now lives at `addr` (a full refresh follows).
-    fn moved(&self, slot: u16, addr: &str) -> Arc<Node> {
+    /// Follows a redirect: sends `job` to `addr`, and for a `-MOVED` records that the slot now
+    /// lives there (a full refresh follows). The job is queued *before* the map changes, so a
+    /// later command of the client for that slot cannot overtake it.
+    fn redirect(&self, slot: Option<u16>, addr: &str, job: super::mux::Job) {
         let mut guard = self.topo.write().unwrap_or_else(|p| p.into_inner());
+        let known = guard.nodes.iter().position(|n| n.addr == addr);
+        if let (Some(i), None) = (known, slot) {
+            guard.nodes[i].resend_job(job);
+            return;
+        }
         let mut topo = Topology {
             slots: guard.slots.clone(),
             nodes: guard.nodes.clone(),
         };
-        let i = match topo.nodes.iter().position(|n| n.addr == addr) {
-            Some(i) => i,
-            None => {
-                topo.nodes.push(self.new_node(addr));
-                topo.nodes.len() - 1
-            }
-        };
-        topo.slots[slot as usize] = i as u16;
-        let node = Arc::clone(&topo.nodes[i]);
-        *guard = Arc::new(topo);
-        node
-    }
-
-    fn node_at(&self, addr: &str) -> Arc<Node> {
-        match self.topology().nodes.iter().find(|n| n.addr == addr) {
-            Some(n) => Arc::clone(n),
-            None => self.new_node(addr),
+        let i = known.unwrap_or_else(|| {
+            topo.nodes.push(self.new_node(addr));
+            topo.nodes.len() - 1
+        });
+        topo.nodes[i].resend_job(job);
+        if let Some(slot) = slot {
+            topo.slots[slot as usize] = i as u16;
         }
+        *guard = Arc::new(topo);
     }
 
     /// Any node's Valkey version, once a handshake has completed.
@@ -624,6 +550,47 @@ impl Cluster {
             }
         });
     }
+}
+
+/// Queues the request on every primary now, and combines their replies on a task.
+fn fanout(
+    nodes: &[Arc<Node>],
+    how: Fanout,
+    lane: u64,
+    proto: Proto,
+    raw: Bytes,
+    args: &[Bytes],
+) -> ReplyRx {
+    if let Fanout::Scan = how {
+        return scan(nodes, lane, proto, args);
+    }
+    let (tx, rx) = oneshot::channel();
+    let rxs: Vec<ReplyRx> = nodes
+        .iter()
+        .map(|n| n.mux(proto, lane).send_lane(raw.clone(), lane))
+        .collect();
+    tokio::spawn(async move {
+        let _ = tx.send(combine(how, rxs).await);
+    });
+    rx
+}
+
+async fn combine(how: Fanout, rxs: Vec<ReplyRx>) -> Result<Bytes> {
+    let mut replies = Vec::with_capacity(rxs.len());
+    for rx in rxs {
+        replies.push(await_reply(rx).await?);
+    }
+    if let Some(err) = replies.iter().find(|r| r.first() == Some(&b'-')) {
+        return Ok(err.clone());
+    }
+    Ok(match how {
+        Fanout::Sum => {
+            let total: i64 = replies.iter().filter_map(|r| parse_int(r)).sum();
+            Bytes::from(format!(":{total}\r\n"))
+        }
+        Fanout::Concat => concat_arrays(&replies),
+        Fanout::Same | Fanout::Scan => replies.into_iter().next().unwrap_or_default(),
+    })
 }
 
 fn ready(r: Result<Bytes>) -> ReplyRx {
@@ -696,16 +663,15 @@ async fn redirector(cluster: std::sync::Weak<Cluster>, mut rx: mpsc::UnboundedRe
         } else {
             r.addr.clone()
         };
-        let node = if r.ask {
+        if r.ask {
             c.ask.fetch_add(1, Ordering::Relaxed);
             r.job.asking = true;
-            c.node_at(&addr)
+            c.redirect(None, &addr, r.job);
         } else {
             c.moved.fetch_add(1, Ordering::Relaxed);
             c.refresh_soon();
-            c.moved(r.slot, &addr)
-        };
-        node.resend_job(r.job);
+            c.redirect(Some(r.slot), &addr, r.job);
+        }
     }
 }
 
@@ -844,27 +810,42 @@ const SCAN_NODE_BITS: u32 = 10;
 
 /// `SCAN` across primaries: the cursor is the node's own cursor shifted left, with the node's
 /// index in the low bits; a node's end (cursor 0) moves on to the next node.
-async fn scan(nodes: &[Arc<Node>], lane: u64, proto: Proto, args: &[Bytes]) -> Result<Bytes> {
-    let invalid = || Ok(Bytes::from_static(b"-ERR invalid cursor\r\n"));
-    let Some(cursor) = args
+fn scan(nodes: &[Arc<Node>], lane: u64, proto: Proto, args: &[Bytes]) -> ReplyRx {
+    let cursor = args
         .get(1)
         .and_then(|c| std::str::from_utf8(c).ok())
-        .and_then(|c| c.parse::<u64>().ok())
-    else {
-        return invalid();
+        .and_then(|c| c.parse::<u64>().ok());
+    let idx = cursor.map(|c| (c & ((1 << SCAN_NODE_BITS) - 1)) as usize);
+    let (Some(cursor), Some(idx)) = (cursor, idx.filter(|&i| i < nodes.len())) else {
+        return ready(Ok(Bytes::from_static(b"-ERR invalid cursor\r\n")));
     };
-    let mut idx = (cursor & ((1 << SCAN_NODE_BITS) - 1)) as usize;
-    let mut node_cursor = cursor >> SCAN_NODE_BITS;
-    if idx >= nodes.len() {
-        return invalid();
-    }
-    loop {
+    let ask = move |node: &Node, node_cursor: u64| {
         let mut q = args.to_vec();
         q[1] = Bytes::from(node_cursor.to_string());
-        let rx = nodes[idx]
-            .mux(proto, lane)
-            .send_lane(encode_multibulk(&q), lane);
-        let reply = await_reply(rx).await?;
+        node.mux(proto, lane).send_lane(encode_multibulk(&q), lane)
+    };
+    // The first node is asked now, in the client's order; later ones as their turn comes.
+    let first = ask(&nodes[idx], cursor >> SCAN_NODE_BITS);
+    let (nodes, args) = (nodes.to_vec(), args.to_vec());
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(scan_on(&nodes, idx, first, lane, proto, &args).await);
+    });
+    rx
+}
+
+/// Awaits a node's SCAN reply and rewrites its cursor; an exhausted node with nothing to
+/// show moves straight on to the next one.
+async fn scan_on(
+    nodes: &[Arc<Node>],
+    mut idx: usize,
+    mut pending: ReplyRx,
+    lane: u64,
+    proto: Proto,
+    args: &[Bytes],
+) -> Result<Bytes> {
+    loop {
+        let reply = await_reply(pending).await?;
         let Some((next, keys)) = split_scan_reply(&reply) else {
             return Ok(reply);
         };
@@ -875,9 +856,12 @@ async fn scan(nodes: &[Arc<Node>], lane: u64, proto: Proto, args: &[Bytes]) -> R
             (next_cursor << SCAN_NODE_BITS) | next_idx as u64
         };
         if next == 0 && ours != 0 && keys.starts_with(b"*0\r\n") {
-            // This node is done and gave nothing: go straight on to the next one.
             idx = next_idx;
-            node_cursor = 0;
+            let mut q = args.to_vec();
+            q[1] = Bytes::from_static(b"0");
+            pending = nodes[idx]
+                .mux(proto, lane)
+                .send_lane(encode_multibulk(&q), lane);
             continue;
         }
         let c = ours.to_string();

@@ -81,26 +81,28 @@ impl Upstream {
 
     /// Forwards a client's pass-through command: to the shared connection of its lane, or in a
     /// cluster to the node serving its keys.
-    pub fn forward(&self, lane: u64, proto: Proto, req: &Request) -> ReplyRx {
+    /// Both queue the request before they return (in a cluster, after awaiting what routing
+    /// needs), so a client's requests keep their order.
+    pub async fn forward(&self, lane: u64, proto: Proto, req: &Request) -> ReplyRx {
         match &self.cluster {
-            Some(c) => c.forward(lane, proto, &req.args, req.raw.clone()),
+            Some(c) => c.forward(lane, proto, &req.args, req.raw.clone()).await,
             None => self.mux(lane, proto).send(req.raw.clone()),
         }
     }
 
     /// Sends one of cachefront's own single-key requests (a cache lookup).
-    pub fn send_key(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
+    pub async fn send_key(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
         match &self.cluster {
-            Some(c) => c.send_key(lane, proto, raw, key),
+            Some(c) => c.send_key(lane, proto, raw, key).await,
             None => self.mux(lane, proto).send(raw),
         }
     }
 
     /// Forwards one stateless command over a shared connection. A client always uses the
     /// same one (`lane`, e.g. its id), so its commands reach Valkey in the order it sent them.
-    pub fn send(&self, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
+    pub async fn send(&self, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
         match &self.cluster {
-            Some(c) => c.send_any(lane, proto, raw),
+            Some(c) => c.send_any(lane, proto, raw).await,
             None => self.mux(lane, proto).send(raw),
         }
     }
