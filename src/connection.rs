@@ -387,7 +387,13 @@ impl Connection {
         }
         if !held {
             if let Err(e) = self.acquire_dedicated(&req.args).await {
-                inc(&self.shared.metrics.upstream_errors);
+                if matches!(e, Error::Upstream(_)) {
+                    inc(&self.shared.metrics.upstream_errors);
+                }
+                if self.session.in_multi {
+                    // As in Valkey: a command refused while queuing aborts the EXEC.
+                    self.session.multi_failed = true;
+                }
                 self.push_reply(e.to_reply());
                 return;
             }

@@ -376,6 +376,22 @@ async fn transactions_blocking_and_pubsub_on_the_right_node() {
         "-EXECABORT Transaction discarded because of previous errors."
     );
     assert_eq!(s.owner_get("{t}a").as_deref(), Some("1"));
+    // The first command of a transaction spanning slots: refused, and EXEC aborts.
+    assert_eq!(q(&mut r, "MULTI").await, "+OK");
+    assert_eq!(
+        q(&mut r, "MSET {t}a 3 b 3").await,
+        "-CROSSSLOT Keys in request don't hash to the same slot"
+    );
+    assert_eq!(
+        q(&mut r, "EXEC").await,
+        "-EXECABORT Transaction discarded because of previous errors."
+    );
+    assert_eq!(s.owner_get("{t}a").as_deref(), Some("1"));
+    // A blocking command over keys of several slots: Valkey's own error.
+    assert_eq!(
+        q(&mut r, "BLPOP {t}list other 1").await,
+        "-CROSSSLOT Keys in request don't hash to the same slot"
+    );
     // An empty transaction, and DISCARD before any command.
     assert_eq!(q(&mut r, "MULTI").await, "+OK");
     assert_eq!(q(&mut r, "EXEC").await, "*0");

@@ -222,18 +222,18 @@ impl Cluster {
     /// slot map is not loaded yet; the request is queued before this returns, so a client's
     /// requests reach each node in the order it sent them.
     pub async fn send_key(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
-        if let Err(e) = self.ready_now().await {
-            return ready(Err(e));
+        match self.ready_now().await {
+            Ok(topo) => self.dispatch(&topo, Target::Slot(slot_of(key)), lane, proto, raw, &[]),
+            Err(e) => ready(Err(e)),
         }
-        self.dispatch(Target::Slot(slot_of(key)), lane, proto, raw, &[])
     }
 
     /// Sends a keyless request to some primary (`lane` spreads them).
     pub async fn send_any(&self, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
-        if let Err(e) = self.ready_now().await {
-            return ready(Err(e));
+        match self.ready_now().await {
+            Ok(topo) => self.dispatch(&topo, Target::Any, lane, proto, raw, &[]),
+            Err(e) => ready(Err(e)),
         }
-        self.dispatch(Target::Any, lane, proto, raw, &[])
     }
 
     /// Forwards a client's command to the node(s) its keys say. What routing needs from
@@ -242,32 +242,48 @@ impl Cluster {
     /// command itself is queued before this returns.
     pub async fn forward(&self, lane: u64, proto: Proto, args: &[Bytes], raw: Bytes) -> ReplyRx {
         match self.resolve(lane, args).await {
-            Ok(t) => self.dispatch(t, lane, proto, raw, args),
+            Ok((t, topo)) => self.dispatch(&topo, t, lane, proto, raw, args),
             Err(e) => ready(Err(e)),
         }
     }
 
-    /// Waits for the slot map, if it is not loaded yet.
-    async fn ready_now(&self) -> Result<()> {
-        if self.topology().nodes.is_empty() {
-            self.wait_ready().await?;
+    /// The slot map, waited for if it is not loaded yet.
+    async fn ready_now(&self) -> Result<Arc<Topology>> {
+        let topo = self.topology();
+        if !topo.nodes.is_empty() {
+            return Ok(topo);
         }
-        Ok(())
+        self.wait_ready().await?;
+        Ok(self.topology())
     }
 
-    /// Where `args` must go, asking Valkey only what the command table cannot say.
-    async fn resolve(&self, lane: u64, args: &[Bytes]) -> Result<Target> {
-        self.ready_now().await?;
-        let table = self.table_loaded(lane).await?;
+    /// Where `args` must go, asking Valkey only what the command table cannot say, and the
+    /// slot map to find it in (read once on the usual path; again after anything awaited).
+    async fn resolve(&self, lane: u64, args: &[Bytes]) -> Result<(Target, Arc<Topology>)> {
+        let topo = self.ready_now().await?;
+        let table = match self.command_table() {
+            Some(t) => t,
+            None => self.table_loaded(lane).await?,
+        };
         match target(&table, args) {
-            Target::Movable => self.movable_target(lane, args).await,
-            t => Ok(t),
+            Target::Movable => {
+                let t = self.movable_target(lane, args).await?;
+                Ok((t, self.topology()))
+            }
+            t => Ok((t, topo)),
         }
     }
 
     /// Queues the request where `t` says, now; a fan-out's replies are combined on a task.
-    fn dispatch(&self, t: Target, lane: u64, proto: Proto, raw: Bytes, args: &[Bytes]) -> ReplyRx {
-        let topo = self.topology();
+    fn dispatch(
+        &self,
+        topo: &Topology,
+        t: Target,
+        lane: u64,
+        proto: Proto,
+        raw: Bytes,
+        args: &[Bytes],
+    ) -> ReplyRx {
         let node = match t {
             Target::Slot(s) => topo.node_for(s),
             Target::Any | Target::Movable => topo
@@ -292,13 +308,13 @@ impl Cluster {
         lane: u64,
         args: &[Bytes],
     ) -> Result<Arc<Node>> {
-        let t = self.resolve(lane, args).await?;
-        let topo = self.topology();
+        let (t, topo) = self.resolve(lane, args).await?;
         let node = match t {
             Target::Slot(s) => topo.node_for(s),
+            // The client's mistake, worded as Valkey words it.
             Target::CrossSlot => {
-                return Err(Error::upstream(
-                    "CROSSSLOT Keys in request don't hash to the same slot",
+                return Err(Error::Client(
+                    "CROSSSLOT Keys in request don't hash to the same slot".into(),
                 ))
             }
             _ => topo
@@ -381,7 +397,8 @@ impl Cluster {
 
     /// One request to where `t` says, awaited (RESP2).
     async fn request(&self, t: Target, lane: u64, raw: Bytes) -> Result<Bytes> {
-        await_reply(self.dispatch(t, lane, Proto::Resp2, raw, &[])).await
+        let topo = self.topology();
+        await_reply(self.dispatch(&topo, t, lane, Proto::Resp2, raw, &[])).await
     }
 
     /// Loads the slot map from any node that answers and swaps it in.

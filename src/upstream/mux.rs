@@ -351,30 +351,7 @@ fn deliver(
             continue;
         }
         match pending.pop_front() {
-            Some(Some(w)) => match (redirects, w.resend, parse_redirect(&frame)) {
-                (Some(tx), Some(r), Some((ask, slot, addr))) => {
-                    let job = Job {
-                        raw: r.raw,
-                        reply: w.reply,
-                        tracked: r.tracked,
-                        asking: false,
-                        lane: r.lane,
-                        hops: r.hops,
-                        resp3: conn.proto == Proto::Resp3,
-                    };
-                    if let Err(mpsc::error::SendError(r)) = tx.send(Redirect {
-                        ask,
-                        slot,
-                        addr,
-                        job,
-                    }) {
-                        let _ = r.job.reply.send(Ok(frame));
-                    }
-                }
-                _ => {
-                    let _ = w.reply.send(Ok(frame));
-                }
-            },
+            Some(Some(w)) => answer(w, frame, redirects, conn.proto),
             Some(None) => {
                 if frame.first() == Some(&b'-') {
                     tracing::debug!(reply = %String::from_utf8_lossy(&frame), "tracking setup refused");
@@ -384,6 +361,42 @@ fn deliver(
         }
     }
     Ok(())
+}
+
+/// Gives `frame` to its waiter — or, when it is a cluster redirect, the request to the
+/// router. Only a cluster's connections keep requests for that: a single server's replies are
+/// never parsed for one.
+fn answer(
+    w: Waiter,
+    frame: Bytes,
+    redirects: Option<&mpsc::UnboundedSender<Redirect>>,
+    proto: Proto,
+) {
+    let (Some(tx), Some(r)) = (redirects, w.resend) else {
+        let _ = w.reply.send(Ok(frame));
+        return;
+    };
+    let Some((ask, slot, addr)) = parse_redirect(&frame) else {
+        let _ = w.reply.send(Ok(frame));
+        return;
+    };
+    let job = Job {
+        raw: r.raw,
+        reply: w.reply,
+        tracked: r.tracked,
+        asking: false,
+        lane: r.lane,
+        hops: r.hops,
+        resp3: proto == Proto::Resp3,
+    };
+    if let Err(mpsc::error::SendError(r)) = tx.send(Redirect {
+        ask,
+        slot,
+        addr,
+        job,
+    }) {
+        let _ = r.job.reply.send(Ok(frame));
+    }
 }
 
 /// `-MOVED 3999 127.0.0.1:6381` or `-ASK 3999 127.0.0.1:6381` → (ask, slot, address).
