@@ -364,12 +364,10 @@ impl Connection {
         inc(&self.shared.metrics.passthrough);
         let proto = self.session.proto;
         let mut held = self.ded.as_ref().is_some_and(|d| d.conn.proto == proto);
-        if self.shared.upstream.cluster.is_some() {
-            match self.cluster_forward(&req, route, &transform, held) {
-                ClusterStep::Done => return,
-                ClusterStep::Shared => held = false,
-                ClusterStep::Continue => {}
-            }
+        match self.cluster_forward(&req, route, &transform, held) {
+            ClusterStep::Done => return,
+            ClusterStep::Shared => held = false,
+            ClusterStep::Continue => {}
         }
         if route == Route::Any && !held {
             let rx = self
@@ -422,10 +420,10 @@ impl Connection {
         }
     }
 
-    /// Cluster rules before a command is forwarded. A transaction opens lazily, on the node of
-    /// its first command; a command for another node than the dedicated connection's fails
-    /// inside a transaction (as Valkey's CROSSSLOT would) and goes over the shared
-    /// connections otherwise.
+    /// Cluster rules before a command is forwarded (none without a cluster). A transaction
+    /// opens lazily, on the node of its first command; a command for another node than the
+    /// dedicated connection's fails inside a transaction (as Valkey's CROSSSLOT would) and
+    /// goes over the shared connections otherwise.
     fn cluster_forward(
         &mut self,
         req: &Request,
