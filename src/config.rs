@@ -257,9 +257,116 @@ pub struct LimitsConfig {
     pub timeout_secs: u64,
     /// TCP keepalive probe interval for client connections (0: off), like `tcp-keepalive`.
     pub tcp_keepalive_secs: u64,
-    /// A client that does not read its replies for this long is disconnected: the bound on
-    /// what a never-reading client can hold.
+    /// A client that does not read its replies for this long is disconnected.
     pub client_write_timeout_ms: u64,
+    /// Valkey's `client-output-buffer-limit`, in Valkey's syntax: the bound in bytes on the
+    /// replies a client may hold unread, per class.
+    pub client_output_buffer_limit: OutputBufferLimits,
+}
+
+/// One class's output limit: past `hard` bytes the client is disconnected at once; past
+/// `soft` bytes for `soft_secs` seconds in a row, too. 0 turns a limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimit {
+    pub hard: u64,
+    pub soft: u64,
+    pub soft_secs: u64,
+}
+
+/// `client-output-buffer-limit` as Valkey spells it: `<class> <hard> <soft> <soft seconds>`
+/// repeated, classes `normal`, `replica` (cachefront: MONITOR clients) and `pubsub`, sizes with
+/// Valkey's units (`k`/`kb`, `m`/`mb`, `g`/`gb`). Classes not named keep their defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct OutputBufferLimits {
+    pub normal: OutputLimit,
+    pub replica: OutputLimit,
+    pub pubsub: OutputLimit,
+}
+
+impl Default for OutputBufferLimits {
+    /// Valkey's defaults for `replica` and `pubsub`. Valkey leaves `normal` unlimited, relying
+    /// on `maxmemory`; a proxy holds its clients' replies in its own memory, so cachefront
+    /// bounds them too.
+    fn default() -> Self {
+        let l = |hard, soft, soft_secs| OutputLimit {
+            hard,
+            soft,
+            soft_secs,
+        };
+        OutputBufferLimits {
+            normal: l(256 << 20, 0, 0),
+            replica: l(256 << 20, 64 << 20, 60),
+            pubsub: l(32 << 20, 8 << 20, 60),
+        }
+    }
+}
+
+impl TryFrom<String> for OutputBufferLimits {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        if words.len() % 4 != 0 {
+            return Err(format!(
+                "'{text}': expected <class> <hard> <soft> <soft seconds>, repeated"
+            ));
+        }
+        let mut limits = OutputBufferLimits::default();
+        for w in words.chunks(4) {
+            let limit = OutputLimit {
+                hard: memory_size(w[1])?,
+                soft: memory_size(w[2])?,
+                soft_secs: w[3]
+                    .parse()
+                    .map_err(|_| format!("'{}' is not a number of seconds", w[3]))?,
+            };
+            match w[0].to_ascii_lowercase().as_str() {
+                "normal" => limits.normal = limit,
+                "replica" | "slave" => limits.replica = limit,
+                "pubsub" => limits.pubsub = limit,
+                other => {
+                    return Err(format!(
+                        "unknown client class '{other}' (normal, replica, pubsub)"
+                    ))
+                }
+            }
+        }
+        Ok(limits)
+    }
+}
+
+impl From<OutputBufferLimits> for String {
+    fn from(l: OutputBufferLimits) -> String {
+        let c =
+            |name: &str, o: OutputLimit| format!("{name} {} {} {}", o.hard, o.soft, o.soft_secs);
+        format!(
+            "{} {} {}",
+            c("normal", l.normal),
+            c("replica", l.replica),
+            c("pubsub", l.pubsub)
+        )
+    }
+}
+
+/// A size as Valkey's config reads it: `1k` = 1000, `1kb` = 1024 (likewise m, mb, g, gb).
+fn memory_size(s: &str) -> Result<u64, String> {
+    let lower = s.to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let mult: u64 = match &lower[digits.len()..] {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1024,
+        "m" => 1000 * 1000,
+        "mb" => 1024 * 1024,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1024 * 1024 * 1024,
+        _ => return Err(format!("'{s}' is not a size (e.g. 32mb)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("'{s}' is not a size (e.g. 32mb)"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -494,6 +601,7 @@ impl Default for LimitsConfig {
             timeout_secs: 0,
             tcp_keepalive_secs: 300,
             client_write_timeout_ms: 60_000,
+            client_output_buffer_limit: OutputBufferLimits::default(),
         }
     }
 }
@@ -1118,5 +1226,43 @@ args = ["int"]
             .collect();
         assert!(names.contains(&"EMP.GET".to_string()));
         assert!(c.named_queries().iter().any(|q| q.reply == ReplyKind::Hash));
+    }
+
+    #[test]
+    fn output_limits_read_like_valkey() {
+        let l =
+            OutputBufferLimits::try_from("pubsub 64mb 16mb 30 normal 1gb 0 0".to_string()).unwrap();
+        assert_eq!(l.pubsub.hard, 64 << 20);
+        assert_eq!(l.pubsub.soft, 16 << 20);
+        assert_eq!(l.pubsub.soft_secs, 30);
+        assert_eq!(l.normal.hard, 1 << 30);
+        assert_eq!(l.replica, OutputBufferLimits::default().replica);
+        assert_eq!(
+            OutputBufferLimits::try_from("normal 1k 0 0".to_string())
+                .unwrap()
+                .normal
+                .hard,
+            1000
+        );
+        let round = String::from(l.clone());
+        assert_eq!(OutputBufferLimits::try_from(round).unwrap(), l);
+        for bad in [
+            "normal 1x 0 0",
+            "normal 1mb 0",
+            "bogus 1 1 1",
+            "normal -1 0 0",
+        ] {
+            assert!(
+                OutputBufferLimits::try_from(bad.to_string()).is_err(),
+                "{bad}"
+            );
+        }
+        let e = Config::from_toml_with_env(
+            "[limits]\nclient_output_buffer_limit = \"normal 1 2\"\n",
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("client_output_buffer_limit"), "{e}");
     }
 }

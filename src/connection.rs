@@ -6,7 +6,7 @@
 //! order internally and still leave in order — and a reply can only reach the client whose
 //! slot it fills.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use crate::server::Shared;
 use crate::session::Session;
 use crate::tls::ClientStream;
 use crate::upstream::cluster::Owner;
-use crate::upstream::{RawConn, ReplyRx};
+use crate::upstream::{RawConn, ReplyBudget, ReplyRx};
 
 /// A reply position in the output queue.
 enum Slot {
@@ -54,6 +54,8 @@ enum Slot {
         proto: Proto,
         reset: bool,
         plan: Option<Box<FillPlan>>,
+        /// EXEC: the state changes of the commands it runs, applied per successful reply.
+        exec: Option<Vec<StateChange>>,
     },
 }
 
@@ -63,6 +65,8 @@ enum Event {
     Front(FrontDone),
     DedicatedRead(std::io::Result<usize>),
     Shutdown,
+    /// The client passed an output limit (hard), or its soft limit's grace ran out.
+    OutputLimit,
 }
 
 enum FrontDone {
@@ -76,9 +80,6 @@ struct Dedicated {
     wbuf: BytesMut,
     /// `Dedicated` slots still waiting for their reply.
     pending: usize,
-    /// False once the connection carried state we would have to undo (SELECT, tracking,
-    /// subscriptions…): it is closed instead of reused.
-    reusable: bool,
     /// Subscription counts from Valkey's confirmations: (channels + patterns, shard channels).
     subs: (i64, i64),
     /// Replies to drop: commands cachefront sent itself (a cluster transaction's MULTI).
@@ -106,6 +107,11 @@ pub struct Connection {
     ded: Option<Dedicated>,
     /// Cluster: MULTI was answered locally and opens on the node of the next command.
     deferred_multi: bool,
+    /// Bytes of replies held for this client and not yet written: charged where each reply
+    /// comes into being (a shared connection's reader, or here), released once written.
+    budget: Arc<ReplyBudget>,
+    /// Since when the client has been over its soft output limit.
+    soft_since: Option<Instant>,
     closing: bool,
     shutdown: watch::Receiver<bool>,
 }
@@ -133,6 +139,8 @@ impl Connection {
             outq: VecDeque::new(),
             ded: None,
             deferred_multi: false,
+            budget: Arc::new(ReplyBudget::default()),
+            soft_since: None,
             closing: false,
             shutdown,
         }
@@ -156,24 +164,12 @@ impl Connection {
             self.process_input().await;
             self.drain_ready();
             self.flush_dedicated().await;
+            let soft_deadline = self.check_output_limit()?;
             if !self.outbuf.is_empty() {
-                let limit = std::time::Duration::from_millis(
-                    self.shared.config().limits.client_write_timeout_ms,
-                );
-                let write = async {
-                    self.stream.write_all(&self.outbuf).await?;
-                    self.stream.flush().await
-                };
-                match tokio::time::timeout(limit, write).await {
-                    Ok(r) => r?,
-                    Err(_) => {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "client did not read its replies (limits.client_write_timeout_ms)",
-                        ))
-                    }
+                self.write_out().await?;
+                if matches!(self.outq.front(), Some(Slot::Ready(_))) {
+                    continue; // more arrived (from the dedicated connection) while writing
                 }
-                self.outbuf.clear();
             }
             if self.closing && self.outq.is_empty() {
                 return Ok(());
@@ -203,6 +199,13 @@ impl Connection {
                 f = front_event(&mut self.outq) => Event::Front(f),
                 r = read_dedicated(&mut self.ded) => Event::DedicatedRead(r),
                 _ = self.shutdown.changed(), if !self.closing => Event::Shutdown,
+                _ = self.budget.wait_exceeded() => Event::OutputLimit,
+                _ = async {
+                    match soft_deadline {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                } => Event::OutputLimit,
             };
             match event {
                 Event::ClientRead(Ok(0)) => return Ok(()),
@@ -211,8 +214,99 @@ impl Connection {
                 Event::Front(done) => self.resolve_front(done),
                 Event::DedicatedRead(r) => self.on_dedicated_read(r),
                 Event::Shutdown => self.closing = true,
+                Event::OutputLimit => {
+                    self.check_output_limit()?;
+                }
             }
         }
+    }
+
+    /// Writes the output buffer. While the client is slow to read, the dedicated connection is
+    /// still read (messages keep arriving for a subscriber), so its output limit applies as in
+    /// Valkey; a client that passes it, or reads nothing for `limits.client_write_timeout_ms`,
+    /// is dropped.
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        let limit = Duration::from_millis(self.shared.config().limits.client_write_timeout_ms);
+        let mut deadline = tokio::time::Instant::now() + limit;
+        while !self.outbuf.is_empty() {
+            let event = tokio::select! {
+                w = self.stream.write(&self.outbuf) => Ok(w),
+                r = read_dedicated(&mut self.ded) => Err(r),
+                _ = self.budget.wait_exceeded() => return Err(self.output_limit_error()),
+                _ = tokio::time::sleep_until(deadline) => return Err(write_timeout()),
+            };
+            match event {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => {
+                    self.outbuf.advance(n);
+                    self.budget.release(n);
+                    deadline = tokio::time::Instant::now() + limit;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(r) => {
+                    self.on_dedicated_read(r);
+                    self.check_output_limit()?;
+                }
+            }
+        }
+        self.outbuf.clear();
+        match tokio::time::timeout(limit, self.stream.flush()).await {
+            Ok(r) => r,
+            Err(_) => Err(write_timeout()),
+        }
+    }
+
+    /// Applies the output limit of the client's class (normal, pubsub, or replica for MONITOR,
+    /// as in Valkey): an error past the hard limit, or past the soft one for its grace period;
+    /// otherwise when the soft limit's grace ends, if it is running.
+    fn check_output_limit(&mut self) -> std::io::Result<Option<Instant>> {
+        let limits = &self.shared.config().limits.client_output_buffer_limit;
+        let class = if self.session.monitor {
+            limits.replica
+        } else if self.session.subscribed {
+            limits.pubsub
+        } else {
+            limits.normal
+        };
+        self.budget.set_hard_limit(class.hard as usize);
+        let held = self.budget.held() as u64;
+        if self.budget.is_exceeded() || (class.hard != 0 && held > class.hard) {
+            return Err(self.output_limit_error());
+        }
+        if class.soft == 0 || held <= class.soft {
+            self.soft_since = None;
+            return Ok(None);
+        }
+        let since = *self.soft_since.get_or_insert_with(Instant::now);
+        let deadline = since + Duration::from_secs(class.soft_secs);
+        if Instant::now() >= deadline {
+            return Err(self.output_limit_error());
+        }
+        Ok(Some(deadline))
+    }
+
+    fn output_limit_error(&self) -> std::io::Error {
+        inc(&self.shared.metrics.output_limit_disconnects);
+        tracing::warn!(
+            client = self.session.id,
+            addr = %self.session.addr,
+            held = self.budget.held(),
+            "client closed for passing its output buffer limit (limits.client_output_buffer_limit)"
+        );
+        std::io::Error::other("client output buffer limit reached")
+    }
+
+    /// A reply enters the output queue: it is charged to the client's budget.
+    fn ready(&self, b: Bytes) -> Slot {
+        self.charged(Slot::Ready(b))
+    }
+
+    /// Charges a slot that has just become a ready reply (others are charged when they do).
+    fn charged(&self, s: Slot) -> Slot {
+        if let Slot::Ready(b) = &s {
+            self.budget.charge(b.len());
+        }
+        s
     }
 
     /// How long this client may stay idle now: `limits.timeout_secs`, unless it waits on
@@ -238,8 +332,8 @@ impl Connection {
                 }
                 Ok(Parsed::Incomplete) => return,
                 Err(e) => {
-                    self.outq
-                        .push_back(Slot::Ready(Bytes::from(e.reply_bytes())));
+                    let slot = self.ready(Bytes::from(e.reply_bytes()));
+                    self.outq.push_back(slot);
                     self.closing = true;
                 }
             }
@@ -248,7 +342,8 @@ impl Connection {
 
     fn push_reply(&mut self, r: Reply) {
         if let Reply::Raw(b) = r {
-            self.outq.push_back(Slot::Ready(b));
+            let slot = self.ready(b);
+            self.outq.push_back(slot);
             return;
         }
         if self.outq.is_empty() {
@@ -256,12 +351,15 @@ impl Connection {
             if r.is_error() {
                 inc(&self.shared.metrics.errors);
             }
+            let before = self.outbuf.len();
             r.encode(self.session.proto, &mut self.outbuf);
+            self.budget.charge(self.outbuf.len() - before);
             return;
         }
         let mut b = BytesMut::new();
         r.encode(self.session.proto, &mut b);
-        self.outq.push_back(Slot::Ready(b.freeze()));
+        let slot = self.ready(b.freeze());
+        self.outq.push_back(slot);
     }
 
     async fn apply(&mut self, action: Action) {
@@ -324,6 +422,7 @@ impl Connection {
                     proto: plan.proto,
                     reset: false,
                     plan: Some(plan),
+                    exec: None,
                 });
             }
             _ => {
@@ -331,7 +430,13 @@ impl Connection {
                 let ticket = l1.enabled().then(|| l1.ticket(&plan.entry.key));
                 let tracked = ticket.and_then(|_| {
                     let key = plan.entry.key.as_bytes();
-                    up.send_tracked(self.session.id, plan.proto, lookup.clone(), key)
+                    up.send_tracked(
+                        self.session.id,
+                        plan.proto,
+                        lookup.clone(),
+                        key,
+                        &self.budget,
+                    )
                 });
                 let started = Instant::now();
                 let slot = match tracked {
@@ -348,6 +453,7 @@ impl Connection {
                                 plan.proto,
                                 lookup,
                                 plan.entry.key.as_bytes(),
+                                &self.budget,
                             )
                             .await,
                         plan,
@@ -373,7 +479,7 @@ impl Connection {
             let rx = self
                 .shared
                 .upstream
-                .forward(self.session.id, proto, &req)
+                .forward(self.session.id, proto, &req, &self.budget)
                 .await;
             self.outq.push_back(Slot::Upstream {
                 rx,
@@ -403,7 +509,11 @@ impl Connection {
                 }
             }
         }
+        let mut exec = None;
         if let Route::Dedicated(change) = route {
+            if change == StateChange::EndMulti && req.name().eq_ignore_ascii_case(b"EXEC") {
+                exec = Some(std::mem::take(&mut self.session.queued));
+            }
             self.apply_state_change(change);
         }
         let streaming = self.session.streaming();
@@ -416,7 +526,14 @@ impl Connection {
                 proto,
                 reset: false,
                 plan: None,
+                exec,
             });
+        } else if let Transform::Replace(ours) = transform {
+            // HELLO while subscribed (RESP3): Valkey's reply is the next frame that is not a
+            // push; the client gets cachefront's own instead.
+            ded.swallow += 1;
+            self.budget.charge(ours.len());
+            self.outq.push_back(Slot::Ready(ours));
         }
     }
 
@@ -480,10 +597,11 @@ impl Connection {
 
     async fn acquire_dedicated(&mut self, args: &[Bytes]) -> Result<(), Error> {
         if let Some(old) = self.ded.take() {
-            // Held in another protocol after HELLO: it may not be reused.
+            // Held in another protocol after HELLO.
+            let quiet = old.pending == 0 && old.wbuf.is_empty();
             self.shared
                 .upstream
-                .release(self.session.id, old.conn, false);
+                .release(self.session.id, old.conn, quiet);
         }
         let conn = self
             .shared
@@ -494,7 +612,6 @@ impl Connection {
             conn,
             wbuf: BytesMut::new(),
             pending: 0,
-            reusable: true,
             subs: (0, 0),
             swallow: 0,
         });
@@ -502,53 +619,9 @@ impl Connection {
     }
 
     fn apply_state_change(&mut self, change: StateChange) {
-        let s = &mut self.session;
-        let sticky = match change {
-            StateChange::None => false,
-            StateChange::Multi => {
-                s.in_multi = true;
-                s.multi_failed = false;
-                false
-            }
-            StateChange::EndMulti => {
-                s.in_multi = false;
-                s.multi_failed = false;
-                s.watching = false;
-                false
-            }
-            StateChange::Watch => {
-                s.watching = true;
-                false
-            }
-            StateChange::Unwatch => {
-                s.watching = false;
-                false
-            }
-            StateChange::Subscribe => {
-                s.subscribed = true;
-                true
-            }
-            StateChange::Monitor => {
-                s.monitor = true;
-                true
-            }
-            StateChange::Select(db) => {
-                s.db = db;
-                true
-            }
-            StateChange::Tracking(on) => {
-                s.tracking = on;
-                true
-            }
-            StateChange::Pin => {
-                s.pinned = true;
-                true
-            }
-        };
-        if sticky {
-            if let Some(d) = self.ded.as_mut() {
-                d.reusable = false;
-            }
+        self.session.apply(change);
+        if let (StateChange::Proto(p), Some(d)) = (change, self.ded.as_mut()) {
+            d.conn.proto = p;
         }
     }
 
@@ -562,8 +635,7 @@ impl Connection {
         self.deferred_multi = false;
         match self.ded.as_mut() {
             Some(ded) => {
-                // RESET also returns Valkey's connection to RESP2: never reuse it.
-                ded.reusable = false;
+                ded.conn.proto = Proto::Resp2;
                 ded.wbuf.extend_from_slice(b"*1\r\n$5\r\nRESET\r\n");
                 ded.pending += 1;
                 self.outq.push_back(Slot::Dedicated {
@@ -571,6 +643,7 @@ impl Connection {
                     proto,
                     reset: true,
                     plan: None,
+                    exec: None,
                 });
             }
             None => self.push_reply(Reply::Simple("RESET")),
@@ -635,6 +708,10 @@ impl Connection {
         let Some(front) = self.outq.pop_front() else {
             return;
         };
+        // A shared connection charged the frame it read; what replaces it is charged anew.
+        if let FrontDone::Upstream(Ok(f)) = &done {
+            self.budget.release(f.len());
+        }
         let next = match (front, done) {
             (
                 Slot::Upstream {
@@ -653,7 +730,7 @@ impl Connection {
                     .latency
                     .passthrough
                     .observe(started.elapsed());
-                Slot::Ready(transform.apply(&self.shared, proto, r).into_bytes(proto))
+                self.ready(transform.apply(&self.shared, proto, r).into_bytes(proto))
             }
             (
                 Slot::Lookup {
@@ -663,12 +740,15 @@ impl Connection {
                     ..
                 },
                 FrontDone::Upstream(r),
-            ) => self.looked_up(*plan, r, ticket, started),
+            ) => {
+                let s = self.looked_up(*plan, r, ticket, started);
+                self.charged(s)
+            }
             (Slot::Task(_, proto, started), FrontDone::Joined(reply)) => {
                 if let Some(t) = started {
                     self.shared.metrics.latency.miss.observe(t.elapsed());
                 }
-                Slot::Ready(reply.into_bytes(proto))
+                self.ready(reply.into_bytes(proto))
             }
             (other, _) => other,
         };
@@ -755,7 +835,7 @@ impl Connection {
     fn route_dedicated_frame(&mut self, frame: Bytes) {
         let Some(ded) = self.ded.as_mut() else { return };
         let is_push = ded.conn.proto == Proto::Resp3 && frame.first() == Some(&b'>');
-        if !is_push && ded.swallow > 0 && !self.session.streaming() {
+        if !is_push && ded.swallow > 0 {
             ded.swallow -= 1;
             return;
         }
@@ -788,7 +868,8 @@ impl Connection {
                 if let Some(Slot::Dedicated { reset: true, .. }) = self.outq.get(i) {
                     if &frame[..] != b"+RESET\r\n" {
                         // A message that was already on its way before RESET took effect.
-                        self.outq.insert(i, Slot::Ready(frame));
+                        let slot = self.ready(frame);
+                        self.outq.insert(i, slot);
                         return;
                     }
                 }
@@ -796,21 +877,66 @@ impl Connection {
                 let filled = match self.outq.remove(i) {
                     Some(Slot::Dedicated {
                         plan: Some(plan), ..
-                    }) => self.looked_up(*plan, Ok(frame), None, Instant::now()),
+                    }) => {
+                        let s = self.looked_up(*plan, Ok(frame), None, Instant::now());
+                        self.charged(s)
+                    }
                     Some(Slot::Dedicated {
-                        transform, proto, ..
-                    }) => Slot::Ready(
-                        transform
-                            .apply(&self.shared, proto, Ok(frame))
-                            .into_bytes(proto),
-                    ),
+                        transform,
+                        proto,
+                        exec,
+                        ..
+                    }) => {
+                        if let Some(queued) = exec {
+                            self.exec_ran(queued, &frame);
+                        }
+                        self.ready(
+                            transform
+                                .apply(&self.shared, proto, Ok(frame))
+                                .into_bytes(proto),
+                        )
+                    }
                     Some(other) => other,
                     None => return,
                 };
                 self.outq.insert(i, filled);
             }
-            Some(i) => self.outq.insert(i, Slot::Ready(frame)),
-            None => self.outq.push_back(Slot::Ready(frame)),
+            Some(i) => {
+                let slot = self.ready(frame);
+                self.outq.insert(i, slot)
+            }
+            None => {
+                let slot = self.ready(frame);
+                self.outq.push_back(slot)
+            }
+        }
+    }
+
+    /// EXEC's reply arrived: the state changes of the commands that succeeded take effect. A
+    /// subscription entered this way puts the client in subscribed mode, as in Valkey.
+    fn exec_ran(&mut self, queued: Vec<StateChange>, frame: &[u8]) {
+        let Some(items) = crate::protocol::scan::array_elements(frame) else {
+            return; // nil (a WATCHed key changed) or an error: nothing ran
+        };
+        let ok: Vec<bool> = items
+            .iter()
+            .map(|i| !matches!(i.first(), Some(b'-') | Some(b'!')))
+            .collect();
+        let was_subscribed = self.session.subscribed;
+        self.session.apply_exec(queued, &ok);
+        let Some(ded) = self.ded.as_mut() else { return };
+        if self.session.subscribed && !was_subscribed {
+            for item in &items {
+                match subscription_counts(item) {
+                    Some((SubKind::Regular, n)) => ded.subs.0 = n,
+                    Some((SubKind::Shard, n)) => ded.subs.1 = n,
+                    None => {}
+                }
+            }
+            if ded.subs == (0, 0) {
+                // Confirmed out of band (RESP3 pushes): counted as they come.
+                ded.subs.0 = 1;
+            }
         }
     }
 
@@ -832,6 +958,7 @@ impl Connection {
                 },
                 _ => continue,
             };
+            let filled = self.charged(filled);
             self.outq[i] = filled;
         }
         let stateful = self.session.needs_dedicated();
@@ -849,20 +976,25 @@ impl Connection {
             .is_some_and(|d| d.pending == 0 && d.wbuf.is_empty());
         if idle && !self.session.needs_dedicated() {
             if let Some(d) = self.ded.take() {
-                self.shared
-                    .upstream
-                    .release(self.session.id, d.conn, d.reusable);
+                self.shared.upstream.release(self.session.id, d.conn, true);
             }
         }
     }
 
     fn finish(&mut self) {
         if let Some(d) = self.ded.take() {
-            let clean = d.reusable && d.pending == 0 && !self.session.needs_dedicated();
-            self.shared.upstream.release(self.session.id, d.conn, clean);
+            let quiet = d.pending == 0 && d.wbuf.is_empty();
+            self.shared.upstream.release(self.session.id, d.conn, quiet);
         }
         self.shared.upstream.forget(self.session.id);
     }
+}
+
+fn write_timeout() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "client did not read its replies (limits.client_write_timeout_ms)",
+    )
 }
 
 fn dropped() -> Error {

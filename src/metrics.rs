@@ -196,6 +196,9 @@ pub struct Metrics {
     /// Fill queries the primary answered after the replica chosen failed as a server (also
     /// counted in `replica_fallbacks`).
     pub replica_errors: AtomicU64,
+    /// Clients disconnected for holding more unread replies than
+    /// `limits.client_output_buffer_limit` allows.
+    pub output_limit_disconnects: AtomicU64,
     pub latency: Latency,
     pub slowlog: SlowLog,
 }
@@ -258,6 +261,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "replica_errors",
         "Fill queries the primary answered after the read replica chosen failed",
     ),
+    (
+        "client_output_limit_disconnects",
+        "Clients disconnected for passing their output buffer limit",
+    ),
 ];
 
 /// Adds one to a counter.
@@ -296,6 +303,7 @@ impl Metrics {
             "replica_fills" => &self.replica_fills,
             "replica_fallbacks" => &self.replica_fallbacks,
             "replica_errors" => &self.replica_errors,
+            "client_output_limit_disconnects" => &self.output_limit_disconnects,
             _ => return 0,
         };
         c.load(Relaxed)
@@ -396,6 +404,10 @@ impl Metrics {
                 g(&self.listener_reconnects).to_string(),
             ),
             ("early_refreshes", g(&self.early_refreshes).to_string()),
+            (
+                "client_output_limit_disconnects",
+                g(&self.output_limit_disconnects).to_string(),
+            ),
             ("l1_hits", g(&self.l1_hits).to_string()),
             ("stale_served", g(&self.stale_served).to_string()),
             (

@@ -5,6 +5,25 @@ use std::sync::Arc;
 use crate::acl::User;
 use crate::protocol::Proto;
 
+/// How a forwarded command changes what Valkey remembers for the client's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateChange {
+    None,
+    Multi,
+    EndMulti,
+    Watch,
+    Unwatch,
+    Subscribe,
+    Monitor,
+    Select(i64),
+    Tracking(bool),
+    /// `HELLO 2|3` on the dedicated connection.
+    Proto(Proto),
+    /// State cachefront does not model (READONLY, CLIENT NO-EVICT…): the connection stays
+    /// the client's until it leaves or RESETs.
+    Pin,
+}
+
 /// Per-client state. Modes that live on the Valkey side (transaction, watches, subscriptions,
 /// tracking, selected database) are mirrored here so the connection knows when it needs a
 /// dedicated upstream connection and when it can give it back.
@@ -27,6 +46,9 @@ pub struct Session {
     pub subscribed: bool,
     pub monitor: bool,
     pub tracking: bool,
+    /// What each command queued in the open transaction will change once EXEC runs it, in
+    /// queue order (the order of EXEC's reply).
+    pub queued: Vec<StateChange>,
     /// Upstream state cachefront does not model (READONLY, CLIENT NO-EVICT…): keep the
     /// dedicated connection for the life of the client.
     pub pinned: bool,
@@ -50,6 +72,7 @@ impl Session {
             subscribed: false,
             monitor: false,
             tracking: false,
+            queued: Vec::new(),
             pinned: false,
         }
     }
@@ -63,6 +86,52 @@ impl Session {
             || self.tracking
             || self.pinned
             || self.db != 0
+    }
+
+    /// Records what a forwarded command changes on the dedicated connection. Inside a
+    /// transaction Valkey only queues the command: its change is kept for EXEC (see
+    /// [`Session::apply_exec`]) instead of being applied now.
+    pub fn apply(&mut self, change: StateChange) {
+        match change {
+            StateChange::Multi => {
+                self.in_multi = true;
+                self.multi_failed = false;
+                self.queued.clear();
+            }
+            StateChange::EndMulti => {
+                self.in_multi = false;
+                self.multi_failed = false;
+                self.watching = false;
+                self.queued.clear();
+            }
+            _ if self.in_multi => self.queued.push(change),
+            change => self.take_effect(change),
+        }
+    }
+
+    /// EXEC ran the transaction: `ok[i]` says whether its i-th command succeeded. Each
+    /// successful command's change takes effect now, as it did in Valkey (`SELECT`, `SUBSCRIBE`
+    /// or `CLIENT TRACKING` queued in MULTI change the connection once EXEC runs them).
+    pub fn apply_exec(&mut self, queued: Vec<StateChange>, ok: &[bool]) {
+        for (change, ok) in queued.into_iter().zip(ok) {
+            if *ok {
+                self.take_effect(change);
+            }
+        }
+    }
+
+    fn take_effect(&mut self, change: StateChange) {
+        match change {
+            StateChange::None | StateChange::Multi | StateChange::EndMulti => {}
+            StateChange::Watch => self.watching = true,
+            StateChange::Unwatch => self.watching = false,
+            StateChange::Subscribe => self.subscribed = true,
+            StateChange::Monitor => self.monitor = true,
+            StateChange::Select(db) => self.db = db,
+            StateChange::Tracking(on) => self.tracking = on,
+            StateChange::Proto(p) => self.proto = p,
+            StateChange::Pin => self.pinned = true,
+        }
     }
 
     /// True while only pub/sub-style traffic flows (replies and messages interleave).

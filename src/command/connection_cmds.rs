@@ -29,7 +29,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, name: &[u8], req: R
         b"QUIT" => Action::Close(Reply::ok()),
         b"RESET" => Action::Reset,
         b"AUTH" => Action::Reply(auth(shared, session, &req)),
-        b"HELLO" => Action::Reply(hello(shared, session, &req)),
+        b"HELLO" => hello(shared, session, &req),
         _ => select(shared, session, req),
     }
 }
@@ -82,18 +82,58 @@ fn auth(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
     }
 }
 
-fn hello(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
-    let mut proto = session.proto;
-    let mut i = 1;
-    if let Some(v) = req.args.get(1) {
-        proto = match parse_i64_strict(v) {
-            Some(2) => Proto::Resp2,
-            Some(3) => Proto::Resp3,
-            Some(_) => return Reply::err("NOPROTO unsupported protocol version"),
-            None => return Reply::err("ERR Protocol version is not an integer or out of range"),
-        };
-        i = 2;
+/// `HELLO [proto] [AUTH u p] [SETNAME n]`. The reply is cachefront's. A protocol switch while
+/// Valkey holds state for the client (a selected database, watched keys, subscriptions,
+/// tracking) also switches its dedicated connection: `HELLO <proto>` goes there, and the
+/// client sees Valkey's refusal if there is one, else cachefront's reply.
+fn hello(shared: &Shared, session: &mut Session, req: &Request) -> Action {
+    let proto = match hello_proto(session, req) {
+        Ok(p) => p,
+        Err(r) => return Action::Reply(r),
+    };
+    let switch_upstream = proto != session.proto && session.needs_dedicated();
+    let reply = match hello_local(shared, session, req, proto, !switch_upstream) {
+        Ok(r) => r,
+        Err(r) => return Action::Reply(r),
+    };
+    if !switch_upstream {
+        return Action::Reply(reply);
     }
+    Action::Forward {
+        req: Request::from_args([
+            Bytes::from_static(b"HELLO"),
+            Bytes::from(proto.number().to_string()),
+        ]),
+        route: Route::Dedicated(StateChange::Proto(proto)),
+        transform: Transform::Replace(reply.into_bytes(proto)),
+    }
+}
+
+/// The protocol HELLO asks for (the current one when it names none).
+fn hello_proto(session: &Session, req: &Request) -> Result<Proto, Reply> {
+    match req.args.get(1) {
+        None => Ok(session.proto),
+        Some(v) => match parse_i64_strict(v) {
+            Some(2) => Ok(Proto::Resp2),
+            Some(3) => Ok(Proto::Resp3),
+            Some(_) => Err(Reply::err("NOPROTO unsupported protocol version")),
+            None => Err(Reply::err(
+                "ERR Protocol version is not an integer or out of range",
+            )),
+        },
+    }
+}
+
+/// HELLO's options and reply; `set_proto` switches the session's protocol here (otherwise the
+/// forwarded HELLO does it).
+fn hello_local(
+    shared: &Shared,
+    session: &mut Session,
+    req: &Request,
+    proto: Proto,
+    set_proto: bool,
+) -> Result<Reply, Reply> {
+    let mut i = if req.args.len() > 1 { 2 } else { 1 };
     let mut name = None;
     let mut login = None;
     while i < req.args.len() {
@@ -104,38 +144,37 @@ fn hello(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
                 .authenticate(&req.args[i + 1], &req.args[i + 2])
             {
                 Ok(u) => login = Some(u),
-                Err(r) => return r,
+                Err(r) => return Err(r),
             }
             i += 3;
         } else if opt.eq_ignore_ascii_case(b"SETNAME") && i + 1 < req.args.len() {
             match valid_name(&req.args[i + 1]) {
                 Ok(n) => name = Some(n),
-                Err(r) => return r,
+                Err(r) => return Err(r),
             }
             i += 2;
         } else {
-            return Reply::err(format!(
+            return Err(Reply::err(format!(
                 "ERR Syntax error in HELLO option '{}'",
                 String::from_utf8_lossy(opt)
-            ));
+            )));
         }
     }
     if !session.authed && login.is_none() {
-        return Reply::err("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
-    }
-    if proto != session.proto && session.needs_dedicated() {
-        return Reply::err("ERR cachefront cannot switch protocol while the connection holds a transaction, watched keys, subscriptions, tracking or a selected database; RESET first");
+        return Err(Reply::err("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time"));
     }
     session.authed = true;
     if let Some(u) = login {
         session.user = u;
     }
-    session.proto = proto;
+    if set_proto {
+        session.proto = proto;
+    }
     if let Some(n) = name {
         session.name = n;
     }
     let version = shared.upstream.server_version();
-    Reply::Map(vec![
+    Ok(Reply::Map(vec![
         (Reply::text("server"), Reply::text("valkey")),
         (
             Reply::text("version"),
@@ -150,7 +189,7 @@ fn hello(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
         (Reply::text("mode"), Reply::text("standalone")),
         (Reply::text("role"), Reply::text("master")),
         (Reply::text("modules"), Reply::Array(Vec::new())),
-    ])
+    ]))
 }
 
 /// Valkey's rule for client names: printable ASCII without spaces; empty clears the name.

@@ -21,20 +21,7 @@ pub enum Route {
     Dedicated(StateChange),
 }
 
-/// How a forwarded command changes what Valkey remembers for the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateChange {
-    None,
-    Multi,
-    EndMulti,
-    Watch,
-    Unwatch,
-    Subscribe,
-    Monitor,
-    Select(i64),
-    Tracking(bool),
-    Pin,
-}
+pub use crate::session::StateChange;
 
 /// What to do with Valkey's reply before it reaches the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +41,9 @@ pub enum Transform {
     CommandDocs(Vec<String>),
     /// `COMMAND LIST`: append cachefront's command names.
     CommandList,
+    /// The client gets these bytes (cachefront's own reply, encoded) unless Valkey refused
+    /// the command: `HELLO` forwarded to switch the dedicated connection's protocol.
+    Replace(Bytes),
 }
 
 impl Transform {
@@ -68,6 +58,10 @@ impl Transform {
             (Transform::Info, r) => introspection::merge_info(shared, proto, r),
             (_, Err(e)) => e.to_reply(),
             (Transform::None, Ok(raw)) => Reply::Raw(raw),
+            (Transform::Replace(_), Ok(raw)) if matches!(raw.first(), Some(b'-') | Some(b'!')) => {
+                Reply::Raw(raw)
+            }
+            (Transform::Replace(ours), Ok(_)) => Reply::Raw(ours.clone()),
             (Transform::ExecAbort, Ok(_)) => {
                 Reply::err("EXECABORT Transaction discarded because of previous errors.")
             }
@@ -140,18 +134,17 @@ pub fn dispatch(session: &Session, name: &[u8], req: Request) -> Action {
 /// In a transaction every command is queued by Valkey, except cachefront's own, which cannot
 /// be: they are refused and, as Valkey does for a command refused while queuing, the EXEC that
 /// follows fails with EXECABORT.
+///
+/// Every other command is routed exactly as it would be outside the transaction
+/// ([`queue`]), so a command refused outside MULTI (`CLIENT KILL`, `CLIENT REPLY`, `SYNC` …) is
+/// refused inside it too, and a command that changes the connection (`SUBSCRIBE`, `SELECT`,
+/// `CLIENT TRACKING` …) is recorded in the session, to take effect when EXEC runs it.
 pub fn in_transaction(
     shared: &Arc<Shared>,
     session: &mut Session,
     name: &[u8],
     req: Request,
 ) -> Action {
-    let refuse = |session: &mut Session, what: &str| {
-        session.multi_failed = true;
-        Action::Reply(Reply::err(format!(
-            "ERR {what} is not allowed inside MULTI: cachefront commands cannot be queued in a transaction"
-        )))
-    };
     match name {
         b"EXEC" if session.multi_failed => Action::Forward {
             req: Request::from_args([&b"DISCARD"[..]]),
@@ -161,29 +154,80 @@ pub fn in_transaction(
         b"EXEC" | b"DISCARD" => forward(req, Route::Dedicated(StateChange::EndMulti)),
         b"QUIT" => Action::Close(Reply::ok()),
         b"RESET" => Action::Reset,
-        b"HELLO" | b"AUTH" | b"ACL" => refuse(session, &req.name_lossy().to_ascii_uppercase()),
-        b"CLIENT" if super::connection_cmds::is_local_client_subcommand(&req) => {
-            let sub = String::from_utf8_lossy(&req.args[1]).to_ascii_uppercase();
-            refuse(session, &format!("CLIENT {sub}"))
+        // Valkey answers these itself: queued (PING, ECHO, INFO, COMMAND), or refused inside
+        // a transaction (MULTI, WATCH).
+        b"MULTI" | b"WATCH" | b"PING" | b"ECHO" | b"INFO" | b"COMMAND" => {
+            forward(req, Route::Dedicated(StateChange::None))
         }
-        b"SQL.CACHED" | b"SQL.INVALIDATE" | b"CACHEFRONT.SLOWLOG" => {
-            refuse(session, &req.name_lossy().to_ascii_uppercase())
+        b"CLIENT" if !super::connection_cmds::is_local_client_subcommand(&req) => {
+            let outside = super::connection_cmds::client(shared, session, req);
+            queue(session, outside)
         }
-        _ if shared
-            .named()
-            .contains_key(std::str::from_utf8(name).unwrap_or_default()) =>
-        {
-            refuse(session, &req.name_lossy().to_ascii_uppercase())
+        b"SELECT" => {
+            let outside = super::connection_cmds::dispatch(shared, session, name, req);
+            queue(session, outside)
         }
-        b"SELECT" => match req
-            .args
-            .get(1)
-            .and_then(|a| crate::protocol::request::parse_i64_strict(a))
-        {
-            Some(db) => forward(req, Route::Dedicated(StateChange::Select(db))),
-            None => forward(req, Route::Dedicated(StateChange::None)),
-        },
-        _ => forward(req, Route::Dedicated(StateChange::None)),
+        _ if is_own_or_local(shared, name) => refuse_in_multi(session, &req),
+        _ => queue(session, dispatch(session, name, req)),
+    }
+}
+
+/// cachefront's own commands and the connection commands it answers itself (HELLO, AUTH,
+/// ACL, CLIENT ID/SETNAME …): none of them can be queued in Valkey's transaction.
+fn is_own_or_local(shared: &Arc<Shared>, name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"HELLO"
+            | b"AUTH"
+            | b"ACL"
+            | b"CLIENT"
+            | b"SQL.CACHED"
+            | b"SQL.INVALIDATE"
+            | b"CACHEFRONT.SLOWLOG"
+    ) || shared
+        .named()
+        .contains_key(std::str::from_utf8(name).unwrap_or_default())
+}
+
+fn refuse_in_multi(session: &mut Session, req: &Request) -> Action {
+    session.multi_failed = true;
+    let mut what = req.name_lossy().to_ascii_uppercase();
+    if what == "CLIENT" {
+        if let Some(sub) = req.args.get(1) {
+            what = format!(
+                "CLIENT {}",
+                String::from_utf8_lossy(sub).to_ascii_uppercase()
+            );
+        }
+    }
+    Action::Reply(Reply::err(format!(
+        "ERR {what} is not allowed inside MULTI: cachefront commands cannot be queued in a transaction"
+    )))
+}
+
+/// Turns what a command would do outside a transaction into what it does inside one: a
+/// forwarded command is queued on the dedicated connection (its state change kept for EXEC);
+/// an error stays an error and makes EXEC fail, as in Valkey; anything answered locally
+/// cannot be queued and is refused.
+fn queue(session: &mut Session, outside: Action) -> Action {
+    match outside {
+        Action::Forward { req, route, .. } => {
+            let change = match route {
+                Route::Dedicated(c) => c,
+                Route::Any => StateChange::None,
+            };
+            forward(req, Route::Dedicated(change))
+        }
+        Action::Reply(r) if r.is_error() => {
+            session.multi_failed = true;
+            Action::Reply(r)
+        }
+        _ => {
+            session.multi_failed = true;
+            Action::Reply(Reply::err(
+                "ERR this command is answered by cachefront itself and cannot be queued in a transaction",
+            ))
+        }
     }
 }
 
@@ -191,13 +235,17 @@ pub fn in_transaction(
 /// connection, so everything goes there in order; only QUIT and RESET are handled here.
 pub fn in_subscribed_mode(
     shared: &Arc<Shared>,
-    session: &Session,
+    session: &mut Session,
     name: &[u8],
     req: Request,
 ) -> Action {
     match name {
         b"QUIT" => Action::Close(Reply::ok()),
         b"RESET" => Action::Reset,
+        // RESP3 allows every command while subscribed; HELLO switches the protocol there.
+        b"HELLO" if session.proto == Proto::Resp3 => {
+            super::connection_cmds::dispatch(shared, session, name, req)
+        }
         b"HELLO" | b"AUTH" | b"ACL" | b"SQL.CACHED" | b"SQL.INVALIDATE" | b"CACHEFRONT.SLOWLOG" => {
             not_in_subscribed(session, &req)
         }

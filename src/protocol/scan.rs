@@ -124,6 +124,24 @@ pub fn frame_kind(frame: &[u8]) -> u8 {
     frame.first().copied().unwrap_or(0)
 }
 
+/// The elements of a complete array frame (`*N`), each a complete frame of its own; `None`
+/// for anything else (a nil array, an error, a truncated frame).
+pub fn array_elements(frame: &[u8]) -> Option<Vec<&[u8]>> {
+    let header = find_crlf(frame)?;
+    if frame.first() != Some(&b'*') {
+        return None;
+    }
+    let count = usize::try_from(parse_signed(&frame[1..header])?).ok()?;
+    let mut rest = &frame[header + 2..];
+    let mut items = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        let len = FrameScanner::default().scan(rest).ok()??;
+        items.push(&rest[..len]);
+        rest = &rest[len..];
+    }
+    Some(items)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +212,18 @@ mod tests {
         assert!(FrameScanner::default().scan(b"?x\r\n").is_err());
         assert!(FrameScanner::default().scan(b"$abc\r\n").is_err());
         assert!(FrameScanner::default().scan(b"$3\r\nabcde\r\n").is_err());
+    }
+
+    #[test]
+    fn splits_array_elements() {
+        let f = b"*3\r\n+OK\r\n-ERR no\r\n*2\r\n$1\r\na\r\n:1\r\n";
+        let items = super::array_elements(f).unwrap();
+        assert_eq!(
+            items,
+            vec![&b"+OK\r\n"[..], b"-ERR no\r\n", b"*2\r\n$1\r\na\r\n:1\r\n"]
+        );
+        assert!(super::array_elements(b"*-1\r\n").is_none());
+        assert!(super::array_elements(b"-EXECABORT x\r\n").is_none());
+        assert!(super::array_elements(b"*2\r\n+OK\r\n").is_none());
     }
 }

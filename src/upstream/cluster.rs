@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::conn::{connect, Endpoint};
-use super::mux::{Mux, Redirect, ReplyRx};
+use super::mux::{Mux, Redirect, ReplyBudget, ReplyRx};
 use super::tracking::{TrackingEvent, TrackingState};
 use crate::acl::CommandTable;
 use crate::error::{Error, Result};
@@ -221,9 +221,19 @@ impl Cluster {
     /// Sends a request for one key's slot (cachefront's own lookups). Awaits only while the
     /// slot map is not loaded yet; the request is queued before this returns, so a client's
     /// requests reach each node in the order it sent them.
-    pub async fn send_key(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
+    pub async fn send_key(
+        &self,
+        lane: u64,
+        proto: Proto,
+        raw: Bytes,
+        key: &[u8],
+        budget: Option<&Arc<ReplyBudget>>,
+    ) -> ReplyRx {
         match self.ready_now().await {
-            Ok(topo) => self.dispatch(&topo, Target::Slot(slot_of(key)), lane, proto, raw, &[]),
+            Ok(topo) => {
+                let t = Target::Slot(slot_of(key));
+                self.dispatch(&topo, t, (lane, budget), proto, raw, &[])
+            }
             Err(e) => ready(Err(e)),
         }
     }
@@ -231,7 +241,7 @@ impl Cluster {
     /// Sends a keyless request to some primary (`lane` spreads them).
     pub async fn send_any(&self, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
         match self.ready_now().await {
-            Ok(topo) => self.dispatch(&topo, Target::Any, lane, proto, raw, &[]),
+            Ok(topo) => self.dispatch(&topo, Target::Any, (lane, None), proto, raw, &[]),
             Err(e) => ready(Err(e)),
         }
     }
@@ -240,9 +250,16 @@ impl Cluster {
     /// Valkey (the slot map and command table at first, `COMMAND GETKEYS` for movable keys)
     /// is awaited here, by the client's own connection, so its commands stay in order; the
     /// command itself is queued before this returns.
-    pub async fn forward(&self, lane: u64, proto: Proto, args: &[Bytes], raw: Bytes) -> ReplyRx {
+    pub async fn forward(
+        &self,
+        lane: u64,
+        proto: Proto,
+        args: &[Bytes],
+        raw: Bytes,
+        budget: Option<&Arc<ReplyBudget>>,
+    ) -> ReplyRx {
         match self.resolve(lane, args).await {
-            Ok((t, topo)) => self.dispatch(&topo, t, lane, proto, raw, args),
+            Ok((t, topo)) => self.dispatch(&topo, t, (lane, budget), proto, raw, args),
             Err(e) => ready(Err(e)),
         }
     }
@@ -275,11 +292,13 @@ impl Cluster {
     }
 
     /// Queues the request where `t` says, now; a fan-out's replies are combined on a task.
+    /// A single node's reply is charged to the client's budget (a fan-out's parts are not:
+    /// they are combined first).
     fn dispatch(
         &self,
         topo: &Topology,
         t: Target,
-        lane: u64,
+        (lane, budget): (u64, Option<&Arc<ReplyBudget>>),
         proto: Proto,
         raw: Bytes,
         args: &[Bytes],
@@ -293,7 +312,7 @@ impl Cluster {
             Target::Fanout(how) => return fanout(&topo.nodes, how, lane, proto, raw, args),
         };
         match node {
-            Some(node) => node.mux(proto, lane).send_lane(raw, lane),
+            Some(node) => node.mux(proto, lane).send_for(raw, lane, false, budget),
             // What a node says for a slot nobody serves.
             None => ready(Ok(Bytes::from_static(
                 b"-CLUSTERDOWN Hash slot not served\r\n",
@@ -398,7 +417,7 @@ impl Cluster {
     /// One request to where `t` says, awaited (RESP2).
     async fn request(&self, t: Target, lane: u64, raw: Bytes) -> Result<Bytes> {
         let topo = self.topology();
-        await_reply(self.dispatch(&topo, t, lane, Proto::Resp2, raw, &[])).await
+        await_reply(self.dispatch(&topo, t, (lane, None), Proto::Resp2, raw, &[])).await
     }
 
     /// Loads the slot map from any node that answers and swaps it in.
@@ -508,13 +527,20 @@ impl Cluster {
 
     /// A tracked lookup for the L1 on the key's node, or `None` while that node's tracking
     /// connection is down (or the map is not loaded): then nothing read may enter the L1.
-    pub fn send_tracked(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> Option<ReplyRx> {
+    pub fn send_tracked(
+        &self,
+        lane: u64,
+        proto: Proto,
+        raw: Bytes,
+        key: &[u8],
+        budget: Option<&Arc<ReplyBudget>>,
+    ) -> Option<ReplyRx> {
         let topo = self.topology();
         let node = topo.node_for(slot_of(key))?;
         if self.on_tracking.get().is_none() || node.tracking.current().0 == 0 {
             return None;
         }
-        Some(node.mux(proto, lane).send_tracked_lane(raw, lane))
+        Some(node.mux(proto, lane).send_for(raw, lane, true, budget))
     }
 
     /// Follows a redirect: sends `job` to `addr`, and for a `-MOVED` records that the slot now

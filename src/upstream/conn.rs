@@ -175,6 +175,25 @@ async fn connect_inner(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
                 })?,
         )),
     };
+    let mut conn = RawConn {
+        stream,
+        rbuf: BytesMut::with_capacity(16 * 1024),
+        scanner: FrameScanner::default(),
+        proto,
+        upstream_id: 0,
+        server_version: String::new(),
+        addr: ep.addr.clone(),
+    };
+    conn.write_all(&handshake(ep, proto))
+        .await
+        .map_err(|e| Error::upstream(format!("cannot write to Valkey: {e}")))?;
+    read_handshake(&mut conn, ep).await?;
+    Ok(conn)
+}
+
+/// `HELLO <proto> [AUTH …]`, then `SELECT` if the URL names a database: what puts a fresh (or
+/// just `RESET`) connection into the state cachefront expects.
+fn handshake(ep: &Endpoint, proto: Proto) -> BytesMut {
     let mut hello: Vec<Bytes> = vec![
         Bytes::from_static(b"HELLO"),
         Bytes::from(proto.number().to_string()),
@@ -194,20 +213,13 @@ async fn connect_inner(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
             Bytes::from(ep.db.to_string()),
         ]));
     }
-    let mut conn = RawConn {
-        stream,
-        rbuf: BytesMut::with_capacity(16 * 1024),
-        scanner: FrameScanner::default(),
-        proto,
-        upstream_id: 0,
-        server_version: String::new(),
-        addr: ep.addr.clone(),
-    };
-    conn.write_all(&out)
-        .await
-        .map_err(|e| Error::upstream(format!("cannot write to Valkey: {e}")))?;
+    out
+}
+
+/// Reads the replies to [`handshake`], failing on any refusal.
+async fn read_handshake(conn: &mut RawConn, ep: &Endpoint) -> Result<()> {
     let hello_reply = conn.read_frame().await?;
-    let (id, version) = parse_hello(&hello_reply, proto)?;
+    let (id, version) = parse_hello(&hello_reply, conn.proto)?;
     conn.upstream_id = id;
     conn.server_version = version;
     if ep.db != 0 {
@@ -220,7 +232,55 @@ async fn connect_inner(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
             )));
         }
     }
-    Ok(conn)
+    Ok(())
+}
+
+/// Most bytes of leftovers (messages, pushes already on their way) skipped before `+RESET`.
+const RESET_SKIP_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Returns a dedicated connection to the state of a fresh one before anyone else may use it:
+/// `RESET` (Valkey drops MULTI, WATCH, subscriptions, tracking, CLIENT REPLY mode, the selected
+/// database, the name, the login and the protocol), the handshake again, and an `ECHO` of a
+/// random token. Whatever the last client left on the connection, it is clean afterwards; the
+/// token proves every reply of the sequence was read — none can be left for the next user.
+/// Any surprise is an error, and the caller closes the connection.
+pub async fn reset(conn: &mut RawConn, ep: &Endpoint) -> Result<()> {
+    tokio::time::timeout(ep.command_timeout, reset_inner(conn, ep))
+        .await
+        .map_err(|_| Error::upstream("Valkey did not answer RESET in time"))?
+}
+
+async fn reset_inner(conn: &mut RawConn, ep: &Endpoint) -> Result<()> {
+    let token = format!("cachefront-reset-{:016x}", rand::random::<u64>());
+    let mut out = BytesMut::from(&b"*1\r\n$5\r\nRESET\r\n"[..]);
+    out.extend_from_slice(&handshake(ep, conn.proto));
+    out.extend_from_slice(&encode_multibulk(&[
+        Bytes::from_static(b"ECHO"),
+        Bytes::from(token.clone()),
+    ]));
+    conn.write_all(&out)
+        .await
+        .map_err(|e| Error::upstream(format!("cannot write to Valkey: {e}")))?;
+    let mut skipped = 0usize;
+    loop {
+        let frame = conn.read_frame().await?;
+        if &frame[..] == b"+RESET\r\n" {
+            break;
+        }
+        skipped += frame.len();
+        if skipped > RESET_SKIP_LIMIT {
+            return Err(Error::upstream("too much unread data before RESET"));
+        }
+    }
+    read_handshake(conn, ep).await?;
+    let echoed = conn.read_frame().await?;
+    let expected = format!("${}\r\n{token}\r\n", token.len());
+    if echoed[..] != *expected.as_bytes() || !conn.rbuf.is_empty() {
+        return Err(Error::upstream(
+            "unexpected reply while resetting a connection",
+        ));
+    }
+    Ok(())
 }
 
 /// Pulls `id` and `version` out of a HELLO reply (a map in RESP3, a flat array in RESP2).
@@ -262,6 +322,12 @@ fn parse_hello(frame: &[u8], proto: Proto) -> Result<(i64, String)> {
             }
         }
     };
+    if pairs.is_empty() {
+        return Err(Error::upstream(format!(
+            "unexpected HELLO reply from Valkey: {}",
+            String::from_utf8_lossy(&frame[..frame.len().min(64)]).trim()
+        )));
+    }
     let get = |k: &str| pairs.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone());
     let id = get("id").and_then(|s| s.parse().ok()).unwrap_or(0);
     Ok((id, get("version").unwrap_or_default()))

@@ -20,14 +20,15 @@ use crate::error::Result;
 use crate::protocol::{Proto, Request};
 pub use cluster::Cluster;
 pub use conn::{Endpoint, RawConn};
-pub use mux::{Mux, ReplyRx};
+pub use mux::{Mux, ReplyBudget, ReplyRx};
 pub use tracking::{TrackingEvent, TrackingState};
 
 pub struct Upstream {
     endpoint: Arc<Endpoint>,
     shared2: Vec<Mux>,
     shared3: Vec<Mux>,
-    idle: Mutex<Vec<RawConn>>,
+    /// Dedicated connections returned clean (see [`conn::reset`]), ready for another client.
+    idle: Arc<Mutex<Vec<RawConn>>>,
     max_idle: usize,
     /// cachefront client id → the upstream id of the dedicated connection it holds, so
     /// `CLIENT TRACKING … REDIRECT <id>` can name the right Valkey connection.
@@ -63,7 +64,7 @@ impl Upstream {
             shared2: spawn(Proto::Resp2),
             shared3: spawn(Proto::Resp3),
             endpoint,
-            idle: Mutex::new(Vec::new()),
+            idle: Arc::new(Mutex::new(Vec::new())),
             max_idle: cfg.idle_dedicated,
             dedicated_ids: Mutex::new(HashMap::new()),
             tracking,
@@ -83,18 +84,39 @@ impl Upstream {
     /// cluster to the node serving its keys.
     /// Both queue the request before they return (in a cluster, after awaiting what routing
     /// needs), so a client's requests keep their order.
-    pub async fn forward(&self, lane: u64, proto: Proto, req: &Request) -> ReplyRx {
+    /// The reply is charged to the client's `budget` (its output limit) as it arrives.
+    pub async fn forward(
+        &self,
+        lane: u64,
+        proto: Proto,
+        req: &Request,
+        budget: &Arc<ReplyBudget>,
+    ) -> ReplyRx {
         match &self.cluster {
-            Some(c) => c.forward(lane, proto, &req.args, req.raw.clone()).await,
-            None => self.mux(lane, proto).send(req.raw.clone()),
+            Some(c) => {
+                c.forward(lane, proto, &req.args, req.raw.clone(), Some(budget))
+                    .await
+            }
+            None => self
+                .mux(lane, proto)
+                .send_for(req.raw.clone(), lane, false, Some(budget)),
         }
     }
 
-    /// Sends one of cachefront's own single-key requests (a cache lookup).
-    pub async fn send_key(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
+    /// Sends one of cachefront's own single-key requests (a cache lookup) for a client.
+    pub async fn send_key(
+        &self,
+        lane: u64,
+        proto: Proto,
+        raw: Bytes,
+        key: &[u8],
+        budget: &Arc<ReplyBudget>,
+    ) -> ReplyRx {
         match &self.cluster {
-            Some(c) => c.send_key(lane, proto, raw, key).await,
-            None => self.mux(lane, proto).send(raw),
+            Some(c) => c.send_key(lane, proto, raw, key, Some(budget)).await,
+            None => self
+                .mux(lane, proto)
+                .send_for(raw, lane, false, Some(budget)),
         }
     }
 
@@ -109,14 +131,24 @@ impl Upstream {
 
     /// A tracked lookup for the L1 on the client's shared connection, or `None` while the
     /// tracking connection is down (then nothing read may enter the L1).
-    pub fn send_tracked(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> Option<ReplyRx> {
+    pub fn send_tracked(
+        &self,
+        lane: u64,
+        proto: Proto,
+        raw: Bytes,
+        key: &[u8],
+        budget: &Arc<ReplyBudget>,
+    ) -> Option<ReplyRx> {
         if let Some(c) = &self.cluster {
-            return c.send_tracked(lane, proto, raw, key);
+            return c.send_tracked(lane, proto, raw, key, Some(budget));
         }
         if self.tracking.current().0 == 0 {
             return None;
         }
-        Some(self.mux(lane, proto).send_tracked(raw))
+        Some(
+            self.mux(lane, proto)
+                .send_for(raw, lane, true, Some(budget)),
+        )
     }
 
     /// True while the L1's tracking connection(s) are up.
@@ -174,17 +206,38 @@ impl Upstream {
         Ok(conn)
     }
 
-    /// Gives back a dedicated connection. `clean` says it carries no client state (no
-    /// subscription, transaction, tracking or selected database); only then is it reused.
-    pub fn release(&self, client_id: u64, conn: RawConn, clean: bool) {
+    /// Gives back a dedicated connection. `quiet` says no reply is still due on it (nothing
+    /// sent and unanswered, nothing buffered unsent); otherwise it is closed. A quiet one is
+    /// reset in the background ([`conn::reset`]) and joins the idle set only once Valkey has
+    /// confirmed the reset: whatever state the last client left on it (a transaction, a
+    /// subscription entered through EXEC, tracking, CLIENT REPLY OFF, another database or
+    /// protocol), the next client gets a fresh connection. Any doubt closes it instead.
+    pub fn release(&self, client_id: u64, conn: RawConn, quiet: bool) {
         self.forget(client_id);
-        if !clean || !conn.rbuf.is_empty() {
+        if !quiet || self.max_idle == 0 {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.max_idle {
-            idle.push(conn);
-        }
+        let ep = if conn.addr == self.endpoint.addr {
+            Arc::clone(&self.endpoint)
+        } else {
+            Arc::new(self.endpoint.at(&conn.addr))
+        };
+        let idle = Arc::clone(&self.idle);
+        let max_idle = self.max_idle;
+        tokio::spawn(async move {
+            let mut conn = conn;
+            match conn::reset(&mut conn, &ep).await {
+                Ok(()) => {
+                    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+                    if idle.len() < max_idle {
+                        idle.push(conn);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "dedicated connection closed instead of reused")
+                }
+            }
+        });
     }
 
     /// Drops the client's registration (it no longer holds a dedicated connection).

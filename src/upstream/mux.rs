@@ -7,6 +7,7 @@
 
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -21,6 +22,73 @@ use crate::protocol::Proto;
 /// The reply to one forwarded request: the raw frame, or why there is none.
 pub type ReplyRx = oneshot::Receiver<Result<Bytes>>;
 
+/// What a client holds in replies not yet written to its socket, against its output limit
+/// (Valkey's `client-output-buffer-limit`). Replies are charged where they come into being —
+/// here, by the shared connection that reads them, before they are handed over — so a client
+/// that pipelines many large reads without reading replies is cut off at the limit, not after
+/// the proxy has buffered them all. The client's connection releases bytes as it writes them.
+#[derive(Debug, Default)]
+pub struct ReplyBudget {
+    held: AtomicUsize,
+    /// The hard limit in bytes (0: none).
+    hard: AtomicUsize,
+    over: AtomicBool,
+    exceeded: tokio::sync::Notify,
+}
+
+impl ReplyBudget {
+    /// Adds `n` bytes; false (and the budget marked exceeded) if that passes the hard limit.
+    pub fn charge(&self, n: usize) -> bool {
+        let held = self.held.fetch_add(n, Ordering::Relaxed) + n;
+        let hard = self.hard.load(Ordering::Relaxed);
+        if hard != 0 && held > hard {
+            self.mark_exceeded();
+            return false;
+        }
+        true
+    }
+
+    /// `n` bytes were written to the client (or dropped).
+    pub fn release(&self, n: usize) {
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                Some(h.saturating_sub(n))
+            });
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    pub fn set_hard_limit(&self, bytes: usize) {
+        self.hard.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The client is to be disconnected (a limit was passed).
+    pub fn mark_exceeded(&self) {
+        self.over.store(true, Ordering::Release);
+        self.exceeded.notify_one();
+    }
+
+    pub fn is_exceeded(&self) -> bool {
+        self.over.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a limit has been passed.
+    pub async fn wait_exceeded(&self) {
+        while !self.is_exceeded() {
+            self.exceeded.notified().await;
+        }
+    }
+}
+
+/// The error a request gets when its client passed its output limit (the client is being
+/// disconnected; nobody reads it).
+fn over_limit() -> Error {
+    Error::upstream("client output buffer limit reached")
+}
+
 pub struct Job {
     pub raw: Bytes,
     pub reply: oneshot::Sender<Result<Bytes>>,
@@ -33,6 +101,8 @@ pub struct Job {
     pub hops: u8,
     /// Cluster: the protocol of the connection it was sent on (a resend uses the same).
     pub resp3: bool,
+    /// Charged with the reply's size when it arrives (a client's own request).
+    pub budget: Option<Arc<ReplyBudget>>,
 }
 
 /// Cluster: a request Valkey answered with `-MOVED` or `-ASK`, to be sent again elsewhere.
@@ -57,6 +127,7 @@ type Pending = Option<Waiter>;
 struct Waiter {
     reply: oneshot::Sender<Result<Bytes>>,
     resend: Option<Resend>,
+    budget: Option<Arc<ReplyBudget>>,
 }
 
 /// What a redirected request needs to be sent again.
@@ -107,35 +178,33 @@ impl Mux {
 
     /// Queues a request for `lane` (cluster mode: kept for a possible redirect).
     pub fn send_lane(&self, raw: Bytes, lane: u64) -> ReplyRx {
-        let (reply, rx) = oneshot::channel();
-        self.resend(Job {
-            raw,
-            reply,
-            tracked: false,
-            asking: false,
-            lane,
-            hops: 0,
-            resp3: false,
-        });
-        rx
+        self.enqueue(raw, false, lane, None)
     }
 
     /// Queues `raw` (one encoded command) and returns where its reply will arrive.
     pub fn send(&self, raw: Bytes) -> ReplyRx {
-        self.enqueue(raw, false, 0)
+        self.enqueue(raw, false, 0, None)
     }
 
-    /// Like `send`, but Valkey tracks the keys read, for the L1 (see `upstream::tracking`).
-    pub fn send_tracked(&self, raw: Bytes) -> ReplyRx {
-        self.enqueue(raw, true, 0)
+    /// A client's request: its reply is charged to the client's `budget`; with `tracked`,
+    /// Valkey tracks the keys read, for the L1 (see `upstream::tracking`).
+    pub fn send_for(
+        &self,
+        raw: Bytes,
+        lane: u64,
+        tracked: bool,
+        budget: Option<&Arc<ReplyBudget>>,
+    ) -> ReplyRx {
+        self.enqueue(raw, tracked, lane, budget.cloned())
     }
 
-    /// `send_tracked` for a lane (cluster mode: kept for a possible redirect).
-    pub fn send_tracked_lane(&self, raw: Bytes, lane: u64) -> ReplyRx {
-        self.enqueue(raw, true, lane)
-    }
-
-    fn enqueue(&self, raw: Bytes, tracked: bool, lane: u64) -> ReplyRx {
+    fn enqueue(
+        &self,
+        raw: Bytes,
+        tracked: bool,
+        lane: u64,
+        budget: Option<Arc<ReplyBudget>>,
+    ) -> ReplyRx {
         let (reply, rx) = oneshot::channel();
         if let Err(mpsc::error::SendError(job)) = self.tx.send(Job {
             raw,
@@ -145,6 +214,7 @@ impl Mux {
             lane,
             hops: 0,
             resp3: false,
+            budget,
         }) {
             let _ = job
                 .reply
@@ -334,6 +404,7 @@ fn push_job(
     pending.push_back(Some(Waiter {
         reply: job.reply,
         resend,
+        budget: job.budget,
     }));
 }
 
@@ -373,11 +444,11 @@ fn answer(
     proto: Proto,
 ) {
     let (Some(tx), Some(r)) = (redirects, w.resend) else {
-        let _ = w.reply.send(Ok(frame));
+        deliver_charged(w.reply, w.budget.as_deref(), frame);
         return;
     };
     let Some((ask, slot, addr)) = parse_redirect(&frame) else {
-        let _ = w.reply.send(Ok(frame));
+        deliver_charged(w.reply, w.budget.as_deref(), frame);
         return;
     };
     let job = Job {
@@ -388,6 +459,7 @@ fn answer(
         lane: r.lane,
         hops: r.hops,
         resp3: proto == Proto::Resp3,
+        budget: w.budget,
     };
     if let Err(mpsc::error::SendError(r)) = tx.send(Redirect {
         ask,
@@ -397,6 +469,24 @@ fn answer(
     }) {
         let _ = r.job.reply.send(Ok(frame));
     }
+}
+
+/// Hands `frame` over, charged to the client's budget; past the client's limit the frame is
+/// dropped here, so a client that does not read cannot make the proxy hold its replies.
+fn deliver_charged(
+    reply: oneshot::Sender<Result<Bytes>>,
+    budget: Option<&ReplyBudget>,
+    frame: Bytes,
+) {
+    let len = frame.len();
+    let r = match budget {
+        Some(b) if !b.charge(len) => {
+            b.release(len);
+            Err(over_limit())
+        }
+        _ => Ok(frame),
+    };
+    let _ = reply.send(r);
 }
 
 /// `-MOVED 3999 127.0.0.1:6381` or `-ASK 3999 127.0.0.1:6381` → (ask, slot, address).

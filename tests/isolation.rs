@@ -1,0 +1,251 @@
+//! Isolation between clients, by construction: a dedicated Valkey connection is reset before
+//! anyone else gets it, state entered inside MULTI is tracked as Valkey tracks it, protocol
+//! switches reach the dedicated connection, and a client that does not read its replies is
+//! cut off at its output limit instead of growing the process.
+
+mod common;
+
+use common::{Raw, Stack};
+use std::time::Duration;
+
+/// The reproduction from the issue: a client subscribes inside a transaction and leaves. Its
+/// dedicated connection, still subscribed in Valkey, must not reach anyone else: 20 clients
+/// each running BLPOP (which needs a dedicated connection) get Valkey's nil, never the
+/// subscribed-context refusal or a published message.
+#[tokio::test]
+async fn a_connection_subscribed_through_exec_never_reaches_another_client() {
+    let s = Stack::start().await;
+    for round in 0..5 {
+        let mut bad = s.raw().await;
+        assert_eq!(bad.call(&[b"MULTI"]).await, "+OK\r\n");
+        assert_eq!(bad.call(&[b"SUBSCRIBE", b"ch"]).await, "+QUEUED\r\n");
+        let exec = bad.call(&[b"EXEC"]).await;
+        assert!(
+            exec.starts_with("*1\r\n*3\r\n$9\r\nsubscribe\r\n"),
+            "{exec}"
+        );
+        // Valkey now holds the connection in subscribed mode, and so does cachefront.
+        let r = bad.call(&[b"GET", b"k"]).await;
+        assert!(r.starts_with("-ERR Can't execute 'get'"), "{r}");
+        assert_eq!(bad.call(&[b"PING"]).await, "*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+        bad.call(&[b"QUIT"]).await;
+        drop(bad);
+
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let port = s.proxy_port();
+            tasks.push(tokio::spawn(async move {
+                let mut c = Raw::connect(port).await;
+                let mut got = Vec::new();
+                for _ in 0..5 {
+                    got.push(c.call(&[b"BLPOP", b"q-isolation", b"0.05"]).await);
+                }
+                got
+            }));
+        }
+        let mut publisher = s.raw().await;
+        publisher.call(&[b"PUBLISH", b"ch", b"secret"]).await;
+        for t in tasks {
+            for reply in t.await.unwrap() {
+                assert_eq!(
+                    reply, "*-1\r\n",
+                    "round {round}: another client's state leaked"
+                );
+            }
+        }
+    }
+}
+
+/// Commands refused outside a transaction are refused inside one too (the EXEC then fails
+/// with EXECABORT, as Valkey does for a command refused while queuing).
+#[tokio::test]
+async fn commands_refused_outside_multi_are_refused_inside() {
+    let s = Stack::start().await;
+    let mut c = s.raw().await;
+    for cmd in [
+        &[&b"CLIENT"[..], b"REPLY", b"OFF"][..],
+        &[b"CLIENT", b"KILL", b"ID", b"1"],
+        &[b"SYNC"],
+    ] {
+        assert_eq!(c.call(&[b"MULTI"]).await, "+OK\r\n");
+        let r = c.call(cmd).await;
+        assert!(r.starts_with("-ERR"), "{cmd:?}: {r}");
+        let r = c.call(&[b"EXEC"]).await;
+        assert!(r.starts_with("-EXECABORT"), "{cmd:?}: {r}");
+    }
+    // The connection is still fine, and replies still come one per command.
+    assert_eq!(c.call(&[b"SET", b"a", b"1"]).await, "+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"a"]).await, "$1\r\n1\r\n");
+}
+
+/// SELECT queued in MULTI changes the database once EXEC runs it, as in Valkey; one that fails
+/// inside EXEC changes nothing.
+#[tokio::test]
+async fn select_inside_multi_takes_effect_at_exec() {
+    let s = Stack::start().await;
+    let mut c = s.raw().await;
+    assert_eq!(c.call(&[b"MULTI"]).await, "+OK\r\n");
+    assert_eq!(c.call(&[b"SELECT", b"3"]).await, "+QUEUED\r\n");
+    assert_eq!(c.call(&[b"EXEC"]).await, "*1\r\n+OK\r\n");
+    assert_eq!(c.call(&[b"SET", b"in3", b"x"]).await, "+OK\r\n");
+    let mut v = Raw::connect(s.valkey.port()).await;
+    assert_eq!(v.call(&[b"SELECT", b"3"]).await, "+OK\r\n");
+    assert_eq!(v.call(&[b"GET", b"in3"]).await, "$1\r\nx\r\n");
+    assert_eq!(v.call(&[b"SELECT", b"0"]).await, "+OK\r\n");
+    assert_eq!(v.call(&[b"EXISTS", b"in3"]).await, ":0\r\n");
+
+    // A SELECT that fails inside EXEC leaves the database as it was.
+    assert_eq!(c.call(&[b"MULTI"]).await, "+OK\r\n");
+    assert_eq!(c.call(&[b"SELECT", b"99999"]).await, "+QUEUED\r\n");
+    let r = c.call(&[b"EXEC"]).await;
+    assert!(r.starts_with("*1\r\n-ERR"), "{r}");
+    assert_eq!(c.call(&[b"GET", b"in3"]).await, "$1\r\nx\r\n");
+}
+
+/// A connection that carried state (another database, tracking, CLIENT NO-EVICT, a name set
+/// on Valkey's side) comes back to the next client as a fresh one.
+#[tokio::test]
+async fn dedicated_connections_are_reset_before_reuse() {
+    let s = Stack::start_with(|c| c.valkey.idle_dedicated = 1).await;
+    let mut a = s.raw().await;
+    assert_eq!(a.call(&[b"SELECT", b"2"]).await, "+OK\r\n");
+    assert_eq!(a.call(&[b"SET", b"k", b"db2"]).await, "+OK\r\n");
+    assert_eq!(a.call(&[b"WATCH", b"k"]).await, "+OK\r\n");
+    assert_eq!(a.call(&[b"SELECT", b"0"]).await, "+OK\r\n");
+    assert_eq!(a.call(&[b"UNWATCH"]).await, "+OK\r\n");
+    a.call(&[b"QUIT"]).await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The one idle connection is reused: it must be in database 0, with no watch and no
+    // transaction left behind.
+    let mut b = s.raw().await;
+    assert_eq!(b.call(&[b"SET", b"k", b"db0"]).await, "+OK\r\n");
+    assert_eq!(b.call(&[b"WATCH", b"k"]).await, "+OK\r\n");
+    assert_eq!(b.call(&[b"MULTI"]).await, "+OK\r\n");
+    assert_eq!(b.call(&[b"GET", b"k"]).await, "+QUEUED\r\n");
+    assert_eq!(b.call(&[b"EXEC"]).await, "*1\r\n$3\r\ndb0\r\n");
+    assert_eq!(b.call(&[b"CLIENT", b"GETNAME"]).await, "$-1\r\n");
+}
+
+/// HELLO switches the protocol whatever state the client holds: after SELECT, after WATCH,
+/// and in RESP3 subscribed mode (where Valkey allows any command).
+#[tokio::test]
+async fn hello_switches_protocol_at_any_point() {
+    let s = Stack::start().await;
+    let mut c = s.raw().await;
+    assert_eq!(c.call(&[b"SELECT", b"1"]).await, "+OK\r\n");
+    assert_eq!(c.call(&[b"HSET", b"h", b"f", b"v"]).await, ":1\r\n");
+    let hello = c.call(&[b"HELLO", b"3"]).await;
+    assert!(hello.starts_with("%7\r\n"), "{hello}");
+    // A RESP3 map from the dedicated connection, still on database 1.
+    assert_eq!(
+        c.call(&[b"HGETALL", b"h"]).await,
+        "%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
+    assert_eq!(c.call(&[b"WATCH", b"h"]).await, "+OK\r\n");
+    let hello = c.call(&[b"HELLO", b"2"]).await;
+    assert!(hello.starts_with("*14\r\n"), "{hello}");
+    assert_eq!(
+        c.call(&[b"HGETALL", b"h"]).await,
+        "*2\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
+    assert_eq!(c.call(&[b"MULTI"]).await, "+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"x"]).await, "+QUEUED\r\n");
+    assert_eq!(c.call(&[b"EXEC"]).await, "*1\r\n$-1\r\n");
+
+    // RESP3 subscribed mode: HELLO 2 is allowed and the messages turn into RESP2 arrays.
+    let mut sub = s.raw().await;
+    assert!(sub.call(&[b"HELLO", b"3"]).await.starts_with("%7"));
+    let r = sub.call(&[b"SUBSCRIBE", b"news"]).await;
+    assert!(r.starts_with(">3\r\n$9\r\nsubscribe"), "{r}");
+    let hello = sub.call(&[b"HELLO", b"2"]).await;
+    assert!(hello.starts_with("*14\r\n"), "{hello}");
+    let mut p = s.raw().await;
+    assert_eq!(p.call(&[b"PUBLISH", b"news", b"hi"]).await, ":1\r\n");
+    assert_eq!(
+        sub.frame().await,
+        "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n"
+    );
+    // RESP2 subscribed mode now: only the subscription commands.
+    let r = sub.call(&[b"GET", b"x"]).await;
+    assert!(r.starts_with("-ERR Can't execute 'get'"), "{r}");
+}
+
+/// The reproduction from the issue: 400 pipelined GETs of a 1 MiB value on a connection that
+/// never reads. The client is cut off at its output limit, and the process does not grow by
+/// the 400 MiB it asked for.
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off_at_its_output_limit() {
+    let s = Stack::start_with(|c| {
+        c.limits.client_output_buffer_limit =
+            cachefront::config::OutputBufferLimits::try_from("normal 16mb 0 0".to_string())
+                .unwrap();
+    })
+    .await;
+    let mut v = s.valkey_client().await;
+    let big = vec![b'x'; 1 << 20];
+    let _: () = redis::cmd("SET")
+        .arg("big")
+        .arg(&big)
+        .query_async(&mut v)
+        .await
+        .unwrap();
+    let rss_before = rss_kb();
+    let mut hog = s.raw().await;
+    let mut pipeline = Vec::new();
+    for _ in 0..400 {
+        pipeline.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n");
+    }
+    hog.send(&pipeline).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown_mb = rss_kb().saturating_sub(rss_before) / 1024;
+    assert!(hog.closed().await, "the client was not disconnected");
+    assert!(grown_mb < 200, "RSS grew by {grown_mb} MB");
+    // Everyone else is served as before, and the disconnect is counted.
+    let mut c = s.raw().await;
+    assert_eq!(c.call(&[b"SET", b"a", b"1"]).await, "+OK\r\n");
+    let info = c.call(&[b"INFO", b"cachefront"]).await;
+    assert!(info.contains("client_output_limit_disconnects:1"), "{info}");
+}
+
+/// A subscriber that does not read is held to the pubsub class's limit, not the normal one.
+#[tokio::test]
+async fn a_subscriber_that_never_reads_is_cut_off_at_the_pubsub_limit() {
+    let s = Stack::start_with(|c| {
+        c.limits.client_output_buffer_limit = cachefront::config::OutputBufferLimits::try_from(
+            "normal 0 0 0 pubsub 1mb 0 0".to_string(),
+        )
+        .unwrap();
+    })
+    .await;
+    let mut sub = s.raw().await;
+    assert!(sub
+        .call(&[b"SUBSCRIBE", b"firehose"])
+        .await
+        .contains("subscribe"));
+    // Small socket buffers would make this slow; the messages are big instead.
+    let msg = vec![b'm'; 256 * 1024];
+    let mut p = s.valkey_client().await;
+    for _ in 0..200 {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("firehose")
+            .arg(&msg)
+            .query_async(&mut p)
+            .await
+            .unwrap();
+    }
+    assert!(sub.closed().await, "the subscriber was not disconnected");
+}
+
+/// This process's resident set, in KiB.
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
