@@ -37,6 +37,8 @@ use crate::protocol::{Proto, Reply, Request};
 pub const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
 /// Valkey's reply for a key outside the user's patterns.
 pub const NOPERM_KEY: &str = "NOPERM No permissions to access a key";
+/// The reply for a client's write to one of cachefront's own keys (`cache.meta_prefix`).
+pub const NOPERM_META: &str = "NOPERM cachefront's own keys (under cache.meta_prefix) cannot be written, renamed or deleted by clients";
 
 /// Valkey's ACL categories (as `ACL CAT` lists them), plus cachefront's own.
 pub const CATEGORIES: &[&str] = &[
@@ -494,6 +496,9 @@ pub struct CmdInfo {
     pub last: i64,
     pub step: i64,
     pub movable: bool,
+    /// Writes (or may write) its keys: the `write` flag, or a key specification that says
+    /// `RW`, `OW` or `RM` (scripts: "we cannot tell how the keys will be used").
+    pub writes: bool,
     /// Categories without the `@`.
     pub categories: Vec<String>,
     pub subs: HashMap<String, CmdInfo>,
@@ -535,6 +540,7 @@ impl CmdInfo {
             last: int(f.get(4)),
             step: int(f.get(5)),
             movable: flags.iter().any(|x| x == "movablekeys"),
+            writes: flags.iter().any(|x| x == "write") || key_specs_write(f.get(8)),
             categories: list(f.get(6))
                 .into_iter()
                 .map(|c| c.trim_start_matches('@').to_string())
@@ -573,6 +579,31 @@ impl CmdInfo {
             .flatten()
             .filter_map(move |i| args.get(i as usize))
     }
+}
+
+/// True if some key specification of a `COMMAND INFO` entry may change its key (`RW`, `OW`,
+/// `RM` among its flags).
+fn key_specs_write(specs: Option<&redis::Value>) -> bool {
+    use redis::Value as V;
+    let Some(V::Array(specs)) = specs else {
+        return false;
+    };
+    let is_write_flag = |v: &V| match v {
+        V::BulkString(b) => matches!(&b[..], b"RW" | b"OW" | b"RM"),
+        V::SimpleString(s) => matches!(s.as_str(), "RW" | "OW" | "RM"),
+        _ => false,
+    };
+    specs.iter().any(|spec| match spec {
+        V::Array(fields) | V::Set(fields) => fields.iter().any(|f| match f {
+            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
+            _ => false,
+        }),
+        V::Map(pairs) => pairs.iter().any(|(_, f)| match f {
+            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
+            _ => false,
+        }),
+        _ => false,
+    })
 }
 
 /// Valkey's command table, as `COMMAND` reports it.
@@ -635,15 +666,17 @@ pub enum Check {
 }
 
 /// Checks a pass-through (or locally answered Valkey) command against `user` with the table.
-fn check_with(user: &User, table: &CommandTable, args: &[Bytes]) -> Check {
+fn check_with(user: &User, table: &CommandTable, args: &[Bytes], meta: Option<&[u8]>) -> Check {
     let info = match table.lookup(args) {
         Ok(i) => i,
         Err(_) => return Check::Ask,
     };
-    check_entry(user, info, args)
+    check_entry(user, info, args, meta)
 }
 
-fn check_entry(user: &User, info: &CmdInfo, args: &[Bytes]) -> Check {
+/// `meta`: cachefront's key prefix, when some argument starts with it — a writing command
+/// may then not name such a key, whoever the user is.
+fn check_entry(user: &User, info: &CmdInfo, args: &[Bytes], meta: Option<&[u8]>) -> Check {
     // Valkey refuses a wrong arity before checking permissions; it will do so here too.
     if !info.arity_ok(args.len()) {
         return Check::Allow;
@@ -652,16 +685,45 @@ fn check_entry(user: &User, info: &CmdInfo, args: &[Bytes]) -> Check {
     if !user.command_allowed(&info.name, &cats) {
         return Check::Deny(noperm_command(&user.name, &info.name));
     }
-    if user.all_keys() {
+    let meta = meta.filter(|_| info.writes);
+    if user.all_keys() && meta.is_none() {
         return Check::Allow;
     }
     if info.movable {
         return Check::Ask;
     }
-    if info.legacy_keys(args).any(|k| !user.key_allowed(k)) {
-        return Check::Deny(Reply::err(NOPERM_KEY));
+    keys_allowed(user, info.legacy_keys(args).map(|k| &k[..]), meta)
+}
+
+/// The key rules for the keys a command names: the user's patterns, and no write under
+/// cachefront's own prefix.
+fn keys_allowed<'a>(
+    user: &User,
+    mut keys: impl Iterator<Item = &'a [u8]>,
+    meta: Option<&[u8]>,
+) -> Check {
+    let verdict = keys.find_map(|k| {
+        if !user.key_allowed(k) {
+            Some(NOPERM_KEY)
+        } else if meta.is_some_and(|p| k.starts_with(p)) {
+            Some(NOPERM_META)
+        } else {
+            None
+        }
+    });
+    match verdict {
+        Some(e) => Check::Deny(Reply::err(e)),
+        None => Check::Allow,
     }
-    Check::Allow
+}
+
+/// cachefront's key prefix if some argument (after the name) starts with it: only then can
+/// a command touch cachefront's own keys, and only then are its keys looked at for that.
+pub fn meta_guard<'a>(prefix: &'a [u8], args: &[Bytes]) -> Option<&'a [u8]> {
+    args.iter()
+        .skip(1)
+        .any(|a| a.starts_with(prefix))
+        .then_some(prefix)
 }
 
 /// The command table, loaded once from the upstream (retried at next need if that failed).
@@ -699,13 +761,14 @@ impl Acl {
     }
 }
 
-/// Synchronous check of a Valkey command (pass-through or answered locally) for `user`.
-pub fn check(acl: &Acl, user: &User, args: &[Bytes]) -> Check {
-    if user.unrestricted() {
+/// Synchronous check of a Valkey command (pass-through or answered locally) for `user`;
+/// `meta` as [`meta_guard`] gives it.
+pub fn check(acl: &Acl, user: &User, args: &[Bytes], meta: Option<&[u8]>) -> Check {
+    if user.unrestricted() && meta.is_none() {
         return Check::Allow;
     }
     match acl.table_now() {
-        Some(t) => check_with(user, t, args),
+        Some(t) => check_with(user, t, args, meta),
         None => Check::Ask,
     }
 }
@@ -767,7 +830,9 @@ pub async fn resolve(
             }
         }
     };
-    match check_entry(&user, info, &req.args) {
+    let config = shared.config();
+    let meta = meta_guard(config.cache.meta_prefix.as_bytes(), &req.args);
+    match check_entry(&user, info, &req.args, meta) {
         Check::Ask => {}
         done => return done,
     }
@@ -787,15 +852,16 @@ pub async fn resolve(
     }
     match redis::parse_redis_value(&raw) {
         Ok(redis::Value::Array(keys)) => {
-            let denied = keys.iter().any(|k| match k {
-                redis::Value::BulkString(b) => !user.key_allowed(b),
-                _ => true,
+            let keys = keys.iter().map(|k| match k {
+                redis::Value::BulkString(b) => &b[..],
+                // Not a key name: refused, as no pattern can allow it.
+                _ => &b"\0not-a-key"[..],
             });
-            if denied {
-                Check::Deny(Reply::err(NOPERM_KEY))
-            } else {
-                Check::Allow
+            let meta = meta.filter(|_| info.writes);
+            if user.all_keys() && meta.is_none() {
+                return Check::Allow;
             }
+            keys_allowed(&user, keys, meta)
         }
         _ => cant(crate::error::Error::upstream(
             "unexpected COMMAND GETKEYS reply",

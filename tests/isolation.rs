@@ -249,3 +249,71 @@ fn rss_kb() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// No client can write, rename or delete cachefront's own keys (they drive invalidation),
+/// directly or as a script's declared keys; reading them, and values that merely look like
+/// them, are fine. A key-restricted user gets the same.
+#[tokio::test]
+async fn clients_cannot_write_cachefronts_own_keys() {
+    let s = Stack::start().await;
+    let mut c = s.raw().await;
+    // A fill creates the table's metadata.
+    assert_eq!(
+        c.call(&[b"EMP.GET", b"1"]).await,
+        "$13\r\nAlice Johnson\r\n"
+    );
+    let refused: &[&[&[u8]]] = &[
+        &[b"SET", b"cachefront:v:employees", b"junk"],
+        &[b"DEL", b"cachefront:v:employees"],
+        &[b"UNLINK", b"x", b"cachefront:e:employees"],
+        &[b"RENAME", b"cachefront:v:employees", b"elsewhere"],
+        &[b"RENAME", b"elsewhere", b"cachefront:v:employees"],
+        &[b"SADD", b"cachefront:k:employees", b"m"],
+        &[b"MSET", b"a", b"1", b"cachefront:v:departments", b"2"],
+        &[b"EXPIRE", b"cachefront:v:employees", b"1"],
+        &[
+            b"EVAL",
+            b"return redis.call('SET', KEYS[1], 'x')",
+            b"1",
+            b"cachefront:v:employees",
+        ],
+    ];
+    for cmd in refused {
+        let r = c.call(cmd).await;
+        assert!(
+            r.starts_with("-NOPERM cachefront's own keys"),
+            "{cmd:?}: {r}"
+        );
+    }
+    let allowed: &[&[&[u8]]] = &[
+        &[b"TYPE", b"cachefront:v:employees"],
+        &[b"SET", b"plain", b"cachefront:v:employees"],
+        &[b"EXISTS", b"cachefront:v:employees"],
+        &[
+            b"EVAL_RO",
+            b"return redis.call('GET', KEYS[1])",
+            b"1",
+            b"cachefront:v:employees",
+        ],
+    ];
+    for cmd in allowed {
+        let r = c.call(cmd).await;
+        assert!(!r.starts_with('-'), "{cmd:?}: {r}");
+    }
+    // Inside MULTI the refusal aborts the transaction.
+    assert_eq!(c.call(&[b"MULTI"]).await, "+OK\r\n");
+    let r = c.call(&[b"DEL", b"cachefront:v:employees"]).await;
+    assert!(r.starts_with("-NOPERM"), "{r}");
+    assert!(c.call(&[b"EXEC"]).await.starts_with("-EXECABORT"));
+    // The metadata is intact: an UPDATE still invalidates.
+    s.psql("UPDATE employees SET name = 'Alicia' WHERE id = 1");
+    let mut fresh = String::new();
+    for _ in 0..50 {
+        fresh = c.call(&[b"EMP.GET", b"1"]).await;
+        if fresh.contains("Alicia") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fresh, "$6\r\nAlicia\r\n");
+}

@@ -106,8 +106,8 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
     if !session.authed && !connection_cmds::allowed_before_auth(name) {
         return Action::Reply(Reply::err("NOAUTH Authentication required."));
     }
-    if shared
-        .config()
+    let config = shared.config();
+    if config
         .auth
         .deny_commands
         .iter()
@@ -118,9 +118,14 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
             &req.name_lossy().to_ascii_lowercase(),
         ));
     }
+    // Any client's command that names a key under cachefront's own prefix is checked, so no
+    // client can write cachefront's metadata (invalidation depends on it).
+    let meta = acl::meta_guard(config.cache.meta_prefix.as_bytes(), &req.args);
     // AUTH, HELLO, QUIT and RESET are open to every user, as in Valkey.
-    if !session.user.unrestricted() && !connection_cmds::allowed_before_auth(name) {
-        match permission(shared, session, name, &req) {
+    if (!session.user.unrestricted() || meta.is_some())
+        && !connection_cmds::allowed_before_auth(name)
+    {
+        match permission(shared, session, name, &req, meta) {
             acl::Check::Allow => {}
             acl::Check::Deny(r) => {
                 if session.in_multi {
@@ -145,7 +150,13 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
 
 /// The user's permission for `req`. cachefront's own commands are checked here (their key
 /// when they have computed it); Valkey's against Valkey's command table.
-fn permission(shared: &Arc<Shared>, session: &Session, name: &[u8], req: &Request) -> acl::Check {
+fn permission(
+    shared: &Arc<Shared>,
+    session: &Session,
+    name: &[u8],
+    req: &Request,
+    meta: Option<&[u8]>,
+) -> acl::Check {
     let argc = req.args.len();
     let own: Option<(String, &[&str], bool)> = match name {
         b"SQL.CACHED" => Some(("sql.cached".into(), acl::SQL_CACHED_CATEGORIES, argc >= 2)),
@@ -180,7 +191,7 @@ fn permission(shared: &Arc<Shared>, session: &Session, name: &[u8], req: &Reques
                 acl::Check::Deny(acl::noperm_command(&session.user.name, &full))
             }
         }
-        None => acl::check(&shared.acl, &session.user, &req.args),
+        None => acl::check(&shared.acl, &session.user, &req.args, meta),
     }
 }
 
