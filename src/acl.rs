@@ -138,6 +138,22 @@ impl Rule {
     }
 }
 
+/// A restricted user's twin in Valkey's own ACL. cachefront checks the keys and commands a
+/// request names, but a script (EVAL, FCALL) or a SORT BY/GET pattern reaches keys no argument
+/// names, inside Valkey. So such commands run on a connection logged in as this twin, with the
+/// user's rules, and Valkey enforces them exactly as it would for the same user definition.
+pub struct Mirror {
+    pub name: String,
+    pub secret: String,
+    /// `ACL SETUSER <name> reset on #<sha256(secret)> &* <rules> <~patterns>`.
+    pub setuser: Vec<Bytes>,
+}
+
+/// The name of `user`'s twin in Valkey's ACL.
+pub fn mirror_name(user: &str) -> String {
+    format!("cachefront-mirror-{user}")
+}
+
 /// One user, ready to check.
 pub struct User {
     pub name: String,
@@ -250,6 +266,71 @@ impl User {
         match &self.keys {
             None => true,
             Some(pats) => pats.iter().any(|p| glob_match(p, key)),
+        }
+    }
+
+    /// How this user is mirrored in Valkey's own ACL (see [`Mirror`]). `salt` keeps the
+    /// mirror's password unguessable to whoever lacks cachefront's Valkey credentials; the
+    /// password is derived, not random, so every cachefront instance with the same
+    /// configuration sets the same one. Rules Valkey does not know (cachefront's own commands
+    /// and `@cachefront`) are left out: they never reach Valkey.
+    pub fn mirror(&self, table: Option<&CommandTable>, salt: &[u8]) -> Mirror {
+        let name = mirror_name(&self.name);
+        let mut h = Sha256::new();
+        h.update(b"cachefront ACL mirror\0");
+        h.update(salt);
+        h.update(self.name.as_bytes());
+        for d in &self.hashes {
+            h.update(d);
+        }
+        let secret = hex::encode(h.finalize());
+        let mut setuser: Vec<String> = vec![
+            "ACL".into(),
+            "SETUSER".into(),
+            name.clone(),
+            "reset".into(),
+            "on".into(),
+            format!("#{}", hex::encode(Sha256::digest(secret.as_bytes()))),
+            "&*".into(),
+        ];
+        let known = |r: &Rule| match r {
+            Rule::All => true,
+            Rule::Category(c) => c != "cachefront",
+            Rule::Command(n) => table.is_none_or(|t| {
+                let container = n.split('|').next().unwrap_or(n);
+                t.cmds.contains_key(container)
+            }),
+        };
+        let valkey_rule = |sign: char, r: &Rule| match r {
+            Rule::All => format!("{sign}@all"),
+            Rule::Category(c) => format!("{sign}@{c}"),
+            Rule::Command(n) => format!("{sign}{n}"),
+        };
+        // Allows first, exclusions after: in Valkey's ordered rules exclusions then win, as
+        // they always do in cachefront's.
+        setuser.extend(
+            self.allow
+                .iter()
+                .filter(|r| known(r))
+                .map(|r| valkey_rule('+', r)),
+        );
+        setuser.extend(
+            self.deny
+                .iter()
+                .filter(|r| known(r))
+                .map(|r| valkey_rule('-', r)),
+        );
+        match &self.keys {
+            None => setuser.push("~*".into()),
+            Some(pats) => setuser.extend(
+                pats.iter()
+                    .map(|p| format!("~{}", String::from_utf8_lossy(p))),
+            ),
+        }
+        Mirror {
+            name,
+            secret,
+            setuser: setuser.into_iter().map(Bytes::from).collect(),
         }
     }
 

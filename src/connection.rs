@@ -84,6 +84,8 @@ struct Dedicated {
     subs: (i64, i64),
     /// Replies to drop: commands cachefront sent itself (a cluster transaction's MULTI).
     swallow: usize,
+    /// The Valkey ACL twin it is logged in as (a restricted user's; see `acl::Mirror`).
+    as_user: Option<String>,
 }
 
 /// What the cluster rules decided for a forwarded command.
@@ -411,6 +413,7 @@ impl Connection {
         match self.ded.as_mut() {
             Some(ded)
                 if !streaming
+                    && ded.as_user.is_none()
                     && self.session.db == cache_db
                     && ded.conn.proto == plan.proto
                     && same_node(ded) =>
@@ -470,6 +473,10 @@ impl Connection {
         inc(&self.shared.metrics.passthrough);
         let proto = self.session.proto;
         let mut held = self.ded.as_ref().is_some_and(|d| d.conn.proto == proto);
+        if held && !self.ded_logged_in_as_user() && !self.session.needs_dedicated() {
+            // The client logged in as another user since: a connection of the right login.
+            held = self.ded.as_ref().is_some_and(|d| d.pending > 0);
+        }
         match self.cluster_forward(&req, route, &transform, held) {
             ClusterStep::Done => return,
             ClusterStep::Shared => held = false,
@@ -509,13 +516,22 @@ impl Connection {
                 }
             }
         }
-        let mut exec = None;
-        if let Route::Dedicated(change) = route {
-            if change == StateChange::EndMulti && req.name().eq_ignore_ascii_case(b"EXEC") {
-                exec = Some(std::mem::take(&mut self.session.queued));
+        if route == Route::AsUser && !self.ded_logged_in_as_user() {
+            if self.session.in_multi {
+                self.session.multi_failed = true;
             }
-            self.apply_state_change(change);
+            self.push_reply(Reply::err(NO_TWIN));
+            return;
         }
+        let change = match route {
+            Route::Dedicated(c) => c,
+            Route::Any | Route::AsUser => StateChange::None,
+        };
+        let mut exec = None;
+        if change == StateChange::EndMulti && req.name().eq_ignore_ascii_case(b"EXEC") {
+            exec = Some(std::mem::take(&mut self.session.queued));
+        }
+        self.apply_state_change(change);
         let streaming = self.session.streaming();
         let Some(ded) = self.ded.as_mut() else { return };
         ded.wbuf.extend_from_slice(&req.raw);
@@ -535,6 +551,16 @@ impl Connection {
             self.budget.charge(ours.len());
             self.outq.push_back(Slot::Ready(ours));
         }
+    }
+
+    /// Whether the dedicated connection is logged in as the session's user would need: its
+    /// Valkey ACL twin for a restricted user, cachefront's own login otherwise.
+    fn ded_logged_in_as_user(&self) -> bool {
+        let restricted = !self.session.user.unrestricted();
+        self.ded.as_ref().is_some_and(|d| match &d.as_user {
+            Some(name) => restricted && *name == crate::acl::mirror_name(&self.session.user.name),
+            None => !restricted,
+        })
     }
 
     /// Cluster rules before a command is forwarded (none without a cluster). A transaction
@@ -603,17 +629,32 @@ impl Connection {
                 .upstream
                 .release(self.session.id, old.conn, quiet);
         }
-        let conn = self
+        let user = &self.session.user;
+        let mirror = (!user.unrestricted()).then(|| {
+            let salt = self.shared.upstream.endpoint().password.clone();
+            user.mirror(
+                self.shared.acl.table_now().map(|t| &**t),
+                salt.unwrap_or_default().as_bytes(),
+            )
+        });
+        let login = mirror.as_ref().map(|m| crate::upstream::Login {
+            user: &m.name,
+            password: &m.secret,
+            setup: &m.setuser,
+        });
+        let (conn, logged_in) = self
             .shared
             .upstream
-            .dedicated(self.session.proto, self.session.id, args)
+            .dedicated_as(self.session.proto, self.session.id, args, login.as_ref())
             .await?;
+        let as_user = mirror.filter(|_| logged_in).map(|m| m.name);
         self.ded = Some(Dedicated {
             conn,
             wbuf: BytesMut::new(),
             pending: 0,
             subs: (0, 0),
             swallow: 0,
+            as_user,
         });
         Ok(())
     }
@@ -989,6 +1030,10 @@ impl Connection {
         self.shared.upstream.forget(self.session.id);
     }
 }
+
+/// A restricted user's script or SORT with patterns, when its Valkey ACL twin could not be
+/// set up: refused rather than run with cachefront's own Valkey rights.
+const NO_TWIN: &str = "NOPERM cachefront cannot enforce this user's key and command rules inside scripts and SORT patterns: its Valkey ACL twin could not be set up (cachefront's Valkey user needs ACL SETUSER); see the log";
 
 fn write_timeout() -> std::io::Error {
     std::io::Error::new(

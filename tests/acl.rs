@@ -542,3 +542,95 @@ async fn key_patterns_match_like_valkeys_glob() {
         assert_eq!(ours, theirs, "pattern {p:?}");
     }
 }
+
+/// A restricted user's rules hold inside scripts and SORT BY/GET patterns, where the keys are
+/// named by Valkey rather than by the request: such commands run as the user's twin in
+/// Valkey's own ACL, so the replies match a real Valkey with the same user definition.
+#[tokio::test]
+async fn key_rules_hold_inside_scripts_and_sort_patterns_like_valkey() {
+    let cmds = &[
+        "eval", "evalsha", "sort", "rpush", "get", "set", "multi", "exec",
+    ];
+    let s =
+        Stack::start_with(|c| c.auth.users = vec![user("scripter", "pw", cmds, &["app:*"])]).await;
+    let v = reference(&[
+        "ACL SETUSER scripter on >pw +eval +evalsha +sort +rpush +get +set +multi +exec ~app:*",
+    ])
+    .await;
+    let seed = &[
+        "SET other secret",
+        "SET app:1 one",
+        "RPUSH app:list 2 1",
+        "SET app:w_1 5",
+        "SET app:w_2 3",
+    ];
+    replies(s.valkey.port(), seed).await;
+    replies(v.port(), seed).await;
+    let sequence = &[
+        "AUTH scripter pw",
+        "EVAL \"return redis.call('GET','app:1')\" 0",
+        "EVAL \"return redis.call('GET','other')\" 0",
+        "EVAL \"return redis.call('SET','other','x')\" 0",
+        "EVAL \"return redis.call('GET',KEYS[1])\" 1 other",
+        "EVAL \"return redis.call('FLUSHALL')\" 0",
+        "SORT app:list",
+        "SORT app:list BY app:w_*",
+        "SORT app:list GET other",
+        "MULTI",
+        "EVAL \"return redis.call('GET','other')\" 0",
+        "EXEC",
+        "GET other",
+        "SET app:2 x",
+        "GET app:2",
+    ];
+    let ours = replies(s.proxy_port(), sequence).await;
+    let theirs = replies(v.port(), sequence).await;
+    assert_same(sequence, &ours, &theirs);
+    assert!(
+        ours[2].starts_with("-ERR") && ours[2].contains("access"),
+        "{}",
+        ours[2]
+    );
+    assert!(ours[7].contains("SORT"), "{}", ours[7]);
+    // Nothing written where the user may not write.
+    assert_eq!(
+        replies(s.valkey.port(), &["GET other"]).await[0],
+        "$6\r\nsecret\r\n"
+    );
+}
+
+/// When cachefront's own Valkey login may not create users, a restricted user's scripts are
+/// refused with a clear error instead of running with cachefront's rights; the rest works.
+#[tokio::test]
+async fn without_acl_rights_scripts_of_restricted_users_are_refused() {
+    let valkey = Valkey::start();
+    replies(
+        valkey.port(),
+        &["ACL SETUSER svc on >svcpw +@all -acl ~* &*"],
+    )
+    .await;
+    let db = tokio::task::spawn_blocking(|| common::services::postgres().fresh_db())
+        .await
+        .unwrap();
+    let mut cfg = common::config_for(&valkey, &db);
+    cfg.valkey.url = format!("redis://svc:svcpw@127.0.0.1:{}", valkey.port());
+    cfg.auth.users = vec![user("app", "pw", &["eval", "get", "set"], &["app:*"])];
+    let proxy = cachefront::server::spawn(cfg).await.unwrap();
+    let r = replies(
+        proxy.addr.port(),
+        &[
+            "AUTH app pw",
+            "EVAL \"return redis.call('GET','other')\" 0",
+            "SET app:1 x",
+            "GET app:1",
+        ],
+    )
+    .await;
+    assert!(
+        r[1].starts_with("-NOPERM cachefront cannot enforce this user's key and command rules"),
+        "{}",
+        r[1]
+    );
+    assert_eq!(r[2], "+OK\r\n");
+    assert_eq!(r[3], "$1\r\nx\r\n");
+}

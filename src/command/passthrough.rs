@@ -19,6 +19,9 @@ pub enum Route {
     Any,
     /// A dedicated connection (acquired if needed), applying this change to the session.
     Dedicated(StateChange),
+    /// A dedicated connection logged in as the client's Valkey ACL twin ([`crate::acl::Mirror`]):
+    /// a restricted user's command that reaches keys no argument names (scripts, SORT BY/GET).
+    AsUser,
 }
 
 pub use crate::session::StateChange;
@@ -44,6 +47,9 @@ pub enum Transform {
     /// The client gets these bytes (cachefront's own reply, encoded) unless Valkey refused
     /// the command: `HELLO` forwarded to switch the dedicated connection's protocol.
     Replace(Bytes),
+    /// Ran as this user's Valkey ACL twin: Valkey's refusals name the twin; the client sees
+    /// its own user name, as Valkey would show it.
+    AsUser(String),
 }
 
 impl Transform {
@@ -62,12 +68,26 @@ impl Transform {
                 Reply::Raw(raw)
             }
             (Transform::Replace(ours), Ok(_)) => Reply::Raw(ours.clone()),
+            (Transform::AsUser(user), Ok(raw)) => Reply::Raw(untwin(user, raw)),
             (Transform::ExecAbort, Ok(_)) => {
                 Reply::err("EXECABORT Transaction discarded because of previous errors.")
             }
             (t, Ok(raw)) => introspection::merge_command(shared, proto, t, raw),
         }
     }
+}
+
+/// Valkey's error naming the twin of `user`, with `user` instead.
+fn untwin(user: &str, raw: Bytes) -> Bytes {
+    let twin = crate::acl::mirror_name(user);
+    if raw.first() != Some(&b'-') || !raw.windows(twin.len()).any(|w| w == twin.as_bytes()) {
+        return raw;
+    }
+    Bytes::from(
+        String::from_utf8_lossy(&raw)
+            .replace(&twin, user)
+            .into_bytes(),
+    )
 }
 
 /// Commands that can block the connection they run on.
@@ -126,9 +146,38 @@ pub fn dispatch(session: &Session, name: &[u8], req: Request) -> Action {
         }
         n if SUBSCRIBE_FAMILY.contains(&n) => Route::Dedicated(StateChange::Subscribe),
         n if BLOCKING.contains(&n) => Route::Dedicated(StateChange::None),
+        // Valkey answers them while a script runs; a shared connection may be the one the
+        // script holds.
+        b"SCRIPT" | b"FUNCTION" if is_kill(&req) => Route::Dedicated(StateChange::None),
+        n if REACHES_UNNAMED_KEYS.contains(&n) && !session.user.unrestricted() => {
+            return Action::Forward {
+                req,
+                route: Route::AsUser,
+                transform: Transform::AsUser(session.user.name.clone()),
+            }
+        }
         _ => Route::Any,
     };
     forward(req, route)
+}
+
+/// Commands that can read or write keys none of their arguments name: scripts and functions,
+/// and SORT's BY/GET patterns.
+const REACHES_UNNAMED_KEYS: &[&[u8]] = &[
+    b"EVAL",
+    b"EVALSHA",
+    b"EVAL_RO",
+    b"EVALSHA_RO",
+    b"FCALL",
+    b"FCALL_RO",
+    b"SORT",
+    b"SORT_RO",
+];
+
+fn is_kill(req: &Request) -> bool {
+    req.args
+        .get(1)
+        .is_some_and(|s| s.eq_ignore_ascii_case(b"KILL"))
 }
 
 /// In a transaction every command is queued by Valkey, except cachefront's own, which cannot
@@ -212,11 +261,12 @@ fn refuse_in_multi(session: &mut Session, req: &Request) -> Action {
 fn queue(session: &mut Session, outside: Action) -> Action {
     match outside {
         Action::Forward { req, route, .. } => {
-            let change = match route {
-                Route::Dedicated(c) => c,
-                Route::Any => StateChange::None,
+            let route = match route {
+                Route::Any => Route::Dedicated(StateChange::None),
+                r => r,
             };
-            forward(req, Route::Dedicated(change))
+            // Valkey's reply here is +QUEUED; the command's own comes within EXEC's.
+            forward(req, route)
         }
         Action::Reply(r) if r.is_error() => {
             session.multi_failed = true;

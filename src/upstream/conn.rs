@@ -235,6 +235,54 @@ async fn read_handshake(conn: &mut RawConn, ep: &Endpoint) -> Result<()> {
     Ok(())
 }
 
+/// Another Valkey user to log a dedicated connection in as, and the command that creates or
+/// updates that user (sent once per node, before the first login there).
+pub struct Login<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+    pub setup: &'a [Bytes],
+}
+
+/// Logs `conn` in as `login.user`, first running `login.setup` if `setup` says so. The
+/// connection's replies are read before this returns, so nothing the client sends can run
+/// before the login took effect.
+pub async fn log_in(
+    conn: &mut RawConn,
+    login: &Login<'_>,
+    setup: bool,
+    ep: &Endpoint,
+) -> Result<()> {
+    let mut out = BytesMut::new();
+    if setup {
+        out.extend_from_slice(&encode_multibulk(login.setup));
+    }
+    out.extend_from_slice(&encode_multibulk(&[
+        Bytes::from_static(b"AUTH"),
+        Bytes::from(login.user.to_string()),
+        Bytes::from(login.password.to_string()),
+    ]));
+    let work = async {
+        conn.write_all(&out)
+            .await
+            .map_err(|e| Error::upstream(format!("cannot write to Valkey: {e}")))?;
+        let replies = if setup { 2 } else { 1 };
+        for _ in 0..replies {
+            let r = conn.read_frame().await?;
+            if r.first() != Some(&b'+') {
+                return Err(Error::upstream(format!(
+                    "Valkey refused to set up or log in as {}: {}",
+                    login.user,
+                    String::from_utf8_lossy(&r).trim()
+                )));
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(ep.command_timeout, work)
+        .await
+        .map_err(|_| Error::upstream("Valkey did not answer the login in time"))?
+}
+
 /// Most bytes of leftovers (messages, pushes already on their way) skipped before `+RESET`.
 const RESET_SKIP_LIMIT: usize = 4 * 1024 * 1024;
 

@@ -12,14 +12,14 @@ pub mod mux;
 pub mod tracking;
 
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::config::ValkeyConfig;
 use crate::error::Result;
 use crate::protocol::{Proto, Request};
 pub use cluster::Cluster;
-pub use conn::{Endpoint, RawConn};
+pub use conn::{Endpoint, Login, RawConn};
 pub use mux::{Mux, ReplyBudget, ReplyRx};
 pub use tracking::{TrackingEvent, TrackingState};
 
@@ -33,6 +33,8 @@ pub struct Upstream {
     /// cachefront client id → the upstream id of the dedicated connection it holds, so
     /// `CLIENT TRACKING … REDIRECT <id>` can name the right Valkey connection.
     dedicated_ids: Mutex<HashMap<u64, i64>>,
+    /// (node, user) pairs whose Valkey ACL user has been set up by this process.
+    logins_set_up: Mutex<HashSet<(String, String)>>,
     pub tracking: Arc<TrackingState>,
     /// Set when the upstream is a Valkey Cluster: requests route by slot through it.
     pub cluster: Option<Arc<Cluster>>,
@@ -67,6 +69,7 @@ impl Upstream {
             idle: Arc::new(Mutex::new(Vec::new())),
             max_idle: cfg.idle_dedicated,
             dedicated_ids: Mutex::new(HashMap::new()),
+            logins_set_up: Mutex::new(HashSet::new()),
             tracking,
             cluster,
         })
@@ -170,6 +173,45 @@ impl Upstream {
             Arc::clone(&self.tracking),
             on_event,
         ));
+    }
+
+    /// A connection of the client's own, logged in as `login` if given (see [`conn::log_in`];
+    /// the second value says whether that worked). In a cluster it goes to the node serving
+    /// `args`' keys (the command that needs it).
+    pub async fn dedicated_as(
+        &self,
+        proto: Proto,
+        client_id: u64,
+        args: &[Bytes],
+        login: Option<&Login<'_>>,
+    ) -> Result<(RawConn, bool)> {
+        let mut conn = self.dedicated(proto, client_id, args).await?;
+        let Some(login) = login else {
+            return Ok((conn, false));
+        };
+        let key = (conn.addr.clone(), login.user.to_string());
+        let setup = !self
+            .logins_set_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key);
+        let ep = self.endpoint.at(&conn.addr);
+        match conn::log_in(&mut conn, login, setup, &ep).await {
+            Ok(()) => {
+                self.logins_set_up
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key);
+                Ok((conn, true))
+            }
+            Err(e) => {
+                tracing::warn!(user = login.user, error = %e, "cannot log a dedicated connection in as the client's Valkey ACL twin");
+                // The connection's state is unknown after a failed exchange: a fresh one.
+                drop(conn);
+                let conn = self.dedicated(proto, client_id, args).await?;
+                Ok((conn, false))
+            }
+        }
     }
 
     /// A connection of the client's own, from the idle set or newly opened. In a cluster it
