@@ -276,3 +276,134 @@ async fn a_fill_that_raced_an_invalidation_is_not_stored() {
     let fresh = store.versions(&entry).await.unwrap();
     assert!(store.store(&entry, &value, &fresh).await.unwrap());
 }
+
+// -------------------------------------------------------------------------------------------
+// Result size: refused while the rows stream in, not after they are all in memory
+// -------------------------------------------------------------------------------------------
+
+/// A `/proc/<pid>/status` field (`VmRSS`, `VmHWM`) in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("status field");
+    kb * 1024
+}
+
+/// The cachefront binary as a process of its own (so its memory can be measured), in front of
+/// `valkey` and `db`, with `sql.max_result_bytes` = `limit`; killed on drop.
+struct Process(std::process::Child, u16);
+
+impl Process {
+    fn start(
+        valkey: &common::services::Valkey,
+        db: &common::services::TestDb,
+        limit: usize,
+    ) -> Self {
+        let port = common::services::free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cachefront"))
+            .env("CACHEFRONT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CACHEFRONT_VALKEY_URL", valkey.url())
+            .env("CACHEFRONT_POSTGRES_URL", db.url())
+            .env("CACHEFRONT_SQL_MAX_RESULT_BYTES", limit.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn cachefront");
+        Process(child, port)
+    }
+
+    async fn connect(&self) -> common::Raw {
+        let t = std::time::Instant::now();
+        loop {
+            if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", self.1)).await {
+                drop(s);
+                return common::Raw::connect(self.1).await;
+            }
+            assert!(t.elapsed().as_secs() < 10, "cachefront did not start");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `query` (which must be refused for its size) on a cachefront process of its own
+/// with `sql.max_result_bytes` = `limit`; returns how far the process's peak memory rose
+/// above its idle size, after checking the abandoned query stopped on the server and the
+/// pool still serves.
+async fn peak_for_refused(limit: usize, query: &str) -> u64 {
+    let valkey = common::services::Valkey::start();
+    let db = tokio::task::spawn_blocking(|| common::services::postgres().fresh_db())
+        .await
+        .expect("fresh db");
+    let proc = Process::start(&valkey, &db, limit);
+    let mut raw = proc.connect().await;
+    // Warm up: pool connections, statement caches, allocator arenas.
+    for q in [
+        "SELECT repeat('x', 1024) AS w FROM generate_series(1, 1000)",
+        GUIDE_QUERY,
+    ] {
+        let r = raw.call(&[b"SQL.CACHED", q.as_bytes()]).await;
+        assert!(r.starts_with('$'), "{r}");
+    }
+    let pid = proc.0.id();
+    let idle = proc_status_bytes(pid, "VmRSS");
+    assert_eq!(
+        raw.call(&[b"SQL.CACHED", query.as_bytes()]).await,
+        format!("-ERR result is larger than sql.max_result_bytes ({limit} bytes); add a LIMIT\r\n"),
+        "{query}"
+    );
+    let peak = proc_status_bytes(pid, "VmHWM");
+    // The abandoned query does not run on: its connection was closed.
+    let t = std::time::Instant::now();
+    loop {
+        let running = common::services::postgres().psql(
+            db.name(),
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%generate_series(1, 5%' AND pid <> pg_backend_pid()",
+        );
+        if running.trim() == "0" {
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 5, "the abandoned query still runs");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = raw.call(&[b"SQL.CACHED", b"SELECT 2 AS two"]).await;
+    assert!(r.contains(r#"[{"two": 2}]"#), "{r}");
+    let over = peak.saturating_sub(idle);
+    eprintln!("{query}: idle RSS {idle} B, peak {peak} B, {over} B over idle (limit {limit} B)");
+    over
+}
+
+/// A 500 MB result is refused with the clear error while the process's peak memory stays
+/// under twice the limit above its idle size: rows are rendered as they arrive and the read
+/// stops at the limit (before, 50 × 10 MB was all read, then rendered: 1.27 GB). A few rows
+/// are always in flight inside the PostgreSQL client (its read buffer and channel), so the
+/// 1 MB-row case runs with a limit those do not dominate.
+#[tokio::test]
+async fn an_oversized_result_is_refused_as_it_streams() {
+    for (limit, query) in [
+        (
+            8 << 20,
+            "SELECT repeat('x', 10*1024*1024) AS big FROM generate_series(1, 50)",
+        ),
+        (
+            32 << 20,
+            "SELECT repeat('y', 1024*1024) AS big FROM generate_series(1, 500)",
+        ),
+    ] {
+        let over = peak_for_refused(limit, query).await;
+        assert!(
+            over < 2 * limit as u64,
+            "{query}: peak {over} B over idle; the limit is {limit} B"
+        );
+    }
+}
