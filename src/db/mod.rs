@@ -266,12 +266,21 @@ fn pg_config(url: &str, cfg: &PostgresConfig) -> Result<tokio_postgres::Config, 
 }
 
 /// A pool of connections made with `pg`, opened on demand.
+///
+/// A connection is cleaned each time it is handed out (`RecyclingMethod::Clean`: `CLOSE ALL;
+/// SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all();
+/// DISCARD TEMP; DISCARD SEQUENCES`), so nothing one query left on the session — a session
+/// advisory lock (which no rollback releases), a setting, a LISTEN, a cursor, a temporary
+/// table — reaches the next one, whatever route it came by. It keeps the prepared statements
+/// (`DISCARD ALL` would drop them under the statement cache, see [`prepare_bounded`]), and
+/// `RESET ALL` returns settings to the connection's own startup options (the statement
+/// timeout, DateStyle …), not to the server's defaults. It costs one round trip per use.
 fn build_pool(pg: &tokio_postgres::Config, cfg: &PostgresConfig) -> Result<Pool, DbError> {
     let mgr = Manager::from_config(
         pg.clone(),
         NoTls,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+            recycling_method: RecyclingMethod::Clean,
         },
     );
     let timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
