@@ -525,6 +525,28 @@ async fn a_pooled_session_is_clean_when_reused() {
     assert_eq!(first_text(&db, "SELECT pg_backend_pid()::text").await, pid);
 }
 
+/// Distinct query texts do not pile up as prepared statements on a pooled session (in
+/// cachefront's statement cache and in the backend) beyond the per-connection bound.
+#[tokio::test]
+async fn prepared_statements_per_session_are_bounded() {
+    let s = Stack::start().await;
+    let db = direct_db(&s, |_| {});
+    let bound = cachefront::db::MAX_PREPARED_PER_CONNECTION;
+    for i in 0..bound + 50 {
+        db.query_read_only(&format!("SELECT {i} AS n"), &[], limits(), 0)
+            .await
+            .expect("query");
+    }
+    let held: usize = first_text(&db, "SELECT count(*)::text FROM pg_prepared_statements")
+        .await
+        .parse()
+        .expect("a count");
+    assert!(
+        held <= bound + 1,
+        "{held} statements prepared on one session"
+    );
+}
+
 /// Each layer holds with the others out of the way: the text checks stop what PostgreSQL
 /// would run; the READ ONLY transaction stops a write the text checks cannot see (inside a
 /// function); the statement timeout stops a sleep the text checks would have refused.
