@@ -254,8 +254,9 @@ impl JsonRows {
 
     /// Makes room for `row` before it is written, growing like `Vec` (doubling) but never
     /// past the limit: the estimate covers the row's strings and bytea (a lower bound), its
-    /// keys and separators, and about 32 bytes for every other value, so `Vec`'s own doubling only kicks in for a row whose
-    /// values render far larger than their wire size (large json or numeric arrays).
+    /// keys and separators, and about 32 bytes for every other value, so `Vec`'s own
+    /// doubling only kicks in for a row whose values render far larger than their wire size
+    /// (large json or numeric arrays).
     fn reserve_for(&mut self, row: &Row) {
         let keys: usize = self.keys.iter().map(Vec::len).sum();
         let estimate = self.min_added_len(row) + keys + 34 * self.keys.len() + 4;
