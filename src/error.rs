@@ -43,7 +43,9 @@ impl Error {
 impl From<crate::db::DbError> for Error {
     fn from(e: crate::db::DbError) -> Error {
         match e {
-            crate::db::DbError::Invalid(msg) => Error::Client(msg),
+            crate::db::DbError::Invalid(msg) | crate::db::DbError::TooLarge(msg) => {
+                Error::Client(msg)
+            }
             other => Error::Db(other.to_string()),
         }
     }

@@ -68,8 +68,8 @@ pub struct Shared {
     /// Valkey's command table, for permission checks.
     pub acl: crate::acl::Acl,
     /// SQL.CACHED texts already checked: their verdict and tables (parsing is the costly
-    /// part of a hit otherwise).
-    pub sql_checks: moka::sync::Cache<String, Result<Vec<String>, crate::db::sql::SqlError>>,
+    /// part of a hit otherwise); bounded in bytes (`db::sql::VERDICT_CACHE_BYTES`).
+    pub sql_checks: moka::sync::Cache<String, crate::db::sql::Verdict>,
     listening: watch::Sender<bool>,
     next_id: AtomicU64,
 }
@@ -88,7 +88,7 @@ impl Shared {
             upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
             cache: Cache::new(store, Arc::clone(&metrics), &config.cache),
             invalidation: Invalidation::new(&config.invalidation, &named),
-            sql_checks: moka::sync::Cache::builder().max_capacity(10_000).build(),
+            sql_checks: crate::db::sql::verdict_cache(),
             listening: watch::Sender::new(false),
             db: Db::new(&config.postgres).map_err(|e| setup(&e))?,
             metrics,

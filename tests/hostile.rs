@@ -598,6 +598,22 @@ async fn side_effect_functions_outside_the_deny_list() {
 // The database layers alone
 // -------------------------------------------------------------------------------------------
 
+/// SQL.CACHED's limits with `max_rows` rows and the default result bytes.
+fn limits(max_rows: usize) -> cachefront::db::ResultLimits {
+    cachefront::db::ResultLimits {
+        max_rows,
+        max_bytes: 64 << 20,
+    }
+}
+
+/// The JSON text of a query's result.
+fn json_text(r: &cachefront::db::QueryResult) -> String {
+    match &r.rows {
+        cachefront::db::Rows::Json { text, .. } => String::from_utf8_lossy(text).into_owned(),
+        cachefront::db::Rows::First(_) => panic!("SQL.CACHED results are JSON"),
+    }
+}
+
 /// The writes SQL.CACHED's parser refuses, sent straight to `Db::query_read_only` as if the
 /// parser had let them through: PostgreSQL refuses each one, in the READ ONLY transaction
 /// (SQLSTATE 25006; 0A000 for a write inside a function) or because a prepared statement
@@ -611,7 +627,7 @@ async fn database_layers_refuse_writes_without_the_parser() {
     let db = cachefront::db::Db::new(&cfg.postgres).expect("db");
     // Sanity: the same path runs a read.
     let ok = db
-        .query_read_only("SELECT count(*) AS n FROM employees", &[], 100, 0)
+        .query_read_only("SELECT count(*) AS n FROM employees", &[], limits(100), 0)
         .await
         .expect("a read runs");
     assert_eq!(ok.rows.len(), 1);
@@ -640,7 +656,7 @@ async fn database_layers_refuse_writes_without_the_parser() {
     ];
     let mut wrong = Vec::new();
     for sql in writes {
-        match db.query_read_only(sql, &[], 100, 0).await {
+        match db.query_read_only(sql, &[], limits(100), 0).await {
             Ok(r) => wrong.push(format!("{sql:?} ran ({} rows)", r.rows.len())),
             Err(e) => {
                 let text = e.to_string();
@@ -689,12 +705,12 @@ async fn database_layers_alone_leave_no_trace() {
                 .query_read_only(
                     &format!("SELECT current_setting('{name}') AS v"),
                     &[],
-                    10,
+                    limits(10),
                     0,
                 )
                 .await
                 .expect("read a setting");
-            r.rows[0].get::<_, String>(0)
+            json_text(&r)
         }
     };
     let timeout_before = show("statement_timeout").await;
@@ -706,7 +722,7 @@ async fn database_layers_alone_leave_no_trace() {
         "SET ROLE NONE",
         "SELECT set_config('statement_timeout', '0', false)",
     ] {
-        let _ = db.query_read_only(sql, &[], 100, 0).await;
+        let _ = db.query_read_only(sql, &[], limits(100), 0).await;
     }
     let mut traces = Vec::new();
     if show("statement_timeout").await != timeout_before {
@@ -721,7 +737,7 @@ async fn database_layers_alone_leave_no_trace() {
     let path = "/tmp/cachefront-hostile-copy";
     let _ = std::fs::remove_file(path);
     let _ = db
-        .query_read_only(&format!("COPY (SELECT 1) TO '{path}'"), &[], 100, 0)
+        .query_read_only(&format!("COPY (SELECT 1) TO '{path}'"), &[], limits(100), 0)
         .await;
     if std::path::Path::new(path).exists() {
         let _ = std::fs::remove_file(path);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::named_query::NamedQuery;
 use crate::cache::{CacheStatus, Deps, Entry, FillOptions, Value};
 use crate::config::ReplyKind;
-use crate::db::{DbError, QueryResult, Served};
+use crate::db::{Collect, DbError, QueryResult, ResultLimits, Rows, Served};
 use crate::error::{Error, Result};
 use crate::metrics::inc;
 use crate::protocol::{Proto, Reply};
@@ -241,27 +241,46 @@ async fn load(
     deps: Option<&Deps>,
 ) -> Result<Value> {
     let must_see = must_see(shared, deps);
+    let limits = result_limits(shared);
     let result = match source {
-        Source::Named { query, args } => shared
-            .db
-            .query_params(&query.sql, args, must_see)
-            .await
-            .map_err(|e| named_error(query, args, e))?,
+        Source::Named { query, args } => {
+            let collect = match kind {
+                ReplyKind::Json => Collect::Json(ResultLimits {
+                    max_rows: usize::MAX,
+                    ..limits
+                }),
+                ReplyKind::Value | ReplyKind::Hash => Collect::FirstRow,
+            };
+            shared
+                .db
+                .query_params(&query.sql, args, collect, must_see)
+                .await
+                .map_err(|e| named_error(query, args, e))?
+        }
         Source::Sql { sql, params } => {
             let r = shared
                 .db
-                .query_read_only(sql, params, shared.config().sql.max_rows, must_see)
+                .query_read_only(sql, params, limits, must_see)
                 .await?;
             count_served(shared, r.served);
             if r.rows.is_empty() {
                 // Answered as `[]`; remembered only as a negative entry (sql.negative_ttl).
                 return Ok(Value::Absent);
             }
-            return shape(r, kind, shared.config().sql.max_result_bytes);
+            return Ok(shape(r, kind));
         }
     };
     count_served(shared, result.served);
-    shape(result, kind, shared.config().sql.max_result_bytes)
+    Ok(shape(result, kind))
+}
+
+/// The caps a JSON result is read within (`sql.max_rows`, `sql.max_result_bytes`).
+fn result_limits(shared: &Shared) -> ResultLimits {
+    let sql = &shared.config().sql;
+    ResultLimits {
+        max_rows: sql.max_rows,
+        max_bytes: sql.max_result_bytes,
+    }
 }
 
 /// The WAL position a replica must have replayed to answer a fill that checks the versions
@@ -310,36 +329,30 @@ fn named_error(q: &NamedQuery, args: &[String], e: DbError) -> Error {
     }
 }
 
-/// Turns rows into the value a reply kind stores.
-fn shape(result: QueryResult, kind: ReplyKind, max_bytes: usize) -> Result<Value> {
+/// Turns rows into the value a reply kind stores. JSON arrives rendered (and checked against
+/// the limits) by the database layer; the other kinds use the first row.
+fn shape(result: QueryResult, kind: ReplyKind) -> Value {
     let QueryResult { names, rows, .. } = result;
-    Ok(match kind {
-        ReplyKind::Value => match rows.first().and_then(|r| crate::db::rows::cell_text(r, 0)) {
+    let first = match rows {
+        Rows::Json { text, .. } => return Value::String(Bytes::from(text)),
+        Rows::First(first) => first,
+    };
+    let Some(row) = first else {
+        return Value::Absent;
+    };
+    match kind {
+        ReplyKind::Hash => Value::Hash(
+            names
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| {
+                    crate::db::rows::cell_text(&row, i).map(|v| (n.clone(), Bytes::from(v)))
+                })
+                .collect(),
+        ),
+        ReplyKind::Value | ReplyKind::Json => match crate::db::rows::cell_text(&row, 0) {
             Some(s) => Value::String(Bytes::from(s)),
             None => Value::Absent,
         },
-        ReplyKind::Hash => match rows.first() {
-            Some(row) => Value::Hash(
-                names
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, n)| {
-                        crate::db::rows::cell_text(row, i).map(|v| (n.clone(), Bytes::from(v)))
-                    })
-                    .collect(),
-            ),
-            None => Value::Absent,
-        },
-        ReplyKind::Json => {
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let mut out = Vec::with_capacity(64 + rows.len() * 64);
-            crate::db::rows::write_rows_json(&names, &rows, &mut out);
-            if out.len() > max_bytes {
-                return Err(Error::client(format!(
-                    "result is larger than sql.max_result_bytes ({max_bytes} bytes); add a LIMIT"
-                )));
-            }
-            Value::String(Bytes::from(out))
-        }
-    })
+    }
 }

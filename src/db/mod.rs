@@ -29,6 +29,10 @@ pub enum DbError {
     /// The client's input was refused by PostgreSQL's type checks (full `ERR …` text).
     #[error("{0}")]
     Invalid(String),
+    /// The result passed `sql.max_rows` or `sql.max_result_bytes` (full `ERR …` text). The
+    /// query was abandoned mid-stream, and its connection is discarded rather than reused.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl DbError {
@@ -109,10 +113,54 @@ impl ToSql for TextParam<'_> {
     postgres_types::to_sql_checked!();
 }
 
+/// What a fill keeps of its query's rows — decided before the query runs, because rows are
+/// consumed as they arrive from PostgreSQL and nothing else of them is ever held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collect {
+    /// The first row only (`reply = "value"` / `"hash"`); the others are read and dropped.
+    FirstRow,
+    /// Every row, rendered to JSON as it arrives, within these limits.
+    Json(ResultLimits),
+}
+
+/// Caps on a JSON result, enforced while it is read: the query is abandoned at the first row
+/// that passes one, so memory stays near `max_bytes` whatever the query returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResultLimits {
+    /// `sql.max_rows`.
+    pub max_rows: usize,
+    /// `sql.max_result_bytes`: the whole JSON text, brackets included.
+    pub max_bytes: usize,
+}
+
+/// A query's rows, as [`Collect`] asked for them.
+#[derive(Debug)]
+pub enum Rows {
+    /// The first row, if there was one.
+    First(Option<Row>),
+    /// The JSON array of all rows (SPEC "JSON rows") and how many rows it holds.
+    Json { text: Vec<u8>, rows: usize },
+}
+
+impl Rows {
+    /// How many rows the result holds (at most 1 for [`Rows::First`]).
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::First(r) => usize::from(r.is_some()),
+            Rows::Json { rows, .. } => *rows,
+        }
+    }
+
+    /// Whether the query returned no row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Rows plus the column names to show for them.
 pub struct QueryResult {
     pub names: Vec<String>,
-    pub rows: Vec<Row>,
+    pub rows: Rows,
     /// Which server answered.
     pub served: Served,
 }
@@ -218,12 +266,21 @@ fn pg_config(url: &str, cfg: &PostgresConfig) -> Result<tokio_postgres::Config, 
 }
 
 /// A pool of connections made with `pg`, opened on demand.
+///
+/// A connection is cleaned each time it is handed out (`RecyclingMethod::Clean`: `CLOSE ALL;
+/// SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all();
+/// DISCARD TEMP; DISCARD SEQUENCES`), so nothing one query left on the session — a session
+/// advisory lock (which no rollback releases), a setting, a LISTEN, a cursor, a temporary
+/// table — reaches the next one, whatever route it came by. It keeps the prepared statements
+/// (`DISCARD ALL` would drop them under the statement cache, see [`prepare_bounded`]), and
+/// `RESET ALL` returns settings to the connection's own startup options (the statement
+/// timeout, DateStyle …), not to the server's defaults. It costs one round trip per use.
 fn build_pool(pg: &tokio_postgres::Config, cfg: &PostgresConfig) -> Result<Pool, DbError> {
     let mgr = Manager::from_config(
         pg.clone(),
         NoTls,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+            recycling_method: RecyclingMethod::Clean,
         },
     );
     let timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
@@ -359,6 +416,12 @@ impl Db {
         ) -> futures::future::BoxFuture<'a, Result<T, DbError>>,
     {
         match tokio::time::timeout(self.deadline, work(&mut client)).await {
+            Ok(Err(e @ DbError::TooLarge(_))) => {
+                // The rest of an abandoned result is still on its way; closing the connection
+                // ends the query on the server too, and nobody waits behind it.
+                drop(deadpool_postgres::Object::take(client));
+                Err(e)
+            }
             Ok(r) => r,
             Err(_) => {
                 drop(deadpool_postgres::Object::take(client));
@@ -441,31 +504,35 @@ impl Db {
 
     /// Runs a named query's statement with its (already validated) arguments — a fill, so on
     /// a read replica that has replayed WAL position `must_see` if one may answer it (0: no
-    /// requirement; always 0 without replicas).
+    /// requirement; always 0 without replicas). Rows are kept as `collect` says.
     pub async fn query_params(
         &self,
         sql: &str,
         args: &[String],
+        collect: Collect,
         must_see: u64,
     ) -> Result<QueryResult, DbError> {
         self.fill_query(must_see, |client, check| {
             let (sql, args) = (sql.to_string(), args.to_vec());
             Box::pin(async move {
-                let stmt = client.prepare_cached(&sql).await?;
+                let stmt = prepare_bounded(client, &sql).await?;
                 let params: Vec<TextParam> = args.iter().map(|a| TextParam(a)).collect();
                 let c: &tokio_postgres::Client = client;
-                let rows = match check {
-                    None => c.query(&stmt, &as_dyn(&params)).await?,
+                let query = c.query_raw(&stmt, as_dyn(&params));
+                let stream = match check {
+                    None => query.await?,
                     Some(required) => {
-                        let (replay, rows) = checked(c, c.query(&stmt, &as_dyn(&params))).await?;
+                        let (replay, stream) = checked(c, query).await?;
                         if replay.is_none_or(|r| r < required) {
                             return Ok(Attempt::Behind(replay));
                         }
-                        rows
+                        stream
                     }
                 };
+                let names = column_names(&stmt);
+                let rows = collect_rows(stream, &names, stmt.columns(), collect).await?;
                 Ok(Attempt::Done(QueryResult {
-                    names: column_names(&stmt),
+                    names,
                     rows,
                     served: Served::Primary,
                 }))
@@ -474,18 +541,19 @@ impl Db {
         .await
     }
 
-    /// Runs a client's query for SQL.CACHED in a READ ONLY transaction, at most `max_rows`
-    /// rows — a fill, so on a read replica as [`query_params`](Self::query_params) says.
+    /// Runs a client's query for SQL.CACHED in a READ ONLY transaction, rendering its rows to
+    /// JSON within `limits` as they arrive — a fill, so on a read replica as
+    /// [`query_params`](Self::query_params) says.
     pub async fn query_read_only(
         &self,
         sql: &str,
         params: &[String],
-        max_rows: usize,
+        limits: ResultLimits,
         must_see: u64,
     ) -> Result<QueryResult, DbError> {
         self.fill_query(must_see, |client, check| {
             let (sql, params) = (sql.to_string(), params.to_vec());
-            Box::pin(async move { read_only(client, &sql, &params, max_rows, check).await })
+            Box::pin(async move { read_only(client, &sql, &params, limits, check).await })
         })
         .await
     }
@@ -519,13 +587,13 @@ async fn read_only(
     client: &mut deadpool_postgres::Object,
     sql: &str,
     params: &[String],
-    max_rows: usize,
+    limits: ResultLimits,
     check: Option<u64>,
 ) -> Result<Attempt, DbError> {
-    let stmt = client.prepare_cached(sql).await?;
+    let stmt = prepare_bounded(client, sql).await?;
     let names = column_names(&stmt);
     let stmt = match wrap_for_text_casts(sql, &stmt) {
-        Some(wrapped) => client.prepare_cached(&wrapped).await?,
+        Some(wrapped) => prepare_bounded(client, &wrapped).await?,
         None => stmt,
     };
     let mut builder = client.build_transaction().read_only(true);
@@ -536,7 +604,7 @@ async fn read_only(
     }
     let tx = builder.start().await?;
     let text: Vec<TextParam> = params.iter().map(|p| TextParam(p)).collect();
-    let query = tx.query_raw(&stmt, text.iter().map(|p| p as &(dyn ToSql + Sync)));
+    let query = tx.query_raw(&stmt, as_dyn(&text));
     let stream = match check {
         None => query.await?,
         Some(required) => {
@@ -549,16 +617,7 @@ async fn read_only(
             stream
         }
     };
-    pin_mut!(stream);
-    let mut rows = Vec::new();
-    while let Some(row) = stream.try_next().await? {
-        if rows.len() == max_rows {
-            return Err(DbError::Invalid(format!(
-                "ERR result has more than {max_rows} rows (sql.max_rows); add a LIMIT"
-            )));
-        }
-        rows.push(row);
-    }
+    let rows = collect_rows(stream, &names, stmt.columns(), Collect::Json(limits)).await?;
     // Rolled back, not committed: a read needs no commit, and a rollback also undoes any
     // session change a statement could have made (`SET`, locks) should one get past the
     // parser — defence in depth behind the checks in `db::sql`.
@@ -568,6 +627,82 @@ async fn read_only(
         rows,
         served: Served::Primary,
     }))
+}
+
+/// Most statements one pooled connection keeps prepared. Every distinct query text a client
+/// sends through SQL.CACHED would otherwise stay prepared — in cachefront and in the
+/// PostgreSQL backend — for the life of the connection.
+pub const MAX_PREPARED_PER_CONNECTION: usize = 256;
+
+/// `prepare_cached`, within [`MAX_PREPARED_PER_CONNECTION`]: a connection whose cache is
+/// full forgets all its statements first (each is closed on the server once its last user
+/// drops it). deadpool's cache cannot evict one entry by age, and a full reset only costs
+/// a re-prepare (one round trip) of the statements still in use, never a wrong result.
+async fn prepare_bounded(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+) -> Result<Statement, DbError> {
+    let cache = &client.statement_cache;
+    if cache.size() >= MAX_PREPARED_PER_CONNECTION {
+        cache.clear();
+    }
+    Ok(client.prepare_cached(sql).await?)
+}
+
+/// Reads a query's rows as `collect` says, one at a time as they arrive. For JSON, each row
+/// is rendered and dropped before the next is read, and the read stops — with the SPEC's
+/// clear error — at the first row that would take the text past `limits`: memory follows
+/// the limit, not the size of the result.
+async fn collect_rows(
+    stream: tokio_postgres::RowStream,
+    names: &[String],
+    columns: &[tokio_postgres::Column],
+    collect: Collect,
+) -> Result<Rows, DbError> {
+    pin_mut!(stream);
+    let limits = match collect {
+        Collect::Json(limits) => limits,
+        Collect::FirstRow => {
+            let first = stream.try_next().await?;
+            // A finished stream must not be polled again (it reports a closed connection).
+            if first.is_some() {
+                while stream.try_next().await?.is_some() {}
+            }
+            return Ok(Rows::First(first));
+        }
+    };
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut json = rows::JsonRows::new(&names, columns).with_limit(limits.max_bytes);
+    while let Some(row) = stream.try_next().await? {
+        if json.rows() == limits.max_rows {
+            return Err(too_many_rows(limits.max_rows));
+        }
+        // The closing `]` counts: the finished text must fit.
+        if json.len() + json.min_added_len(&row) + 1 > limits.max_bytes {
+            return Err(too_many_bytes(limits.max_bytes));
+        }
+        json.push(&row);
+        if json.len() + 1 > limits.max_bytes {
+            return Err(too_many_bytes(limits.max_bytes));
+        }
+    }
+    let rows = json.rows();
+    Ok(Rows::Json {
+        text: json.finish(),
+        rows,
+    })
+}
+
+fn too_many_rows(max_rows: usize) -> DbError {
+    DbError::TooLarge(format!(
+        "ERR result has more than {max_rows} rows (sql.max_rows); add a LIMIT"
+    ))
+}
+
+fn too_many_bytes(max_bytes: usize) -> DbError {
+    DbError::TooLarge(format!(
+        "ERR result is larger than sql.max_result_bytes ({max_bytes} bytes); add a LIMIT"
+    ))
 }
 
 /// Runs `query` right behind a read of the replica's replay position, in one pipeline (no
@@ -584,8 +719,10 @@ async fn checked<T>(
     Ok((replicas::lsn_of(&messages)?, out))
 }
 
-fn as_dyn<'a>(params: &'a [TextParam<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
-    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+fn as_dyn<'a>(
+    params: &'a [TextParam<'a>],
+) -> impl ExactSizeIterator<Item = &'a (dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync))
 }
 
 fn column_names(stmt: &Statement) -> Vec<String> {

@@ -343,7 +343,7 @@ pub(super) fn replica_trouble(e: &DbError) -> bool {
                 || code.starts_with("57P")
                 || matches!(code.as_str(), "40001" | "53300" | "3D000")
         }
-        DbError::Invalid(_) => false,
+        DbError::Invalid(_) | DbError::TooLarge(_) => false,
     }
 }
 

@@ -26,7 +26,7 @@
 use postgres_types::{FromSql, Kind, Type};
 use std::collections::HashMap;
 use std::error::Error;
-use tokio_postgres::Row;
+use tokio_postgres::{Column, Row};
 
 /// Nesting limit when re-formatting json/jsonb (Python's own limit is about 1000).
 pub const MAX_JSON_DEPTH: usize = 512;
@@ -150,15 +150,43 @@ fn is_array(ty: &Type, depth: usize) -> bool {
 /// Appends the JSON array of row objects for `rows` to `out`. `names[i]` is the key of column
 /// `i` (a missing name falls back to the column's own name).
 pub fn write_rows_json(names: &[&str], rows: &[Row], out: &mut Vec<u8>) {
-    out.push(b'[');
-    if let Some(first) = rows.first() {
-        let cols = first.columns();
-        let codecs: Vec<Option<Codec>> = cols.iter().map(|c| codec(c.type_())).collect();
+    let Some(first) = rows.first() else {
+        out.extend_from_slice(b"[]");
+        return;
+    };
+    let mut json = JsonRows::new(names, first.columns());
+    for row in rows {
+        json.push(row);
+    }
+    out.extend_from_slice(&json.finish());
+}
+
+/// The JSON array of [`write_rows_json`], built one row at a time as rows arrive from
+/// PostgreSQL, so a caller can stop as soon as the text grows past its limit — before the
+/// rest of the result is ever in memory.
+pub struct JsonRows {
+    /// `"name": ` of each distinct key, in output order.
+    keys: Vec<Vec<u8>>,
+    /// The column whose value each key shows (Python dict semantics: the last duplicate).
+    value_col: Vec<usize>,
+    codecs: Vec<Option<Codec>>,
+    out: Vec<u8>,
+    rows: usize,
+    /// The size past which the caller refuses the result: the buffer never grows beyond it
+    /// by its own doubling (see [`reserve_for`](Self::reserve_for)).
+    limit: usize,
+}
+
+impl JsonRows {
+    /// An empty array for rows of `columns`; `names[i]` is the key of column `i` (a missing
+    /// name falls back to the column's own name).
+    pub fn new(names: &[&str], columns: &[Column]) -> JsonRows {
+        let codecs = columns.iter().map(|c| codec(c.type_())).collect();
         // Python dict semantics for duplicate names: first position, last value.
-        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(cols.len());
-        let mut value_col: Vec<usize> = Vec::with_capacity(cols.len());
+        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(columns.len());
+        let mut value_col: Vec<usize> = Vec::with_capacity(columns.len());
         let mut seen: HashMap<&str, usize> = HashMap::new();
-        for (i, col) in cols.iter().enumerate() {
+        for (i, col) in columns.iter().enumerate() {
             let name = names.get(i).copied().unwrap_or_else(|| col.name());
             if let Some(&slot) = seen.get(name) {
                 value_col[slot] = i;
@@ -171,26 +199,103 @@ pub fn write_rows_json(names: &[&str], rows: &[Row], out: &mut Vec<u8>) {
                 value_col.push(i);
             }
         }
-        for (r, row) in rows.iter().enumerate() {
-            if r > 0 {
-                out.extend_from_slice(b", ");
-            }
-            out.push(b'{');
-            for (k, (key, &col)) in keys.iter().zip(value_col.iter()).enumerate() {
-                if k > 0 {
-                    out.extend_from_slice(b", ");
-                }
-                out.extend_from_slice(key);
-                let raw = match row.try_get::<_, Raw>(col) {
-                    Ok(Raw(Some(b))) => Some(b),
-                    _ => None,
-                };
-                write_cell(codecs[col].as_ref(), raw, out, true);
-            }
-            out.push(b'}');
+        JsonRows {
+            keys,
+            value_col,
+            codecs,
+            out: vec![b'['],
+            rows: 0,
+            limit: usize::MAX,
         }
     }
-    out.push(b']');
+
+    /// Tells the buffer that the caller refuses results longer than `limit` bytes, so its
+    /// capacity stays within the limit instead of doubling past it (a doubling from 5 MiB
+    /// would reserve and copy into 10 MiB for an 8 MiB limit).
+    pub fn with_limit(mut self, limit: usize) -> JsonRows {
+        self.limit = limit;
+        self
+    }
+
+    /// Appends `row` (whose columns must be those given to [`new`](Self::new)).
+    pub fn push(&mut self, row: &Row) {
+        self.reserve_for(row);
+        let out = &mut self.out;
+        if self.rows > 0 {
+            out.extend_from_slice(b", ");
+        }
+        out.push(b'{');
+        for (k, (key, &col)) in self.keys.iter().zip(self.value_col.iter()).enumerate() {
+            if k > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(key);
+            let codec = self.codecs.get(col).and_then(Option::as_ref);
+            write_cell(codec, raw_cell(row, col), out, true);
+        }
+        out.push(b'}');
+        self.rows += 1;
+    }
+
+    /// A lower bound of how many bytes [`push`](Self::push) would add for `row`, computed
+    /// without rendering it: strings render to at least their own bytes plus quotes, bytea to
+    /// twice its bytes plus `"\\x"`. It lets a caller refuse a huge row before rendering
+    /// it (which could take several times its size), and never refuses one that would fit.
+    pub fn min_added_len(&self, row: &Row) -> usize {
+        self.value_col
+            .iter()
+            .map(|&col| match (self.codecs.get(col), raw_cell(row, col)) {
+                (Some(Some(Codec::Text)), Some(b)) => b.len() + 2,
+                (Some(Some(Codec::Bytea)), Some(b)) => 2 * b.len() + 5,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Makes room for `row` before it is written, growing like `Vec` (doubling) but never
+    /// past the limit: the estimate covers the row's strings and bytea (a lower bound), its
+    /// keys and separators, and about 32 bytes for every other value, so `Vec`'s own
+    /// doubling only kicks in for a row whose values render far larger than their wire size
+    /// (large json or numeric arrays).
+    fn reserve_for(&mut self, row: &Row) {
+        let keys: usize = self.keys.iter().map(Vec::len).sum();
+        let estimate = self.min_added_len(row) + keys + 34 * self.keys.len() + 4;
+        let need = self.out.len() + estimate;
+        if need <= self.out.capacity() {
+            return;
+        }
+        let target = (self.out.capacity() * 2).min(self.limit).max(need);
+        self.out.reserve_exact(target - self.out.len());
+    }
+
+    /// Bytes of JSON so far, without the closing `]`.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether no row was added yet.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Rows added so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The finished array.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.out.push(b']');
+        self.out
+    }
+}
+
+/// The binary bytes of column `col` of `row`; `None` for NULL or a bad index.
+fn raw_cell(row: &Row, col: usize) -> Option<&[u8]> {
+    match row.try_get::<_, Raw>(col) {
+        Ok(Raw(Some(b))) => Some(b),
+        _ => None,
+    }
 }
 
 /// Column `idx` of `row` as a plain string (for reply = "value"): the same rendering as in

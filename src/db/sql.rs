@@ -21,56 +21,124 @@ pub enum SqlError {
     NotReadOnly(String),
 }
 
-/// Functions with side effects (or that stall a connection, or reach outside the database)
-/// that a cached read must not call — even though some are allowed in a READ ONLY transaction.
-const DENIED_FUNCTIONS: &[&str] = &[
-    "pg_sleep",
-    "pg_sleep_for",
-    "pg_sleep_until",
-    "set_config",
-    "setseed",
-    "pg_notify",
-    "nextval",
-    "setval",
-    "txid_current",
-    "pg_current_xact_id",
-    "pg_cancel_backend",
-    "pg_terminate_backend",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_stat_file",
-    "pg_switch_wal",
-    "pg_create_restore_point",
-    "pg_promote",
-    "pg_start_backup",
-    "pg_stop_backup",
-    "pg_import_system_collations",
+/// Functions a cached read must not call, by the reason each is refused. A name matches the
+/// function's own name (any schema, any case); an entry ending in `*` matches by prefix.
+///
+/// The READ ONLY transaction already stops writes to tables, but not these: some run SQL
+/// handed to them as text — which the parser never sees, so none of its checks (nor the
+/// dependency tracking that invalidates the entry) would apply to it; some change the state
+/// of the session or the server in ways a READ ONLY transaction allows and a rollback does
+/// not undo (session advisory locks, notifications, sequences, backends, replication); some
+/// hold the connection; some reach files on the database server.
+const DENIED: &[(&str, &[&str])] = &[
+    (
+        "runs SQL given to it as text",
+        &[
+            "query_to_xml*",
+            "query_to_xmlschema",
+            "cursor_to_xml*",
+            "table_to_xml*",
+            "schema_to_xml*",
+            "database_to_xml*",
+            "dblink*",
+            "ts_stat",
+            "ts_rewrite",
+            "crosstab*",
+            "connectby",
+            "pg_background*",
+        ],
+    ),
+    (
+        "changes session or server state",
+        &[
+            "set_config",
+            "setseed",
+            "pg_advisory*",
+            "pg_try_advisory*",
+            "pg_notify",
+            "nextval",
+            "setval",
+            "txid_current",
+            "pg_current_xact_id",
+            "pg_export_snapshot",
+            "pg_import_system_collations",
+            "pg_cancel_backend",
+            "pg_terminate_backend",
+            "pg_reload_conf",
+            "pg_rotate_logfile*",
+            "pg_switch_wal",
+            "pg_promote",
+            "pg_create_*",
+            "pg_drop_*",
+            "pg_copy_*",
+            "pg_replication_*",
+            "pg_logical_*",
+            "pg_stat_reset*",
+            "pg_stat_statements_reset",
+            "pg_stat_clear_snapshot",
+            "pg_stat_force_next_flush",
+            "pg_start_backup",
+            "pg_stop_backup",
+            "pg_backup_*",
+            "pg_wal_replay_*",
+            "pg_log_backend*",
+            "pg_prewarm",
+            "lo_*",
+            "loread",
+            "lowrite",
+        ],
+    ),
+    ("holds the connection", &["pg_sleep*"]),
+    (
+        "reads the database server's files",
+        &["pg_read_*", "pg_ls_*", "pg_stat_file", "pg_file_*"],
+    ),
 ];
 
-/// Function name prefixes of the same kind (families: advisory locks, replication slots and
-/// origins, statistics resets, backups, large objects, server files, dblink…).
-const DENIED_PREFIXES: &[&str] = &[
-    "dblink",
-    "pg_advisory",
-    "pg_try_advisory",
-    "pg_create_",
-    "pg_drop_",
-    "pg_copy_",
-    "pg_replication_",
-    "pg_logical_",
-    "pg_stat_reset",
-    "pg_stat_statements_reset",
-    "pg_backup_",
-    "pg_wal_replay_",
-    "pg_log_backend",
-    "pg_read_",
-    "pg_ls_",
-    "pg_file_",
-    "lo_",
-];
+/// Why `name` (a function's own name, without schema) may not be called, if it may not.
+fn denied_because(name: &str) -> Option<&'static str> {
+    let name = name.to_ascii_lowercase();
+    DENIED.iter().find_map(|(why, names)| {
+        names
+            .iter()
+            .any(|n| match n.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == *n,
+            })
+            .then_some(*why)
+    })
+}
+
+/// The verdict of [`check_read_only`] on a query text: its tables, or why it was refused.
+pub type Verdict = Result<Vec<String>, SqlError>;
+
+/// Bytes of query text (and the verdicts on them) [`verdict_cache`] keeps: a hit need not be
+/// parsed again, and distinct texts from clients cannot grow it past this — by count alone,
+/// 10,000 texts of `sql.max_sql_bytes` (64 KiB) would be 640 MiB.
+pub const VERDICT_CACHE_BYTES: u64 = 16 << 20;
+
+/// A cache of verdicts by query text, bounded in bytes by [`VERDICT_CACHE_BYTES`] (moka evicts
+/// the least useful entries first).
+pub fn verdict_cache() -> moka::sync::Cache<String, Verdict> {
+    moka::sync::Cache::builder()
+        .max_capacity(VERDICT_CACHE_BYTES)
+        .weigher(|sql: &String, verdict: &Verdict| {
+            let held = match verdict {
+                Ok(tables) => tables.iter().map(|t| t.len() + 24).sum(),
+                Err(SqlError::Parse(why) | SqlError::NotReadOnly(why)) => why.len(),
+            };
+            u32::try_from(sql.len() + held + 64).unwrap_or(u32::MAX)
+        })
+        .build()
+}
 
 /// Parses `sql` and checks that it is exactly one read-only query.
 pub fn check_read_only(sql: &str) -> Result<Analysis, SqlError> {
+    if has_unicode_escaped_identifier(sql) {
+        return Err(SqlError::NotReadOnly(
+            "Unicode-escaped identifier (U&\"…\")".into(),
+        ));
+    }
     let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(s) => s,
         Err(e) => match table_shorthand(sql) {
@@ -100,6 +168,24 @@ pub fn check_read_only(sql: &str) -> Result<Analysis, SqlError> {
         .collect::<BTreeSet<_>>();
     Ok(Analysis {
         tables: tables.into_iter().collect(),
+    })
+}
+
+/// Whether `sql` holds a `U&"…"` identifier. The parser reads it as `U & "…"`, so the name
+/// it checks (`"pg\005fsleep"`) is not the one PostgreSQL resolves (`pg_sleep`): a function
+/// or table could hide behind escapes. PostgreSQL reads `U&"` only with nothing between the
+/// three characters, which is what is looked for.
+fn has_unicode_escaped_identifier(sql: &str) -> bool {
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
+        return false; // the parser reports it
+    };
+    tokens.windows(3).any(|w| match w {
+        [Token::Word(u), Token::Ampersand, Token::Word(id)] => {
+            u.quote_style.is_none()
+                && u.value.eq_ignore_ascii_case("u")
+                && id.quote_style == Some('"')
+        }
+        _ => false,
     })
 }
 
@@ -222,23 +308,17 @@ impl Visitor for Checker {
     }
 }
 
+/// Refuses a call of a function in [`DENIED`], wherever in the query it is (select list,
+/// FROM, LATERAL, CTEs, subqueries, arguments of other calls).
 fn deny_function(name: &ObjectName) -> ControlFlow<String> {
-    let full = name
-        .0
-        .iter()
-        .filter_map(|p| p.as_ident())
-        .map(normalize_ident)
-        .collect::<Vec<_>>()
-        .join(".");
-    let last = full.rsplit('.').next().unwrap_or_default();
-    if DENIED_FUNCTIONS.contains(&last)
-        || DENIED_PREFIXES
-            .iter()
-            .any(|p| full.starts_with(p) || last.starts_with(p))
-    {
-        return ControlFlow::Break(format!("function {full} is not allowed"));
+    let Some(own) = name.0.last().and_then(|p| p.as_ident()) else {
+        // A name part that is not an identifier: nothing to match it against, so refuse.
+        return ControlFlow::Break(format!("function {name} cannot be checked"));
+    };
+    match denied_because(&own.value) {
+        Some(why) => ControlFlow::Break(format!("function {name} {why}")),
+        None => ControlFlow::Continue(()),
     }
-    ControlFlow::Continue(())
 }
 
 fn normalize_ident(i: &sqlparser::ast::Ident) -> String {
@@ -341,6 +421,98 @@ mod tests {
         ] {
             assert!(check_read_only(sql).is_err(), "accepted {sql}");
         }
+    }
+
+    /// Every route to a denied function: nested in another call's arguments, in FROM (as a
+    /// table function or `ROWS FROM`), in LATERAL, in CTEs and subqueries, in clauses other
+    /// than the select list, schema-qualified, quoted, in any case.
+    #[test]
+    fn refuses_denied_functions_anywhere() {
+        for sql in [
+            "SELECT query_to_xml('select pg_advisory_lock(1)', true, false, '')",
+            "SELECT query_to_xml_and_xmlschema('select 1', true, false, '')",
+            "SELECT query_to_xmlschema('select 1', true, false, '')",
+            "SELECT cursor_to_xml('c', 1, true, false, '')",
+            "SELECT table_to_xml('employees', true, false, '')",
+            "SELECT table_to_xmlschema('employees', true, false, '')",
+            "SELECT schema_to_xml('public', true, false, '')",
+            "SELECT database_to_xml(true, false, '')",
+            "SELECT * FROM ts_stat('SELECT to_tsvector(name) FROM employees')",
+            "SELECT * FROM crosstab('SELECT 1, 2, 3') AS t(a int, b int)",
+            "SELECT pg_try_advisory_lock(1)",
+            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT pg_notify('c', 'x')",
+            "SELECT txid_current()",
+            "SELECT pg_export_snapshot()",
+            "SELECT pg_import_system_collations('pg_catalog')",
+            "SELECT pg_terminate_backend(1)",
+            "SELECT pg_cancel_backend(1)",
+            "SELECT pg_reload_conf()",
+            "SELECT pg_logical_emit_message(true, 'p', 'x')",
+            "SELECT pg_read_file('/etc/passwd')",
+            "SELECT pg_read_binary_file('/etc/passwd')",
+            "SELECT * FROM pg_ls_dir('.')",
+            "SELECT pg_stat_file('x')",
+            "SELECT pg_sleep_for('1 minute')",
+            "SELECT loread(0, 1)",
+            "SELECT lo_import('/etc/passwd')",
+            "SELECT setval('s', 1)",
+            // Nested, in FROM, LATERAL, CTEs, subqueries and other clauses.
+            "SELECT length(query_to_xml('select 1', true, false, '')::text)",
+            "SELECT * FROM query_to_xml('select 1', true, false, '') AS x",
+            "SELECT * FROM ROWS FROM (query_to_xml('select 1', true, false, '')) AS x",
+            "SELECT * FROM employees e, LATERAL (SELECT pg_advisory_lock(e.id)) l",
+            "SELECT * FROM employees e CROSS JOIN LATERAL pg_advisory_lock(e.id) l",
+            "WITH x AS (SELECT pg_advisory_lock(1)) SELECT * FROM x",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE pg_sleep(1) IS NULL) SELECT * FROM r",
+            "SELECT (SELECT pg_advisory_lock(1)) AS l",
+            "SELECT 1 WHERE EXISTS (SELECT pg_advisory_lock(1))",
+            "SELECT name FROM employees ORDER BY pg_advisory_lock(id)",
+            "SELECT dept_id FROM employees GROUP BY dept_id HAVING pg_advisory_lock(1) IS NOT NULL",
+            "SELECT CASE WHEN true THEN pg_advisory_lock(1) END",
+            "SELECT count(*) FILTER (WHERE pg_advisory_lock(1) IS NULL) FROM employees",
+            "SELECT 1 UNION SELECT pg_advisory_lock(1)",
+            "VALUES (pg_advisory_lock(1))",
+            // Qualified, quoted, in any case.
+            "SELECT pg_catalog.query_to_xml('select 1', true, false, '')",
+            "SELECT \"pg_advisory_lock\"(1)",
+            "SELECT PG_ADVISORY_LOCK(1)",
+            "SELECT Query_To_Xml('select 1', true, false, '')",
+            "SELECT U&\"pg\\005fadvisory_lock\"(1)",
+            "SELECT u&\"pg_sleep\"(1)",
+            "SELECT * FROM U&\"employee\\0073\"",
+        ] {
+            assert!(check_read_only(sql).is_err(), "accepted {sql}");
+        }
+    }
+
+    /// The deny set names functions, not fragments: ordinary functions that share a prefix
+    /// stay allowed.
+    #[test]
+    fn accepts_ordinary_functions() {
+        for sql in [
+            "SELECT lower(name), length(name), log(2), now(), current_setting('TimeZone') FROM employees",
+            "SELECT to_char(now(), 'YYYY'), pg_relation_size('employees'), pg_stat_get_numscans(1)",
+            "SELECT lpad('x', 3), pg_typeof(1), txid_snapshot_xmin(txid_current_snapshot())",
+            "SELECT u & \"x\" FROM (SELECT 1 AS u, 3 AS \"x\") t",
+            "SELECT * FROM generate_series(1, 3) AS g, LATERAL unnest(ARRAY[g]) AS u",
+        ] {
+            assert!(check_read_only(sql).is_ok(), "refused {sql}: {:?}", check_read_only(sql));
+        }
+    }
+
+    /// Distinct long texts cannot grow the verdict cache past its byte bound.
+    #[test]
+    fn verdict_cache_is_bounded_in_bytes() {
+        let cache = verdict_cache();
+        let padding = "x".repeat(64 * 1024);
+        for i in 0..1000 {
+            let sql = format!("SELECT {i} -- {padding}");
+            cache.insert(sql.clone(), check_read_only(&sql).map(|a| a.tables));
+        }
+        cache.run_pending_tasks();
+        assert!(cache.weighted_size() <= VERDICT_CACHE_BYTES);
+        assert!(cache.entry_count() < 1000);
     }
 
     #[test]
