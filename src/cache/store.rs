@@ -125,6 +125,16 @@ if #KEYS >= 3 + nr then unlink_all(KEYS, 3 + nr, #KEYS) end
 return {dropped, repaired}
 "#;
 
+/// KEYS: the table registry. Returns {repaired (0/1), members}.
+const REGISTRY_LUA: &str = r#"
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'set' and t ~= 'none' then
+  redis.call('DEL', KEYS[1])
+  return {1, {}}
+end
+return {0, redis.call('SMEMBERS', KEYS[1])}
+"#;
+
 /// What an invalidation did in Valkey.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Dropped {
@@ -232,7 +242,7 @@ impl Store {
     }
 
     /// Table-wide invalidation: drops every entry that depends on `tables`. Returns how many
-    /// entries existed and were dropped.
+    /// entries existed and were dropped, and how many meta keys were repaired.
     pub async fn invalidate_tables(&self, tables: &[String]) -> Result<Dropped> {
         match self {
             Store::Single(s) => s.invalidate_tables(tables).await,
@@ -336,6 +346,7 @@ pub struct SingleStore {
     fill: Script,
     invalidate_tables: Script,
     invalidate_rows: Script,
+    registry: Script,
 }
 
 /// The `redis` client for `valkey.url`; for `rediss://`, trusting `valkey.tls_ca_file` (or the
@@ -390,6 +401,7 @@ impl SingleStore {
             fill: Script::new(FILL_LUA),
             invalidate_tables: Script::new(&format!("{DROP_FN}{INVALIDATE_TABLES_LUA}")),
             invalidate_rows: Script::new(&format!("{DROP_FN}{INVALIDATE_ROWS_LUA}")),
+            registry: Script::new(REGISTRY_LUA),
         })
     }
 
@@ -503,7 +515,8 @@ impl SingleStore {
     }
 
     /// Table-wide invalidation: bumps every version of `tables` and drops every entry that
-    /// depends on them. Returns how many entries existed and were dropped.
+    /// depends on them. Returns how many entries existed and were dropped, and how many meta
+    /// keys were repaired.
     pub async fn invalidate_tables(&self, tables: &[String]) -> Result<Dropped> {
         if tables.is_empty() {
             return Ok(Dropped::default());
@@ -559,12 +572,19 @@ impl SingleStore {
     }
 
     /// Every table any cachefront instance sharing this Valkey has cached from.
+    /// A registry of the wrong type (written by something else) is dropped, not an error
+    /// that would keep every flush failing; its tables are then unknown (logged).
     pub async fn registered_tables(&self) -> Result<Vec<String>> {
         let mut conn = self.conn.clone();
-        Ok(redis::cmd("SMEMBERS")
-            .arg(self.meta("tables", "all"))
-            .query_async(&mut conn)
-            .await?)
+        let (repaired, tables): (i64, Vec<String>) = self
+            .registry
+            .key(self.meta("tables", "all"))
+            .invoke_async(&mut conn)
+            .await?;
+        if repaired > 0 {
+            tracing::error!("the table registry in Valkey was not a set (written by something other than cachefront) and was dropped; entries of tables it listed expire only by TTL");
+        }
+        Ok(tables)
     }
 
     /// A plain GET, for callers outside the pass-through path.
