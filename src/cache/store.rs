@@ -346,7 +346,6 @@ pub struct SingleStore {
     fill: Script,
     invalidate_tables: Script,
     invalidate_rows: Script,
-    registry: Script,
 }
 
 /// The `redis` client for `valkey.url`; for `rediss://`, trusting `valkey.tls_ca_file` (or the
@@ -401,7 +400,6 @@ impl SingleStore {
             fill: Script::new(FILL_LUA),
             invalidate_tables: Script::new(&format!("{DROP_FN}{INVALIDATE_TABLES_LUA}")),
             invalidate_rows: Script::new(&format!("{DROP_FN}{INVALIDATE_ROWS_LUA}")),
-            registry: Script::new(REGISTRY_LUA),
         })
     }
 
@@ -576,8 +574,8 @@ impl SingleStore {
     /// that would keep every flush failing; its tables are then unknown (logged).
     pub async fn registered_tables(&self) -> Result<Vec<String>> {
         let mut conn = self.conn.clone();
-        let (repaired, tables): (i64, Vec<String>) = self
-            .registry
+        // Built here: read only when the listener (re)connects.
+        let (repaired, tables): (i64, Vec<String>) = Script::new(REGISTRY_LUA)
             .key(self.meta("tables", "all"))
             .invoke_async(&mut conn)
             .await?;
