@@ -484,6 +484,14 @@ fn triggers_subcommand_installs_and_removes_idempotently() {
     assert_eq!(count(), "0");
 }
 
+async fn sql_cached(c: &mut redis::aio::MultiplexedConnection, query: &str) -> String {
+    redis::cmd("SQL.CACHED")
+        .arg(query)
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
 /// A field of `INFO cachefront`, as a client sees it.
 async fn info_field(c: &mut redis::aio::MultiplexedConnection, name: &str) -> String {
     let info: String = redis::cmd("INFO")
@@ -508,11 +516,7 @@ async fn corrupted_meta_keys_do_not_stop_invalidation() {
     let mut c = s.client().await;
     let mut v = s.valkey_client().await;
     assert_eq!(emp(&mut c, 2).await.as_deref(), Some("Bob Smith"));
-    let depts: String = redis::cmd("SQL.CACHED")
-        .arg(DEPTS)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let depts = sql_cached(&mut c, DEPTS).await;
     assert!(!depts.contains("Money"), "{depts}");
     // A hash where a version counter lives, and a plain string where a row version lives.
     let _: () = v.hset("cachefront:v:employees", "x", "1").await.unwrap();
@@ -521,12 +525,8 @@ async fn corrupted_meta_keys_do_not_stop_invalidation() {
         .await
         .unwrap();
     let pg = s.pg().await;
-    pg.execute(
-        "UPDATE employees SET name = 'Robert Smith' WHERE id = 2",
-        &[],
-    )
-    .await
-    .unwrap();
+    let rename = "UPDATE employees SET name = 'Robert Smith' WHERE id = 2";
+    pg.batch_execute(rename).await.unwrap();
     let started = Instant::now();
     eventually("the fresh name", || {
         let mut c = c.clone();
