@@ -805,8 +805,11 @@ impl Connection {
         ticket: Option<Ticket>,
         started: Instant,
     ) -> Slot {
+        // A hit of a degraded entry is not served: the reply may predate an invalidation
+        // not yet applied (see `Cache::bypasses`); the fill answers from PostgreSQL.
+        let bypass = self.shared.cache.bypasses(&plan.entry);
         match r {
-            Ok(frame) if fill::is_hit(&frame) => {
+            Ok(frame) if fill::is_hit(&frame) && !bypass => {
                 inc(&self.shared.metrics.hits);
                 self.shared.metrics.latency.hit.observe(started.elapsed());
                 if let Some(t) = ticket.filter(|_| !frame.starts_with(b"-")) {
@@ -826,7 +829,9 @@ impl Connection {
             }
             r => {
                 let via_cache = r.is_ok();
-                if via_cache {
+                if bypass {
+                    // Counted as a degraded read by the fill.
+                } else if via_cache {
                     inc(&self.shared.metrics.misses);
                 } else {
                     inc(&self.shared.metrics.upstream_errors);

@@ -199,6 +199,15 @@ pub struct Metrics {
     /// Clients disconnected for holding more unread replies than
     /// `limits.client_output_buffer_limit` allows.
     pub output_limit_disconnects: AtomicU64,
+    /// Cached commands answered from PostgreSQL because an invalidation of their tables could
+    /// not be applied yet (the cache was bypassed; nothing stored).
+    pub degraded_reads: AtomicU64,
+    /// Attempts to apply an invalidation that Valkey refused or did not answer (retried).
+    pub invalidation_failures: AtomicU64,
+    /// cachefront meta keys of the wrong type replaced by an invalidation.
+    pub meta_repairs: AtomicU64,
+    /// Tables with an invalidation not yet applied (a gauge, set by the listener).
+    pub invalidation_pending: AtomicU64,
     pub latency: Latency,
     pub slowlog: SlowLog,
 }
@@ -265,6 +274,18 @@ const COUNTERS: &[(&str, &str)] = &[
         "client_output_limit_disconnects",
         "Clients disconnected for passing their output buffer limit",
     ),
+    (
+        "degraded_reads",
+        "Cached commands answered from PostgreSQL because an invalidation of their tables is pending",
+    ),
+    (
+        "invalidation_failures",
+        "Attempts to apply an invalidation that failed and will be retried",
+    ),
+    (
+        "meta_repairs",
+        "cachefront meta keys of the wrong type replaced by an invalidation",
+    ),
 ];
 
 /// Adds one to a counter.
@@ -304,6 +325,9 @@ impl Metrics {
             "replica_fallbacks" => &self.replica_fallbacks,
             "replica_errors" => &self.replica_errors,
             "client_output_limit_disconnects" => &self.output_limit_disconnects,
+            "degraded_reads" => &self.degraded_reads,
+            "invalidation_failures" => &self.invalidation_failures,
+            "meta_repairs" => &self.meta_repairs,
             _ => return 0,
         };
         c.load(Relaxed)
@@ -417,6 +441,16 @@ impl Metrics {
             ("replica_fills", g(&self.replica_fills).to_string()),
             ("replica_fallbacks", g(&self.replica_fallbacks).to_string()),
             ("replica_errors", g(&self.replica_errors).to_string()),
+            ("degraded_reads", g(&self.degraded_reads).to_string()),
+            (
+                "invalidation_pending_tables",
+                g(&self.invalidation_pending).to_string(),
+            ),
+            (
+                "invalidation_failures",
+                g(&self.invalidation_failures).to_string(),
+            ),
+            ("meta_repairs", g(&self.meta_repairs).to_string()),
         ];
         let mut out = String::from("# Cachefront\r\n");
         let latency = self.latency_info();

@@ -199,6 +199,13 @@ impl Shared {
         s.push_str(&format!(
             "l1_entries:{entries}\r\nl1_bytes:{bytes}\r\nl1_tracking:{tracking}\r\n"
         ));
+        let (all, degraded) = self.cache.degraded.snapshot();
+        s.push_str(&format!(
+            "invalidation_degraded:{}\r\ninvalidation_degraded_all:{}\r\ninvalidation_degraded_tables:{}\r\n",
+            u8::from(all || !degraded.is_empty()),
+            u8::from(all),
+            degraded.len()
+        ));
         if let Some(c) = &self.upstream.cluster {
             let st = c.stats();
             s.push_str(&format!(
@@ -216,6 +223,7 @@ impl Shared {
     pub fn prometheus(&self) -> String {
         let (size, available) = self.db.pool_status();
         let (entries, bytes) = self.cache.l1.usage();
+        let (degraded_all, degraded_tables) = self.cache.degraded.snapshot();
         let gauges = [
             (
                 "connected_clients",
@@ -248,6 +256,21 @@ impl Shared {
                 "invalidation_listening",
                 "1 while listening for PostgreSQL change notifications",
                 f64::from(u8::from(self.is_listening())),
+            ),
+            (
+                "invalidation_degraded_tables",
+                "Tables whose reads bypass the cache until a pending invalidation is applied",
+                degraded_tables.len() as f64,
+            ),
+            (
+                "invalidation_degraded_all",
+                "1 while every cached read bypasses the cache until a pending flush is applied",
+                f64::from(u8::from(degraded_all)),
+            ),
+            (
+                "invalidation_pending_tables",
+                "Tables with an invalidation not yet applied",
+                self.metrics.invalidation_pending.load(Ordering::Relaxed) as f64,
             ),
         ];
         let mut out = self.metrics.prometheus(&gauges);

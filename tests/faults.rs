@@ -443,3 +443,109 @@ async fn slow_and_partitioned_postgres() {
     .await;
     eprintln!("misses recovered {took:?} after the PostgreSQL link healed");
 }
+
+/// `INFO cachefront` as cachefront reports it.
+fn info(s: &Stack, name: &str) -> String {
+    let info = s.proxy.shared.info_section();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
+        .to_string()
+}
+
+/// Waits until `f` holds (at most `limit`); returns how long it took.
+async fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !f() {
+        assert!(started.elapsed() < limit, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+/// A Valkey out of memory refuses the invalidation of a write: the table's reads come fresh
+/// from PostgreSQL (counted) while its stale entry sits in Valkey; other tables are still hit;
+/// once Valkey takes writes again the invalidation applies by itself and hits resume.
+#[tokio::test(flavor = "multi_thread")]
+async fn valkey_out_of_memory_degrades_the_written_table_until_it_recovers() {
+    let s = Stack::start().await;
+    within(Duration::from_secs(5), "listener up", || {
+        s.proxy.shared.is_listening()
+    })
+    .await;
+    let mut raw = s.raw().await;
+    let depts: &[&[u8]] = &[b"SQL.CACHED", b"SELECT name FROM departments ORDER BY id"];
+    let charlie = "$13\r\nCharlie Brown\r\n";
+    assert_eq!(raw.call(&[b"EMP.GET", b"3"]).await, charlie);
+    let depts_before = raw.call(depts).await;
+    let mut v = s.valkey_client().await;
+    let admin = v.clone();
+    let config = |k: &'static str, val: &'static str| {
+        let mut v = admin.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(k)
+                .arg(val)
+                .query_async(&mut v)
+                .await
+                .unwrap();
+        }
+    };
+    config("maxmemory-policy", "noeviction").await;
+    config("maxmemory", "1").await;
+    s.pg()
+        .await
+        .execute(
+            "UPDATE employees SET name = 'Charles Brown' WHERE id = 3",
+            &[],
+        )
+        .await
+        .unwrap();
+    let took = within(Duration::from_secs(3), "degraded", || {
+        info(&s, "invalidation_degraded") == "1"
+    })
+    .await;
+    eprintln!("degraded {took:?} after the write");
+    assert_eq!(info(&s, "invalidation_degraded_tables"), "1");
+    // The stale entry is still in Valkey, but not served.
+    let stale: String = redis::AsyncCommands::get(&mut v, "employee:3")
+        .await
+        .unwrap();
+    assert_eq!(stale, "Charlie Brown");
+    let m = &s.proxy.shared.metrics;
+    let before = m.degraded_reads.load(Ordering::Relaxed);
+    for _ in 0..3 {
+        assert_eq!(
+            raw.call(&[b"EMP.GET", b"3"]).await,
+            "$13\r\nCharles Brown\r\n"
+        );
+    }
+    assert_eq!(m.degraded_reads.load(Ordering::Relaxed), before + 3);
+    // Another table's entries are still served from the cache.
+    let hits = m.hits.load(Ordering::Relaxed);
+    assert_eq!(raw.call(depts).await, depts_before);
+    assert_eq!(m.hits.load(Ordering::Relaxed), hits + 1);
+    config("maxmemory", "0").await;
+    let took = within(Duration::from_secs(5), "recovered", || {
+        info(&s, "invalidation_degraded") == "0"
+    })
+    .await;
+    eprintln!("recovered {took:?} after Valkey took writes again");
+    assert_eq!(info(&s, "invalidation_pending_tables"), "0");
+    let stale: Option<String> = redis::AsyncCommands::get(&mut v, "employee:3")
+        .await
+        .unwrap();
+    assert_eq!(stale, None, "the invalidation was applied");
+    // Hits resume: a fill is stored, then served.
+    assert_eq!(
+        raw.call(&[b"EMP.GET", b"3"]).await,
+        "$13\r\nCharles Brown\r\n"
+    );
+    let hits = m.hits.load(Ordering::Relaxed);
+    assert_eq!(
+        raw.call(&[b"EMP.GET", b"3"]).await,
+        "$13\r\nCharles Brown\r\n"
+    );
+    assert_eq!(m.hits.load(Ordering::Relaxed), hits + 1);
+}

@@ -483,3 +483,98 @@ fn triggers_subcommand_installs_and_removes_idempotently() {
     run("remove");
     assert_eq!(count(), "0");
 }
+
+async fn sql_cached(c: &mut redis::aio::MultiplexedConnection, query: &str) -> String {
+    redis::cmd("SQL.CACHED")
+        .arg(query)
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
+/// A field of `INFO cachefront`, as a client sees it.
+async fn info_field(c: &mut redis::aio::MultiplexedConnection, name: &str) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg("cachefront")
+        .query_async(c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
+        .to_string()
+}
+
+/// Meta keys of the wrong type, written straight to Valkey by someone else, neither stall
+/// invalidation nor leave stale entries: the scripts repair them, the read is fresh, and a
+/// change to another table is applied promptly meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupted_meta_keys_do_not_stop_invalidation() {
+    const DEPTS: &str = "SELECT name FROM departments ORDER BY id";
+    let s = Stack::start().await;
+    listening(&s).await;
+    let mut c = s.client().await;
+    let mut v = s.valkey_client().await;
+    assert_eq!(emp(&mut c, 2).await.as_deref(), Some("Bob Smith"));
+    let depts = sql_cached(&mut c, DEPTS).await;
+    assert!(!depts.contains("Money"), "{depts}");
+    // A hash where a version counter lives, and a plain string where a row version lives.
+    let _: () = v.hset("cachefront:v:employees", "x", "1").await.unwrap();
+    let _: () = v
+        .set("cachefront:r:employees:id:2", "garbage")
+        .await
+        .unwrap();
+    let pg = s.pg().await;
+    let rename = "UPDATE employees SET name = 'Robert Smith' WHERE id = 2";
+    pg.batch_execute(rename).await.unwrap();
+    let started = Instant::now();
+    eventually("the fresh name", || {
+        let mut c = c.clone();
+        async move { emp(&mut c, 2).await.as_deref() == Some("Robert Smith") }
+    })
+    .await;
+    eprintln!("fresh value read {:?} after the update", started.elapsed());
+    pg.execute("UPDATE departments SET name = 'Money' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    eventually("the other table's change applied", || {
+        let mut v = v.clone();
+        async move {
+            !exists(
+                &mut v,
+                &cachefront::cache::key::sql_key("", DEPTS.as_bytes(), &[] as &[&[u8]]),
+            )
+            .await
+        }
+    })
+    .await;
+    eprintln!(
+        "other table invalidated {:?} after its update",
+        started.elapsed()
+    );
+    eventually("not degraded", || {
+        let mut c = c.clone();
+        async move { info_field(&mut c, "invalidation_degraded").await == "0" }
+    })
+    .await;
+    assert!(
+        info_field(&mut c, "meta_repairs")
+            .await
+            .parse::<u64>()
+            .unwrap()
+            >= 2
+    );
+    // The repaired keys work again: the entry is filled and stored, then hit.
+    eventually("employee:2 stored again", || {
+        let mut c = c.clone();
+        let mut v = v.clone();
+        async move {
+            emp(&mut c, 2).await;
+            exists(&mut v, "employee:2").await
+        }
+    })
+    .await;
+    let stored: String = v.get("employee:2").await.unwrap();
+    assert_eq!(stored, "Robert Smith");
+}

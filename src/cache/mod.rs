@@ -3,6 +3,7 @@
 
 pub mod cluster_store;
 pub mod coalesce;
+pub mod degraded;
 pub mod key;
 pub mod l1;
 pub mod store;
@@ -17,6 +18,7 @@ use crate::config::CacheConfig;
 use crate::error::Result;
 use crate::metrics::{add, inc, Metrics};
 use coalesce::Coalescer;
+use degraded::Degraded;
 use store::Store;
 
 /// What an entry was read from, so writes there drop it.
@@ -122,6 +124,9 @@ pub enum CacheStatus {
     FailOpen,
     /// PostgreSQL failed; answered with the last value filled, within `stale_if_error_secs`.
     Stale,
+    /// An invalidation of the entry's tables is pending (see [`degraded`]); answered from
+    /// PostgreSQL, nothing stored.
+    Degraded,
 }
 
 /// When an entry this instance stored expires and how long its fill took: what XFetch needs.
@@ -144,6 +149,9 @@ pub struct Cache {
     registered: Mutex<std::collections::HashSet<String>>,
     /// Last filled values, served if PostgreSQL fails (`cache.stale_if_error_secs`).
     stale: Option<moka::sync::Cache<String, Value>>,
+    /// Tables whose pending invalidation could not be applied yet: their reads bypass the
+    /// cache (see [`Cache::bypasses`]).
+    pub degraded: Arc<Degraded>,
 }
 
 /// How a miss should be filled.
@@ -178,6 +186,52 @@ impl Cache {
                     .time_to_live(Duration::from_secs(cfg.stale_if_error_secs))
                     .build()
             }),
+            degraded: Arc::default(),
+        }
+    }
+
+    /// The one decision whether a read of `entry` may use the cache at all: not while an
+    /// invalidation of any of its tables is pending, because its entry — in Valkey or the L1
+    /// — may be stale. Every hit (L1 or Valkey) and every store asks this; while nothing is
+    /// degraded it is one atomic load.
+    pub fn bypasses(&self, entry: &Entry) -> bool {
+        self.degraded.bypasses(entry)
+    }
+
+    /// An invalidation of `table` could not be applied: its reads bypass the cache until
+    /// [`Cache::recovered`]. `aliases`: other names its entries may carry (views). Logs once.
+    pub fn degrade(&self, table: &str, aliases: Vec<String>, why: &crate::error::Error) {
+        let mut names = aliases.clone();
+        names.push(table.to_string());
+        if self.degraded.enter(table, aliases) {
+            tracing::warn!(table = %table, error = %why, "cannot apply an invalidation; reads of this table bypass the cache until it is applied");
+        }
+        // After entering: an L1 insert racing this sees the table degraded or is dropped here.
+        self.l1.invalidate_tables(&names, true);
+    }
+
+    /// Like [`Cache::degrade`], for every table (a flush of all of them is pending).
+    pub fn degrade_all(&self, why: &crate::error::Error) {
+        if self.degraded.enter_all() {
+            tracing::warn!(error = %why, "cannot flush the cache after (re)connecting to PostgreSQL; every cached read bypasses the cache until it is done");
+        }
+        self.l1.clear();
+    }
+
+    /// `table`'s pending invalidation was applied: its reads use the cache again.
+    pub fn recovered(&self, table: &str) {
+        if let Some(took) = self.degraded.leave(table) {
+            tracing::info!(table = %table, degraded_ms = took.as_millis() as u64, "invalidation applied; reads of this table use the cache again");
+        }
+    }
+
+    /// The flush of every table was applied.
+    pub fn recovered_all(&self) {
+        if let Some(took) = self.degraded.leave_all() {
+            tracing::info!(
+                degraded_ms = took.as_millis() as u64,
+                "cache flushed; cached reads use the cache again"
+            );
         }
     }
 
@@ -222,12 +276,16 @@ impl Cache {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Value>> + Send + 'static,
     {
+        if self.bypasses(&entry) {
+            return self.read_degraded(entry, load).await;
+        }
         self.register(&entry.tables()).await;
         let ctx = FillCtx {
             store: self.store.clone(),
             metrics: Arc::clone(&self.metrics),
             recent: self.recent.clone(),
             stale: self.stale.clone(),
+            degraded: Arc::clone(&self.degraded),
         };
         let key = entry.key.clone();
         let fill = async move { ctx.fill_once(entry, opts, load).await };
@@ -244,6 +302,28 @@ impl Cache {
             });
         }
         result
+    }
+
+    /// A read of a degraded entry: from PostgreSQL, stored nowhere. Concurrent reads of one
+    /// key still share one query (under a key of their own, apart from fills).
+    async fn read_degraded<F, Fut>(&self, entry: Entry, load: F) -> Result<(Value, CacheStatus)>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Value>> + Send + 'static,
+    {
+        inc(&self.metrics.degraded_reads);
+        let metrics = Arc::clone(&self.metrics);
+        let read = async move {
+            inc(&metrics.db_queries);
+            let value = load().await.inspect_err(|e| {
+                if !matches!(e, crate::error::Error::Client(_)) {
+                    inc(&metrics.db_errors);
+                }
+            })?;
+            Ok((value, CacheStatus::Degraded))
+        };
+        let key = format!("\0degraded\0{}", entry.key);
+        self.coalescer.run(&key, read).await.0
     }
 
     /// Records tables in Valkey's registry (once per process), so a lost notification channel
@@ -271,7 +351,9 @@ impl Cache {
     /// Table-wide invalidation.
     pub async fn invalidate(&self, tables: &[String]) -> Result<u64> {
         self.l1.invalidate_tables(tables, true);
-        let n = self.store.invalidate_tables(tables).await?;
+        let dropped = self.store.invalidate_tables(tables).await?;
+        self.note_repairs(tables, dropped.repaired);
+        let n = dropped.entries;
         add(&self.metrics.invalidations, n);
         for t in tables {
             tracing::debug!(table = %t, dropped = n, "table invalidated");
@@ -292,12 +374,23 @@ impl Cache {
             self.l1.invalidate_key(k.as_bytes());
         }
         self.l1.invalidate_tables(&[table.to_string()], false);
-        let n = self
+        let dropped = self
             .store
             .invalidate_rows(table, column, values, entry_keys)
             .await?;
-        add(&self.metrics.invalidations, n);
-        Ok(n)
+        self.note_repairs(&[table.to_string()], dropped.repaired);
+        add(&self.metrics.invalidations, dropped.entries);
+        Ok(dropped.entries)
+    }
+
+    /// Meta keys of the wrong type were replaced by an invalidation: something other than
+    /// cachefront wrote them. A replaced registry set had lost the names of its entries, which
+    /// then only expire by their TTL — say so loudly.
+    fn note_repairs(&self, tables: &[String], repaired: u64) {
+        if repaired > 0 {
+            add(&self.metrics.meta_repairs, repaired);
+            tracing::warn!(tables = ?tables, repaired, "replaced cachefront meta keys of the wrong type (written by something other than cachefront); entries a replaced registry set listed expire only by TTL");
+        }
     }
 }
 
@@ -307,6 +400,7 @@ struct FillCtx {
     metrics: Arc<Metrics>,
     recent: moka::sync::Cache<String, Freshness>,
     stale: Option<moka::sync::Cache<String, Value>>,
+    degraded: Arc<Degraded>,
 }
 
 impl FillCtx {
@@ -382,6 +476,12 @@ impl FillCtx {
             (Value::Hash(f), _, _) if f.is_empty() => return Ok((value, CacheStatus::Miss)),
             _ => (entry, value.clone()),
         };
+        if self.degraded.bypasses(&target) {
+            // Its tables became degraded while it read: the invalidation it may have missed
+            // is not applied yet, so this value must not be served from the cache.
+            inc(&self.metrics.stale_fill_rejections);
+            return Ok((value, CacheStatus::Degraded));
+        }
         match self.store.store(&target, &stored_value, &versions).await {
             Ok(true) => {
                 inc(&self.metrics.fills);

@@ -27,14 +27,29 @@ use super::{Deps, Entry, Value, Version};
 use crate::config::ValkeyConfig;
 use crate::error::Result;
 
+/// Checks the versions, registers the entry with its tables, then stores it — registering
+/// first, so no entry can exist that its tables' invalidation cannot find (a refused write
+/// stops the script before the entry is stored). Meta keys of the wrong type (a client wrote
+/// them) make the fill store nothing, not fail halfway; the next invalidation repairs them.
 const FILL_LUA: &str = r#"
 local nv = tonumber(ARGV[3])
 local nr = tonumber(ARGV[4])
 for i = 1, nv do
+  local t = redis.call('TYPE', KEYS[1 + i])['ok']
+  if t ~= 'string' and t ~= 'none' then return 0 end
   local v = redis.call('GET', KEYS[1 + i])
   if (v or '') ~= ARGV[4 + i] then return 0 end
 end
+for i = 1, nr do
+  local t = redis.call('TYPE', KEYS[1 + nv + i])['ok']
+  if t ~= 'set' and t ~= 'none' then return 0 end
+end
 local ttl = tonumber(ARGV[2])
+for i = 1, nr do
+  local d = KEYS[1 + nv + i]
+  redis.call('SADD', d, KEYS[1])
+  if redis.call('TTL', d) < ttl then redis.call('EXPIRE', d, ttl) end
+end
 local first = 5 + nv
 if ARGV[1] == 's' then
   redis.call('SET', KEYS[1], ARGV[first], 'EX', ttl)
@@ -43,53 +58,116 @@ else
   redis.call('HSET', KEYS[1], unpack(ARGV, first))
   redis.call('EXPIRE', KEYS[1], ttl)
 end
-for i = 1, nr do
-  local d = KEYS[1 + nv + i]
-  redis.call('SADD', d, KEYS[1])
-  if redis.call('TTL', d) < ttl then redis.call('EXPIRE', d, ttl) end
-end
 return 1
 "#;
 
-/// Shared by both invalidation scripts: unlink a registry set's members, then the set.
+/// Shared by both invalidation scripts: unlink a registry set's members, then the set; bump a
+/// version. The meta keys are ours, so one of the wrong type (a client wrote it) is replaced
+/// and counted in `repaired`, never an error: an invalidation that fails on it would fail on
+/// every retry. A version that holds no integer INCR can take is set to `fresh`, a random
+/// integer the caller picked, which no fill can have read — so the check still rejects every
+/// fill that read the old value.
 const DROP_FN: &str = r#"
 local dropped = 0
+local repaired = 0
 local function unlink_all(keys, from, to)
   for j = from, to, 500 do
     dropped = dropped + redis.call('UNLINK', unpack(keys, j, math.min(j + 499, to)))
   end
 end
 local function drop(set)
-  local members = redis.call('SMEMBERS', set)
-  unlink_all(members, 1, #members)
+  local t = redis.call('TYPE', set)['ok']
+  if t == 'set' then
+    local members = redis.call('SMEMBERS', set)
+    unlink_all(members, 1, #members)
+  elseif t ~= 'none' then
+    repaired = repaired + 1
+  end
   redis.call('DEL', set)
+end
+local function bump(key, fresh)
+  local t = redis.call('TYPE', key)['ok']
+  if t == 'none' then return redis.call('INCR', key) end
+  if t == 'string' then
+    local v = redis.call('GET', key)
+    if #v <= 18 and string.match(v, '^%-?%d+$') then return redis.call('INCR', key) end
+  end
+  repaired = repaired + 1
+  redis.call('DEL', key)
+  redis.call('SET', key, fresh)
 end
 "#;
 
-/// KEYS: per table `e:`, `v:`, `d:`, `k:`.
+/// KEYS: per table `e:`, `v:`, `d:`, `k:`. ARGV: a fresh version for a repaired key.
+/// Returns {dropped, repaired}.
 const INVALIDATE_TABLES_LUA: &str = r#"
 for i = 1, #KEYS, 4 do
-  redis.call('INCR', KEYS[i])
-  redis.call('INCR', KEYS[i + 1])
+  bump(KEYS[i], ARGV[1])
+  bump(KEYS[i + 1], ARGV[1])
   drop(KEYS[i + 2])
   drop(KEYS[i + 3])
 end
-return dropped
+return {dropped, repaired}
 "#;
 
 /// KEYS: `v:<t>`, `d:<t>`, then ARGV[1] row version keys, then entry keys to delete.
+/// ARGV[3]: a fresh version for a repaired key. Returns {dropped, repaired}.
 const INVALIDATE_ROWS_LUA: &str = r#"
 local nr = tonumber(ARGV[1])
 local rttl = tonumber(ARGV[2])
-redis.call('INCR', KEYS[1])
+bump(KEYS[1], ARGV[3])
 drop(KEYS[2])
 for i = 3, 2 + nr do
-  redis.call('INCR', KEYS[i])
+  bump(KEYS[i], ARGV[3])
   redis.call('EXPIRE', KEYS[i], rttl)
 end
 if #KEYS >= 3 + nr then unlink_all(KEYS, 3 + nr, #KEYS) end
-return dropped
+return {dropped, repaired}
 "#;
+
+/// KEYS: the table registry. Returns {repaired (0/1), members}.
+const REGISTRY_LUA: &str = r#"
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'set' and t ~= 'none' then
+  redis.call('DEL', KEYS[1])
+  return {1, {}}
+end
+return {0, redis.call('SMEMBERS', KEYS[1])}
+"#;
+
+/// What an invalidation did in Valkey.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Entries that existed and were dropped.
+    pub entries: u64,
+    /// Meta keys of the wrong type that were replaced. A repaired registry set had lost its
+    /// members' names (see `Cache::invalidate`).
+    pub repaired: u64,
+}
+
+impl Dropped {
+    /// Entries dropped, nothing repaired.
+    fn entries(entries: u64) -> Dropped {
+        Dropped {
+            entries,
+            repaired: 0,
+        }
+    }
+
+    fn from_script((entries, repaired): (i64, i64)) -> Dropped {
+        Dropped {
+            entries: entries.max(0) as u64,
+            repaired: repaired.max(0) as u64,
+        }
+    }
+}
+
+/// A version for a repaired key: random, far above any count INCR reaches, so no fill can
+/// have read it.
+fn fresh_version() -> u64 {
+    use rand::Rng;
+    rand::thread_rng().gen_range(1_000_000_000_000_000..9_000_000_000_000_000)
+}
 
 /// See [`Store::prefill`].
 pub struct Prefill {
@@ -164,11 +242,11 @@ impl Store {
     }
 
     /// Table-wide invalidation: drops every entry that depends on `tables`. Returns how many
-    /// entries existed and were dropped.
-    pub async fn invalidate_tables(&self, tables: &[String]) -> Result<u64> {
+    /// entries existed and were dropped, and how many meta keys were repaired.
+    pub async fn invalidate_tables(&self, tables: &[String]) -> Result<Dropped> {
         match self {
             Store::Single(s) => s.invalidate_tables(tables).await,
-            Store::Cluster(c) => c.invalidate_tables(tables).await,
+            Store::Cluster(c) => c.invalidate_tables(tables).await.map(Dropped::entries),
         }
     }
 
@@ -180,10 +258,13 @@ impl Store {
         column: &str,
         values: &[String],
         entry_keys: &[String],
-    ) -> Result<u64> {
+    ) -> Result<Dropped> {
         match self {
             Store::Single(s) => s.invalidate_rows(table, column, values, entry_keys).await,
-            Store::Cluster(c) => c.invalidate_rows(table, entry_keys).await,
+            Store::Cluster(c) => c
+                .invalidate_rows(table, entry_keys)
+                .await
+                .map(Dropped::entries),
         }
     }
 
@@ -432,10 +513,11 @@ impl SingleStore {
     }
 
     /// Table-wide invalidation: bumps every version of `tables` and drops every entry that
-    /// depends on them. Returns how many entries existed and were dropped.
-    pub async fn invalidate_tables(&self, tables: &[String]) -> Result<u64> {
+    /// depends on them. Returns how many entries existed and were dropped, and how many meta
+    /// keys were repaired.
+    pub async fn invalidate_tables(&self, tables: &[String]) -> Result<Dropped> {
         if tables.is_empty() {
-            return Ok(0);
+            return Ok(Dropped::default());
         }
         let mut inv = self.invalidate_tables.prepare_invoke();
         for t in tables {
@@ -444,9 +526,9 @@ impl SingleStore {
                 .key(self.meta("d", t))
                 .key(self.meta("k", t));
         }
+        inv.arg(fresh_version());
         let mut conn = self.conn.clone();
-        let n: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(n.max(0) as u64)
+        Ok(Dropped::from_script(inv.invoke_async(&mut conn).await?))
     }
 
     /// Row-level invalidation of `table`: rows whose `column` took `values` changed. Drops the
@@ -457,7 +539,7 @@ impl SingleStore {
         column: &str,
         values: &[String],
         entry_keys: &[String],
-    ) -> Result<u64> {
+    ) -> Result<Dropped> {
         let mut inv = self.invalidate_rows.prepare_invoke();
         inv.key(self.meta("v", table)).key(self.meta("d", table));
         for v in values {
@@ -466,10 +548,11 @@ impl SingleStore {
         for k in entry_keys {
             inv.key(k);
         }
-        inv.arg(values.len()).arg(ROW_VERSION_TTL);
+        inv.arg(values.len())
+            .arg(ROW_VERSION_TTL)
+            .arg(fresh_version());
         let mut conn = self.conn.clone();
-        let n: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(n.max(0) as u64)
+        Ok(Dropped::from_script(inv.invoke_async(&mut conn).await?))
     }
 
     /// Records tables in the registry of everything ever cached.
@@ -487,12 +570,19 @@ impl SingleStore {
     }
 
     /// Every table any cachefront instance sharing this Valkey has cached from.
+    /// A registry of the wrong type (written by something else) is dropped, not an error
+    /// that would keep every flush failing; its tables are then unknown (logged).
     pub async fn registered_tables(&self) -> Result<Vec<String>> {
         let mut conn = self.conn.clone();
-        Ok(redis::cmd("SMEMBERS")
-            .arg(self.meta("tables", "all"))
-            .query_async(&mut conn)
-            .await?)
+        // Built here: read only when the listener (re)connects.
+        let (repaired, tables): (i64, Vec<String>) = Script::new(REGISTRY_LUA)
+            .key(self.meta("tables", "all"))
+            .invoke_async(&mut conn)
+            .await?;
+        if repaired > 0 {
+            tracing::error!("the table registry in Valkey was not a set (written by something other than cachefront) and was dropped; entries of tables it listed expire only by TTL");
+        }
+        Ok(tables)
     }
 
     /// A plain GET, for callers outside the pass-through path.

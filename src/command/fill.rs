@@ -5,11 +5,13 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use super::named_query::NamedQuery;
+use super::Action;
 use crate::cache::{CacheStatus, Deps, Entry, FillOptions, Value};
 use crate::config::ReplyKind;
 use crate::db::{Collect, DbError, QueryResult, ResultLimits, Rows, Served};
 use crate::error::{Error, Result};
 use crate::metrics::inc;
+use crate::protocol::request::encode_multibulk;
 use crate::protocol::{Proto, Reply};
 use crate::server::Shared;
 
@@ -185,10 +187,40 @@ async fn prepare(shared: &Shared, mut entry: Entry) -> Result<Entry> {
     Ok(entry)
 }
 
+/// The one route of a cached command: straight to PostgreSQL while an invalidation of its
+/// tables is pending (see `Cache::bypasses`), else the L1, else a lookup in Valkey. `plan`
+/// builds the miss plan for the entry key; it is called only when needed.
+pub fn route(
+    shared: &Arc<Shared>,
+    key: String,
+    kind: ReplyKind,
+    proto: Proto,
+    plan: impl Fn(String) -> FillPlan,
+) -> Action {
+    if shared.cache.degraded.any() {
+        let plan = plan(key.clone());
+        if shared.cache.bypasses(&plan.entry) {
+            return Action::Task(Box::pin(run(Arc::clone(shared), plan, true)));
+        }
+    }
+    if let Some(hit) = serve_from_l1(shared, &key, kind, proto, || plan(key.clone())) {
+        return Action::Reply(hit);
+    }
+    let lookup_cmd: &[u8] = match kind {
+        ReplyKind::Hash => b"HGETALL",
+        ReplyKind::Value | ReplyKind::Json => b"GET",
+    };
+    let lookup = encode_multibulk(&[Bytes::from_static(lookup_cmd), Bytes::from(key.clone())]);
+    Action::Cached {
+        lookup,
+        plan: Box::new(plan(key)),
+    }
+}
+
 /// Answers from the in-process L1 if it holds the entry — before any plan is built, so a hot
 /// hit costs a hash lookup, not the allocations of a miss. `plan` is built only if early
 /// refresh picks this hit.
-pub fn serve_from_l1(
+fn serve_from_l1(
     shared: &Arc<Shared>,
     key: &str,
     kind: ReplyKind,

@@ -5,12 +5,12 @@ use bytes::Bytes;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::fill::{serve_from_l1, FillPlan, Source};
+use super::fill::{route, FillPlan, Source};
 use super::{wrong_args, Action};
 use crate::cache::key::KeyTemplate;
 use crate::cache::{Deps, Entry, RowDep};
 use crate::config::{ArgType, NamedQueryConfig, ReplyKind};
-use crate::protocol::request::{encode_multibulk, parse_i64_strict};
+use crate::protocol::request::parse_i64_strict;
 use crate::protocol::{Reply, Request};
 use crate::server::Shared;
 use crate::session::Session;
@@ -193,18 +193,7 @@ pub fn dispatch(
         kind: q.reply,
         proto: session.proto,
     };
-    if let Some(hit) = serve_from_l1(shared, &key, q.reply, session.proto, || {
-        plan(key.clone(), owned(&args))
-    }) {
-        return Action::Reply(hit);
-    }
-    let lookup_cmd: &[u8] = match q.reply {
-        ReplyKind::Hash => b"HGETALL",
-        ReplyKind::Value | ReplyKind::Json => b"GET",
-    };
-    let lookup = encode_multibulk(&[Bytes::from_static(lookup_cmd), Bytes::from(key.clone())]);
-    Action::Cached {
-        lookup,
-        plan: Box::new(plan(key, owned(&args))),
-    }
+    route(shared, key, q.reply, session.proto, |key| {
+        plan(key, owned(&args))
+    })
 }

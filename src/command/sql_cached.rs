@@ -5,13 +5,13 @@ use bytes::Bytes;
 use futures::FutureExt;
 use std::sync::Arc;
 
-use super::fill::{serve_from_l1, FillPlan, Source};
+use super::fill::{route, FillPlan, Source};
 use super::{wrong_args, Action};
 use crate::cache::key::sql_key;
 use crate::cache::{Deps, Entry};
 use crate::config::{ReplyKind, SqlMode};
 use crate::db::sql::{check_read_only, SqlError};
-use crate::protocol::request::{encode_multibulk, parse_i64_strict};
+use crate::protocol::request::parse_i64_strict;
 use crate::protocol::{Reply, Request};
 use crate::server::Shared;
 use crate::session::Session;
@@ -122,16 +122,9 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
         kind: ReplyKind::Json,
         proto: session.proto,
     };
-    if let Some(hit) = serve_from_l1(shared, &key, ReplyKind::Json, session.proto, || {
-        plan(key.clone(), p.params.clone())
-    }) {
-        return Action::Reply(hit);
-    }
-    let lookup = encode_multibulk(&[Bytes::from_static(b"GET"), Bytes::from(key.clone())]);
-    Action::Cached {
-        lookup,
-        plan: Box::new(plan(key, p.params)),
-    }
+    route(shared, key, ReplyKind::Json, session.proto, |key| {
+        plan(key, p.params.clone())
+    })
 }
 
 /// Our parser could not read the query. PostgreSQL's own error is the most useful answer for

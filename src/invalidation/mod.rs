@@ -1,11 +1,17 @@
 //! Keeping cached entries fresh when PostgreSQL data changes — by any client of the database.
 //!
 //! Triggers (see `db::triggers`) send a NOTIFY on commit naming the table and, for tables that
-//! row-keyed named queries read, the changed rows' key values. A listening connection turns
-//! each notification into an invalidation in Valkey, in commit order, retrying until Valkey
-//! takes it. Whenever the listening connection is (re)established — including at start —
-//! every table ever cached is invalidated, because notifications sent while nobody listened
-//! are lost.
+//! row-keyed named queries read, the changed rows' key values. A listening connection merges
+//! each notification into the pending work of its table (see [`pending`]), and an applier
+//! turns that into invalidations in Valkey, each table on its own. Whenever the listening
+//! connection is (re)established — including at start — every table ever cached is
+//! invalidated, because notifications sent while nobody listened are lost.
+//!
+//! An invalidation Valkey refuses (out of memory, down) never blocks the others and is never
+//! dropped: its table becomes *degraded* — its reads bypass the cache and answer from
+//! PostgreSQL (`Cache::bypasses`) — and it is retried with backoff until it applies, which
+//! ends the degraded state. Meta keys of the wrong type are repaired by the scripts
+//! themselves (see `cache::store`).
 
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
@@ -21,6 +27,9 @@ use crate::db::{Db, DbError};
 use crate::error::{Error, Result};
 use crate::metrics::inc;
 use crate::server::Shared;
+use pending::{Change, Pending, Work};
+
+pub mod pending;
 
 /// A named query whose key is one row's key value.
 struct RowBinding {
@@ -164,6 +173,23 @@ impl Invalidation {
         self.prepare(db, &names).await.map(|_| ())
     }
 
+    /// Other names entries may carry for `table` before resolution: relations (views) this
+    /// process resolved to it. Their reads bypass the cache with it while it is degraded.
+    fn aliases(&self, table: &str) -> Vec<String> {
+        let resolved = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        resolved
+            .iter()
+            .filter(|(name, tables)| {
+                name.as_str() != table
+                    && tables.iter().any(|t| {
+                        crate::db::sql::normalize_table_text(&triggers::quote_ident(&t.name))
+                            == table
+                    })
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Entry keys (and negative-cache markers) of row-keyed named queries for these rows.
     fn row_entry_keys(
         &self,
@@ -205,17 +231,6 @@ fn row_bindings(named: &HashMap<String, Arc<NamedQuery>>) -> HashMap<String, Vec
     bindings
 }
 
-/// One parsed notification.
-#[derive(Debug, PartialEq)]
-enum Change {
-    Table(String),
-    Rows {
-        table: String,
-        /// column → distinct key values (as text).
-        keys: Vec<(String, Vec<String>)>,
-    },
-}
-
 fn parse_payload(payload: &str) -> Option<Change> {
     let v: serde_json::Value = serde_json::from_str(payload).ok()?;
     let table = crate::db::sql::normalize_table_text(&triggers::quote_ident(v.get("t")?.as_str()?));
@@ -243,41 +258,149 @@ fn parse_payload(payload: &str) -> Option<Change> {
     Some(Change::Rows { table, keys })
 }
 
-/// Applies one change to the cache, retrying until Valkey accepts it: an invalidation must
-/// never be dropped, and later ones wait so they apply in commit order.
-async fn apply(shared: &Shared, change: &Change) {
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        let r = match change {
-            Change::Table(t) => shared.cache.invalidate(std::slice::from_ref(t)).await,
-            Change::Rows { table, keys } => apply_rows(shared, table, keys).await,
-        };
-        match r {
-            Ok(n) => {
-                tracing::debug!(?change, dropped = n, "invalidated");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, ?change, "cannot apply an invalidation yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+/// Notifications received and not yet applied: the connection's driver merges them in as
+/// they arrive, the applier takes them all at once. Bounded (see [`pending`]), so a Valkey
+/// that refuses writes costs memory per table, not per change.
+#[derive(Default)]
+struct Queue {
+    pending: Mutex<Pending>,
+    wake: tokio::sync::Notify,
+}
+
+impl Queue {
+    fn with<R>(&self, f: impl FnOnce(&mut Pending) -> R) -> R {
+        f(&mut self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn push(&self, change: Change) {
+        self.with(|p| p.add(change));
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Pending {
+        self.with(std::mem::take)
+    }
+
+    fn put_back(&self, failed: Pending) {
+        self.with(|p| p.merge(failed));
+    }
+
+    fn len(&self) -> usize {
+        self.with(|p| p.len())
+    }
+}
+
+/// When to try failed invalidations again: 20 ms after the first failure, doubling to 1 s;
+/// back to 20 ms once everything applied.
+struct Retry {
+    at: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+impl Retry {
+    fn new() -> Retry {
+        Retry {
+            at: None,
+            backoff: RETRY_MIN,
+        }
+    }
+
+    fn failed(&mut self) {
+        self.at = Some(tokio::time::Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+    }
+
+    fn succeeded(&mut self) {
+        self.at = None;
+        self.backoff = RETRY_MIN;
+    }
+
+    /// Resolves when a retry is due; never while none is.
+    async fn due(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
         }
     }
 }
 
-async fn apply_rows(shared: &Shared, table: &str, keys: &[(String, Vec<String>)]) -> Result<u64> {
-    let mut total = 0;
-    for (column, values) in keys {
-        let entry_keys = shared
-            .invalidation
-            .row_entry_keys(shared, table, column, values);
-        total += shared
-            .cache
-            .invalidate_rows(table, column, values, &entry_keys)
-            .await?;
+/// Applies one table's pending work.
+async fn apply_work(shared: &Shared, table: &str, work: &Work) -> Result<u64> {
+    match work {
+        Work::Table => shared.cache.invalidate(&[table.to_string()]).await,
+        Work::Rows(columns) => {
+            let mut total = 0;
+            for (column, values) in columns {
+                let values: Vec<String> = values.iter().cloned().collect();
+                let entry_keys = shared
+                    .invalidation
+                    .row_entry_keys(shared, table, column, &values);
+                total += shared
+                    .cache
+                    .invalidate_rows(table, column, &values, &entry_keys)
+                    .await?;
+            }
+            Ok(total)
+        }
     }
-    Ok(total)
+}
+
+/// Applies everything in `batch`, each table on its own (concurrently), so one that fails
+/// holds up no other. Tables that failed become degraded — their reads bypass the cache —
+/// and are returned to be retried; tables that applied stop being degraded.
+async fn apply_batch(shared: &Shared, mut batch: Pending) -> Pending {
+    if batch.all && !expand_all(shared, &mut batch).await {
+        return batch;
+    }
+    let flushed_all = std::mem::take(&mut batch.all);
+    let attempts = batch.tables.into_iter().map(|(table, work)| async move {
+        let r = apply_work(shared, &table, &work).await;
+        (table, work, r)
+    });
+    let mut failed = Pending::default();
+    for (table, work, r) in futures::future::join_all(attempts).await {
+        match r {
+            Ok(n) => {
+                tracing::debug!(table = %table, dropped = n, "invalidated");
+                shared.cache.recovered(&table);
+            }
+            Err(e) => {
+                tracing::debug!(table = %table, error = %e, "cannot apply an invalidation yet; will retry");
+                inc(&shared.metrics.invalidation_failures);
+                let aliases = shared.invalidation.aliases(&table);
+                shared.cache.degrade(&table, aliases, &e);
+                failed.add_work(table, work);
+            }
+        }
+    }
+    if flushed_all {
+        shared.cache.recovered_all();
+    }
+    failed
+}
+
+/// Turns "flush every table" into table-wide work for every table any instance ever cached
+/// from, and every table degraded now (its own pending work may have been lost with the
+/// connection). False if the registry cannot be read: everything stays degraded.
+async fn expand_all(shared: &Shared, batch: &mut Pending) -> bool {
+    let registered = match shared.cache.store.registered_tables().await {
+        Ok(t) => t,
+        Err(e) => {
+            inc(&shared.metrics.invalidation_failures);
+            shared.cache.degrade_all(&e);
+            return false;
+        }
+    };
+    let (_, degraded) = shared.cache.degraded.snapshot();
+    let mut tables = std::mem::take(&mut batch.tables);
+    for t in registered.into_iter().chain(degraded) {
+        tables.insert(t, Work::Table);
+    }
+    batch.tables = tables;
+    true
 }
 
 /// Runs the listener until the process ends: connect, LISTEN, flush what may have been missed,
@@ -303,14 +426,20 @@ pub async fn run(shared: Arc<Shared>) {
 
 async fn listen_once(shared: &Arc<Shared>) -> std::result::Result<(), DbError> {
     let (client, mut connection) = shared.db.connect_dedicated().await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
+    let queue = Arc::new(Queue::default());
+    let metrics = Arc::clone(&shared.metrics);
+    let to_apply = Arc::clone(&queue);
+    let mut driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(m) = messages.next().await {
             match m {
                 Ok(AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_string()).is_err() {
-                        return;
+                    inc(&metrics.notifications);
+                    match parse_payload(n.payload()) {
+                        Some(change) => to_apply.push(change),
+                        None => {
+                            tracing::warn!(payload = %n.payload(), "unreadable invalidation notification")
+                        }
                     }
                 }
                 Ok(_) => {}
@@ -321,15 +450,17 @@ async fn listen_once(shared: &Arc<Shared>) -> std::result::Result<(), DbError> {
             }
         }
     });
-    let result = serve(shared, &client, &mut rx).await;
+    let result = serve(shared, &client, &queue, &mut driver).await;
     driver.abort();
+    // What was not applied is flushed after reconnecting, with everything else.
     result
 }
 
 async fn serve(
     shared: &Arc<Shared>,
     client: &tokio_postgres::Client,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    queue: &Queue,
+    driver: &mut tokio::task::JoinHandle<()>,
 ) -> std::result::Result<(), DbError> {
     let channel = triggers::quote_ident(&shared.config().invalidation.channel);
     client.batch_execute(&format!("LISTEN {channel}")).await?;
@@ -346,77 +477,86 @@ async fn serve(
     if let Some(set) = shared.db.replicas() {
         set.raise_all(shared.db.wal_insert_lsn(client).await?);
     }
-    flush_all(shared).await;
+    queue.with(Pending::flush_all);
+    let mut retry = Retry::new();
+    // A flush that fails leaves every read bypassing the cache, so listening may begin.
+    apply_queued(shared, client, queue, &mut retry).await?;
     shared.set_listening(true);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
     let result = loop {
         tokio::select! {
-            payload = rx.recv() => match payload {
-                Some(p) => {
-                    // Everything already delivered is one batch: one WAL position read for all.
-                    let mut batch = vec![p];
-                    while let Ok(p) = rx.try_recv() {
-                        batch.push(p);
-                    }
-                    let changes: Vec<Change> = batch
-                        .iter()
-                        .filter_map(|p| {
-                            inc(&shared.metrics.notifications);
-                            let change = parse_payload(p);
-                            if change.is_none() {
-                                tracing::warn!(payload = %p, "unreadable invalidation notification");
-                            }
-                            change
-                        })
-                        .collect();
-                    // Before any version is bumped. If the position cannot be read,
-                    // reconnecting flushes everything, these tables included.
-                    if let Err(e) = require_seen(shared, client, &changes).await {
-                        break Err(e);
-                    }
-                    for change in &changes {
-                        apply(shared, change).await;
-                    }
-                }
-                None => break Err(DbError::Unavailable("notification stream ended".into())),
-            },
+            _ = queue.wake.notified() => {}
+            _ = retry.due() => {}
+            _ = &mut *driver => break Err(DbError::Unavailable("notification stream ended".into())),
             _ = heartbeat.tick() => {
                 // A silent network failure would otherwise leave us deaf without knowing it.
                 let ping = tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await;
                 match ping {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) => continue,
                     Ok(Err(e)) => break Err(e.into()),
                     Err(_) => break Err(DbError::Unavailable("listener heartbeat timed out".into())),
                 }
             }
+        }
+        if let Err(e) = apply_queued(shared, client, queue, &mut retry).await {
+            break Err(e);
         }
     };
     shared.set_listening(false);
     result
 }
 
-/// With read replicas: fills that will check a version these changes bump must see the
+/// Takes everything queued (new changes and earlier failures alike) and applies it; what
+/// fails goes back in the queue, retried after a backoff or with the next notification.
+async fn apply_queued(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    queue: &Queue,
+    retry: &mut Retry,
+) -> std::result::Result<(), DbError> {
+    let batch = queue.take();
+    if !batch.is_empty() {
+        // Before any version is bumped. If the position cannot be read, reconnecting
+        // flushes everything, these tables included.
+        require_seen(shared, client, &batch).await?;
+        let failed = apply_batch(shared, batch).await;
+        if failed.is_empty() {
+            retry.succeeded();
+        } else {
+            queue.put_back(failed);
+            retry.failed();
+        }
+    }
+    let pending = queue.len() as u64;
+    shared
+        .metrics
+        .invalidation_pending
+        .store(pending, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// With read replicas: fills that will check a version this batch bumps must see the
 /// primary's WAL as of now, which includes the writes that sent them (see `db::replicas`).
-/// Mirrors what [`apply`] bumps: a table's version and epoch, or a table's version and its
-/// rows' versions.
+/// Mirrors what [`apply_work`] bumps: a table's version and epoch, or a table's version and
+/// its rows' versions. A flush of everything was covered when listening began.
 async fn require_seen(
     shared: &Shared,
     client: &tokio_postgres::Client,
-    changes: &[Change],
+    batch: &Pending,
 ) -> std::result::Result<(), DbError> {
     let Some(set) = shared.db.replicas() else {
         return Ok(());
     };
-    if changes.is_empty() {
+    if batch.tables.is_empty() {
         return Ok(());
     }
     let lsn = shared.db.wal_insert_lsn(client).await?;
-    for change in changes {
-        match change {
-            Change::Table(t) => set.raise(Version::of_table(t), lsn),
-            Change::Rows { table, keys } => {
+    for (table, work) in &batch.tables {
+        match work {
+            Work::Table => set.raise(Version::of_table(table), lsn),
+            Work::Rows(columns) => {
                 set.raise([Version::Table(table)], lsn);
-                for (column, values) in keys {
+                for (column, values) in columns {
                     set.raise(
                         values.iter().map(|value| Version::Row {
                             table,
@@ -430,28 +570,6 @@ async fn require_seen(
         }
     }
     Ok(())
-}
-
-/// Table-wide invalidation of every table any instance ever cached from.
-async fn flush_all(shared: &Shared) {
-    let tables = loop {
-        match shared.cache.store.registered_tables().await {
-            Ok(t) => break t,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the table registry from Valkey; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    if !tables.is_empty() {
-        apply_all(shared, tables).await;
-    }
-}
-
-async fn apply_all(shared: &Shared, tables: Vec<String>) {
-    for t in tables {
-        apply(shared, &Change::Table(t)).await;
-    }
 }
 
 #[cfg(test)]
