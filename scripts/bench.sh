@@ -17,6 +17,8 @@
 #                                    redis-benchmark through cachefront beside
 #                                    redis-benchmark --cluster straight to the nodes
 #   bash scripts/bench.sh --services       start everything, print the ports, wait (Ctrl-C stops)
+#   bash scripts/bench.sh --soak     the isolation soak (scripts/soak.py, SOAK_SECONDS, 180):
+#                                    honest clients checking every reply beside hostile ones
 #
 # Environment:
 #   BENCH_N (100000)        requests per redis-benchmark run at 50 clients
@@ -42,12 +44,13 @@ case "${1:-}" in
 --profile-only) mode=profile ;;
 --cluster) mode=cluster ;;
 --services) mode=services ;;
+--soak) mode=soak ;;
 -h | --help)
-    sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
-    echo "usage: $0 [--profile | --profile-only | --cluster | --services | --help]" >&2
+    echo "usage: $0 [--profile | --profile-only | --cluster | --services | --soak | --help]" >&2
     exit 2
     ;;
 esac
@@ -277,6 +280,12 @@ EOF
     export GEN_SQL
     wait "$CF_PID" || true
     exit 0
+fi
+
+if [[ "$mode" == soak ]]; then
+    python3 "$ROOT/scripts/soak.py" --cachefront-port "$CF_PORT" --valkey-port "$VALKEY_PORT" \
+        --cachefront-pid "$CF_PID" --psql "$PGBIN/psql -X -q -h 127.0.0.1 -p $PG_PORT -U postgres -d staff"
+    exit $?
 fi
 
 if [[ "$mode" == cluster ]]; then

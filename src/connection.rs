@@ -25,7 +25,7 @@ use crate::server::Shared;
 use crate::session::Session;
 use crate::tls::ClientStream;
 use crate::upstream::cluster::Owner;
-use crate::upstream::{RawConn, ReplyBudget, ReplyRx};
+use crate::upstream::{LongMark, RawConn, ReplyBudget, ReplyRx};
 
 /// A reply position in the output queue.
 enum Slot {
@@ -56,6 +56,8 @@ enum Slot {
         plan: Option<Box<FillPlan>>,
         /// EXEC: the state changes of the commands it runs, applied per successful reply.
         exec: Option<Vec<StateChange>>,
+        /// Held while a long command (a script…) waits for its reply.
+        _long: Option<LongMark>,
     },
 }
 
@@ -426,6 +428,7 @@ impl Connection {
                     reset: false,
                     plan: Some(plan),
                     exec: None,
+                    _long: None,
                 });
             }
             _ => {
@@ -543,6 +546,7 @@ impl Connection {
                 reset: false,
                 plan: None,
                 exec,
+                _long: self.shared.upstream.long_mark(&req.raw),
             });
         } else if let Transform::Replace(ours) = transform {
             // HELLO while subscribed (RESP3): Valkey's reply is the next frame that is not a
@@ -685,6 +689,7 @@ impl Connection {
                     reset: true,
                     plan: None,
                     exec: None,
+                    _long: None,
                 });
             }
             None => self.push_reply(Reply::Simple("RESET")),

@@ -317,3 +317,54 @@ async fn clients_cannot_write_cachefronts_own_keys() {
     }
     assert_eq!(fresh, "$6\r\nAlicia\r\n");
 }
+
+/// One slow command on a shared connection (`DEBUG SLEEP` longer than the command timeout, a
+/// long script) does not fail other clients' requests: they wait, as they would on Valkey,
+/// and a script can be killed through cachefront as through Valkey.
+#[tokio::test]
+async fn a_slow_command_does_not_fail_other_clients() {
+    let s = Stack::start_with(|c| {
+        c.valkey.command_timeout_ms = 300;
+        c.valkey.pool_size = 1;
+    })
+    .await;
+    let mut v = Raw::connect(s.valkey.port()).await;
+    assert_eq!(v.call(&[b"SET", b"k", b"v"]).await, "+OK\r\n");
+    let port = s.proxy_port();
+    let sleeper = tokio::spawn(async move {
+        let mut c = Raw::connect(port).await;
+        c.call(&[b"DEBUG", b"SLEEP", b"1"]).await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        others.push(tokio::spawn(async move {
+            let mut c = Raw::connect(port).await;
+            c.call(&[b"GET", b"k"]).await
+        }));
+    }
+    assert_eq!(sleeper.await.unwrap(), "+OK\r\n");
+    for o in others {
+        assert_eq!(o.await.unwrap(), "$1\r\nv\r\n");
+    }
+
+    // A script past Valkey's busy threshold: others get Valkey's -BUSY (not a cachefront
+    // timeout), and SCRIPT KILL from another client stops it.
+    assert_eq!(
+        v.call(&[b"CONFIG", b"SET", b"busy-reply-threshold", b"100"])
+            .await,
+        "+OK\r\n"
+    );
+    let looper = tokio::spawn(async move {
+        let mut c = Raw::connect(port).await;
+        c.call(&[b"EVAL", b"while true do end", b"0"]).await
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut c = s.raw().await;
+    let r = c.call(&[b"GET", b"k"]).await;
+    assert!(r.starts_with("-BUSY"), "{r}");
+    assert_eq!(c.call(&[b"SCRIPT", b"KILL"]).await, "+OK\r\n");
+    let r = looper.await.unwrap();
+    assert!(r.contains("Script killed"), "{r}");
+    assert_eq!(c.call(&[b"GET", b"k"]).await, "$1\r\nv\r\n");
+}

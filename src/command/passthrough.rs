@@ -149,6 +149,11 @@ pub fn dispatch(session: &Session, name: &[u8], req: Request) -> Action {
         // Valkey answers them while a script runs; a shared connection may be the one the
         // script holds.
         b"SCRIPT" | b"FUNCTION" if is_kill(&req) => Route::Dedicated(StateChange::None),
+        // A script may run long: on the client's own connection it holds up nobody else's
+        // requests (on a shared one, everything queued behind it would wait too).
+        n if SCRIPTS.contains(&n) && session.user.unrestricted() => {
+            Route::Dedicated(StateChange::None)
+        }
         n if REACHES_UNNAMED_KEYS.contains(&n) && !session.user.unrestricted() => {
             return Action::Forward {
                 req,
@@ -160,6 +165,16 @@ pub fn dispatch(session: &Session, name: &[u8], req: Request) -> Action {
     };
     forward(req, route)
 }
+
+/// Scripts and functions.
+const SCRIPTS: &[&[u8]] = &[
+    b"EVAL",
+    b"EVALSHA",
+    b"EVAL_RO",
+    b"EVALSHA_RO",
+    b"FCALL",
+    b"FCALL_RO",
+];
 
 /// Commands that can read or write keys none of their arguments name: scripts and functions,
 /// and SORT's BY/GET patterns.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::conn::{connect, Endpoint};
-use super::mux::{Mux, Redirect, ReplyBudget, ReplyRx};
+use super::mux::{LongWork, Mux, Redirect, ReplyBudget, ReplyRx};
 use super::tracking::{TrackingEvent, TrackingState};
 use crate::acl::CommandTable;
 use crate::error::{Error, Result};
@@ -140,6 +140,8 @@ pub struct Cluster {
     moved: AtomicU64,
     ask: AtomicU64,
     refreshes: AtomicU64,
+    /// Long requests in flight anywhere (see [`LongWork`]): while one runs, silent nodes wait.
+    long: Arc<LongWork>,
 }
 
 /// Figures for INFO and Prometheus.
@@ -153,7 +155,12 @@ pub struct ClusterStats {
 
 impl Cluster {
     /// Starts the slot-map and redirect tasks; the map loads in the background.
-    pub fn start(base: Arc<Endpoint>, seeds: Vec<String>, pool_size: usize) -> Arc<Cluster> {
+    pub fn start(
+        base: Arc<Endpoint>,
+        seeds: Vec<String>,
+        pool_size: usize,
+        long: Arc<LongWork>,
+    ) -> Arc<Cluster> {
         let (redirects, rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             base,
@@ -171,6 +178,7 @@ impl Cluster {
             moved: AtomicU64::new(0),
             ask: AtomicU64::new(0),
             refreshes: AtomicU64::new(0),
+            long,
         });
         tokio::spawn(refresher(Arc::downgrade(&cluster)));
         tokio::spawn(redirector(Arc::downgrade(&cluster), rx));
@@ -485,6 +493,7 @@ impl Cluster {
     fn new_node(&self, addr: &str) -> Arc<Node> {
         let endpoint = Arc::new(self.base.at(addr));
         let tracking = Arc::new(TrackingState::default());
+        let long = &self.long;
         let spawn = |proto| {
             (0..self.pool_size)
                 .map(|_| {
@@ -493,6 +502,7 @@ impl Cluster {
                         proto,
                         Arc::clone(&tracking),
                         Some(self.redirects.clone()),
+                        Arc::clone(long),
                     )
                 })
                 .collect::<Vec<_>>()

@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::protocol::{Proto, Request};
 pub use cluster::Cluster;
 pub use conn::{Endpoint, Login, RawConn};
-pub use mux::{Mux, ReplyBudget, ReplyRx};
+pub use mux::{LongMark, Mux, ReplyBudget, ReplyRx};
 pub use tracking::{TrackingEvent, TrackingState};
 
 pub struct Upstream {
@@ -38,6 +38,9 @@ pub struct Upstream {
     pub tracking: Arc<TrackingState>,
     /// Set when the upstream is a Valkey Cluster: requests route by slot through it.
     pub cluster: Option<Arc<Cluster>>,
+    /// Long requests in flight (shared and dedicated connections alike): while one runs,
+    /// Valkey's silence on the shared connections is not taken for a dead server.
+    long: Arc<mux::LongWork>,
 }
 
 impl Upstream {
@@ -51,15 +54,24 @@ impl Upstream {
             );
         }
         let tracking = Arc::new(TrackingState::default());
+        let long = Arc::new(mux::LongWork::default());
         let cluster = (!cfg.cluster.is_empty()).then(|| {
             let seeds = cfg.cluster.iter().map(|s| cluster_seed(s)).collect();
-            Cluster::start(Arc::clone(&endpoint), seeds, cfg.pool_size)
+            Cluster::start(
+                Arc::clone(&endpoint),
+                seeds,
+                cfg.pool_size,
+                Arc::clone(&long),
+            )
         });
         // In a cluster the per-node connections live in `cluster`; none to a single address.
         let per_proto = if cluster.is_some() { 0 } else { cfg.pool_size };
         let spawn = |proto| {
             (0..per_proto)
-                .map(|_| Mux::spawn(Arc::clone(&endpoint), proto, Arc::clone(&tracking), None))
+                .map(|_| {
+                    let ep = Arc::clone(&endpoint);
+                    Mux::spawn(ep, proto, Arc::clone(&tracking), None, Arc::clone(&long))
+                })
                 .collect::<Vec<_>>()
         };
         Ok(Upstream {
@@ -72,6 +84,7 @@ impl Upstream {
             logins_set_up: Mutex::new(HashSet::new()),
             tracking,
             cluster,
+            long,
         })
     }
 
@@ -316,6 +329,12 @@ impl Upstream {
             return c.server_version();
         }
         Mux::any_version(self.shared2.iter().chain(&self.shared3))
+    }
+
+    /// Counts `raw` as a long request while the returned mark lives, if it is one (a script
+    /// or similar sent on a dedicated connection; see [`mux::LongWork`]).
+    pub fn long_mark(&self, raw: &[u8]) -> Option<mux::LongMark> {
+        self.long.mark_if_long(raw)
     }
 
     pub fn endpoint(&self) -> &Endpoint {

@@ -83,6 +83,86 @@ impl ReplyBudget {
     }
 }
 
+/// Requests in flight to one Valkey server that can keep it busy for long (see [`is_long`]).
+/// Valkey runs one command at a time: while such a request runs, every connection to it is
+/// silent, and that silence is not a dead connection. Counted by [`LongMark`]s, so a request
+/// that is answered, failed or dropped in any way stops counting.
+#[derive(Debug, Default)]
+pub struct LongWork(AtomicUsize);
+
+impl LongWork {
+    fn busy(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 0
+    }
+
+    /// A mark for `raw` if it is a long request.
+    pub fn mark_if_long(self: &Arc<Self>, raw: &[u8]) -> Option<LongMark> {
+        is_long(raw).then(|| {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            LongMark(Arc::clone(self))
+        })
+    }
+}
+
+/// One long request in flight; counted until dropped.
+pub struct LongMark(Arc<LongWork>);
+
+impl Drop for LongMark {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Commands that can legitimately keep Valkey busy past the command timeout: scripts and
+/// functions, DEBUG (SLEEP), whole-keyspace and bulk commands.
+const LONG_COMMANDS: &[&[u8]] = &[
+    b"EVAL",
+    b"EVALSHA",
+    b"EVAL_RO",
+    b"EVALSHA_RO",
+    b"FCALL",
+    b"FCALL_RO",
+    b"DEBUG",
+    b"KEYS",
+    b"FLUSHALL",
+    b"FLUSHDB",
+    b"SAVE",
+    b"MIGRATE",
+    b"SORT",
+    b"SORT_RO",
+    b"SUNIONSTORE",
+    b"SINTERSTORE",
+    b"SDIFFSTORE",
+    b"ZUNIONSTORE",
+    b"ZINTERSTORE",
+    b"ZDIFFSTORE",
+    b"FUNCTION",
+    b"SCRIPT",
+];
+
+/// Whether an encoded request (`*N\r\n$L\r\nNAME…`) is one of [`LONG_COMMANDS`].
+fn is_long(raw: &[u8]) -> bool {
+    let Some(rest) = raw.strip_prefix(b"*") else {
+        return false;
+    };
+    let Some(dollar) = rest.iter().position(|&b| b == b'$') else {
+        return false;
+    };
+    let rest = &rest[dollar + 1..];
+    let Some(crlf) = rest.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    let len: usize = match std::str::from_utf8(&rest[..crlf])
+        .ok()
+        .and_then(|l| l.parse().ok())
+    {
+        Some(l) if l <= 16 => l,
+        _ => return false,
+    };
+    rest.get(crlf + 2..crlf + 2 + len)
+        .is_some_and(|name| LONG_COMMANDS.iter().any(|c| c.eq_ignore_ascii_case(name)))
+}
+
 /// The error a request gets when its client passed its output limit (the client is being
 /// disconnected; nobody reads it).
 fn over_limit() -> Error {
@@ -128,6 +208,8 @@ struct Waiter {
     reply: oneshot::Sender<Result<Bytes>>,
     resend: Option<Resend>,
     budget: Option<Arc<ReplyBudget>>,
+    /// Held while a long request waits (see [`LongWork`]).
+    _long: Option<LongMark>,
 }
 
 /// What a redirected request needs to be sent again.
@@ -153,6 +235,7 @@ impl Mux {
         proto: Proto,
         tracking: Arc<TrackingState>,
         redirects: Option<mpsc::UnboundedSender<Redirect>>,
+        long: Arc<LongWork>,
     ) -> Mux {
         let (tx, rx) = mpsc::unbounded_channel();
         let version = Arc::new(Mutex::new(String::new()));
@@ -162,6 +245,7 @@ impl Mux {
             version: Arc::clone(&version),
             tracking,
             redirects,
+            long,
         };
         tokio::spawn(actor(ctx, rx));
         Mux { tx, version }
@@ -244,6 +328,8 @@ struct Ctx {
     version: Arc<Mutex<String>>,
     tracking: Arc<TrackingState>,
     redirects: Option<mpsc::UnboundedSender<Redirect>>,
+    /// Long requests in flight to this server, on any of its connections.
+    long: Arc<LongWork>,
 }
 
 async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
@@ -299,7 +385,7 @@ async fn serve(
     jobs: &mut mpsc::UnboundedReceiver<Job>,
     ctx: &Ctx,
 ) -> Result<()> {
-    let (timeout, tracking) = (ctx.ep.command_timeout, &*ctx.tracking);
+    let timeout = ctx.ep.command_timeout;
     let keep = ctx.redirects.is_some();
     let mut pending: VecDeque<Pending> = VecDeque::new();
     // The tracking generation this connection's `CLIENT TRACKING` points at (0: none).
@@ -317,7 +403,7 @@ async fn serve(
             // This job and whatever else is already queued, up to a batch.
             let mut job = Some(job);
             while let Some(j) = job.take() {
-                push_job(j, &mut wbuf, &mut pending, &mut tracked_gen, tracking, keep);
+                push_job(j, &mut wbuf, &mut pending, &mut tracked_gen, ctx, keep);
                 if wbuf.len() < MAX_BATCH {
                     job = jobs.try_recv().ok();
                 }
@@ -343,7 +429,9 @@ async fn serve(
                 Err(e) => break Err(Error::upstream(format!("read from Valkey failed: {e}"))),
             },
             _ = ticker.tick() => {
-                if !pending.is_empty() && last_progress.elapsed() > timeout {
+                // Silent while a long command runs (here or on another connection) is busy,
+                // not dead: the requests wait as they would on Valkey itself.
+                if !pending.is_empty() && last_progress.elapsed() > timeout && !ctx.long.busy() {
                     break Err(Error::upstream(format!(
                         "Valkey did not answer within {} ms", timeout.as_millis()
                     )));
@@ -367,9 +455,10 @@ fn push_job(
     wbuf: &mut BytesMut,
     pending: &mut VecDeque<Pending>,
     tracked_gen: &mut u64,
-    tracking: &TrackingState,
+    ctx: &Ctx,
     keep: bool,
 ) {
+    let tracking = &*ctx.tracking;
     if job.asking {
         wbuf.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
         pending.push_back(None);
@@ -395,6 +484,7 @@ fn push_job(
         }
     }
     wbuf.extend_from_slice(&job.raw);
+    let long = ctx.long.mark_if_long(&job.raw);
     let resend = keep.then_some(Resend {
         raw: job.raw,
         lane: job.lane,
@@ -405,6 +495,7 @@ fn push_job(
         reply: job.reply,
         resend,
         budget: job.budget,
+        _long: long,
     }));
 }
 
