@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::cache::store::Store;
 use crate::cache::Cache;
@@ -495,7 +496,9 @@ impl Server {
                 .start_tracking(Arc::new(move |ev| l1.on_tracking(ev)));
         }
         let (stop_tx, stop_rx) = watch::channel(false);
-        let live = Arc::new(AtomicUsize::new(0));
+        // Every client task, alive or in its TLS handshake: its slot is released when the task
+        // ends, however it ends (a panic included), and shutdown waits on it.
+        let clients = TaskTracker::new();
         let max = self.shared.config().limits.max_clients;
         tokio::pin!(shutdown);
         loop {
@@ -521,7 +524,7 @@ impl Server {
             };
             let refusal = self
                 .refuse(peer)
-                .or_else(|| (live.load(Ordering::Relaxed) >= max).then_some(MAX_CLIENTS_REACHED));
+                .or_else(|| (clients.len() >= max).then_some(MAX_CLIENTS_REACHED));
             if let Some(reason) = refusal {
                 inc(&self.shared.metrics.rejected_connections);
                 let shared = Arc::clone(&self.shared);
@@ -548,11 +551,9 @@ impl Server {
                 continue;
             }
             // A client in its TLS handshake holds a slot too, at most for the handshake timeout.
-            live.fetch_add(1, Ordering::Relaxed);
             let shared = Arc::clone(&self.shared);
-            let live = Arc::clone(&live);
             let stop = stop_rx.clone();
-            tokio::spawn(async move {
+            clients.spawn(async move {
                 let stream = match tls {
                     None => Some(Stream::Plain(stream)),
                     Some((acceptor, limit)) => handshake(&shared, &acceptor, stream, peer, limit)
@@ -561,31 +562,41 @@ impl Server {
                 };
                 if let Some(stream) = stream {
                     inc(&shared.metrics.connections_total);
-                    inc(&shared.metrics.connections_current);
+                    let _open = OpenClient::new(&shared.metrics);
                     Connection::new(Arc::clone(&shared), stream, Some(peer), stop)
                         .run()
                         .await;
-                    shared
-                        .metrics
-                        .connections_current
-                        .fetch_sub(1, Ordering::Relaxed);
                 }
-                live.fetch_sub(1, Ordering::Relaxed);
             });
         }
         drop(self.listener);
         drop(self.tls);
         let _ = stop_tx.send(true);
-        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
-        while live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        clients.close();
+        let _ = tokio::time::timeout(DRAIN_DEADLINE, clients.wait()).await;
         listener_task.abort();
         replicas_task.abort();
         if let Some(t) = &self.metrics_task {
             t.abort();
         }
-        tracing::info!(remaining = live.load(Ordering::Relaxed), "shut down");
+        tracing::info!(remaining = clients.len(), "shut down");
+    }
+}
+
+/// One open client in `connections_current`, for as long as it lives: counted down on drop,
+/// so a connection task that panics cannot leave the gauge (or anything read from it) high.
+struct OpenClient(Arc<Metrics>);
+
+impl OpenClient {
+    fn new(metrics: &Arc<Metrics>) -> OpenClient {
+        inc(&metrics.connections_current);
+        OpenClient(Arc::clone(metrics))
+    }
+}
+
+impl Drop for OpenClient {
+    fn drop(&mut self) {
+        self.0.connections_current.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
