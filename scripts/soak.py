@@ -164,7 +164,8 @@ def hostile(port, idx, stop, st):
         lambda c: [c.call("MULTI"), c.call("CLIENT", "REPLY", "OFF"), c.call("SELECT", "5"), c.call("EXEC")],
         lambda c: [c.call("MULTI"), c.call("SELECT", "7"), c.call("EXEC"), c.call("SET", "soak:evil:db7", "x"), c.send("QUIT")],
         lambda c: [c.call("CLIENT", "TRACKING", "on"), c.call("GET", "soak:evil"), c.send("QUIT")],
-        lambda c: [c.s.sendall(Resp.encode("GET", "soak:big") * 100), time.sleep(1)],  # never reads
+        # The reproduction: 400 pipelined GETs of 1 MiB, never read (cut at the limit).
+        lambda c: [c.s.sendall(Resp.encode("GET", "soak:big") * 400), time.sleep(2)],
         lambda c: [c.call("SET", "cachefront:v:employees", "junk"), c.call("DEL", "cachefront:e:employees")],
         lambda c: c.call("SQL.CACHED", "SELECT query_to_xml('select pg_advisory_lock(1)', true, false, '')"),
         lambda c: c.call("SQL.CACHED", "SELECT repeat('x', 1000000) FROM generate_series(1, 100)"),
