@@ -1,5 +1,5 @@
 -- The role cachefront should connect as: it may connect and read the application's tables,
--- and nothing else. This is the last of SQL.CACHED's layers (README, "SQL safety"): should a
+-- and nothing else. This is the last of SQL.CACHED's layers (docs/security.md, "SQL safety"): should a
 -- query get past the SQL checks, the READ ONLY transaction and the statement timeout, the
 -- role still cannot write, create, read server files or act as another role.
 --

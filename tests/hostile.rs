@@ -682,7 +682,7 @@ async fn database_layers_refuse_writes_without_the_parser() {
 /// Past the parser, statements a READ ONLY transaction does allow. A session setting must not
 /// outlive the query on the pooled connection (the transaction is rolled back), and no
 /// server-side file may be written (the role layer: cachefront connects as the read-only role
-/// the README describes, not as a superuser).
+/// docs/security.md describes, not as a superuser).
 #[tokio::test]
 async fn database_layers_alone_leave_no_trace() {
     let s = Stack::start().await;
