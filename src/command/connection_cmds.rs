@@ -17,6 +17,13 @@ pub fn allowed_before_auth(name: &[u8]) -> bool {
 
 pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, name: &[u8], req: Request) -> Action {
     match name {
+        // While a long command (a script…) may hold Valkey, PING asks Valkey: the client
+        // sees its -BUSY, as it would directly, instead of a PONG that says all is well.
+        b"PING" if shared.upstream.long_in_flight() => Action::Forward {
+            req,
+            route: Route::Any,
+            transform: Transform::None,
+        },
         b"PING" => match req.args.len() {
             1 => Action::Reply(Reply::Simple("PONG")),
             2 => Action::Reply(Reply::Bulk(req.args[1].clone())),

@@ -337,6 +337,11 @@ impl Upstream {
         self.long.mark_if_long(raw)
     }
 
+    /// True while a long request (see [`mux::LongWork`]) is in flight: Valkey may be busy.
+    pub fn long_in_flight(&self) -> bool {
+        self.long.busy()
+    }
+
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }

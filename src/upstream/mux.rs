@@ -91,7 +91,7 @@ impl ReplyBudget {
 pub struct LongWork(AtomicUsize);
 
 impl LongWork {
-    fn busy(&self) -> bool {
+    pub fn busy(&self) -> bool {
         self.0.load(Ordering::Relaxed) > 0
     }
 
