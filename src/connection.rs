@@ -82,6 +82,8 @@ struct Dedicated {
     wbuf: BytesMut,
     /// `Dedicated` slots still waiting for their reply.
     pending: usize,
+    /// Of those, the last ones whose commands are still in `wbuf`, not yet sent.
+    unsent: usize,
     /// Subscription counts from Valkey's confirmations: (channels + patterns, shard channels).
     subs: (i64, i64),
     /// Replies to drop: commands cachefront sent itself (a cluster transaction's MULTI).
@@ -422,6 +424,7 @@ impl Connection {
             {
                 ded.wbuf.extend_from_slice(&lookup);
                 ded.pending += 1;
+                ded.unsent += 1;
                 self.outq.push_back(Slot::Dedicated {
                     transform: Transform::None,
                     proto: plan.proto,
@@ -540,6 +543,7 @@ impl Connection {
         ded.wbuf.extend_from_slice(&req.raw);
         if !streaming {
             ded.pending += 1;
+            ded.unsent += 1;
             self.outq.push_back(Slot::Dedicated {
                 transform,
                 proto,
@@ -656,6 +660,7 @@ impl Connection {
             conn,
             wbuf: BytesMut::new(),
             pending: 0,
+            unsent: 0,
             subs: (0, 0),
             swallow: 0,
             as_user,
@@ -683,6 +688,7 @@ impl Connection {
                 ded.conn.proto = Proto::Resp2;
                 ded.wbuf.extend_from_slice(b"*1\r\n$5\r\nRESET\r\n");
                 ded.pending += 1;
+                ded.unsent += 1;
                 self.outq.push_back(Slot::Dedicated {
                     transform: Transform::None,
                     proto,
@@ -699,22 +705,41 @@ impl Connection {
     /// Sends what is queued for the dedicated connection — but only once every command sent
     /// earlier over a shared connection has been answered: two connections give no ordering,
     /// and a client's `SET k 1` must reach Valkey before its `MULTI … EXEC` that reads k.
+    /// Commands sent over a shared connection *after* the queued ones (a cluster client's
+    /// command for another node) do not hold them back: they wait behind them in the reply
+    /// queue, so waiting for them would wait forever.
     async fn flush_dedicated(&mut self) {
-        if self.ded.as_ref().is_none_or(|d| d.wbuf.is_empty()) {
+        let Some(ded) = self.ded.as_ref().filter(|d| !d.wbuf.is_empty()) else {
             return;
-        }
-        let waiting_on_shared = self.outq.iter().any(|s| {
-            matches!(
-                s,
-                Slot::Upstream { .. } | Slot::Lookup { .. } | Slot::Task(..)
-            )
-        });
+        };
+        let sent = self
+            .outq
+            .iter()
+            .filter(|s| matches!(s, Slot::Dedicated { .. }))
+            .count()
+            .saturating_sub(ded.unsent);
+        let mut dedicated_seen = 0;
+        let waiting_on_shared = self
+            .outq
+            .iter()
+            .take_while(|s| {
+                let is_ded = matches!(s, Slot::Dedicated { .. });
+                dedicated_seen += usize::from(is_ded);
+                !(is_ded && dedicated_seen > sent)
+            })
+            .any(|s| {
+                matches!(
+                    s,
+                    Slot::Upstream { .. } | Slot::Lookup { .. } | Slot::Task(..)
+                )
+            });
         let Some(ded) = self.ded.as_mut() else { return };
         if waiting_on_shared {
             return;
         }
         let r = ded.conn.write_all(&ded.wbuf).await;
         ded.wbuf.clear();
+        ded.unsent = 0;
         if let Err(e) = r {
             self.dedicated_lost(Error::upstream(format!("connection to Valkey lost: {e}")));
         }
