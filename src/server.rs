@@ -220,17 +220,13 @@ impl Shared {
         s
     }
 
-    /// The Prometheus exposition: counters, gauges, histograms.
+    /// The Prometheus exposition: counters, gauges, histograms. The gauges here are the
+    /// computed ones; stored counters and gauges come from `metrics::DECLARED`.
     pub fn prometheus(&self) -> String {
         let (size, available) = self.db.pool_status();
         let (entries, bytes) = self.cache.l1.usage();
         let (degraded_all, degraded_tables) = self.cache.degraded.snapshot();
         let gauges = [
-            (
-                "connected_clients",
-                "Client connections open",
-                self.metrics.connections_current.load(Ordering::Relaxed) as f64,
-            ),
             (
                 "db_pool_size",
                 "PostgreSQL pool connections open",
@@ -267,11 +263,6 @@ impl Shared {
                 "invalidation_degraded_all",
                 "1 while every cached read bypasses the cache until a pending flush is applied",
                 f64::from(u8::from(degraded_all)),
-            ),
-            (
-                "invalidation_pending_tables",
-                "Tables with an invalidation not yet applied",
-                self.metrics.invalidation_pending.load(Ordering::Relaxed) as f64,
             ),
         ];
         let mut out = self.metrics.prometheus(&gauges);
