@@ -1,5 +1,6 @@
-//! Counters and latency histograms, named once here; `INFO`'s `# Cachefront` section and the
-//! Prometheus endpoint (`metrics.listen`) both render them.
+//! Counters, stored gauges and latency histograms, each named once here (the counters and
+//! gauges in the `declare_metrics!` list); `INFO`'s `# Cachefront` section and the Prometheus
+//! endpoint (`metrics.listen`) both render them from that list, so their names cannot drift.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
