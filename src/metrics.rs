@@ -1,5 +1,6 @@
-//! Counters and latency histograms, named once here; `INFO`'s `# Cachefront` section and the
-//! Prometheus endpoint (`metrics.listen`) both render them.
+//! Counters, stored gauges and latency histograms, each named once here (the counters and
+//! gauges in the `declare_metrics!` list); `INFO`'s `# Cachefront` section and the Prometheus
+//! endpoint (`metrics.listen`) both render them from that list, so their names cannot drift.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -143,150 +144,207 @@ impl Latency {
     }
 }
 
-/// Process-wide counters. Plain relaxed atomics: each is an independent tally.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Cached commands answered from Valkey.
-    pub hits: AtomicU64,
-    /// Cached commands that found no entry.
-    pub misses: AtomicU64,
-    /// Entries stored after a miss.
-    pub fills: AtomicU64,
-    /// Misses that waited for another client's fill of the same key instead of querying.
-    pub coalesced_waits: AtomicU64,
-    /// Queries sent to PostgreSQL.
-    pub db_queries: AtomicU64,
-    /// Queries PostgreSQL failed or could not be reached for.
-    pub db_errors: AtomicU64,
-    /// Cached commands answered straight from PostgreSQL because Valkey was unavailable.
-    pub fail_open: AtomicU64,
-    /// Upstream (Valkey) failures seen by any command.
-    pub upstream_errors: AtomicU64,
-    /// Cache entries dropped by invalidation.
-    pub invalidations: AtomicU64,
-    /// Fills not stored because a write invalidated their tables while they read.
-    pub stale_fill_rejections: AtomicU64,
-    /// Error replies sent to clients.
-    pub errors: AtomicU64,
-    /// Commands passed through to Valkey.
-    pub passthrough: AtomicU64,
-    /// Client connections accepted since start.
-    pub connections_total: AtomicU64,
-    /// Client connections open now.
-    pub connections_current: AtomicU64,
-    /// Connections refused because `limits.max_clients` was reached.
-    pub rejected_connections: AtomicU64,
-    /// Change notifications received from PostgreSQL.
-    pub notifications: AtomicU64,
-    /// Times the invalidation listener (re)connected.
-    pub listener_reconnects: AtomicU64,
-    /// Hot entries refreshed before expiry (XFetch).
-    pub early_refreshes: AtomicU64,
-    /// Hits answered from the in-process L1 (also counted in `hits`).
-    pub l1_hits: AtomicU64,
-    /// Misses answered with a stale value because PostgreSQL failed.
-    pub stale_served: AtomicU64,
-    /// TLS handshakes with clients that failed or timed out.
-    pub tls_handshake_failures: AtomicU64,
-    /// Fill queries a read replica answered (`postgres.replicas`).
-    pub replica_fills: AtomicU64,
-    /// Fill queries the primary answered although replicas are configured: none had replayed
-    /// a write the fill must see, none was within the lag bound, or none was up.
-    pub replica_fallbacks: AtomicU64,
-    /// Fill queries the primary answered after the replica chosen failed as a server (also
-    /// counted in `replica_fallbacks`).
-    pub replica_errors: AtomicU64,
-    /// Clients disconnected for holding more unread replies than
-    /// `limits.client_output_buffer_limit` allows.
-    pub output_limit_disconnects: AtomicU64,
-    /// Cached commands answered from PostgreSQL because an invalidation of their tables could
-    /// not be applied yet (the cache was bypassed; nothing stored).
-    pub degraded_reads: AtomicU64,
-    /// Attempts to apply an invalidation that Valkey refused or did not answer (retried).
-    pub invalidation_failures: AtomicU64,
-    /// cachefront meta keys of the wrong type replaced by an invalidation.
-    pub meta_repairs: AtomicU64,
-    /// Tables with an invalidation not yet applied (a gauge, set by the listener).
-    pub invalidation_pending: AtomicU64,
-    pub latency: Latency,
-    pub slowlog: SlowLog,
+/// Whether a declared metric only grows (`_total` in Prometheus) or goes up and down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
 }
 
-/// Help texts for the Prometheus exposition, by counter name.
-const COUNTERS: &[(&str, &str)] = &[
-    ("hits", "Cached commands answered from the cache"),
-    ("misses", "Cached commands that found no entry"),
-    ("fills", "Entries stored after a miss"),
+/// What the INFO rows that are computed rather than stored (`hit_ratio`, `db_pool` …) are
+/// computed from, besides the counters.
+pub struct InfoContext {
+    /// PostgreSQL pool: connections open, connections idle.
+    pub db_pool: (usize, usize),
+    /// Whether the invalidation listener is connected.
+    pub listening: bool,
+}
+
+/// Renders one computed INFO row.
+pub type InfoRow = fn(&Metrics, &InfoContext) -> String;
+
+/// One declared counter or gauge: everything INFO and Prometheus say about it.
+pub struct MetricDef {
+    /// The `Metrics` field that holds it.
+    pub field: &'static str,
+    pub kind: Kind,
+    /// Prometheus name without the `cachefront_` prefix and `_total` suffix.
+    pub name: &'static str,
+    /// INFO field name; the Prometheus name unless Valkey's INFO has its own.
+    pub info: &'static str,
+    /// Prometheus `# HELP` text, without the final full stop.
+    pub help: &'static str,
+    /// Computed INFO rows shown right after this one, so INFO keeps its documented order.
+    pub info_after: &'static [(&'static str, InfoRow)],
+}
+
+/// The first of its literals: the INFO name when a row gives one, else the Prometheus name.
+macro_rules! first_of {
+    ($first:literal $(, $rest:literal)*) => {
+        $first
+    };
+}
+
+/// Declares every stored counter and gauge once, as
+/// `Kind field: "name" [info "info_name"], "help" [then { "row" => fn, … }];`, in INFO
+/// order, and generates from that one list the `Metrics` fields (relaxed `AtomicU64`s, so
+/// call sites keep `inc(&metrics.hits)`), [`DECLARED`] (names and help texts) and
+/// `Metrics::atomics` (the values, in the same order). INFO and Prometheus both render from
+/// these, so a counter cannot be added to one and forgotten in the other, and its names are
+/// written down once. Fields that are not counters (`latency`, `slowlog`) go in `extra`.
+macro_rules! declare_metrics {
     (
-        "coalesced_waits",
-        "Misses that waited for another request's fill",
-    ),
-    ("db_queries", "Queries sent to PostgreSQL"),
-    (
-        "db_errors",
-        "Queries PostgreSQL failed or could not be reached for",
-    ),
-    (
-        "fail_open",
-        "Cached commands answered from PostgreSQL because Valkey was unavailable",
-    ),
-    ("upstream_errors", "Valkey failures seen"),
-    ("invalidations", "Cache entries dropped by invalidation"),
-    (
-        "stale_fill_rejections",
-        "Fills not stored because a write raced them",
-    ),
-    ("errors", "Error replies sent to clients"),
-    ("passthrough_commands", "Commands passed through to Valkey"),
-    ("connections_received", "Client connections accepted"),
-    (
-        "rejected_connections",
-        "Client connections refused (max clients, protected mode)",
-    ),
-    (
-        "notifications",
-        "Change notifications received from PostgreSQL",
-    ),
-    (
-        "listener_reconnects",
-        "Times the invalidation listener (re)connected",
-    ),
-    ("early_refreshes", "Hot entries refreshed before expiry"),
-    ("l1_hits", "Hits answered from the in-process L1"),
-    (
-        "stale_served",
-        "Misses answered with a stale value because PostgreSQL failed",
-    ),
-    (
-        "tls_handshake_failures",
-        "TLS handshakes with clients that failed or timed out",
-    ),
-    ("replica_fills", "Fill queries a read replica answered"),
-    (
-        "replica_fallbacks",
-        "Fill queries the primary answered because no read replica had caught up or was up",
-    ),
-    (
-        "replica_errors",
-        "Fill queries the primary answered after the read replica chosen failed",
-    ),
-    (
-        "client_output_limit_disconnects",
-        "Clients disconnected for passing their output buffer limit",
-    ),
-    (
-        "degraded_reads",
-        "Cached commands answered from PostgreSQL because an invalidation of their tables is pending",
-    ),
-    (
-        "invalidation_failures",
-        "Attempts to apply an invalidation that failed and will be retried",
-    ),
-    (
-        "meta_repairs",
-        "cachefront meta keys of the wrong type replaced by an invalidation",
-    ),
-];
+        declared {
+            $(
+                $(#[$doc:meta])*
+                $kind:ident $field:ident: $name:literal $(info $info:literal)?, $help:literal
+                    $(then { $($row:literal => $row_fn:path),* $(,)? })?;
+            )*
+        }
+        extra {
+            $( $(#[$xdoc:meta])* $xfield:ident: $xty:ty, )*
+        }
+    ) => {
+        /// Process-wide counters and gauges. Plain relaxed atomics: each is an independent
+        /// tally, and incrementing one is a single relaxed add on the hot path.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( $(#[$doc])* pub $field: AtomicU64, )*
+            $( $(#[$xdoc])* pub $xfield: $xty, )*
+        }
+
+        /// Every stored counter and gauge, in INFO order (Prometheus lists counters, then
+        /// gauges, each in this order).
+        pub const DECLARED: &[MetricDef] = &[
+            $(
+                MetricDef {
+                    field: stringify!($field),
+                    kind: Kind::$kind,
+                    name: $name,
+                    info: first_of!($($info,)? $name),
+                    help: $help,
+                    info_after: &[$($(($row, $row_fn as InfoRow)),*)?],
+                },
+            )*
+        ];
+
+        impl Metrics {
+            /// The atomic behind each entry of [`DECLARED`], in the same order.
+            fn atomics(&self) -> [&AtomicU64; DECLARED.len()] {
+                [$(&self.$field),*]
+            }
+        }
+    };
+}
+
+declare_metrics! {
+    declared {
+        /// Cached commands answered from Valkey.
+        Counter hits: "hits", "Cached commands answered from the cache";
+        /// Cached commands that found no entry.
+        Counter misses: "misses", "Cached commands that found no entry"
+            then { "hit_ratio" => hit_ratio };
+        /// Entries stored after a miss.
+        Counter fills: "fills", "Entries stored after a miss";
+        /// Misses that waited for another client's fill of the same key instead of querying.
+        Counter coalesced_waits: "coalesced_waits", "Misses that waited for another request's fill";
+        /// Queries sent to PostgreSQL.
+        Counter db_queries: "db_queries", "Queries sent to PostgreSQL";
+        /// Queries PostgreSQL failed or could not be reached for.
+        Counter db_errors: "db_errors", "Queries PostgreSQL failed or could not be reached for";
+        /// Cached commands answered straight from PostgreSQL because Valkey was unavailable.
+        Counter fail_open: "fail_open",
+            "Cached commands answered from PostgreSQL because Valkey was unavailable";
+        /// Upstream (Valkey) failures seen by any command.
+        Counter upstream_errors: "upstream_errors", "Valkey failures seen";
+        /// Cache entries dropped by invalidation.
+        Counter invalidations: "invalidations", "Cache entries dropped by invalidation";
+        /// Fills not stored because a write invalidated their tables while they read.
+        Counter stale_fill_rejections: "stale_fill_rejections",
+            "Fills not stored because a write raced them";
+        /// Error replies sent to clients.
+        Counter errors: "errors", "Error replies sent to clients";
+        /// Commands passed through to Valkey.
+        Counter passthrough: "passthrough_commands", "Commands passed through to Valkey";
+        /// Client connections open now (set by the per-client guard in `server`).
+        Gauge connections_current: "connected_clients", "Client connections open";
+        /// Client connections accepted since start. INFO uses Valkey's own field name.
+        Counter connections_total: "connections_received" info "total_connections_received",
+            "Client connections accepted";
+        /// Connections refused because `limits.max_clients` was reached.
+        Counter rejected_connections: "rejected_connections",
+            "Client connections refused (max clients, protected mode)"
+            then { "db_pool" => db_pool, "invalidation_listening" => invalidation_listening };
+        /// Change notifications received from PostgreSQL.
+        Counter notifications: "notifications", "Change notifications received from PostgreSQL";
+        /// Times the invalidation listener (re)connected.
+        Counter listener_reconnects: "listener_reconnects",
+            "Times the invalidation listener (re)connected";
+        /// Hot entries refreshed before expiry (XFetch).
+        Counter early_refreshes: "early_refreshes", "Hot entries refreshed before expiry";
+        /// Clients disconnected for holding more unread replies than
+        /// `limits.client_output_buffer_limit` allows.
+        Counter output_limit_disconnects: "client_output_limit_disconnects",
+            "Clients disconnected for passing their output buffer limit";
+        /// Hits answered from the in-process L1 (also counted in `hits`).
+        Counter l1_hits: "l1_hits", "Hits answered from the in-process L1";
+        /// Misses answered with a stale value because PostgreSQL failed.
+        Counter stale_served: "stale_served",
+            "Misses answered with a stale value because PostgreSQL failed";
+        /// TLS handshakes with clients that failed or timed out.
+        Counter tls_handshake_failures: "tls_handshake_failures",
+            "TLS handshakes with clients that failed or timed out";
+        /// Fill queries a read replica answered (`postgres.replicas`).
+        Counter replica_fills: "replica_fills", "Fill queries a read replica answered";
+        /// Fill queries the primary answered although replicas are configured: none had replayed
+        /// a write the fill must see, none was within the lag bound, or none was up.
+        Counter replica_fallbacks: "replica_fallbacks",
+            "Fill queries the primary answered because no read replica had caught up or was up";
+        /// Fill queries the primary answered after the replica chosen failed as a server (also
+        /// counted in `replica_fallbacks`).
+        Counter replica_errors: "replica_errors",
+            "Fill queries the primary answered after the read replica chosen failed";
+        /// Cached commands answered from PostgreSQL because an invalidation of their tables could
+        /// not be applied yet (the cache was bypassed; nothing stored).
+        Counter degraded_reads: "degraded_reads",
+            "Cached commands answered from PostgreSQL because an invalidation of their tables is pending";
+        /// Tables with an invalidation not yet applied (set by the listener).
+        Gauge invalidation_pending: "invalidation_pending_tables",
+            "Tables with an invalidation not yet applied";
+        /// Attempts to apply an invalidation that Valkey refused or did not answer (retried).
+        Counter invalidation_failures: "invalidation_failures",
+            "Attempts to apply an invalidation that failed and will be retried";
+        /// cachefront meta keys of the wrong type replaced by an invalidation.
+        Counter meta_repairs: "meta_repairs",
+            "cachefront meta keys of the wrong type replaced by an invalidation";
+    }
+    extra {
+        latency: Latency,
+        slowlog: SlowLog,
+    }
+}
+
+/// INFO `hit_ratio`: hits over cached commands, 0 before the first.
+fn hit_ratio(m: &Metrics, _: &InfoContext) -> String {
+    let hits = m.hits.load(Relaxed);
+    let misses = m.misses.load(Relaxed);
+    let ratio = if hits + misses == 0 {
+        0.0
+    } else {
+        hits as f64 / (hits + misses) as f64
+    };
+    format!("{ratio:.4}")
+}
+
+/// INFO `db_pool`: both pool figures on one line (Prometheus has a gauge for each).
+fn db_pool(_: &Metrics, cx: &InfoContext) -> String {
+    format!("size={},available={}", cx.db_pool.0, cx.db_pool.1)
+}
+
+/// INFO `invalidation_listening`: 1 while the change listener is connected.
+fn invalidation_listening(_: &Metrics, cx: &InfoContext) -> String {
+    u8::from(cx.listening).to_string()
+}
 
 /// Adds one to a counter.
 pub fn inc(c: &AtomicU64) {
@@ -299,51 +357,31 @@ pub fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Metrics {
-    fn counter(&self, name: &str) -> u64 {
-        let c = match name {
-            "hits" => &self.hits,
-            "misses" => &self.misses,
-            "fills" => &self.fills,
-            "coalesced_waits" => &self.coalesced_waits,
-            "db_queries" => &self.db_queries,
-            "db_errors" => &self.db_errors,
-            "fail_open" => &self.fail_open,
-            "upstream_errors" => &self.upstream_errors,
-            "invalidations" => &self.invalidations,
-            "stale_fill_rejections" => &self.stale_fill_rejections,
-            "errors" => &self.errors,
-            "passthrough_commands" => &self.passthrough,
-            "connections_received" => &self.connections_total,
-            "rejected_connections" => &self.rejected_connections,
-            "notifications" => &self.notifications,
-            "listener_reconnects" => &self.listener_reconnects,
-            "early_refreshes" => &self.early_refreshes,
-            "l1_hits" => &self.l1_hits,
-            "stale_served" => &self.stale_served,
-            "tls_handshake_failures" => &self.tls_handshake_failures,
-            "replica_fills" => &self.replica_fills,
-            "replica_fallbacks" => &self.replica_fallbacks,
-            "replica_errors" => &self.replica_errors,
-            "client_output_limit_disconnects" => &self.output_limit_disconnects,
-            "degraded_reads" => &self.degraded_reads,
-            "invalidation_failures" => &self.invalidation_failures,
-            "meta_repairs" => &self.meta_repairs,
-            _ => return 0,
-        };
-        c.load(Relaxed)
+    /// Each declared counter or gauge with its current value, in declaration order.
+    pub fn declared(&self) -> impl Iterator<Item = (&'static MetricDef, u64)> + '_ {
+        DECLARED
+            .iter()
+            .zip(self.atomics())
+            .map(|(d, a)| (d, a.load(Relaxed)))
     }
 
-    /// The Prometheus text exposition (version 0.0.4): counters, `gauges` given by the
-    /// caller (pools, L1, listener), and the latency histograms.
+    /// The Prometheus text exposition (version 0.0.4): counters, declared gauges, `gauges`
+    /// computed by the caller (pools, L1, listener), and the latency histograms.
     pub fn prometheus(&self, gauges: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(8192);
-        for (name, help) in COUNTERS {
+        for (d, v) in self.declared().filter(|(d, _)| d.kind == Kind::Counter) {
+            let (name, help) = (d.name, d.help);
             out.push_str(&format!(
-                "# HELP cachefront_{name}_total {help}.\n# TYPE cachefront_{name}_total counter\ncachefront_{name}_total {}\n",
-                self.counter(name)
+                "# HELP cachefront_{name}_total {help}.\n# TYPE cachefront_{name}_total counter\ncachefront_{name}_total {v}\n"
             ));
         }
-        for (name, help, v) in gauges {
+        let declared_gauges = self
+            .declared()
+            .filter(|(d, _)| d.kind == Kind::Gauge)
+            // As f64, like the caller's gauges, so both print alike.
+            .map(|(d, v)| (d.name, d.help, v as f64));
+        let callers = gauges.iter().copied();
+        for (name, help, v) in declared_gauges.chain(callers) {
             out.push_str(&format!(
                 "# HELP cachefront_{name} {help}.\n# TYPE cachefront_{name} gauge\ncachefront_{name} {v}\n"
             ));
@@ -379,91 +417,123 @@ impl Metrics {
 
     /// The `# Cachefront` INFO section, CRLF-separated like Valkey's own sections.
     pub fn info_section(&self, db_pool: (usize, usize), listening: bool) -> String {
-        let g = |c: &AtomicU64| c.load(Relaxed);
-        let hits = g(&self.hits);
-        let misses = g(&self.misses);
-        let ratio = if hits + misses == 0 {
-            0.0
-        } else {
-            hits as f64 / (hits + misses) as f64
-        };
-        let rows: Vec<(&str, String)> = vec![
-            ("cachefront_version", env!("CARGO_PKG_VERSION").to_string()),
-            ("hits", hits.to_string()),
-            ("misses", misses.to_string()),
-            ("hit_ratio", format!("{ratio:.4}")),
-            ("fills", g(&self.fills).to_string()),
-            ("coalesced_waits", g(&self.coalesced_waits).to_string()),
-            ("db_queries", g(&self.db_queries).to_string()),
-            ("db_errors", g(&self.db_errors).to_string()),
-            ("fail_open", g(&self.fail_open).to_string()),
-            ("upstream_errors", g(&self.upstream_errors).to_string()),
-            ("invalidations", g(&self.invalidations).to_string()),
-            (
-                "stale_fill_rejections",
-                g(&self.stale_fill_rejections).to_string(),
-            ),
-            ("errors", g(&self.errors).to_string()),
-            ("passthrough_commands", g(&self.passthrough).to_string()),
-            (
-                "connected_clients",
-                g(&self.connections_current).to_string(),
-            ),
-            (
-                "total_connections_received",
-                g(&self.connections_total).to_string(),
-            ),
-            (
-                "rejected_connections",
-                g(&self.rejected_connections).to_string(),
-            ),
-            (
-                "db_pool",
-                format!("size={},available={}", db_pool.0, db_pool.1),
-            ),
-            ("invalidation_listening", u8::from(listening).to_string()),
-            ("notifications", g(&self.notifications).to_string()),
-            (
-                "listener_reconnects",
-                g(&self.listener_reconnects).to_string(),
-            ),
-            ("early_refreshes", g(&self.early_refreshes).to_string()),
-            (
-                "client_output_limit_disconnects",
-                g(&self.output_limit_disconnects).to_string(),
-            ),
-            ("l1_hits", g(&self.l1_hits).to_string()),
-            ("stale_served", g(&self.stale_served).to_string()),
-            (
-                "tls_handshake_failures",
-                g(&self.tls_handshake_failures).to_string(),
-            ),
-            ("replica_fills", g(&self.replica_fills).to_string()),
-            ("replica_fallbacks", g(&self.replica_fallbacks).to_string()),
-            ("replica_errors", g(&self.replica_errors).to_string()),
-            ("degraded_reads", g(&self.degraded_reads).to_string()),
-            (
-                "invalidation_pending_tables",
-                g(&self.invalidation_pending).to_string(),
-            ),
-            (
-                "invalidation_failures",
-                g(&self.invalidation_failures).to_string(),
-            ),
-            ("meta_repairs", g(&self.meta_repairs).to_string()),
-        ];
+        let cx = InfoContext { db_pool, listening };
         let mut out = String::from("# Cachefront\r\n");
-        let latency = self.latency_info();
-        let rows = rows
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .chain(latency);
-        for (k, v) in rows {
-            out.push_str(&k);
+        let mut row = |k: &str, v: &str| {
+            out.push_str(k);
             out.push(':');
-            out.push_str(&v);
+            out.push_str(v);
             out.push_str("\r\n");
+        };
+        row("cachefront_version", env!("CARGO_PKG_VERSION"));
+        for (d, v) in self.declared() {
+            row(d.info, &v.to_string());
+            for (k, f) in d.info_after {
+                row(k, &f(self, &cx));
+            }
+        }
+        for (k, v) in self.latency_info() {
+            row(&k, &v);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// Metrics with every declared atomic at a value of its own, so a row showing another
+    /// metric's value is caught too.
+    fn distinct() -> Metrics {
+        let m = Metrics::default();
+        for (i, a) in m.atomics().iter().enumerate() {
+            a.store(1000 + i as u64, Relaxed);
+        }
+        m
+    }
+
+    /// Derived from the one declaration: a metric added there must show in both outputs
+    /// under its names, with its value and help text; and nothing is rendered that is not
+    /// declared (or one of the computed rows).
+    #[test]
+    fn every_declared_metric_is_in_info_and_prometheus() {
+        let m = distinct();
+        let info = m.info_section((7, 3), true);
+        let prom = m.prometheus(&[]);
+        for (d, v) in m.declared() {
+            assert!(
+                info.contains(&format!("\r\n{}:{v}\r\n", d.info)),
+                "{} missing from INFO:\n{info}",
+                d.field
+            );
+            let (name, help) = (d.name, d.help);
+            let expected = match d.kind {
+                Kind::Counter => format!(
+                    "# HELP cachefront_{name}_total {help}.\n# TYPE cachefront_{name}_total counter\ncachefront_{name}_total {v}\n"
+                ),
+                Kind::Gauge => format!(
+                    "# HELP cachefront_{name} {help}.\n# TYPE cachefront_{name} gauge\ncachefront_{name} {v}\n"
+                ),
+            };
+            assert!(
+                prom.contains(&expected),
+                "{} missing from Prometheus:\n{prom}",
+                d.field
+            );
+        }
+        let computed: usize = DECLARED.iter().map(|d| d.info_after.len()).sum();
+        let latency = m.latency.families().len();
+        // `# Cachefront`, `cachefront_version`, the declared, computed and latency rows.
+        let rows = 2 + DECLARED.len() + computed + latency;
+        assert_eq!(info.split_terminator("\r\n").count(), rows, "{info}");
+        // One family per declared metric, plus the latency histogram.
+        let families = prom.matches("# TYPE ").count();
+        assert_eq!(families, DECLARED.len() + 1, "{prom}");
+    }
+
+    /// No two metrics share a name in either output, and names and help texts are valid in
+    /// the Prometheus text format.
+    #[test]
+    fn declared_names_are_unique_and_valid() {
+        let mut info = HashSet::from(["cachefront_version"]);
+        let mut prom = HashSet::new();
+        for d in DECLARED {
+            assert!(info.insert(d.info), "INFO field {} twice", d.info);
+            for (row, _) in d.info_after {
+                assert!(info.insert(row), "INFO field {row} twice");
+            }
+            assert!(prom.insert(d.name), "Prometheus name {} twice", d.name);
+            assert!(
+                d.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{}",
+                d.name
+            );
+            assert!(
+                !d.help.ends_with('.') && !d.help.contains('\n'),
+                "{}",
+                d.help
+            );
+        }
+    }
+
+    #[test]
+    fn computed_info_rows() {
+        let m = Metrics::default();
+        let info = m.info_section((7, 3), true);
+        assert!(info.contains("\r\nhit_ratio:0.0000\r\n"), "{info}");
+        assert!(
+            info.contains("\r\ndb_pool:size=7,available=3\r\n"),
+            "{info}"
+        );
+        assert!(info.contains("\r\ninvalidation_listening:1\r\n"), "{info}");
+        m.hits.store(1, Relaxed);
+        m.misses.store(2, Relaxed);
+        let info = m.info_section((0, 0), false);
+        assert!(info.contains("\r\nhit_ratio:0.3333\r\n"), "{info}");
+        assert!(info.contains("\r\ninvalidation_listening:0\r\n"), "{info}");
     }
 }

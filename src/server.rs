@@ -190,23 +190,95 @@ impl Shared {
         let _ = tokio::time::timeout(limit, rx.wait_for(|on| *on)).await;
     }
 
+    /// The figures computed when asked (pools, L1, degraded mode), in INFO order; each is
+    /// named here once for both INFO and Prometheus.
+    fn computed(&self) -> [Computed; 10] {
+        let (size, available) = self.db.pool_status();
+        let (entries, bytes) = self.cache.l1.usage();
+        let (all, degraded) = self.cache.degraded.snapshot();
+        let c = |info, gauge, value: u64| Computed { info, gauge, value };
+        let flag = |b: bool| u64::from(b);
+        [
+            // INFO shows the pool as one `db_pool` row (see `metrics`).
+            c(
+                None,
+                Some(("db_pool_size", "PostgreSQL pool connections open")),
+                size as u64,
+            ),
+            c(
+                None,
+                Some(("db_pool_available", "PostgreSQL pool connections idle")),
+                available as u64,
+            ),
+            c(
+                None,
+                Some((
+                    "upstream_shared_connections",
+                    "Shared pipelined connections to Valkey per protocol",
+                )),
+                self.config().valkey.pool_size as u64,
+            ),
+            c(
+                Some("l1_entries"),
+                Some(("l1_entries", "Entries in the in-process L1")),
+                entries,
+            ),
+            c(
+                Some("l1_bytes"),
+                Some(("l1_bytes", "Bytes held by the in-process L1")),
+                bytes,
+            ),
+            c(
+                Some("l1_tracking"),
+                Some((
+                    "l1_tracking_up",
+                    "1 while Valkey client tracking keeps the L1 coherent",
+                )),
+                flag(self.upstream.tracking_up()),
+            ),
+            // INFO has this row earlier, beside `db_pool` (see `metrics`).
+            c(
+                None,
+                Some((
+                    "invalidation_listening",
+                    "1 while listening for PostgreSQL change notifications",
+                )),
+                flag(self.is_listening()),
+            ),
+            c(
+                Some("invalidation_degraded"),
+                None,
+                flag(all || !degraded.is_empty()),
+            ),
+            c(
+                Some("invalidation_degraded_all"),
+                Some((
+                    "invalidation_degraded_all",
+                    "1 while every cached read bypasses the cache until a pending flush is applied",
+                )),
+                flag(all),
+            ),
+            c(
+                Some("invalidation_degraded_tables"),
+                Some((
+                    "invalidation_degraded_tables",
+                    "Tables whose reads bypass the cache until a pending invalidation is applied",
+                )),
+                degraded.len() as u64,
+            ),
+        ]
+    }
+
     /// The `# Cachefront` INFO section.
     pub fn info_section(&self) -> String {
         let mut s = self
             .metrics
             .info_section(self.db.pool_status(), self.is_listening());
-        let (entries, bytes) = self.cache.l1.usage();
-        let tracking = u8::from(self.upstream.tracking_up());
-        s.push_str(&format!(
-            "l1_entries:{entries}\r\nl1_bytes:{bytes}\r\nl1_tracking:{tracking}\r\n"
-        ));
-        let (all, degraded) = self.cache.degraded.snapshot();
-        s.push_str(&format!(
-            "invalidation_degraded:{}\r\ninvalidation_degraded_all:{}\r\ninvalidation_degraded_tables:{}\r\n",
-            u8::from(all || !degraded.is_empty()),
-            u8::from(all),
-            degraded.len()
-        ));
+        for c in self.computed() {
+            if let Some(name) = c.info {
+                s.push_str(&format!("{name}:{}\r\n", c.value));
+            }
+        }
         if let Some(c) = &self.upstream.cluster {
             let st = c.stats();
             s.push_str(&format!(
@@ -220,60 +292,14 @@ impl Shared {
         s
     }
 
-    /// The Prometheus exposition: counters, gauges, histograms.
+    /// The Prometheus exposition: counters, gauges, histograms. Stored counters and gauges
+    /// come from `metrics::DECLARED`, computed gauges from `computed`.
     pub fn prometheus(&self) -> String {
-        let (size, available) = self.db.pool_status();
-        let (entries, bytes) = self.cache.l1.usage();
-        let (degraded_all, degraded_tables) = self.cache.degraded.snapshot();
-        let gauges = [
-            (
-                "connected_clients",
-                "Client connections open",
-                self.metrics.connections_current.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "db_pool_size",
-                "PostgreSQL pool connections open",
-                size as f64,
-            ),
-            (
-                "db_pool_available",
-                "PostgreSQL pool connections idle",
-                available as f64,
-            ),
-            (
-                "upstream_shared_connections",
-                "Shared pipelined connections to Valkey per protocol",
-                self.config().valkey.pool_size as f64,
-            ),
-            ("l1_entries", "Entries in the in-process L1", entries as f64),
-            ("l1_bytes", "Bytes held by the in-process L1", bytes as f64),
-            (
-                "l1_tracking_up",
-                "1 while Valkey client tracking keeps the L1 coherent",
-                f64::from(u8::from(self.upstream.tracking_up())),
-            ),
-            (
-                "invalidation_listening",
-                "1 while listening for PostgreSQL change notifications",
-                f64::from(u8::from(self.is_listening())),
-            ),
-            (
-                "invalidation_degraded_tables",
-                "Tables whose reads bypass the cache until a pending invalidation is applied",
-                degraded_tables.len() as f64,
-            ),
-            (
-                "invalidation_degraded_all",
-                "1 while every cached read bypasses the cache until a pending flush is applied",
-                f64::from(u8::from(degraded_all)),
-            ),
-            (
-                "invalidation_pending_tables",
-                "Tables with an invalidation not yet applied",
-                self.metrics.invalidation_pending.load(Ordering::Relaxed) as f64,
-            ),
-        ];
+        let gauges: Vec<_> = self
+            .computed()
+            .iter()
+            .filter_map(|c| c.gauge.map(|(name, help)| (name, help, c.value as f64)))
+            .collect();
         let mut out = self.metrics.prometheus(&gauges);
         if let Some(c) = &self.upstream.cluster {
             let st = c.stats();
@@ -324,6 +350,15 @@ impl Shared {
     pub fn next_client_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// One figure of `Shared::computed`: where it shows, and its value now.
+struct Computed {
+    /// INFO field, shown after the latency rows; `None`: Prometheus only.
+    info: Option<&'static str>,
+    /// Prometheus gauge name (without `cachefront_`) and help; `None`: INFO only.
+    gauge: Option<(&'static str, &'static str)>,
+    value: u64,
 }
 
 pub struct Server {
