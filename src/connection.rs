@@ -29,7 +29,10 @@ use crate::upstream::{LongMark, RawConn, ReplyBudget, ReplyRx};
 
 /// A reply position in the output queue.
 enum Slot {
+    /// A command's reply, ready (dropped on the way out while `CLIENT REPLY` says so).
     Ready(Bytes),
+    /// Something that is not a reply (a pub/sub message, a RESP3 push): always sent.
+    Push(Bytes),
     /// A pass-through reply from a shared connection.
     Upstream {
         rx: ReplyRx,
@@ -113,6 +116,10 @@ pub struct Connection {
     ded: Option<Dedicated>,
     /// Cluster: MULTI was answered locally and opens on the node of the next command.
     deferred_multi: bool,
+    /// For each command reply in `outq` (not pushes), in order: whether `CLIENT REPLY` drops it.
+    muted: VecDeque<bool>,
+    /// The command being applied now is muted (its reply, if written at once, is dropped).
+    muting: bool,
     /// Bytes of replies held for this client and not yet written: charged where each reply
     /// comes into being (a shared connection's reader, or here), released once written.
     budget: Arc<ReplyBudget>,
@@ -145,6 +152,8 @@ impl Connection {
             outq: VecDeque::new(),
             ded: None,
             deferred_multi: false,
+            muted: VecDeque::new(),
+            muting: false,
             budget: Arc::new(ReplyBudget::default()),
             soft_since: None,
             closing: false,
@@ -173,7 +182,7 @@ impl Connection {
             let soft_deadline = self.check_output_limit()?;
             if !self.outbuf.is_empty() {
                 self.write_out().await?;
-                if matches!(self.outq.front(), Some(Slot::Ready(_))) {
+                if matches!(self.outq.front(), Some(Slot::Ready(_) | Slot::Push(_))) {
                     continue; // more arrived (from the dedicated connection) while writing
                 }
             }
@@ -307,6 +316,12 @@ impl Connection {
         self.charged(Slot::Ready(b))
     }
 
+    /// Something that is not a reply to a command (a message, a push), charged likewise.
+    fn push(&self, b: Bytes) -> Slot {
+        self.budget.charge(b.len());
+        Slot::Push(b)
+    }
+
     /// Charges a slot that has just become a ready reply (others are charged when they do).
     fn charged(&self, s: Slot) -> Slot {
         if let Slot::Ready(b) = &s {
@@ -333,15 +348,42 @@ impl Connection {
                 .parse(&mut self.inbuf, &limits, self.session.authed)
             {
                 Ok(Parsed::Request(req)) => {
+                    self.muting = self.mutes(&req);
+                    let slots = self.outq.len();
                     let action = command::dispatch(&self.shared, &mut self.session, req);
                     self.apply(action).await;
+                    if self.outq.len() > slots {
+                        self.muted.push_back(self.muting);
+                    }
+                    self.muting = false;
                 }
                 Ok(Parsed::Incomplete) => return,
                 Err(e) => {
                     let slot = self.ready(Bytes::from(e.reply_bytes()));
                     self.outq.push_back(slot);
+                    self.muted.push_back(false);
                     self.closing = true;
                 }
+            }
+        }
+    }
+
+    /// Whether `req`'s reply is dropped (`CLIENT REPLY`): while replies are off, and for the
+    /// command after `SKIP`; `CLIENT REPLY OFF|SKIP` itself gets none, `CLIENT REPLY ON` does.
+    fn mutes(&mut self, req: &Request) -> bool {
+        let is = |i: usize, w: &[u8]| req.args.get(i).is_some_and(|a| a.eq_ignore_ascii_case(w));
+        if req.args.len() == 3 && is(0, b"CLIENT") && is(1, b"REPLY") {
+            return !is(2, b"ON")
+                && (is(2, b"OFF")
+                    || is(2, b"SKIP")
+                    || self.session.reply_mode != crate::session::ReplyMode::On);
+        }
+        match self.session.reply_mode {
+            crate::session::ReplyMode::On => false,
+            crate::session::ReplyMode::Off => true,
+            crate::session::ReplyMode::Skip => {
+                self.session.reply_mode = crate::session::ReplyMode::On;
+                true
             }
         }
     }
@@ -356,6 +398,9 @@ impl Connection {
             // Nothing is waiting before it: straight into the output buffer, no slot needed.
             if r.is_error() {
                 inc(&self.shared.metrics.errors);
+            }
+            if self.muting {
+                return;
             }
             let before = self.outbuf.len();
             r.encode(self.session.proto, &mut self.outbuf);
@@ -749,7 +794,7 @@ impl Connection {
     fn drain_ready(&mut self) {
         while let Some(front) = self.outq.front_mut() {
             let done = match front {
-                Slot::Ready(_) => None,
+                Slot::Ready(_) | Slot::Push(_) => None,
                 Slot::Upstream { rx, .. } | Slot::Lookup { rx, .. } => match rx.try_recv() {
                     Ok(r) => Some(FrontDone::Upstream(r)),
                     Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
@@ -765,11 +810,19 @@ impl Connection {
                 self.resolve_front(done);
                 continue;
             }
-            if let Some(Slot::Ready(b)) = self.outq.pop_front() {
-                if matches!(b.first(), Some(b'-') | Some(b'!')) {
-                    inc(&self.shared.metrics.errors);
+            match self.outq.pop_front() {
+                Some(Slot::Ready(b)) => {
+                    if matches!(b.first(), Some(b'-') | Some(b'!')) {
+                        inc(&self.shared.metrics.errors);
+                    }
+                    if self.muted.pop_front().unwrap_or(false) {
+                        self.budget.release(b.len());
+                    } else {
+                        self.outbuf.extend_from_slice(&b);
+                    }
                 }
-                self.outbuf.extend_from_slice(&b);
+                Some(Slot::Push(b)) => self.outbuf.extend_from_slice(&b),
+                _ => {}
             }
         }
     }
@@ -944,7 +997,7 @@ impl Connection {
                 if let Some(Slot::Dedicated { reset: true, .. }) = self.outq.get(i) {
                     if &frame[..] != b"+RESET\r\n" {
                         // A message that was already on its way before RESET took effect.
-                        let slot = self.ready(frame);
+                        let slot = self.push(frame);
                         self.outq.insert(i, slot);
                         return;
                     }
@@ -978,11 +1031,11 @@ impl Connection {
                 self.outq.insert(i, filled);
             }
             Some(i) => {
-                let slot = self.ready(frame);
+                let slot = self.push(frame);
                 self.outq.insert(i, slot)
             }
             None => {
-                let slot = self.ready(frame);
+                let slot = self.push(frame);
                 self.outq.push_back(slot)
             }
         }

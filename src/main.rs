@@ -38,13 +38,6 @@ enum TriggerAction {
     Remove,
 }
 
-/// mimalloc instead of the system allocator: it returns freed memory to the system soon after
-/// a burst (a refused large result, a client cut off at its output limit), where glibc's
-/// per-thread arenas keep the peak resident; it is also faster for the many small, short-lived
-/// allocations of the request path.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config =

@@ -24,6 +24,16 @@ pub enum StateChange {
     Pin,
 }
 
+/// `CLIENT REPLY ON|OFF|SKIP`, kept by cachefront: the client's replies are dropped on their
+/// way out (never the messages and pushes that are not replies, as in Valkey).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    On,
+    Off,
+    /// The next command's reply is dropped, then replies are on again.
+    Skip,
+}
+
 /// Per-client state. Modes that live on the Valkey side (transaction, watches, subscriptions,
 /// tracking, selected database) are mirrored here so the connection knows when it needs a
 /// dedicated upstream connection and when it can give it back.
@@ -49,6 +59,8 @@ pub struct Session {
     /// What each command queued in the open transaction will change once EXEC runs it, in
     /// queue order (the order of EXEC's reply).
     pub queued: Vec<StateChange>,
+    /// `CLIENT REPLY`: whether replies reach the client.
+    pub reply_mode: ReplyMode,
     /// Upstream state cachefront does not model (READONLY, CLIENT NO-EVICT…): keep the
     /// dedicated connection for the life of the client.
     pub pinned: bool,
@@ -73,6 +85,7 @@ impl Session {
             monitor: false,
             tracking: false,
             queued: Vec::new(),
+            reply_mode: ReplyMode::On,
             pinned: false,
         }
     }

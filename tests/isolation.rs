@@ -371,3 +371,52 @@ async fn a_slow_command_does_not_fail_other_clients() {
     assert!(r.contains("Script killed"), "{r}");
     assert_eq!(c.call(&[b"GET", b"k"]).await, "$1\r\nv\r\n");
 }
+
+/// `CLIENT REPLY OFF|SKIP|ON` is kept by cachefront as Valkey keeps it: replies are dropped
+/// (whatever connection answers them), messages and RESP3 pushes still arrive.
+#[tokio::test]
+async fn client_reply_modes_like_valkey() {
+    let s = Stack::start().await;
+    let mut c = s.raw().await;
+    let mut batch = Vec::new();
+    for line in [
+        "CLIENT REPLY OFF",
+        "SET a 1",
+        "GET a",
+        "EMP.GET 1",
+        "MULTI",
+        "SET b 2",
+        "EXEC",
+        "BLPOP nothing 0.01",
+        "CLIENT REPLY ON",
+        "GET a",
+        "CLIENT REPLY SKIP",
+        "GET b",
+        "GET a",
+    ] {
+        batch.extend(common::encode_line(line));
+    }
+    c.send(&batch).await;
+    assert_eq!(c.frame().await, "+OK\r\n");
+    assert_eq!(c.frame().await, "$1\r\n1\r\n");
+    assert_eq!(c.frame().await, "$1\r\n1\r\n");
+    assert_eq!(c.drain(200).await, "");
+    assert_eq!(c.call(&[b"GET", b"b"]).await, "$1\r\n2\r\n");
+    assert_eq!(
+        c.call(&[b"CLIENT", b"REPLY", b"MAYBE"]).await,
+        "-ERR syntax error\r\n"
+    );
+
+    // RESP3: the subscription's confirmation and the messages are pushes, not replies.
+    let mut sub = s.raw().await;
+    assert!(sub.call(&[b"HELLO", b"3"]).await.starts_with("%7"));
+    sub.cmd(&[b"CLIENT", b"REPLY", b"OFF"]).await;
+    let r = sub.call(&[b"SUBSCRIBE", b"ch"]).await;
+    assert!(r.starts_with(">3\r\n$9\r\nsubscribe"), "{r}");
+    let mut p = s.raw().await;
+    assert_eq!(p.call(&[b"PUBLISH", b"ch", b"hi"]).await, ":1\r\n");
+    assert_eq!(
+        sub.frame().await,
+        ">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n"
+    );
+}

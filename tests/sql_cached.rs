@@ -400,6 +400,11 @@ async fn an_oversized_result_is_refused_as_it_streams() {
             32 << 20,
             "SELECT repeat('y', 1024*1024) AS big FROM generate_series(1, 500)",
         ),
+        // The default limit (64 MiB), the 50 rows of 10 MB.
+        (
+            64 << 20,
+            "SELECT repeat('z', 10*1024*1024) AS big FROM generate_series(1, 50)",
+        ),
     ] {
         let over = peak_for_refused(limit, query).await;
         assert!(

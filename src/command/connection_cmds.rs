@@ -8,7 +8,7 @@ use super::{wrong_args, Action, Route, StateChange, Transform};
 use crate::protocol::request::parse_i64_strict;
 use crate::protocol::{Proto, Reply, Request};
 use crate::server::Shared;
-use crate::session::Session;
+use crate::session::{ReplyMode, Session};
 
 /// Commands an unauthenticated client may send.
 pub fn allowed_before_auth(name: &[u8]) -> bool {
@@ -257,7 +257,15 @@ pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Acti
         },
         b"SETINFO" => setinfo(session, &req.args[2], &req.args[3]),
         b"INFO" => Reply::Verbatim(Bytes::from(client_info(session))),
-        b"REPLY" => Reply::err("ERR CLIENT REPLY is not supported by cachefront"),
+        b"REPLY" if n != 3 => wrong_sub_args(&sub),
+        b"REPLY" => match req.args[2].to_ascii_uppercase().as_slice() {
+            // The connection drops the replies (see `connection::muted`); this one too, for
+            // OFF and SKIP.
+            b"ON" => set_reply_mode(session, ReplyMode::On),
+            b"OFF" => set_reply_mode(session, ReplyMode::Off),
+            b"SKIP" => set_reply_mode(session, ReplyMode::Skip),
+            _ => Reply::err("ERR syntax error"),
+        },
         b"KILL" => Reply::err(
             "ERR CLIENT KILL is not supported through cachefront: it would kill cachefront's own shared connections to Valkey; to drop a cachefront client, close it (or connect to Valkey directly to kill Valkey clients)",
         ),
@@ -286,6 +294,11 @@ pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Acti
         }
     };
     Action::Reply(reply)
+}
+
+fn set_reply_mode(session: &mut Session, mode: ReplyMode) -> Reply {
+    session.reply_mode = mode;
+    Reply::ok()
 }
 
 /// `CLIENT UNBLOCK <id>`: the id is a cachefront client's; a blocked client waits on its
