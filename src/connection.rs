@@ -22,7 +22,7 @@ use crate::metrics::inc;
 use crate::protocol::request::Parsed;
 use crate::protocol::{Proto, Reply, Request, RequestParser};
 use crate::server::Shared;
-use crate::session::Session;
+use crate::session::{ReplyMode, Session};
 use crate::tls::ClientStream;
 use crate::upstream::cluster::Owner;
 use crate::upstream::{LongMark, RawConn, ReplyBudget, ReplyRx};
@@ -372,17 +372,18 @@ impl Connection {
     /// command after `SKIP`; `CLIENT REPLY OFF|SKIP` itself gets none, `CLIENT REPLY ON` does.
     fn mutes(&mut self, req: &Request) -> bool {
         let is = |i: usize, w: &[u8]| req.args.get(i).is_some_and(|a| a.eq_ignore_ascii_case(w));
-        if req.args.len() == 3 && is(0, b"CLIENT") && is(1, b"REPLY") {
-            return !is(2, b"ON")
-                && (is(2, b"OFF")
-                    || is(2, b"SKIP")
-                    || self.session.reply_mode != crate::session::ReplyMode::On);
+        // Refused inside MULTI, and by Valkey in RESP2 subscribed mode: no effect there.
+        let takes_effect = !self.session.in_multi
+            && (!self.session.streaming() || self.session.proto == Proto::Resp3);
+        if takes_effect && req.args.len() == 3 && is(0, b"CLIENT") && is(1, b"REPLY") {
+            let off = self.session.reply_mode != ReplyMode::On;
+            return !is(2, b"ON") && (is(2, b"OFF") || is(2, b"SKIP") || off);
         }
         match self.session.reply_mode {
-            crate::session::ReplyMode::On => false,
-            crate::session::ReplyMode::Off => true,
-            crate::session::ReplyMode::Skip => {
-                self.session.reply_mode = crate::session::ReplyMode::On;
+            ReplyMode::On => false,
+            ReplyMode::Off => true,
+            ReplyMode::Skip => {
+                self.session.reply_mode = ReplyMode::On;
                 true
             }
         }

@@ -45,9 +45,16 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, name: &[u8], req: R
 /// the Valkey connection behind it).
 pub fn is_local_client_subcommand(req: &Request) -> bool {
     req.args.get(1).is_some_and(|s| {
-        [&b"ID"[..], b"GETNAME", b"SETNAME", b"SETINFO", b"INFO"]
-            .iter()
-            .any(|l| s.eq_ignore_ascii_case(l))
+        [
+            &b"ID"[..],
+            b"GETNAME",
+            b"SETNAME",
+            b"SETINFO",
+            b"INFO",
+            b"REPLY",
+        ]
+        .iter()
+        .any(|l| s.eq_ignore_ascii_case(l))
     })
 }
 

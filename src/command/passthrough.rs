@@ -11,6 +11,7 @@ use super::{introspection, Action};
 use crate::protocol::{Proto, Reply, Request};
 use crate::server::Shared;
 use crate::session::Session;
+use crate::upstream::SCRIPT_COMMANDS;
 
 /// Which connection a forwarded command takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,10 +152,10 @@ pub fn dispatch(session: &Session, name: &[u8], req: Request) -> Action {
         b"SCRIPT" | b"FUNCTION" if is_kill(&req) => Route::Dedicated(StateChange::None),
         // A script may run long: on the client's own connection it holds up nobody else's
         // requests (on a shared one, everything queued behind it would wait too).
-        n if SCRIPTS.contains(&n) && session.user.unrestricted() => {
+        n if SCRIPT_COMMANDS.contains(&n) && session.user.unrestricted() => {
             Route::Dedicated(StateChange::None)
         }
-        n if REACHES_UNNAMED_KEYS.contains(&n) && !session.user.unrestricted() => {
+        n if reaches_unnamed_keys(n) && !session.user.unrestricted() => {
             return Action::Forward {
                 req,
                 route: Route::AsUser,
@@ -166,28 +167,11 @@ pub fn dispatch(session: &Session, name: &[u8], req: Request) -> Action {
     forward(req, route)
 }
 
-/// Scripts and functions.
-const SCRIPTS: &[&[u8]] = &[
-    b"EVAL",
-    b"EVALSHA",
-    b"EVAL_RO",
-    b"EVALSHA_RO",
-    b"FCALL",
-    b"FCALL_RO",
-];
-
-/// Commands that can read or write keys none of their arguments name: scripts and functions,
-/// and SORT's BY/GET patterns.
-const REACHES_UNNAMED_KEYS: &[&[u8]] = &[
-    b"EVAL",
-    b"EVALSHA",
-    b"EVAL_RO",
-    b"EVALSHA_RO",
-    b"FCALL",
-    b"FCALL_RO",
-    b"SORT",
-    b"SORT_RO",
-];
+/// Scripts and functions, and SORT (whose BY/GET patterns name keys): commands that can reach
+/// keys none of their arguments name.
+fn reaches_unnamed_keys(name: &[u8]) -> bool {
+    SCRIPT_COMMANDS.contains(&name) || name == b"SORT" || name == b"SORT_RO"
+}
 
 fn is_kill(req: &Request) -> bool {
     req.args

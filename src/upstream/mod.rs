@@ -23,6 +23,16 @@ pub use conn::{Endpoint, Login, RawConn};
 pub use mux::{LongMark, Mux, ReplyBudget, ReplyRx};
 pub use tracking::{TrackingEvent, TrackingState};
 
+/// Valkey's script and function commands.
+pub const SCRIPT_COMMANDS: &[&[u8]] = &[
+    b"EVAL",
+    b"EVALSHA",
+    b"EVAL_RO",
+    b"EVALSHA_RO",
+    b"FCALL",
+    b"FCALL_RO",
+];
+
 pub struct Upstream {
     endpoint: Arc<Endpoint>,
     shared2: Vec<Mux>,

@@ -113,15 +113,9 @@ impl Drop for LongMark {
     }
 }
 
-/// Commands that can legitimately keep Valkey busy past the command timeout: scripts and
-/// functions, DEBUG (SLEEP), whole-keyspace and bulk commands.
+/// Commands besides scripts ([`super::SCRIPT_COMMANDS`]) that can legitimately keep Valkey busy
+/// past the command timeout: DEBUG (SLEEP), whole-keyspace and bulk commands.
 const LONG_COMMANDS: &[&[u8]] = &[
-    b"EVAL",
-    b"EVALSHA",
-    b"EVAL_RO",
-    b"EVALSHA_RO",
-    b"FCALL",
-    b"FCALL_RO",
     b"DEBUG",
     b"KEYS",
     b"FLUSHALL",
@@ -140,7 +134,7 @@ const LONG_COMMANDS: &[&[u8]] = &[
     b"SCRIPT",
 ];
 
-/// Whether an encoded request (`*N\r\n$L\r\nNAME…`) is one of [`LONG_COMMANDS`].
+/// Whether an encoded request (`*N\r\n$L\r\nNAME…`) is a script or one of [`LONG_COMMANDS`].
 fn is_long(raw: &[u8]) -> bool {
     let Some(rest) = raw.strip_prefix(b"*") else {
         return false;
@@ -159,8 +153,10 @@ fn is_long(raw: &[u8]) -> bool {
         Some(l) if l <= 16 => l,
         _ => return false,
     };
-    rest.get(crlf + 2..crlf + 2 + len)
-        .is_some_and(|name| LONG_COMMANDS.iter().any(|c| c.eq_ignore_ascii_case(name)))
+    rest.get(crlf + 2..crlf + 2 + len).is_some_and(|name| {
+        let is = |c: &&[u8]| c.eq_ignore_ascii_case(name);
+        LONG_COMMANDS.iter().any(is) || super::SCRIPT_COMMANDS.iter().any(is)
+    })
 }
 
 /// The error a request gets when its client passed its output limit (the client is being
