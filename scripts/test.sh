@@ -3,6 +3,8 @@
 #   cargo fmt --all -- --check
 #   cargo clippy --all-targets -- -D warnings
 #   cargo test --all-targets
+#   scripts/valkey_suite.sh    Valkey's own test suite through cachefront (needs
+#                              ../shared/valkey-suite: CI has it; skipped, saying so, without)
 # Every step runs; the exit status is non-zero if any failed. Works as root on a clean
 # clone with nothing running: the tests start their own valkey-server and PostgreSQL
 # (tests/common/services.rs) on free ports of 127.0.0.1.
@@ -31,6 +33,7 @@ step() {
 step cargo fmt --all -- --check
 step cargo clippy --all-targets -- -D warnings
 step cargo test --all-targets
+step bash scripts/valkey_suite.sh
 
 echo
 if ((${#failed[@]})); then

@@ -379,6 +379,9 @@ impl Connection {
             let off = self.session.reply_mode != ReplyMode::On;
             return !is(2, b"ON") && (is(2, b"OFF") || is(2, b"SKIP") || off);
         }
+        if req.args.len() == 1 && is(0, b"RESET") {
+            return false; // RESET turns replies back on before answering, as in Valkey
+        }
         match self.session.reply_mode {
             ReplyMode::On => false,
             ReplyMode::Off => true,
