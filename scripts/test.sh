@@ -2,7 +2,7 @@
 # cachefront checks ("command 2"): installs what is missing (scripts/deps.sh), then
 #   cargo fmt --all -- --check
 #   cargo clippy --all-targets -- -D warnings
-#   cargo test --all-targets
+#   cargo test --all-targets --no-fail-fast
 #   scripts/valkey_suite.sh    Valkey's own test suite through cachefront (needs
 #                              ../shared/valkey-suite: CI has it; skipped, saying so, without)
 # Every step runs; the exit status is non-zero if any failed. Works as root on a clean
@@ -32,7 +32,7 @@ step() {
 
 step cargo fmt --all -- --check
 step cargo clippy --all-targets -- -D warnings
-step cargo test --all-targets
+step cargo test --all-targets --no-fail-fast
 step bash scripts/valkey_suite.sh
 
 echo
