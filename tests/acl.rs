@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{call_line as call, encode_line as encode, replies};
+use common::{
+    assert_same_replies as assert_same, call_line as call, encode_line as encode, replies,
+};
 
 use cachefront::config::{Config, UserConfig};
 use common::services::Valkey;
@@ -49,17 +51,6 @@ async fn reference(setups: &[&str]) -> Valkey {
         assert_eq!(call(&mut admin, s).await, "+OK\r\n", "{s}");
     }
     v
-}
-
-/// Replies from cachefront and the reference, asserted identical (HELLO maps by type only).
-fn assert_same(cmds: &[&str], ours: &[String], theirs: &[String]) {
-    for (i, cmd) in cmds.iter().enumerate() {
-        if cmd.to_ascii_uppercase().starts_with("HELLO") && !theirs[i].starts_with('-') {
-            assert_eq!(ours[i].as_bytes()[0], theirs[i].as_bytes()[0], "{cmd}");
-            continue;
-        }
-        assert_eq!(ours[i], theirs[i], "reply to `{cmd}` (command #{i})");
-    }
 }
 
 const HASHED_PW: &str = "hashed-pw";

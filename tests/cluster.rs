@@ -9,7 +9,7 @@ use cachefront::config::Config;
 use cachefront::server::Running;
 use common::cluster::{node_conn, ValkeyCluster};
 use common::services::{postgres, TestDb};
-use common::{call_line, Raw, GUIDE_QUERY, GUIDE_QUERY_KEY};
+use common::{call_line, eventually, Raw, GUIDE_QUERY, GUIDE_QUERY_KEY};
 use redis::AsyncCommands;
 use std::time::{Duration, Instant};
 
@@ -88,14 +88,6 @@ async fn info(r: &mut Raw) -> String {
 
 async fn sql_cached(r: &mut Raw) -> String {
     r.call(&[b"SQL.CACHED", GUIDE_QUERY.as_bytes()]).await
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

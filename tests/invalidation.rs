@@ -7,21 +7,8 @@ use redis::AsyncCommands;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Polls `f` until it returns true (3 s at most).
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
+/// How soon a write must reach the cache in these tests.
+const FRESH: Duration = Duration::from_secs(3);
 
 async fn emp(c: &mut redis::aio::MultiplexedConnection, id: i64) -> Option<String> {
     redis::cmd("EMP.GET").arg(id).query_async(c).await.unwrap()
@@ -33,7 +20,7 @@ async fn exists(v: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
 
 async fn listening(s: &Stack) {
     let shared = s.proxy.shared.clone();
-    eventually("listener up", || {
+    common::eventually_within(FRESH, "listener up", || {
         let shared = shared.clone();
         async move { shared.is_listening() }
     })
@@ -55,7 +42,7 @@ async fn an_update_by_another_client_is_seen_and_other_rows_stay_cached() {
     )
     .await
     .unwrap();
-    eventually("employee:2 dropped", || {
+    common::eventually_within(FRESH, "employee:2 dropped", || {
         let mut v = v.clone();
         async move { !exists(&mut v, "employee:2").await }
     })
@@ -82,7 +69,7 @@ async fn joins_are_dropped_per_table() {
     pg.execute("UPDATE departments SET name = 'Money' WHERE id = 1", &[])
         .await
         .unwrap();
-    eventually("join dropped", || {
+    common::eventually_within(FRESH, "join dropped", || {
         let mut v = v.clone();
         async move { !exists(&mut v, GUIDE_QUERY_KEY).await }
     })
@@ -99,7 +86,7 @@ async fn joins_are_dropped_per_table() {
     pg.execute("UPDATE employees SET job_title = 'CFO' WHERE id = 1", &[])
         .await
         .unwrap();
-    eventually("join dropped again", || {
+    common::eventually_within(FRESH, "join dropped again", || {
         let mut v = v.clone();
         async move { !exists(&mut v, GUIDE_QUERY_KEY).await }
     })
@@ -141,7 +128,7 @@ async fn only_committed_writes_invalidate() {
     .await
     .unwrap();
     tx.commit().await.unwrap();
-    eventually("dropped on commit", || {
+    common::eventually_within(FRESH, "dropped on commit", || {
         let mut v = v.clone();
         async move { !exists(&mut v, "employee:4").await }
     })
@@ -166,7 +153,7 @@ async fn big_statements_fall_back_to_the_whole_table() {
     )
     .await
     .unwrap();
-    eventually("all employee entries dropped", || {
+    common::eventually_within(FRESH, "all employee entries dropped", || {
         let mut v = v.clone();
         async move {
             let mut any = false;
@@ -180,7 +167,7 @@ async fn big_statements_fall_back_to_the_whole_table() {
     // TRUNCATE is table-wide too.
     emp(&mut c, 1).await.unwrap();
     pg.batch_execute("TRUNCATE employees").await.unwrap();
-    eventually("dropped by truncate", || {
+    common::eventually_within(FRESH, "dropped by truncate", || {
         let mut v = v.clone();
         async move { !exists(&mut v, "employee:1").await }
     })
@@ -207,7 +194,7 @@ async fn many_writes_in_one_transaction_send_few_notifications() {
     }
     tx.commit().await.unwrap();
     let v = s.valkey_client().await;
-    eventually("dropped", || {
+    common::eventually_within(FRESH, "dropped", || {
         let mut v = v.clone();
         async move { !exists(&mut v, "employee:1").await }
     })
@@ -241,7 +228,7 @@ async fn inserts_invalidate_negative_entries() {
     )
     .await
     .unwrap();
-    eventually("negative entry dropped", || {
+    common::eventually_within(FRESH, "negative entry dropped", || {
         let mut v = v.clone();
         async move { !exists(&mut v, "cachefront:n:employee:6").await }
     })
@@ -270,7 +257,7 @@ async fn a_lost_listener_connection_drops_what_it_may_have_missed() {
     // Kill the listening connection from the server side.
     s.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%' OR (application_name = 'cachefront' AND query = 'SELECT 1' AND datname = current_database())");
     let shared = s.proxy.shared.clone();
-    eventually("listener reconnected", || {
+    common::eventually_within(FRESH, "listener reconnected", || {
         let shared = shared.clone();
         async move {
             shared.metrics.listener_reconnects.load(Ordering::Relaxed) > reconnects
@@ -278,7 +265,7 @@ async fn a_lost_listener_connection_drops_what_it_may_have_missed() {
         }
     })
     .await;
-    eventually("entries flushed after reconnect", || {
+    common::eventually_within(FRESH, "entries flushed after reconnect", || {
         let mut v = v.clone();
         async move { !exists(&mut v, "employee:5").await && !exists(&mut v, GUIDE_QUERY_KEY).await }
     })
@@ -306,7 +293,7 @@ async fn views_depend_on_their_tables() {
         .execute("UPDATE departments SET name = 'Ops' WHERE id = 3", &[])
         .await
         .unwrap();
-    eventually("view entry dropped", || {
+    common::eventually_within(FRESH, "view entry dropped", || {
         let mut v = v.clone();
         let key = key.clone();
         async move { !exists(&mut v, &key).await }
@@ -420,7 +407,7 @@ async fn hot_entries_are_refreshed_before_they_expire() {
     emp(&mut c, 1).await.unwrap();
     emp(&mut c, 1).await.unwrap();
     let m = &s.proxy.shared.metrics;
-    eventually("early refresh ran", || async {
+    common::eventually_within(FRESH, "early refresh ran", || async {
         m.early_refreshes.load(Ordering::Relaxed) >= 1 && m.db_queries.load(Ordering::Relaxed) >= 2
     })
     .await;
@@ -528,7 +515,7 @@ async fn corrupted_meta_keys_do_not_stop_invalidation() {
     let rename = "UPDATE employees SET name = 'Robert Smith' WHERE id = 2";
     pg.batch_execute(rename).await.unwrap();
     let started = Instant::now();
-    eventually("the fresh name", || {
+    common::eventually_within(FRESH, "the fresh name", || {
         let mut c = c.clone();
         async move { emp(&mut c, 2).await.as_deref() == Some("Robert Smith") }
     })
@@ -538,7 +525,7 @@ async fn corrupted_meta_keys_do_not_stop_invalidation() {
         .await
         .unwrap();
     let started = Instant::now();
-    eventually("the other table's change applied", || {
+    common::eventually_within(FRESH, "the other table's change applied", || {
         let mut v = v.clone();
         async move {
             !exists(
@@ -553,7 +540,7 @@ async fn corrupted_meta_keys_do_not_stop_invalidation() {
         "other table invalidated {:?} after its update",
         started.elapsed()
     );
-    eventually("not degraded", || {
+    common::eventually_within(FRESH, "not degraded", || {
         let mut c = c.clone();
         async move { info_field(&mut c, "invalidation_degraded").await == "0" }
     })
@@ -566,7 +553,7 @@ async fn corrupted_meta_keys_do_not_stop_invalidation() {
             >= 2
     );
     // The repaired keys work again: the entry is filled and stored, then hit.
-    eventually("employee:2 stored again", || {
+    common::eventually_within(FRESH, "employee:2 stored again", || {
         let mut c = c.clone();
         let mut v = v.clone();
         async move {

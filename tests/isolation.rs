@@ -307,15 +307,10 @@ async fn clients_cannot_write_cachefronts_own_keys() {
     assert!(c.call(&[b"EXEC"]).await.starts_with("-EXECABORT"));
     // The metadata is intact: an UPDATE still invalidates.
     s.psql("UPDATE employees SET name = 'Alicia' WHERE id = 1");
-    let mut fresh = String::new();
-    for _ in 0..50 {
-        fresh = c.call(&[b"EMP.GET", b"1"]).await;
-        if fresh.contains("Alicia") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(fresh, "$6\r\nAlicia\r\n");
+    common::eventually("the UPDATE invalidating employee:1", async || {
+        c.call(&[b"EMP.GET", b"1"]).await == "$6\r\nAlicia\r\n"
+    })
+    .await;
 }
 
 /// One slow command on a shared connection (`DEBUG SLEEP` longer than the command timeout, a

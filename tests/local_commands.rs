@@ -5,26 +5,11 @@
 
 mod common;
 
-use common::{call_line as call, replies};
+use common::{call_line as call, same_as};
 
 use common::services::Valkey;
 use common::{Raw, Stack};
 use std::process::Command;
-
-/// Runs `cmds` on a fresh connection to cachefront and to `valkey_port`, asserting identical
-/// replies. Successful HELLO replies (which hold the connection id) are only compared by type.
-async fn same_as(s: &Stack, valkey_port: u16, cmds: &[&str]) -> Vec<String> {
-    let ours = replies(s.proxy_port(), cmds).await;
-    let theirs = replies(valkey_port, cmds).await;
-    for (i, cmd) in cmds.iter().enumerate() {
-        if cmd.to_ascii_uppercase().starts_with("HELLO") && !theirs[i].starts_with('-') {
-            assert_eq!(ours[i].as_bytes()[0], theirs[i].as_bytes()[0], "{cmd}");
-            continue;
-        }
-        assert_eq!(ours[i], theirs[i], "reply to `{cmd}` (command #{i})");
-    }
-    ours
-}
 
 async fn same_as_valkey(s: &Stack, cmds: &[&str]) -> Vec<String> {
     same_as(s, s.valkey.port(), cmds).await

@@ -15,25 +15,9 @@ use common::{config_for, Stack};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Polls `f` until it returns true; panics after [`PATIENCE`].
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
 
 /// A fresh database, then `n` replicas of the server holding it (so they have it too).
 async fn db_and_replicas(n: usize) -> (TestDb, Vec<Postgres>) {
@@ -67,7 +51,7 @@ async fn start(
         .expect("cachefront starts");
     let s = Stack { valkey, db, proxy };
     let shared = s.proxy.shared.clone();
-    eventually("invalidation listener up", || {
+    common::eventually_within(PATIENCE, "invalidation listener up", || {
         let shared = shared.clone();
         async move { shared.is_listening() }
     })
@@ -161,7 +145,7 @@ async fn fills_go_to_a_caught_up_replica() {
     let replica = &replicas[0];
     let s = start(db, &[replica.port()], |_| {}).await;
     let mut c = s.client().await;
-    eventually("a fill answered by the replica", || {
+    common::eventually_within(PATIENCE, "a fill answered by the replica", || {
         let mut c = c.clone();
         async move { standby_answers(&mut c).await }
     })
@@ -201,7 +185,7 @@ async fn a_write_the_replica_has_not_replayed_is_read_from_the_primary() {
     let s = start(db, &[replica.port()], |_| {}).await;
     let mut c = s.client().await;
     let mut v = s.valkey_client().await;
-    eventually("a fill answered by the replica", || {
+    common::eventually_within(PATIENCE, "a fill answered by the replica", || {
         let mut c = c.clone();
         async move { standby_answers(&mut c).await }
     })
@@ -217,7 +201,7 @@ async fn a_write_the_replica_has_not_replayed_is_read_from_the_primary() {
 
     replica.pause_replay();
     s.psql("UPDATE employees SET name = 'Alicia Johnson' WHERE id = 1");
-    eventually("employee:1 invalidated", || {
+    common::eventually_within(PATIENCE, "employee:1 invalidated", || {
         let mut v = v.clone();
         async move { !v.exists::<_, bool>("employee:1").await.unwrap() }
     })
@@ -249,17 +233,21 @@ async fn a_write_the_replica_has_not_replayed_is_read_from_the_primary() {
 
     // Replaying again, the replica catches up and fills of the changed row go back to it.
     replica.resume_replay();
-    eventually("the changed row filled by the replica again", || {
-        let (mut c, mut v) = (c.clone(), v.clone());
-        let s = &s;
-        async move {
-            // Dropped behind cachefront's back: no invalidation, nothing required anew.
-            let _: i64 = v.del("employee:1").await.unwrap();
-            let before = counter(s, replica_fills);
-            assert_eq!(emp(&mut c, 1).await.as_deref(), Some("Alicia Johnson"));
-            counter(s, replica_fills) == before + 1
-        }
-    })
+    common::eventually_within(
+        PATIENCE,
+        "the changed row filled by the replica again",
+        || {
+            let (mut c, mut v) = (c.clone(), v.clone());
+            let s = &s;
+            async move {
+                // Dropped behind cachefront's back: no invalidation, nothing required anew.
+                let _: i64 = v.del("employee:1").await.unwrap();
+                let before = counter(s, replica_fills);
+                assert_eq!(emp(&mut c, 1).await.as_deref(), Some("Alicia Johnson"));
+                counter(s, replica_fills) == before + 1
+            }
+        },
+    )
     .await;
 }
 
@@ -275,7 +263,7 @@ async fn a_replica_beyond_the_lag_bound_is_not_used() {
     })
     .await;
     let mut c = s.client().await;
-    eventually("a fill answered by the replica", || {
+    common::eventually_within(PATIENCE, "a fill answered by the replica", || {
         let mut c = c.clone();
         async move { standby_answers(&mut c).await }
     })
@@ -283,7 +271,7 @@ async fn a_replica_beyond_the_lag_bound_is_not_used() {
     replica.pause_replay();
     let required = lsn(info_field(&info(&mut c).await, "replica_required_lsn"));
     s.psql("CREATE TABLE lag_probe (x int); INSERT INTO lag_probe VALUES (1)");
-    eventually("a fill answered by the primary", || {
+    common::eventually_within(PATIENCE, "a fill answered by the primary", || {
         let mut c = c.clone();
         async move { !standby_answers(&mut c).await }
     })
@@ -300,7 +288,7 @@ async fn a_replica_beyond_the_lag_bound_is_not_used() {
     assert!(counter(&s, replica_fallbacks) >= 1);
 
     replica.resume_replay();
-    eventually("a fill answered by the replica again", || {
+    common::eventually_within(PATIENCE, "a fill answered by the replica again", || {
         let mut c = c.clone();
         async move { standby_answers(&mut c).await }
     })
@@ -321,7 +309,7 @@ async fn a_hung_or_dead_replica_hands_its_fills_to_the_primary() {
     })
     .await;
     let mut c = s.client().await;
-    eventually("a fill answered by the replica", || {
+    common::eventually_within(PATIENCE, "a fill answered by the replica", || {
         let mut c = c.clone();
         async move { standby_answers(&mut c).await }
     })
@@ -342,7 +330,7 @@ async fn a_hung_or_dead_replica_hands_its_fills_to_the_primary() {
     assert_eq!(counter(&s, replica_errors), 1);
 
     link.set(Mode::Pass);
-    eventually("the replica answering again", || {
+    common::eventually_within(PATIENCE, "the replica answering again", || {
         let mut c = c.clone();
         async move { standby_answers(&mut c).await }
     })
@@ -378,7 +366,7 @@ async fn a_replica_found_behind_by_the_fills_own_check_is_not_used() {
     .await;
     let mut c = s.client().await;
     let mut v = s.valkey_client().await;
-    eventually("a fill answered by the replica", || {
+    common::eventually_within(PATIENCE, "a fill answered by the replica", || {
         let mut c = c.clone();
         async move { standby_answers(&mut c).await }
     })
@@ -387,7 +375,7 @@ async fn a_replica_found_behind_by_the_fills_own_check_is_not_used() {
 
     behind.pause_replay();
     s.psql("UPDATE employees SET name = 'Alicia Johnson' WHERE id = 1");
-    eventually("employee:1 invalidated", || {
+    common::eventually_within(PATIENCE, "employee:1 invalidated", || {
         let mut v = v.clone();
         async move { !v.exists::<_, bool>("employee:1").await.unwrap() }
     })
@@ -396,7 +384,7 @@ async fn a_replica_found_behind_by_the_fills_own_check_is_not_used() {
     // An idle primary's insert position can sit just past a page header that no replayed
     // record ends at; any later record carries the replica past it.
     s.psql("CREATE TABLE wal_tick (x int); INSERT INTO wal_tick VALUES (1)");
-    eventually("a poll seeing the replica past the write", || {
+    common::eventually_within(PATIENCE, "a poll seeing the replica past the write", || {
         let mut c = c.clone();
         async move { lsn(&replica_field(&info(&mut c).await, 0, "replay_lsn")) >= required }
     })

@@ -263,3 +263,45 @@ pub async fn protocol_error(s: &Stack, bytes: &[u8], msg: &str) {
         "connection must close after a protocol error"
     );
 }
+
+/// Asserts that cachefront's replies (`ours`) to `cmds` are Valkey's (`theirs`) byte for
+/// byte; a successful `HELLO` reply, which holds the connection id, only by its type.
+pub fn assert_same_replies(cmds: &[&str], ours: &[String], theirs: &[String]) {
+    for (i, cmd) in cmds.iter().enumerate() {
+        if cmd.to_ascii_uppercase().starts_with("HELLO") && !theirs[i].starts_with('-') {
+            assert_eq!(ours[i].as_bytes()[0], theirs[i].as_bytes()[0], "{cmd}");
+            continue;
+        }
+        assert_eq!(ours[i], theirs[i], "reply to `{cmd}` (command #{i})");
+    }
+}
+
+/// Runs `cmds` on a fresh connection to cachefront and to `valkey_port`, asserting identical
+/// replies ([`assert_same_replies`]); returns cachefront's.
+pub async fn same_as(s: &Stack, valkey_port: u16, cmds: &[&str]) -> Vec<String> {
+    let ours = replies(s.proxy_port(), cmds).await;
+    let theirs = replies(valkey_port, cmds).await;
+    assert_same_replies(cmds, &ours, &theirs);
+    ours
+}
+
+/// Polls `check` every 10 ms until it is true; panics naming `what` after `patience`.
+pub async fn eventually_within(
+    patience: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + patience;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// [`eventually_within`] 10 s.
+pub async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
+    eventually_within(Duration::from_secs(10), what, check).await
+}
