@@ -32,6 +32,7 @@ use std::sync::Arc;
 use crate::config::{AuthConfig, UserConfig};
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::{Proto, Reply, Request};
+use crate::upstream::commands::{CmdInfo, CommandTable};
 
 /// Valkey's reply for a failed AUTH / HELLO AUTH.
 pub const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
@@ -298,7 +299,7 @@ impl User {
             Rule::Category(c) => c != "cachefront",
             Rule::Command(n) => table.is_none_or(|t| {
                 let container = n.split('|').next().unwrap_or(n);
-                t.cmds.contains_key(container)
+                t.knows(container)
             }),
         };
         let valkey_rule = |sign: char, r: &Rule| match r {
@@ -567,177 +568,6 @@ impl Users {
     }
 }
 
-/// One entry of Valkey's command table.
-#[derive(Debug, Clone, Default)]
-pub struct CmdInfo {
-    /// Lowercase full name (`config|get` for subcommands).
-    pub name: String,
-    pub arity: i64,
-    pub first: i64,
-    pub last: i64,
-    pub step: i64,
-    pub movable: bool,
-    /// Writes (or may write) its keys: the `write` flag, or a key specification that says
-    /// `RW`, `OW` or `RM` (scripts: "we cannot tell how the keys will be used").
-    pub writes: bool,
-    /// Categories without the `@`.
-    pub categories: Vec<String>,
-    pub subs: HashMap<String, CmdInfo>,
-}
-
-impl CmdInfo {
-    /// Parses one `COMMAND INFO` entry (RESP2). `None` for a nil entry (unknown command).
-    fn parse(v: &redis::Value) -> Option<CmdInfo> {
-        use redis::Value as V;
-        let V::Array(f) = v else { return None };
-        let text = |v: &V| match v {
-            V::BulkString(b) => Some(String::from_utf8_lossy(b).to_ascii_lowercase()),
-            V::SimpleString(s) => Some(s.to_ascii_lowercase()),
-            V::Okay => Some("ok".into()),
-            _ => None,
-        };
-        let int = |v: Option<&V>| match v {
-            Some(V::Int(n)) => *n,
-            _ => 0,
-        };
-        let list = |v: Option<&V>| match v {
-            Some(V::Array(a)) | Some(V::Set(a)) => a.iter().filter_map(text).collect(),
-            _ => Vec::<String>::new(),
-        };
-        let name = text(f.first()?)?;
-        let flags = list(f.get(2));
-        let subs = match f.get(9) {
-            Some(V::Array(a)) => a
-                .iter()
-                .filter_map(CmdInfo::parse)
-                .map(|c| (c.name.clone(), c))
-                .collect(),
-            _ => HashMap::new(),
-        };
-        Some(CmdInfo {
-            name,
-            arity: int(f.get(1)),
-            first: int(f.get(3)),
-            last: int(f.get(4)),
-            step: int(f.get(5)),
-            movable: flags.iter().any(|x| x == "movablekeys"),
-            writes: flags.iter().any(|x| x == "write") || key_specs_write(f.get(8)),
-            categories: list(f.get(6))
-                .into_iter()
-                .map(|c| c.trim_start_matches('@').to_string())
-                .collect(),
-            subs,
-        })
-    }
-
-    fn arity_ok(&self, argc: usize) -> bool {
-        let argc = argc as i64;
-        if self.arity >= 0 {
-            argc == self.arity
-        } else {
-            argc >= -self.arity
-        }
-    }
-
-    /// Keys at the legacy (first, last, step) positions.
-    pub fn legacy_keys<'a>(&self, args: &'a [Bytes]) -> impl Iterator<Item = &'a Bytes> + 'a {
-        let argc = args.len() as i64;
-        let first = self.first;
-        let last = if self.last < 0 {
-            argc + self.last
-        } else {
-            self.last
-        };
-        let step = self.step.max(1);
-        let last = last.min(argc - 1);
-        let range = if first > 0 && last >= first {
-            Some((first..=last).step_by(step as usize))
-        } else {
-            None
-        };
-        range
-            .into_iter()
-            .flatten()
-            .filter_map(move |i| args.get(i as usize))
-    }
-}
-
-/// True if some key specification of a `COMMAND INFO` entry may change its key (`RW`, `OW`,
-/// `RM` among its flags).
-fn key_specs_write(specs: Option<&redis::Value>) -> bool {
-    use redis::Value as V;
-    let Some(V::Array(specs)) = specs else {
-        return false;
-    };
-    let is_write_flag = |v: &V| match v {
-        V::BulkString(b) => matches!(&b[..], b"RW" | b"OW" | b"RM"),
-        V::SimpleString(s) => matches!(s.as_str(), "RW" | "OW" | "RM"),
-        _ => false,
-    };
-    specs.iter().any(|spec| match spec {
-        V::Array(fields) | V::Set(fields) => fields.iter().any(|f| match f {
-            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
-            _ => false,
-        }),
-        V::Map(pairs) => pairs.iter().any(|(_, f)| match f {
-            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
-            _ => false,
-        }),
-        _ => false,
-    })
-}
-
-/// Valkey's command table, as `COMMAND` reports it.
-#[derive(Debug, Default)]
-pub struct CommandTable {
-    cmds: HashMap<String, CmdInfo>,
-}
-
-impl CommandTable {
-    /// Parses the reply to `COMMAND` (RESP2).
-    pub fn parse(raw: &[u8]) -> Option<CommandTable> {
-        match redis::parse_redis_value(raw).ok()? {
-            redis::Value::Array(items) => Some(CommandTable {
-                cmds: items
-                    .iter()
-                    .filter_map(CmdInfo::parse)
-                    .map(|c| (c.name.clone(), c))
-                    .collect(),
-            }),
-            _ => None,
-        }
-    }
-
-    /// The entry Valkey would run for `args`: the subcommand's for a container command
-    /// given one. `Err(name)` when the table does not know it (name to ask Valkey about).
-    pub fn lookup(&self, args: &[Bytes]) -> Result<&CmdInfo, String> {
-        let raw = args.first().map(|a| &a[..]).unwrap_or_default();
-        // Lowercased on the stack: this runs for every command routed in a cluster.
-        let mut buf = [0u8; 32];
-        let short = raw.len() <= buf.len() && raw.is_ascii();
-        let owned;
-        let name: &str = if short {
-            buf[..raw.len()].copy_from_slice(raw);
-            buf[..raw.len()].make_ascii_lowercase();
-            std::str::from_utf8(&buf[..raw.len()]).unwrap_or_default()
-        } else {
-            owned = String::from_utf8_lossy(raw).to_ascii_lowercase();
-            &owned
-        };
-        let Some(cmd) = self.cmds.get(name) else {
-            return Err(name.to_string());
-        };
-        if cmd.subs.is_empty() || args.len() < 2 {
-            return Ok(cmd);
-        }
-        let full = format!(
-            "{name}|{}",
-            String::from_utf8_lossy(&args[1]).to_ascii_lowercase()
-        );
-        cmd.subs.get(&full).ok_or(full)
-    }
-}
-
 /// What a synchronous check concluded.
 pub enum Check {
     Allow,
@@ -807,48 +637,18 @@ pub fn meta_guard<'a>(prefix: &'a [u8], args: &[Bytes]) -> Option<&'a [u8]> {
         .then_some(prefix)
 }
 
-/// The command table, loaded once from the upstream (retried at next need if that failed).
-#[derive(Default)]
-pub struct Acl {
-    table: tokio::sync::OnceCell<Arc<CommandTable>>,
-}
-
-impl Acl {
-    pub fn table_now(&self) -> Option<&Arc<CommandTable>> {
-        self.table.get()
-    }
-
-    /// Loads Valkey's command table (once).
-    pub async fn table(
-        &self,
-        upstream: &crate::upstream::Upstream,
-    ) -> crate::error::Result<&Arc<CommandTable>> {
-        self.table
-            .get_or_try_init(|| async {
-                let raw = upstream
-                    .send(
-                        0,
-                        Proto::Resp2,
-                        Bytes::from_static(b"*1\r\n$7\r\nCOMMAND\r\n"),
-                    )
-                    .await
-                    .await
-                    .map_err(|_| crate::error::Error::upstream("connection lost"))??;
-                CommandTable::parse(&raw).map(Arc::new).ok_or_else(|| {
-                    crate::error::Error::upstream("Valkey's COMMAND reply could not be read")
-                })
-            })
-            .await
-    }
-}
-
 /// Synchronous check of a Valkey command (pass-through or answered locally) for `user`;
 /// `meta` as [`meta_guard`] gives it.
-pub fn check(acl: &Acl, user: &User, args: &[Bytes], meta: Option<&[u8]>) -> Check {
+pub fn check(
+    table: Option<&CommandTable>,
+    user: &User,
+    args: &[Bytes],
+    meta: Option<&[u8]>,
+) -> Check {
     if user.unrestricted() && meta.is_none() {
         return Check::Allow;
     }
-    match acl.table_now() {
+    match table {
         Some(t) => check_with(user, t, args, meta),
         None => Check::Ask,
     }
@@ -879,8 +679,8 @@ pub async fn resolve(
             e.to_string().trim_start_matches("UPSTREAM ")
         )))
     };
-    let table = match shared.acl.table(&shared.upstream).await {
-        Ok(t) => Arc::clone(t),
+    let table = match shared.upstream.command_table().await {
+        Ok(t) => t,
         Err(e) => return cant(e),
     };
     let looked_up;

@@ -690,7 +690,7 @@ impl Connection {
         let mirror = (!user.unrestricted()).then(|| {
             let salt = self.shared.upstream.endpoint().password.clone();
             user.mirror(
-                self.shared.acl.table_now().map(|t| &**t),
+                self.shared.upstream.command_table_now().as_deref(),
                 salt.unwrap_or_default().as_bytes(),
             )
         });

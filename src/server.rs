@@ -66,8 +66,6 @@ pub struct Shared {
     pub invalidation: Invalidation,
     /// Client users (`default` always exists).
     pub users: crate::acl::Users,
-    /// Valkey's command table, for permission checks.
-    pub acl: crate::acl::Acl,
     /// SQL.CACHED texts already checked: their verdict and tables (parsing is the costly
     /// part of a hit otherwise); bounded in bytes (`db::sql::VERDICT_CACHE_BYTES`).
     pub sql_checks: moka::sync::Cache<String, crate::db::sql::Verdict>,
@@ -85,7 +83,6 @@ impl Shared {
             .map_err(|(k, m)| StartError::Setup(format!("{k}: {m}")))?;
         Ok(Shared {
             users,
-            acl: crate::acl::Acl::default(),
             upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
             cache: Cache::new(store, Arc::clone(&metrics), &config.cache),
             invalidation: Invalidation::new(&config.invalidation, &named),
@@ -459,7 +456,7 @@ impl Server {
             // Permission checks need Valkey's command table; fetch it now, not at first need.
             let s = Arc::clone(&shared);
             tokio::spawn(async move {
-                if let Err(e) = s.acl.table(&s.upstream).await {
+                if let Err(e) = s.upstream.command_table().await {
                     tracing::warn!(error = %e, "cannot load Valkey's command table yet; will retry at first need");
                 }
             });

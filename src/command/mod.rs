@@ -191,7 +191,10 @@ fn permission(
                 acl::Check::Deny(acl::noperm_command(&session.user.name, &full))
             }
         }
-        None => acl::check(&shared.acl, &session.user, &req.args, meta),
+        None => {
+            let table = shared.upstream.command_table_now();
+            acl::check(table.as_deref(), &session.user, &req.args, meta)
+        }
     }
 }
 

@@ -17,10 +17,10 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::commands::{CommandTable, TableCell};
 use super::conn::{connect, Endpoint};
 use super::mux::{LongWork, Mux, Redirect, ReplyBudget, ReplyRx};
 use super::tracking::{TrackingEvent, TrackingState};
-use crate::acl::CommandTable;
 use crate::error::{Error, Result};
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::Proto;
@@ -136,7 +136,7 @@ pub struct Cluster {
     ready: watch::Sender<bool>,
     redirects: mpsc::UnboundedSender<Redirect>,
     refresh_now: tokio::sync::Notify,
-    table: RwLock<Option<Arc<CommandTable>>>,
+    table: Arc<TableCell>,
     moved: AtomicU64,
     ask: AtomicU64,
     refreshes: AtomicU64,
@@ -159,7 +159,7 @@ impl Cluster {
         base: Arc<Endpoint>,
         seeds: Vec<String>,
         pool_size: usize,
-        long: Arc<LongWork>,
+        (long, table): (Arc<LongWork>, Arc<TableCell>),
     ) -> Arc<Cluster> {
         let (redirects, rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
@@ -174,7 +174,7 @@ impl Cluster {
             ready: watch::channel(false).0,
             redirects,
             refresh_now: tokio::sync::Notify::new(),
-            table: RwLock::new(None),
+            table,
             moved: AtomicU64::new(0),
             ask: AtomicU64::new(0),
             refreshes: AtomicU64::new(0),
@@ -201,7 +201,7 @@ impl Cluster {
     }
 
     fn command_table(&self) -> Option<Arc<CommandTable>> {
-        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.table.get()
     }
 
     /// Every primary, in address order.
@@ -390,11 +390,9 @@ impl Cluster {
                 Bytes::from_static(b"*1\r\n$7\r\nCOMMAND\r\n"),
             )
             .await?;
-        let table = CommandTable::parse(&raw)
-            .map(Arc::new)
-            .ok_or_else(|| Error::upstream("the cluster's COMMAND reply could not be read"))?;
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&table));
-        Ok(table)
+        self.table
+            .set_from(&raw)
+            .ok_or_else(|| Error::upstream("the cluster's COMMAND reply could not be read"))
     }
 
     /// `COMMAND GETKEYS`: the keys of a command whose key positions depend on its arguments.

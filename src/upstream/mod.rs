@@ -7,6 +7,7 @@
 //! operations route by hash slot (see `cluster`).
 
 pub mod cluster;
+pub mod commands;
 pub mod conn;
 pub mod mux;
 pub mod tracking;
@@ -48,6 +49,9 @@ pub struct Upstream {
     pub tracking: Arc<TrackingState>,
     /// Set when the upstream is a Valkey Cluster: requests route by slot through it.
     pub cluster: Option<Arc<Cluster>>,
+    /// Valkey's command table, loaded once (by the first that needs it) and shared by routing
+    /// and permission checks.
+    commands: Arc<commands::TableCell>,
     /// Long requests in flight (shared and dedicated connections alike): while one runs,
     /// Valkey's silence on the shared connections is not taken for a dead server.
     long: Arc<mux::LongWork>,
@@ -65,14 +69,11 @@ impl Upstream {
         }
         let tracking = Arc::new(TrackingState::default());
         let long = Arc::new(mux::LongWork::default());
+        let commands = Arc::new(commands::TableCell::default());
         let cluster = (!cfg.cluster.is_empty()).then(|| {
             let seeds = cfg.cluster.iter().map(|s| cluster_seed(s)).collect();
-            Cluster::start(
-                Arc::clone(&endpoint),
-                seeds,
-                cfg.pool_size,
-                Arc::clone(&long),
-            )
+            let shared = (Arc::clone(&long), Arc::clone(&commands));
+            Cluster::start(Arc::clone(&endpoint), seeds, cfg.pool_size, shared)
         });
         // In a cluster the per-node connections live in `cluster`; none to a single address.
         let per_proto = if cluster.is_some() { 0 } else { cfg.pool_size };
@@ -95,6 +96,7 @@ impl Upstream {
             tracking,
             cluster,
             long,
+            commands,
         })
     }
 
@@ -345,6 +347,31 @@ impl Upstream {
     /// or similar sent on a dedicated connection; see [`mux::LongWork`]).
     pub fn long_mark(&self, raw: &[u8]) -> Option<mux::LongMark> {
         self.long.mark_if_long(raw)
+    }
+
+    /// Valkey's command table, loaded now if nobody has yet (retried at the next call if that
+    /// fails).
+    pub async fn command_table(&self) -> Result<Arc<commands::CommandTable>> {
+        if let Some(t) = self.commands.get() {
+            return Ok(t);
+        }
+        let raw = self
+            .send(
+                0,
+                Proto::Resp2,
+                Bytes::from_static(b"*1\r\n$7\r\nCOMMAND\r\n"),
+            )
+            .await
+            .await
+            .map_err(|_| crate::error::Error::upstream("connection lost"))??;
+        self.commands.set_from(&raw).ok_or_else(|| {
+            crate::error::Error::upstream("Valkey's COMMAND reply could not be read")
+        })
+    }
+
+    /// Valkey's command table if it is loaded.
+    pub fn command_table_now(&self) -> Option<Arc<commands::CommandTable>> {
+        self.commands.get()
     }
 
     /// True while a long request (see [`mux::LongWork`]) is in flight: Valkey may be busy.

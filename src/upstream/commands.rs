@@ -1,0 +1,200 @@
+//! Valkey's command table (`COMMAND`), read once and shared: key positions for cluster routing,
+//! categories, arity and key positions for permission checks (`acl`), whether a command writes
+//! its keys (cachefront's own keys are guarded with it).
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// The table once loaded; every user of it (routing, permissions) reads the same one.
+#[derive(Debug, Default)]
+pub struct TableCell(RwLock<Option<Arc<CommandTable>>>);
+
+impl TableCell {
+    pub fn get(&self) -> Option<Arc<CommandTable>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Parses `raw` (the reply to `COMMAND`) and keeps it.
+    pub fn set_from(&self, raw: &[u8]) -> Option<Arc<CommandTable>> {
+        let table = Arc::new(CommandTable::parse(raw)?);
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&table));
+        Some(table)
+    }
+}
+
+/// One entry of Valkey's command table.
+#[derive(Debug, Clone, Default)]
+pub struct CmdInfo {
+    /// Lowercase full name (`config|get` for subcommands).
+    pub name: String,
+    pub arity: i64,
+    pub first: i64,
+    pub last: i64,
+    pub step: i64,
+    pub movable: bool,
+    /// Writes (or may write) its keys: the `write` flag, or a key specification that says
+    /// `RW`, `OW` or `RM` (scripts: "we cannot tell how the keys will be used").
+    pub writes: bool,
+    /// Categories without the `@`.
+    pub categories: Vec<String>,
+    pub subs: HashMap<String, CmdInfo>,
+}
+
+impl CmdInfo {
+    /// Parses one `COMMAND INFO` entry (RESP2). `None` for a nil entry (unknown command).
+    pub fn parse(v: &redis::Value) -> Option<CmdInfo> {
+        use redis::Value as V;
+        let V::Array(f) = v else { return None };
+        let text = |v: &V| match v {
+            V::BulkString(b) => Some(String::from_utf8_lossy(b).to_ascii_lowercase()),
+            V::SimpleString(s) => Some(s.to_ascii_lowercase()),
+            V::Okay => Some("ok".into()),
+            _ => None,
+        };
+        let int = |v: Option<&V>| match v {
+            Some(V::Int(n)) => *n,
+            _ => 0,
+        };
+        let list = |v: Option<&V>| match v {
+            Some(V::Array(a)) | Some(V::Set(a)) => a.iter().filter_map(text).collect(),
+            _ => Vec::<String>::new(),
+        };
+        let name = text(f.first()?)?;
+        let flags = list(f.get(2));
+        let subs = match f.get(9) {
+            Some(V::Array(a)) => a
+                .iter()
+                .filter_map(CmdInfo::parse)
+                .map(|c| (c.name.clone(), c))
+                .collect(),
+            _ => HashMap::new(),
+        };
+        Some(CmdInfo {
+            name,
+            arity: int(f.get(1)),
+            first: int(f.get(3)),
+            last: int(f.get(4)),
+            step: int(f.get(5)),
+            movable: flags.iter().any(|x| x == "movablekeys"),
+            writes: flags.iter().any(|x| x == "write") || key_specs_write(f.get(8)),
+            categories: list(f.get(6))
+                .into_iter()
+                .map(|c| c.trim_start_matches('@').to_string())
+                .collect(),
+            subs,
+        })
+    }
+
+    pub fn arity_ok(&self, argc: usize) -> bool {
+        let argc = argc as i64;
+        if self.arity >= 0 {
+            argc == self.arity
+        } else {
+            argc >= -self.arity
+        }
+    }
+
+    /// Keys at the legacy (first, last, step) positions.
+    pub fn legacy_keys<'a>(&self, args: &'a [Bytes]) -> impl Iterator<Item = &'a Bytes> + 'a {
+        let argc = args.len() as i64;
+        let first = self.first;
+        let last = if self.last < 0 {
+            argc + self.last
+        } else {
+            self.last
+        };
+        let step = self.step.max(1);
+        let last = last.min(argc - 1);
+        let range = if first > 0 && last >= first {
+            Some((first..=last).step_by(step as usize))
+        } else {
+            None
+        };
+        range
+            .into_iter()
+            .flatten()
+            .filter_map(move |i| args.get(i as usize))
+    }
+}
+
+/// True if some key specification of a `COMMAND INFO` entry may change its key (`RW`, `OW`,
+/// `RM` among its flags).
+fn key_specs_write(specs: Option<&redis::Value>) -> bool {
+    use redis::Value as V;
+    let Some(V::Array(specs)) = specs else {
+        return false;
+    };
+    let is_write_flag = |v: &V| match v {
+        V::BulkString(b) => matches!(&b[..], b"RW" | b"OW" | b"RM"),
+        V::SimpleString(s) => matches!(s.as_str(), "RW" | "OW" | "RM"),
+        _ => false,
+    };
+    specs.iter().any(|spec| match spec {
+        V::Array(fields) | V::Set(fields) => fields.iter().any(|f| match f {
+            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
+            _ => false,
+        }),
+        V::Map(pairs) => pairs.iter().any(|(_, f)| match f {
+            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
+            _ => false,
+        }),
+        _ => false,
+    })
+}
+
+/// Valkey's command table, as `COMMAND` reports it.
+#[derive(Debug, Default)]
+pub struct CommandTable {
+    cmds: HashMap<String, CmdInfo>,
+}
+
+impl CommandTable {
+    /// Parses the reply to `COMMAND` (RESP2).
+    pub fn parse(raw: &[u8]) -> Option<CommandTable> {
+        match redis::parse_redis_value(raw).ok()? {
+            redis::Value::Array(items) => Some(CommandTable {
+                cmds: items
+                    .iter()
+                    .filter_map(CmdInfo::parse)
+                    .map(|c| (c.name.clone(), c))
+                    .collect(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The entry Valkey would run for `args`: the subcommand's for a container command
+    /// given one. `Err(name)` when the table does not know it (name to ask Valkey about).
+    /// Whether Valkey knows the command `name` (lowercase, without a subcommand).
+    pub fn knows(&self, name: &str) -> bool {
+        self.cmds.contains_key(name)
+    }
+
+    pub fn lookup(&self, args: &[Bytes]) -> Result<&CmdInfo, String> {
+        let raw = args.first().map(|a| &a[..]).unwrap_or_default();
+        // Lowercased on the stack: this runs for every command routed in a cluster.
+        let mut buf = [0u8; 32];
+        let short = raw.len() <= buf.len() && raw.is_ascii();
+        let owned;
+        let name: &str = if short {
+            buf[..raw.len()].copy_from_slice(raw);
+            buf[..raw.len()].make_ascii_lowercase();
+            std::str::from_utf8(&buf[..raw.len()]).unwrap_or_default()
+        } else {
+            owned = String::from_utf8_lossy(raw).to_ascii_lowercase();
+            &owned
+        };
+        let Some(cmd) = self.cmds.get(name) else {
+            return Err(name.to_string());
+        };
+        if cmd.subs.is_empty() || args.len() < 2 {
+            return Ok(cmd);
+        }
+        let full = format!(
+            "{name}|{}",
+            String::from_utf8_lossy(&args[1]).to_ascii_lowercase()
+        );
+        cmd.subs.get(&full).ok_or(full)
+    }
+}
