@@ -40,17 +40,6 @@ impl Error {
     }
 }
 
-impl From<crate::db::DbError> for Error {
-    fn from(e: crate::db::DbError) -> Error {
-        match e {
-            crate::db::DbError::Invalid(msg) | crate::db::DbError::TooLarge(msg) => {
-                Error::Client(msg)
-            }
-            other => Error::Db(other.to_string()),
-        }
-    }
-}
-
 impl From<redis::ParsingError> for Error {
     fn from(e: redis::ParsingError) -> Error {
         Error::Upstream(format!("unexpected reply from Valkey: {e}"))

@@ -6,26 +6,31 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::server::Shared;
-
 /// Longest request head accepted; anything larger is refused.
 const MAX_HEAD: usize = 8 * 1024;
 
+/// What the endpoint shows: the exposition text, rendered at each scrape (given by the server,
+/// so this module needs to know nothing above it).
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Serves `/metrics` until the task is dropped.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, render: Render) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let shared = Arc::clone(&shared);
+        let render = Arc::clone(&render);
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &*render)).await;
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    render: &(dyn Fn() -> String + Send + Sync),
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -37,7 +42,7 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
-        ("200 OK", shared.prometheus())
+        ("200 OK", render())
     } else {
         ("404 Not Found", "not found: try /metrics\n".to_string())
     };

@@ -461,8 +461,11 @@ impl Server {
                 }
             });
         }
-        let metrics_task = metrics_listener
-            .map(|l| tokio::spawn(crate::prometheus::serve(l, Arc::clone(&shared))));
+        let metrics_task = metrics_listener.map(|l| {
+            let s = Arc::clone(&shared);
+            let render: crate::prometheus::Render = Arc::new(move || s.prometheus());
+            tokio::spawn(crate::prometheus::serve(l, render))
+        });
         Ok(Server {
             listener,
             tls,

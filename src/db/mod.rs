@@ -45,6 +45,17 @@ impl DbError {
     }
 }
 
+/// Which side a database failure is on: the client's input (its text is the whole reply), or
+/// PostgreSQL (`-DBERR`). Here, so the error module below needs to know nothing of databases.
+impl From<DbError> for crate::error::Error {
+    fn from(e: DbError) -> crate::error::Error {
+        match e {
+            DbError::Invalid(msg) | DbError::TooLarge(msg) => crate::error::Error::Client(msg),
+            other => crate::error::Error::Db(other.to_string()),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> DbError {
         match e.as_db_error() {
