@@ -655,18 +655,22 @@ pub fn check(
 }
 
 /// The checks that need Valkey: the command table, an unknown command's entry, or the keys
-/// of a movable-keys command. Errors reaching Valkey are answered as `-UPSTREAM`.
-pub async fn resolve(
-    shared: Arc<crate::server::Shared>,
+/// of a movable-keys command. Errors reaching Valkey are answered as `-UPSTREAM`. `upstream`
+/// is whatever holds the Valkey client (the caller's shared state, kept alive by the check).
+pub async fn resolve<U>(
+    upstream: U,
+    meta_prefix: Option<Vec<u8>>,
     user: Arc<User>,
     lane: u64,
     req: Request,
-) -> Check {
+) -> Check
+where
+    U: std::ops::Deref<Target = crate::upstream::Upstream> + Clone + Send + Sync + 'static,
+{
     let ask = |raw: Bytes| {
-        let shared = Arc::clone(&shared);
+        let upstream = upstream.clone();
         async move {
-            shared
-                .upstream
+            upstream
                 .send(lane, Proto::Resp2, raw)
                 .await
                 .await
@@ -679,7 +683,7 @@ pub async fn resolve(
             e.to_string().trim_start_matches("UPSTREAM ")
         )))
     };
-    let table = match shared.upstream.command_table().await {
+    let table = match upstream.command_table().await {
         Ok(t) => t,
         Err(e) => return cant(e),
     };
@@ -711,8 +715,7 @@ pub async fn resolve(
             }
         }
     };
-    let config = shared.config();
-    let meta = meta_guard(config.cache.meta_prefix.as_bytes(), &req.args);
+    let meta = meta_prefix.as_deref();
     match check_entry(&user, info, &req.args, meta) {
         Check::Ask => {}
         done => return done,

@@ -135,7 +135,8 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
             }
             acl::Check::Ask => {
                 let verdict = acl::resolve(
-                    Arc::clone(shared),
+                    UpstreamOf(Arc::clone(shared)),
+                    meta.map(<[u8]>::to_vec),
                     Arc::clone(&session.user),
                     session.id,
                     req.clone(),
@@ -146,6 +147,18 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
         }
     }
     dispatch_checked(shared, session, req)
+}
+
+/// The Valkey client inside the shared state, for the permission checks that must ask Valkey
+/// (they know the upstream layer, not the server).
+#[derive(Clone)]
+struct UpstreamOf(Arc<Shared>);
+
+impl std::ops::Deref for UpstreamOf {
+    type Target = crate::upstream::Upstream;
+    fn deref(&self) -> &crate::upstream::Upstream {
+        &self.0.upstream
+    }
 }
 
 /// The user's permission for `req`. cachefront's own commands are checked here (their key
