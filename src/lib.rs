@@ -9,8 +9,8 @@
 //! - [`command`] holds one file per command family; `dispatch` turns a request into an action.
 //! - [`cache`] is the read-through cache: keys, coalesced fills, the versioned store in Valkey
 //!   (one server, or per-slot generations on a cluster).
-//! - [`upstream`] is Valkey for pass-through: shared pipelined and dedicated connections, and
-//!   slot routing to a Valkey Cluster.
+//! - [`upstream`] is Valkey for pass-through: shared pipelined and dedicated connections, slot
+//!   routing to a Valkey Cluster, and Valkey's one command table.
 //! - [`db`] is PostgreSQL: pool, read replicas, read-only execution, SQL checks, rows as JSON,
 //!   triggers.
 //! - [`invalidation`] listens for PostgreSQL's change notifications and drops what changed.
