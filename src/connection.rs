@@ -348,9 +348,11 @@ impl Connection {
                 .parse(&mut self.inbuf, &limits, self.session.authed)
             {
                 Ok(Parsed::Request(req)) => {
-                    self.muting = self.mutes(&req);
                     let slots = self.outq.len();
+                    let reset = req.args.len() == 1 && req.name().eq_ignore_ascii_case(b"RESET");
+                    let before = self.session.reply_mode;
                     let action = command::dispatch(&self.shared, &mut self.session, req);
+                    self.muting = !reset && self.mutes(before);
                     self.apply(action).await;
                     if self.outq.len() > slots {
                         self.muted.push_back(self.muting);
@@ -368,28 +370,20 @@ impl Connection {
         }
     }
 
-    /// Whether `req`'s reply is dropped (`CLIENT REPLY`): while replies are off, and for the
-    /// command after `SKIP`; `CLIENT REPLY OFF|SKIP` itself gets none, `CLIENT REPLY ON` does.
-    fn mutes(&mut self, req: &Request) -> bool {
-        let is = |i: usize, w: &[u8]| req.args.get(i).is_some_and(|a| a.eq_ignore_ascii_case(w));
-        // Refused inside MULTI, and by Valkey in RESP2 subscribed mode: no effect there.
-        let takes_effect = !self.session.in_multi
-            && (!self.session.streaming() || self.session.proto == Proto::Resp3);
-        if takes_effect && req.args.len() == 3 && is(0, b"CLIENT") && is(1, b"REPLY") {
-            let off = self.session.reply_mode != ReplyMode::On;
-            return !is(2, b"ON") && (is(2, b"OFF") || is(2, b"SKIP") || off);
+    /// Whether the reply of the command just dispatched is dropped (`CLIENT REPLY`), given the
+    /// reply mode `before` it: a `CLIENT REPLY` that changed the mode gets a reply only if it
+    /// turned replies on; any other command gets none while replies are off, or after `SKIP`
+    /// (which then ends). A command refused changes nothing, so it is judged by the mode as it
+    /// was. (`RESET` turns replies back on before answering, as in Valkey.)
+    fn mutes(&mut self, before: ReplyMode) -> bool {
+        let now = self.session.reply_mode;
+        if now != before {
+            return now != ReplyMode::On;
         }
-        if req.args.len() == 1 && is(0, b"RESET") {
-            return false; // RESET turns replies back on before answering, as in Valkey
+        if before == ReplyMode::Skip {
+            self.session.reply_mode = ReplyMode::On;
         }
-        match self.session.reply_mode {
-            ReplyMode::On => false,
-            ReplyMode::Off => true,
-            ReplyMode::Skip => {
-                self.session.reply_mode = ReplyMode::On;
-                true
-            }
-        }
+        before != ReplyMode::On
     }
 
     fn push_reply(&mut self, r: Reply) {
