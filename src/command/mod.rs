@@ -250,7 +250,7 @@ pub fn dispatch_checked(shared: &Arc<Shared>, session: &mut Session, req: Reques
             Some(q) => named_query::dispatch(shared, session, &q, &req),
             None => {
                 shared.cache.l1.note_command(name, &req.args);
-                passthrough::dispatch(session, name, req)
+                passthrough::dispatch(session, name, req, shared.upstream.cluster.is_some())
             }
         },
     }

@@ -131,7 +131,8 @@ fn has_block_option(req: &Request) -> bool {
 }
 
 /// Routes a pass-through command (name already uppercased) in normal mode.
-pub fn dispatch(session: &Session, name: &[u8], req: Request) -> Action {
+/// `cluster`: the upstream is a Valkey Cluster.
+pub fn dispatch(session: &Session, name: &[u8], req: Request, cluster: bool) -> Action {
     let route = match name {
         b"MULTI" => Route::Dedicated(StateChange::Multi),
         b"WATCH" => Route::Dedicated(StateChange::Watch),
@@ -151,9 +152,16 @@ pub fn dispatch(session: &Session, name: &[u8], req: Request) -> Action {
         // script holds.
         b"SCRIPT" | b"FUNCTION" if is_kill(&req) => Route::Dedicated(StateChange::None),
         // A script may run long: on the client's own connection it holds up nobody else's
-        // requests (on a shared one, everything queued behind it would wait too).
+        // requests (on a shared one, everything queued behind it would wait too). The client
+        // keeps that connection, as it would have one of its own on Valkey: handing it back
+        // after every script would cost a reset per script. In a cluster the connection is to
+        // one node, so it is given back (the client's other commands go to every node).
         n if SCRIPT_COMMANDS.contains(&n) && session.user.unrestricted() => {
-            Route::Dedicated(StateChange::None)
+            Route::Dedicated(if cluster {
+                StateChange::None
+            } else {
+                StateChange::Pin
+            })
         }
         n if reaches_unnamed_keys(n) && !session.user.unrestricted() => {
             return Action::Forward {
@@ -216,7 +224,10 @@ pub fn in_transaction(
             queue(session, outside)
         }
         _ if is_own_or_local(shared, name) => refuse_in_multi(session, &req),
-        _ => queue(session, dispatch(session, name, req)),
+        _ => {
+            let cluster = shared.upstream.cluster.is_some();
+            queue(session, dispatch(session, name, req, cluster))
+        }
     }
 }
 
