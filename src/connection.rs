@@ -66,7 +66,7 @@ enum Slot {
 
 /// What woke the connection up.
 enum Event {
-    ClientRead(std::io::Result<usize>),
+    Client(ClientIo),
     Front(FrontDone),
     DedicatedRead(std::io::Result<usize>),
     Shutdown,
@@ -125,6 +125,10 @@ pub struct Connection {
     budget: Arc<ReplyBudget>,
     /// Since when the client has been over its soft output limit.
     soft_since: Option<Instant>,
+    /// Since when replies have waited for the client to read (its write timeout runs).
+    write_stalled: Option<tokio::time::Instant>,
+    /// Bytes were written since the last flush (TLS keeps them until flushed).
+    unflushed: bool,
     closing: bool,
     shutdown: watch::Receiver<bool>,
 }
@@ -156,6 +160,8 @@ impl Connection {
             muting: false,
             budget: Arc::new(ReplyBudget::default()),
             soft_since: None,
+            write_stalled: None,
+            unflushed: false,
             closing: false,
             shutdown,
         }
@@ -175,18 +181,15 @@ impl Connection {
 
     async fn serve(&mut self) -> std::io::Result<()> {
         let max_pipeline = self.shared.config().limits.max_pipeline;
+        let write_limit =
+            Duration::from_millis(self.shared.config().limits.client_write_timeout_ms);
         loop {
             self.process_input().await;
             self.drain_ready();
             self.flush_dedicated().await;
             let soft_deadline = self.check_output_limit()?;
-            if !self.outbuf.is_empty() {
-                self.write_out().await?;
-                if matches!(self.outq.front(), Some(Slot::Ready(_) | Slot::Push(_))) {
-                    continue; // more arrived (from the dedicated connection) while writing
-                }
-            }
-            if self.closing && self.outq.is_empty() {
+            self.write_now()?;
+            if self.closing && self.outq.is_empty() && self.all_written() {
                 return Ok(());
             }
             let can_read = !self.closing && self.outq.len() < max_pipeline;
@@ -200,8 +203,9 @@ impl Connection {
                 self.inbuf.reserve(grow);
             }
             let idle_limit = self.idle_limit();
+            let write_deadline = self.write_stalled.map(|t| t + write_limit);
             let event = tokio::select! {
-                r = self.stream.read_buf(&mut self.inbuf), if can_read => Event::ClientRead(r),
+                io = client_io(&mut self.stream, &mut self.inbuf, &self.outbuf, self.unflushed, can_read) => Event::Client(io),
                 _ = async {
                     match idle_limit {
                         Some(d) => tokio::time::sleep(d).await,
@@ -211,21 +215,22 @@ impl Connection {
                     tracing::debug!(client = self.session.id, "idle timeout");
                     return Ok(());
                 }
+                _ = sleep_until_some(write_deadline) => return Err(write_timeout()),
                 f = front_event(&mut self.outq) => Event::Front(f),
                 r = read_dedicated(&mut self.ded) => Event::DedicatedRead(r),
                 _ = self.shutdown.changed(), if !self.closing => Event::Shutdown,
                 _ = self.budget.wait_exceeded() => Event::OutputLimit,
-                _ = async {
-                    match soft_deadline {
-                        Some(t) => tokio::time::sleep_until(t.into()).await,
-                        None => std::future::pending().await,
-                    }
-                } => Event::OutputLimit,
+                _ = sleep_until_some(soft_deadline) => Event::OutputLimit,
             };
             match event {
-                Event::ClientRead(Ok(0)) => return Ok(()),
-                Event::ClientRead(Ok(_)) => {}
-                Event::ClientRead(Err(e)) => return Err(e),
+                Event::Client(ClientIo::Read(Ok(0))) => return Ok(()),
+                Event::Client(ClientIo::Read(Ok(_))) => {}
+                Event::Client(ClientIo::Wrote(r)) => self.wrote(r)?,
+                Event::Client(ClientIo::Flushed(r)) => {
+                    r?;
+                    self.unflushed = false;
+                }
+                Event::Client(ClientIo::Read(Err(e))) => return Err(e),
                 Event::Front(done) => self.resolve_front(done),
                 Event::DedicatedRead(r) => self.on_dedicated_read(r),
                 Event::Shutdown => self.closing = true,
@@ -236,39 +241,45 @@ impl Connection {
         }
     }
 
-    /// Writes the output buffer. While the client is slow to read, the dedicated connection is
-    /// still read (messages keep arriving for a subscriber), so its output limit applies as in
-    /// Valkey; a client that passes it, or reads nothing for `limits.client_write_timeout_ms`,
-    /// is dropped.
-    async fn write_out(&mut self) -> std::io::Result<()> {
-        let limit = Duration::from_millis(self.shared.config().limits.client_write_timeout_ms);
-        let mut deadline = tokio::time::Instant::now() + limit;
+    /// Writes what the client socket takes now, without waiting: replies leave as soon as
+    /// they are ready, and the rest goes out from `serve`'s select while requests are still
+    /// read.
+    fn write_now(&mut self) -> std::io::Result<()> {
         while !self.outbuf.is_empty() {
-            let event = tokio::select! {
-                w = self.stream.write(&self.outbuf) => Ok(w),
-                r = read_dedicated(&mut self.ded) => Err(r),
-                _ = self.budget.wait_exceeded() => return Err(self.output_limit_error()),
-                _ = tokio::time::sleep_until(deadline) => return Err(write_timeout()),
-            };
-            match event {
-                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => {
-                    self.outbuf.advance(n);
-                    self.budget.release(n);
-                    deadline = tokio::time::Instant::now() + limit;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(r) => {
-                    self.on_dedicated_read(r);
-                    self.check_output_limit()?;
-                }
+            match futures::FutureExt::now_or_never(self.stream.write(&self.outbuf)) {
+                Some(r) => self.wrote(r)?,
+                None => break,
             }
         }
-        self.outbuf.clear();
-        match tokio::time::timeout(limit, self.stream.flush()).await {
-            Ok(r) => r,
-            Err(_) => Err(write_timeout()),
+        if self.outbuf.is_empty() && self.unflushed {
+            if let Some(r) = futures::FutureExt::now_or_never(self.stream.flush()) {
+                r?;
+                self.unflushed = false;
+            }
         }
+        if !self.outbuf.is_empty() && self.write_stalled.is_none() {
+            self.write_stalled = Some(tokio::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Accounts for a write to the client: the bytes leave the output buffer and the budget,
+    /// and the client's write timeout starts again.
+    fn wrote(&mut self, r: std::io::Result<usize>) -> std::io::Result<()> {
+        let n = r?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        self.outbuf.advance(n);
+        self.budget.release(n);
+        self.unflushed = true;
+        self.write_stalled = (!self.outbuf.is_empty()).then(tokio::time::Instant::now);
+        Ok(())
+    }
+
+    /// Every reply buffered has reached the socket (and, over TLS, left the TLS layer).
+    fn all_written(&self) -> bool {
+        self.outbuf.is_empty() && !self.unflushed
     }
 
     /// Applies the output limit of the client's class (normal, pubsub, or replica for MONITOR,
@@ -1140,6 +1151,54 @@ fn joined(r: Result<Reply, tokio::task::JoinError>) -> Reply {
 }
 
 /// Waits for the front slot's work to complete (never, if it is not waiting on anything).
+/// What the client socket did.
+enum ClientIo {
+    Read(std::io::Result<usize>),
+    Wrote(std::io::Result<usize>),
+    Flushed(std::io::Result<()>),
+}
+
+/// Waits until the client socket makes progress either way: replies are written while
+/// requests are still read. A client may pipeline without reading its replies (Valkey reads it
+/// all the same); if we stopped reading until it read, each side would wait on the other's
+/// full buffer. What it may leave unread is bounded by its output limit instead.
+fn client_io<'a>(
+    stream: &'a mut ClientStream,
+    inbuf: &'a mut BytesMut,
+    outbuf: &'a [u8],
+    unflushed: bool,
+    can_read: bool,
+) -> impl std::future::Future<Output = ClientIo> + 'a {
+    use std::task::Poll;
+    use tokio::io::AsyncWrite;
+    std::future::poll_fn(move |cx| {
+        let mut s = std::pin::Pin::new(&mut *stream);
+        if !outbuf.is_empty() {
+            if let Poll::Ready(r) = s.as_mut().poll_write(cx, outbuf) {
+                return Poll::Ready(ClientIo::Wrote(r));
+            }
+        } else if unflushed {
+            if let Poll::Ready(r) = s.as_mut().poll_flush(cx) {
+                return Poll::Ready(ClientIo::Flushed(r));
+            }
+        }
+        if can_read {
+            if let Poll::Ready(r) = tokio_util::io::poll_read_buf(s, cx, inbuf) {
+                return Poll::Ready(ClientIo::Read(r));
+            }
+        }
+        Poll::Pending
+    })
+}
+
+/// Sleeps until the deadline, if there is one; forever otherwise.
+async fn sleep_until_some<T: Into<tokio::time::Instant>>(deadline: Option<T>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn front_event(outq: &mut VecDeque<Slot>) -> FrontDone {
     match outq.front_mut() {
         Some(Slot::Upstream { rx, .. }) | Some(Slot::Lookup { rx, .. }) => {

@@ -208,6 +208,38 @@ async fn a_client_that_never_reads_is_cut_off_at_its_output_limit() {
     assert!(info.contains("client_output_limit_disconnects:1"), "{info}");
 }
 
+/// A client may send its whole pipeline before reading a reply, as Valkey's own suite does
+/// (10,000 EVALs, then 10,000 reads). cachefront keeps reading requests while replies wait,
+/// over shared connections and the client's own dedicated one alike: the requests and the
+/// replies are each far more than the socket buffers hold, so if it stopped reading until the
+/// client read, each side would wait for the other forever.
+#[tokio::test]
+async fn a_client_that_writes_everything_before_reading_is_served() {
+    let s = Stack::start().await;
+    let value = vec![b'v'; 64 * 1024];
+    let mut pipeline = Vec::new();
+    for i in 0..300 {
+        let args: Vec<&[u8]> = if i % 2 == 0 {
+            vec![b"ECHO", &value]
+        } else {
+            vec![b"EVAL", b"return ARGV[1]", b"0", &value]
+        };
+        pipeline.extend_from_slice(&cachefront::protocol::Request::from_args(args).raw);
+    }
+    let mut c = s.raw().await;
+    tokio::time::timeout(Duration::from_secs(30), c.send(&pipeline))
+        .await
+        .expect("cachefront stopped reading a client whose replies were waiting");
+    for i in 0..300 {
+        let reply = c.frame_bytes().await;
+        assert!(
+            reply.starts_with(b"$65536\r\n") && reply.len() == 65536 + 10,
+            "reply {i}: {:?}",
+            String::from_utf8_lossy(&reply[..reply.len().min(60)])
+        );
+    }
+}
+
 /// A subscriber that does not read is held to the pubsub class's limit, not the normal one.
 #[tokio::test]
 async fn a_subscriber_that_never_reads_is_cut_off_at_the_pubsub_limit() {
