@@ -30,16 +30,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{AuthConfig, UserConfig};
+use crate::error::Refusal;
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::{Proto, Reply, Request};
 use crate::upstream::commands::{CmdInfo, CommandTable};
-
-/// Valkey's reply for a failed AUTH / HELLO AUTH.
-pub const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
-/// Valkey's reply for a key outside the user's patterns.
-pub const NOPERM_KEY: &str = "NOPERM No permissions to access a key";
-/// The reply for a client's write to one of cachefront's own keys (`cache.meta_prefix`).
-pub const NOPERM_META: &str = "NOPERM cachefront's own keys (under cache.meta_prefix) cannot be written, renamed or deleted by clients";
 
 /// Valkey's ACL categories (as `ACL CAT` lists them), plus cachefront's own.
 pub const CATEGORIES: &[&str] = &[
@@ -74,11 +68,13 @@ pub const SQL_CACHED_CATEGORIES: &[&str] = &["@read", "@cachefront"];
 pub const SQL_INVALIDATE_CATEGORIES: &[&str] = &["@admin", "@dangerous", "@cachefront"];
 pub const SLOWLOG_CATEGORIES: &[&str] = &["@admin", "@slow", "@dangerous", "@cachefront"];
 
-/// `NOPERM User <name> has no permissions to run the '<cmd>' command`, Valkey's wording.
+/// `NOPERM User <name> has no permissions to run the '<cmd>' command`.
 pub fn noperm_command(user: &str, full_name: &str) -> Reply {
-    Reply::err(format!(
-        "NOPERM User {user} has no permissions to run the '{full_name}' command"
-    ))
+    Refusal::NoPermCommand {
+        user: user.to_string(),
+        command: full_name.to_string(),
+    }
+    .reply()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -559,10 +555,10 @@ impl Users {
             .and_then(|n| self.by_name.get(n));
         match user {
             Some(u) if u.password_ok(pass) => Ok(Arc::clone(u)),
-            Some(_) => Err(Reply::err(WRONGPASS)),
+            Some(_) => Err(Refusal::WrongPass.reply()),
             None => {
                 let _ = Sha256::digest(pass);
-                Err(Reply::err(WRONGPASS))
+                Err(Refusal::WrongPass.reply())
             }
         }
     }
@@ -615,15 +611,15 @@ fn keys_allowed<'a>(
 ) -> Check {
     let verdict = keys.find_map(|k| {
         if !user.key_allowed(k) {
-            Some(NOPERM_KEY)
+            Some(Refusal::NoPermKey)
         } else if meta.is_some_and(|p| k.starts_with(p)) {
-            Some(NOPERM_META)
+            Some(Refusal::NoPermMeta)
         } else {
             None
         }
     });
     match verdict {
-        Some(e) => Check::Deny(Reply::err(e)),
+        Some(e) => Check::Deny(e.reply()),
         None => Check::Allow,
     }
 }
@@ -678,10 +674,16 @@ where
         }
     };
     let cant = |e: crate::error::Error| {
-        Check::Deny(Reply::err(format!(
-            "UPSTREAM cannot check permissions without Valkey's command table: {}",
-            e.to_string().trim_start_matches("UPSTREAM ")
-        )))
+        let why = match e {
+            crate::error::Error::Upstream(m) => m,
+            other => other.to_string(),
+        };
+        Check::Deny(
+            crate::error::Error::upstream(format!(
+                "cannot check permissions without Valkey's command table: {why}"
+            ))
+            .to_reply(),
+        )
     };
     let table = match upstream.command_table().await {
         Ok(t) => t,

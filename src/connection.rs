@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::cache::l1::Ticket;
 use crate::command::{self, fill, Action, FillPlan, Route, StateChange, Transform};
 use crate::config::ReplyKind;
-use crate::error::Error;
+use crate::error::{Error, Refusal};
 use crate::metrics::inc;
 use crate::protocol::request::Parsed;
 use crate::protocol::{Proto, Reply, Request, RequestParser};
@@ -372,7 +372,7 @@ impl Connection {
                 }
                 Ok(Parsed::Incomplete) => return,
                 Err(e) => {
-                    let slot = self.ready(Bytes::from(e.reply_bytes()));
+                    let slot = self.ready(crate::error::protocol_error(&e));
                     self.outq.push_back(slot);
                     self.muted.push_back(false);
                     self.closing = true;
@@ -438,7 +438,7 @@ impl Connection {
             a => a,
         };
         match action {
-            Action::Check { .. } => self.push_reply(Reply::err("ERR permission check failed")),
+            Action::Check { .. } => self.push_reply(Refusal::CheckFailed.reply()),
             Action::Reply(r) => self.push_reply(r),
             Action::Close(r) => {
                 self.push_reply(r);
@@ -580,7 +580,7 @@ impl Connection {
             if self.session.in_multi {
                 self.session.multi_failed = true;
             }
-            self.push_reply(Reply::err(NO_TWIN));
+            self.push_reply(Refusal::NoTwin.reply());
             return;
         }
         let change = match route {
@@ -650,7 +650,7 @@ impl Connection {
                 // Nothing reached Valkey: answer as it would for an empty transaction.
                 self.deferred_multi = false;
                 let reply = if *transform == Transform::ExecAbort {
-                    Reply::err("EXECABORT Transaction discarded because of previous errors.")
+                    Refusal::ExecAbort.reply()
                 } else if req.name().eq_ignore_ascii_case(b"EXEC") {
                     Reply::Array(Vec::new())
                 } else {
@@ -675,9 +675,7 @@ impl Connection {
             if self.session.in_multi {
                 self.session.multi_failed = true;
             }
-            self.push_reply(Reply::err(
-                "CROSSSLOT Keys in request don't hash to the same slot",
-            ));
+            self.push_reply(Refusal::CrossSlot.reply());
             return ClusterStep::Done;
         }
         ClusterStep::Shared
@@ -981,7 +979,7 @@ impl Connection {
             Some(c) if crate::upstream::mux::parse_redirect(&frame).is_some() => {
                 // The slot moved while this connection is bound to its node.
                 c.refresh_soon();
-                Bytes::from_static(b"-TRYAGAIN the key's slot moved to another node; retry\r\n")
+                Refusal::TryAgain.frame()
             }
             _ => frame,
         };
@@ -1128,10 +1126,6 @@ impl Connection {
     }
 }
 
-/// A restricted user's script or SORT with patterns, when its Valkey ACL twin could not be
-/// set up: refused rather than run with cachefront's own Valkey rights.
-const NO_TWIN: &str = "NOPERM cachefront cannot enforce this user's key and command rules inside scripts and SORT patterns: its Valkey ACL twin could not be set up (cachefront's Valkey user needs ACL SETUSER); see the log";
-
 fn write_timeout() -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::TimedOut,
@@ -1146,7 +1140,7 @@ fn dropped() -> Error {
 fn joined(r: Result<Reply, tokio::task::JoinError>) -> Reply {
     r.unwrap_or_else(|e| {
         tracing::error!(error = %e, "command task failed");
-        Reply::err("ERR internal error while running the command")
+        Refusal::Internal.reply()
     })
 }
 

@@ -19,6 +19,7 @@ use crate::command::named_query::NamedQuery;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::db::Db;
+use crate::error::Refusal;
 use crate::invalidation::Invalidation;
 use crate::metrics::{inc, Metrics};
 use crate::protocol::Limits;
@@ -376,8 +377,6 @@ struct TlsListener {
 /// How long shutdown waits for connections to finish their replies.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
-const MAX_CLIENTS_REACHED: &str = "-ERR max number of clients reached\r\n";
-
 async fn bind_listener(addr: &str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -494,7 +493,7 @@ impl Server {
 
     /// Protected mode: without a password, a client from outside loopback gets Valkey's
     /// DENIED reply and nothing else.
-    fn refuse(&self, peer: SocketAddr) -> Option<&'static str> {
+    fn refuse(&self, peer: SocketAddr) -> Option<Refusal> {
         let config = self.shared.config();
         let auth = &config.auth;
         if !auth.protected_mode || !self.shared.users.default_authed() {
@@ -503,7 +502,7 @@ impl Server {
         if peer.ip().is_loopback() {
             return None;
         }
-        Some("-DENIED cachefront is running in protected mode because protected mode is enabled and no password is set for the default user. In this mode connections are only accepted from the loopback interface. Set auth.requirepass, or disable protected mode with auth.protected_mode = false.\r\n")
+        Some(Refusal::ProtectedMode)
     }
 
     /// `limits.tcp_keepalive_secs`: probes after that long idle, then every third of it.
@@ -559,15 +558,15 @@ impl Server {
             };
             let refusal = self
                 .refuse(peer)
-                .or_else(|| (clients.len() >= max).then_some(MAX_CLIENTS_REACHED));
-            if let Some(reason) = refusal {
+                .or_else(|| (clients.len() >= max).then_some(Refusal::MaxClients));
+            if let Some(reason) = refusal.map(|r| r.frame()) {
                 inc(&self.shared.metrics.rejected_connections);
                 let shared = Arc::clone(&self.shared);
                 tokio::spawn(async move {
                     match tls {
                         None => {
                             let mut stream = stream;
-                            let _ = stream.write_all(reason.as_bytes()).await;
+                            let _ = stream.write_all(&reason).await;
                         }
                         // The reason goes over TLS, so the handshake comes first; the whole
                         // exchange is bounded by the handshake timeout.
@@ -575,7 +574,7 @@ impl Server {
                             let _ = tokio::time::timeout(limit, async {
                                 let hs = handshake(&shared, &acceptor, stream, peer, limit).await;
                                 if let Some(mut s) = hs {
-                                    let _ = s.write_all(reason.as_bytes()).await;
+                                    let _ = s.write_all(&reason).await;
                                     let _ = s.shutdown().await;
                                 }
                             })

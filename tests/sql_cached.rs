@@ -481,7 +481,7 @@ async fn sql_smuggled_through_functions_is_refused() {
     ] {
         assert_eq!(
             raw.call(&[b"SQL.CACHED", q.as_bytes()]).await,
-            format!("-{}\r\n", cachefront::command::sql_cached::NOT_READ_ONLY),
+            "-ERR SQL.CACHED accepts a single read-only query\r\n",
             "{q}"
         );
     }

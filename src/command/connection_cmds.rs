@@ -5,6 +5,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use super::{wrong_args, Action, Route, StateChange, Transform};
+use crate::error::Refusal;
 use crate::protocol::request::parse_i64_strict;
 use crate::protocol::{Proto, Reply, Request};
 use crate::server::Shared;
@@ -60,10 +61,11 @@ pub fn is_local_client_subcommand(req: &Request) -> bool {
 
 /// `ERR wrong number of arguments for 'client|<sub>' command`, as Valkey names subcommands.
 fn wrong_sub_args(sub: &[u8]) -> Reply {
-    Reply::err(format!(
-        "ERR wrong number of arguments for 'client|{}' command",
+    Refusal::WrongArity(format!(
+        "client|{}",
         String::from_utf8_lossy(sub).to_ascii_lowercase()
     ))
+    .reply()
 }
 
 /// AUTH / HELLO AUTH: logs the client in as `user` if the password matches (WRONGPASS
@@ -83,12 +85,12 @@ fn check_password(
 fn auth(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
     let (user, pass) = match req.args.len() {
         2 if shared.users.default_user().nopass => {
-            return Reply::err("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?");
+            return Refusal::AuthWithoutPassword.reply();
         }
         2 => (&b"default"[..], &req.args[1][..]),
         3 => (&req.args[1][..], &req.args[2][..]),
         1 => return wrong_args(req),
-        _ => return Reply::err("ERR syntax error"),
+        _ => return Refusal::Syntax.reply(),
     };
     match check_password(shared, session, user, pass) {
         Ok(()) => Reply::ok(),
@@ -130,10 +132,8 @@ fn hello_proto(session: &Session, req: &Request) -> Result<Proto, Reply> {
         Some(v) => match parse_i64_strict(v) {
             Some(2) => Ok(Proto::Resp2),
             Some(3) => Ok(Proto::Resp3),
-            Some(_) => Err(Reply::err("NOPROTO unsupported protocol version")),
-            None => Err(Reply::err(
-                "ERR Protocol version is not an integer or out of range",
-            )),
+            Some(_) => Err(Refusal::NoProto.reply()),
+            None => Err(Refusal::BadProtoVersion.reply()),
         },
     }
 }
@@ -168,14 +168,11 @@ fn hello_local(
             }
             i += 2;
         } else {
-            return Err(Reply::err(format!(
-                "ERR Syntax error in HELLO option '{}'",
-                String::from_utf8_lossy(opt)
-            )));
+            return Err(Refusal::HelloOption(String::from_utf8_lossy(opt).into_owned()).reply());
         }
     }
     if !session.authed && login.is_none() {
-        return Err(Reply::err("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time"));
+        return Err(Refusal::HelloNoAuth.reply());
     }
     session.authed = true;
     if let Some(u) = login {
@@ -209,9 +206,7 @@ fn hello_local(
 /// Valkey's rule for client names: printable ASCII without spaces; empty clears the name.
 fn valid_name(raw: &Bytes) -> Result<Option<String>, Reply> {
     if raw.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
-        return Err(Reply::err(
-            "ERR Client names cannot contain spaces, newlines or special characters.",
-        ));
+        return Err(Refusal::BadClientName.reply());
     }
     Ok((!raw.is_empty()).then(|| String::from_utf8_lossy(raw).into_owned()))
 }
@@ -221,7 +216,7 @@ fn select(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
         return Action::Reply(wrong_args(&req));
     }
     let Some(db) = parse_i64_strict(&req.args[1]) else {
-        return Action::Reply(Reply::err("ERR value is not an integer or out of range"));
+        return Action::Reply(Refusal::NotAnInteger.reply());
     };
     if db == 0 && !session.needs_dedicated() {
         return Action::Reply(Reply::ok());
@@ -229,7 +224,7 @@ fn select(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
     if db != 0 && shared.upstream.cluster.is_some() {
         // A client's keys span every node: another database would need a selected
         // connection per node. Refused, as a cluster without numbered databases does.
-        return Action::Reply(Reply::err("ERR SELECT is not allowed in cluster mode"));
+        return Action::Reply(Refusal::SelectInCluster.reply());
     }
     Action::Forward {
         req,
@@ -271,11 +266,9 @@ pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Acti
             b"ON" => set_reply_mode(session, ReplyMode::On),
             b"OFF" => set_reply_mode(session, ReplyMode::Off),
             b"SKIP" => set_reply_mode(session, ReplyMode::Skip),
-            _ => Reply::err("ERR syntax error"),
+            _ => Refusal::Syntax.reply(),
         },
-        b"KILL" => Reply::err(
-            "ERR CLIENT KILL is not supported through cachefront: it would kill cachefront's own shared connections to Valkey; to drop a cachefront client, close it (or connect to Valkey directly to kill Valkey clients)",
-        ),
+        b"KILL" => Refusal::ClientKill.reply(),
         b"UNBLOCK" => return unblock(shared, req),
         b"TRACKING" => return tracking(shared, req),
         b"NO-EVICT" | b"NO-TOUCH" => {
@@ -336,10 +329,7 @@ fn unblock(shared: &Arc<Shared>, req: Request) -> Action {
 
 fn setinfo(session: &mut Session, attr: &[u8], value: &Bytes) -> Reply {
     if value.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
-        return Reply::err(format!(
-            "ERR {} cannot contain spaces, newlines or special characters.",
-            String::from_utf8_lossy(attr).to_ascii_lowercase()
-        ));
+        return Refusal::BadClientInfo(String::from_utf8_lossy(attr).to_ascii_lowercase()).reply();
     }
     let v = Some(String::from_utf8_lossy(value).into_owned());
     if attr.eq_ignore_ascii_case(b"LIB-NAME") {
@@ -347,10 +337,7 @@ fn setinfo(session: &mut Session, attr: &[u8], value: &Bytes) -> Reply {
     } else if attr.eq_ignore_ascii_case(b"LIB-VER") {
         session.lib_ver = v;
     } else {
-        return Reply::err(format!(
-            "ERR Unrecognized option '{}'",
-            String::from_utf8_lossy(attr)
-        ));
+        return Refusal::UnknownOption(String::from_utf8_lossy(attr).into_owned()).reply();
     }
     Reply::ok()
 }
@@ -387,9 +374,7 @@ fn tracking(shared: &Arc<Shared>, req: Request) -> Action {
     if on && shared.upstream.cluster.is_some() {
         // Tracking lives on one node's connection, and this client's reads go to every
         // node: its client-side cache would miss invalidations. Refused rather than stale.
-        return Action::Reply(Reply::err(
-            "ERR CLIENT TRACKING is not supported by cachefront in cluster mode (tracking is per node)",
-        ));
+        return Action::Reply(Refusal::TrackingInCluster.reply());
     }
     let mut args = req.args.clone();
     let mut rewritten = false;
@@ -402,11 +387,7 @@ fn tracking(shared: &Arc<Shared>, req: Request) -> Action {
                     args[i + 1] = Bytes::from(up.to_string());
                     rewritten = true;
                 }
-                None => {
-                    return Action::Reply(Reply::err(
-                        "ERR The client ID you want redirect to does not exist",
-                    ))
-                }
+                None => return Action::Reply(Refusal::NoRedirectClient.reply()),
             }
             i += 2;
         } else {
@@ -435,11 +416,8 @@ pub fn acl(session: &Session, req: &Request) -> Action {
         return Action::Reply(if req.args.len() == 2 {
             Reply::bulk(Bytes::from(session.user.name.clone()))
         } else {
-            Reply::err("ERR wrong number of arguments for 'acl|whoami' command")
+            Refusal::WrongArity("acl|whoami".into()).reply()
         });
     }
-    Action::Reply(Reply::err(format!(
-        "ERR ACL {} is not supported through cachefront: its users are configured in config.toml ([[auth.users]]); only ACL WHOAMI is answered",
-        String::from_utf8_lossy(sub).to_ascii_uppercase()
-    )))
+    Action::Reply(Refusal::AclSubcommand(String::from_utf8_lossy(sub).to_ascii_uppercase()).reply())
 }

@@ -9,7 +9,7 @@ use super::Action;
 use crate::cache::{CacheStatus, Deps, Entry, FillOptions, Value};
 use crate::config::ReplyKind;
 use crate::db::{Collect, DbError, QueryResult, ResultLimits, Rows, Served};
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::metrics::inc;
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::{Proto, Reply};
@@ -352,9 +352,9 @@ fn named_error(q: &NamedQuery, args: &[String], e: DbError) -> Error {
     match e.code() {
         Some("22P02") | Some("22003") | Some("22007") | Some("22008") => {
             if args.len() == 1 {
-                Error::Client(q.invalid_arg(0, args[0].as_bytes()))
+                q.invalid_arg(0, args[0].as_bytes()).into()
             } else {
-                Error::client(format!("invalid arguments for {}: {e}", q.name))
+                Refusal::InvalidArgs(q.name.clone(), e.to_string()).into()
             }
         }
         _ => e.into(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::{Action, Route, Transform};
 use crate::config::{ArgType, ReplyKind};
+use crate::error::Refusal;
 use crate::error::Result;
 use crate::protocol::{FrameScanner, Proto, Reply, Request};
 use crate::server::Shared;
@@ -377,9 +378,7 @@ pub fn slowlog(shared: &Arc<Shared>, req: &Request) -> Action {
                     Some(-1) => usize::MAX,
                     Some(n) if n >= 0 => n as usize,
                     _ => {
-                        return Action::Reply(Reply::err(
-                            "ERR count should be greater than or equal to -1",
-                        ))
+                        return Action::Reply(Refusal::NegativeCount.reply())
                     }
                 },
             };
@@ -420,10 +419,11 @@ pub fn slowlog(shared: &Arc<Shared>, req: &Request) -> Action {
             .map(|l| Reply::Simple(l))
             .collect(),
         ),
-        (Some(s), _) => Reply::err(format!(
-            "ERR unknown subcommand or wrong number of arguments for '{}'. Try CACHEFRONT.SLOWLOG HELP.",
-            String::from_utf8_lossy(s).to_ascii_lowercase()
-        )),
+        (Some(s), _) => Refusal::UnknownSubcommand(
+            String::from_utf8_lossy(s).to_ascii_lowercase(),
+            "CACHEFRONT.SLOWLOG",
+        )
+        .reply(),
         (None, _) => super::wrong_args(req),
     };
     Action::Reply(reply)

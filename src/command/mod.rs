@@ -17,6 +17,7 @@ use futures::FutureExt;
 use std::sync::Arc;
 
 use crate::acl;
+use crate::error::Refusal;
 use crate::protocol::{Reply, Request};
 use crate::server::Shared;
 use crate::session::Session;
@@ -90,10 +91,7 @@ fn upper(name: &[u8], buf: &mut [u8; 32]) -> Option<usize> {
 
 /// `ERR wrong number of arguments for '<cmd>' command`, Valkey's wording.
 pub fn wrong_args(req: &Request) -> Reply {
-    Reply::err(format!(
-        "ERR wrong number of arguments for '{}' command",
-        req.name_lossy().to_ascii_lowercase()
-    ))
+    Refusal::WrongArity(req.name_lossy().to_ascii_lowercase()).reply()
 }
 
 /// Decides what to do with `req`: authentication and permissions first, as Valkey does.
@@ -104,7 +102,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
         None => b"",
     };
     if !session.authed && !connection_cmds::allowed_before_auth(name) {
-        return Action::Reply(Reply::err("NOAUTH Authentication required."));
+        return Action::Reply(Refusal::NoAuth.reply());
     }
     let config = shared.config();
     if config

@@ -10,8 +10,9 @@ use super::{wrong_args, Action};
 use crate::cache::key::KeyTemplate;
 use crate::cache::{Deps, Entry, RowDep};
 use crate::config::{ArgType, NamedQueryConfig, ReplyKind};
+use crate::error::Refusal;
 use crate::protocol::request::parse_i64_strict;
-use crate::protocol::{Reply, Request};
+use crate::protocol::Request;
 use crate::server::Shared;
 use crate::session::Session;
 
@@ -129,9 +130,9 @@ impl NamedQuery {
     }
 
     /// `ERR invalid <what> '<value>'`, the value shortened so a huge argument cannot make a huge reply.
-    pub fn invalid_arg(&self, i: usize, value: &[u8]) -> String {
+    pub fn invalid_arg(&self, i: usize, value: &[u8]) -> Refusal {
         let shown: String = String::from_utf8_lossy(value).chars().take(128).collect();
-        format!("ERR invalid {} '{}'", self.arg_name(i), shown)
+        Refusal::InvalidArg(self.arg_name(i).to_string(), shown)
     }
 }
 
@@ -171,12 +172,12 @@ pub fn dispatch(
     for (i, (t, raw)) in q.args.iter().zip(&req.args[1..]).enumerate() {
         match validate(*t, raw) {
             Some(v) => args.push(v),
-            None => return Action::Reply(Reply::err(q.invalid_arg(i, raw))),
+            None => return Action::Reply(q.invalid_arg(i, raw).reply()),
         }
     }
     let key = q.key.render(&args);
     if !session.user.key_allowed(key.as_bytes()) {
-        return Action::Reply(Reply::err(crate::acl::NOPERM_KEY));
+        return Action::Reply(Refusal::NoPermKey.reply());
     }
     // Arguments stay borrowed on the hit path; a miss copies them into its plan.
     let owned = |args: &[Cow<str>]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use super::{introspection, Action};
+use crate::error::Refusal;
 use crate::protocol::{Proto, Reply, Request};
 use crate::server::Shared;
 use crate::session::Session;
@@ -70,9 +71,7 @@ impl Transform {
             }
             (Transform::Replace(ours), Ok(_)) => Reply::Raw(ours.clone()),
             (Transform::AsUser(user), Ok(raw)) => Reply::Raw(untwin(user, raw)),
-            (Transform::ExecAbort, Ok(_)) => {
-                Reply::err("EXECABORT Transaction discarded because of previous errors.")
-            }
+            (Transform::ExecAbort, Ok(_)) => Refusal::ExecAbort.reply(),
             (t, Ok(raw)) => introspection::merge_command(shared, proto, t, raw),
         }
     }
@@ -141,11 +140,7 @@ pub fn dispatch(session: &Session, name: &[u8], req: Request, cluster: bool) -> 
         b"MONITOR" => Route::Dedicated(StateChange::Monitor),
         b"READONLY" | b"READWRITE" | b"ASKING" => Route::Dedicated(StateChange::Pin),
         b"XREAD" | b"XREADGROUP" if has_block_option(&req) => Route::Dedicated(StateChange::None),
-        b"SYNC" | b"PSYNC" | b"REPLCONF" => {
-            return Action::Reply(Reply::err(
-                "ERR cachefront does not relay replication; connect replicas to Valkey directly",
-            ))
-        }
+        b"SYNC" | b"PSYNC" | b"REPLCONF" => return Action::Reply(Refusal::Replication.reply()),
         n if SUBSCRIBE_FAMILY.contains(&n) => Route::Dedicated(StateChange::Subscribe),
         n if BLOCKING.contains(&n) => Route::Dedicated(StateChange::None),
         // Valkey answers them while a script runs; a shared connection may be the one the
@@ -259,9 +254,7 @@ fn refuse_in_multi(session: &mut Session, req: &Request) -> Action {
             );
         }
     }
-    Action::Reply(Reply::err(format!(
-        "ERR {what} is not allowed inside MULTI: cachefront commands cannot be queued in a transaction"
-    )))
+    Action::Reply(Refusal::NotInMulti(what.to_string()).reply())
 }
 
 /// Turns what a command would do outside a transaction into what it does inside one: a
@@ -284,9 +277,7 @@ fn queue(session: &mut Session, outside: Action) -> Action {
         }
         _ => {
             session.multi_failed = true;
-            Action::Reply(Reply::err(
-                "ERR this command is answered by cachefront itself and cannot be queued in a transaction",
-            ))
+            Action::Reply(Refusal::LocalInMulti.reply())
         }
     }
 }
@@ -324,14 +315,11 @@ pub fn in_subscribed_mode(
 
 fn not_in_subscribed(session: &Session, req: &Request) -> Action {
     let name = req.name_lossy();
-    Action::Reply(Reply::err(match session.proto {
-        Proto::Resp2 => format!(
-            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-            name.to_ascii_lowercase()
-        ),
-        Proto::Resp3 => format!(
-            "ERR {} is not available on a connection in subscribed mode; use another connection",
-            name.to_ascii_uppercase()
-        ),
-    }))
+    Action::Reply(
+        match session.proto {
+            Proto::Resp2 => Refusal::Subscribed(name.to_ascii_lowercase()),
+            Proto::Resp3 => Refusal::SubscribedResp3(name.to_ascii_uppercase()),
+        }
+        .reply(),
+    )
 }

@@ -11,13 +11,11 @@ use crate::cache::key::sql_key;
 use crate::cache::{Deps, Entry};
 use crate::config::{ReplyKind, SqlMode};
 use crate::db::sql::{check_read_only, SqlError};
+use crate::error::Refusal;
 use crate::protocol::request::parse_i64_strict;
 use crate::protocol::{Reply, Request};
 use crate::server::Shared;
 use crate::session::Session;
-
-/// The SPEC's reply for anything that is not one read-only query.
-pub const NOT_READ_ONLY: &str = "ERR SQL.CACHED accepts a single read-only query";
 
 struct Parsed {
     query: Bytes,
@@ -43,7 +41,7 @@ fn parse(req: &Request) -> Result<Parsed, Reply> {
                 .get(i + 1)
                 .and_then(|s| parse_i64_strict(s))
                 .filter(|&s| s > 0)
-                .ok_or_else(|| Reply::err("ERR invalid expire time in 'sql.cached' command"))?;
+                .ok_or_else(|| Refusal::InvalidExpire.reply())?;
             p.ttl = Some(secs as u64);
             i += 2;
         } else if opt.eq_ignore_ascii_case(b"PARAMS") {
@@ -51,14 +49,12 @@ fn parse(req: &Request) -> Result<Parsed, Reply> {
                 let s = std::str::from_utf8(raw)
                     .ok()
                     .filter(|s| !s.contains('\0'))
-                    .ok_or_else(|| {
-                        Reply::err("ERR SQL.CACHED parameters must be valid UTF-8 text")
-                    })?;
+                    .ok_or_else(|| Refusal::ParamsNotUtf8.reply())?;
                 p.params.push(s.to_string());
             }
             i = req.args.len();
         } else {
-            return Err(Reply::err("ERR syntax error"));
+            return Err(Refusal::Syntax.reply());
         }
     }
     Ok(p)
@@ -68,27 +64,20 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
     let config = shared.config();
     let cfg = &config.sql;
     if cfg.mode == SqlMode::Off {
-        return Action::Reply(Reply::err(
-            "ERR SQL.CACHED is disabled on this server (sql.mode = \"off\")",
-        ));
+        return Action::Reply(Refusal::SqlOff.reply());
     }
     let p = match parse(req) {
         Ok(p) => p,
         Err(r) => return Action::Reply(r),
     };
     if p.query.len() > cfg.max_sql_bytes {
-        return Action::Reply(Reply::err(format!(
-            "ERR SQL.CACHED query is longer than sql.max_sql_bytes ({} bytes)",
-            cfg.max_sql_bytes
-        )));
+        return Action::Reply(Refusal::QueryTooLong(cfg.max_sql_bytes).reply());
     }
     let Ok(sql) = std::str::from_utf8(&p.query) else {
-        return Action::Reply(Reply::err("ERR SQL.CACHED query must be valid UTF-8 text"));
+        return Action::Reply(Refusal::QueryNotUtf8.reply());
     };
     if cfg.mode == SqlMode::Allowlist && !cfg.allowlist.iter().any(|a| a == sql) {
-        return Action::Reply(Reply::err(
-            "ERR SQL.CACHED accepts only allowlisted queries on this server (sql.mode = \"allowlist\")",
-        ));
+        return Action::Reply(Refusal::NotAllowlisted.reply());
     }
     let checked = shared
         .sql_checks
@@ -97,13 +86,13 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
         Ok(t) => t,
         Err(SqlError::NotReadOnly(why)) => {
             tracing::debug!(reason = %why, "SQL.CACHED refused");
-            return Action::Reply(Reply::err(NOT_READ_ONLY));
+            return Action::Reply(Refusal::NotReadOnly.reply());
         }
         Err(SqlError::Parse(why)) => return explain_parse_failure(shared, sql.to_string(), why),
     };
     let key = sql_key(&cfg.key_prefix, &p.query, &p.params);
     if !session.user.key_allowed(key.as_bytes()) {
-        return Action::Reply(Reply::err(crate::acl::NOPERM_KEY));
+        return Action::Reply(Refusal::NoPermKey.reply());
     }
     let ttl = p.ttl.unwrap_or(config.cache.default_ttl);
     let plan = |key: String, params: Vec<String>| FillPlan {
@@ -136,12 +125,10 @@ fn explain_parse_failure(shared: &Arc<Shared>, sql: String, why: String) -> Acti
             match shared.db.prepare_only(&sql).await {
                 // Several statements: PostgreSQL says so (42601); the SPEC's answer is ours.
                 Err(e) if e.to_string().contains("cannot insert multiple commands") => {
-                    Reply::err(NOT_READ_ONLY)
+                    Refusal::NotReadOnly.reply()
                 }
                 Err(e) => crate::error::Error::from(e).to_reply(),
-                Ok(()) => Reply::err(format!(
-                    "{NOT_READ_ONLY} that cachefront can analyse (its SQL parser says: {why})"
-                )),
+                Ok(()) => Refusal::NotAnalysable(why).reply(),
             }
         }
         .boxed(),

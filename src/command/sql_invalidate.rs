@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::{wrong_args, Action};
 use crate::cache::Version;
 use crate::db::sql::normalize_table_text;
+use crate::error::Refusal;
 use crate::protocol::{Reply, Request};
 use crate::server::Shared;
 
@@ -18,10 +19,9 @@ pub fn dispatch(shared: &Arc<Shared>, req: &Request) -> Action {
         match std::str::from_utf8(a) {
             Ok(t) if !t.trim().is_empty() => tables.push(normalize_table_text(t)),
             _ => {
-                return Action::Reply(Reply::err(format!(
-                    "ERR invalid table name '{}'",
-                    String::from_utf8_lossy(a)
-                )))
+                return Action::Reply(
+                    Refusal::InvalidTable(String::from_utf8_lossy(a).into_owned()).reply(),
+                )
             }
         }
     }

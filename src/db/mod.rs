@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::config::PostgresConfig;
+use crate::error::Refusal;
 use replicas::{Replica, Replicas, REPLAY_CHECK};
 
 /// A database failure, with PostgreSQL's own message when it has one.
@@ -705,15 +706,11 @@ async fn collect_rows(
 }
 
 fn too_many_rows(max_rows: usize) -> DbError {
-    DbError::TooLarge(format!(
-        "ERR result has more than {max_rows} rows (sql.max_rows); add a LIMIT"
-    ))
+    DbError::TooLarge(Refusal::TooManyRows(max_rows).to_string())
 }
 
 fn too_many_bytes(max_bytes: usize) -> DbError {
-    DbError::TooLarge(format!(
-        "ERR result is larger than sql.max_result_bytes ({max_bytes} bytes); add a LIMIT"
-    ))
+    DbError::TooLarge(Refusal::TooManyBytes(max_bytes).to_string())
 }
 
 /// Runs `query` right behind a read of the replica's replay position, in one pipeline (no

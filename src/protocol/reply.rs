@@ -22,7 +22,8 @@ impl Proto {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     Simple(&'static str),
-    /// Full error text including its prefix, e.g. `ERR unknown command`.
+    /// Full error text including its prefix, e.g. `ERR syntax error`; made by `error::Refusal`
+    /// or `error::Error::to_reply`, where every wire error is worded.
     Error(String),
     Int(i64),
     Bulk(Bytes),
@@ -39,10 +40,6 @@ pub enum Reply {
 impl Reply {
     pub fn ok() -> Reply {
         Reply::Simple("OK")
-    }
-
-    pub fn err(msg: impl Into<String>) -> Reply {
-        Reply::Error(msg.into())
     }
 
     pub fn bulk(b: impl Into<Bytes>) -> Reply {
@@ -160,7 +157,7 @@ mod tests {
             b"=5\r\ntxt:x\r\n"
         );
         assert_eq!(
-            &Reply::err("ERR a\r\nb").to_bytes(Proto::Resp2)[..],
+            &Reply::Error("ERR a\r\nb".into()).to_bytes(Proto::Resp2)[..],
             b"-ERR a  b\r\n"
         );
     }

@@ -40,26 +40,12 @@ impl Default for Limits {
     }
 }
 
-/// A malformed request. The text follows `-ERR Protocol error: ` exactly as Valkey words it
-/// (bytes, because Valkey quotes the offending byte as it is); the connection is closed after
-/// replying, as Valkey does.
+/// A malformed request. The text is what follows `Protocol error: ` exactly as Valkey words
+/// it (bytes, because Valkey quotes the offending byte as it is; the reply is made by
+/// `error::protocol_error`); the connection is closed after replying, as Valkey does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Protocol error: {}", String::from_utf8_lossy(.0))]
 pub struct ProtocolError(pub Vec<u8>);
-
-impl ProtocolError {
-    /// The whole error reply, CR and LF shown as spaces as Valkey does.
-    pub fn reply_bytes(&self) -> Vec<u8> {
-        let mut out = b"-ERR Protocol error: ".to_vec();
-        out.extend(
-            self.0
-                .iter()
-                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-        );
-        out.extend_from_slice(b"\r\n");
-        out
-    }
-}
 
 fn perr(msg: impl Into<Vec<u8>>) -> ProtocolError {
     ProtocolError(msg.into())

@@ -21,7 +21,7 @@ use super::commands::{CommandTable, TableCell};
 use super::conn::{connect, Endpoint};
 use super::mux::{LongWork, Mux, Redirect, ReplyBudget, ReplyRx};
 use super::tracking::{TrackingEvent, TrackingState};
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::Proto;
 
@@ -33,8 +33,6 @@ const UNASSIGNED: u16 = u16::MAX;
 const MAX_HOPS: u8 = 5;
 /// How often the slot map is refreshed when nothing prompts it.
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
-
-pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
 
 /// The hash slot of a key, hash tags included (`{user1}:a` and `{user1}:b` share one).
 pub fn slot_of(key: &[u8]) -> u16 {
@@ -316,15 +314,13 @@ impl Cluster {
             Target::Any | Target::Movable => topo
                 .nodes
                 .get((lane % topo.nodes.len().max(1) as u64) as usize),
-            Target::CrossSlot => return ready(Ok(Bytes::from_static(CROSSSLOT))),
+            Target::CrossSlot => return ready(Ok(Refusal::CrossSlot.frame())),
             Target::Fanout(how) => return fanout(&topo.nodes, how, lane, proto, raw, args),
         };
         match node {
             Some(node) => node.mux(proto, lane).send_for(raw, lane, false, budget),
             // What a node says for a slot nobody serves.
-            None => ready(Ok(Bytes::from_static(
-                b"-CLUSTERDOWN Hash slot not served\r\n",
-            ))),
+            None => ready(Ok(Refusal::ClusterDown.frame())),
         }
     }
 
@@ -339,11 +335,7 @@ impl Cluster {
         let node = match t {
             Target::Slot(s) => topo.node_for(s),
             // The client's mistake, worded as Valkey words it.
-            Target::CrossSlot => {
-                return Err(Error::Client(
-                    "CROSSSLOT Keys in request don't hash to the same slot".into(),
-                ))
-            }
+            Target::CrossSlot => return Err(Refusal::CrossSlot.into()),
             _ => topo
                 .nodes
                 .get((lane % topo.nodes.len().max(1) as u64) as usize),
@@ -868,7 +860,7 @@ fn scan(nodes: &[Arc<Node>], lane: u64, proto: Proto, args: &[Bytes]) -> ReplyRx
         .and_then(|c| c.parse::<u64>().ok());
     let idx = cursor.map(|c| (c & ((1 << SCAN_NODE_BITS) - 1)) as usize);
     let (Some(cursor), Some(idx)) = (cursor, idx.filter(|&i| i < nodes.len())) else {
-        return ready(Ok(Bytes::from_static(b"-ERR invalid cursor\r\n")));
+        return ready(Ok(Refusal::InvalidCursor.frame()));
     };
     let ask = move |node: &Node, node_cursor: u64| {
         let mut q = args.to_vec();
