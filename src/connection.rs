@@ -342,10 +342,14 @@ impl Connection {
     }
 
     /// How long this client may stay idle now: `limits.timeout_secs`, unless it waits on
-    /// something (replies in flight, subscriptions, a blocking command) — Valkey exempts those.
+    /// something (replies in flight or not yet read, subscriptions, a blocking command) —
+    /// Valkey exempts those; a client slow to read is `client_write_timeout_ms`'s concern.
     fn idle_limit(&self) -> Option<std::time::Duration> {
         let secs = self.shared.config().limits.timeout_secs;
-        let busy = !self.outq.is_empty() || self.session.streaming() || self.ded.is_some();
+        let busy = !self.outq.is_empty()
+            || !self.all_written()
+            || self.session.streaming()
+            || self.ded.is_some();
         (secs > 0 && !busy).then(|| std::time::Duration::from_secs(secs))
     }
 
