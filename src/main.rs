@@ -93,7 +93,7 @@ async fn triggers(config: Config, action: TriggerAction) -> anyhow::Result<()> {
         TriggerAction::Install => {
             shared
                 .invalidation
-                .install_configured(&shared.db, &shared.named())
+                .install_configured(&shared.db)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("invalidation triggers installed");
@@ -168,12 +168,7 @@ async fn reload_on_sighup(
                 }
                 let shared = std::sync::Arc::clone(&shared);
                 tokio::spawn(async move {
-                    let named = shared.named();
-                    if let Err(e) = shared
-                        .invalidation
-                        .install_configured(&shared.db, &named)
-                        .await
-                    {
+                    if let Err(e) = shared.invalidation.install_configured(&shared.db).await {
                         tracing::warn!(error = %e, "cannot put triggers on the reloaded queries' tables yet");
                     }
                 });
