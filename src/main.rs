@@ -40,12 +40,11 @@ enum TriggerAction {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config =
-        Config::load(cli.config.as_deref(), std::env::vars()).with_context(|| {
-            match &cli.config {
-                Some(p) => format!("invalid configuration in {}", p.display()),
-                None => "invalid configuration".to_string(),
-            }
+    let config = Config::load(cli.config.as_deref(), std::env::vars())
+        .and_then(|c| cachefront::server::check_config(&c).map(|()| c))
+        .with_context(|| match &cli.config {
+            Some(p) => format!("invalid configuration in {}", p.display()),
+            None => "invalid configuration".to_string(),
         })?;
     if cli.check_config {
         let plain = match config.tls.only {

@@ -16,7 +16,7 @@ use crate::cache::store::Store;
 use crate::cache::Cache;
 use crate::command::context::{ClientIds, Live};
 use crate::command::Context;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::connection::Connection;
 use crate::db::Db;
 use crate::invalidation::{Invalidation, Listener};
@@ -33,7 +33,20 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
     Setup(String),
+}
+
+/// The checks of a configuration that need the domain objects it describes: users, TLS
+/// files, named queries. `Config::validate` checks the rest on the config's own data; each
+/// layer checks its own part here, so config stays a leaf. Run at start, by
+/// `--check-config`, and on reload.
+pub fn check_config(config: &Config) -> Result<(), ConfigError> {
+    config.validate()?;
+    crate::tls::check_config(config)?;
+    crate::acl::check_config(&config.auth)?;
+    crate::command::check_queries(config)
 }
 
 /// The server's shared state: the commands' context, which it builds from the configuration
@@ -50,6 +63,7 @@ impl std::ops::Deref for Shared {
 }
 
 impl Shared {
+    /// Builds the context from a checked configuration (see [`check_config`]).
     pub fn new(config: Config) -> Result<Shared, StartError> {
         let setup = |e: &dyn std::fmt::Display| StartError::Setup(e.to_string());
         let metrics = Arc::new(Metrics::default());
@@ -91,6 +105,7 @@ impl Shared {
     /// PostgreSQL, TLS, metrics, invalidation, users, L1 and refresh settings) keep their
     /// running values; their names are returned so the operator is told.
     pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, String> {
+        check_config(&new).map_err(|e| e.to_string())?;
         let old = self.config();
         let mut next = new;
         let mut kept = Vec::new();
@@ -240,6 +255,7 @@ async fn handshake(
 impl Server {
     /// Binds the listen address (port 0 picks a free port) and prepares the shared state.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        check_config(&config)?;
         crate::tls::install_default_provider();
         let listener = match config.tls.only {
             true => None,
@@ -507,4 +523,43 @@ pub async fn spawn(config: Config) -> Result<Running, StartError> {
         stop: Some(stop),
         task: Some(task),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses, then runs every check, as the binary does at start.
+    fn checked(text: &str) -> Result<Config, ConfigError> {
+        let c = Config::from_toml_with_env(text, Vec::new())?;
+        check_config(&c).map(|()| c)
+    }
+
+    #[test]
+    fn named_queries_are_validated() {
+        let bad = r#"
+[[query]]
+command = "X.GET"
+sql = "SELECT name FROM employees WHERE id = $2"
+key = "x:{1}"
+args = ["int"]
+"#;
+        let e = checked(bad).unwrap_err().to_string();
+        assert!(e.contains("query[0] (X.GET)"), "{e}");
+        let write = bad.replace(
+            "SELECT name FROM employees WHERE id = $2",
+            "DELETE FROM employees WHERE id = $1",
+        );
+        assert!(checked(&write).is_err());
+        let shadow = bad.replace("$2", "$1").replace("X.GET", "GET");
+        let e = checked(&shadow).unwrap_err().to_string();
+        assert!(e.contains("namespaced"), "{e}");
+        let own = bad.replace("$2", "$1").replace("X.GET", "SQL.CACHED");
+        let e = checked(&own).unwrap_err().to_string();
+        assert!(e.contains("is a built-in command"), "{e}");
+        let key = bad.replace("$2", "$1").replace("x:{1}", "x:{3}");
+        let e = checked(&key).unwrap_err().to_string();
+        assert!(e.contains("key"), "{e}");
+        assert!(checked(&bad.replace("$2", "$1")).is_ok());
+    }
 }

@@ -24,6 +24,35 @@ pub fn build(config: &Config) -> Result<Named, String> {
     Ok(named)
 }
 
+/// The checks of one query's definition that need the SQL analyser and the key template
+/// parser (config.rs checks the rest on its own data): placeholders within the declared
+/// args, read-only SQL, a valid key, and a `key_column` whose table the SQL reads and whose
+/// argument is the only one the key uses.
+pub fn check(q: &NamedQueryConfig) -> Result<(), String> {
+    let n = q.args.len();
+    let placeholders = crate::db::sql::placeholders(&q.sql).map_err(|e| format!("sql: {e}"))?;
+    if placeholders.iter().any(|&p| p == 0 || p > n) {
+        return Err(format!(
+            "sql uses a parameter beyond the {n} declared args (args = [...])"
+        ));
+    }
+    let tables = crate::db::sql::check_read_only(&q.sql)
+        .map_err(|e| format!("sql: {e}"))?
+        .tables;
+    let tpl = KeyTemplate::parse(&q.key, n).map_err(|e| format!("key: {e}"))?;
+    // config.rs has checked that key_column is table.column and key_arg is in range.
+    if let Some((table, _)) = q.key_column.as_ref().and_then(|kc| kc.split_once('.')) {
+        if !tables.contains(&crate::db::sql::normalize_table_text(table)) {
+            return Err(format!("key_column table {table} is not read by the sql"));
+        }
+        let arg = q.key_arg.unwrap_or(1);
+        if tpl.args_used().iter().any(|&a| a + 1 != arg) {
+            return Err("with key_column, the key may use only the key argument".into());
+        }
+    }
+    Ok(())
+}
+
 /// A named query, ready to serve.
 #[derive(Debug)]
 pub struct NamedQuery {

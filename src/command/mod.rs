@@ -18,6 +18,7 @@ use futures::FutureExt;
 use std::sync::Arc;
 
 use crate::acl;
+use crate::config::{Config, ConfigError};
 use crate::protocol::{Reply, Request};
 use crate::session::Session;
 pub use context::Context;
@@ -76,6 +77,26 @@ const RESERVED: &[&str] = &[
 /// Whether `name` is one of cachefront's built-in or transaction commands.
 pub fn is_reserved_name(name: &str) -> bool {
     RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
+/// The named queries' checks that need more than the config's own data: a name that is not
+/// one of cachefront's own commands, then their SQL and key (`cache::named::check`). An
+/// error names the query, as `Config::validate` does.
+pub fn check_queries(config: &Config) -> Result<(), ConfigError> {
+    for (i, q) in config.queries.iter().enumerate() {
+        let invalid = |msg| ConfigError::Invalid {
+            key: format!("query[{i}] ({})", q.command),
+            msg,
+        };
+        if is_reserved_name(&q.command) {
+            return Err(invalid(format!(
+                "command {} is a built-in command",
+                q.command
+            )));
+        }
+        crate::cache::named::check(q).map_err(invalid)?;
+    }
+    Ok(())
 }
 
 /// Uppercases a command name into a stack buffer (names are short; longer ones are never ours).
