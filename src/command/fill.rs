@@ -75,8 +75,7 @@ async fn fill(ctx: Arc<Context>, plan: FillPlan, via_cache: bool, refresh: bool)
                 // What replicas must have replayed is judged on the versions this fill checks
                 // — only needed with replicas.
                 let deps = ctx.db.replicas().map(|_| entry.deps.clone());
-                let load =
-                    move || async move { load(&db_ctx, &source, kind, deps.as_ref()).await };
+                let load = move || async move { load(&db_ctx, &source, kind, deps.as_ref()).await };
                 ctx.cache
                     .fill(
                         entry,
