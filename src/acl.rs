@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{AuthConfig, UserConfig};
+use crate::config::{AuthConfig, ConfigError, UserConfig};
 use crate::error::Refusal;
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::{Proto, Reply, Request};
@@ -489,6 +489,13 @@ fn class_match(pat: &[u8], p: usize, c: u8) -> Option<(bool, usize)> {
     Some((hit != negate, j + 1))
 }
 
+/// The users `auth` declares can be built; an error names the key at fault.
+pub fn check_config(auth: &AuthConfig) -> Result<(), ConfigError> {
+    Users::from_config(auth)
+        .map(|_| ())
+        .map_err(|(key, msg)| ConfigError::Invalid { key, msg })
+}
+
 /// All users, by name.
 #[derive(Debug)]
 pub struct Users {
@@ -758,6 +765,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commented_users_example_parses() {
+        let text = include_str!("../config.toml");
+        let block: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[auth.users]]"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        let c = crate::config::Config::from_toml_with_env(&block, Vec::new()).unwrap();
+        assert_eq!(c.auth.users.len(), 2);
+        let users = Users::from_config(&c.auth).unwrap();
+        assert!(users.authenticate(b"app", b"app-secret").is_ok());
+        assert!(users.authenticate(b"reporting", b"new-secret").is_ok());
+    }
 
     #[test]
     fn constant_time_compare() {

@@ -15,13 +15,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cache::l1::Ticket;
+use crate::command::Context;
 use crate::command::{self, fill, Action, FillPlan, Route, StateChange, Transform};
 use crate::config::ReplyKind;
 use crate::error::{Error, Refusal};
 use crate::metrics::inc;
 use crate::protocol::request::Parsed;
 use crate::protocol::{Proto, Reply, Request, RequestParser};
-use crate::server::Shared;
 use crate::session::{ReplyMode, Session};
 use crate::tls::ClientStream;
 use crate::upstream::cluster::Owner;
@@ -105,7 +105,7 @@ enum ClusterStep {
 }
 
 pub struct Connection {
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     /// Plain TCP or TLS; reads and writes take turns in `serve`, so it is never split.
     stream: ClientStream,
     inbuf: BytesMut,
@@ -136,17 +136,17 @@ pub struct Connection {
 impl Connection {
     /// A client on `stream`, from `peer` (for `CLIENT LIST`-style reporting).
     pub fn new(
-        shared: Arc<Shared>,
+        ctx: Arc<Context>,
         stream: ClientStream,
         peer: Option<std::net::SocketAddr>,
         shutdown: watch::Receiver<bool>,
     ) -> Connection {
         let addr = peer.map(|a| a.to_string()).unwrap_or_default();
-        let id = shared.next_client_id();
-        let authed = shared.users.default_authed();
-        let user = Arc::clone(shared.users.default_user());
+        let id = ctx.next_client_id();
+        let authed = ctx.users.default_authed();
+        let user = Arc::clone(ctx.users.default_user());
         Connection {
-            shared,
+            ctx,
             stream,
             // Buffers grow with use: 10,000 idle clients must not cost 32 KiB each.
             inbuf: BytesMut::new(),
@@ -180,9 +180,8 @@ impl Connection {
     }
 
     async fn serve(&mut self) -> std::io::Result<()> {
-        let max_pipeline = self.shared.config().limits.max_pipeline;
-        let write_limit =
-            Duration::from_millis(self.shared.config().limits.client_write_timeout_ms);
+        let max_pipeline = self.ctx.config().limits.max_pipeline;
+        let write_limit = Duration::from_millis(self.ctx.config().limits.client_write_timeout_ms);
         loop {
             self.process_input().await;
             self.drain_ready();
@@ -286,7 +285,7 @@ impl Connection {
     /// as in Valkey): an error past the hard limit, or past the soft one for its grace period;
     /// otherwise when the soft limit's grace ends, if it is running.
     fn check_output_limit(&mut self) -> std::io::Result<Option<Instant>> {
-        let limits = &self.shared.config().limits.client_output_buffer_limit;
+        let limits = &self.ctx.config().limits.client_output_buffer_limit;
         let class = if self.session.monitor {
             limits.replica
         } else if self.session.subscribed {
@@ -312,7 +311,7 @@ impl Connection {
     }
 
     fn output_limit_error(&self) -> std::io::Error {
-        inc(&self.shared.metrics.output_limit_disconnects);
+        inc(&self.ctx.metrics.output_limit_disconnects);
         tracing::warn!(
             client = self.session.id,
             addr = %self.session.addr,
@@ -345,7 +344,7 @@ impl Connection {
     /// something (replies in flight or not yet read, subscriptions, a blocking command) —
     /// Valkey exempts those; a client slow to read is `client_write_timeout_ms`'s concern.
     fn idle_limit(&self) -> Option<std::time::Duration> {
-        let secs = self.shared.config().limits.timeout_secs;
+        let secs = self.ctx.config().limits.timeout_secs;
         let busy = !self.outq.is_empty()
             || !self.all_written()
             || self.session.streaming()
@@ -355,8 +354,8 @@ impl Connection {
 
     /// Parses and dispatches every complete request buffered, up to the pipeline limit.
     async fn process_input(&mut self) {
-        let limits = self.shared.limits();
-        let max_pipeline = self.shared.config().limits.max_pipeline;
+        let limits = self.ctx.limits();
+        let max_pipeline = self.ctx.config().limits.max_pipeline;
         while !self.closing && self.outq.len() < max_pipeline {
             match self
                 .parser
@@ -366,7 +365,7 @@ impl Connection {
                     let slots = self.outq.len();
                     let reset = req.args.len() == 1 && req.name().eq_ignore_ascii_case(b"RESET");
                     let before = self.session.reply_mode;
-                    let action = command::dispatch(&self.shared, &mut self.session, req);
+                    let action = command::dispatch(&self.ctx, &mut self.session, req);
                     self.muting = !reset && self.mutes(before);
                     self.apply(action).await;
                     if self.outq.len() > slots {
@@ -410,7 +409,7 @@ impl Connection {
         if self.outq.is_empty() {
             // Nothing is waiting before it: straight into the output buffer, no slot needed.
             if r.is_error() {
-                inc(&self.shared.metrics.errors);
+                inc(&self.ctx.metrics.errors);
             }
             if self.muting {
                 return;
@@ -437,7 +436,7 @@ impl Connection {
                     self.push_reply(r);
                     return;
                 }
-                _ => command::dispatch_checked(&self.shared, &mut self.session, req),
+                _ => command::dispatch_checked(&self.ctx, &mut self.session, req),
             },
             a => a,
         };
@@ -465,10 +464,10 @@ impl Connection {
     /// Sends a cached command's lookup. While the client holds a dedicated connection on the
     /// cache's database, the lookup goes there too, behind the client's own writes.
     async fn lookup(&mut self, lookup: Bytes, plan: Box<FillPlan>) {
-        let l1 = &self.shared.cache.l1;
-        let cache_db = self.shared.upstream.endpoint().db;
+        let l1 = &self.ctx.cache.l1;
+        let cache_db = self.ctx.upstream.endpoint().db;
         let streaming = self.session.streaming();
-        let same_node = |ded: &Dedicated| match &self.shared.upstream.cluster {
+        let same_node = |ded: &Dedicated| match &self.ctx.upstream.cluster {
             Some(c) => c.addr_for_key(plan.entry.key.as_bytes()).as_deref() == Some(&ded.conn.addr),
             None => true,
         };
@@ -493,7 +492,7 @@ impl Connection {
                 });
             }
             _ => {
-                let up = &self.shared.upstream;
+                let up = &self.ctx.upstream;
                 let ticket = l1.enabled().then(|| l1.ticket(&plan.entry.key));
                 let tracked = ticket.and_then(|_| {
                     let key = plan.entry.key.as_bytes();
@@ -534,7 +533,7 @@ impl Connection {
     }
 
     async fn forward(&mut self, req: Request, route: Route, transform: Transform) {
-        inc(&self.shared.metrics.passthrough);
+        inc(&self.ctx.metrics.passthrough);
         let proto = self.session.proto;
         let mut held = self.ded.as_ref().is_some_and(|d| d.conn.proto == proto);
         if held && !self.ded_logged_in_as_user() && !self.session.needs_dedicated() {
@@ -548,7 +547,7 @@ impl Connection {
         }
         if route == Route::Any && !held {
             let rx = self
-                .shared
+                .ctx
                 .upstream
                 .forward(self.session.id, proto, &req, &self.budget)
                 .await;
@@ -563,7 +562,7 @@ impl Connection {
         if !held {
             if let Err(e) = self.acquire_dedicated(&req.args).await {
                 if matches!(e, Error::Upstream(_)) {
-                    inc(&self.shared.metrics.upstream_errors);
+                    inc(&self.ctx.metrics.upstream_errors);
                 }
                 if self.session.in_multi {
                     // As in Valkey: a command refused while queuing aborts the EXEC.
@@ -608,7 +607,7 @@ impl Connection {
                 reset: false,
                 plan: None,
                 exec,
-                _long: self.shared.upstream.long_mark(&req.raw),
+                _long: self.ctx.upstream.long_mark(&req.raw),
             });
         } else if let Transform::Replace(ours) = transform {
             // HELLO while subscribed (RESP3): Valkey's reply is the next frame that is not a
@@ -640,7 +639,7 @@ impl Connection {
         transform: &Transform,
         held: bool,
     ) -> ClusterStep {
-        let Some(cluster) = self.shared.upstream.cluster.as_ref() else {
+        let Some(cluster) = self.ctx.upstream.cluster.as_ref() else {
             return ClusterStep::Continue;
         };
         if !held {
@@ -689,15 +688,13 @@ impl Connection {
         if let Some(old) = self.ded.take() {
             // Held in another protocol after HELLO.
             let quiet = old.pending == 0 && old.wbuf.is_empty();
-            self.shared
-                .upstream
-                .release(self.session.id, old.conn, quiet);
+            self.ctx.upstream.release(self.session.id, old.conn, quiet);
         }
         let user = &self.session.user;
         let mirror = (!user.unrestricted()).then(|| {
-            let salt = self.shared.upstream.endpoint().password.clone();
+            let salt = self.ctx.upstream.endpoint().password.clone();
             user.mirror(
-                self.shared.upstream.command_table_now().as_deref(),
+                self.ctx.upstream.command_table_now().as_deref(),
                 salt.unwrap_or_default().as_bytes(),
             )
         });
@@ -707,7 +704,7 @@ impl Connection {
             setup: &m.setuser,
         });
         let (conn, logged_in) = self
-            .shared
+            .ctx
             .upstream
             .dedicated_as(self.session.proto, self.session.id, args, login.as_ref())
             .await?;
@@ -734,10 +731,10 @@ impl Connection {
     /// RESET: Valkey must reset the dedicated connection too (its +RESET is the reply);
     /// without one, the reply is ours.
     async fn reset(&mut self) {
-        let authed = self.shared.users.default_authed();
+        let authed = self.ctx.users.default_authed();
         let proto = self.session.proto;
         self.session
-            .reset(Arc::clone(self.shared.users.default_user()), authed);
+            .reset(Arc::clone(self.ctx.users.default_user()), authed);
         self.deferred_multi = false;
         match self.ded.as_mut() {
             Some(ded) => {
@@ -824,7 +821,7 @@ impl Connection {
             match self.outq.pop_front() {
                 Some(Slot::Ready(b)) => {
                     if matches!(b.first(), Some(b'-') | Some(b'!')) {
-                        inc(&self.shared.metrics.errors);
+                        inc(&self.ctx.metrics.errors);
                     }
                     if self.muted.pop_front().unwrap_or(false) {
                         self.budget.release(b.len());
@@ -858,14 +855,14 @@ impl Connection {
                 FrontDone::Upstream(r),
             ) => {
                 if r.is_err() {
-                    inc(&self.shared.metrics.upstream_errors);
+                    inc(&self.ctx.metrics.upstream_errors);
                 }
-                self.shared
+                self.ctx
                     .metrics
                     .latency
                     .passthrough
                     .observe(started.elapsed());
-                self.ready(transform.apply(&self.shared, proto, r).into_bytes(proto))
+                self.ready(transform.apply(&self.ctx, proto, r).into_bytes(proto))
             }
             (
                 Slot::Lookup {
@@ -881,7 +878,7 @@ impl Connection {
             }
             (Slot::Task(_, proto, started), FrontDone::Joined(reply)) => {
                 if let Some(t) = started {
-                    self.shared.metrics.latency.miss.observe(t.elapsed());
+                    self.ctx.metrics.latency.miss.observe(t.elapsed());
                 }
                 self.ready(reply.into_bytes(proto))
             }
@@ -901,15 +898,15 @@ impl Connection {
     ) -> Slot {
         // A hit of a degraded entry is not served: the reply may predate an invalidation
         // not yet applied (see `Cache::bypasses`); the fill answers from PostgreSQL.
-        let bypass = self.shared.cache.bypasses(&plan.entry);
+        let bypass = self.ctx.cache.bypasses(&plan.entry);
         match r {
             Ok(frame) if fill::is_hit(&frame) && !bypass => {
-                inc(&self.shared.metrics.hits);
-                self.shared.metrics.latency.hit.observe(started.elapsed());
+                inc(&self.ctx.metrics.hits);
+                self.ctx.metrics.latency.hit.observe(started.elapsed());
                 if let Some(t) = ticket.filter(|_| !frame.starts_with(b"-")) {
                     let hash = plan.kind == ReplyKind::Hash;
                     let deps = plan.entry.l1_deps();
-                    self.shared.cache.l1.insert(
+                    self.ctx.cache.l1.insert(
                         &plan.entry.key,
                         hash,
                         plan.proto,
@@ -926,13 +923,13 @@ impl Connection {
                 if bypass {
                     // Counted as a degraded read by the fill.
                 } else if via_cache {
-                    inc(&self.shared.metrics.misses);
+                    inc(&self.ctx.metrics.misses);
                 } else {
-                    inc(&self.shared.metrics.upstream_errors);
+                    inc(&self.ctx.metrics.upstream_errors);
                 }
                 let proto = plan.proto;
                 Slot::Task(
-                    tokio::spawn(fill::run(Arc::clone(&self.shared), plan, via_cache)),
+                    tokio::spawn(fill::run(Arc::clone(&self.ctx), plan, via_cache)),
                     proto,
                     Some(started),
                 )
@@ -942,9 +939,9 @@ impl Connection {
 
     /// XFetch: now and then a hit starts a background refresh of an entry close to expiry.
     fn maybe_refresh_early(&self, plan: FillPlan) {
-        if self.shared.cache.should_refresh_early(&plan.entry.key) {
-            inc(&self.shared.metrics.early_refreshes);
-            fill::refresh_in_background(Arc::clone(&self.shared), plan);
+        if self.ctx.cache.should_refresh_early(&plan.entry.key) {
+            inc(&self.ctx.metrics.early_refreshes);
+            fill::refresh_in_background(Arc::clone(&self.ctx), plan);
         }
     }
 
@@ -979,7 +976,7 @@ impl Connection {
             ded.swallow -= 1;
             return;
         }
-        let frame = match &self.shared.upstream.cluster {
+        let frame = match &self.ctx.upstream.cluster {
             Some(c) if crate::upstream::mux::parse_redirect(&frame).is_some() => {
                 // The slot moved while this connection is bound to its node.
                 c.refresh_soon();
@@ -1032,7 +1029,7 @@ impl Connection {
                         }
                         self.ready(
                             transform
-                                .apply(&self.shared, proto, Ok(frame))
+                                .apply(&self.ctx, proto, Ok(frame))
                                 .into_bytes(proto),
                         )
                     }
@@ -1085,8 +1082,8 @@ impl Connection {
     /// the client is disconnected after its replies, as it would be by a Valkey restart.
     fn dedicated_lost(&mut self, e: Error) {
         let Some(ded) = self.ded.take() else { return };
-        self.shared.upstream.forget(self.session.id);
-        inc(&self.shared.metrics.upstream_errors);
+        self.ctx.upstream.forget(self.session.id);
+        inc(&self.ctx.metrics.upstream_errors);
         tracing::warn!(client = self.session.id, error = %e, "dedicated upstream connection lost");
         let reply = e.to_reply();
         for i in 0..self.outq.len() {
@@ -1116,7 +1113,7 @@ impl Connection {
             .is_some_and(|d| d.pending == 0 && d.wbuf.is_empty());
         if idle && !self.session.needs_dedicated() {
             if let Some(d) = self.ded.take() {
-                self.shared.upstream.release(self.session.id, d.conn, true);
+                self.ctx.upstream.release(self.session.id, d.conn, true);
             }
         }
     }
@@ -1124,9 +1121,9 @@ impl Connection {
     fn finish(&mut self) {
         if let Some(d) = self.ded.take() {
             let quiet = d.pending == 0 && d.wbuf.is_empty();
-            self.shared.upstream.release(self.session.id, d.conn, quiet);
+            self.ctx.upstream.release(self.session.id, d.conn, quiet);
         }
-        self.shared.upstream.forget(self.session.id);
+        self.ctx.upstream.forget(self.session.id);
     }
 }
 

@@ -4,20 +4,23 @@
 //!
 //! # Layout
 //! Data flows one way: **connection → command → cache → upstream (Valkey) / db (PostgreSQL)**.
-//! - [`server`] accepts clients; [`connection`] runs one client: frames in, replies out, in order.
-//! - [`protocol`] parses requests (Valkey's rules and limits), encodes replies, finds frame ends.
-//! - [`command`] holds one file per command family; `dispatch` turns a request into an action.
-//! - [`cache`] is the read-through cache: keys, coalesced fills, the versioned store in Valkey
-//!   (one server, or per-slot generations on a cluster).
-//! - [`upstream`] is Valkey for pass-through: shared pipelined and dedicated connections, slot
-//!   routing to a Valkey Cluster, and Valkey's one command table.
-//! - [`db`] is PostgreSQL: pool, read replicas, read-only execution, SQL checks, rows as JSON,
-//!   triggers.
+//! The modules form layers, each importing only lower ones (checked by `tests/layers.rs`):
+//! - [`server`] accepts clients, builds everything from the config, reloads, shuts down;
+//!   [`connection`] runs one client: frames in, replies out, in order.
+//! - [`command`] holds one file per command family; `dispatch` turns a request into an
+//!   action, with a [`command::Context`] rather than the server.
 //! - [`invalidation`] listens for PostgreSQL's change notifications and drops what changed.
-//! - [`tls`] is rustls for the TLS listener and for TLS to Valkey.
-//! - [`acl`] is who may run what: users, passwords, command and key permissions.
-//! - [`config`], [`error`], [`metrics`], [`session`] are what the others share;
-//!   [`prometheus`] serves the metrics over HTTP.
+//! - [`cache`] is the read-through cache: keys, L1, coalesced fills, the versioned store in
+//!   Valkey (one server, or per-slot generations on a cluster), named query definitions.
+//! - [`session`] is per-client state; [`acl`] is who may run what: users, passwords, command
+//!   and key permissions.
+//! - [`upstream`] is Valkey for pass-through: shared pipelined and dedicated connections, slot
+//!   routing to a Valkey Cluster, and Valkey's one command table. [`db`] is PostgreSQL: pool,
+//!   read replicas, read-only execution, SQL checks, rows as JSON, triggers.
+//! - [`tls`] is rustls for the TLS listener and for TLS to Valkey; [`prometheus`] serves the
+//!   metrics over HTTP.
+//! - [`config`], [`error`], [`metrics`] are pure data the others share; [`protocol`] parses
+//!   requests (Valkey's rules and limits), encodes replies, finds frame ends.
 
 pub mod acl;
 pub mod cache;

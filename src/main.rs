@@ -40,12 +40,11 @@ enum TriggerAction {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config =
-        Config::load(cli.config.as_deref(), std::env::vars()).with_context(|| {
-            match &cli.config {
-                Some(p) => format!("invalid configuration in {}", p.display()),
-                None => "invalid configuration".to_string(),
-            }
+    let config = Config::load(cli.config.as_deref(), std::env::vars())
+        .and_then(|c| cachefront::server::check_config(&c).map(|()| c))
+        .with_context(|| match &cli.config {
+            Some(p) => format!("invalid configuration in {}", p.display()),
+            None => "invalid configuration".to_string(),
         })?;
     if cli.check_config {
         let plain = match config.tls.only {
@@ -93,7 +92,7 @@ async fn triggers(config: Config, action: TriggerAction) -> anyhow::Result<()> {
         TriggerAction::Install => {
             shared
                 .invalidation
-                .install_configured(&shared.db, &shared.named())
+                .install_configured(&shared.db)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("invalidation triggers installed");
@@ -168,12 +167,7 @@ async fn reload_on_sighup(
                 }
                 let shared = std::sync::Arc::clone(&shared);
                 tokio::spawn(async move {
-                    let named = shared.named();
-                    if let Err(e) = shared
-                        .invalidation
-                        .install_configured(&shared.db, &named)
-                        .await
-                    {
+                    if let Err(e) = shared.invalidation.install_configured(&shared.db).await {
                         tracing::warn!(error = %e, "cannot put triggers on the reloaded queries' tables yet");
                     }
                 });

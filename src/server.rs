@@ -2,10 +2,9 @@
 //! `limits.max_clients` in all, run a [`Connection`] for each, and shut down gracefully — stop
 //! accepting, let connections finish their in-flight replies.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -15,14 +14,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::cache::store::Store;
 use crate::cache::Cache;
-use crate::command::named_query::NamedQuery;
-use crate::config::Config;
+use crate::command::context::{ClientIds, Live};
+use crate::command::Context;
+use crate::config::{Config, ConfigError};
 use crate::connection::Connection;
 use crate::db::Db;
 use crate::error::Refusal;
-use crate::invalidation::Invalidation;
+use crate::invalidation::{Invalidation, Listener};
 use crate::metrics::{inc, Metrics};
-use crate::protocol::Limits;
 use crate::tls::Stream;
 use crate::upstream::Upstream;
 
@@ -35,88 +34,71 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
     Setup(String),
 }
 
-/// The part of the shared state `SIGHUP` replaces.
-struct Live {
-    config: Arc<Config>,
-    named: Arc<HashMap<String, Arc<NamedQuery>>>,
-    limits: Limits,
+/// The checks of a configuration that need the domain objects it describes: users, TLS
+/// files, named queries. `Config::validate` checks the rest on the config's own data; each
+/// layer checks its own part here, so config stays a leaf. Run at start, by
+/// `--check-config`, and on reload.
+pub fn check_config(config: &Config) -> Result<(), ConfigError> {
+    config.validate()?;
+    crate::tls::check_config(config)?;
+    crate::acl::check_config(&config.auth)?;
+    crate::command::check_queries(config)
 }
 
-/// Named queries by uppercased command name, from a configuration.
-fn build_named(config: &Config) -> Result<HashMap<String, Arc<NamedQuery>>, String> {
-    let mut named = HashMap::new();
-    for q in config.named_queries() {
-        let nq = NamedQuery::from_config(&q, config.cache.default_ttl, config.cache.negative_ttl)
-            .map_err(|e| format!("query {}: {e}", q.command))?;
-        named.insert(nq.name.clone(), Arc::new(nq));
-    }
-    Ok(named)
-}
-
-/// Everything connections share.
+/// The server's shared state: the commands' context, which it builds from the configuration
+/// and reloads. Derefs to the context, so what connections see is reachable here too.
 pub struct Shared {
-    /// What `SIGHUP` can change: the config (as in force) and the named queries built from it.
-    live: std::sync::RwLock<Arc<Live>>,
-    pub upstream: Upstream,
-    pub cache: Cache,
-    pub db: Db,
-    pub metrics: Arc<Metrics>,
-    pub invalidation: Invalidation,
-    /// Client users (`default` always exists).
-    pub users: crate::acl::Users,
-    /// SQL.CACHED texts already checked: their verdict and tables (parsing is the costly
-    /// part of a hit otherwise); bounded in bytes (`db::sql::VERDICT_CACHE_BYTES`).
-    pub sql_checks: moka::sync::Cache<String, crate::db::sql::Verdict>,
-    listening: watch::Sender<bool>,
-    next_id: AtomicU64,
+    ctx: Arc<Context>,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        &self.ctx
+    }
 }
 
 impl Shared {
+    /// Builds the context from a checked configuration (see [`check_config`]).
     pub fn new(config: Config) -> Result<Shared, StartError> {
         let setup = |e: &dyn std::fmt::Display| StartError::Setup(e.to_string());
         let metrics = Arc::new(Metrics::default());
         let store = Store::new(&config.valkey, &config.cache.meta_prefix).map_err(|e| setup(&e))?;
-        let named = build_named(&config).map_err(StartError::Setup)?;
+        let named = crate::cache::named::build(&config).map_err(StartError::Setup)?;
         let users = crate::acl::Users::from_config(&config.auth)
             .map_err(|(k, m)| StartError::Setup(format!("{k}: {m}")))?;
-        Ok(Shared {
+        let invalidation = Invalidation::new(&config.invalidation, &named, Arc::clone(&metrics));
+        let ctx = Context {
             users,
             upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
-            cache: Cache::new(store, Arc::clone(&metrics), &config.cache),
-            invalidation: Invalidation::new(&config.invalidation, &named),
+            cache: Arc::new(Cache::new(store, Arc::clone(&metrics), &config.cache)),
+            invalidation: Arc::new(invalidation),
             sql_checks: crate::db::sql::verdict_cache(),
-            listening: watch::Sender::new(false),
             db: Db::new(&config.postgres).map_err(|e| setup(&e))?,
             metrics,
-            next_id: AtomicU64::new(1),
-            live: std::sync::RwLock::new(Arc::new(Live {
-                limits: config.protocol_limits(),
-                config: Arc::new(config),
-                named: Arc::new(named),
-            })),
-        })
+            client_ids: ClientIds::default(),
+            live: Live::new(config, named),
+        };
+        Ok(Shared { ctx: Arc::new(ctx) })
     }
 
-    fn live(&self) -> Arc<Live> {
-        Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
+    /// The context connections run with.
+    pub fn context(&self) -> Arc<Context> {
+        Arc::clone(&self.ctx)
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> Arc<Config> {
-        Arc::clone(&self.live().config)
-    }
-
-    /// Named queries by uppercased command name.
-    pub fn named(&self) -> Arc<HashMap<String, Arc<NamedQuery>>> {
-        Arc::clone(&self.live().named)
-    }
-
-    /// Protocol limits for the request parser.
-    pub fn limits(&self) -> Limits {
-        self.live().limits
+    /// What the invalidation listener works with.
+    fn listener(&self) -> Listener {
+        Listener {
+            invalidation: Arc::clone(&self.ctx.invalidation),
+            db: self.ctx.db.clone(),
+            cache: Arc::clone(&self.ctx.cache),
+        }
     }
 
     /// `SIGHUP`: applies a new configuration's named queries, TTLs, SQL settings and limits
@@ -124,6 +106,7 @@ impl Shared {
     /// PostgreSQL, TLS, metrics, invalidation, users, L1 and refresh settings) keep their
     /// running values; their names are returned so the operator is told.
     pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, String> {
+        check_config(&new).map_err(|e| e.to_string())?;
         let old = self.config();
         let mut next = new;
         let mut kept = Vec::new();
@@ -151,147 +134,16 @@ impl Shared {
         keep!(cache.l1_max_bytes, "cache.l1_max_bytes");
         keep!(cache.l1_ttl_ms, "cache.l1_ttl_ms");
         keep!(cache.stale_if_error_secs, "cache.stale_if_error_secs");
-        let named = build_named(&next)?;
+        let named = crate::cache::named::build(&next)?;
         self.invalidation.set_named(&named);
-        let live = Live {
-            limits: next.protocol_limits(),
-            config: Arc::new(next),
-            named: Arc::new(named),
-        };
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        self.live.replace(next, named);
         // Statements may have changed under the same text-keyed caches: start them afresh.
         self.sql_checks.invalidate_all();
         Ok(kept)
     }
 
-    /// Whether the invalidation listener is connected and listening.
-    pub fn set_listening(&self, on: bool) {
-        self.listening.send_replace(on);
-    }
-
-    pub fn is_listening(&self) -> bool {
-        *self.listening.borrow()
-    }
-
-    /// At start, waits (at most `limit`) until the invalidation listener is listening: an
-    /// entry stored just before the listener's first flush would be thrown away by it. Later
-    /// outages don't wait: what is stored while the listener is down is flushed when it comes
-    /// back, and a database that is down should fail misses fast, not after a wait.
-    pub async fn wait_listening(&self, limit: Duration) {
-        if !self.config().invalidation.enabled
-            || self.is_listening()
-            || self.metrics.listener_reconnects.load(Ordering::Relaxed) > 0
-        {
-            return;
-        }
-        let mut rx = self.listening.subscribe();
-        let _ = tokio::time::timeout(limit, rx.wait_for(|on| *on)).await;
-    }
-
-    /// The figures computed when asked (pools, L1, degraded mode), in INFO order; each is
-    /// named here once for both INFO and Prometheus.
-    fn computed(&self) -> [Computed; 10] {
-        let (size, available) = self.db.pool_status();
-        let (entries, bytes) = self.cache.l1.usage();
-        let (all, degraded) = self.cache.degraded.snapshot();
-        let c = |info, gauge, value: u64| Computed { info, gauge, value };
-        let flag = |b: bool| u64::from(b);
-        [
-            // INFO shows the pool as one `db_pool` row (see `metrics`).
-            c(
-                None,
-                Some(("db_pool_size", "PostgreSQL pool connections open")),
-                size as u64,
-            ),
-            c(
-                None,
-                Some(("db_pool_available", "PostgreSQL pool connections idle")),
-                available as u64,
-            ),
-            c(
-                None,
-                Some((
-                    "upstream_shared_connections",
-                    "Shared pipelined connections to Valkey per protocol",
-                )),
-                self.config().valkey.pool_size as u64,
-            ),
-            c(
-                Some("l1_entries"),
-                Some(("l1_entries", "Entries in the in-process L1")),
-                entries,
-            ),
-            c(
-                Some("l1_bytes"),
-                Some(("l1_bytes", "Bytes held by the in-process L1")),
-                bytes,
-            ),
-            c(
-                Some("l1_tracking"),
-                Some((
-                    "l1_tracking_up",
-                    "1 while Valkey client tracking keeps the L1 coherent",
-                )),
-                flag(self.upstream.tracking_up()),
-            ),
-            // INFO has this row earlier, beside `db_pool` (see `metrics`).
-            c(
-                None,
-                Some((
-                    "invalidation_listening",
-                    "1 while listening for PostgreSQL change notifications",
-                )),
-                flag(self.is_listening()),
-            ),
-            c(
-                Some("invalidation_degraded"),
-                None,
-                flag(all || !degraded.is_empty()),
-            ),
-            c(
-                Some("invalidation_degraded_all"),
-                Some((
-                    "invalidation_degraded_all",
-                    "1 while every cached read bypasses the cache until a pending flush is applied",
-                )),
-                flag(all),
-            ),
-            c(
-                Some("invalidation_degraded_tables"),
-                Some((
-                    "invalidation_degraded_tables",
-                    "Tables whose reads bypass the cache until a pending invalidation is applied",
-                )),
-                degraded.len() as u64,
-            ),
-        ]
-    }
-
-    /// The `# Cachefront` INFO section.
-    pub fn info_section(&self) -> String {
-        let mut s = self
-            .metrics
-            .info_section(self.db.pool_status(), self.is_listening());
-        for c in self.computed() {
-            if let Some(name) = c.info {
-                s.push_str(&format!("{name}:{}\r\n", c.value));
-            }
-        }
-        if let Some(c) = &self.upstream.cluster {
-            let st = c.stats();
-            s.push_str(&format!(
-                "cluster_nodes:{}\r\ncluster_slots_served:{}\r\ncluster_moved:{}\r\ncluster_ask:{}\r\ncluster_map_refreshes:{}\r\n",
-                st.nodes, st.slots_served, st.moved, st.ask, st.refreshes
-            ));
-        }
-        if let Some(set) = self.db.replicas() {
-            s.push_str(&set.info_lines());
-        }
-        s
-    }
-
     /// The Prometheus exposition: counters, gauges, histograms. Stored counters and gauges
-    /// come from `metrics::DECLARED`, computed gauges from `computed`.
+    /// come from `metrics::DECLARED`, computed gauges from `Context::computed`.
     pub fn prometheus(&self) -> String {
         let gauges: Vec<_> = self
             .computed()
@@ -343,20 +195,6 @@ impl Shared {
         }
         out
     }
-
-    /// Client ids start at 1 and are never reused, like Valkey's.
-    pub fn next_client_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// One figure of `Shared::computed`: where it shows, and its value now.
-struct Computed {
-    /// INFO field, shown after the latency rows; `None`: Prometheus only.
-    info: Option<&'static str>,
-    /// Prometheus gauge name (without `cachefront_`) and help; `None`: INFO only.
-    gauge: Option<(&'static str, &'static str)>,
-    value: u64,
 }
 
 pub struct Server {
@@ -416,6 +254,7 @@ async fn handshake(
 impl Server {
     /// Binds the listen address (port 0 picks a free port) and prepares the shared state.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        check_config(&config)?;
         crate::tls::install_default_provider();
         let listener = match config.tls.only {
             true => None,
@@ -521,7 +360,7 @@ impl Server {
 
     /// Accepts clients until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let listener_task = tokio::spawn(crate::invalidation::run(Arc::clone(&self.shared)));
+        let listener_task = tokio::spawn(crate::invalidation::run(self.shared.listener()));
         let replicas_task = tokio::spawn(crate::db::replicas::run(self.shared.db.clone()));
         if self.shared.cache.l1.enabled() {
             let l1 = Arc::clone(&self.shared.cache.l1);
@@ -597,7 +436,7 @@ impl Server {
                 if let Some(stream) = stream {
                     inc(&shared.metrics.connections_total);
                     let _open = OpenClient::new(&shared.metrics);
-                    Connection::new(Arc::clone(&shared), stream, Some(peer), stop)
+                    Connection::new(shared.context(), stream, Some(peer), stop)
                         .run()
                         .await;
                 }
@@ -683,4 +522,43 @@ pub async fn spawn(config: Config) -> Result<Running, StartError> {
         stop: Some(stop),
         task: Some(task),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses, then runs every check, as the binary does at start.
+    fn checked(text: &str) -> Result<Config, ConfigError> {
+        let c = Config::from_toml_with_env(text, Vec::new())?;
+        check_config(&c).map(|()| c)
+    }
+
+    #[test]
+    fn named_queries_are_validated() {
+        let bad = r#"
+[[query]]
+command = "X.GET"
+sql = "SELECT name FROM employees WHERE id = $2"
+key = "x:{1}"
+args = ["int"]
+"#;
+        let e = checked(bad).unwrap_err().to_string();
+        assert!(e.contains("query[0] (X.GET)"), "{e}");
+        let write = bad.replace(
+            "SELECT name FROM employees WHERE id = $2",
+            "DELETE FROM employees WHERE id = $1",
+        );
+        assert!(checked(&write).is_err());
+        let shadow = bad.replace("$2", "$1").replace("X.GET", "GET");
+        let e = checked(&shadow).unwrap_err().to_string();
+        assert!(e.contains("namespaced"), "{e}");
+        let own = bad.replace("$2", "$1").replace("X.GET", "SQL.CACHED");
+        let e = checked(&own).unwrap_err().to_string();
+        assert!(e.contains("is a built-in command"), "{e}");
+        let key = bad.replace("$2", "$1").replace("x:{1}", "x:{3}");
+        let e = checked(&key).unwrap_err().to_string();
+        assert!(e.contains("key"), "{e}");
+        assert!(checked(&bad.replace("$2", "$1")).is_ok());
+    }
 }

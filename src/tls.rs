@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::{ConfigError, TlsConfig};
+use crate::config::{Config, ConfigError, TlsConfig};
 
 /// A client connection: plain TCP, or TLS over TCP.
 pub type ClientStream = Stream<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
@@ -103,6 +103,22 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// crate builds itself. Harmless when called again.
 pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The TLS files the configuration names can be read and parsed — the listener's certificate,
+/// key and CA, and the CA for TLS to Valkey — so a bad file stops the start, and
+/// `--check-config`, with the key named. (`Config::validate` has checked the settings.)
+pub fn check_config(config: &Config) -> Result<(), ConfigError> {
+    if config.tls.enabled() {
+        server_config(&config.tls)?;
+    }
+    let upstream_tls = redis::parse_redis_url(&config.valkey.url)
+        .is_some_and(|u| matches!(u.scheme(), "rediss" | "valkeys"));
+    let valkey = &config.valkey;
+    if upstream_tls && !valkey.tls_insecure && !valkey.tls_ca_file.is_empty() {
+        load_roots("valkey.tls_ca_file", &valkey.tls_ca_file)?;
+    }
+    Ok(())
 }
 
 fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {

@@ -415,8 +415,10 @@ async fn several_passwords_and_a_default_user_from_the_list() {
 
 #[test]
 fn bad_users_are_refused_with_the_key_named() {
+    // Parsed, then checked as at start (users are built by `server::check_config`).
     let err = |toml: &str| {
         Config::from_toml_with_env(toml, Vec::<(String, String)>::new())
+            .and_then(|c| cachefront::server::check_config(&c))
             .unwrap_err()
             .to_string()
     };

@@ -274,12 +274,13 @@ fn bad_tls_files_are_refused_with_the_key_named() {
             p(&pki.server_key)
         )
     };
-    assert!(Config::from_toml_with_env(&base(""), Vec::new()).is_ok());
-    let err = |text: String| {
-        Config::from_toml_with_env(&text, Vec::new())
-            .expect_err("refused")
-            .to_string()
+    // Parsed, then checked as at start (the files are read by `server::check_config`).
+    let check = |text: &str| {
+        Config::from_toml_with_env(text, Vec::new())
+            .and_then(|c| cachefront::server::check_config(&c))
     };
+    assert!(check(&base("")).is_ok());
+    let err = |text: String| check(&text).expect_err("refused").to_string();
     let missing = base("").replace(&p(&pki.server_cert), "/nonexistent/cert.pem");
     assert!(err(missing).starts_with("tls.cert_file: cannot read /nonexistent/cert.pem"));
     let not_pem = base("").replace(&p(&pki.server_cert), "/etc/hostname");

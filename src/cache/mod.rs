@@ -6,6 +6,7 @@ pub mod coalesce;
 pub mod degraded;
 pub mod key;
 pub mod l1;
+pub mod named;
 pub mod store;
 
 use bytes::Bytes;

@@ -4,11 +4,11 @@
 use bytes::Bytes;
 use std::sync::Arc;
 
+use super::Context;
 use super::{wrong_args, Action, Route, StateChange, Transform};
 use crate::error::Refusal;
 use crate::protocol::request::parse_i64_strict;
 use crate::protocol::{Proto, Reply, Request};
-use crate::server::Shared;
 use crate::session::{ReplyMode, Session};
 
 /// Commands an unauthenticated client may send.
@@ -16,11 +16,11 @@ pub fn allowed_before_auth(name: &[u8]) -> bool {
     matches!(name, b"AUTH" | b"HELLO" | b"QUIT" | b"RESET")
 }
 
-pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, name: &[u8], req: Request) -> Action {
+pub fn dispatch(ctx: &Arc<Context>, session: &mut Session, name: &[u8], req: Request) -> Action {
     match name {
         // While a long command (a script…) may hold Valkey, PING asks Valkey: the client
         // sees its -BUSY, as it would directly, instead of a PONG that says all is well.
-        b"PING" if shared.upstream.long_in_flight() => Action::Forward {
+        b"PING" if ctx.upstream.long_in_flight() => Action::Forward {
             req,
             route: Route::Any,
             transform: Transform::None,
@@ -36,9 +36,9 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, name: &[u8], req: R
         },
         b"QUIT" => Action::Close(Reply::ok()),
         b"RESET" => Action::Reset,
-        b"AUTH" => Action::Reply(auth(shared, session, &req)),
-        b"HELLO" => hello(shared, session, &req),
-        _ => select(shared, session, req),
+        b"AUTH" => Action::Reply(auth(ctx, session, &req)),
+        b"HELLO" => hello(ctx, session, &req),
+        _ => select(ctx, session, req),
     }
 }
 
@@ -71,20 +71,20 @@ fn wrong_sub_args(sub: &[u8]) -> Reply {
 /// AUTH / HELLO AUTH: logs the client in as `user` if the password matches (WRONGPASS
 /// otherwise); see [`crate::acl::Users::authenticate`].
 fn check_password(
-    shared: &Shared,
+    ctx: &Context,
     session: &mut Session,
     user: &[u8],
     pass: &[u8],
 ) -> Result<(), Reply> {
-    let u = shared.users.authenticate(user, pass)?;
+    let u = ctx.users.authenticate(user, pass)?;
     session.user = u;
     session.authed = true;
     Ok(())
 }
 
-fn auth(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
+fn auth(ctx: &Context, session: &mut Session, req: &Request) -> Reply {
     let (user, pass) = match req.args.len() {
-        2 if shared.users.default_user().nopass => {
+        2 if ctx.users.default_user().nopass => {
             return Refusal::AuthWithoutPassword.reply();
         }
         2 => (&b"default"[..], &req.args[1][..]),
@@ -92,7 +92,7 @@ fn auth(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
         1 => return wrong_args(req),
         _ => return Refusal::Syntax.reply(),
     };
-    match check_password(shared, session, user, pass) {
+    match check_password(ctx, session, user, pass) {
         Ok(()) => Reply::ok(),
         Err(r) => r,
     }
@@ -102,13 +102,13 @@ fn auth(shared: &Shared, session: &mut Session, req: &Request) -> Reply {
 /// Valkey holds state for the client (a selected database, watched keys, subscriptions,
 /// tracking) also switches its dedicated connection: `HELLO <proto>` goes there, and the
 /// client sees Valkey's refusal if there is one, else cachefront's reply.
-fn hello(shared: &Shared, session: &mut Session, req: &Request) -> Action {
+fn hello(ctx: &Context, session: &mut Session, req: &Request) -> Action {
     let proto = match hello_proto(session, req) {
         Ok(p) => p,
         Err(r) => return Action::Reply(r),
     };
     let switch_upstream = proto != session.proto && session.needs_dedicated();
-    let reply = match hello_local(shared, session, req, proto, !switch_upstream) {
+    let reply = match hello_local(ctx, session, req, proto, !switch_upstream) {
         Ok(r) => r,
         Err(r) => return Action::Reply(r),
     };
@@ -141,7 +141,7 @@ fn hello_proto(session: &Session, req: &Request) -> Result<Proto, Reply> {
 /// HELLO's options and reply; `set_proto` switches the session's protocol here (otherwise the
 /// forwarded HELLO does it).
 fn hello_local(
-    shared: &Shared,
+    ctx: &Context,
     session: &mut Session,
     req: &Request,
     proto: Proto,
@@ -153,10 +153,7 @@ fn hello_local(
     while i < req.args.len() {
         let opt = &req.args[i];
         if opt.eq_ignore_ascii_case(b"AUTH") && i + 2 < req.args.len() {
-            match shared
-                .users
-                .authenticate(&req.args[i + 1], &req.args[i + 2])
-            {
+            match ctx.users.authenticate(&req.args[i + 1], &req.args[i + 2]) {
                 Ok(u) => login = Some(u),
                 Err(r) => return Err(r),
             }
@@ -184,7 +181,7 @@ fn hello_local(
     if let Some(n) = name {
         session.name = n;
     }
-    let version = shared.upstream.server_version();
+    let version = ctx.upstream.server_version();
     Ok(Reply::Map(vec![
         (Reply::text("server"), Reply::text("valkey")),
         (
@@ -211,7 +208,7 @@ fn valid_name(raw: &Bytes) -> Result<Option<String>, Reply> {
     Ok((!raw.is_empty()).then(|| String::from_utf8_lossy(raw).into_owned()))
 }
 
-fn select(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
+fn select(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Action {
     if req.args.len() != 2 {
         return Action::Reply(wrong_args(&req));
     }
@@ -221,7 +218,7 @@ fn select(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
     if db == 0 && !session.needs_dedicated() {
         return Action::Reply(Reply::ok());
     }
-    if db != 0 && shared.upstream.cluster.is_some() {
+    if db != 0 && ctx.upstream.cluster.is_some() {
         // A client's keys span every node: another database would need a selected
         // connection per node. Refused, as a cluster without numbered databases does.
         return Action::Reply(Refusal::SelectInCluster.reply());
@@ -235,7 +232,7 @@ fn select(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
 
 /// `CLIENT …`: identity subcommands are local (cachefront's clients are not Valkey's);
 /// tracking and similar state go to the client's dedicated Valkey connection.
-pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
+pub fn client(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Action {
     let Some(sub) = req.args.get(1) else {
         return Action::Reply(wrong_args(&req));
     };
@@ -269,8 +266,8 @@ pub fn client(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Acti
             _ => Refusal::Syntax.reply(),
         },
         b"KILL" => Refusal::ClientKill.reply(),
-        b"UNBLOCK" => return unblock(shared, req),
-        b"TRACKING" => return tracking(shared, req),
+        b"UNBLOCK" => return unblock(ctx, req),
+        b"TRACKING" => return tracking(ctx, req),
         b"NO-EVICT" | b"NO-TOUCH" => {
             return Action::Forward {
                 req,
@@ -303,7 +300,7 @@ fn set_reply_mode(session: &mut Session, mode: ReplyMode) -> Reply {
 
 /// `CLIENT UNBLOCK <id>`: the id is a cachefront client's; a blocked client waits on its
 /// dedicated connection, whose Valkey id is what Valkey needs.
-fn unblock(shared: &Arc<Shared>, req: Request) -> Action {
+fn unblock(ctx: &Arc<Context>, req: Request) -> Action {
     let target = req.args.get(2).and_then(|a| parse_i64_strict(a));
     let Some(target) = target else {
         return Action::Forward {
@@ -312,7 +309,7 @@ fn unblock(shared: &Arc<Shared>, req: Request) -> Action {
             transform: Transform::None,
         };
     };
-    match shared.upstream.upstream_id_of(target.max(0) as u64) {
+    match ctx.upstream.upstream_id_of(target.max(0) as u64) {
         Some(up) => {
             let mut args = req.args.clone();
             args[2] = Bytes::from(up.to_string());
@@ -359,7 +356,7 @@ fn client_info(s: &Session) -> String {
 
 /// `CLIENT TRACKING on|off …`. A `REDIRECT <id>` names a cachefront client; Valkey needs the
 /// id of that client's own upstream connection, so the argument is rewritten.
-fn tracking(shared: &Arc<Shared>, req: Request) -> Action {
+fn tracking(ctx: &Arc<Context>, req: Request) -> Action {
     let on = match req.args.get(2).map(|a| a.to_ascii_lowercase()) {
         Some(a) if a == b"on" => true,
         Some(a) if a == b"off" => false,
@@ -371,7 +368,7 @@ fn tracking(shared: &Arc<Shared>, req: Request) -> Action {
             }
         }
     };
-    if on && shared.upstream.cluster.is_some() {
+    if on && ctx.upstream.cluster.is_some() {
         // Tracking lives on one node's connection, and this client's reads go to every
         // node: its client-side cache would miss invalidations. Refused rather than stale.
         return Action::Reply(Refusal::TrackingInCluster.reply());
@@ -382,7 +379,7 @@ fn tracking(shared: &Arc<Shared>, req: Request) -> Action {
     while i < args.len() {
         if args[i].eq_ignore_ascii_case(b"REDIRECT") && i + 1 < args.len() {
             let target = parse_i64_strict(&args[i + 1]).filter(|&t| t > 0);
-            match target.and_then(|t| shared.upstream.upstream_id_of(t as u64)) {
+            match target.and_then(|t| ctx.upstream.upstream_id_of(t as u64)) {
                 Some(up) => {
                     args[i + 1] = Bytes::from(up.to_string());
                     rewritten = true;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::named_query::NamedQuery;
 use super::Action;
+use super::Context;
 use crate::cache::{CacheStatus, Deps, Entry, FillOptions, Value};
 use crate::config::ReplyKind;
 use crate::db::{Collect, DbError, QueryResult, ResultLimits, Rows, Served};
@@ -13,7 +14,6 @@ use crate::error::{Error, Refusal, Result};
 use crate::metrics::inc;
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::{Proto, Reply};
-use crate::server::Shared;
 
 /// Where a cached command's value comes from.
 pub enum Source {
@@ -48,37 +48,35 @@ pub fn is_hit(frame: &[u8]) -> bool {
 
 /// Answers a miss. With `via_cache` false (Valkey unavailable) the value comes straight from
 /// PostgreSQL and nothing is stored.
-pub async fn run(shared: Arc<Shared>, plan: FillPlan, via_cache: bool) -> Reply {
-    fill(shared, plan, via_cache, false).await
+pub async fn run(ctx: Arc<Context>, plan: FillPlan, via_cache: bool) -> Reply {
+    fill(ctx, plan, via_cache, false).await
 }
 
-async fn fill(shared: Arc<Shared>, plan: FillPlan, via_cache: bool, refresh: bool) -> Reply {
+async fn fill(ctx: Arc<Context>, plan: FillPlan, via_cache: bool, refresh: bool) -> Reply {
     let FillPlan {
         entry,
         source,
         kind,
         proto: _,
     } = plan;
-    let db_shared = Arc::clone(&shared);
+    let db_ctx = Arc::clone(&ctx);
     let started = std::time::Instant::now();
     let slow = SlowNote::of(&source, &entry.key);
     let negative_ttl = match &source {
         Source::Named { query, .. } => query.negative_ttl,
         Source::Sql { .. } => {
-            let ttl = shared.config().sql.negative_ttl;
+            let ttl = ctx.config().sql.negative_ttl;
             (ttl > 0).then_some(ttl)
         }
     };
     let result = if via_cache {
-        match prepare(&shared, entry).await {
+        match prepare(&ctx, entry).await {
             Ok(entry) => {
                 // What replicas must have replayed is judged on the versions this fill checks
                 // — only needed with replicas.
-                let deps = shared.db.replicas().map(|_| entry.deps.clone());
-                let load =
-                    move || async move { load(&db_shared, &source, kind, deps.as_ref()).await };
-                shared
-                    .cache
+                let deps = ctx.db.replicas().map(|_| entry.deps.clone());
+                let load = move || async move { load(&db_ctx, &source, kind, deps.as_ref()).await };
+                ctx.cache
                     .fill(
                         entry,
                         FillOptions {
@@ -93,19 +91,19 @@ async fn fill(shared: Arc<Shared>, plan: FillPlan, via_cache: bool, refresh: boo
             Err(e) => Err(e),
         }
     } else {
-        inc(&shared.metrics.fail_open);
-        inc(&shared.metrics.db_queries);
-        load(&db_shared, &source, kind, None)
+        inc(&ctx.metrics.fail_open);
+        inc(&ctx.metrics.db_queries);
+        load(&db_ctx, &source, kind, None)
             .await
             .inspect_err(|e| {
                 if !matches!(e, Error::Client(_)) {
-                    inc(&shared.metrics.db_errors)
+                    inc(&ctx.metrics.db_errors)
                 }
             })
             .map(|v| (v, CacheStatus::FailOpen))
     };
     if let Ok((_, CacheStatus::Miss | CacheStatus::FailOpen)) = &result {
-        slow.record_if_slow(&shared, started.elapsed());
+        slow.record_if_slow(&ctx, started.elapsed());
     }
     match result {
         Ok((value, _status)) => render(value, kind),
@@ -135,8 +133,8 @@ impl SlowNote {
 
     /// Keeps the fill in `CACHEFRONT.SLOWLOG` if it took `metrics.slow_fill_ms` or more.
     /// The log line names the command and key, never the SQL text.
-    fn record_if_slow(self, shared: &Shared, took: std::time::Duration) {
-        let config = shared.config();
+    fn record_if_slow(self, ctx: &Context, took: std::time::Duration) {
+        let config = ctx.config();
         if took < std::time::Duration::from_millis(config.metrics.slow_fill_ms) {
             return;
         }
@@ -145,7 +143,7 @@ impl SlowNote {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        shared.metrics.slowlog.record(
+        ctx.metrics.slowlog.record(
             config.metrics.slowlog_max_len,
             crate::metrics::SlowFill {
                 id: 0,
@@ -161,24 +159,21 @@ impl SlowNote {
 
 /// Resolves the entry's tables (views to their tables) and makes sure they notify on writes,
 /// before any version is read.
-async fn prepare(shared: &Shared, mut entry: Entry) -> Result<Entry> {
-    shared
-        .wait_listening(std::time::Duration::from_millis(
-            shared.config().postgres.connect_timeout_ms,
-        ))
-        .await;
+async fn prepare(ctx: &Context, mut entry: Entry) -> Result<Entry> {
+    ctx.wait_listening(std::time::Duration::from_millis(
+        ctx.config().postgres.connect_timeout_ms,
+    ))
+    .await;
     let mut names = entry.deps.tables.clone();
     if let Some(r) = &entry.deps.row {
         names.push(r.table.clone());
     }
-    let resolved = tokio::time::timeout(
-        shared.db.deadline(),
-        shared.invalidation.prepare(&shared.db, &names),
-    )
-    .await
-    .map_err(|_| {
-        Error::db("database unavailable: no answer while resolving the query's tables")
-    })??;
+    let resolved =
+        tokio::time::timeout(ctx.db.deadline(), ctx.invalidation.prepare(&ctx.db, &names))
+            .await
+            .map_err(|_| {
+                Error::db("database unavailable: no answer while resolving the query's tables")
+            })??;
     let row_table = entry.deps.row.as_ref().map(|r| r.table.clone());
     entry.deps.tables = resolved
         .into_iter()
@@ -191,19 +186,19 @@ async fn prepare(shared: &Shared, mut entry: Entry) -> Result<Entry> {
 /// tables is pending (see `Cache::bypasses`), else the L1, else a lookup in Valkey. `plan`
 /// builds the miss plan for the entry key; it is called only when needed.
 pub fn route(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     key: String,
     kind: ReplyKind,
     proto: Proto,
     plan: impl Fn(String) -> FillPlan,
 ) -> Action {
-    if shared.cache.degraded.any() {
+    if ctx.cache.degraded.any() {
         let plan = plan(key.clone());
-        if shared.cache.bypasses(&plan.entry) {
-            return Action::Task(Box::pin(run(Arc::clone(shared), plan, true)));
+        if ctx.cache.bypasses(&plan.entry) {
+            return Action::Task(Box::pin(run(Arc::clone(ctx), plan, true)));
         }
     }
-    if let Some(hit) = serve_from_l1(shared, &key, kind, proto, || plan(key.clone())) {
+    if let Some(hit) = serve_from_l1(ctx, &key, kind, proto, || plan(key.clone())) {
         return Action::Reply(hit);
     }
     let lookup_cmd: &[u8] = match kind {
@@ -221,31 +216,27 @@ pub fn route(
 /// hit costs a hash lookup, not the allocations of a miss. `plan` is built only if early
 /// refresh picks this hit.
 fn serve_from_l1(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     key: &str,
     kind: ReplyKind,
     proto: Proto,
     plan: impl FnOnce() -> FillPlan,
 ) -> Option<Reply> {
-    let frame = shared.cache.l1.get(key, kind == ReplyKind::Hash, proto)?;
-    inc(&shared.metrics.hits);
-    inc(&shared.metrics.l1_hits);
-    shared
-        .metrics
-        .latency
-        .hit
-        .observe(std::time::Duration::ZERO);
-    if shared.cache.should_refresh_early(key) {
-        inc(&shared.metrics.early_refreshes);
-        refresh_in_background(Arc::clone(shared), plan());
+    let frame = ctx.cache.l1.get(key, kind == ReplyKind::Hash, proto)?;
+    inc(&ctx.metrics.hits);
+    inc(&ctx.metrics.l1_hits);
+    ctx.metrics.latency.hit.observe(std::time::Duration::ZERO);
+    if ctx.cache.should_refresh_early(key) {
+        inc(&ctx.metrics.early_refreshes);
+        refresh_in_background(Arc::clone(ctx), plan());
     }
     Some(Reply::Raw(frame))
 }
 
 /// Answers a hit that early refresh picked: refill in the background, reply to nobody.
-pub fn refresh_in_background(shared: Arc<Shared>, plan: FillPlan) {
+pub fn refresh_in_background(ctx: Arc<Context>, plan: FillPlan) {
     tokio::spawn(async move {
-        let _ = fill(shared, plan, true, true).await;
+        let _ = fill(ctx, plan, true, true).await;
     });
 }
 
@@ -267,13 +258,13 @@ fn render(value: Value, kind: ReplyKind) -> Reply {
 /// Queries PostgreSQL for a fill. `deps`: the versions the fill checked (read before this
 /// runs), when known.
 async fn load(
-    shared: &Shared,
+    ctx: &Context,
     source: &Source,
     kind: ReplyKind,
     deps: Option<&Deps>,
 ) -> Result<Value> {
-    let must_see = must_see(shared, deps);
-    let limits = result_limits(shared);
+    let must_see = must_see(ctx, deps);
+    let limits = result_limits(ctx);
     let result = match source {
         Source::Named { query, args } => {
             let collect = match kind {
@@ -283,18 +274,17 @@ async fn load(
                 }),
                 ReplyKind::Value | ReplyKind::Hash => Collect::FirstRow,
             };
-            shared
-                .db
+            ctx.db
                 .query_params(&query.sql, args, collect, must_see)
                 .await
                 .map_err(|e| named_error(query, args, e))?
         }
         Source::Sql { sql, params } => {
-            let r = shared
+            let r = ctx
                 .db
                 .query_read_only(sql, params, limits, must_see)
                 .await?;
-            count_served(shared, r.served);
+            count_served(ctx, r.served);
             if r.rows.is_empty() {
                 // Answered as `[]`; remembered only as a negative entry (sql.negative_ttl).
                 return Ok(Value::Absent);
@@ -302,13 +292,13 @@ async fn load(
             return Ok(shape(r, kind));
         }
     };
-    count_served(shared, result.served);
+    count_served(ctx, result.served);
     Ok(shape(result, kind))
 }
 
 /// The caps a JSON result is read within (`sql.max_rows`, `sql.max_result_bytes`).
-fn result_limits(shared: &Shared) -> ResultLimits {
-    let sql = &shared.config().sql;
+fn result_limits(ctx: &Context) -> ResultLimits {
+    let sql = &ctx.config().sql;
     ResultLimits {
         max_rows: sql.max_rows,
         max_bytes: sql.max_result_bytes,
@@ -320,11 +310,11 @@ fn result_limits(shared: &Shared) -> ResultLimits {
 /// answered straight from PostgreSQL), everything any fill must see. While the invalidation
 /// listener is down, writes go unheard and no requirement is raised for them: the primary
 /// answers every fill until it is back (and has flushed what it missed).
-fn must_see(shared: &Shared, deps: Option<&Deps>) -> u64 {
-    let Some(set) = shared.db.replicas() else {
+fn must_see(ctx: &Context, deps: Option<&Deps>) -> u64 {
+    let Some(set) = ctx.db.replicas() else {
         return 0;
     };
-    if shared.config().invalidation.enabled && !shared.is_listening() {
+    if ctx.config().invalidation.enabled && !ctx.is_listening() {
         return u64::MAX;
     }
     match deps {
@@ -334,8 +324,8 @@ fn must_see(shared: &Shared, deps: Option<&Deps>) -> u64 {
 }
 
 /// Which server answered, for the replica counters.
-fn count_served(shared: &Shared, served: Served) {
-    let m = &shared.metrics;
+fn count_served(ctx: &Context, served: Served) {
+    let m = &ctx.metrics;
     match served {
         Served::Primary => {}
         Served::Replica => inc(&m.replica_fills),

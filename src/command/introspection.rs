@@ -4,12 +4,12 @@
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 
+use super::Context;
 use super::{Action, Route, Transform};
 use crate::config::{ArgType, ReplyKind};
 use crate::error::Refusal;
 use crate::error::Result;
 use crate::protocol::{FrameScanner, Proto, Reply, Request};
-use crate::server::Shared;
 use crate::session::Session;
 
 /// How one of cachefront's commands describes itself.
@@ -42,7 +42,7 @@ fn arg(name: &str, kind: &'static str) -> ArgDoc {
 }
 
 /// The docs of every command cachefront serves itself (named queries included).
-pub fn own_commands(shared: &Shared) -> Vec<CommandDoc> {
+pub fn own_commands(ctx: &Context) -> Vec<CommandDoc> {
     let mut out = vec![
         CommandDoc {
             name: "sql.cached".into(),
@@ -86,7 +86,7 @@ pub fn own_commands(shared: &Shared) -> Vec<CommandDoc> {
             categories: crate::acl::SLOWLOG_CATEGORIES,
         },
     ];
-    for q in shared.named().values() {
+    for q in ctx.named().values() {
         out.push(CommandDoc {
             name: q.name.to_ascii_lowercase(),
             arity: q.args.len() as i64 + 1,
@@ -172,7 +172,7 @@ fn docs_entry(d: &CommandDoc) -> Reply {
     ])
 }
 
-pub fn command(shared: &Arc<Shared>, _session: &mut Session, req: Request) -> Action {
+pub fn command(ctx: &Arc<Context>, _session: &mut Session, req: Request) -> Action {
     let sub = req.args.get(1).map(|s| s.to_ascii_uppercase());
     let names: Vec<String> = req
         .args
@@ -185,7 +185,7 @@ pub fn command(shared: &Arc<Shared>, _session: &mut Session, req: Request) -> Ac
         Some(b"COUNT") => Transform::CommandCount,
         Some(b"INFO") if names.is_empty() => Transform::CommandAll,
         Some(b"INFO") => {
-            let own = own_commands(shared);
+            let own = own_commands(ctx);
             Transform::CommandInfo(
                 names
                     .iter()
@@ -235,8 +235,8 @@ fn encode_aggregate(kind: u8, n: usize, items: impl IntoIterator<Item = Bytes>) 
 }
 
 /// Adds cachefront's entries to Valkey's `COMMAND …` reply.
-pub fn merge_command(shared: &Arc<Shared>, proto: Proto, t: &Transform, raw: Bytes) -> Reply {
-    let own = own_commands(shared);
+pub fn merge_command(ctx: &Arc<Context>, proto: Proto, t: &Transform, raw: Bytes) -> Reply {
+    let own = own_commands(ctx);
     let enc = |r: Reply| r.to_bytes(proto);
     if let Transform::CommandCount = t {
         return match std::str::from_utf8(
@@ -305,7 +305,7 @@ fn wants_ours(args: &[Bytes]) -> bool {
         })
 }
 
-pub fn info(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
+pub fn info(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Action {
     let args = &req.args[1..];
     if !wants_ours(args) {
         return Action::Forward {
@@ -315,7 +315,7 @@ pub fn info(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action
         };
     }
     if args.len() == 1 && args[0].eq_ignore_ascii_case(b"cachefront") {
-        let text = shared.info_section();
+        let text = ctx.info_section();
         return Action::Reply(info_reply(session.proto, text));
     }
     Action::Forward {
@@ -333,8 +333,8 @@ fn info_reply(proto: Proto, text: String) -> Reply {
 }
 
 /// Valkey's INFO text followed by `# Cachefront`; if Valkey is down, ours alone plus a note.
-pub fn merge_info(shared: &Arc<Shared>, proto: Proto, upstream: Result<Bytes>) -> Reply {
-    let ours = shared.info_section();
+pub fn merge_info(ctx: &Arc<Context>, proto: Proto, upstream: Result<Bytes>) -> Reply {
+    let ours = ctx.info_section();
     let text = match upstream {
         Ok(raw) => match body_of_text_reply(&raw) {
             Some(body) => {
@@ -367,8 +367,8 @@ fn body_of_text_reply(raw: &[u8]) -> Option<&[u8]> {
 /// `CACHEFRONT.SLOWLOG GET [count] | LEN | RESET | HELP`: fills that took at least
 /// `metrics.slow_fill_ms`, newest first, in the shape of Valkey's SLOWLOG entries (id, unix
 /// time, microseconds, [command, key, SQL], two empty client fields).
-pub fn slowlog(shared: &Arc<Shared>, req: &Request) -> Action {
-    let log = &shared.metrics.slowlog;
+pub fn slowlog(ctx: &Arc<Context>, req: &Request) -> Action {
+    let log = &ctx.metrics.slowlog;
     let sub = req.args.get(1).map(|s| s.to_ascii_uppercase());
     let reply = match (sub.as_deref(), req.args.len()) {
         (Some(b"GET"), 2 | 3) => {

@@ -4,6 +4,7 @@
 //! cached lookup, or a task — and the connection keeps replies in request order.
 
 pub mod connection_cmds;
+pub mod context;
 pub mod fill;
 pub mod introspection;
 pub mod named_query;
@@ -17,10 +18,11 @@ use futures::FutureExt;
 use std::sync::Arc;
 
 use crate::acl;
+use crate::config::{Config, ConfigError};
 use crate::error::Refusal;
 use crate::protocol::{Reply, Request};
-use crate::server::Shared;
 use crate::session::Session;
+pub use context::Context;
 pub use fill::FillPlan;
 pub use passthrough::{Route, StateChange, Transform};
 
@@ -78,6 +80,26 @@ pub fn is_reserved_name(name: &str) -> bool {
     RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
 
+/// The named queries' checks that need more than the config's own data: a name that is not
+/// one of cachefront's own commands, then their SQL and key (`cache::named::check`). An
+/// error names the query, as `Config::validate` does.
+pub fn check_queries(config: &Config) -> Result<(), ConfigError> {
+    for (i, q) in config.queries.iter().enumerate() {
+        let invalid = |msg| ConfigError::Invalid {
+            key: format!("query[{i}] ({})", q.command),
+            msg,
+        };
+        if is_reserved_name(&q.command) {
+            return Err(invalid(format!(
+                "command {} is a built-in command",
+                q.command
+            )));
+        }
+        crate::cache::named::check(q).map_err(invalid)?;
+    }
+    Ok(())
+}
+
 /// Uppercases a command name into a stack buffer (names are short; longer ones are never ours).
 fn upper(name: &[u8], buf: &mut [u8; 32]) -> Option<usize> {
     if name.len() > buf.len() {
@@ -95,7 +117,7 @@ pub fn wrong_args(req: &Request) -> Reply {
 }
 
 /// Decides what to do with `req`: authentication and permissions first, as Valkey does.
-pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
+pub fn dispatch(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Action {
     let mut buf = [0u8; 32];
     let name: &[u8] = match upper(req.name(), &mut buf) {
         Some(n) => &buf[..n],
@@ -104,7 +126,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
     if !session.authed && !connection_cmds::allowed_before_auth(name) {
         return Action::Reply(Refusal::NoAuth.reply());
     }
-    let config = shared.config();
+    let config = ctx.config();
     if config
         .auth
         .deny_commands
@@ -123,7 +145,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
     if (!session.user.unrestricted() || meta.is_some())
         && !connection_cmds::allowed_before_auth(name)
     {
-        match permission(shared, session, name, &req, meta) {
+        match permission(ctx, session, name, &req, meta) {
             acl::Check::Allow => {}
             acl::Check::Deny(r) => {
                 if session.in_multi {
@@ -133,7 +155,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
             }
             acl::Check::Ask => {
                 let verdict = acl::resolve(
-                    UpstreamOf(Arc::clone(shared)),
+                    UpstreamOf(Arc::clone(ctx)),
                     meta.map(<[u8]>::to_vec),
                     Arc::clone(&session.user),
                     session.id,
@@ -144,13 +166,13 @@ pub fn dispatch(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Ac
             }
         }
     }
-    dispatch_checked(shared, session, req)
+    dispatch_checked(ctx, session, req)
 }
 
-/// The Valkey client inside the shared state, for the permission checks that must ask Valkey
-/// (they know the upstream layer, not the server).
+/// The Valkey client inside the context, for the permission checks that must ask Valkey
+/// (they know the upstream layer, not the commands).
 #[derive(Clone)]
-struct UpstreamOf(Arc<Shared>);
+struct UpstreamOf(Arc<Context>);
 
 impl std::ops::Deref for UpstreamOf {
     type Target = crate::upstream::Upstream;
@@ -162,7 +184,7 @@ impl std::ops::Deref for UpstreamOf {
 /// The user's permission for `req`. cachefront's own commands are checked here (their key
 /// when they have computed it); Valkey's against Valkey's command table.
 fn permission(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     session: &Session,
     name: &[u8],
     req: &Request,
@@ -183,7 +205,7 @@ fn permission(
         )),
         _ => std::str::from_utf8(name)
             .ok()
-            .and_then(|n| shared.named().get(n).cloned())
+            .and_then(|n| ctx.named().get(n).cloned())
             .map(|q| {
                 (
                     q.name.to_ascii_lowercase(),
@@ -203,52 +225,51 @@ fn permission(
             }
         }
         None => {
-            let table = shared.upstream.command_table_now();
+            let table = ctx.upstream.command_table_now();
             acl::check(table.as_deref(), &session.user, &req.args, meta)
         }
     }
 }
 
 /// Decides what to do with `req` once it may run.
-pub fn dispatch_checked(shared: &Arc<Shared>, session: &mut Session, req: Request) -> Action {
+pub fn dispatch_checked(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Action {
     let mut buf = [0u8; 32];
     let name: &[u8] = match upper(req.name(), &mut buf) {
         Some(n) => &buf[..n],
         None => b"",
     };
     if session.streaming() {
-        return passthrough::in_subscribed_mode(shared, session, name, req);
+        return passthrough::in_subscribed_mode(ctx, session, name, req);
     }
     if session.in_multi {
-        shared.cache.l1.note_command(name, &req.args);
-        return passthrough::in_transaction(shared, session, name, req);
+        ctx.cache.l1.note_command(name, &req.args);
+        return passthrough::in_transaction(ctx, session, name, req);
     }
     match name {
-        b"SQL.CACHED" => sql_cached::dispatch(shared, session, &req),
-        b"SQL.INVALIDATE" => sql_invalidate::dispatch(shared, &req),
-        b"CACHEFRONT.SLOWLOG" => introspection::slowlog(shared, &req),
+        b"SQL.CACHED" => sql_cached::dispatch(ctx, session, &req),
+        b"SQL.INVALIDATE" => sql_invalidate::dispatch(ctx, &req),
+        b"CACHEFRONT.SLOWLOG" => introspection::slowlog(ctx, &req),
         b"PING" | b"ECHO" | b"HELLO" | b"AUTH" | b"QUIT" | b"RESET" | b"SELECT" => {
-            connection_cmds::dispatch(shared, session, name, req)
+            connection_cmds::dispatch(ctx, session, name, req)
         }
-        b"CLIENT" => connection_cmds::client(shared, session, req),
+        b"CLIENT" => connection_cmds::client(ctx, session, req),
         b"ACL" => connection_cmds::acl(session, &req),
-        b"COMMAND" => introspection::command(shared, session, req),
-        b"INFO" => introspection::info(shared, session, req),
+        b"COMMAND" => introspection::command(ctx, session, req),
+        b"INFO" => introspection::info(ctx, session, req),
         // Named queries are namespaced (`EMP.GET`): a name without a dot is never one.
         _ => match name
             .contains(&b'.')
             .then(|| {
-                shared
-                    .named()
+                ctx.named()
                     .get(std::str::from_utf8(name).unwrap_or_default())
                     .cloned()
             })
             .flatten()
         {
-            Some(q) => named_query::dispatch(shared, session, &q, &req),
+            Some(q) => named_query::dispatch(ctx, session, &q, &req),
             None => {
-                shared.cache.l1.note_command(name, &req.args);
-                passthrough::dispatch(session, name, req, shared.upstream.cluster.is_some())
+                ctx.cache.l1.note_command(name, &req.args);
+                passthrough::dispatch(session, name, req, ctx.upstream.cluster.is_some())
             }
         },
     }

@@ -1,140 +1,21 @@
 //! Named queries: `EMP.GET` and every `[[query]]` in config.toml — a command name bound to a
-//! parameterised SQL statement, a key template, a TTL and a reply kind.
+//! parameterised SQL statement, a key template, a TTL and a reply kind. Their definitions are
+//! `cache::named`; this is the command: argument checks and the cached read.
 
 use bytes::Bytes;
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::fill::{route, FillPlan, Source};
+use super::Context;
 use super::{wrong_args, Action};
-use crate::cache::key::KeyTemplate;
-use crate::cache::{Deps, Entry, RowDep};
-use crate::config::{ArgType, NamedQueryConfig, ReplyKind};
+pub use crate::cache::named::{NamedQuery, RowKey};
+use crate::cache::Entry;
+use crate::config::ArgType;
 use crate::error::Refusal;
 use crate::protocol::request::parse_i64_strict;
 use crate::protocol::Request;
-use crate::server::Shared;
 use crate::session::Session;
-
-/// A named query, ready to serve.
-#[derive(Debug)]
-pub struct NamedQuery {
-    /// Uppercased command name.
-    pub name: String,
-    pub sql: Arc<str>,
-    pub key: KeyTemplate,
-    pub ttl: u64,
-    pub reply: ReplyKind,
-    pub args: Vec<ArgType>,
-    pub arg_names: Vec<String>,
-    pub summary: String,
-    /// Tables the SQL reads, except the row-keyed one: any write to them drops every entry.
-    pub tables: Vec<String>,
-    /// When entries stand for one row each (`key_column`): which table, column and argument.
-    pub row_key: Option<RowKey>,
-    /// Seconds to remember "no row", if at all.
-    pub negative_ttl: Option<u64>,
-}
-
-/// A named query's binding of one argument to one table column.
-#[derive(Debug, Clone)]
-pub struct RowKey {
-    pub table: String,
-    pub column: String,
-    /// 0-based argument index.
-    pub arg: usize,
-}
-
-impl NamedQuery {
-    /// Builds from (already validated) config.
-    pub fn from_config(
-        c: &NamedQueryConfig,
-        default_ttl: u64,
-        default_negative_ttl: u64,
-    ) -> Result<NamedQuery, String> {
-        let analysis = crate::db::sql::check_read_only(&c.sql).map_err(|e| e.to_string())?;
-        let row_key = c.key_column.as_ref().and_then(|kc| {
-            let (t, col) = kc.split_once('.')?;
-            Some(RowKey {
-                table: crate::db::sql::normalize_table_text(t),
-                column: crate::db::sql::normalize_table_text(col),
-                arg: c.key_arg.unwrap_or(1) - 1,
-            })
-        });
-        let tables = analysis
-            .tables
-            .into_iter()
-            .filter(|t| row_key.as_ref().is_none_or(|r| &r.table != t))
-            .collect();
-        Ok(NamedQuery {
-            name: c.command.to_ascii_uppercase(),
-            sql: Arc::from(c.sql.as_str()),
-            key: KeyTemplate::parse(&c.key, c.args.len())?,
-            ttl: c.ttl.unwrap_or(default_ttl),
-            reply: c.reply,
-            args: c.args.clone(),
-            arg_names: c.arg_names.clone(),
-            summary: if c.summary.is_empty() {
-                format!("Named query: {}", c.sql)
-            } else {
-                c.summary.clone()
-            },
-            tables,
-            row_key,
-            negative_ttl: c
-                .negative_ttl
-                .or((default_negative_ttl > 0).then_some(default_negative_ttl)),
-        })
-    }
-
-    /// Every table the query reads.
-    pub fn all_tables(&self) -> Vec<String> {
-        let mut t = self.tables.clone();
-        if let Some(r) = &self.row_key {
-            t.push(r.table.clone());
-        }
-        t
-    }
-
-    /// The entry key for the row whose key column has `value` (row-keyed queries only use
-    /// the key argument in their template).
-    pub fn key_for_row(&self, value: &str) -> String {
-        let n = self.args.len().max(1);
-        let mut args = vec![""; n];
-        if let Some(r) = &self.row_key {
-            if let Some(slot) = args.get_mut(r.arg) {
-                *slot = value;
-            }
-        }
-        self.key.render(&args)
-    }
-
-    /// What an entry for these arguments depends on.
-    pub fn deps(&self, args: &[String]) -> Deps {
-        Deps {
-            tables: self.tables.clone(),
-            row: self.row_key.as_ref().map(|r| RowDep {
-                table: r.table.clone(),
-                column: r.column.clone(),
-                value: args.get(r.arg).cloned().unwrap_or_default(),
-            }),
-        }
-    }
-
-    /// The noun used for argument `i` in error messages ("employee id").
-    pub fn arg_name(&self, i: usize) -> String {
-        self.arg_names
-            .get(i)
-            .cloned()
-            .unwrap_or_else(|| format!("argument {} for {}", i + 1, self.name))
-    }
-
-    /// `ERR invalid <what> '<value>'`, the value shortened so a huge argument cannot make a huge reply.
-    pub fn invalid_arg(&self, i: usize, value: &[u8]) -> Refusal {
-        let shown: String = String::from_utf8_lossy(value).chars().take(128).collect();
-        Refusal::InvalidArg(self.arg_name(i).to_string(), shown)
-    }
-}
 
 /// Checks one argument against its declared type; returns its canonical text.
 fn validate(t: ArgType, raw: &Bytes) -> Option<Cow<'_, str>> {
@@ -160,7 +41,7 @@ fn validate(t: ArgType, raw: &Bytes) -> Option<Cow<'_, str>> {
 }
 
 pub fn dispatch(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     session: &Session,
     q: &Arc<NamedQuery>,
     req: &Request,
@@ -184,7 +65,7 @@ pub fn dispatch(
     let plan = |key: String, args: Vec<String>| FillPlan {
         entry: Entry {
             key,
-            ttl: shared.cache.jittered_ttl(q.ttl),
+            ttl: ctx.cache.jittered_ttl(q.ttl),
             deps: q.deps(&args),
         },
         source: Source::Named {
@@ -194,7 +75,7 @@ pub fn dispatch(
         kind: q.reply,
         proto: session.proto,
     };
-    route(shared, key, q.reply, session.proto, |key| {
+    route(ctx, key, q.reply, session.proto, |key| {
         plan(key, owned(&args))
     })
 }

@@ -7,10 +7,10 @@
 use bytes::Bytes;
 use std::sync::Arc;
 
+use super::Context;
 use super::{introspection, Action};
 use crate::error::Refusal;
 use crate::protocol::{Proto, Reply, Request};
-use crate::server::Shared;
 use crate::session::Session;
 use crate::upstream::SCRIPT_COMMANDS;
 
@@ -58,12 +58,12 @@ impl Transform {
     /// Applies the transform to Valkey's reply (or failure).
     pub fn apply(
         &self,
-        shared: &Arc<Shared>,
+        ctx: &Arc<Context>,
         proto: Proto,
         reply: crate::error::Result<Bytes>,
     ) -> Reply {
         match (self, reply) {
-            (Transform::Info, r) => introspection::merge_info(shared, proto, r),
+            (Transform::Info, r) => introspection::merge_info(ctx, proto, r),
             (_, Err(e)) => e.to_reply(),
             (Transform::None, Ok(raw)) => Reply::Raw(raw),
             (Transform::Replace(_), Ok(raw)) if matches!(raw.first(), Some(b'-') | Some(b'!')) => {
@@ -72,7 +72,7 @@ impl Transform {
             (Transform::Replace(ours), Ok(_)) => Reply::Raw(ours.clone()),
             (Transform::AsUser(user), Ok(raw)) => Reply::Raw(untwin(user, raw)),
             (Transform::ExecAbort, Ok(_)) => Refusal::ExecAbort.reply(),
-            (t, Ok(raw)) => introspection::merge_command(shared, proto, t, raw),
+            (t, Ok(raw)) => introspection::merge_command(ctx, proto, t, raw),
         }
     }
 }
@@ -191,7 +191,7 @@ fn is_kill(req: &Request) -> bool {
 /// refused inside it too, and a command that changes the connection (`SUBSCRIBE`, `SELECT`,
 /// `CLIENT TRACKING` …) is recorded in the session, to take effect when EXEC runs it.
 pub fn in_transaction(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     session: &mut Session,
     name: &[u8],
     req: Request,
@@ -211,16 +211,16 @@ pub fn in_transaction(
             forward(req, Route::Dedicated(StateChange::None))
         }
         b"CLIENT" if !super::connection_cmds::is_local_client_subcommand(&req) => {
-            let outside = super::connection_cmds::client(shared, session, req);
+            let outside = super::connection_cmds::client(ctx, session, req);
             queue(session, outside)
         }
         b"SELECT" => {
-            let outside = super::connection_cmds::dispatch(shared, session, name, req);
+            let outside = super::connection_cmds::dispatch(ctx, session, name, req);
             queue(session, outside)
         }
-        _ if is_own_or_local(shared, name) => refuse_in_multi(session, &req),
+        _ if is_own_or_local(ctx, name) => refuse_in_multi(session, &req),
         _ => {
-            let cluster = shared.upstream.cluster.is_some();
+            let cluster = ctx.upstream.cluster.is_some();
             queue(session, dispatch(session, name, req, cluster))
         }
     }
@@ -228,7 +228,7 @@ pub fn in_transaction(
 
 /// cachefront's own commands and the connection commands it answers itself (HELLO, AUTH,
 /// ACL, CLIENT ID/SETNAME …): none of them can be queued in Valkey's transaction.
-fn is_own_or_local(shared: &Arc<Shared>, name: &[u8]) -> bool {
+fn is_own_or_local(ctx: &Arc<Context>, name: &[u8]) -> bool {
     matches!(
         name,
         b"HELLO"
@@ -238,7 +238,7 @@ fn is_own_or_local(shared: &Arc<Shared>, name: &[u8]) -> bool {
             | b"SQL.CACHED"
             | b"SQL.INVALIDATE"
             | b"CACHEFRONT.SLOWLOG"
-    ) || shared
+    ) || ctx
         .named()
         .contains_key(std::str::from_utf8(name).unwrap_or_default())
 }
@@ -285,7 +285,7 @@ fn queue(session: &mut Session, outside: Action) -> Action {
 /// In subscribed (or MONITOR) mode Valkey's replies and messages interleave on the dedicated
 /// connection, so everything goes there in order; only QUIT and RESET are handled here.
 pub fn in_subscribed_mode(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     session: &mut Session,
     name: &[u8],
     req: Request,
@@ -295,12 +295,12 @@ pub fn in_subscribed_mode(
         b"RESET" => Action::Reset,
         // RESP3 allows every command while subscribed; HELLO switches the protocol there.
         b"HELLO" if session.proto == Proto::Resp3 => {
-            super::connection_cmds::dispatch(shared, session, name, req)
+            super::connection_cmds::dispatch(ctx, session, name, req)
         }
         b"HELLO" | b"AUTH" | b"ACL" | b"SQL.CACHED" | b"SQL.INVALIDATE" | b"CACHEFRONT.SLOWLOG" => {
             not_in_subscribed(session, &req)
         }
-        n if shared
+        n if ctx
             .named()
             .contains_key(std::str::from_utf8(n).unwrap_or_default()) =>
         {

@@ -6,6 +6,7 @@ use futures::FutureExt;
 use std::sync::Arc;
 
 use super::fill::{route, FillPlan, Source};
+use super::Context;
 use super::{wrong_args, Action};
 use crate::cache::key::sql_key;
 use crate::cache::{Deps, Entry};
@@ -14,7 +15,6 @@ use crate::db::sql::{check_read_only, SqlError};
 use crate::error::Refusal;
 use crate::protocol::request::parse_i64_strict;
 use crate::protocol::{Reply, Request};
-use crate::server::Shared;
 use crate::session::Session;
 
 struct Parsed {
@@ -60,8 +60,8 @@ fn parse(req: &Request) -> Result<Parsed, Reply> {
     Ok(p)
 }
 
-pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Action {
-    let config = shared.config();
+pub fn dispatch(ctx: &Arc<Context>, session: &Session, req: &Request) -> Action {
+    let config = ctx.config();
     let cfg = &config.sql;
     if cfg.mode == SqlMode::Off {
         return Action::Reply(Refusal::SqlOff.reply());
@@ -79,7 +79,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
     if cfg.mode == SqlMode::Allowlist && !cfg.allowlist.iter().any(|a| a == sql) {
         return Action::Reply(Refusal::NotAllowlisted.reply());
     }
-    let checked = shared
+    let checked = ctx
         .sql_checks
         .get_with_by_ref(sql, || check_read_only(sql).map(|a| a.tables));
     let tables = match checked {
@@ -88,7 +88,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
             tracing::debug!(reason = %why, "SQL.CACHED refused");
             return Action::Reply(Refusal::NotReadOnly.reply());
         }
-        Err(SqlError::Parse(why)) => return explain_parse_failure(shared, sql.to_string(), why),
+        Err(SqlError::Parse(why)) => return explain_parse_failure(ctx, sql.to_string(), why),
     };
     let key = sql_key(&cfg.key_prefix, &p.query, &p.params);
     if !session.user.key_allowed(key.as_bytes()) {
@@ -98,7 +98,7 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
     let plan = |key: String, params: Vec<String>| FillPlan {
         entry: Entry {
             key,
-            ttl: shared.cache.jittered_ttl(ttl),
+            ttl: ctx.cache.jittered_ttl(ttl),
             deps: Deps {
                 tables: tables.clone(),
                 row: None,
@@ -111,18 +111,18 @@ pub fn dispatch(shared: &Arc<Shared>, session: &Session, req: &Request) -> Actio
         kind: ReplyKind::Json,
         proto: session.proto,
     };
-    route(shared, key, ReplyKind::Json, session.proto, |key| {
+    route(ctx, key, ReplyKind::Json, session.proto, |key| {
         plan(key, p.params.clone())
     })
 }
 
 /// Our parser could not read the query. PostgreSQL's own error is the most useful answer for
 /// a typo; if PostgreSQL can parse it, we still refuse (we could not tell what it reads).
-fn explain_parse_failure(shared: &Arc<Shared>, sql: String, why: String) -> Action {
-    let shared = Arc::clone(shared);
+fn explain_parse_failure(ctx: &Arc<Context>, sql: String, why: String) -> Action {
+    let ctx = Arc::clone(ctx);
     Action::Task(
         async move {
-            match shared.db.prepare_only(&sql).await {
+            match ctx.db.prepare_only(&sql).await {
                 // Several statements: PostgreSQL says so (42601); the SPEC's answer is ours.
                 Err(e) if e.to_string().contains("cannot insert multiple commands") => {
                     Refusal::NotReadOnly.reply()

@@ -3,14 +3,14 @@
 use futures::FutureExt;
 use std::sync::Arc;
 
+use super::Context;
 use super::{wrong_args, Action};
 use crate::cache::Version;
 use crate::db::sql::normalize_table_text;
 use crate::error::Refusal;
 use crate::protocol::{Reply, Request};
-use crate::server::Shared;
 
-pub fn dispatch(shared: &Arc<Shared>, req: &Request) -> Action {
+pub fn dispatch(ctx: &Arc<Context>, req: &Request) -> Action {
     if req.args.len() < 2 {
         return Action::Reply(wrong_args(req));
     }
@@ -27,19 +27,19 @@ pub fn dispatch(shared: &Arc<Shared>, req: &Request) -> Action {
     }
     tables.sort();
     tables.dedup();
-    let shared = Arc::clone(shared);
+    let ctx = Arc::clone(ctx);
     Action::Task(
         async move {
             // With read replicas, refills must see what the caller wrote before asking (see
             // `db::replicas`). Dropping entries is always safe, so a primary that cannot say
             // where its WAL is does not stop that.
-            if let Some(set) = shared.db.replicas() {
-                match shared.db.wal_insert_lsn_pooled().await {
+            if let Some(set) = ctx.db.replicas() {
+                match ctx.db.wal_insert_lsn_pooled().await {
                     Ok(lsn) => set.raise(tables.iter().flat_map(|t| Version::of_table(t)), lsn),
                     Err(e) => tracing::warn!(error = %e, "SQL.INVALIDATE: cannot read the primary's WAL position; refills may come from a replica that has not replayed the caller's writes"),
                 }
             }
-            match shared.cache.invalidate(&tables).await {
+            match ctx.cache.invalidate(&tables).await {
                 Ok(n) => Reply::Int(n as i64),
                 Err(e) => e.to_reply(),
             }

@@ -19,14 +19,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_postgres::AsyncMessage;
 
-use crate::cache::Version;
-use crate::command::named_query::NamedQuery;
+use tokio::sync::watch;
+
+use crate::cache::named::{Named, NamedQuery};
+use crate::cache::{Cache, Version};
 use crate::config::InvalidationConfig;
 use crate::db::triggers::{self, TableRef};
 use crate::db::{Db, DbError};
 use crate::error::{Error, Result};
-use crate::metrics::inc;
-use crate::server::Shared;
+use crate::metrics::{inc, Metrics};
 use pending::{Change, Pending, Work};
 
 pub mod pending;
@@ -37,12 +38,17 @@ struct RowBinding {
     query: Arc<NamedQuery>,
 }
 
-/// What the invalidation side knows: which tables have triggers, how names resolve, and which
-/// named queries are keyed by which column.
+/// What the invalidation side knows: which tables have triggers, how names resolve, which
+/// named queries are keyed by which column, and whether the listener is listening.
 pub struct Invalidation {
     cfg: InvalidationConfig,
+    metrics: Arc<Metrics>,
     /// Row-keyed named queries by table.
     bindings: Mutex<Arc<HashMap<String, Vec<RowBinding>>>>,
+    /// Every table the named queries read (their triggers are installed up front).
+    named_tables: Mutex<Vec<String>>,
+    /// Whether the listener is connected and listening.
+    listening: watch::Sender<bool>,
     /// Relation name → the base tables behind it (itself, or a view's tables).
     resolved: Mutex<HashMap<String, Vec<TableRef>>>,
     /// Tables whose triggers this process has installed or checked.
@@ -50,23 +56,55 @@ pub struct Invalidation {
 }
 
 impl Invalidation {
-    pub fn new(cfg: &InvalidationConfig, named: &HashMap<String, Arc<NamedQuery>>) -> Invalidation {
+    pub fn new(cfg: &InvalidationConfig, named: &Named, metrics: Arc<Metrics>) -> Invalidation {
         Invalidation {
             cfg: cfg.clone(),
+            metrics,
             bindings: Mutex::new(Arc::new(row_bindings(named))),
+            named_tables: Mutex::new(named_tables(named)),
+            listening: watch::Sender::new(false),
             resolved: Mutex::new(HashMap::new()),
             triggered: Mutex::new(HashSet::new()),
         }
     }
 
-    /// After a reload: the row-keyed named queries now in force. Tables whose key columns
-    /// changed get their triggers checked again on next use.
-    pub fn set_named(&self, named: &HashMap<String, Arc<NamedQuery>>) {
+    /// After a reload: the named queries now in force. Tables whose key columns changed get
+    /// their triggers checked again on next use.
+    pub fn set_named(&self, named: &Named) {
         *self.bindings.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(row_bindings(named));
+        *self.named_tables.lock().unwrap_or_else(|p| p.into_inner()) = named_tables(named);
         self.triggered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+
+    /// Whether the listener is connected and listening.
+    pub fn is_listening(&self) -> bool {
+        *self.listening.borrow()
+    }
+
+    fn set_listening(&self, on: bool) {
+        self.listening.send_replace(on);
+    }
+
+    /// At start, waits (at most `limit`) until the listener is listening: an entry stored
+    /// just before the listener's first flush would be thrown away by it. Later outages
+    /// don't wait: what is stored while the listener is down is flushed when it comes back,
+    /// and a database that is down should fail misses fast, not after a wait.
+    pub async fn wait_listening(&self, limit: Duration) {
+        if !self.cfg.enabled
+            || self.is_listening()
+            || self
+                .metrics
+                .listener_reconnects
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        {
+            return;
+        }
+        let mut rx = self.listening.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|on| *on)).await;
     }
 
     fn bindings(&self) -> Arc<HashMap<String, Vec<RowBinding>>> {
@@ -156,12 +194,12 @@ impl Invalidation {
     }
 
     /// Installs triggers for every table named queries read plus `invalidation.tables`.
-    pub async fn install_configured(
-        &self,
-        db: &Db,
-        named: &HashMap<String, Arc<NamedQuery>>,
-    ) -> Result<()> {
-        let mut names: Vec<String> = named.values().flat_map(|q| q.all_tables()).collect();
+    pub async fn install_configured(&self, db: &Db) -> Result<()> {
+        let mut names = self
+            .named_tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         names.extend(
             self.cfg
                 .tables
@@ -193,7 +231,7 @@ impl Invalidation {
     /// Entry keys (and negative-cache markers) of row-keyed named queries for these rows.
     fn row_entry_keys(
         &self,
-        shared: &Shared,
+        cache: &Cache,
         table: &str,
         column: &str,
         values: &[String],
@@ -206,7 +244,7 @@ impl Invalidation {
             }
             for v in values {
                 let key = b.query.key_for_row(v);
-                keys.push(shared.cache.store.negative_key(&key));
+                keys.push(cache.store.negative_key(&key));
                 keys.push(key);
             }
         }
@@ -214,8 +252,13 @@ impl Invalidation {
     }
 }
 
+/// Every table the named queries read.
+fn named_tables(named: &Named) -> Vec<String> {
+    named.values().flat_map(|q| q.all_tables()).collect()
+}
+
 /// Row-keyed named queries by the table their key column belongs to.
-fn row_bindings(named: &HashMap<String, Arc<NamedQuery>>) -> HashMap<String, Vec<RowBinding>> {
+fn row_bindings(named: &Named) -> HashMap<String, Vec<RowBinding>> {
     let mut bindings: HashMap<String, Vec<RowBinding>> = HashMap::new();
     for q in named.values() {
         if let Some(r) = &q.row_key {
@@ -328,17 +371,17 @@ impl Retry {
 }
 
 /// Applies one table's pending work.
-async fn apply_work(shared: &Shared, table: &str, work: &Work) -> Result<u64> {
+async fn apply_work(l: &Listener, table: &str, work: &Work) -> Result<u64> {
     match work {
-        Work::Table => shared.cache.invalidate(&[table.to_string()]).await,
+        Work::Table => l.cache.invalidate(&[table.to_string()]).await,
         Work::Rows(columns) => {
             let mut total = 0;
             for (column, values) in columns {
                 let values: Vec<String> = values.iter().cloned().collect();
-                let entry_keys = shared
+                let entry_keys = l
                     .invalidation
-                    .row_entry_keys(shared, table, column, &values);
-                total += shared
+                    .row_entry_keys(&l.cache, table, column, &values);
+                total += l
                     .cache
                     .invalidate_rows(table, column, &values, &entry_keys)
                     .await?;
@@ -351,13 +394,13 @@ async fn apply_work(shared: &Shared, table: &str, work: &Work) -> Result<u64> {
 /// Applies everything in `batch`, each table on its own (concurrently), so one that fails
 /// holds up no other. Tables that failed become degraded — their reads bypass the cache —
 /// and are returned to be retried; tables that applied stop being degraded.
-async fn apply_batch(shared: &Shared, mut batch: Pending) -> Pending {
-    if batch.all && !expand_all(shared, &mut batch).await {
+async fn apply_batch(l: &Listener, mut batch: Pending) -> Pending {
+    if batch.all && !expand_all(l, &mut batch).await {
         return batch;
     }
     let flushed_all = std::mem::take(&mut batch.all);
     let attempts = batch.tables.into_iter().map(|(table, work)| async move {
-        let r = apply_work(shared, &table, &work).await;
+        let r = apply_work(l, &table, &work).await;
         (table, work, r)
     });
     let mut failed = Pending::default();
@@ -365,19 +408,19 @@ async fn apply_batch(shared: &Shared, mut batch: Pending) -> Pending {
         match r {
             Ok(n) => {
                 tracing::debug!(table = %table, dropped = n, "invalidated");
-                shared.cache.recovered(&table);
+                l.cache.recovered(&table);
             }
             Err(e) => {
                 tracing::debug!(table = %table, error = %e, "cannot apply an invalidation yet; will retry");
-                inc(&shared.metrics.invalidation_failures);
-                let aliases = shared.invalidation.aliases(&table);
-                shared.cache.degrade(&table, aliases, &e);
+                inc(&l.metrics().invalidation_failures);
+                let aliases = l.invalidation.aliases(&table);
+                l.cache.degrade(&table, aliases, &e);
                 failed.add_work(table, work);
             }
         }
     }
     if flushed_all {
-        shared.cache.recovered_all();
+        l.cache.recovered_all();
     }
     failed
 }
@@ -385,16 +428,16 @@ async fn apply_batch(shared: &Shared, mut batch: Pending) -> Pending {
 /// Turns "flush every table" into table-wide work for every table any instance ever cached
 /// from, and every table degraded now (its own pending work may have been lost with the
 /// connection). False if the registry cannot be read: everything stays degraded.
-async fn expand_all(shared: &Shared, batch: &mut Pending) -> bool {
-    let registered = match shared.cache.store.registered_tables().await {
+async fn expand_all(l: &Listener, batch: &mut Pending) -> bool {
+    let registered = match l.cache.store.registered_tables().await {
         Ok(t) => t,
         Err(e) => {
-            inc(&shared.metrics.invalidation_failures);
-            shared.cache.degrade_all(&e);
+            inc(&l.metrics().invalidation_failures);
+            l.cache.degrade_all(&e);
             return false;
         }
     };
-    let (_, degraded) = shared.cache.degraded.snapshot();
+    let (_, degraded) = l.cache.degraded.snapshot();
     let mut tables = std::mem::take(&mut batch.tables);
     for t in registered.into_iter().chain(degraded) {
         tables.insert(t, Work::Table);
@@ -403,31 +446,46 @@ async fn expand_all(shared: &Shared, batch: &mut Pending) -> bool {
     true
 }
 
+/// What the listener works with, handed over by the server: the invalidation state, the
+/// database it listens to, and the cache it drops entries from.
+#[derive(Clone)]
+pub struct Listener {
+    pub invalidation: Arc<Invalidation>,
+    pub db: Db,
+    pub cache: Arc<Cache>,
+}
+
+impl Listener {
+    fn metrics(&self) -> &Metrics {
+        &self.invalidation.metrics
+    }
+}
+
 /// Runs the listener until the process ends: connect, LISTEN, flush what may have been missed,
 /// apply notifications; on any failure, reconnect with backoff.
-pub async fn run(shared: Arc<Shared>) {
-    if !shared.config().invalidation.enabled {
+pub async fn run(l: Listener) {
+    if !l.invalidation.cfg.enabled {
         return;
     }
-    let max = Duration::from_millis(shared.config().invalidation.reconnect_max_ms);
+    let max = Duration::from_millis(l.invalidation.cfg.reconnect_max_ms);
     let mut backoff = Duration::from_millis(50);
     loop {
-        match listen_once(&shared).await {
+        match listen_once(&l).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
                 tracing::warn!(error = %e, "invalidation listener disconnected; reconnecting")
             }
         }
-        inc(&shared.metrics.listener_reconnects);
+        inc(&l.metrics().listener_reconnects);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(max);
     }
 }
 
-async fn listen_once(shared: &Arc<Shared>) -> std::result::Result<(), DbError> {
-    let (client, mut connection) = shared.db.connect_dedicated().await?;
+async fn listen_once(l: &Listener) -> std::result::Result<(), DbError> {
+    let (client, mut connection) = l.db.connect_dedicated().await?;
     let queue = Arc::new(Queue::default());
-    let metrics = Arc::clone(&shared.metrics);
+    let metrics = Arc::clone(&l.invalidation.metrics);
     let to_apply = Arc::clone(&queue);
     let mut driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -450,38 +508,34 @@ async fn listen_once(shared: &Arc<Shared>) -> std::result::Result<(), DbError> {
             }
         }
     });
-    let result = serve(shared, &client, &queue, &mut driver).await;
+    let result = serve(l, &client, &queue, &mut driver).await;
     driver.abort();
     // What was not applied is flushed after reconnecting, with everything else.
     result
 }
 
 async fn serve(
-    shared: &Arc<Shared>,
+    l: &Listener,
     client: &tokio_postgres::Client,
     queue: &Queue,
     driver: &mut tokio::task::JoinHandle<()>,
 ) -> std::result::Result<(), DbError> {
-    let channel = triggers::quote_ident(&shared.config().invalidation.channel);
+    let channel = triggers::quote_ident(&l.invalidation.cfg.channel);
     client.batch_execute(&format!("LISTEN {channel}")).await?;
-    if let Err(e) = shared
-        .invalidation
-        .install_configured(&shared.db, &shared.named())
-        .await
-    {
+    if let Err(e) = l.invalidation.install_configured(&l.db).await {
         tracing::warn!(error = %e, "cannot install configured invalidation triggers yet");
     }
     // Listening now: anything written before this moment may have been missed. With read
     // replicas, fills after the flush must not read a replica that has not replayed those
     // writes: every fill must see the position of now (see `db::replicas`).
-    if let Some(set) = shared.db.replicas() {
-        set.raise_all(shared.db.wal_insert_lsn(client).await?);
+    if let Some(set) = l.db.replicas() {
+        set.raise_all(l.db.wal_insert_lsn(client).await?);
     }
     queue.with(Pending::flush_all);
     let mut retry = Retry::new();
     // A flush that fails leaves every read bypassing the cache, so listening may begin.
-    apply_queued(shared, client, queue, &mut retry).await?;
-    shared.set_listening(true);
+    apply_queued(l, client, queue, &mut retry).await?;
+    l.invalidation.set_listening(true);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
     let result = loop {
         tokio::select! {
@@ -498,18 +552,18 @@ async fn serve(
                 }
             }
         }
-        if let Err(e) = apply_queued(shared, client, queue, &mut retry).await {
+        if let Err(e) = apply_queued(l, client, queue, &mut retry).await {
             break Err(e);
         }
     };
-    shared.set_listening(false);
+    l.invalidation.set_listening(false);
     result
 }
 
 /// Takes everything queued (new changes and earlier failures alike) and applies it; what
 /// fails goes back in the queue, retried after a backoff or with the next notification.
 async fn apply_queued(
-    shared: &Shared,
+    l: &Listener,
     client: &tokio_postgres::Client,
     queue: &Queue,
     retry: &mut Retry,
@@ -518,8 +572,8 @@ async fn apply_queued(
     if !batch.is_empty() {
         // Before any version is bumped. If the position cannot be read, reconnecting
         // flushes everything, these tables included.
-        require_seen(shared, client, &batch).await?;
-        let failed = apply_batch(shared, batch).await;
+        require_seen(l, client, &batch).await?;
+        let failed = apply_batch(l, batch).await;
         if failed.is_empty() {
             retry.succeeded();
         } else {
@@ -528,8 +582,7 @@ async fn apply_queued(
         }
     }
     let pending = queue.len() as u64;
-    shared
-        .metrics
+    l.metrics()
         .invalidation_pending
         .store(pending, std::sync::atomic::Ordering::Relaxed);
     Ok(())
@@ -540,17 +593,17 @@ async fn apply_queued(
 /// Mirrors what [`apply_work`] bumps: a table's version and epoch, or a table's version and
 /// its rows' versions. A flush of everything was covered when listening began.
 async fn require_seen(
-    shared: &Shared,
+    l: &Listener,
     client: &tokio_postgres::Client,
     batch: &Pending,
 ) -> std::result::Result<(), DbError> {
-    let Some(set) = shared.db.replicas() else {
+    let Some(set) = l.db.replicas() else {
         return Ok(());
     };
     if batch.tables.is_empty() {
         return Ok(());
     }
-    let lsn = shared.db.wal_insert_lsn(client).await?;
+    let lsn = l.db.wal_insert_lsn(client).await?;
     for (table, work) in &batch.tables {
         match work {
             Work::Table => set.raise(Version::of_table(table), lsn),

@@ -1,0 +1,222 @@
+//! What commands work with: the narrow context the server hands each connection, instead of
+//! the server itself. It holds the services (Valkey, the cache, PostgreSQL, invalidation,
+//! users, metrics) and the part of the configuration `SIGHUP` can replace. The server builds
+//! it from the configuration and keeps only its own concerns (listeners, reload, shutdown).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::acl::Users;
+use crate::cache::named::Named;
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::db::Db;
+use crate::invalidation::Invalidation;
+use crate::metrics::Metrics;
+use crate::protocol::Limits;
+use crate::upstream::Upstream;
+
+/// Everything commands and connections share.
+pub struct Context {
+    /// What `SIGHUP` can change.
+    pub live: Live,
+    pub upstream: Upstream,
+    pub cache: Arc<Cache>,
+    pub db: Db,
+    pub metrics: Arc<Metrics>,
+    pub invalidation: Arc<Invalidation>,
+    /// Client users (`default` always exists).
+    pub users: Users,
+    /// SQL.CACHED texts already checked: their verdict and tables (parsing is the costly
+    /// part of a hit otherwise); bounded in bytes (`db::sql::VERDICT_CACHE_BYTES`).
+    pub sql_checks: moka::sync::Cache<String, crate::db::sql::Verdict>,
+    /// Client ids start at 1 and are never reused, like Valkey's.
+    pub client_ids: ClientIds,
+}
+
+/// The configuration in force and what is built from it, replaced whole on reload so a
+/// command sees one consistent version.
+pub struct Live(RwLock<Arc<LiveParts>>);
+
+struct LiveParts {
+    config: Arc<Config>,
+    named: Arc<Named>,
+    limits: Limits,
+}
+
+impl Live {
+    pub fn new(config: Config, named: Named) -> Live {
+        Live(RwLock::new(Self::parts(config, named)))
+    }
+
+    fn parts(config: Config, named: Named) -> Arc<LiveParts> {
+        Arc::new(LiveParts {
+            limits: config.protocol_limits(),
+            config: Arc::new(config),
+            named: Arc::new(named),
+        })
+    }
+
+    fn get(&self) -> Arc<LiveParts> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts a new configuration and its named queries in force (the server's reload).
+    pub fn replace(&self, config: Config, named: Named) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Self::parts(config, named);
+    }
+}
+
+/// Hands out client ids.
+pub struct ClientIds(AtomicU64);
+
+impl Default for ClientIds {
+    fn default() -> Self {
+        ClientIds(AtomicU64::new(1))
+    }
+}
+
+impl Context {
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.live.get().config)
+    }
+
+    /// Named queries by uppercased command name.
+    pub fn named(&self) -> Arc<Named> {
+        Arc::clone(&self.live.get().named)
+    }
+
+    /// Protocol limits for the request parser.
+    pub fn limits(&self) -> Limits {
+        self.live.get().limits
+    }
+
+    /// Client ids start at 1 and are never reused, like Valkey's.
+    pub fn next_client_id(&self) -> u64 {
+        self.client_ids.0.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether the invalidation listener is connected and listening.
+    pub fn is_listening(&self) -> bool {
+        self.invalidation.is_listening()
+    }
+
+    /// Before a fill, at start: see `Invalidation::wait_listening`.
+    pub async fn wait_listening(&self, limit: Duration) {
+        self.invalidation.wait_listening(limit).await
+    }
+
+    /// The figures computed when asked (pools, L1, degraded mode), in INFO order; each is
+    /// named here once for both INFO and Prometheus.
+    pub fn computed(&self) -> [Computed; 10] {
+        let (size, available) = self.db.pool_status();
+        let (entries, bytes) = self.cache.l1.usage();
+        let (all, degraded) = self.cache.degraded.snapshot();
+        let c = |info, gauge, value: u64| Computed { info, gauge, value };
+        let flag = |b: bool| u64::from(b);
+        [
+            // INFO shows the pool as one `db_pool` row (see `metrics`).
+            c(
+                None,
+                Some(("db_pool_size", "PostgreSQL pool connections open")),
+                size as u64,
+            ),
+            c(
+                None,
+                Some(("db_pool_available", "PostgreSQL pool connections idle")),
+                available as u64,
+            ),
+            c(
+                None,
+                Some((
+                    "upstream_shared_connections",
+                    "Shared pipelined connections to Valkey per protocol",
+                )),
+                self.config().valkey.pool_size as u64,
+            ),
+            c(
+                Some("l1_entries"),
+                Some(("l1_entries", "Entries in the in-process L1")),
+                entries,
+            ),
+            c(
+                Some("l1_bytes"),
+                Some(("l1_bytes", "Bytes held by the in-process L1")),
+                bytes,
+            ),
+            c(
+                Some("l1_tracking"),
+                Some((
+                    "l1_tracking_up",
+                    "1 while Valkey client tracking keeps the L1 coherent",
+                )),
+                flag(self.upstream.tracking_up()),
+            ),
+            // INFO has this row earlier, beside `db_pool` (see `metrics`).
+            c(
+                None,
+                Some((
+                    "invalidation_listening",
+                    "1 while listening for PostgreSQL change notifications",
+                )),
+                flag(self.is_listening()),
+            ),
+            c(
+                Some("invalidation_degraded"),
+                None,
+                flag(all || !degraded.is_empty()),
+            ),
+            c(
+                Some("invalidation_degraded_all"),
+                Some((
+                    "invalidation_degraded_all",
+                    "1 while every cached read bypasses the cache until a pending flush is applied",
+                )),
+                flag(all),
+            ),
+            c(
+                Some("invalidation_degraded_tables"),
+                Some((
+                    "invalidation_degraded_tables",
+                    "Tables whose reads bypass the cache until a pending invalidation is applied",
+                )),
+                degraded.len() as u64,
+            ),
+        ]
+    }
+
+    /// The `# Cachefront` INFO section. It is rendered here, beside the parts it reads,
+    /// because the INFO command needs it; the server renders Prometheus from `computed`.
+    pub fn info_section(&self) -> String {
+        let mut s = self
+            .metrics
+            .info_section(self.db.pool_status(), self.is_listening());
+        for c in self.computed() {
+            if let Some(name) = c.info {
+                s.push_str(&format!("{name}:{}\r\n", c.value));
+            }
+        }
+        if let Some(c) = &self.upstream.cluster {
+            let st = c.stats();
+            s.push_str(&format!(
+                "cluster_nodes:{}\r\ncluster_slots_served:{}\r\ncluster_moved:{}\r\ncluster_ask:{}\r\ncluster_map_refreshes:{}\r\n",
+                st.nodes, st.slots_served, st.moved, st.ask, st.refreshes
+            ));
+        }
+        if let Some(set) = self.db.replicas() {
+            s.push_str(&set.info_lines());
+        }
+        s
+    }
+}
+
+/// One figure of `Context::computed`: where it shows, and its value now.
+pub struct Computed {
+    /// INFO field, shown after the latency rows; `None`: Prometheus only.
+    pub info: Option<&'static str>,
+    /// Prometheus gauge name (without `cachefront_`) and help; `None`: INFO only.
+    pub gauge: Option<(&'static str, &'static str)>,
+    pub value: u64,
+}
