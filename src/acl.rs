@@ -13,8 +13,9 @@
 //!
 //! Category membership of Valkey's commands is Valkey's own: the upstream's `COMMAND` table,
 //! fetched once (at start, or at first need), gives each command's categories, arity and key
-//! positions. cachefront's commands are in `@cachefront`; named queries and `SQL.CACHED` are
-//! also `@read`, `SQL.INVALIDATE` also `@admin` and `@dangerous`.
+//! positions. cachefront's commands are in `@cachefront`, with the other categories their
+//! declaration gives them (`command::table`): named queries and `SQL.CACHED` are also
+//! `@read`, `SQL.INVALIDATE` also `@admin` and `@dangerous`.
 //!
 //! # Keys
 //! `keys` are Valkey-style glob patterns (`*`, `?`, `[a-z]`, `[^…]`, `\` escapes). For a
@@ -61,12 +62,6 @@ pub const CATEGORIES: &[&str] = &[
     "scripting",
     "cachefront",
 ];
-
-/// Categories of cachefront's own commands (also what `COMMAND INFO` reports for them).
-pub const NAMED_QUERY_CATEGORIES: &[&str] = &["@read", "@cachefront"];
-pub const SQL_CACHED_CATEGORIES: &[&str] = &["@read", "@cachefront"];
-pub const SQL_INVALIDATE_CATEGORIES: &[&str] = &["@admin", "@dangerous", "@cachefront"];
-pub const SLOWLOG_CATEGORIES: &[&str] = &["@admin", "@slow", "@dangerous", "@cachefront"];
 
 /// `NOPERM User <name> has no permissions to run the '<cmd>' command`.
 pub fn noperm_command(user: &str, full_name: &str) -> Reply {

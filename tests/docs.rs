@@ -359,3 +359,18 @@ fn slugs_are_githubs() {
         "sqlinvalidate-table-table-"
     );
 }
+
+/// Every command cachefront declares (`command::table`) is in the command reference: its name
+/// opens a heading or a table row there.
+#[test]
+fn every_own_command_is_in_the_command_reference() {
+    let doc = read(&root().join("docs/commands.md"));
+    for c in cachefront::command::table::OWN {
+        let opening = format!("`{} ", c.name);
+        let documented = doc.lines().any(|l| {
+            (l.starts_with("## ") && l[3..].starts_with(&opening))
+                || (l.starts_with("| ") && l[2..].starts_with(&opening))
+        });
+        assert!(documented, "docs/commands.md does not document {}", c.name);
+    }
+}

@@ -2,6 +2,7 @@
 //! so tools like valkey-cli show hints for `EMP.GET` and monitoring sees one server.
 
 use bytes::{Bytes, BytesMut};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::Context;
@@ -23,8 +24,9 @@ pub struct CommandDoc {
     pub categories: &'static [&'static str],
 }
 
+#[derive(Clone)]
 pub struct ArgDoc {
-    pub name: String,
+    pub name: Cow<'static, str>,
     pub kind: &'static str,
     pub token: Option<&'static str>,
     pub optional: bool,
@@ -33,7 +35,7 @@ pub struct ArgDoc {
 
 fn arg(name: &str, kind: &'static str) -> ArgDoc {
     ArgDoc {
-        name: name.to_string(),
+        name: Cow::Owned(name.to_string()),
         kind,
         token: None,
         optional: false,
@@ -43,49 +45,17 @@ fn arg(name: &str, kind: &'static str) -> ArgDoc {
 
 /// The docs of every command cachefront serves itself (named queries included).
 pub fn own_commands(ctx: &Context) -> Vec<CommandDoc> {
-    let mut out = vec![
-        CommandDoc {
-            name: "sql.cached".into(),
-            arity: -2,
-            summary: "Run a read-only query through the cache; the result is a JSON array of rows"
-                .into(),
-            group: "generic",
-            arguments: vec![
-                arg("query", "string"),
-                ArgDoc {
-                    token: Some("EX"),
-                    optional: true,
-                    ..arg("seconds", "integer")
-                },
-                ArgDoc {
-                    token: Some("PARAMS"),
-                    optional: true,
-                    multiple: true,
-                    ..arg("param", "string")
-                },
-            ],
-            categories: crate::acl::SQL_CACHED_CATEGORIES,
-        },
-        CommandDoc {
-            name: "sql.invalidate".into(),
-            arity: -2,
-            summary: "Drop every cached entry read from the given tables".into(),
-            group: "generic",
-            arguments: vec![ArgDoc {
-                multiple: true,
-                ..arg("table", "string")
-            }],
-            categories: crate::acl::SQL_INVALIDATE_CATEGORIES,
-        },
-        CommandDoc {
-            name: "cachefront.slowlog".into(),
-            arity: -2,
-            summary: "Show, count or clear the fills slower than metrics.slow_fill_ms".into(),
-            group: "server",
-            arguments: vec![arg("subcommand", "string")],
-            categories: crate::acl::SLOWLOG_CATEGORIES,
-        },
-    ];
+    let mut out: Vec<CommandDoc> = super::table::OWN
+        .iter()
+        .map(|c| CommandDoc {
+            name: c.name.to_ascii_lowercase(),
+            arity: c.arity,
+            summary: c.summary.to_string(),
+            group: c.group,
+            arguments: c.arguments.to_vec(),
+            categories: c.categories,
+        })
+        .collect();
     for q in ctx.named().values() {
         out.push(CommandDoc {
             name: q.name.to_ascii_lowercase(),
@@ -110,7 +80,7 @@ pub fn own_commands(ctx: &Context) -> Vec<CommandDoc> {
                     )
                 })
                 .collect(),
-            categories: crate::acl::NAMED_QUERY_CATEGORIES,
+            categories: super::table::NAMED_QUERY_CATEGORIES,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

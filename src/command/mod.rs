@@ -11,6 +11,7 @@ pub mod named_query;
 pub mod passthrough;
 pub mod sql_cached;
 pub mod sql_invalidate;
+pub mod table;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -52,32 +53,10 @@ pub enum Action {
     },
 }
 
-/// cachefront's own command names, which named queries may not reuse.
-const RESERVED: &[&str] = &[
-    "SQL.CACHED",
-    "SQL.INVALIDATE",
-    "CACHEFRONT.SLOWLOG",
-    "PING",
-    "ECHO",
-    "HELLO",
-    "AUTH",
-    "QUIT",
-    "RESET",
-    "CLIENT",
-    "SELECT",
-    "COMMAND",
-    "INFO",
-    "MULTI",
-    "EXEC",
-    "DISCARD",
-    "WATCH",
-    "UNWATCH",
-    "ACL",
-];
-
-/// Whether `name` is one of cachefront's built-in or transaction commands.
+/// Whether `name` is one of cachefront's own commands, which a named query may not take
+/// (Valkey's names cannot be taken either: a named query's name has a dot).
 pub fn is_reserved_name(name: &str) -> bool {
-    RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
+    table::own(name.to_ascii_uppercase().as_bytes()).is_some()
 }
 
 /// The named queries' checks that need more than the config's own data: a name that is not
@@ -191,25 +170,15 @@ fn permission(
     meta: Option<&[u8]>,
 ) -> acl::Check {
     let argc = req.args.len();
-    let own: Option<(String, &[&str], bool)> = match name {
-        b"SQL.CACHED" => Some(("sql.cached".into(), acl::SQL_CACHED_CATEGORIES, argc >= 2)),
-        b"SQL.INVALIDATE" => Some((
-            "sql.invalidate".into(),
-            acl::SQL_INVALIDATE_CATEGORIES,
-            argc >= 2,
-        )),
-        b"CACHEFRONT.SLOWLOG" => Some((
-            "cachefront.slowlog".into(),
-            acl::SLOWLOG_CATEGORIES,
-            argc >= 2,
-        )),
-        _ => std::str::from_utf8(name)
+    let own: Option<(String, &[&str], bool)> = match table::own(name) {
+        Some(c) => Some((c.name.to_ascii_lowercase(), c.categories, c.arity_ok(argc))),
+        None => std::str::from_utf8(name)
             .ok()
             .and_then(|n| ctx.named().get(n).cloned())
             .map(|q| {
                 (
                     q.name.to_ascii_lowercase(),
-                    acl::NAMED_QUERY_CATEGORIES,
+                    table::NAMED_QUERY_CATEGORIES,
                     argc == q.args.len() + 1,
                 )
             }),
@@ -245,10 +214,13 @@ pub fn dispatch_checked(ctx: &Arc<Context>, session: &mut Session, req: Request)
         ctx.cache.l1.note_command(name, &req.args);
         return passthrough::in_transaction(ctx, session, name, req);
     }
+    if let Some(c) = table::own(name) {
+        return match c.arity_ok(req.args.len()) {
+            true => (c.run)(ctx, session, &req),
+            false => Action::Reply(wrong_args(&req)),
+        };
+    }
     match name {
-        b"SQL.CACHED" => sql_cached::dispatch(ctx, session, &req),
-        b"SQL.INVALIDATE" => sql_invalidate::dispatch(ctx, &req),
-        b"CACHEFRONT.SLOWLOG" => introspection::slowlog(ctx, &req),
         b"PING" | b"ECHO" | b"HELLO" | b"AUTH" | b"QUIT" | b"RESET" | b"SELECT" => {
             connection_cmds::dispatch(ctx, session, name, req)
         }

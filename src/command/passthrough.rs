@@ -229,18 +229,15 @@ pub fn in_transaction(
 /// cachefront's own commands and the connection commands it answers itself (HELLO, AUTH,
 /// ACL, CLIENT ID/SETNAME …): none of them can be queued in Valkey's transaction.
 fn is_own_or_local(ctx: &Arc<Context>, name: &[u8]) -> bool {
-    matches!(
-        name,
-        b"HELLO"
-            | b"AUTH"
-            | b"ACL"
-            | b"CLIENT"
-            | b"SQL.CACHED"
-            | b"SQL.INVALIDATE"
-            | b"CACHEFRONT.SLOWLOG"
-    ) || ctx
-        .named()
-        .contains_key(std::str::from_utf8(name).unwrap_or_default())
+    matches!(name, b"HELLO" | b"AUTH" | b"ACL" | b"CLIENT") || is_own(ctx, name)
+}
+
+/// cachefront's own commands and named queries: answered by cachefront, never by Valkey.
+fn is_own(ctx: &Arc<Context>, name: &[u8]) -> bool {
+    super::table::own(name).is_some()
+        || ctx
+            .named()
+            .contains_key(std::str::from_utf8(name).unwrap_or_default())
 }
 
 fn refuse_in_multi(session: &mut Session, req: &Request) -> Action {
@@ -297,15 +294,8 @@ pub fn in_subscribed_mode(
         b"HELLO" if session.proto == Proto::Resp3 => {
             super::connection_cmds::dispatch(ctx, session, name, req)
         }
-        b"HELLO" | b"AUTH" | b"ACL" | b"SQL.CACHED" | b"SQL.INVALIDATE" | b"CACHEFRONT.SLOWLOG" => {
-            not_in_subscribed(session, &req)
-        }
-        n if ctx
-            .named()
-            .contains_key(std::str::from_utf8(n).unwrap_or_default()) =>
-        {
-            not_in_subscribed(session, &req)
-        }
+        b"HELLO" | b"AUTH" | b"ACL" => not_in_subscribed(session, &req),
+        n if is_own(ctx, n) => not_in_subscribed(session, &req),
         n if SUBSCRIBE_FAMILY.contains(&n) => {
             forward(req, Route::Dedicated(StateChange::Subscribe))
         }

@@ -24,11 +24,12 @@ struct Parsed {
 }
 
 fn parse(req: &Request) -> Result<Parsed, Reply> {
-    if req.args.len() < 2 {
+    // The arity is checked before dispatch (`command::table`); this only keeps it total.
+    let Some(query) = req.args.get(1) else {
         return Err(wrong_args(req));
-    }
+    };
     let mut p = Parsed {
-        query: req.args[1].clone(),
+        query: query.clone(),
         ttl: None,
         params: Vec::new(),
     };

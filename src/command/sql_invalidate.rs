@@ -3,19 +3,17 @@
 use futures::FutureExt;
 use std::sync::Arc;
 
+use super::Action;
 use super::Context;
-use super::{wrong_args, Action};
 use crate::cache::Version;
 use crate::db::sql::normalize_table_text;
 use crate::error::Refusal;
 use crate::protocol::{Reply, Request};
 
 pub fn dispatch(ctx: &Arc<Context>, req: &Request) -> Action {
-    if req.args.len() < 2 {
-        return Action::Reply(wrong_args(req));
-    }
-    let mut tables = Vec::with_capacity(req.args.len() - 1);
-    for a in &req.args[1..] {
+    // At least one table: the arity is checked before dispatch (`command::table`).
+    let mut tables = Vec::with_capacity(req.args.len());
+    for a in req.args.iter().skip(1) {
         match std::str::from_utf8(a) {
             Ok(t) if !t.trim().is_empty() => tables.push(normalize_table_text(t)),
             _ => {
