@@ -33,6 +33,7 @@ use std::sync::Arc;
 use crate::config::{AuthConfig, ConfigError, UserConfig};
 use crate::error::Refusal;
 use crate::protocol::request::encode_multibulk;
+use crate::protocol::value::{decode, Value};
 use crate::protocol::{Proto, Reply, Request};
 use crate::upstream::commands::{CmdInfo, CommandTable};
 
@@ -705,8 +706,8 @@ where
                 Ok(r) => r,
                 Err(e) => return cant(e),
             };
-            let entry = match redis::parse_redis_value(&raw) {
-                Ok(redis::Value::Array(mut a)) if a.len() == 1 => CmdInfo::parse(&a.remove(0)),
+            let entry = match decode(&raw).and_then(Value::into_array).as_deref() {
+                Some([one]) => CmdInfo::parse(one),
                 _ => None,
             };
             match entry {
@@ -738,20 +739,17 @@ where
         // too, and the command fails on its arguments.
         return Check::Allow;
     }
-    match redis::parse_redis_value(&raw) {
-        Ok(redis::Value::Array(keys)) => {
-            let keys = keys.iter().map(|k| match k {
-                redis::Value::BulkString(b) => &b[..],
-                // Not a key name: refused, as no pattern can allow it.
-                _ => &b"\0not-a-key"[..],
-            });
+    match decode(&raw).and_then(Value::into_array) {
+        Some(keys) => {
+            // Not a key name: refused, as no pattern can allow it.
+            let keys = keys.iter().map(|k| k.bytes().unwrap_or(b"\0not-a-key"));
             let meta = meta.filter(|_| info.writes);
             if user.all_keys() && meta.is_none() {
                 return Check::Allow;
             }
             keys_allowed(&user, keys, meta)
         }
-        _ => cant(crate::error::Error::upstream(
+        None => cant(crate::error::Error::upstream(
             "unexpected COMMAND GETKEYS reply",
         )),
     }

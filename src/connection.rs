@@ -1226,17 +1226,9 @@ fn subscription_counts(frame: &[u8]) -> Option<(SubKind, i64)> {
     if frame.len() > 4096 || !(frame.starts_with(b"*3\r\n") || frame.starts_with(b">3\r\n")) {
         return None;
     }
-    use redis_protocol::resp3::types::{OwnedFrame, Resp3Frame};
-    let (decoded, _) = redis_protocol::resp3::decode::complete::decode(frame).ok()??;
-    let items = match decoded {
-        OwnedFrame::Array { data, .. } | OwnedFrame::Push { data, .. } => data,
-        _ => return None,
-    };
-    let kind = items.first()?.to_string()?.to_ascii_lowercase();
-    let count = match items.get(2)? {
-        OwnedFrame::Number { data, .. } => *data,
-        _ => return None,
-    };
+    let items = crate::protocol::value::decode(frame)?.into_array()?;
+    let kind = String::from_utf8_lossy(items.first()?.bytes()?).to_ascii_lowercase();
+    let count = items.get(2)?.int()?;
     match kind.as_str() {
         "subscribe" | "psubscribe" | "unsubscribe" | "punsubscribe" => {
             Some((SubKind::Regular, count))

@@ -23,6 +23,7 @@ use super::mux::{LongWork, Mux, Redirect, ReplyBudget, ReplyRx};
 use super::tracking::{TrackingEvent, TrackingState};
 use crate::error::{Error, Refusal, Result};
 use crate::protocol::request::encode_multibulk;
+use crate::protocol::value::{decode, Value};
 use crate::protocol::Proto;
 
 /// Number of hash slots in a Valkey Cluster.
@@ -401,14 +402,10 @@ impl Cluster {
             // No keys in these arguments: any node answers (and reports any argument error).
             return Ok(Target::Any);
         }
-        let keys = match redis::parse_redis_value(&raw) {
-            Ok(redis::Value::Array(keys)) => keys,
-            _ => return Err(Error::upstream("unexpected COMMAND GETKEYS reply")),
+        let Some(keys) = decode(&raw).and_then(Value::into_array) else {
+            return Err(Error::upstream("unexpected COMMAND GETKEYS reply"));
         };
-        let slots = keys.iter().filter_map(|k| match k {
-            redis::Value::BulkString(b) => Some(slot_of(b)),
-            _ => None,
-        });
+        let slots = keys.iter().filter_map(|k| k.bytes().map(slot_of));
         Ok(same_slot(slots))
     }
 
@@ -778,7 +775,6 @@ fn same_slot(mut slots: impl Iterator<Item = u16>) -> Target {
 /// `CLUSTER SLOTS` → (first slot, last slot, primary address). An empty host means the node
 /// that answered (`host`).
 fn parse_slots(raw: &[u8], host: &str) -> Result<Vec<(u16, u16, String)>> {
-    use redis::Value as V;
     let bad = || Error::upstream("unexpected CLUSTER SLOTS reply (is valkey.cluster a cluster?)");
     if raw.first() == Some(&b'-') {
         return Err(Error::upstream(format!(
@@ -786,24 +782,20 @@ fn parse_slots(raw: &[u8], host: &str) -> Result<Vec<(u16, u16, String)>> {
             String::from_utf8_lossy(&raw[1..]).trim()
         )));
     }
-    let V::Array(ranges) = redis::parse_redis_value(raw).map_err(|_| bad())? else {
-        return Err(bad());
-    };
-    let text = |v: &V| match v {
-        V::BulkString(b) => Some(String::from_utf8_lossy(b).to_string()),
-        V::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    };
+    let ranges = decode(raw).and_then(Value::into_array).ok_or_else(bad)?;
+    let text = |v: &Value| v.bytes().map(|b| String::from_utf8_lossy(b).to_string());
     let mut out = Vec::new();
-    for r in ranges {
-        let V::Array(f) = r else { return Err(bad()) };
-        let (Some(V::Int(from)), Some(V::Int(to)), Some(V::Array(primary))) =
-            (f.first(), f.get(1), f.get(2))
-        else {
+    for r in &ranges {
+        let f = r.array().ok_or_else(bad)?;
+        let (Some(from), Some(to), Some(primary)) = (
+            f.first().and_then(Value::int),
+            f.get(1).and_then(Value::int),
+            f.get(2).and_then(Value::array),
+        ) else {
             return Err(bad());
         };
         let ip = primary.first().and_then(text).unwrap_or_default();
-        let Some(V::Int(port)) = primary.get(1) else {
+        let Some(port) = primary.get(1).and_then(Value::int) else {
             return Err(bad());
         };
         let ip = if ip.is_empty() || ip == "?" {
@@ -811,7 +803,7 @@ fn parse_slots(raw: &[u8], host: &str) -> Result<Vec<(u16, u16, String)>> {
         } else {
             ip
         };
-        out.push((*from as u16, *to as u16, format!("{ip}:{port}")));
+        out.push((from as u16, to as u16, format!("{ip}:{port}")));
     }
     if out.is_empty() {
         return Err(Error::upstream("CLUSTERDOWN the cluster serves no slots"));

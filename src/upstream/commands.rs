@@ -2,6 +2,7 @@
 //! categories, arity and key positions for permission checks (`acl`), whether a command writes
 //! its keys (cachefront's own keys are guarded with it).
 
+use crate::protocol::Value;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -42,34 +43,31 @@ pub struct CmdInfo {
 }
 
 impl CmdInfo {
-    /// Parses one `COMMAND INFO` entry (RESP2). `None` for a nil entry (unknown command).
-    pub fn parse(v: &redis::Value) -> Option<CmdInfo> {
-        use redis::Value as V;
-        let V::Array(f) = v else { return None };
-        let text = |v: &V| match v {
-            V::BulkString(b) => Some(String::from_utf8_lossy(b).to_ascii_lowercase()),
-            V::SimpleString(s) => Some(s.to_ascii_lowercase()),
-            V::Okay => Some("ok".into()),
-            _ => None,
+    /// Parses one `COMMAND INFO` entry. `None` for a nil entry (unknown command).
+    pub fn parse(v: &Value) -> Option<CmdInfo> {
+        let f = v.array()?;
+        let text = |v: &Value| {
+            v.bytes()
+                .map(|b| String::from_utf8_lossy(b).to_ascii_lowercase())
         };
-        let int = |v: Option<&V>| match v {
-            Some(V::Int(n)) => *n,
-            _ => 0,
-        };
-        let list = |v: Option<&V>| match v {
-            Some(V::Array(a)) | Some(V::Set(a)) => a.iter().filter_map(text).collect(),
-            _ => Vec::<String>::new(),
+        let int = |v: Option<&Value>| v.and_then(Value::int).unwrap_or(0);
+        let list = |v: Option<&Value>| -> Vec<String> {
+            v.and_then(Value::array)
+                .map(|a| a.iter().filter_map(text).collect())
+                .unwrap_or_default()
         };
         let name = text(f.first()?)?;
         let flags = list(f.get(2));
-        let subs = match f.get(9) {
-            Some(V::Array(a)) => a
-                .iter()
-                .filter_map(CmdInfo::parse)
-                .map(|c| (c.name.clone(), c))
-                .collect(),
-            _ => HashMap::new(),
-        };
+        let subs = f
+            .get(9)
+            .and_then(Value::array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(CmdInfo::parse)
+                    .map(|c| (c.name.clone(), c))
+                    .collect()
+            })
+            .unwrap_or_default();
         Some(CmdInfo {
             name,
             arity: int(f.get(1)),
@@ -87,12 +85,7 @@ impl CmdInfo {
     }
 
     pub fn arity_ok(&self, argc: usize) -> bool {
-        let argc = argc as i64;
-        if self.arity >= 0 {
-            argc == self.arity
-        } else {
-            argc >= -self.arity
-        }
+        arity_ok(self.arity, argc)
     }
 
     /// Keys at the legacy (first, last, step) positions.
@@ -120,27 +113,31 @@ impl CmdInfo {
 
 /// True if some key specification of a `COMMAND INFO` entry may change its key (`RW`, `OW`,
 /// `RM` among its flags).
-fn key_specs_write(specs: Option<&redis::Value>) -> bool {
-    use redis::Value as V;
-    let Some(V::Array(specs)) = specs else {
+fn key_specs_write(specs: Option<&Value>) -> bool {
+    let Some(specs) = specs.and_then(Value::array) else {
         return false;
     };
-    let is_write_flag = |v: &V| match v {
-        V::BulkString(b) => matches!(&b[..], b"RW" | b"OW" | b"RM"),
-        V::SimpleString(s) => matches!(s.as_str(), "RW" | "OW" | "RM"),
-        _ => false,
+    let is_write_flag = |v: &Value| matches!(v.bytes(), Some(b"RW" | b"OW" | b"RM"));
+    let has_write_flag = |f: &Value| {
+        f.array()
+            .is_some_and(|flags| flags.iter().any(is_write_flag))
     };
     specs.iter().any(|spec| match spec {
-        V::Array(fields) | V::Set(fields) => fields.iter().any(|f| match f {
-            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
-            _ => false,
-        }),
-        V::Map(pairs) => pairs.iter().any(|(_, f)| match f {
-            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
-            _ => false,
-        }),
+        Value::Array(fields) => fields.iter().any(has_write_flag),
+        Value::Map(pairs) => pairs.iter().any(|(_, f)| has_write_flag(f)),
         _ => false,
     })
+}
+
+/// Whether `argc` arguments (the name included) fit `arity` in Valkey's convention: `n`
+/// exactly n, `-n` at least n.
+pub fn arity_ok(arity: i64, argc: usize) -> bool {
+    let argc = argc as i64;
+    if arity >= 0 {
+        argc == arity
+    } else {
+        argc >= -arity
+    }
 }
 
 /// Valkey's command table, as `COMMAND` reports it.
@@ -150,18 +147,16 @@ pub struct CommandTable {
 }
 
 impl CommandTable {
-    /// Parses the reply to `COMMAND` (RESP2).
+    /// Parses the reply to `COMMAND`.
     pub fn parse(raw: &[u8]) -> Option<CommandTable> {
-        match redis::parse_redis_value(raw).ok()? {
-            redis::Value::Array(items) => Some(CommandTable {
-                cmds: items
-                    .iter()
-                    .filter_map(CmdInfo::parse)
-                    .map(|c| (c.name.clone(), c))
-                    .collect(),
-            }),
-            _ => None,
-        }
+        let items = crate::protocol::value::decode(raw)?.into_array()?;
+        Some(CommandTable {
+            cmds: items
+                .iter()
+                .filter_map(CmdInfo::parse)
+                .map(|c| (c.name.clone(), c))
+                .collect(),
+        })
     }
 
     /// The entry Valkey would run for `args`: the subcommand's for a container command

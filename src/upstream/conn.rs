@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use crate::config::ValkeyConfig;
 use crate::error::{Error, Result};
 use crate::protocol::request::encode_multibulk;
+use crate::protocol::value::{decode, Value};
 use crate::protocol::{FrameScanner, Proto};
 use crate::tls::{Stream, UpstreamStream, UpstreamTls};
 
@@ -219,7 +220,7 @@ fn handshake(ep: &Endpoint, proto: Proto) -> BytesMut {
 /// Reads the replies to [`handshake`], failing on any refusal.
 async fn read_handshake(conn: &mut RawConn, ep: &Endpoint) -> Result<()> {
     let hello_reply = conn.read_frame().await?;
-    let (id, version) = parse_hello(&hello_reply, conn.proto)?;
+    let (id, version) = parse_hello(&hello_reply)?;
     conn.upstream_id = id;
     conn.server_version = version;
     if ep.db != 0 {
@@ -332,43 +333,25 @@ async fn reset_inner(conn: &mut RawConn, ep: &Endpoint) -> Result<()> {
 }
 
 /// Pulls `id` and `version` out of a HELLO reply (a map in RESP3, a flat array in RESP2).
-fn parse_hello(frame: &[u8], proto: Proto) -> Result<(i64, String)> {
+fn parse_hello(frame: &[u8]) -> Result<(i64, String)> {
     if frame.first() == Some(&b'-') {
         return Err(Error::upstream(format!(
             "Valkey refused the handshake: {}",
             String::from_utf8_lossy(&frame[1..]).trim()
         )));
     }
-    use redis_protocol::resp3::types::{OwnedFrame as F3, Resp3Frame};
-    let pairs: Vec<(String, String)> = match proto {
-        Proto::Resp3 => match redis_protocol::resp3::decode::complete::decode(frame) {
-            Ok(Some((F3::Map { data, .. }, _))) => data
-                .into_iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string().unwrap_or_default(),
-                        v.to_string().unwrap_or_default(),
-                    )
-                })
-                .collect(),
-            _ => Vec::new(),
-        },
-        Proto::Resp2 => {
-            use redis_protocol::resp2::types::{OwnedFrame as F2, Resp2Frame};
-            match redis_protocol::resp2::decode::decode(frame) {
-                Ok(Some((F2::Array(items), _))) => items
-                    .chunks(2)
-                    .filter(|c| c.len() == 2)
-                    .map(|c| {
-                        (
-                            c[0].to_string().unwrap_or_default(),
-                            c[1].to_string().unwrap_or_default(),
-                        )
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            }
-        }
+    let text = |v: &Value| match v {
+        Value::Int(n) => n.to_string(),
+        v => String::from_utf8_lossy(v.bytes().unwrap_or_default()).into_owned(),
+    };
+    let pairs: Vec<(String, String)> = match decode(frame) {
+        Some(Value::Map(m)) => m.iter().map(|(k, v)| (text(k), text(v))).collect(),
+        Some(Value::Array(items)) => items
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (text(&c[0]), text(&c[1])))
+            .collect(),
+        _ => Vec::new(),
     };
     if pairs.is_empty() {
         return Err(Error::upstream(format!(

@@ -107,26 +107,17 @@ async fn subscribe(ep: &Endpoint) -> crate::error::Result<super::RawConn> {
 
 /// `message __redis__:invalidate [keys…]` (or a null payload: flush everything).
 fn parse_invalidation(frame: &[u8]) -> Option<TrackingEvent> {
-    use redis_protocol::resp2::types::OwnedFrame;
-    let (decoded, _) = redis_protocol::resp2::decode::decode(frame).ok()??;
-    let OwnedFrame::Array(items) = decoded else {
-        return None;
-    };
-    match items.as_slice() {
-        [OwnedFrame::BulkString(kind), _, payload] if kind.as_slice() == b"message" => {
-            match payload {
-                OwnedFrame::Array(keys) => Some(TrackingEvent::Keys(
-                    keys.iter()
-                        .filter_map(|k| match k {
-                            OwnedFrame::BulkString(b) => Some(Bytes::copy_from_slice(b)),
-                            _ => None,
-                        })
-                        .collect(),
-                )),
-                OwnedFrame::Null => Some(TrackingEvent::Flush),
-                _ => None,
-            }
-        }
+    use crate::protocol::value::{decode, Value};
+    match decode(frame)?.into_array()?.as_slice() {
+        [Value::Bytes(kind), _, payload] if kind.as_slice() == b"message" => match payload {
+            Value::Array(keys) => Some(TrackingEvent::Keys(
+                keys.iter()
+                    .filter_map(|k| k.bytes().map(Bytes::copy_from_slice))
+                    .collect(),
+            )),
+            Value::Nil => Some(TrackingEvent::Flush),
+            _ => None,
+        },
         _ => None,
     }
 }
