@@ -55,6 +55,81 @@ pub struct Config {
     pub queries: Vec<NamedQueryConfig>,
 }
 
+/// `valkey.url`, parsed: where the upstream Valkey is and how to log in.
+/// `redis://` or `valkey://`, `rediss://` or `valkeys://` for TLS (`#insecure`: without
+/// verifying the certificate), `[user[:password]@]host[:port][/db]`, as redis-cli and the
+/// client libraries read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValkeyUrl {
+    /// A name, or an IP address (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub insecure: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: i64,
+}
+
+impl ValkeyUrl {
+    pub fn parse(text: &str) -> Result<ValkeyUrl, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
+        let tls = match url.scheme() {
+            "redis" | "valkey" => false,
+            "rediss" | "valkeys" => true,
+            other => {
+                return Err(format!(
+                    "scheme {other}:// is not supported; use redis://, valkey://, rediss:// or valkeys://"
+                ))
+            }
+        };
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_string(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            None => return Err("has no host".into()),
+        };
+        let insecure = match url.fragment() {
+            None => false,
+            Some("insecure") if tls => true,
+            Some(f) => return Err(format!("unknown fragment #{f} (only #insecure, with TLS)")),
+        };
+        let db = match url.path().trim_matches('/') {
+            "" => 0,
+            n => n
+                .parse()
+                .map_err(|_| format!("database '{n}' is not a number"))?,
+        };
+        let decoded = |part: &str, what: &str| -> Result<Option<String>, String> {
+            if part.is_empty() {
+                return Ok(None);
+            }
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .map(|p| Some(p.into_owned()))
+                .map_err(|_| format!("{what} is not UTF-8"))
+        };
+        Ok(ValkeyUrl {
+            host,
+            port: url.port().unwrap_or(6379),
+            tls,
+            insecure,
+            username: decoded(url.username(), "the user name")?,
+            password: decoded(url.password().unwrap_or_default(), "the password")?,
+            db,
+        })
+    }
+
+    /// `host:port` to connect to (an IPv6 address in brackets).
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ValkeyConfig {
@@ -689,11 +764,9 @@ impl Config {
                 )
             })?;
         }
-        let Some(url) = redis::parse_redis_url(&self.valkey.url) else {
-            return Err(invalid("valkey.url", "not a redis:// or valkey:// URL"));
-        };
-        self.validate_tls(url.scheme())?;
-        self.validate_cluster(url.scheme())?;
+        let url = ValkeyUrl::parse(&self.valkey.url).map_err(|e| invalid("valkey.url", e))?;
+        self.validate_tls(url.tls)?;
+        self.validate_cluster(url.tls)?;
         self.postgres
             .url
             .parse::<tokio_postgres::Config>()
@@ -790,11 +863,11 @@ impl Config {
 
     /// The TLS settings: addresses, and the files named can be read and parsed (so a bad
     /// certificate stops the start, and `--check-config`, with the key named).
-    fn validate_cluster(&self, valkey_scheme: &str) -> Result<(), ConfigError> {
+    fn validate_cluster(&self, valkey_tls: bool) -> Result<(), ConfigError> {
         if self.valkey.cluster.is_empty() {
             return Ok(());
         }
-        if matches!(valkey_scheme, "rediss" | "valkeys") {
+        if valkey_tls {
             return Err(invalid(
                 "valkey.cluster",
                 "TLS to a cluster is not supported yet; use a redis:// url",
@@ -825,7 +898,7 @@ impl Config {
         Ok(())
     }
 
-    fn validate_tls(&self, valkey_scheme: &str) -> Result<(), ConfigError> {
+    fn validate_tls(&self, valkey_tls: bool) -> Result<(), ConfigError> {
         let tls = &self.tls;
         if tls.enabled() {
             tls.listen.parse::<SocketAddr>().map_err(|e| {
@@ -838,8 +911,7 @@ impl Config {
         } else if tls.only {
             return Err(invalid("tls.only", "needs tls.listen"));
         }
-        let upstream_tls = matches!(valkey_scheme, "rediss" | "valkeys");
-        if !upstream_tls {
+        if !valkey_tls {
             if !self.valkey.tls_ca_file.is_empty() {
                 return Err(invalid(
                     "valkey.tls_ca_file",
@@ -1008,6 +1080,37 @@ fn typed_like(template: &toml::Value, value: &str) -> Result<toml::Value, &'stat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn valkey_urls_read_as_client_libraries_read_them() {
+        let u = ValkeyUrl::parse("redis://127.0.0.1:6380").unwrap();
+        assert_eq!(
+            (u.addr(), u.tls, u.db, u.username, u.password),
+            ("127.0.0.1:6380".into(), false, 0, None, None)
+        );
+        let u = ValkeyUrl::parse("valkeys://app:p%40ss@cache.internal/2#insecure").unwrap();
+        assert_eq!(u.addr(), "cache.internal:6379");
+        assert!(u.tls && u.insecure);
+        assert_eq!(
+            (u.username.as_deref(), u.password.as_deref(), u.db),
+            (Some("app"), Some("p@ss"), 2)
+        );
+        let u = ValkeyUrl::parse("redis://:secret@[::1]:7000").unwrap();
+        assert_eq!(
+            (u.addr(), u.username, u.password.as_deref()),
+            ("[::1]:7000".into(), None, Some("secret"))
+        );
+        for (bad, why) in [
+            ("http://h:1", "scheme http://"),
+            ("redis://h:1/x", "database 'x'"),
+            ("redis://h:1#insecure", "#insecure"),
+            ("unix:///tmp/v.sock", "scheme unix://"),
+            ("127.0.0.1:6379", "not a URL"),
+        ] {
+            let e = ValkeyUrl::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
