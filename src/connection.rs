@@ -130,7 +130,9 @@ pub struct Connection {
     /// Bytes were written since the last flush (TLS keeps them until flushed).
     unflushed: bool,
     closing: bool,
-    shutdown: watch::Receiver<bool>,
+    /// Resolves when the server begins to shut down. Made once per connection: a fresh
+    /// waiter on every turn of the loop would register and unregister itself each time.
+    stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 impl Connection {
@@ -163,7 +165,10 @@ impl Connection {
             write_stalled: None,
             unflushed: false,
             closing: false,
-            shutdown,
+            stop: Box::pin(async move {
+                let mut shutdown = shutdown;
+                let _ = shutdown.changed().await;
+            }),
         }
     }
 
@@ -217,7 +222,7 @@ impl Connection {
                 _ = sleep_until_some(write_deadline) => return Err(write_timeout()),
                 f = front_event(&mut self.outq) => Event::Front(f),
                 r = read_dedicated(&mut self.ded) => Event::DedicatedRead(r),
-                _ = self.shutdown.changed(), if !self.closing => Event::Shutdown,
+                _ = &mut self.stop, if !self.closing => Event::Shutdown,
                 _ = self.budget.wait_exceeded() => Event::OutputLimit,
                 _ = sleep_until_some(soft_deadline) => Event::OutputLimit,
             };

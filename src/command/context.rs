@@ -4,7 +4,8 @@
 //! it from the configuration and keeps only its own concerns (listeners, reload, shutdown).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use arc_swap::{ArcSwap, Guard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::acl::Users;
@@ -36,8 +37,20 @@ pub struct Context {
 }
 
 /// The configuration in force and what is built from it, replaced whole on reload so a
-/// command sees one consistent version.
-pub struct Live(RwLock<Arc<LiveParts>>);
+/// command sees one consistent version. Read for every request by every connection: an
+/// `ArcSwap` load touches no shared cache line (a lock, or an `Arc` count, would be written by
+/// every reader on every core).
+pub struct Live(ArcSwap<LiveParts>);
+
+/// The configuration in force, held for as long as a command needs one consistent version.
+pub struct ConfigRef(Guard<Arc<LiveParts>>);
+
+impl std::ops::Deref for ConfigRef {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.0.config
+    }
+}
 
 struct LiveParts {
     config: Arc<Config>,
@@ -47,7 +60,7 @@ struct LiveParts {
 
 impl Live {
     pub fn new(config: Config, named: Named) -> Live {
-        Live(RwLock::new(Self::parts(config, named)))
+        Live(ArcSwap::new(Self::parts(config, named)))
     }
 
     fn parts(config: Config, named: Named) -> Arc<LiveParts> {
@@ -58,13 +71,13 @@ impl Live {
         })
     }
 
-    fn get(&self) -> Arc<LiveParts> {
-        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    fn get(&self) -> Guard<Arc<LiveParts>> {
+        self.0.load()
     }
 
     /// Puts a new configuration and its named queries in force (the server's reload).
     pub fn replace(&self, config: Config, named: Named) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Self::parts(config, named);
+        self.0.store(Self::parts(config, named));
     }
 }
 
@@ -79,7 +92,12 @@ impl Default for ClientIds {
 
 impl Context {
     /// The configuration in force.
-    pub fn config(&self) -> Arc<Config> {
+    pub fn config(&self) -> ConfigRef {
+        ConfigRef(self.live.get())
+    }
+
+    /// The configuration in force, to keep (a task that outlives the request).
+    pub fn config_owned(&self) -> Arc<Config> {
         Arc::clone(&self.live.get().config)
     }
 

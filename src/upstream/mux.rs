@@ -33,7 +33,10 @@ pub struct ReplyBudget {
     /// The hard limit in bytes (0: none).
     hard: AtomicUsize,
     over: AtomicBool,
-    exceeded: tokio::sync::Notify,
+    /// The client's connection task, woken when a limit is passed. A waker slot rather than a
+    /// `Notify`: the connection polls it on every turn of its loop, and registering again
+    /// with the same waker costs two atomics, no lock and no allocation.
+    exceeded: futures::task::AtomicWaker,
 }
 
 impl ReplyBudget {
@@ -68,7 +71,7 @@ impl ReplyBudget {
     /// The client is to be disconnected (a limit was passed).
     pub fn mark_exceeded(&self) {
         self.over.store(true, Ordering::Release);
-        self.exceeded.notify_one();
+        self.exceeded.wake();
     }
 
     pub fn is_exceeded(&self) -> bool {
@@ -76,10 +79,14 @@ impl ReplyBudget {
     }
 
     /// Resolves once a limit has been passed.
-    pub async fn wait_exceeded(&self) {
-        while !self.is_exceeded() {
-            self.exceeded.notified().await;
-        }
+    pub fn wait_exceeded(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.exceeded.register(cx.waker());
+            match self.is_exceeded() {
+                true => std::task::Poll::Ready(()),
+                false => std::task::Poll::Pending,
+            }
+        })
     }
 }
 
