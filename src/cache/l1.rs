@@ -43,7 +43,7 @@ pub struct Ticket {
 }
 
 pub struct L1 {
-    items: moka::sync::Cache<Bytes, Item>,
+    items: moka::sync::Cache<Bytes, Item, foldhash::fast::RandomState>,
     /// Bumped by flushes.
     global: AtomicU64,
     /// Bumped by invalidations of keys hashing to the stripe.
@@ -109,7 +109,8 @@ impl L1 {
             })
             .time_to_live(ttl.max(Duration::from_millis(1)))
             .support_invalidation_closures()
-            .build();
+            // Every hit hashes its key: foldhash (seeded per process) instead of SipHash.
+            .build_with_hasher(foldhash::fast::RandomState::default());
         L1 {
             items,
             global: AtomicU64::new(0),

@@ -3,8 +3,8 @@
 //! users, metrics) and the part of the configuration `SIGHUP` can replace. The server builds
 //! it from the configuration and keeps only its own concerns (listeners, reload, shutdown).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::{ArcSwap, Guard};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +49,16 @@ impl std::ops::Deref for ConfigRef {
     type Target = Config;
     fn deref(&self) -> &Config {
         &self.0.config
+    }
+}
+
+/// The named queries in force, held like [`ConfigRef`].
+pub struct NamedRef(Guard<Arc<LiveParts>>);
+
+impl std::ops::Deref for NamedRef {
+    type Target = Named;
+    fn deref(&self) -> &Named {
+        &self.0.named
     }
 }
 
@@ -102,8 +112,8 @@ impl Context {
     }
 
     /// Named queries by uppercased command name.
-    pub fn named(&self) -> Arc<Named> {
-        Arc::clone(&self.live.get().named)
+    pub fn named(&self) -> NamedRef {
+        NamedRef(self.live.get())
     }
 
     /// Protocol limits for the request parser.
