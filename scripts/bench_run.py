@@ -132,6 +132,44 @@ def _children():
     return kids
 
 
+def proc_jiffies(pid):
+    """CPU time (utime + stime, in clock ticks) one process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+        f2 = st[st.rindex(")") + 2 :].split()
+        return int(f2[11]) + int(f2[12])
+    except (OSError, ValueError):
+        return 0
+
+
+class Costs:
+    """What one benchmark run cost, beyond its rate: CPU per request of the target process
+    (cachefront, twemproxy, or Valkey itself when measured directly) and of Valkey, and how
+    many commands Valkey ran per read from its sockets (`INFO stats`): the fewer, larger
+    writes a proxy makes into Valkey, the more commands per read and the less kernel time on
+    both sides."""
+
+    def __init__(self, target_pid, valkey_pid, valkey_port):
+        self.pids = (target_pid, valkey_pid)
+        self.port = valkey_port
+
+    def _sample(self):
+        st = info(self.port, "stats")
+        return ([proc_jiffies(p) for p in self.pids],
+                int(st.get("total_commands_processed", 0)), int(st.get("total_reads_processed", 0)))
+
+    def start(self):
+        self.before = self._sample()
+
+    def stop(self, n):
+        (t0, v0), c0, r0 = self.before
+        (t1, v1), c1, r1 = self._sample()
+        us = lambda j: (j / HZ) * 1e6 / n
+        # The two INFO calls themselves are one command and one read each: left in.
+        return us(t1 - t0), us(v1 - v0), (c1 - c0) / (r1 - r0) if r1 > r0 else 0.0
+
+
 def _tree_jiffies(roots):
     kids = _children()
     total, todo, seen = 0, list(roots), set()
@@ -321,6 +359,8 @@ def main():
         notes_global.append(f"EMP.GET 000000000007 (redis-benchmark's __rand_int__ form) answers {r!r}"
                             + ("; hence BENCH.EMP for the miss row" if isinstance(r, RuntimeError) else ""))
 
+    pid_of = {"cachefront": a.cachefront_pid, "valkey": a.valkey_pid, "twemproxy": a.nutcracker_pid}
+
     def gs(cmd, clients):
         return [Target("cachefront", "rb", CF, ["-t", cmd]),
                 Target("valkey", "rb", VK, ["-t", cmd]),
@@ -365,6 +405,7 @@ def main():
         busy = {t.name: False for t in targets}
         notes = {t.name: [] for t in targets}
         extra = {t.name: "" for t in targets}
+        costs = {t.name: [] for t in targets}
         for r in range(REPEAT):
             for t in targets:
                 if t.before:
@@ -374,7 +415,10 @@ def main():
                 if not wait_quiet(roots):
                     busy[t.name] = True
                 if t.kind == "rb":
+                    meter = Costs(pid_of[t.name], a.valkey_pid, VK)
+                    meter.start()
                     out, nn = redis_benchmark(t.port, clients, pipe, n, t.args)
+                    costs[t.name].append(meter.stop(n))
                 else:
                     out, nn = pgbench(a, clients, n)
                 if t.name == "cachefront" and "miss" in label:
@@ -387,12 +431,13 @@ def main():
                     res[t.name].append(out)
         base_rps = statistics.median([x[0] for x in res[base]]) if res[base] else 0.0
         for t in targets:
+            cost = median3(costs[t.name]) if costs[t.name] else None
             if not res[t.name]:
-                table.append((label, clients, pipe, t.name, None, None, None, None, busy[t.name], notes[t.name], extra[t.name]))
+                table.append((label, clients, pipe, t.name, None, None, None, None, busy[t.name], notes[t.name], extra[t.name], cost))
                 continue
             rps, p50, p99 = median3(res[t.name])
             ratio = rps / base_rps if base_rps else None
-            table.append((label, clients, pipe, t.name, rps, p50, p99, ratio, busy[t.name], notes[t.name], extra[t.name]))
+            table.append((label, clients, pipe, t.name, rps, p50, p99, ratio, busy[t.name], notes[t.name], extra[t.name], cost))
         # Is cachefront still alive?
         try:
             if call(CF, "PING") != "PONG":
@@ -423,24 +468,28 @@ def main():
           f"{N:,} requests per run ({N_1K:,} at 1,000 clients, {MISS_N:,} for misses)")
     print("note:       the clients, cachefront, Valkey, twemproxy and PostgreSQL all share these CPUs")
     print()
-    hdr = ("workload", "clients", "-P", "target", "req/s", "p50 ms", "p99 ms", "vs base")
+    hdr = ("workload", "clients", "-P", "target", "req/s", "p50 ms", "p99 ms", "vs base",
+           "target µs CPU/req", "Valkey µs CPU/req", "Valkey cmds/read")
     print("| " + " | ".join(hdr) + " |")
-    print("|---|--:|--:|---|--:|--:|--:|--:|")
+    print("|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|")
     footnotes = []
-    for label, clients, pipe, tname, rps, p50, p99, ratio, b, nn, ex in table:
+    for label, clients, pipe, tname, rps, p50, p99, ratio, b, nn, ex, cost in table:
         mark = "*" if b else ""
         if nn:
             mark += " E"
             footnotes.append(f"{label} / {clients} clients / -P {pipe} / {tname}: " + "; ".join(dict.fromkeys(nn)))
         if ex:
             footnotes.append(f"{label} / {tname}: {ex}")
+        c = (f"{cost[0]:.1f} | {cost[1]:.1f} | {cost[2]:.1f}" if cost else "– | – | –")
         if rps is None:
-            print(f"| {label} | {clients:,} | {pipe} | {tname}{mark} | – | – | – | – |")
+            print(f"| {label} | {clients:,} | {pipe} | {tname}{mark} | – | – | – | – | {c} |")
             continue
         r = f"{ratio:.2f}" if ratio is not None else "–"
-        print(f"| {label} | {clients:,} | {pipe} | {tname}{mark} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {r} |")
+        print(f"| {label} | {clients:,} | {pipe} | {tname}{mark} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {r} | {c} |")
     print()
     print("vs base: req/s as a fraction of Valkey direct's in the same row (of PostgreSQL's for the miss row).")
+    print("CPU/req: user + system time of the target process (cachefront, twemproxy, or Valkey when it is the")
+    print("target) and of Valkey, per request; cmds/read: Valkey's total_commands_processed / total_reads_processed.")
     print("`*`: the machine stayed busy (other processes) for the whole wait before at least one run of that cell.")
     print("Misses: Valkey FLUSHALLed before each run; ids 0..99,999 at random (redis-benchmark -r 100000), through")
     print("BENCH.EMP = EMP.GET's SQL with a text id; PostgreSQL: pgbench -M prepared, the same SELECT, random(1, 100000).")
