@@ -405,10 +405,24 @@ async fn serve(
             }
             // This job and whatever else is already queued, up to a batch.
             let mut job = Some(job);
-            while let Some(j) = job.take() {
-                push_job(j, &mut wbuf, &mut pending, &mut tracked_gen, ctx, keep);
-                if wbuf.len() < MAX_BATCH {
-                    job = jobs.try_recv().ok();
+            let mut yielded = false;
+            loop {
+                while let Some(j) = job.take() {
+                    push_job(j, &mut wbuf, &mut pending, &mut tracked_gen, ctx, keep);
+                    if wbuf.len() < MAX_BATCH {
+                        job = jobs.try_recv().ok();
+                    }
+                }
+                // A lone request: let the other clients' tasks that are ready run first, so
+                // their requests share this write (one syscall here, one read in Valkey).
+                if yielded || wbuf.len() >= MAX_BATCH {
+                    break;
+                }
+                yielded = true;
+                tokio::task::yield_now().await;
+                job = jobs.try_recv().ok();
+                if job.is_none() {
+                    break;
                 }
             }
             if let Err(e) = conn.write_all(&wbuf).await {
