@@ -1,26 +1,16 @@
 //! The binary's edges: --check-config, config errors naming the key, env overrides.
 
-use std::process::Command;
+mod common;
 
-fn cachefront() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cachefront"))
-}
+use common::{cachefront_cmd as cachefront, run_ok};
 
 #[test]
 fn check_config_accepts_the_shipped_config() {
-    let out = cachefront()
-        .args([
-            "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
-            "--check-config",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(cachefront().args([
+        "--config",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+        "--check-config",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("configuration OK") && text.contains("2 named queries"),

@@ -46,11 +46,7 @@ impl ClusterStack {
     }
 
     async fn client(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.proxy.addr.port()))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to cachefront")
+        common::connect(&format!("redis://127.0.0.1:{}", self.proxy.addr.port())).await
     }
 
     fn psql(&self, sql: &str) -> String {
@@ -282,17 +278,9 @@ async fn concurrent_writes_leave_no_stale_entry_in_the_cluster() {
         readers.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let id = 1 + n % 5;
-                let _: Option<String> = redis::cmd("EMP.GET")
-                    .arg(id)
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-                let _: String = redis::cmd("SQL.CACHED")
-                    .arg(GUIDE_QUERY)
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
+                let id = 1 + (n % 5) as i64;
+                common::emp_get(&mut c, id).await;
+                common::sql_cached(&mut c, GUIDE_QUERY).await;
                 n += 1;
             }
             n

@@ -139,11 +139,7 @@ async fn concurrent_misses_make_one_query() {
     for _ in 0..50 {
         let url = s.proxy_url();
         handles.push(tokio::spawn(async move {
-            let mut c = redis::Client::open(url)
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+            let mut c = common::connect(&url).await;
             let n: String = redis::cmd("EMP.GET")
                 .arg(4)
                 .query_async(&mut c)

@@ -16,15 +16,13 @@ async fn until(
     limit: Duration,
     want: impl Fn(&str) -> bool,
 ) -> Duration {
-    let started = Instant::now();
-    loop {
-        let r = raw.call(args).await;
-        if want(&r) {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "still {r:?} after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!(
+        "the wanted reply to {:?}",
+        args.iter()
+            .map(|a| String::from_utf8_lossy(a))
+            .collect::<Vec<_>>()
+    );
+    common::eventually_within(limit, &what, async || want(&raw.call(args).await)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -446,21 +444,7 @@ async fn slow_and_partitioned_postgres() {
 
 /// `INFO cachefront` as cachefront reports it.
 fn info(s: &Stack, name: &str) -> String {
-    let info = s.proxy.shared.info_section();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("no {name} in {info}"))
-        .to_string()
-}
-
-/// Waits until `f` holds (at most `limit`); returns how long it took.
-async fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !f() {
-        assert!(started.elapsed() < limit, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    started.elapsed()
+    common::info_field(&s.proxy.shared.info_section(), name).to_string()
 }
 
 /// A Valkey out of memory refuses the invalidation of a write: the table's reads come fresh
@@ -469,7 +453,7 @@ async fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Dur
 #[tokio::test(flavor = "multi_thread")]
 async fn valkey_out_of_memory_degrades_the_written_table_until_it_recovers() {
     let s = Stack::start().await;
-    within(Duration::from_secs(5), "listener up", || {
+    common::eventually_within(Duration::from_secs(5), "listener up", async || {
         s.proxy.shared.is_listening()
     })
     .await;
@@ -502,7 +486,7 @@ async fn valkey_out_of_memory_degrades_the_written_table_until_it_recovers() {
         )
         .await
         .unwrap();
-    let took = within(Duration::from_secs(3), "degraded", || {
+    let took = common::eventually_within(Duration::from_secs(3), "degraded", async || {
         info(&s, "invalidation_degraded") == "1"
     })
     .await;
@@ -527,7 +511,7 @@ async fn valkey_out_of_memory_degrades_the_written_table_until_it_recovers() {
     assert_eq!(raw.call(depts).await, depts_before);
     assert_eq!(m.hits.load(Ordering::Relaxed), hits + 1);
     config("maxmemory", "0").await;
-    let took = within(Duration::from_secs(5), "recovered", || {
+    let took = common::eventually_within(Duration::from_secs(5), "recovered", async || {
         info(&s, "invalidation_degraded") == "0"
     })
     .await;

@@ -226,20 +226,6 @@ async fn unexpected_header_byte_is_shown_like_valkey() {
 // Resource exhaustion
 // -------------------------------------------------------------------------------------------
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS line");
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS value");
-    kb * 1024
-}
-
 fn raise_fd_limit(want: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -262,7 +248,7 @@ async fn two_thousand_header_only_connections() {
     let s = Stack::start().await;
     let mut normal = s.raw().await;
     assert_eq!(normal.call(&[b"PING"]).await, "+PONG\r\n");
-    let before = rss_bytes();
+    let before = common::rss_bytes();
     let mut idle = Vec::with_capacity(2_000);
     for i in 0..2_000 {
         let mut r = Raw::connect(s.proxy_port()).await;
@@ -285,7 +271,7 @@ async fn two_thousand_header_only_connections() {
         fresh.call(&[b"ECHO", b"still here"]).await,
         "$10\r\nstill here\r\n"
     );
-    let after = rss_bytes();
+    let after = common::rss_bytes();
     let growth = after.saturating_sub(before);
     println!(
         "RSS before {before} B, after {after} B: growth {growth} B for 2000 header-only \

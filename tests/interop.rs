@@ -87,16 +87,8 @@ async fn what_the_app_caches_cachefront_serves() {
 async fn what_cachefront_caches_the_app_serves() {
     let s = Stack::start().await;
     let mut c = s.client().await;
-    let _: String = redis::cmd("EMP.GET")
-        .arg(3)
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let _: String = redis::cmd("SQL.CACHED")
-        .arg(GUIDE_QUERY)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    assert!(common::emp_get(&mut c, 3).await.is_some());
+    common::sql_cached(&mut c, GUIDE_QUERY).await;
     let vport = s.valkey.port();
     let dir = tempfile::tempdir().unwrap();
     let file = sql_file(&dir);

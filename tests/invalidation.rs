@@ -2,17 +2,15 @@
 
 mod common;
 
-use common::{Stack, GUIDE_QUERY, GUIDE_QUERY_KEY};
+use common::{
+    emp_get as emp, info_cachefront, info_field, sql_cached, Stack, GUIDE_QUERY, GUIDE_QUERY_KEY,
+};
 use redis::AsyncCommands;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// How soon a write must reach the cache in these tests.
 const FRESH: Duration = Duration::from_secs(3);
-
-async fn emp(c: &mut redis::aio::MultiplexedConnection, id: i64) -> Option<String> {
-    redis::cmd("EMP.GET").arg(id).query_async(c).await.unwrap()
-}
 
 async fn exists(v: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
     v.exists(key).await.unwrap()
@@ -312,11 +310,7 @@ async fn writers_and_readers_end_consistent() {
         let url = s.proxy_url();
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = redis::Client::open(url)
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+            let mut c = common::connect(&url).await;
             let mut i = r;
             while !stop.load(Ordering::Relaxed) {
                 let id = 1 + (i * 37) % 205;
@@ -442,16 +436,11 @@ async fn ttl_jitter_spreads_expiry() {
 fn triggers_subcommand_installs_and_removes_idempotently() {
     let db = common::services::postgres().fresh_db();
     let run = |action: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachefront"))
-            .args(["triggers", action])
-            .env("CACHEFRONT_POSTGRES_URL", db.url())
-            .env("RUST_LOG", "error")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        common::run_ok(
+            common::cachefront_cmd()
+                .args(["triggers", action])
+                .env("CACHEFRONT_POSTGRES_URL", db.url())
+                .env("RUST_LOG", "error"),
         );
     };
     let count = || {
@@ -471,25 +460,9 @@ fn triggers_subcommand_installs_and_removes_idempotently() {
     assert_eq!(count(), "0");
 }
 
-async fn sql_cached(c: &mut redis::aio::MultiplexedConnection, query: &str) -> String {
-    redis::cmd("SQL.CACHED")
-        .arg(query)
-        .query_async(c)
-        .await
-        .unwrap()
-}
-
 /// A field of `INFO cachefront`, as a client sees it.
-async fn info_field(c: &mut redis::aio::MultiplexedConnection, name: &str) -> String {
-    let info: String = redis::cmd("INFO")
-        .arg("cachefront")
-        .query_async(c)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("no {name} in {info}"))
-        .to_string()
+async fn info_value(c: &mut redis::aio::MultiplexedConnection, name: &str) -> String {
+    info_field(&info_cachefront(c).await, name).to_string()
 }
 
 /// Meta keys of the wrong type, written straight to Valkey by someone else, neither stall
@@ -542,11 +515,11 @@ async fn corrupted_meta_keys_do_not_stop_invalidation() {
     );
     common::eventually_within(FRESH, "not degraded", || {
         let mut c = c.clone();
-        async move { info_field(&mut c, "invalidation_degraded").await == "0" }
+        async move { info_value(&mut c, "invalidation_degraded").await == "0" }
     })
     .await;
     assert!(
-        info_field(&mut c, "meta_repairs")
+        info_value(&mut c, "meta_repairs")
             .await
             .parse::<u64>()
             .unwrap()

@@ -190,7 +190,7 @@ async fn a_client_that_never_reads_is_cut_off_at_its_output_limit() {
         .query_async(&mut v)
         .await
         .unwrap();
-    let rss_before = rss_kb();
+    let rss_before = common::rss_bytes() / 1024;
     let mut hog = s.raw().await;
     let mut pipeline = Vec::new();
     for _ in 0..400 {
@@ -198,7 +198,7 @@ async fn a_client_that_never_reads_is_cut_off_at_its_output_limit() {
     }
     hog.send(&pipeline).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let grown_mb = rss_kb().saturating_sub(rss_before) / 1024;
+    let grown_mb = (common::rss_bytes() / 1024).saturating_sub(rss_before) / 1024;
     assert!(hog.closed().await, "the client was not disconnected");
     assert!(grown_mb < 200, "RSS grew by {grown_mb} MB");
     // Everyone else is served as before, and the disconnect is counted.
@@ -267,19 +267,6 @@ async fn a_subscriber_that_never_reads_is_cut_off_at_the_pubsub_limit() {
             .unwrap();
     }
     assert!(sub.closed().await, "the subscriber was not disconnected");
-}
-
-/// This process's resident set, in KiB.
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// No client can write, rename or delete cachefront's own keys (they drive invalidation),

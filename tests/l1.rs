@@ -3,24 +3,19 @@
 
 mod common;
 
-use common::Stack;
+use common::{emp_get as emp, Stack};
 use redis::AsyncCommands;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 async fn tracking_up(s: &Stack) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while s.proxy.shared.upstream.tracking.current().0 == 0 || !s.proxy.shared.is_listening() {
-        assert!(
-            Instant::now() < deadline,
-            "tracking connection never came up"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn emp(c: &mut redis::aio::MultiplexedConnection, id: i64) -> Option<String> {
-    redis::cmd("EMP.GET").arg(id).query_async(c).await.unwrap()
+    let shared = &s.proxy.shared;
+    common::eventually_within(
+        Duration::from_secs(5),
+        "the tracking connection",
+        async || shared.upstream.tracking.current().0 != 0 && shared.is_listening(),
+    )
+    .await;
 }
 
 fn l1_hits(s: &Stack) -> u64 {
@@ -44,16 +39,10 @@ async fn warm_l1(s: &Stack, c: &mut redis::aio::MultiplexedConnection, id: i64) 
 
 /// Reads EMP.GET until it returns `want` (2 s at most); returns how long it took.
 async fn until_value(c: &mut redis::aio::MultiplexedConnection, id: i64, want: &str) -> Duration {
-    let started = Instant::now();
-    loop {
-        if emp(c, id).await.as_deref() == Some(want) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "never saw {want}"
-        );
-    }
+    common::eventually_within(Duration::from_secs(2), want, async || {
+        emp(c, id).await.as_deref() == Some(want)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,15 +5,11 @@
 
 mod common;
 
-use common::{call_line as call, same_as};
+use common::{call_line as call, same_as, same_as_valkey};
 
 use common::services::Valkey;
 use common::{Raw, Stack};
 use std::process::Command;
-
-async fn same_as_valkey(s: &Stack, cmds: &[&str]) -> Vec<String> {
-    same_as(s, s.valkey.port(), cmds).await
-}
 
 /// The integer of a `:n` reply.
 fn int(reply: &str) -> i64 {
@@ -395,11 +391,7 @@ async fn requirepass_gates_every_command_like_valkey() {
     assert!(q.closed().await);
     // redis-rs with the password in the URL.
     let url = format!("redis://:secret@127.0.0.1:{}", s.proxy_port());
-    let mut c = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = common::connect(&url).await;
     let name: String = redis::cmd("EMP.GET")
         .arg(2)
         .query_async(&mut c)

@@ -5,55 +5,18 @@
 
 mod common;
 
-use common::{Raw, Stack};
+use common::{flushall, same_as_valkey_from_empty, Raw, Stack};
 use redis::AsyncCommands;
 use std::time::{Duration, Instant};
-
-/// A command given as space-separated words (no word contains a space).
-fn words(cmd: &str) -> Vec<&[u8]> {
-    cmd.split(' ').map(str::as_bytes).collect()
-}
-
-/// Empties the test's Valkey (straight, not through cachefront).
-async fn flushall(s: &Stack) {
-    let mut v = Raw::connect(s.valkey.port()).await;
-    assert_eq!(v.call(&[b"FLUSHALL"]).await, "+OK\r\n");
-}
-
-/// Sends `cmds` one at a time on a fresh connection to `port`, returning each reply.
-async fn replies(port: u16, cmds: &[&str]) -> Vec<String> {
-    let mut r = Raw::connect(port).await;
-    let mut out = Vec::new();
-    for c in cmds {
-        out.push(r.call(&words(c)).await);
-    }
-    out
-}
-
-/// Runs `cmds` through cachefront and then straight to Valkey (each from an empty Valkey) and
-/// asserts identical replies. A `HELLO` reply is not compared (it holds the connection id).
-async fn same_as_valkey(s: &Stack, cmds: &[&str]) -> Vec<String> {
-    flushall(s).await;
-    let ours = replies(s.proxy_port(), cmds).await;
-    flushall(s).await;
-    let theirs = replies(s.valkey.port(), cmds).await;
-    common::assert_same_replies(cmds, &ours, &theirs);
-    ours
-}
 
 /// Waits until Valkey reports `n` blocked clients.
 async fn wait_blocked(s: &Stack, n: usize) {
     let mut v = Raw::connect(s.valkey.port()).await;
     let want = format!("blocked_clients:{n}\r\n");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let info = v.call(&[b"INFO", b"clients"]).await;
-        if info.contains(&want) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never saw {want:?} in {info}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::eventually_within(Duration::from_secs(5), &want, async || {
+        v.call(&[b"INFO", b"clients"]).await.contains(&want)
+    })
+    .await;
 }
 
 const DATA_TYPES: &[&str] = &[
@@ -96,7 +59,7 @@ const DATA_TYPES: &[&str] = &[
 #[tokio::test]
 async fn data_commands_match_valkey_in_resp2() {
     let s = Stack::start().await;
-    let r = same_as_valkey(&s, DATA_TYPES).await;
+    let r = same_as_valkey_from_empty(&s, DATA_TYPES).await;
     // A few spot checks that the comparison compared something meaningful.
     assert_eq!(r[1], "$1\r\nv\r\n");
     assert_eq!(r[11], "*4\r\n$1\r\na\r\n$1\r\n1\r\n$1\r\nb\r\n$1\r\n2\r\n");
@@ -109,7 +72,7 @@ async fn data_commands_match_valkey_in_resp3() {
     let s = Stack::start().await;
     let mut cmds = vec!["HELLO 3"];
     cmds.extend_from_slice(DATA_TYPES);
-    let r = same_as_valkey(&s, &cmds).await;
+    let r = same_as_valkey_from_empty(&s, &cmds).await;
     assert!(r[0].starts_with("%"), "{}", r[0]);
     // Maps, doubles, sets and RESP3 nulls reach the client as Valkey sent them.
     assert_eq!(r[3], "_\r\n");
@@ -216,7 +179,7 @@ async fn a_thousand_pipelined_mixed_commands_come_back_in_order() {
 #[tokio::test]
 async fn multi_exec_and_discard_match_valkey() {
     let s = Stack::start().await;
-    let r = same_as_valkey(
+    let r = same_as_valkey_from_empty(
         &s,
         &[
             "MULTI",
@@ -273,7 +236,7 @@ async fn multi_exec_and_discard_match_valkey() {
 #[tokio::test]
 async fn transactions_in_resp3_match_valkey() {
     let s = Stack::start().await;
-    let r = same_as_valkey(
+    let r = same_as_valkey_from_empty(
         &s,
         &[
             "HELLO 3",
@@ -433,7 +396,7 @@ async fn pipelined_transaction_with_surrounding_commands() {
         "EMP.GET 3",
         "GET before",
     ] {
-        buf.extend_from_slice(&cachefront::protocol::Request::from_args(words(c)).raw);
+        buf.extend_from_slice(&common::encode_line(c));
     }
     raw.send(&buf).await;
     let mut got = Vec::new();
@@ -685,7 +648,7 @@ async fn a_blocked_client_does_not_hold_up_others() {
 #[tokio::test]
 async fn blocking_timeouts_match_valkey() {
     let s = Stack::start().await;
-    let r = same_as_valkey(
+    let r = same_as_valkey_from_empty(
         &s,
         &[
             "BLPOP none 0.05",
@@ -766,7 +729,7 @@ async fn select_switches_database_for_that_client_only() {
 #[tokio::test]
 async fn select_errors_match_valkey() {
     let s = Stack::start().await;
-    same_as_valkey(
+    same_as_valkey_from_empty(
         &s,
         &[
             "SELECT 99",
@@ -876,11 +839,7 @@ async fn concurrent_clients_never_see_each_others_replies() {
     for t in 0..50 {
         let url = s.proxy_url();
         tasks.push(tokio::spawn(async move {
-            let mut c = redis::Client::open(url)
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+            let mut c = common::connect(&url).await;
             for i in 0..100 {
                 let (k, v) = (format!("k_{t}_{i}"), format!("v_{t}_{i}"));
                 if t % 10 == 0 {

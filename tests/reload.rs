@@ -96,7 +96,7 @@ fn sighup_reloads_the_binary_without_dropping_connections() {
     let path = dir.path().join("config.toml");
     std::fs::write(&path, "").unwrap();
     let port = common::services::free_port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cachefront"))
+    let mut child = common::cachefront_cmd()
         .arg("--config")
         .arg(&path)
         .env("CACHEFRONT_LISTEN", format!("127.0.0.1:{port}"))

@@ -11,7 +11,7 @@ mod common;
 
 use common::faultproxy::{FaultProxy, Mode};
 use common::services::{postgres, Postgres, TestDb, Valkey};
-use common::{config_for, Stack};
+use common::{config_for, emp_get as emp, info_cachefront as info, info_field, Stack};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,29 +77,6 @@ async fn standby_answers(c: &mut MultiplexedConnection) -> bool {
         j if j == format!(r#"[{{"standby": false, "n": {n}}}]"#) => false,
         other => panic!("unexpected answer {other}"),
     }
-}
-
-async fn emp(c: &mut MultiplexedConnection, id: i64) -> Option<String> {
-    redis::cmd("EMP.GET")
-        .arg(id)
-        .query_async(c)
-        .await
-        .expect("EMP.GET")
-}
-
-async fn info(c: &mut MultiplexedConnection) -> String {
-    redis::cmd("INFO")
-        .arg("cachefront")
-        .query_async(c)
-        .await
-        .expect("INFO")
-}
-
-/// The value of `field` in INFO's `# Cachefront` text.
-fn info_field<'a>(info: &'a str, field: &str) -> &'a str {
-    info.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {field} in {info}"))
 }
 
 /// `key=value` of the `replica<i>:` line.

@@ -282,17 +282,6 @@ async fn a_fill_that_raced_an_invalidation_is_not_stored() {
 // Result size: refused while the rows stream in, not after they are all in memory
 // -------------------------------------------------------------------------------------------
 
-/// A `/proc/<pid>/status` field (`VmRSS`, `VmHWM`) in bytes.
-fn proc_status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("status field");
-    kb * 1024
-}
-
 /// The cachefront binary as a process of its own (so its memory can be measured), in front of
 /// `valkey` and `db`, with `sql.max_result_bytes` = `limit`; killed on drop.
 struct Process(std::process::Child, u16);
@@ -304,7 +293,7 @@ impl Process {
         limit: usize,
     ) -> Self {
         let port = common::services::free_port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cachefront"))
+        let child = common::cachefront_cmd()
             .env("CACHEFRONT_LISTEN", format!("127.0.0.1:{port}"))
             .env("CACHEFRONT_VALKEY_URL", valkey.url())
             .env("CACHEFRONT_POSTGRES_URL", db.url())
@@ -357,13 +346,13 @@ async fn peak_for_refused(limit: usize, query: &str) -> u64 {
         assert!(r.starts_with('$'), "{r}");
     }
     let pid = proc.0.id();
-    let idle = proc_status_bytes(pid, "VmRSS");
+    let idle = common::proc_status_bytes(pid, "VmRSS");
     assert_eq!(
         raw.call(&[b"SQL.CACHED", query.as_bytes()]).await,
         format!("-ERR result is larger than sql.max_result_bytes ({limit} bytes); add a LIMIT\r\n"),
         "{query}"
     );
-    let peak = proc_status_bytes(pid, "VmHWM");
+    let peak = common::proc_status_bytes(pid, "VmHWM");
     // The abandoned query does not run on: its connection was closed.
     let t = std::time::Instant::now();
     loop {

@@ -307,7 +307,7 @@ fn bad_tls_files_are_refused_with_the_key_named() {
         base("").replace(&p(&pki.server_key), &p(&pki.client_key)),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachefront"))
+    let out = common::cachefront_cmd()
         .arg("--config")
         .arg(&file)
         .arg("--check-config")
@@ -321,16 +321,11 @@ fn bad_tls_files_are_refused_with_the_key_named() {
     );
     let good = dir.path().join("good.toml");
     std::fs::write(&good, base("")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachefront"))
-        .arg("--config")
-        .arg(&good)
-        .arg("--check-config")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        common::cachefront_cmd()
+            .arg("--config")
+            .arg(&good)
+            .arg("--check-config"),
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("tls.listen 127.0.0.1:0"));
 }

@@ -7,6 +7,8 @@
 //! The output matches Python's `json.dumps(obj)` byte for byte for the same values
 //! (separators `", "` / `": "`, `ensure_ascii=True` escaping, floats as `repr(float)`), because
 //! applications that fill the cache by hand from Python write such JSON under the same keys.
+//! The text itself is written by serde_json with a formatter of ours ([`PyFormatter`]);
+//! this module only maps PostgreSQL's values onto JSON values.
 //! Rows are objects in column order; duplicate column names behave like a Python dict built
 //! from the row (the key keeps its first position and takes the last value).
 //!
@@ -15,17 +17,25 @@
 //! other than citext, ...) must be cast by the caller with [`text_cast`], so they arrive as
 //! `text` / `text[]` and render as strings / arrays of strings.
 //!
-//! `json`/`jsonb` values are embedded re-formatted the way Python would re-serialize them
-//! after `json.loads`: same separators, `ensure_ascii` escaping, key order preserved,
-//! duplicate keys collapsed like a dict (first position, last value), integers kept exactly
-//! (`-0` becomes `0`), other numbers as `repr(float(x))`. Two deliberate deviations keep the
-//! output valid JSON where Python's would not be (or would fail): a number that overflows a
-//! double keeps its original text (Python would print `Infinity`), and a document nested
-//! deeper than [`MAX_JSON_DEPTH`] is embedded as a JSON string holding its text.
+//! `json`/`jsonb` values are parsed by serde_json (features `float_roundtrip` for exact
+//! doubles, `unbounded_depth` for our own depth limit) and embedded re-formatted the way
+//! Python would re-serialize them after `json.loads`: same separators, `ensure_ascii`
+//! escaping, key order preserved, duplicate keys collapsed like a dict (first position, last
+//! value), integers kept exactly (`-0` becomes `0`), other numbers as `repr(float(x))`, lone
+//! surrogate escapes kept. Two deliberate deviations keep the output valid JSON where
+//! Python's would not be (or would fail): a number that overflows a double keeps its
+//! original text (Python would print `Infinity`), and a document nested deeper than
+//! [`MAX_JSON_DEPTH`] is embedded as a JSON string holding its text. (So is, in the one case
+//! where the stand-ins of [`with_stand_ins`] cannot be used, a document that needs them.)
 
 use postgres_types::{FromSql, Kind, Type};
+use serde::de::{MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::ser::{CharEscape, Formatter};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::error::Error;
+use std::io;
 use tokio_postgres::{Column, Row};
 
 /// Nesting limit when re-formatting json/jsonb (Python's own limit is about 1000).
@@ -161,15 +171,62 @@ pub fn write_rows_json(names: &[&str], rows: &[Row], out: &mut Vec<u8>) {
     out.extend_from_slice(&json.finish());
 }
 
-/// The JSON array of [`write_rows_json`], built one row at a time as rows arrive from
-/// PostgreSQL, so a caller can stop as soon as the text grows past its limit — before the
-/// rest of the result is ever in memory.
-pub struct JsonRows {
+/// What every row of one result shares: its keys, already rendered, and how each column is
+/// decoded. Kept apart from [`JsonRows`] so rows can be rendered from plain cells (the
+/// formatting benchmark has no PostgreSQL `Row` to hand).
+struct Layout {
     /// `"name": ` of each distinct key, in output order.
     keys: Vec<Vec<u8>>,
     /// The column whose value each key shows (Python dict semantics: the last duplicate).
     value_col: Vec<usize>,
     codecs: Vec<Option<Codec>>,
+}
+
+impl Layout {
+    /// Keys for `names` (Python dict semantics for duplicates: first position, last value).
+    fn new<'n>(names: impl Iterator<Item = &'n str>, codecs: Vec<Option<Codec>>) -> Layout {
+        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(codecs.len());
+        let mut value_col: Vec<usize> = Vec::with_capacity(codecs.len());
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, name) in names.enumerate() {
+            if let Some(&slot) = seen.get(name) {
+                value_col[slot] = i;
+            } else {
+                seen.insert(name, keys.len());
+                let mut key = Vec::with_capacity(name.len() + 4);
+                write_json_str(&mut key, name);
+                key.extend_from_slice(KEY_SEP);
+                keys.push(key);
+                value_col.push(i);
+            }
+        }
+        Layout {
+            keys,
+            value_col,
+            codecs,
+        }
+    }
+
+    /// Appends one row object; `cell(i)` gives the binary value of column `i` (None: NULL).
+    fn write_row<'r>(&self, cell: impl Fn(usize) -> Option<&'r [u8]>, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (k, (key, &col)) in self.keys.iter().zip(self.value_col.iter()).enumerate() {
+            if k > 0 {
+                out.extend_from_slice(ITEM_SEP);
+            }
+            out.extend_from_slice(key);
+            let codec = self.codecs.get(col).and_then(Option::as_ref);
+            write_cell(codec, cell(col), out);
+        }
+        out.push(b'}');
+    }
+}
+
+/// The JSON array of [`write_rows_json`], built one row at a time as rows arrive from
+/// PostgreSQL, so a caller can stop as soon as the text grows past its limit — before the
+/// rest of the result is ever in memory.
+pub struct JsonRows {
+    layout: Layout,
     out: Vec<u8>,
     rows: usize,
     /// The size past which the caller refuses the result: the buffer never grows beyond it
@@ -182,27 +239,12 @@ impl JsonRows {
     /// name falls back to the column's own name).
     pub fn new(names: &[&str], columns: &[Column]) -> JsonRows {
         let codecs = columns.iter().map(|c| codec(c.type_())).collect();
-        // Python dict semantics for duplicate names: first position, last value.
-        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(columns.len());
-        let mut value_col: Vec<usize> = Vec::with_capacity(columns.len());
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        for (i, col) in columns.iter().enumerate() {
-            let name = names.get(i).copied().unwrap_or_else(|| col.name());
-            if let Some(&slot) = seen.get(name) {
-                value_col[slot] = i;
-            } else {
-                seen.insert(name, keys.len());
-                let mut key = Vec::with_capacity(name.len() + 4);
-                write_json_str(&mut key, name);
-                key.extend_from_slice(b": ");
-                keys.push(key);
-                value_col.push(i);
-            }
-        }
+        let names = columns
+            .iter()
+            .enumerate()
+            .map(|(i, col)| names.get(i).copied().unwrap_or_else(|| col.name()));
         JsonRows {
-            keys,
-            value_col,
-            codecs,
+            layout: Layout::new(names, codecs),
             out: vec![b'['],
             rows: 0,
             limit: usize::MAX,
@@ -220,20 +262,11 @@ impl JsonRows {
     /// Appends `row` (whose columns must be those given to [`new`](Self::new)).
     pub fn push(&mut self, row: &Row) {
         self.reserve_for(row);
-        let out = &mut self.out;
         if self.rows > 0 {
-            out.extend_from_slice(b", ");
+            self.out.extend_from_slice(ITEM_SEP);
         }
-        out.push(b'{');
-        for (k, (key, &col)) in self.keys.iter().zip(self.value_col.iter()).enumerate() {
-            if k > 0 {
-                out.extend_from_slice(b", ");
-            }
-            out.extend_from_slice(key);
-            let codec = self.codecs.get(col).and_then(Option::as_ref);
-            write_cell(codec, raw_cell(row, col), out, true);
-        }
-        out.push(b'}');
+        self.layout
+            .write_row(|col| raw_cell(row, col), &mut self.out);
         self.rows += 1;
     }
 
@@ -242,9 +275,11 @@ impl JsonRows {
     /// twice its bytes plus `"\\x"`. It lets a caller refuse a huge row before rendering
     /// it (which could take several times its size), and never refuses one that would fit.
     pub fn min_added_len(&self, row: &Row) -> usize {
-        self.value_col
+        let layout = &self.layout;
+        layout
+            .value_col
             .iter()
-            .map(|&col| match (self.codecs.get(col), raw_cell(row, col)) {
+            .map(|&col| match (layout.codecs.get(col), raw_cell(row, col)) {
                 (Some(Some(Codec::Text)), Some(b)) => b.len() + 2,
                 (Some(Some(Codec::Bytea)), Some(b)) => 2 * b.len() + 5,
                 _ => 0,
@@ -258,8 +293,8 @@ impl JsonRows {
     /// doubling only kicks in for a row whose values render far larger than their wire size
     /// (large json or numeric arrays).
     fn reserve_for(&mut self, row: &Row) {
-        let keys: usize = self.keys.iter().map(Vec::len).sum();
-        let estimate = self.min_added_len(row) + keys + 34 * self.keys.len() + 4;
+        let keys: usize = self.layout.keys.iter().map(Vec::len).sum();
+        let estimate = self.min_added_len(row) + keys + 34 * self.layout.keys.len() + 4;
         let need = self.out.len() + estimate;
         if need <= self.out.capacity() {
             return;
@@ -318,10 +353,10 @@ pub fn cell_text(row: &Row, idx: usize) -> Option<String> {
 }
 
 /// One cell as JSON; anything undecodable becomes `null`.
-fn write_cell(codec: Option<&Codec>, raw: Option<&[u8]>, out: &mut Vec<u8>, quote: bool) {
+fn write_cell(codec: Option<&Codec>, raw: Option<&[u8]>, out: &mut Vec<u8>) {
     let mark = out.len();
     let ok = match (codec, raw) {
-        (Some(c), Some(b)) => write_value(c, b, out, quote).is_some(),
+        (Some(c), Some(b)) => write_value(c, b, out, true).is_some(),
         _ => false,
     };
     if !ok {
@@ -364,49 +399,92 @@ impl<'a> Cur<'a> {
     }
 }
 
-/// Writes one value. `quote` is false only for the top level of [`cell_text`].
+/// One decoded scalar, as the JSON value it renders to. Arrays and json documents are not
+/// here: they are written by [`write_array`] and [`write_embedded_json`], which own their
+/// structure.
+enum Scalar<'a> {
+    Bool(bool),
+    Int(i64),
+    Float4(f32),
+    Float8(f64),
+    /// Everything PostgreSQL prints as text (and NaN / ±Infinity, which JSON cannot hold).
+    Str(Cow<'a, str>),
+}
+
+impl Serialize for Scalar<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Scalar::Bool(v) => s.serialize_bool(*v),
+            Scalar::Int(v) => s.serialize_i64(*v),
+            Scalar::Float4(v) => s.serialize_f32(*v),
+            Scalar::Float8(v) => s.serialize_f64(*v),
+            Scalar::Str(v) => s.serialize_str(v),
+        }
+    }
+}
+
+/// A float as its JSON value: a number, or for NaN / ±Infinity the string Python's
+/// `float` prints (JSON has no such numbers; SPEC renders them as strings).
+fn float<'a>(finite: bool, nan: bool, positive: bool, number: Scalar<'a>) -> Scalar<'a> {
+    if finite {
+        number
+    } else if nan {
+        Scalar::Str(Cow::Borrowed("NaN"))
+    } else if positive {
+        Scalar::Str(Cow::Borrowed("Infinity"))
+    } else {
+        Scalar::Str(Cow::Borrowed("-Infinity"))
+    }
+}
+
+/// Writes one value. `quote` is false only for the top level of [`cell_text`], where a
+/// string is written as is rather than as a JSON string.
 /// Returns None on malformed input (the caller truncates what was written).
 fn write_value(c: &Codec, b: &[u8], out: &mut Vec<u8>, quote: bool) -> Option<()> {
     match c {
-        Codec::Bool => match b {
-            [0] => out.extend_from_slice(b"false"),
-            [_] => out.extend_from_slice(b"true"),
+        Codec::Json => return write_embedded_json(out, std::str::from_utf8(b).ok()?),
+        Codec::Jsonb => match b.split_first() {
+            Some((1, rest)) => return write_embedded_json(out, std::str::from_utf8(rest).ok()?),
             _ => return None,
         },
-        Codec::Int2 => put_int(out, i16::from_be_bytes(arr(b)?)),
-        Codec::Int4 => put_int(out, i32::from_be_bytes(arr(b)?)),
-        Codec::Int8 => put_int(out, i64::from_be_bytes(arr(b)?)),
-        Codec::Oid => put_int(out, u32::from_be_bytes(arr(b)?)),
+        Codec::Array(elem) => return write_array(elem, b, out),
+        _ => {}
+    }
+    match decode_scalar(c, b)? {
+        Scalar::Str(s) if !quote => out.extend_from_slice(s.as_bytes()),
+        v => write_json(out, &v, PyFormatter::default())?,
+    }
+    Some(())
+}
+
+/// Decodes a cell of any type but json, jsonb and arrays; None on malformed input.
+fn decode_scalar<'a>(c: &Codec, b: &'a [u8]) -> Option<Scalar<'a>> {
+    let text = |s: String| Some(Scalar::Str(Cow::Owned(s)));
+    match c {
+        Codec::Bool => match b {
+            [0] => Some(Scalar::Bool(false)),
+            [_] => Some(Scalar::Bool(true)),
+            _ => None,
+        },
+        Codec::Int2 => Some(Scalar::Int(i16::from_be_bytes(arr(b)?).into())),
+        Codec::Int4 => Some(Scalar::Int(i32::from_be_bytes(arr(b)?).into())),
+        Codec::Int8 => Some(Scalar::Int(i64::from_be_bytes(arr(b)?))),
+        Codec::Oid => Some(Scalar::Int(u32::from_be_bytes(arr(b)?).into())),
         Codec::Float4 => {
             let v = f32::from_be_bytes(arr(b)?);
-            if v.is_finite() {
-                write_py_repr(out, ryu::Buffer::new().format_finite(v));
-            } else {
-                put_str(out, nonfinite(v.is_nan(), v > 0.0), quote);
-            }
+            Some(float(v.is_finite(), v.is_nan(), v > 0.0, Scalar::Float4(v)))
         }
-        Codec::Float8 => write_f64(out, f64::from_be_bytes(arr(b)?), quote),
+        Codec::Float8 => {
+            let v = f64::from_be_bytes(arr(b)?);
+            Some(float(v.is_finite(), v.is_nan(), v > 0.0, Scalar::Float8(v)))
+        }
         Codec::Numeric => {
             let mut s = String::new();
             numeric_text(b, &mut s)?;
-            put_str(out, &s, quote);
+            text(s)
         }
-        Codec::Text => put_str(out, &String::from_utf8_lossy(b), quote),
-        Codec::Char => {
-            let mut s = String::new();
-            match b {
-                [] | [0] => {}
-                [c] if *c >= 0x80 => {
-                    s.push('\\');
-                    for shift in [6, 3, 0] {
-                        s.push((b'0' + ((c >> shift) & 7)) as char);
-                    }
-                }
-                [c] => s.push(*c as char),
-                _ => return None,
-            }
-            put_str(out, &s, quote);
-        }
+        Codec::Text => Some(Scalar::Str(String::from_utf8_lossy(b))),
+        Codec::Char => text(char_text(b)?),
         Codec::Uuid => {
             let u: [u8; 16] = arr(b)?;
             let mut s = String::with_capacity(36);
@@ -416,68 +494,32 @@ fn write_value(c: &Codec, b: &[u8], out: &mut Vec<u8>, quote: bool) -> Option<()
                 }
                 push_hex_byte(&mut s, *byte);
             }
-            put_str(out, &s, quote);
+            text(s)
         }
         Codec::Date => {
-            let d = i32::from_be_bytes(arr(b)?);
             let mut s = String::with_capacity(12);
-            match d {
+            match i32::from_be_bytes(arr(b)?) {
                 i32::MAX => s.push_str("infinity"),
                 i32::MIN => s.push_str("-infinity"),
                 d => push_date(&mut s, d as i64),
             }
-            put_str(out, &s, quote);
+            text(s)
         }
         Codec::Time => {
-            let t = i64::from_be_bytes(arr(b)?);
             let mut s = String::with_capacity(16);
-            push_time(&mut s, t)?;
-            put_str(out, &s, quote);
+            push_time(&mut s, i64::from_be_bytes(arr(b)?))?;
+            text(s)
         }
-        Codec::TimeTz => {
-            let mut cur = Cur(b);
-            let t = i64::from_be_bytes(arr(cur.take(8)?)?);
-            let zone = cur.i32()?;
-            if !cur.0.is_empty() {
-                return None;
-            }
-            let mut s = String::with_capacity(24);
-            push_time(&mut s, t)?;
-            // PostgreSQL stores the zone as seconds *west* of UTC.
-            push_offset(&mut s, -(zone as i64));
-            put_str(out, &s, quote);
-        }
-        Codec::Timestamp | Codec::TimestampTz => {
-            let t = i64::from_be_bytes(arr(b)?);
-            let mut s = String::with_capacity(32);
-            match t {
-                i64::MAX => s.push_str("infinity"),
-                i64::MIN => s.push_str("-infinity"),
-                t => {
-                    const DAY: i64 = 86_400_000_000;
-                    push_date(&mut s, t.div_euclid(DAY));
-                    s.push('T');
-                    push_time(&mut s, t.rem_euclid(DAY))?;
-                    if *c == Codec::TimestampTz {
-                        s.push_str("+00:00");
-                    }
-                }
-            }
-            put_str(out, &s, quote);
-        }
+        Codec::TimeTz => text(timetz_text(b)?),
+        Codec::Timestamp | Codec::TimestampTz => text(timestamp_text(b, *c == Codec::TimestampTz)?),
         Codec::Interval => {
             let mut s = String::with_capacity(32);
             interval_text(b, &mut s)?;
-            put_str(out, &s, quote);
+            text(s)
         }
-        Codec::Json => write_embedded_json(out, std::str::from_utf8(b).ok()?),
-        Codec::Jsonb => match b.split_first() {
-            Some((1, rest)) => write_embedded_json(out, std::str::from_utf8(rest).ok()?),
-            _ => return None,
-        },
         Codec::JsonPath => match b.split_first() {
-            Some((1, rest)) => put_str(out, &String::from_utf8_lossy(rest), quote),
-            _ => return None,
+            Some((1, rest)) => Some(Scalar::Str(String::from_utf8_lossy(rest))),
+            _ => None,
         },
         Codec::Bytea => {
             let mut s = String::with_capacity(2 + 2 * b.len());
@@ -485,61 +527,82 @@ fn write_value(c: &Codec, b: &[u8], out: &mut Vec<u8>, quote: bool) -> Option<()
             for byte in b {
                 push_hex_byte(&mut s, *byte);
             }
-            put_str(out, &s, quote);
+            text(s)
         }
         Codec::Inet => {
             let mut s = String::with_capacity(48);
             inet_text(b, &mut s)?;
-            put_str(out, &s, quote);
+            text(s)
         }
-        Codec::MacAddr | Codec::MacAddr8 => {
-            let n = if *c == Codec::MacAddr { 6 } else { 8 };
-            if b.len() != n {
-                return None;
+        Codec::MacAddr => text(mac_text(b, 6)?),
+        Codec::MacAddr8 => text(mac_text(b, 8)?),
+        Codec::Json | Codec::Jsonb | Codec::Array(_) => None,
+    }
+}
+
+/// The one-byte `"char"` type as PostgreSQL's charout prints it (high bytes in octal).
+fn char_text(b: &[u8]) -> Option<String> {
+    let mut s = String::new();
+    match b {
+        [] | [0] => {}
+        [c] if *c >= 0x80 => {
+            s.push('\\');
+            for shift in [6, 3, 0] {
+                s.push((b'0' + ((c >> shift) & 7)) as char);
             }
-            let mut s = String::with_capacity(3 * n);
-            for (i, byte) in b.iter().enumerate() {
-                if i > 0 {
-                    s.push(':');
-                }
-                push_hex_byte(&mut s, *byte);
-            }
-            put_str(out, &s, quote);
         }
-        Codec::Array(elem) => write_array(elem, b, out)?,
+        [c] => s.push(*c as char),
+        _ => return None,
     }
-    Some(())
+    Some(s)
 }
 
-fn put_int<I: itoa::Integer>(out: &mut Vec<u8>, v: I) {
-    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+/// timetz: microseconds since midnight, then the zone as seconds *west* of UTC.
+fn timetz_text(b: &[u8]) -> Option<String> {
+    let mut cur = Cur(b);
+    let t = i64::from_be_bytes(arr(cur.take(8)?)?);
+    let zone = cur.i32()?;
+    if !cur.0.is_empty() {
+        return None;
+    }
+    let mut s = String::with_capacity(24);
+    push_time(&mut s, t)?;
+    push_offset(&mut s, -(zone as i64));
+    Some(s)
 }
 
-/// A string value: JSON-quoted (ensure_ascii) or, for `cell_text`, as is.
-fn put_str(out: &mut Vec<u8>, s: &str, quote: bool) {
-    if quote {
-        write_json_str(out, s);
-    } else {
-        out.extend_from_slice(s.as_bytes());
+/// timestamp / timestamptz (always UTC on our connections) as ISO 8601.
+fn timestamp_text(b: &[u8], with_zone: bool) -> Option<String> {
+    let mut s = String::with_capacity(32);
+    match i64::from_be_bytes(arr(b)?) {
+        i64::MAX => s.push_str("infinity"),
+        i64::MIN => s.push_str("-infinity"),
+        t => {
+            const DAY: i64 = 86_400_000_000;
+            push_date(&mut s, t.div_euclid(DAY));
+            s.push('T');
+            push_time(&mut s, t.rem_euclid(DAY))?;
+            if with_zone {
+                s.push_str("+00:00");
+            }
+        }
     }
+    Some(s)
 }
 
-fn nonfinite(nan: bool, positive: bool) -> &'static str {
-    if nan {
-        "NaN"
-    } else if positive {
-        "Infinity"
-    } else {
-        "-Infinity"
+/// macaddr (`n` = 6) / macaddr8 (`n` = 8) as colon-separated hex.
+fn mac_text(b: &[u8], n: usize) -> Option<String> {
+    if b.len() != n {
+        return None;
     }
-}
-
-fn write_f64(out: &mut Vec<u8>, v: f64, quote: bool) {
-    if v.is_finite() {
-        write_py_repr(out, ryu::Buffer::new().format_finite(v));
-    } else {
-        put_str(out, nonfinite(v.is_nan(), v > 0.0), quote);
+    let mut s = String::with_capacity(3 * n);
+    for (i, byte) in b.iter().enumerate() {
+        if i > 0 {
+            s.push(':');
+        }
+        push_hex_byte(&mut s, *byte);
     }
+    Some(s)
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -895,7 +958,7 @@ fn write_array_level(elem: &Codec, dims: &[usize], cur: &mut Cur, out: &mut Vec<
     out.push(b'[');
     for i in 0..dims[0] {
         if i > 0 {
-            out.extend_from_slice(b", ");
+            out.extend_from_slice(ITEM_SEP);
         }
         if dims.len() > 1 {
             write_array_level(elem, &dims[1..], cur, out)?;
@@ -917,63 +980,195 @@ fn write_array_level(elem: &Codec, dims: &[usize], cur: &mut Cur, out: &mut Vec<
 // Python-compatible JSON text
 // ---------------------------------------------------------------------------------------------
 
+/// Between array items and object members, as Python's default `separators` print it.
+const ITEM_SEP: &[u8] = b", ";
+/// Between an object key and its value, as Python prints it.
+const KEY_SEP: &[u8] = b": ";
+
+/// Stand-ins let the rare documents serde_json would not hand back as they are travel
+/// through it anyway, as code points of plane 16's private use area from here on (see
+/// [`with_stand_ins`]): a lone UTF-16 surrogate `s` (Python keeps it, serde_json refuses it)
+/// as `LONE_BASE + (s - 0xD800)`, and a number whose text serde_json would not keep
+/// ([`needs_text`]) as a string that starts with [`NUMBER_MARK`].
+const STAND_IN_BASE: u32 = 0x10_F000;
+/// Marks a string stand-in for a number (its text follows).
+const NUMBER_MARK: char = '\u{10F000}';
+/// The first lone-surrogate stand-in (`\ud800`); the last is U+10FFFF (`\udfff`).
+const LONE_BASE: u32 = 0x10_F800;
+
+/// serde_json formatter that prints what Python's `json.dumps` prints: `", "` / `": "`
+/// separators, `ensure_ascii` escaping (`\uXXXX`, surrogate pairs beyond the BMP) and floats
+/// as `repr(float)`. Everything else (structure, `null`, booleans, integers, the escapes of
+/// `"`, `\` and control characters) is serde_json's own output, which already matches.
+#[derive(Clone, Copy, Default)]
+struct PyFormatter {
+    /// The document holds stand-ins (code points from [`STAND_IN_BASE`] on), to print back.
+    stand_ins: bool,
+    /// With stand-ins, a string's opening quote waits for its first fragment: a number
+    /// stand-in is printed without quotes.
+    quote_pending: bool,
+    /// The string being printed is a number stand-in (no closing quote).
+    bare: bool,
+}
+
+impl PyFormatter {
+    /// Writes the opening quote [`begin_string`](Formatter::begin_string) held back.
+    fn open_quote<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        if std::mem::take(&mut self.quote_pending) {
+            w.write_all(b"\"")?;
+        }
+        Ok(())
+    }
+}
+
+impl Formatter for PyFormatter {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(ITEM_SEP)
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        self.begin_array_value(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(KEY_SEP)
+    }
+
+    fn write_f32<W: ?Sized + io::Write>(&mut self, w: &mut W, v: f32) -> io::Result<()> {
+        // float4 prints its own shortest digits (what PostgreSQL prints), not f64's.
+        write_py_repr(w, ryu::Buffer::new().format_finite(v))
+    }
+
+    fn write_f64<W: ?Sized + io::Write>(&mut self, w: &mut W, v: f64) -> io::Result<()> {
+        write_py_repr(w, ryu::Buffer::new().format_finite(v))
+    }
+
+    fn begin_string<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        if self.stand_ins {
+            self.quote_pending = true;
+            Ok(())
+        } else {
+            w.write_all(b"\"")
+        }
+    }
+
+    fn end_string<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.open_quote(w)?;
+        if std::mem::take(&mut self.bare) {
+            Ok(())
+        } else {
+            w.write_all(b"\"")
+        }
+    }
+
+    fn write_char_escape<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        e: CharEscape,
+    ) -> io::Result<()> {
+        self.open_quote(w)?;
+        w.write_all(match e {
+            CharEscape::Quote => b"\\\"",
+            CharEscape::ReverseSolidus => b"\\\\",
+            CharEscape::Solidus => b"\\/",
+            CharEscape::Backspace => b"\\b",
+            CharEscape::FormFeed => b"\\f",
+            CharEscape::LineFeed => b"\\n",
+            CharEscape::CarriageReturn => b"\\r",
+            CharEscape::Tab => b"\\t",
+            CharEscape::AsciiControl(b) => return write_unit_escape(w, b.into()),
+        })
+    }
+
+    /// serde_json hands over runs without `"`, `\` and control characters; what is left
+    /// to escape for `ensure_ascii` is DEL and everything beyond ASCII.
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        s: &str,
+    ) -> io::Result<()> {
+        if self.quote_pending {
+            if let Some(number) = s.strip_prefix(NUMBER_MARK) {
+                self.quote_pending = false;
+                self.bare = true;
+                return write_py_number(w, number);
+            }
+            self.open_quote(w)?;
+        }
+        let mut start = 0;
+        for (i, ch) in s.char_indices() {
+            if (' '..='~').contains(&ch) {
+                continue;
+            }
+            w.write_all(&s.as_bytes()[start..i])?;
+            start = i + ch.len_utf8();
+            let code = u32::from(ch);
+            if self.stand_ins && code >= LONE_BASE {
+                write_unit_escape(w, (code - LONE_BASE + 0xD800) as u16)?;
+                continue;
+            }
+            let mut units = [0u16; 2];
+            for u in ch.encode_utf16(&mut units) {
+                write_unit_escape(w, *u)?;
+            }
+        }
+        w.write_all(&s.as_bytes()[start..])
+    }
+}
+
+/// `\uXXXX` with lowercase hex, as Python writes it.
+fn write_unit_escape<W: ?Sized + io::Write>(w: &mut W, u: u16) -> io::Result<()> {
+    let mut esc = *b"\\u0000";
+    for (i, shift) in [12, 8, 4, 0].into_iter().enumerate() {
+        esc[2 + i] = HEX[((u >> shift) & 15) as usize];
+    }
+    w.write_all(&esc)
+}
+
+/// Serializes `v` into `out` through serde_json with `formatter`; None if it fails (only
+/// possible for a malformed value, never for the writer: it is a `Vec`).
+fn write_json<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    v: &T,
+    formatter: PyFormatter,
+) -> Option<()> {
+    v.serialize(&mut serde_json::Serializer::with_formatter(out, formatter))
+        .ok()
+}
+
 /// A JSON string literal escaped like Python's `json.dumps` with `ensure_ascii=True`.
 pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    out.reserve(s.len() + 2);
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, ch) in s.char_indices() {
-        if (' '..='~').contains(&ch) && ch != '"' && ch != '\\' {
-            continue;
-        }
-        out.extend_from_slice(&bytes[start..i]);
-        start = i + ch.len_utf8();
-        let mut units = [0u16; 2];
-        for u in ch.encode_utf16(&mut units) {
-            write_escaped_unit(out, *u);
-        }
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    // A str always serializes; a Vec writer cannot fail.
+    let _ = write_json(out, s, PyFormatter::default());
 }
 
-/// One UTF-16 code unit that is not printable ASCII, or is `"` or `\`.
-fn write_escaped_unit(out: &mut Vec<u8>, u: u16) {
-    let short: &[u8] = match u {
-        0x22 => b"\\\"",
-        0x5c => b"\\\\",
-        0x0a => b"\\n",
-        0x0d => b"\\r",
-        0x09 => b"\\t",
-        0x08 => b"\\b",
-        0x0c => b"\\f",
-        _ => {
-            out.extend_from_slice(b"\\u");
-            for shift in [12, 8, 4, 0] {
-                out.push(HEX[((u >> shift) & 15) as usize]);
-            }
-            return;
-        }
-    };
-    out.extend_from_slice(short);
-}
-
-/// A string given as UTF-16 code units (lone surrogates allowed, as in Python).
-fn write_json_units(out: &mut Vec<u8>, units: &[u16]) {
-    out.push(b'"');
-    for &u in units {
-        if (0x20..0x7f).contains(&u) && u != 0x22 && u != 0x5c {
-            out.push(u as u8);
-        } else {
-            write_escaped_unit(out, u);
-        }
+/// A number's text as Python re-prints it after `json.loads`:
+/// integers exactly (`-0` becomes `0`), others as `repr(float(text))` — but a number that
+/// overflows a double keeps its text (Python would print `Infinity`, which is not JSON).
+fn write_py_number<W: ?Sized + io::Write>(w: &mut W, text: &str) -> io::Result<()> {
+    if !text.contains(['.', 'e', 'E']) {
+        return w.write_all(if text == "-0" { b"0" } else { text.as_bytes() });
     }
-    out.push(b'"');
+    match text.parse::<f64>() {
+        Ok(f) if f.is_finite() => write_py_repr(w, ryu::Buffer::new().format_finite(f)),
+        _ => w.write_all(text.as_bytes()),
+    }
 }
 
 /// A finite float as Python's `repr(float)`, from Ryu's shortest round-trip text of it.
-fn write_py_repr(out: &mut Vec<u8>, ryu_text: &str) {
+fn write_py_repr<W: ?Sized + io::Write>(w: &mut W, ryu_text: &str) -> io::Result<()> {
     let (neg, body) = match ryu_text.strip_prefix('-') {
         Some(b) => (true, b),
         None => (false, ryu_text),
@@ -983,320 +1178,376 @@ fn write_py_repr(out: &mut Vec<u8>, ryu_text: &str) {
         None => (body, 0),
     };
     let int_len = mant.find('.').unwrap_or(mant.len()) as i32;
-    let mut digits: Vec<u8> = mant.bytes().filter(u8::is_ascii_digit).collect();
-    let mut decpt = int_len + exp; // value = 0.DIGITS * 10^decpt
-    let lead = digits.iter().take_while(|d| **d == b'0').count();
-    digits.drain(..lead);
-    decpt -= lead as i32;
-    while digits.last() == Some(&b'0') {
-        digits.pop();
+    // At most 17 significant digits plus Ryu's padding zeros (e.g. "100000000000000000.0").
+    let mut buf = [0u8; 32];
+    let mut n = 0;
+    for d in mant.bytes().filter(u8::is_ascii_digit) {
+        if n == buf.len() {
+            return w.write_all(ryu_text.as_bytes());
+        }
+        buf[n] = d;
+        n += 1;
+    }
+    let lead = buf[..n].iter().take_while(|d| **d == b'0').count();
+    let mut digits = &buf[lead..n];
+    let decpt = int_len + exp - lead as i32; // value = 0.DIGITS * 10^decpt
+    while let [rest @ .., b'0'] = digits {
+        digits = rest;
     }
     if neg {
-        out.push(b'-');
+        w.write_all(b"-")?;
     }
     if digits.is_empty() {
-        out.extend_from_slice(b"0.0");
-        return;
+        return w.write_all(b"0.0");
     }
     let n = digits.len() as i32;
     if decpt <= -4 || decpt > 16 {
-        out.push(digits[0]);
+        w.write_all(&digits[..1])?;
         if n > 1 {
-            out.push(b'.');
-            out.extend_from_slice(&digits[1..]);
+            w.write_all(b".")?;
+            w.write_all(&digits[1..])?;
         }
         let e = decpt - 1;
-        out.push(b'e');
-        out.push(if e < 0 { b'-' } else { b'+' });
+        w.write_all(if e < 0 { b"e-" } else { b"e+" })?;
         if e.abs() < 10 {
-            out.push(b'0');
+            w.write_all(b"0")?;
         }
-        put_int(out, e.abs());
+        w.write_all(itoa::Buffer::new().format(e.abs()).as_bytes())
     } else if decpt <= 0 {
-        out.extend_from_slice(b"0.");
-        out.extend(std::iter::repeat_n(b'0', (-decpt) as usize));
-        out.extend_from_slice(&digits);
+        w.write_all(b"0.")?;
+        for _ in 0..-decpt {
+            w.write_all(b"0")?;
+        }
+        w.write_all(digits)
     } else if decpt < n {
-        out.extend_from_slice(&digits[..decpt as usize]);
-        out.push(b'.');
-        out.extend_from_slice(&digits[decpt as usize..]);
+        w.write_all(&digits[..decpt as usize])?;
+        w.write_all(b".")?;
+        w.write_all(&digits[decpt as usize..])
     } else {
-        out.extend_from_slice(&digits);
-        out.extend(std::iter::repeat_n(b'0', (decpt - n) as usize));
-        out.extend_from_slice(b".0");
-    }
-}
-
-/// Parsed JSON value, as Python's `json.loads` would hold it.
-enum Jv<'a> {
-    Null,
-    Bool(bool),
-    /// number text; true when it has a fraction or exponent (a Python float)
-    Num(&'a str, bool),
-    Str(Vec<u16>),
-    Arr(Vec<Jv<'a>>),
-    Obj(Vec<(Vec<u16>, Jv<'a>)>),
-}
-
-struct JsonParser<'a> {
-    s: &'a str,
-    i: usize,
-}
-
-impl<'a> JsonParser<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.s.as_bytes().get(self.i).copied()
-    }
-    fn ws(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
-            self.i += 1;
+        w.write_all(digits)?;
+        for _ in 0..decpt - n {
+            w.write_all(b"0")?;
         }
-    }
-    fn lit(&mut self, word: &str) -> Option<()> {
-        if self.s.as_bytes().get(self.i..self.i + word.len())? == word.as_bytes() {
-            self.i += word.len();
-            Some(())
-        } else {
-            None
-        }
-    }
-    fn value(&mut self, depth: usize) -> Option<Jv<'a>> {
-        if depth > MAX_JSON_DEPTH {
-            return None;
-        }
-        self.ws();
-        Some(match self.peek()? {
-            b'n' => self.lit("null").map(|_| Jv::Null)?,
-            b't' => self.lit("true").map(|_| Jv::Bool(true))?,
-            b'f' => self.lit("false").map(|_| Jv::Bool(false))?,
-            b'"' => Jv::Str(self.string()?),
-            b'[' => {
-                self.i += 1;
-                let mut items = Vec::new();
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
-                } else {
-                    loop {
-                        items.push(self.value(depth + 1)?);
-                        self.ws();
-                        match self.peek()? {
-                            b',' => self.i += 1,
-                            b']' => {
-                                self.i += 1;
-                                break;
-                            }
-                            _ => return None,
-                        }
-                    }
-                }
-                Jv::Arr(items)
-            }
-            b'{' => {
-                self.i += 1;
-                let mut members: Vec<(Vec<u16>, Jv<'a>)> = Vec::new();
-                let mut index: Option<HashMap<Vec<u16>, usize>> = None;
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.i += 1;
-                } else {
-                    loop {
-                        self.ws();
-                        if self.peek()? != b'"' {
-                            return None;
-                        }
-                        let key = self.string()?;
-                        self.ws();
-                        if self.peek()? != b':' {
-                            return None;
-                        }
-                        self.i += 1;
-                        let v = self.value(depth + 1)?;
-                        // dict semantics: a repeated key keeps its place, takes the new value
-                        if members.len() >= 16 && index.is_none() {
-                            index = Some(
-                                members
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(i, (k, _))| (k.clone(), i))
-                                    .collect(),
-                            );
-                        }
-                        let found = match &index {
-                            Some(map) => map.get(&key).copied(),
-                            None => members.iter().position(|(k, _)| *k == key),
-                        };
-                        match found {
-                            Some(i) => members[i].1 = v,
-                            None => {
-                                if let Some(map) = index.as_mut() {
-                                    map.insert(key.clone(), members.len());
-                                }
-                                members.push((key, v));
-                            }
-                        }
-                        self.ws();
-                        match self.peek()? {
-                            b',' => self.i += 1,
-                            b'}' => {
-                                self.i += 1;
-                                break;
-                            }
-                            _ => return None,
-                        }
-                    }
-                }
-                Jv::Obj(members)
-            }
-            b'-' | b'0'..=b'9' => self.number()?,
-            _ => return None,
-        })
-    }
-    fn digits(&mut self) -> usize {
-        let start = self.i;
-        while let Some(b'0'..=b'9') = self.peek() {
-            self.i += 1;
-        }
-        self.i - start
-    }
-    fn number(&mut self) -> Option<Jv<'a>> {
-        let start = self.i;
-        if self.peek() == Some(b'-') {
-            self.i += 1;
-        }
-        match self.peek()? {
-            b'0' => self.i += 1,
-            b'1'..=b'9' => {
-                self.digits();
-            }
-            _ => return None,
-        }
-        let mut float = false;
-        if self.peek() == Some(b'.') {
-            self.i += 1;
-            if self.digits() == 0 {
-                return None;
-            }
-            float = true;
-        }
-        if let Some(b'e' | b'E') = self.peek() {
-            self.i += 1;
-            if let Some(b'+' | b'-') = self.peek() {
-                self.i += 1;
-            }
-            if self.digits() == 0 {
-                return None;
-            }
-            float = true;
-        }
-        Some(Jv::Num(&self.s[start..self.i], float))
-    }
-    fn hex4(&mut self) -> Option<u16> {
-        let h = self.s.get(self.i..self.i + 4)?;
-        if !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        self.i += 4;
-        u16::from_str_radix(h, 16).ok()
-    }
-    fn string(&mut self) -> Option<Vec<u16>> {
-        self.i += 1; // opening quote
-        let mut units = Vec::new();
-        loop {
-            let b = self.peek()?;
-            match b {
-                b'"' => {
-                    self.i += 1;
-                    return Some(units);
-                }
-                b'\\' => {
-                    self.i += 1;
-                    let e = self.peek()?;
-                    self.i += 1;
-                    units.push(match e {
-                        b'"' => 0x22,
-                        b'\\' => 0x5c,
-                        b'/' => 0x2f,
-                        b'b' => 0x08,
-                        b'f' => 0x0c,
-                        b'n' => 0x0a,
-                        b'r' => 0x0d,
-                        b't' => 0x09,
-                        b'u' => self.hex4()?,
-                        _ => return None,
-                    });
-                }
-                0..=0x1f => return None,
-                0x20..=0x7f => {
-                    units.push(b as u16);
-                    self.i += 1;
-                }
-                _ => {
-                    let ch = self.s.get(self.i..)?.chars().next()?;
-                    let mut buf = [0u16; 2];
-                    units.extend_from_slice(ch.encode_utf16(&mut buf));
-                    self.i += ch.len_utf8();
-                }
-            }
-        }
-    }
-}
-
-fn write_jv(out: &mut Vec<u8>, v: &Jv) {
-    match v {
-        Jv::Null => out.extend_from_slice(b"null"),
-        Jv::Bool(true) => out.extend_from_slice(b"true"),
-        Jv::Bool(false) => out.extend_from_slice(b"false"),
-        Jv::Num(text, false) => {
-            // Python int: exact; only "-0" changes.
-            if *text == "-0" {
-                out.push(b'0');
-            } else {
-                out.extend_from_slice(text.as_bytes());
-            }
-        }
-        Jv::Num(text, true) => match text.parse::<f64>() {
-            Ok(f) if f.is_finite() => write_py_repr(out, ryu::Buffer::new().format_finite(f)),
-            _ => out.extend_from_slice(text.as_bytes()),
-        },
-        Jv::Str(units) => write_json_units(out, units),
-        Jv::Arr(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(b", ");
-                }
-                write_jv(out, item);
-            }
-            out.push(b']');
-        }
-        Jv::Obj(members) => {
-            out.push(b'{');
-            for (i, (k, item)) in members.iter().enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(b", ");
-                }
-                write_json_units(out, k);
-                out.extend_from_slice(b": ");
-                write_jv(out, item);
-            }
-            out.push(b'}');
-        }
+        w.write_all(b".0")
     }
 }
 
 /// A json/jsonb document, re-formatted as Python's json.dumps(json.loads(text)) would print
 /// it; text that does not parse (or is nested too deeply) is embedded as a JSON string.
-fn write_embedded_json(out: &mut Vec<u8>, text: &str) {
-    let mut p = JsonParser { s: text, i: 0 };
-    let parsed = p.value(0).and_then(|v| {
-        p.ws();
-        (p.i == text.len()).then_some(v)
-    });
-    match parsed {
-        Some(v) => write_jv(out, &v),
-        None => write_json_str(out, text),
+fn write_embedded_json(out: &mut Vec<u8>, text: &str) -> Option<()> {
+    let survey = survey(text);
+    if !survey.too_deep && !survey.needs_text {
+        if let Ok(doc) = parse_unbounded(text) {
+            return write_json(out, &doc, PyFormatter::default());
+        }
     }
+    // The rare document serde_json does not take as it is: try it with stand-ins.
+    let swapped = (!survey.too_deep).then(|| with_stand_ins(text)).flatten();
+    if let Some(doc) = swapped.as_deref().and_then(|t| parse_unbounded(t).ok()) {
+        let formatter = PyFormatter {
+            stand_ins: true,
+            ..PyFormatter::default()
+        };
+        return write_json(out, &doc, formatter);
+    }
+    write_json(out, text, PyFormatter::default())
+}
+
+/// serde_json's parser without its own nesting limit of 128 ([`survey`] has already
+/// checked ours, [`MAX_JSON_DEPTH`], which is what bounds the recursion).
+fn parse_unbounded(text: &str) -> serde_json::Result<Node<'_>> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let doc = Node::deserialize(&mut de)?;
+    de.end()?;
+    Ok(doc)
+}
+
+/// An embedded json document as serde_json parses it: strings without escapes borrow from
+/// the text, and objects keep their members in order (no hashing: most objects are small).
+enum Node<'a> {
+    Null,
+    Bool(bool),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Str(Cow<'a, str>),
+    Arr(Vec<Node<'a>>),
+    Obj(Vec<(Cow<'a, str>, Node<'a>)>),
+}
+
+impl<'de> Deserialize<'de> for Node<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NodeVisitor)
+    }
+}
+
+struct NodeVisitor;
+
+impl<'de> Visitor<'de> for NodeVisitor {
+    type Value = Node<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Node<'de>, E> {
+        Ok(Node::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Node<'de>, E> {
+        Ok(Node::Bool(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Node<'de>, E> {
+        Ok(Node::U64(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Node<'de>, E> {
+        Ok(Node::I64(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Node<'de>, E> {
+        Ok(Node::F64(v))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Node<'de>, E> {
+        Ok(Node::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Node<'de>, E> {
+        Ok(Node::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Node<'de>, E> {
+        Ok(Node::Str(Cow::Owned(v)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node<'de>, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Node::Arr(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node<'de>, A::Error> {
+        let mut members = Members::default();
+        while let Some(key) = map.next_key::<Node<'de>>()? {
+            let Node::Str(key) = key else {
+                return Err(serde::de::Error::custom("object key is not a string"));
+            };
+            members.insert(key, map.next_value()?);
+        }
+        Ok(Node::Obj(members.list))
+    }
+}
+
+/// An object's members with Python's dict semantics for a repeated key: it keeps its first
+/// position and takes the last value. Small objects are searched; larger ones indexed.
+#[derive(Default)]
+struct Members<'a> {
+    list: Vec<(Cow<'a, str>, Node<'a>)>,
+    index: Option<HashMap<Cow<'a, str>, usize>>,
+}
+
+impl<'a> Members<'a> {
+    fn insert(&mut self, key: Cow<'a, str>, value: Node<'a>) {
+        if self.list.len() >= 16 && self.index.is_none() {
+            let index = self.list.iter().enumerate();
+            self.index = Some(index.map(|(i, (k, _))| (k.clone(), i)).collect());
+        }
+        let found = match &self.index {
+            Some(index) => index.get(&key).copied(),
+            None => self.list.iter().position(|(k, _)| *k == key),
+        };
+        match found {
+            Some(i) => self.list[i].1 = value,
+            None => {
+                if let Some(index) = self.index.as_mut() {
+                    index.insert(key.clone(), self.list.len());
+                }
+                self.list.push((key, value));
+            }
+        }
+    }
+}
+
+impl Serialize for Node<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Node::Null => s.serialize_unit(),
+            Node::Bool(b) => s.serialize_bool(*b),
+            Node::U64(n) => s.serialize_u64(*n),
+            Node::I64(n) => s.serialize_i64(*n),
+            Node::F64(n) => s.serialize_f64(*n),
+            Node::Str(v) => s.serialize_str(v),
+            Node::Arr(items) => s.collect_seq(items),
+            Node::Obj(members) => s.collect_map(members.iter().map(|(k, v)| (k, v))),
+        }
+    }
+}
+
+/// What a look at a document's brackets and numbers (outside strings) finds.
+struct Survey {
+    /// A value sits deeper than [`MAX_JSON_DEPTH`] containers.
+    too_deep: bool,
+    /// A number needs a stand-in ([`needs_text`]).
+    needs_text: bool,
+}
+
+/// Looks over the text before serde_json parses it. Only well-formed text is parsed
+/// afterwards, so this need not judge anything else.
+fn survey(text: &str) -> Survey {
+    let b = text.as_bytes();
+    let mut found = Survey {
+        too_deep: false,
+        needs_text: false,
+    };
+    let (mut open, mut i) = (0usize, 0);
+    while i < b.len() {
+        match b[i] {
+            b']' | b'}' => open = open.saturating_sub(1),
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b':' => {}
+            _ if open > MAX_JSON_DEPTH => {
+                found.too_deep = true;
+                return found;
+            }
+            b'[' | b'{' => open += 1,
+            b'"' => i = string_end(b, i),
+            b'-' | b'0'..=b'9' => {
+                let end = number_end(b, i);
+                found.needs_text |= needs_text(&text[i..end]);
+                i = end - 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    found
+}
+
+/// The index of the closing quote of the string whose opening quote is at `b[i]` (or the
+/// end of the text).
+fn string_end(b: &[u8], mut i: usize) -> usize {
+    i += 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return i,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// The end of the number token starting at `b[i]`.
+fn number_end(b: &[u8], i: usize) -> usize {
+    b[i..]
+        .iter()
+        .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+        .map_or(b.len(), |n| i + n)
+}
+
+/// Whether a number token must reach the formatter as its text ([`write_py_number`]):
+/// serde_json hands integers over as u64 / i64 and other numbers as f64, which loses an
+/// integer beyond 64 bits (Python keeps it exactly) and `-0` (Python prints `0`), and
+/// refuses a number that overflows a double (we keep its text). Invalid tokens are left
+/// alone: the parse refuses them anyway.
+fn needs_text(token: &str) -> bool {
+    let lost = if token.contains(['.', 'e', 'E']) {
+        token.parse::<f64>().is_ok_and(f64::is_infinite)
+    } else if token.starts_with('-') {
+        token == "-0" || token.parse::<i64>().is_err()
+    } else {
+        token.parse::<u64>().is_err()
+    };
+    lost && is_json_number(token)
+}
+
+/// RFC 8259's number grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+fn is_json_number(token: &str) -> bool {
+    fn digits(s: &str) -> (&str, &str) {
+        let n = s.bytes().take_while(u8::is_ascii_digit).count();
+        s.split_at(n)
+    }
+    let s = token.strip_prefix('-').unwrap_or(token);
+    let (int, mut rest) = digits(s);
+    if int.is_empty() || (int.len() > 1 && int.starts_with('0')) {
+        return false;
+    }
+    if let Some(frac) = rest.strip_prefix('.') {
+        let (d, r) = digits(frac);
+        if d.is_empty() {
+            return false;
+        }
+        rest = r;
+    }
+    if let Some(exp) = rest.strip_prefix(['e', 'E']) {
+        let (d, r) = digits(exp.strip_prefix(['+', '-']).unwrap_or(exp));
+        if d.is_empty() {
+            return false;
+        }
+        rest = r;
+    }
+    rest.is_empty()
+}
+
+/// The document with its lone surrogate escapes (`\ud800` not followed by a low one, or a
+/// low one on its own) and its numbers that need their text ([`needs_text`]) replaced by stand-ins, so
+/// serde_json parses it and [`PyFormatter`] prints them back as they were. None when the
+/// document already holds code points of the stand-in range (they would be mistaken for
+/// stand-ins).
+fn with_stand_ins(text: &str) -> Option<String> {
+    if text.chars().any(|c| u32::from(c) >= STAND_IN_BASE) {
+        return None;
+    }
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + 8);
+    let (mut i, mut copied, mut in_str) = (0, 0, false);
+    while i < b.len() {
+        let (skip, stand_in) = match b[i] {
+            b'"' => {
+                in_str = !in_str;
+                (1, None)
+            }
+            b'\\' if in_str => escape_stand_in(b, i)?,
+            b'-' | b'0'..=b'9' if !in_str => {
+                let end = number_end(b, i);
+                let token = &text[i..end];
+                let stand_in = needs_text(token).then(|| format!("\"{NUMBER_MARK}{token}\""));
+                (end - i, stand_in)
+            }
+            _ => (1, None),
+        };
+        if let Some(stand_in) = stand_in {
+            out.push_str(&text[copied..i]);
+            out.push_str(&stand_in);
+            copied = i + skip;
+        }
+        i += skip;
+    }
+    out.push_str(text.get(copied..)?);
+    Some(out)
+}
+
+/// For the escape at `b[i]`: how many bytes it takes, and the stand-in of a lone surrogate.
+/// None for a surrogate pair that already encodes a code point of the stand-in range.
+fn escape_stand_in(b: &[u8], i: usize) -> Option<(usize, Option<String>)> {
+    let Some(unit) = unit_escape_at(b, i) else {
+        return Some((2, None)); // any other escape (`\\` must not start a new one)
+    };
+    let low = unit_escape_at(b, i + 6).filter(|u| (0xDC00..0xE000).contains(u));
+    match unit {
+        0xD800..0xDC00 if low.is_some() => {
+            // A real pair: U+10F000 and up have high surrogates 0xDBFC to 0xDBFF.
+            (unit < 0xDBFC).then_some((12, None))
+        }
+        0xD800..0xE000 => {
+            let stand_in = char::from_u32(LONE_BASE + u32::from(unit - 0xD800))?;
+            Some((6, Some(stand_in.to_string())))
+        }
+        _ => Some((6, None)),
+    }
+}
+
+/// The code unit of a `\uXXXX` escape starting at `b[i]`.
+fn unit_escape_at(b: &[u8], i: usize) -> Option<u16> {
+    let esc = b.get(i..i + 6)?;
+    if esc[0] != b'\\' || esc[1] != b'u' || !esc[2..].iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u16::from_str_radix(std::str::from_utf8(&esc[2..]).ok()?, 16).ok()
 }
 
 #[cfg(test)]
@@ -1305,7 +1556,7 @@ mod tests {
 
     fn f64_repr(v: f64) -> String {
         let mut out = Vec::new();
-        write_f64(&mut out, v, true);
+        write_value(&Codec::Float8, &v.to_be_bytes(), &mut out, true).unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -1323,7 +1574,7 @@ mod tests {
 
     fn reformat(text: &str) -> String {
         let mut out = Vec::new();
-        write_embedded_json(&mut out, text);
+        write_embedded_json(&mut out, text).unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -1578,7 +1829,6 @@ mod tests {
             Some(&Codec::Array(Box::new(Codec::Int4))),
             Some(&seeds[4][..seeds[4].len() - 2]),
             &mut out,
-            true,
         );
         assert_eq!(out, b"xnull");
     }
@@ -1615,5 +1865,108 @@ mod tests {
             "\"24:00:00\""
         );
         assert_eq!(render(&Codec::Time, &(-1i64).to_be_bytes()), None);
+    }
+
+    /// The staff demo row shape (int, text, numeric, date, timestamptz, bool, jsonb) as binary
+    /// cells, for the formatting benchmark.
+    fn staff_cells() -> (Vec<&'static str>, Vec<Codec>, Vec<Vec<u8>>) {
+        let names = vec![
+            "id",
+            "name",
+            "salary",
+            "hired",
+            "updated_at",
+            "active",
+            "meta",
+        ];
+        let codecs = vec![
+            Codec::Int4,
+            Codec::Text,
+            Codec::Numeric,
+            Codec::Date,
+            Codec::TimestampTz,
+            Codec::Bool,
+            Codec::Jsonb,
+        ];
+        let cells = vec![
+            42i32.to_be_bytes().to_vec(),
+            "Alice Smith".as_bytes().to_vec(),
+            // numeric 12345.67: ndigits 3, weight 1, sign 0, dscale 2, digits 1 2345 6700
+            vec![0, 3, 0, 1, 0, 0, 0, 2, 0, 1, 0x09, 0x29, 0x1a, 0x2c],
+            8_000i32.to_be_bytes().to_vec(),
+            700_000_000_123_456i64.to_be_bytes().to_vec(),
+            vec![1],
+            b"\x01{\"dept\": \"eng\", \"level\": 3, \"skills\": [\"rust\", \"sql\"], \"rate\": 1.5}"
+                .to_vec(),
+        ];
+        (names, codecs, cells)
+    }
+
+    /// Formatting cost per row: `valgrind --tool=callgrind --toggle-collect='*bench_format*'
+    /// target/release/deps/cachefront-* bench_rows_format --ignored --exact`, then divide
+    /// the instruction count by ROWS.
+    #[test]
+    #[ignore]
+    fn bench_rows_format() {
+        const ROWS: usize = 10_000;
+        let (names, codecs, cells) = staff_cells();
+        let out = std::hint::black_box(bench_format(&names, &codecs, &cells, ROWS));
+        let mut hash = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&out, &mut hash);
+        let row_len = out.len() / ROWS;
+        println!(
+            "{} bytes, hash {:x}; a row: {}",
+            out.len(),
+            std::hash::Hasher::finish(&hash),
+            String::from_utf8_lossy(&out[1..row_len])
+        );
+    }
+
+    #[inline(never)]
+    fn bench_format(names: &[&str], codecs: &[Codec], cells: &[Vec<u8>], rows: usize) -> Vec<u8> {
+        let codecs = codecs.iter().cloned().map(Some).collect();
+        let layout = Layout::new(names.iter().copied(), codecs);
+        let mut out = vec![b'['];
+        for r in 0..rows {
+            if r > 0 {
+                out.extend_from_slice(ITEM_SEP);
+            }
+            layout.write_row(|col| cells.get(col).map(Vec::as_slice), &mut out);
+        }
+        out.push(b']');
+        out
+    }
+
+    #[test]
+    fn embedded_json_depth_limit_and_lone_surrogate_edges() {
+        let nest = |n: usize, inner: &str| "[".repeat(n) + inner + &"]".repeat(n);
+        // A value may sit MAX_JSON_DEPTH containers deep, not one more.
+        for (n, inner) in [(MAX_JSON_DEPTH + 1, ""), (MAX_JSON_DEPTH, "1")] {
+            assert_eq!(reformat(&nest(n, inner)), nest(n, inner));
+        }
+        for (n, inner) in [(MAX_JSON_DEPTH + 2, ""), (MAX_JSON_DEPTH + 1, "1")] {
+            assert!(reformat(&nest(n, inner)).starts_with("\"[[["));
+        }
+        // Brackets inside strings do not count.
+        let text = format!("[\"{}\"]", "[".repeat(1000));
+        assert_eq!(reformat(&text), format!("[\"{}\"]", "[".repeat(1000)));
+        // Lone surrogates anywhere, next to pairs, in keys; escaped backslashes are not escapes.
+        assert_eq!(
+            reformat(r#"{"\udc00k": ["\ud83d\ude00\udfff", "\\ud800", "\ud800\ud800\udc00"]}"#),
+            r#"{"\udc00k": ["\ud83d\ude00\udfff", "\\ud800", "\ud800\ud800\udc00"]}"#
+        );
+        // Numbers that overflow a double keep their own spelling.
+        assert_eq!(
+            reformat("[1E999, 1e+999, -1e999, 1E+400, 2e-999, 1.5E3]"),
+            "[1E999, 1e+999, -1e999, 1E+400, 0.0, 1500.0]"
+        );
+        assert_eq!(reformat("[1E999, \"\\ud800\"]"), r#"[1E999, "\ud800"]"#);
+        assert_eq!(reformat("{\"a\": 01E999}"), r#""{\"a\": 01E999}""#);
+        // Characters of the stand-in range in text that also needs stand-ins: kept as text.
+        assert_eq!(
+            reformat("[\"\u{10ffff}\", \"\\ud800\"]"),
+            r#""[\"\udbff\udfff\", \"\\ud800\"]""#
+        );
+        assert_eq!(reformat("[\"\u{10ffff}\"]"), r#"["\udbff\udfff"]"#);
     }
 }

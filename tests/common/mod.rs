@@ -64,20 +64,12 @@ impl Stack {
 
     /// A redis-rs connection to cachefront.
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.proxy_url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to cachefront")
+        connect(&self.proxy_url()).await
     }
 
     /// A redis-rs connection straight to the test's Valkey.
     pub async fn valkey_client(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.valkey.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to valkey")
+        connect(&self.valkey.url()).await
     }
 
     pub async fn raw(&self) -> Raw {
@@ -97,6 +89,15 @@ impl Stack {
         tokio::spawn(conn);
         client
     }
+}
+
+/// A redis-rs connection to `url` (cachefront or a Valkey).
+pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
 /// A raw RESP connection: send exact bytes, read exact frames.
@@ -286,22 +287,112 @@ pub async fn same_as(s: &Stack, valkey_port: u16, cmds: &[&str]) -> Vec<String> 
 }
 
 /// Polls `check` every 10 ms until it is true; panics naming `what` after `patience`.
+/// Returns how long it took.
 pub async fn eventually_within(
     patience: Duration,
     what: &str,
     mut check: impl AsyncFnMut() -> bool,
-) {
-    let deadline = std::time::Instant::now() + patience;
+) -> Duration {
+    let started = std::time::Instant::now();
     while !check().await {
         assert!(
-            std::time::Instant::now() < deadline,
+            started.elapsed() < patience,
             "timed out waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    started.elapsed()
 }
 
 /// [`eventually_within`] 10 s.
-pub async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
+pub async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) -> Duration {
     eventually_within(Duration::from_secs(10), what, check).await
+}
+
+/// Runs `cmds` on cachefront and straight on the stack's own Valkey, asserting identical
+/// replies ([`same_as`]); returns cachefront's.
+pub async fn same_as_valkey(s: &Stack, cmds: &[&str]) -> Vec<String> {
+    same_as(s, s.valkey.port(), cmds).await
+}
+
+/// Empties the test's Valkey (straight, not through cachefront).
+pub async fn flushall(s: &Stack) {
+    let mut v = Raw::connect(s.valkey.port()).await;
+    assert_eq!(v.call(&[b"FLUSHALL"]).await, "+OK\r\n");
+}
+
+/// [`same_as_valkey`], each side starting from an empty Valkey (for commands that write).
+pub async fn same_as_valkey_from_empty(s: &Stack, cmds: &[&str]) -> Vec<String> {
+    flushall(s).await;
+    let ours = replies(s.proxy_port(), cmds).await;
+    flushall(s).await;
+    let theirs = replies(s.valkey.port(), cmds).await;
+    assert_same_replies(cmds, &ours, &theirs);
+    ours
+}
+
+/// `EMP.GET id` on a redis-rs connection.
+pub async fn emp_get(c: &mut redis::aio::MultiplexedConnection, id: i64) -> Option<String> {
+    redis::cmd("EMP.GET")
+        .arg(id)
+        .query_async(c)
+        .await
+        .expect("EMP.GET")
+}
+
+/// `SQL.CACHED query` on a redis-rs connection.
+pub async fn sql_cached(c: &mut redis::aio::MultiplexedConnection, query: &str) -> String {
+    redis::cmd("SQL.CACHED")
+        .arg(query)
+        .query_async(c)
+        .await
+        .expect("SQL.CACHED")
+}
+
+/// `INFO cachefront` on a redis-rs connection, as a client sees it.
+pub async fn info_cachefront(c: &mut redis::aio::MultiplexedConnection) -> String {
+    redis::cmd("INFO")
+        .arg("cachefront")
+        .query_async(c)
+        .await
+        .expect("INFO")
+}
+
+/// The value of `field` in INFO's text (`field:value` lines).
+pub fn info_field<'a>(info: &'a str, field: &str) -> &'a str {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} in {info}"))
+}
+
+/// A `/proc/<pid>/status` field (`VmRSS`, `VmHWM`) in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("status field");
+    kb * 1024
+}
+
+/// This test process's resident set (cachefront runs in it), in bytes.
+pub fn rss_bytes() -> u64 {
+    proc_status_bytes(std::process::id(), "VmRSS")
+}
+
+/// The cachefront binary of this build, as a command to give arguments to.
+pub fn cachefront_cmd() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cachefront"))
+}
+
+/// Runs `cmd` to its end, asserting that it succeeded (its stderr is the failure message).
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().expect("run cachefront");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
