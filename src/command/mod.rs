@@ -12,7 +12,6 @@ pub mod passthrough;
 pub mod sql_cached;
 pub mod sql_invalidate;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::sync::Arc;
@@ -23,7 +22,6 @@ use crate::error::Refusal;
 use crate::protocol::{Reply, Request};
 use crate::session::Session;
 pub use context::Context;
-pub use fill::FillPlan;
 pub use passthrough::{Route, StateChange, Transform};
 
 /// What the connection does with one request.
@@ -38,8 +36,9 @@ pub enum Action {
         route: Route,
         transform: Transform,
     },
-    /// A cached command: look the entry up over the shared connection; fill on a miss.
-    Cached { lookup: Bytes, plan: Box<FillPlan> },
+    /// A cached command's read, as the cache began it: answered from the L1, a lookup to send
+    /// to Valkey (in request order) and hand back to `Cache::finish`, or a fill to run.
+    Read(crate::cache::read::Begin),
     /// Local work that needs to await (database, cachefront's own Valkey writes).
     Task(BoxFuture<'static, Reply>),
     /// `RESET`: drop upstream state and the dedicated connection.
