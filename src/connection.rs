@@ -27,6 +27,9 @@ use crate::tls::ClientStream;
 use crate::upstream::cluster::Owner;
 use crate::upstream::{LongMark, RawConn, ReplyBudget, ReplyRx};
 
+mod queue;
+use queue::{Out, Queued, ReplyQueue};
+
 /// A reply position in the output queue.
 enum Slot {
     /// A command's reply, ready (dropped on the way out while `CLIENT REPLY` says so).
@@ -67,6 +70,27 @@ enum Slot {
         /// Held while a long command (a script…) waits for its reply.
         _long: Option<LongMark>,
     },
+}
+
+impl Queued for Slot {
+    fn into_out(self) -> Result<Out, Slot> {
+        match self {
+            Slot::Ready(b) => Ok(Out::Reply(b)),
+            Slot::Push(b) => Ok(Out::Push(b)),
+            waiting => Err(waiting),
+        }
+    }
+
+    fn is_out(&self) -> bool {
+        matches!(self, Slot::Ready(_) | Slot::Push(_))
+    }
+
+    fn ready_len(&self) -> Option<usize> {
+        match self {
+            Slot::Ready(b) | Slot::Push(b) => Some(b.len()),
+            _ => None,
+        }
+    }
 }
 
 /// What woke the connection up.
@@ -119,12 +143,11 @@ pub struct Connection {
     outbuf: BytesMut,
     parser: RequestParser,
     session: Session,
-    outq: VecDeque<Slot>,
+    /// Replies in request order (and whether `CLIENT REPLY` drops each).
+    outq: ReplyQueue<Slot>,
     ded: Option<Dedicated>,
     /// Cluster: MULTI was answered locally and opens on the node of the next command.
     deferred_multi: bool,
-    /// For each command reply in `outq` (not pushes), in order: whether `CLIENT REPLY` drops it.
-    muted: VecDeque<bool>,
     /// The command being applied now is muted (its reply, if written at once, is dropped).
     muting: bool,
     /// Bytes of replies held for this client and not yet written: charged where each reply
@@ -150,6 +173,7 @@ impl Connection {
     ) -> Connection {
         let addr = peer.map(|a| a.to_string()).unwrap_or_default();
         let id = ctx.next_client_id();
+        let budget = Arc::new(ReplyBudget::default());
         let authed = ctx.users.default_authed();
         let user = Arc::clone(ctx.users.default_user());
         Connection {
@@ -160,12 +184,11 @@ impl Connection {
             outbuf: BytesMut::new(),
             parser: RequestParser::default(),
             session: Session::new(id, addr, user, authed),
-            outq: VecDeque::new(),
+            outq: ReplyQueue::new(Arc::clone(&budget)),
             ded: None,
             deferred_multi: false,
-            muted: VecDeque::new(),
             muting: false,
-            budget: Arc::new(ReplyBudget::default()),
+            budget,
             soft_since: None,
             write_stalled: None,
             unflushed: false,
@@ -335,16 +358,12 @@ impl Connection {
 
     /// Something that is not a reply to a command (a message, a push), charged likewise.
     fn push(&self, b: Bytes) -> Slot {
-        self.budget.charge(b.len());
-        Slot::Push(b)
+        self.charged(Slot::Push(b))
     }
 
-    /// Charges a slot that has just become a ready reply (others are charged when they do).
+    /// Charges a slot that has just become ready (others are charged when they do).
     fn charged(&self, s: Slot) -> Slot {
-        if let Slot::Ready(b) = &s {
-            self.budget.charge(b.len());
-        }
-        s
+        self.outq.charged(s)
     }
 
     /// How long this client may stay idle now: `limits.timeout_secs`, unless it waits on
@@ -376,7 +395,7 @@ impl Connection {
                     self.muting = !reset && self.mutes(before);
                     self.apply(action).await;
                     if self.outq.len() > slots {
-                        self.muted.push_back(self.muting);
+                        self.outq.command_reply(self.muting);
                     }
                     self.muting = false;
                 }
@@ -384,7 +403,7 @@ impl Connection {
                 Err(e) => {
                     let slot = self.ready(crate::error::protocol_error(&e));
                     self.outq.push_back(slot);
-                    self.muted.push_back(false);
+                    self.outq.command_reply(false);
                     self.closing = true;
                 }
             }
@@ -834,45 +853,15 @@ impl Connection {
         }
     }
 
-    /// Moves every reply that is ready at the front of the queue into the output buffer.
+    /// Moves every reply that is ready at the front of the queue into the output buffer,
+    /// settling the front slot's work as it completes.
     fn drain_ready(&mut self) {
-        while let Some(front) = self.outq.front_mut() {
-            let done = match front {
-                Slot::Ready(_) | Slot::Push(_) => None,
-                Slot::Upstream { rx, .. } | Slot::Lookup { rx, .. } => match rx.try_recv() {
-                    Ok(r) => Some(FrontDone::Upstream(r)),
-                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-                    Err(_) => Some(FrontDone::Upstream(Err(dropped()))),
-                },
-                Slot::Task(h, ..) if h.is_finished() => match futures::FutureExt::now_or_never(h) {
-                    Some(r) => Some(FrontDone::Joined(joined(r))),
-                    None => break,
-                },
-                Slot::Read { task, .. } if task.is_finished() => {
-                    match futures::FutureExt::now_or_never(task) {
-                        Some(r) => Some(read_joined(r)),
-                        None => break,
-                    }
-                }
-                Slot::Task(..) | Slot::Read { .. } | Slot::Dedicated { .. } => break,
-            };
-            if let Some(done) = done {
-                self.resolve_front(done);
-                continue;
-            }
-            match self.outq.pop_front() {
-                Some(Slot::Ready(b)) => {
-                    if matches!(b.first(), Some(b'-') | Some(b'!')) {
-                        inc(&self.ctx.metrics.errors);
-                    }
-                    if self.muted.pop_front().unwrap_or(false) {
-                        self.budget.release(b.len());
-                    } else {
-                        self.outbuf.extend_from_slice(&b);
-                    }
-                }
-                Some(Slot::Push(b)) => self.outbuf.extend_from_slice(&b),
-                _ => {}
+        loop {
+            let errors = self.outq.drain_front(&mut self.outbuf);
+            crate::metrics::add(&self.ctx.metrics.errors, errors as u64);
+            match front_done(&mut self.outq) {
+                Some(done) => self.resolve_front(done),
+                None => break,
             }
         }
     }
@@ -1195,6 +1184,24 @@ async fn sleep_until_some<T: Into<tokio::time::Instant>>(deadline: Option<T>) {
     match deadline {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The front slot's work, if it has completed (without waiting).
+fn front_done(outq: &mut VecDeque<Slot>) -> Option<FrontDone> {
+    match outq.front_mut()? {
+        Slot::Upstream { rx, .. } | Slot::Lookup { rx, .. } => match rx.try_recv() {
+            Ok(r) => Some(FrontDone::Upstream(r)),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+            Err(_) => Some(FrontDone::Upstream(Err(dropped()))),
+        },
+        Slot::Task(h, ..) if h.is_finished() => {
+            futures::FutureExt::now_or_never(h).map(|r| FrontDone::Joined(joined(r)))
+        }
+        Slot::Read { task, .. } if task.is_finished() => {
+            futures::FutureExt::now_or_never(task).map(read_joined)
+        }
+        _ => None,
     }
 }
 
