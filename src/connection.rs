@@ -14,10 +14,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cache::l1::Ticket;
+use crate::cache::read::{Begin, Pending, Step};
+use crate::cache::CacheStatus;
 use crate::command::Context;
-use crate::command::{self, fill, Action, FillPlan, Route, StateChange, Transform};
-use crate::config::ReplyKind;
+use crate::command::{self, Action, Route, StateChange, Transform};
 use crate::error::{Error, Refusal};
 use crate::metrics::inc;
 use crate::protocol::request::Parsed;
@@ -26,6 +26,9 @@ use crate::session::{ReplyMode, Session};
 use crate::tls::ClientStream;
 use crate::upstream::cluster::Owner;
 use crate::upstream::{LongMark, RawConn, ReplyBudget, ReplyRx};
+
+mod queue;
+use queue::{Out, Queued, ReplyQueue};
 
 /// A reply position in the output queue.
 enum Slot {
@@ -40,28 +43,54 @@ enum Slot {
         proto: Proto,
         started: Instant,
     },
-    /// A cached command's lookup; a miss turns it into a `Task`. With a ticket, the lookup
-    /// was tracked and a hit may enter the L1.
+    /// A cached command's lookup in Valkey; its reply goes to `Cache::finish`, which answers
+    /// the hit or turns the slot into a `Read` fill.
     Lookup {
         rx: ReplyRx,
-        plan: Box<FillPlan>,
-        ticket: Option<Ticket>,
+        pending: Pending,
         started: Instant,
     },
-    /// Local work; with a start time, a cache miss being filled (timed as such).
-    Task(JoinHandle<Reply>, Proto, Option<Instant>),
-    /// Waiting for the next reply on the dedicated connection; with a plan, that reply is a
-    /// cached command's lookup.
+    /// A cached read's fill, timed from when the read began.
+    Read {
+        task: JoinHandle<(Reply, CacheStatus)>,
+        proto: Proto,
+        started: Instant,
+    },
+    /// Local work.
+    Task(JoinHandle<Reply>, Proto),
+    /// Waiting for the next reply on the dedicated connection; with a pending read, that reply
+    /// is a cached command's lookup.
     Dedicated {
         transform: Transform,
         proto: Proto,
         reset: bool,
-        plan: Option<Box<FillPlan>>,
+        lookup: Option<Pending>,
         /// EXEC: the state changes of the commands it runs, applied per successful reply.
         exec: Option<Vec<StateChange>>,
         /// Held while a long command (a script…) waits for its reply.
         _long: Option<LongMark>,
     },
+}
+
+impl Queued for Slot {
+    fn into_out(self) -> Result<Out, Slot> {
+        match self {
+            Slot::Ready(b) => Ok(Out::Reply(b)),
+            Slot::Push(b) => Ok(Out::Push(b)),
+            waiting => Err(waiting),
+        }
+    }
+
+    fn is_out(&self) -> bool {
+        matches!(self, Slot::Ready(_) | Slot::Push(_))
+    }
+
+    fn ready_len(&self) -> Option<usize> {
+        match self {
+            Slot::Ready(b) | Slot::Push(b) => Some(b.len()),
+            _ => None,
+        }
+    }
 }
 
 /// What woke the connection up.
@@ -77,6 +106,8 @@ enum Event {
 enum FrontDone {
     Upstream(crate::error::Result<Bytes>),
     Joined(Reply),
+    /// A cached read's fill finished.
+    Read(Reply, CacheStatus),
 }
 
 /// The client's own upstream connection, while it needs one.
@@ -112,12 +143,11 @@ pub struct Connection {
     outbuf: BytesMut,
     parser: RequestParser,
     session: Session,
-    outq: VecDeque<Slot>,
+    /// Replies in request order (and whether `CLIENT REPLY` drops each).
+    outq: ReplyQueue<Slot>,
     ded: Option<Dedicated>,
     /// Cluster: MULTI was answered locally and opens on the node of the next command.
     deferred_multi: bool,
-    /// For each command reply in `outq` (not pushes), in order: whether `CLIENT REPLY` drops it.
-    muted: VecDeque<bool>,
     /// The command being applied now is muted (its reply, if written at once, is dropped).
     muting: bool,
     /// Bytes of replies held for this client and not yet written: charged where each reply
@@ -145,6 +175,7 @@ impl Connection {
     ) -> Connection {
         let addr = peer.map(|a| a.to_string()).unwrap_or_default();
         let id = ctx.next_client_id();
+        let budget = Arc::new(ReplyBudget::default());
         let authed = ctx.users.default_authed();
         let user = Arc::clone(ctx.users.default_user());
         Connection {
@@ -155,12 +186,11 @@ impl Connection {
             outbuf: BytesMut::new(),
             parser: RequestParser::default(),
             session: Session::new(id, addr, user, authed),
-            outq: VecDeque::new(),
+            outq: ReplyQueue::new(Arc::clone(&budget)),
             ded: None,
             deferred_multi: false,
-            muted: VecDeque::new(),
             muting: false,
-            budget: Arc::new(ReplyBudget::default()),
+            budget,
             soft_since: None,
             write_stalled: None,
             unflushed: false,
@@ -333,16 +363,12 @@ impl Connection {
 
     /// Something that is not a reply to a command (a message, a push), charged likewise.
     fn push(&self, b: Bytes) -> Slot {
-        self.budget.charge(b.len());
-        Slot::Push(b)
+        self.charged(Slot::Push(b))
     }
 
-    /// Charges a slot that has just become a ready reply (others are charged when they do).
+    /// Charges a slot that has just become ready (others are charged when they do).
     fn charged(&self, s: Slot) -> Slot {
-        if let Slot::Ready(b) = &s {
-            self.budget.charge(b.len());
-        }
-        s
+        self.outq.charged(s)
     }
 
     /// How long this client may stay idle now: `limits.timeout_secs`, unless it waits on
@@ -374,7 +400,7 @@ impl Connection {
                     self.muting = !reset && self.mutes(before);
                     self.apply(action).await;
                     if self.outq.len() > slots {
-                        self.muted.push_back(self.muting);
+                        self.outq.command_reply(self.muting);
                     }
                     self.muting = false;
                 }
@@ -382,7 +408,7 @@ impl Connection {
                 Err(e) => {
                     let slot = self.ready(crate::error::protocol_error(&e));
                     self.outq.push_back(slot);
-                    self.muted.push_back(false);
+                    self.outq.command_reply(false);
                     self.closing = true;
                 }
             }
@@ -457,23 +483,65 @@ impl Connection {
                 route,
                 transform,
             } => self.forward(req, route, transform).await,
-            Action::Cached { lookup, plan } => self.lookup(lookup, plan).await,
+            Action::Read(begin) => self.read(begin).await,
             Action::Task(fut) => {
                 let h = tokio::spawn(fut);
-                self.outq.push_back(Slot::Task(h, self.session.proto, None));
+                self.outq.push_back(Slot::Task(h, self.session.proto));
             }
             Action::Reset => self.reset().await,
         }
     }
 
-    /// Sends a cached command's lookup. While the client holds a dedicated connection on the
-    /// cache's database, the lookup goes there too, behind the client's own writes.
-    async fn lookup(&mut self, lookup: Bytes, plan: Box<FillPlan>) {
-        let l1 = &self.ctx.cache.l1;
+    /// A cached read as the cache began it: an L1 hit is a reply now, a lookup is sent, a
+    /// fill (the cache bypassed) runs as a task.
+    async fn read(&mut self, begin: Begin) {
+        match begin {
+            Begin::Hit(frame) => {
+                self.observe_read(CacheStatus::L1Hit, Duration::ZERO);
+                self.push_reply(Reply::Raw(frame));
+            }
+            Begin::Lookup(l) => self.lookup(l.request, l.pending).await,
+            Begin::Fill(fill) => {
+                let slot = self.read_step(Step::Fill(fill), self.session.proto, Instant::now());
+                self.outq.push_back(slot);
+            }
+        }
+    }
+
+    /// Times a cached read by how it was answered: a lookup alone as a hit, a fill as a miss.
+    fn observe_read(&self, status: CacheStatus, took: Duration) {
+        let latency = &self.ctx.metrics.latency;
+        if status.is_hit() {
+            latency.hit.observe(took);
+        } else {
+            latency.miss.observe(took);
+        }
+    }
+
+    /// The slot for a cached read's next step: a hit is a ready reply (not yet charged), a
+    /// fill runs as a task.
+    fn read_step(&self, step: Step, proto: Proto, started: Instant) -> Slot {
+        match step {
+            Step::Reply(frame, status) => {
+                self.observe_read(status, started.elapsed());
+                Slot::Ready(frame)
+            }
+            Step::Fill(fill) => Slot::Read {
+                task: tokio::spawn(fill),
+                proto,
+                started,
+            },
+        }
+    }
+
+    /// Sends a cached command's lookup, in request order. While the client holds a dedicated
+    /// connection on the cache's database, the lookup goes there too, behind the client's own
+    /// writes (untracked: its hit does not enter the L1).
+    async fn lookup(&mut self, request: Bytes, pending: Pending) {
         let cache_db = self.ctx.upstream.endpoint().db;
         let streaming = self.session.streaming();
         let same_node = |ded: &Dedicated| match &self.ctx.upstream.cluster {
-            Some(c) => c.addr_for_key(plan.entry.key.as_bytes()).as_deref() == Some(&ded.conn.addr),
+            Some(c) => c.addr_for_key(pending.key().as_bytes()).as_deref() == Some(&ded.conn.addr),
             None => true,
         };
         match self.ded.as_mut() {
@@ -481,58 +549,42 @@ impl Connection {
                 if !streaming
                     && ded.as_user.is_none()
                     && self.session.db == cache_db
-                    && ded.conn.proto == plan.proto
+                    && ded.conn.proto == pending.proto()
                     && same_node(ded) =>
             {
-                ded.wbuf.extend_from_slice(&lookup);
+                ded.wbuf.extend_from_slice(&request);
                 ded.pending += 1;
                 ded.unsent += 1;
                 self.outq.push_back(Slot::Dedicated {
                     transform: Transform::None,
-                    proto: plan.proto,
+                    proto: pending.proto(),
                     reset: false,
-                    plan: Some(plan),
+                    lookup: Some(pending.untracked()),
                     exec: None,
                     _long: None,
                 });
             }
             _ => {
                 let up = &self.ctx.upstream;
-                let ticket = l1.enabled().then(|| l1.ticket(&plan.entry.key));
-                let tracked = ticket.and_then(|_| {
-                    let key = plan.entry.key.as_bytes();
-                    up.send_tracked(
-                        self.session.id,
-                        plan.proto,
-                        lookup.clone(),
-                        key,
-                        &self.budget,
-                    )
+                let (id, proto) = (self.session.id, pending.proto());
+                let tracked = pending.wants_tracking().then(|| {
+                    let key = pending.key().as_bytes();
+                    up.send_tracked(id, proto, request.clone(), key, &self.budget)
                 });
                 let started = Instant::now();
-                let slot = match tracked {
-                    Some(rx) => Slot::Lookup {
-                        rx,
-                        plan,
-                        ticket,
-                        started,
-                    },
-                    None => Slot::Lookup {
-                        rx: up
-                            .send_key(
-                                self.session.id,
-                                plan.proto,
-                                lookup,
-                                plan.entry.key.as_bytes(),
-                                &self.budget,
-                            )
-                            .await,
-                        plan,
-                        ticket: None,
-                        started,
-                    },
+                let (rx, pending) = match tracked.flatten() {
+                    Some(rx) => (rx, pending),
+                    None => {
+                        let key = pending.key().as_bytes();
+                        let rx = up.send_key(id, proto, request, key, &self.budget).await;
+                        (rx, pending.untracked())
+                    }
                 };
-                self.outq.push_back(slot);
+                self.outq.push_back(Slot::Lookup {
+                    rx,
+                    pending,
+                    started,
+                });
             }
         }
     }
@@ -610,7 +662,7 @@ impl Connection {
                 transform,
                 proto,
                 reset: false,
-                plan: None,
+                lookup: None,
                 exec,
                 _long: self.ctx.upstream.long_mark(&req.raw),
             });
@@ -751,7 +803,7 @@ impl Connection {
                     transform: Transform::None,
                     proto,
                     reset: true,
-                    plan: None,
+                    lookup: None,
                     exec: None,
                     _long: None,
                 });
@@ -788,7 +840,10 @@ impl Connection {
             .any(|s| {
                 matches!(
                     s,
-                    Slot::Upstream { .. } | Slot::Lookup { .. } | Slot::Task(..)
+                    Slot::Upstream { .. }
+                        | Slot::Lookup { .. }
+                        | Slot::Read { .. }
+                        | Slot::Task(..)
                 )
             });
         let Some(ded) = self.ded.as_mut() else { return };
@@ -803,39 +858,15 @@ impl Connection {
         }
     }
 
-    /// Moves every reply that is ready at the front of the queue into the output buffer.
+    /// Moves every reply that is ready at the front of the queue into the output buffer,
+    /// settling the front slot's work as it completes.
     fn drain_ready(&mut self) {
-        while let Some(front) = self.outq.front_mut() {
-            let done = match front {
-                Slot::Ready(_) | Slot::Push(_) => None,
-                Slot::Upstream { rx, .. } | Slot::Lookup { rx, .. } => match rx.try_recv() {
-                    Ok(r) => Some(FrontDone::Upstream(r)),
-                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-                    Err(_) => Some(FrontDone::Upstream(Err(dropped()))),
-                },
-                Slot::Task(h, ..) if h.is_finished() => match futures::FutureExt::now_or_never(h) {
-                    Some(r) => Some(FrontDone::Joined(joined(r))),
-                    None => break,
-                },
-                Slot::Task(..) | Slot::Dedicated { .. } => break,
-            };
-            if let Some(done) = done {
-                self.resolve_front(done);
-                continue;
-            }
-            match self.outq.pop_front() {
-                Some(Slot::Ready(b)) => {
-                    if matches!(b.first(), Some(b'-') | Some(b'!')) {
-                        inc(&self.ctx.metrics.errors);
-                    }
-                    if self.muted.pop_front().unwrap_or(false) {
-                        self.budget.release(b.len());
-                    } else {
-                        self.outbuf.extend_from_slice(&b);
-                    }
-                }
-                Some(Slot::Push(b)) => self.outbuf.extend_from_slice(&b),
-                _ => {}
+        loop {
+            let errors = self.outq.drain_front(&mut self.outbuf);
+            crate::metrics::add(&self.ctx.metrics.errors, errors as u64);
+            match front_done(&mut self.outq) {
+                Some(done) => self.resolve_front(done),
+                None => break,
             }
         }
     }
@@ -871,20 +902,16 @@ impl Connection {
             }
             (
                 Slot::Lookup {
-                    plan,
-                    ticket,
-                    started,
-                    ..
+                    pending, started, ..
                 },
                 FrontDone::Upstream(r),
             ) => {
-                let s = self.looked_up(*plan, r, ticket, started);
+                let s = self.looked_up(pending, r, started);
                 self.charged(s)
             }
-            (Slot::Task(_, proto, started), FrontDone::Joined(reply)) => {
-                if let Some(t) = started {
-                    self.ctx.metrics.latency.miss.observe(t.elapsed());
-                }
+            (Slot::Task(_, proto), FrontDone::Joined(reply)) => self.ready(reply.into_bytes(proto)),
+            (Slot::Read { proto, started, .. }, FrontDone::Read(reply, status)) => {
+                self.observe_read(status, started.elapsed());
                 self.ready(reply.into_bytes(proto))
             }
             (other, _) => other,
@@ -892,62 +919,17 @@ impl Connection {
         self.outq.push_front(next);
     }
 
-    /// A lookup's answer: the entry itself on a hit; otherwise a fill (from PostgreSQL alone
-    /// if Valkey failed).
+    /// A lookup's reply (or the failure to get one), through the cache's decision: the hit,
+    /// or the fill that answers.
     fn looked_up(
         &self,
-        plan: FillPlan,
+        pending: Pending,
         r: crate::error::Result<Bytes>,
-        ticket: Option<Ticket>,
         started: Instant,
     ) -> Slot {
-        // A hit of a degraded entry is not served: the reply may predate an invalidation
-        // not yet applied (see `Cache::bypasses`); the fill answers from PostgreSQL.
-        let bypass = self.ctx.cache.bypasses(&plan.entry);
-        match r {
-            Ok(frame) if fill::is_hit(&frame) && !bypass => {
-                inc(&self.ctx.metrics.hits);
-                self.ctx.metrics.latency.hit.observe(started.elapsed());
-                if let Some(t) = ticket.filter(|_| !frame.starts_with(b"-")) {
-                    let hash = plan.kind == ReplyKind::Hash;
-                    let deps = plan.entry.l1_deps();
-                    self.ctx.cache.l1.insert(
-                        &plan.entry.key,
-                        hash,
-                        plan.proto,
-                        frame.clone(),
-                        deps,
-                        t,
-                    );
-                }
-                self.maybe_refresh_early(plan);
-                Slot::Ready(frame)
-            }
-            r => {
-                let via_cache = r.is_ok();
-                if bypass {
-                    // Counted as a degraded read by the fill.
-                } else if via_cache {
-                    inc(&self.ctx.metrics.misses);
-                } else {
-                    inc(&self.ctx.metrics.upstream_errors);
-                }
-                let proto = plan.proto;
-                Slot::Task(
-                    tokio::spawn(fill::run(Arc::clone(&self.ctx), plan, via_cache)),
-                    proto,
-                    Some(started),
-                )
-            }
-        }
-    }
-
-    /// XFetch: now and then a hit starts a background refresh of an entry close to expiry.
-    fn maybe_refresh_early(&self, plan: FillPlan) {
-        if self.ctx.cache.should_refresh_early(&plan.entry.key) {
-            inc(&self.ctx.metrics.early_refreshes);
-            fill::refresh_in_background(Arc::clone(&self.ctx), plan);
-        }
+        let proto = pending.proto();
+        let step = self.ctx.cache.finish(pending, r);
+        self.read_step(step, proto, started)
     }
 
     fn on_dedicated_read(&mut self, r: std::io::Result<usize>) {
@@ -1018,9 +1000,10 @@ impl Connection {
                 ded.pending -= 1;
                 let filled = match self.outq.remove(i) {
                     Some(Slot::Dedicated {
-                        plan: Some(plan), ..
+                        lookup: Some(pending),
+                        ..
                     }) => {
-                        let s = self.looked_up(*plan, Ok(frame), None, Instant::now());
+                        let s = self.looked_up(pending, Ok(frame), Instant::now());
                         self.charged(s)
                     }
                     Some(Slot::Dedicated {
@@ -1093,9 +1076,9 @@ impl Connection {
         let reply = e.to_reply();
         for i in 0..self.outq.len() {
             let filled = match &mut self.outq[i] {
-                Slot::Dedicated { plan, proto, .. } => match plan.take() {
+                Slot::Dedicated { lookup, proto, .. } => match lookup.take() {
                     // A lookup that lost its connection is answered from PostgreSQL.
-                    Some(plan) => self.looked_up(*plan, Err(e.clone()), None, Instant::now()),
+                    Some(pending) => self.looked_up(pending, Err(e.clone()), Instant::now()),
                     None => Slot::Ready(reply.to_bytes(*proto)),
                 },
                 _ => continue,
@@ -1150,7 +1133,17 @@ fn joined(r: Result<Reply, tokio::task::JoinError>) -> Reply {
     })
 }
 
-/// Waits for the front slot's work to complete (never, if it is not waiting on anything).
+/// A cached read's finished fill; a fill task that failed is an internal error.
+fn read_joined(r: Result<(Reply, CacheStatus), tokio::task::JoinError>) -> FrontDone {
+    match r {
+        Ok((reply, status)) => FrontDone::Read(reply, status),
+        Err(e) => {
+            tracing::error!(error = %e, "cache fill task failed");
+            FrontDone::Read(Refusal::Internal.reply(), CacheStatus::Error)
+        }
+    }
+}
+
 /// What the client socket did.
 enum ClientIo {
     Read(std::io::Result<usize>),
@@ -1199,12 +1192,32 @@ async fn sleep_until_some<T: Into<tokio::time::Instant>>(deadline: Option<T>) {
     }
 }
 
+/// The front slot's work, if it has completed (without waiting).
+fn front_done(outq: &mut VecDeque<Slot>) -> Option<FrontDone> {
+    match outq.front_mut()? {
+        Slot::Upstream { rx, .. } | Slot::Lookup { rx, .. } => match rx.try_recv() {
+            Ok(r) => Some(FrontDone::Upstream(r)),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+            Err(_) => Some(FrontDone::Upstream(Err(dropped()))),
+        },
+        Slot::Task(h, ..) if h.is_finished() => {
+            futures::FutureExt::now_or_never(h).map(|r| FrontDone::Joined(joined(r)))
+        }
+        Slot::Read { task, .. } if task.is_finished() => {
+            futures::FutureExt::now_or_never(task).map(read_joined)
+        }
+        _ => None,
+    }
+}
+
+/// Waits for the front slot's work to complete (never, if it is not waiting on anything).
 async fn front_event(outq: &mut VecDeque<Slot>) -> FrontDone {
     match outq.front_mut() {
         Some(Slot::Upstream { rx, .. }) | Some(Slot::Lookup { rx, .. }) => {
             FrontDone::Upstream(rx.await.unwrap_or_else(|_| Err(dropped())))
         }
         Some(Slot::Task(h, ..)) => FrontDone::Joined(joined(h.await)),
+        Some(Slot::Read { task, .. }) => read_joined(task.await),
         _ => std::future::pending().await,
     }
 }

@@ -11,7 +11,8 @@
 //!   action, with a [`command::Context`] rather than the server.
 //! - [`invalidation`] listens for PostgreSQL's change notifications and drops what changed.
 //! - [`cache`] is the read-through cache: keys, L1, coalesced fills, the versioned store in
-//!   Valkey (one server, or per-slot generations on a cluster), named query definitions.
+//!   Valkey (one server, or per-slot generations on a cluster), named query definitions; its
+//!   read path (`cache::read`) owns every decision of a cached read.
 //! - [`session`] is per-client state; [`acl`] is who may run what: users, passwords, command
 //!   and key permissions.
 //! - [`upstream`] is Valkey for pass-through: shared pipelined and dedicated connections, slot

@@ -12,18 +12,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::store::Store;
-use crate::cache::Cache;
-use crate::command::context::{ClientIds, Live};
 use crate::command::Context;
 use crate::config::{Config, ConfigError};
 use crate::connection::Connection;
-use crate::db::Db;
 use crate::error::Refusal;
-use crate::invalidation::{Invalidation, Listener};
+use crate::invalidation::Listener;
 use crate::metrics::{inc, Metrics};
 use crate::tls::Stream;
-use crate::upstream::Upstream;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,24 +61,7 @@ impl std::ops::Deref for Shared {
 impl Shared {
     /// Builds the context from a checked configuration (see [`check_config`]).
     pub fn new(config: Config) -> Result<Shared, StartError> {
-        let setup = |e: &dyn std::fmt::Display| StartError::Setup(e.to_string());
-        let metrics = Arc::new(Metrics::default());
-        let store = Store::new(&config.valkey, &config.cache.meta_prefix).map_err(|e| setup(&e))?;
-        let named = crate::cache::named::build(&config).map_err(StartError::Setup)?;
-        let users = crate::acl::Users::from_config(&config.auth)
-            .map_err(|(k, m)| StartError::Setup(format!("{k}: {m}")))?;
-        let invalidation = Invalidation::new(&config.invalidation, &named, Arc::clone(&metrics));
-        let ctx = Context {
-            users,
-            upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
-            cache: Arc::new(Cache::new(store, Arc::clone(&metrics), &config.cache)),
-            invalidation: Arc::new(invalidation),
-            sql_checks: crate::db::sql::verdict_cache(),
-            db: Db::new(&config.postgres).map_err(|e| setup(&e))?,
-            metrics,
-            client_ids: ClientIds::default(),
-            live: Live::new(config, named),
-        };
+        let ctx = Context::new(config).map_err(StartError::Setup)?;
         Ok(Shared { ctx: Arc::new(ctx) })
     }
 

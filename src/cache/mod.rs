@@ -7,6 +7,7 @@ pub mod degraded;
 pub mod key;
 pub mod l1;
 pub mod named;
+pub mod read;
 pub mod store;
 
 use bytes::Bytes;
@@ -113,10 +114,16 @@ pub enum Value {
     Hash(Vec<(String, Bytes)>),
 }
 
-/// Where a reply came from, for INFO and tests.
+/// How a cached read was answered: returned with every reply of the read path
+/// ([`read`]), which the connection times by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
+    /// From the in-process L1.
+    L1Hit,
+    /// From Valkey's lookup.
     Hit,
+    /// "No such row", remembered by a negative entry (found by the fill, not the lookup).
+    NegativeHit,
     /// Filled by this request.
     Miss,
     /// Filled by a concurrent request this one waited for.
@@ -128,6 +135,15 @@ pub enum CacheStatus {
     /// An invalidation of the entry's tables is pending (see [`degraded`]); answered from
     /// PostgreSQL, nothing stored.
     Degraded,
+    /// The read failed; the reply is the error.
+    Error,
+}
+
+impl CacheStatus {
+    /// Answered by a lookup alone (the L1 or Valkey), without a fill: timed as a hit.
+    pub fn is_hit(self) -> bool {
+        matches!(self, CacheStatus::L1Hit | CacheStatus::Hit)
+    }
 }
 
 /// When an entry this instance stored expires and how long its fill took: what XFetch needs.
@@ -430,7 +446,7 @@ impl FillCtx {
                 return Ok((v.clone(), CacheStatus::Coalesced));
             }
             if p.negative {
-                return Ok((Value::Absent, CacheStatus::Hit));
+                return Ok((Value::Absent, CacheStatus::NegativeHit));
             }
         }
         let started = Instant::now();

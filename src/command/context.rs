@@ -101,6 +101,30 @@ impl Default for ClientIds {
 }
 
 impl Context {
+    /// Builds the services from a checked configuration (see `server::check_config`).
+    /// Nothing connects here — Valkey's connections open on first use and PostgreSQL's pool on
+    /// demand — so cachefront starts while either is down, and commands can be tried without
+    /// servers. Needs a Tokio runtime (the shared connections' tasks start idle).
+    pub fn new(config: Config) -> Result<Context, String> {
+        let metrics = Arc::new(Metrics::default());
+        let store = crate::cache::store::Store::new(&config.valkey, &config.cache.meta_prefix)
+            .map_err(|e| e.to_string())?;
+        let named = crate::cache::named::build(&config)?;
+        let users = Users::from_config(&config.auth).map_err(|(k, m)| format!("{k}: {m}"))?;
+        let invalidation = Invalidation::new(&config.invalidation, &named, Arc::clone(&metrics));
+        Ok(Context {
+            users,
+            upstream: Upstream::new(&config.valkey).map_err(|e| e.to_string())?,
+            cache: Arc::new(Cache::new(store, Arc::clone(&metrics), &config.cache)),
+            invalidation: Arc::new(invalidation),
+            sql_checks: crate::db::sql::verdict_cache(),
+            db: Db::new(&config.postgres).map_err(|e| e.to_string())?,
+            metrics,
+            client_ids: ClientIds::default(),
+            live: Live::new(config, named),
+        })
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> ConfigRef {
         ConfigRef(self.live.get())

@@ -1,19 +1,22 @@
-//! What a cached command does on a miss: load from PostgreSQL, store through the cache's fill
-//! protocol, and reply in the command's reply kind.
+//! The database side of a cached command: what a miss queries in PostgreSQL, the tables it
+//! must resolve first, and the slow-fill log. The cache's read path (`cache::read`) decides
+//! when any of it runs.
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use std::sync::Arc;
 
 use super::named_query::NamedQuery;
 use super::Action;
 use super::Context;
-use crate::cache::{CacheStatus, Deps, Entry, FillOptions, Value};
+use crate::cache::read::{self, Plan};
+use crate::cache::{Deps, Entry, Value};
 use crate::config::ReplyKind;
 use crate::db::{Collect, DbError, QueryResult, ResultLimits, Rows, Served};
 use crate::error::{Error, Refusal, Result};
 use crate::metrics::inc;
-use crate::protocol::request::encode_multibulk;
-use crate::protocol::{Proto, Reply};
+use crate::protocol::Proto;
 
 /// Where a cached command's value comes from.
 pub enum Source {
@@ -28,40 +31,24 @@ pub enum Source {
     },
 }
 
-/// Everything needed to answer a miss.
-pub struct FillPlan {
-    pub entry: Entry,
-    pub source: Source,
-    pub kind: ReplyKind,
-    /// The client's protocol when it asked.
-    pub proto: Proto,
+/// The database side of one cached command's fill, handed to the cache's read path: resolving
+/// the entry's tables, the query, the slow-fill log.
+pub struct Load {
+    ctx: Arc<Context>,
+    source: Source,
+    kind: ReplyKind,
+    /// The entry key, for the slow-fill log.
+    key: String,
 }
 
-/// Whether the lookup reply found an entry (`GET` not nil, `HGETALL` not empty). Errors count
-/// as found: they are passed to the client as Valkey sent them (e.g. WRONGTYPE).
-pub fn is_hit(frame: &[u8]) -> bool {
-    !matches!(
-        frame,
-        b"$-1\r\n" | b"_\r\n" | b"*0\r\n" | b"%0\r\n" | b"*-1\r\n"
-    )
-}
-
-/// Answers a miss. With `via_cache` false (Valkey unavailable) the value comes straight from
-/// PostgreSQL and nothing is stored.
-pub async fn run(ctx: Arc<Context>, plan: FillPlan, via_cache: bool) -> Reply {
-    fill(ctx, plan, via_cache, false).await
-}
-
-async fn fill(ctx: Arc<Context>, plan: FillPlan, via_cache: bool, refresh: bool) -> Reply {
-    let FillPlan {
-        entry,
-        source,
-        kind,
-        proto: _,
-    } = plan;
-    let db_ctx = Arc::clone(&ctx);
-    let started = std::time::Instant::now();
-    let slow = SlowNote::of(&source, &entry.key);
+/// The plan of a cached read of `entry` from `source`, for a client speaking `proto`.
+pub fn plan(
+    ctx: &Arc<Context>,
+    entry: Entry,
+    source: Source,
+    kind: ReplyKind,
+    proto: Proto,
+) -> Plan {
     let negative_ttl = match &source {
         Source::Named { query, .. } => query.negative_ttl,
         Source::Sql { .. } => {
@@ -69,46 +56,48 @@ async fn fill(ctx: Arc<Context>, plan: FillPlan, via_cache: bool, refresh: bool)
             (ttl > 0).then_some(ttl)
         }
     };
-    let result = if via_cache {
-        match prepare(&ctx, entry).await {
-            Ok(entry) => {
-                // What replicas must have replayed is judged on the versions this fill checks
-                // — only needed with replicas.
-                let deps = ctx.db.replicas().map(|_| entry.deps.clone());
-                let load = move || async move { load(&db_ctx, &source, kind, deps.as_ref()).await };
-                ctx.cache
-                    .fill(
-                        entry,
-                        FillOptions {
-                            negative_ttl,
-                            hash: kind == ReplyKind::Hash,
-                            refresh,
-                        },
-                        load,
-                    )
-                    .await
-            }
-            Err(e) => Err(e),
-        }
-    } else {
-        inc(&ctx.metrics.fail_open);
-        inc(&ctx.metrics.db_queries);
-        load(&db_ctx, &source, kind, None)
-            .await
-            .inspect_err(|e| {
-                if !matches!(e, Error::Client(_)) {
-                    inc(&ctx.metrics.db_errors)
-                }
-            })
-            .map(|v| (v, CacheStatus::FailOpen))
+    let load = Load {
+        ctx: Arc::clone(ctx),
+        source,
+        kind,
+        key: entry.key.clone(),
     };
-    if let Ok((_, CacheStatus::Miss | CacheStatus::FailOpen)) = &result {
-        slow.record_if_slow(&ctx, started.elapsed());
+    Plan {
+        entry,
+        kind,
+        proto,
+        negative_ttl,
+        source: Arc::new(load),
     }
-    match result {
-        Ok((value, _status)) => render(value, kind),
-        Err(e) => e.to_reply(),
+}
+
+impl read::Source for Load {
+    fn prepare(&self, entry: Entry) -> BoxFuture<'static, Result<Entry>> {
+        let ctx = Arc::clone(&self.ctx);
+        async move { prepare(&ctx, entry).await }.boxed()
     }
+
+    fn load(self: Arc<Self>, deps: Option<Deps>) -> BoxFuture<'static, Result<Value>> {
+        // What replicas must have replayed is judged on the versions the fill checks.
+        async move { load(&self.ctx, &self.source, self.kind, deps.as_ref()).await }.boxed()
+    }
+
+    fn filled(&self, took: std::time::Duration) {
+        SlowNote::of(&self.source, &self.key).record_if_slow(&self.ctx, took);
+    }
+}
+
+/// The one route of a cached command: the cache's read path, which answers from the L1, says
+/// what to look up in Valkey, or fills. `plan` builds the miss plan for the entry key; the
+/// cache calls it only when needed, so a hot hit builds none.
+pub fn route(
+    ctx: &Arc<Context>,
+    key: String,
+    kind: ReplyKind,
+    proto: Proto,
+    plan: impl FnOnce(String) -> Plan,
+) -> Action {
+    Action::Read(ctx.cache.begin(key, kind, proto, plan))
 }
 
 /// What the slow-fill log says about a fill, taken before the fill consumes its plan.
@@ -180,79 +169,6 @@ async fn prepare(ctx: &Context, mut entry: Entry) -> Result<Entry> {
         .filter(|t| Some(t) != row_table.as_ref())
         .collect();
     Ok(entry)
-}
-
-/// The one route of a cached command: straight to PostgreSQL while an invalidation of its
-/// tables is pending (see `Cache::bypasses`), else the L1, else a lookup in Valkey. `plan`
-/// builds the miss plan for the entry key; it is called only when needed.
-pub fn route(
-    ctx: &Arc<Context>,
-    key: String,
-    kind: ReplyKind,
-    proto: Proto,
-    plan: impl Fn(String) -> FillPlan,
-) -> Action {
-    if ctx.cache.degraded.any() {
-        let plan = plan(key.clone());
-        if ctx.cache.bypasses(&plan.entry) {
-            return Action::Task(Box::pin(run(Arc::clone(ctx), plan, true)));
-        }
-    }
-    if let Some(hit) = serve_from_l1(ctx, &key, kind, proto, || plan(key.clone())) {
-        return Action::Reply(hit);
-    }
-    let lookup_cmd: &[u8] = match kind {
-        ReplyKind::Hash => b"HGETALL",
-        ReplyKind::Value | ReplyKind::Json => b"GET",
-    };
-    let lookup = encode_multibulk(&[Bytes::from_static(lookup_cmd), Bytes::from(key.clone())]);
-    Action::Cached {
-        lookup,
-        plan: Box::new(plan(key)),
-    }
-}
-
-/// Answers from the in-process L1 if it holds the entry — before any plan is built, so a hot
-/// hit costs a hash lookup, not the allocations of a miss. `plan` is built only if early
-/// refresh picks this hit.
-fn serve_from_l1(
-    ctx: &Arc<Context>,
-    key: &str,
-    kind: ReplyKind,
-    proto: Proto,
-    plan: impl FnOnce() -> FillPlan,
-) -> Option<Reply> {
-    let frame = ctx.cache.l1.get(key, kind == ReplyKind::Hash, proto)?;
-    inc(&ctx.metrics.hits);
-    inc(&ctx.metrics.l1_hits);
-    ctx.metrics.latency.hit.observe(std::time::Duration::ZERO);
-    if ctx.cache.should_refresh_early(key) {
-        inc(&ctx.metrics.early_refreshes);
-        refresh_in_background(Arc::clone(ctx), plan());
-    }
-    Some(Reply::Raw(frame))
-}
-
-/// Answers a hit that early refresh picked: refill in the background, reply to nobody.
-pub fn refresh_in_background(ctx: Arc<Context>, plan: FillPlan) {
-    tokio::spawn(async move {
-        let _ = fill(ctx, plan, true, true).await;
-    });
-}
-
-/// The reply for a filled value.
-fn render(value: Value, kind: ReplyKind) -> Reply {
-    match value {
-        Value::Absent if kind == ReplyKind::Json => Reply::Bulk(Bytes::from_static(b"[]")),
-        Value::Absent => Reply::Nil,
-        Value::String(b) => Reply::Bulk(b),
-        Value::Hash(fields) => Reply::Map(
-            fields
-                .into_iter()
-                .map(|(k, v)| (Reply::Bulk(Bytes::from(k)), Reply::Bulk(v)))
-                .collect(),
-        ),
-    }
 }
 
 /// Queries PostgreSQL for a fill. `deps`: the versions the fill checked (read before this

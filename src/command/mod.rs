@@ -13,7 +13,6 @@ pub mod sql_cached;
 pub mod sql_invalidate;
 pub mod table;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::sync::Arc;
@@ -24,7 +23,6 @@ use crate::error::Refusal;
 use crate::protocol::{Reply, Request};
 use crate::session::Session;
 pub use context::Context;
-pub use fill::FillPlan;
 pub use passthrough::{Route, StateChange, Transform};
 
 /// What the connection does with one request.
@@ -39,8 +37,9 @@ pub enum Action {
         route: Route,
         transform: Transform,
     },
-    /// A cached command: look the entry up over the shared connection; fill on a miss.
-    Cached { lookup: Bytes, plan: Box<FillPlan> },
+    /// A cached command's read, as the cache began it: answered from the L1, a lookup to send
+    /// to Valkey (in request order) and hand back to `Cache::finish`, or a fill to run.
+    Read(crate::cache::read::Begin),
     /// Local work that needs to await (database, cachefront's own Valkey writes).
     Task(BoxFuture<'static, Reply>),
     /// `RESET`: drop upstream state and the dedicated connection.
@@ -244,5 +243,151 @@ pub fn dispatch_checked(ctx: &Arc<Context>, session: &mut Session, req: Request)
                 passthrough::dispatch(session, name, req, ctx.upstream.cluster.is_some())
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `dispatch` with a context built from the default configuration: nothing connects (the
+    //! addresses refuse connections), so these run with no server.
+
+    use super::*;
+    use crate::cache::read::Begin;
+    use crate::protocol::Proto;
+
+    /// A context whose Valkey and PostgreSQL are nowhere (port 1 refuses).
+    fn context(tweak: impl FnOnce(&mut Config)) -> Arc<Context> {
+        let mut config = Config::default();
+        config.valkey.url = "redis://127.0.0.1:1".into();
+        config.postgres.url = "postgres://cachefront@127.0.0.1:1/none".into();
+        tweak(&mut config);
+        Arc::new(Context::new(config).expect("context"))
+    }
+
+    fn session(ctx: &Context) -> Session {
+        let user = Arc::clone(ctx.users.default_user());
+        Session::new(1, "test".into(), user, ctx.users.default_authed())
+    }
+
+    fn run(ctx: &Arc<Context>, session: &mut Session, args: &[&[u8]]) -> Action {
+        dispatch(ctx, session, Request::from_args(args.iter().copied()))
+    }
+
+    /// The reply of an action that must be answered at once.
+    fn reply(action: Action) -> Reply {
+        match action {
+            Action::Reply(r) => r,
+            _ => panic!("expected a reply now"),
+        }
+    }
+
+    fn arity(name: &str) -> Reply {
+        Refusal::WrongArity(name.into()).reply()
+    }
+
+    #[tokio::test]
+    async fn nothing_but_auth_before_auth() {
+        let ctx = context(|c| c.auth.requirepass = "secret".into());
+        let mut s = session(&ctx);
+        for args in [&[&b"GET"[..], b"k"][..], &[b"EMP.GET", b"1"], &[b"PING"]] {
+            assert_eq!(reply(run(&ctx, &mut s, args)), Refusal::NoAuth.reply());
+        }
+        assert!(!matches!(
+            run(&ctx, &mut s, &[b"AUTH", b"wrong"]),
+            Action::Forward { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn own_commands_check_their_arity() {
+        let ctx = context(|_| {});
+        let mut s = session(&ctx);
+        assert_eq!(
+            reply(run(&ctx, &mut s, &[b"SQL.CACHED"])),
+            arity("sql.cached")
+        );
+        assert_eq!(reply(run(&ctx, &mut s, &[b"emp.get"])), arity("emp.get"));
+        assert_eq!(
+            reply(run(&ctx, &mut s, &[b"EMP.GET", b"1", b"2"])),
+            arity("emp.get")
+        );
+    }
+
+    #[tokio::test]
+    async fn sql_cached_refusals() {
+        let off = context(|c| c.sql.mode = crate::config::SqlMode::Off);
+        let mut s = session(&off);
+        let select: &[&[u8]] = &[b"SQL.CACHED", b"SELECT 1"];
+        assert_eq!(reply(run(&off, &mut s, select)), Refusal::SqlOff.reply());
+
+        let ctx = context(|_| {});
+        let mut s = session(&ctx);
+        let delete: &[&[u8]] = &[b"SQL.CACHED", b"DELETE FROM employees"];
+        assert_eq!(
+            reply(run(&ctx, &mut s, delete)),
+            Refusal::NotReadOnly.reply()
+        );
+        let ex: &[&[u8]] = &[b"SQL.CACHED", b"SELECT 1", b"EX", b"0"];
+        assert_eq!(reply(run(&ctx, &mut s, ex)), Refusal::InvalidExpire.reply());
+    }
+
+    #[tokio::test]
+    async fn a_named_query_refuses_a_bad_argument() {
+        let ctx = context(|_| {});
+        let mut s = session(&ctx);
+        let named = ctx.named();
+        let q = named.get("EMP.GET").expect("the built-in EMP.GET");
+        let bad = reply(run(&ctx, &mut s, &[b"EMP.GET", b"abc"]));
+        assert_eq!(bad, q.invalid_arg(0, b"abc").reply());
+        assert!(bad.is_error());
+    }
+
+    /// A cached command on a cold cache starts its read: a lookup to send, nothing sent yet.
+    #[tokio::test]
+    async fn a_named_query_begins_a_lookup() {
+        let ctx = context(|_| {});
+        let mut s = session(&ctx);
+        match run(&ctx, &mut s, &[b"EMP.GET", b"1"]) {
+            Action::Read(Begin::Lookup(l)) => {
+                assert!(l.request.starts_with(b"*2\r\n$3\r\nGET\r\n"));
+                assert_eq!(l.pending.proto(), Proto::Resp2);
+            }
+            _ => panic!("expected a lookup"),
+        }
+    }
+
+    /// Inside MULTI, cachefront's own commands cannot be queued in Valkey: refused, and the
+    /// EXEC that follows aborts.
+    #[tokio::test]
+    async fn own_commands_are_refused_in_multi() {
+        let ctx = context(|_| {});
+        let mut s = session(&ctx);
+        s.in_multi = true;
+        for (args, name) in [
+            (&[&b"SQL.CACHED"[..], b"SELECT 1"][..], "SQL.CACHED"),
+            (&[b"EMP.GET", b"1"], "EMP.GET"),
+        ] {
+            s.multi_failed = false;
+            let r = reply(run(&ctx, &mut s, args));
+            assert_eq!(r, Refusal::NotInMulti(name.into()).reply());
+            assert!(s.multi_failed, "{name} aborts the EXEC");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plain_get_is_forwarded() {
+        let ctx = context(|_| {});
+        let mut s = session(&ctx);
+        match run(&ctx, &mut s, &[b"get", b"k"]) {
+            Action::Forward {
+                req,
+                route,
+                transform,
+            } => {
+                assert_eq!(req.args.len(), 2);
+                assert!(route == Route::Any && transform == Transform::None);
+            }
+            _ => panic!("expected a forward"),
+        }
     }
 }

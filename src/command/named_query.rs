@@ -6,7 +6,7 @@ use bytes::Bytes;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::fill::{route, FillPlan, Source};
+use super::fill::{plan, route, Source};
 use super::Context;
 use super::{wrong_args, Action};
 pub use crate::cache::named::{NamedQuery, RowKey};
@@ -60,22 +60,20 @@ pub fn dispatch(
     if !session.user.key_allowed(key.as_bytes()) {
         return Action::Reply(Refusal::NoPermKey.reply());
     }
-    // Arguments stay borrowed on the hit path; a miss copies them into its plan.
-    let owned = |args: &[Cow<str>]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    let plan = |key: String, args: Vec<String>| FillPlan {
-        entry: Entry {
+    let kind = q.reply;
+    let proto = session.proto;
+    route(ctx, key, kind, proto, |key| {
+        // Arguments stay borrowed on the hit path; a miss copies them into its plan.
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let entry = Entry {
             key,
             ttl: ctx.cache.jittered_ttl(q.ttl),
             deps: q.deps(&args),
-        },
-        source: Source::Named {
+        };
+        let source = Source::Named {
             query: Arc::clone(q),
             args,
-        },
-        kind: q.reply,
-        proto: session.proto,
-    };
-    route(ctx, key, q.reply, session.proto, |key| {
-        plan(key, owned(&args))
+        };
+        plan(ctx, entry, source, kind, proto)
     })
 }

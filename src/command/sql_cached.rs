@@ -5,7 +5,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use std::sync::Arc;
 
-use super::fill::{route, FillPlan, Source};
+use super::fill::{plan, route, Source};
 use super::Context;
 use super::{wrong_args, Action};
 use crate::cache::key::sql_key;
@@ -96,24 +96,17 @@ pub fn dispatch(ctx: &Arc<Context>, session: &Session, req: &Request) -> Action 
         return Action::Reply(Refusal::NoPermKey.reply());
     }
     let ttl = p.ttl.unwrap_or(config.cache.default_ttl);
-    let plan = |key: String, params: Vec<String>| FillPlan {
-        entry: Entry {
+    route(ctx, key, ReplyKind::Json, session.proto, |key| {
+        let entry = Entry {
             key,
             ttl: ctx.cache.jittered_ttl(ttl),
-            deps: Deps {
-                tables: tables.clone(),
-                row: None,
-            },
-        },
-        source: Source::Sql {
+            deps: Deps { tables, row: None },
+        };
+        let source = Source::Sql {
             sql: sql.to_string(),
-            params,
-        },
-        kind: ReplyKind::Json,
-        proto: session.proto,
-    };
-    route(ctx, key, ReplyKind::Json, session.proto, |key| {
-        plan(key, p.params.clone())
+            params: p.params,
+        };
+        plan(ctx, entry, source, ReplyKind::Json, session.proto)
     })
 }
 

@@ -1,0 +1,575 @@
+//! The read path of a cached command, in one place: the L1, the decision on Valkey's lookup
+//! reply (hit, miss, error, degraded), hit counting, the L1 insert, early refresh (XFetch)
+//! and the coalesced fill — each decided here and nowhere else.
+//!
+//! A read is two steps, so the connection can pipeline lookups: [`Cache::begin`] answers from
+//! the L1 or says what to send to Valkey; the connection sends it over the shared connection
+//! in request order, and hands the reply to [`Cache::finish`], which answers the hit or gives
+//! the fill to run. Every answer comes with its [`CacheStatus`].
+//!
+//! What a fill queries is the command's business (it sits above the cache): it comes in as a
+//! [`Plan`] whose [`Source`] resolves the entry's tables and loads from PostgreSQL.
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::l1::Ticket;
+use super::{Cache, CacheStatus, Deps, Entry, FillOptions, Value};
+use crate::config::ReplyKind;
+use crate::error::{Error, Result};
+use crate::metrics::inc;
+use crate::protocol::request::encode_multibulk;
+use crate::protocol::{Proto, Reply};
+
+/// The database side of a fill, which the command supplies: resolving an entry's tables needs
+/// the invalidation layer and querying needs the command's source, both above the cache.
+pub trait Source: Send + Sync + 'static {
+    /// The entry ready for a fill through the cache (its tables resolved and notifying),
+    /// before any version is read.
+    fn prepare(&self, entry: Entry) -> BoxFuture<'static, Result<Entry>>;
+    /// Queries PostgreSQL. `deps`: the versions the fill checks, when it goes through the
+    /// cache; `None` when the answer comes straight from PostgreSQL.
+    fn load(self: Arc<Self>, deps: Option<Deps>) -> BoxFuture<'static, Result<Value>>;
+    /// A fill by this request queried PostgreSQL and took `took` (for the slow-fill log).
+    fn filled(&self, took: Duration);
+}
+
+/// Everything a miss needs; built by the command only when a read needs it (an L1 hit never
+/// builds one, unless early refresh picks it).
+pub struct Plan {
+    pub entry: Entry,
+    pub kind: ReplyKind,
+    /// The client's protocol when it asked.
+    pub proto: Proto,
+    /// Seconds to remember "no such row", if at all.
+    pub negative_ttl: Option<u64>,
+    pub source: Arc<dyn Source>,
+}
+
+/// How a read starts.
+pub enum Begin {
+    /// Answered from the L1 ([`CacheStatus::L1Hit`]).
+    Hit(Bytes),
+    /// Send `request` to Valkey, then give its reply to [`Cache::finish`].
+    Lookup(Lookup),
+    /// The cache is bypassed (an invalidation of the entry's tables is pending): this fill
+    /// answers from PostgreSQL.
+    Fill(Fill),
+}
+
+/// A fill to run: the reply and how it was answered.
+pub type Fill = BoxFuture<'static, (Reply, CacheStatus)>;
+
+/// A lookup to send to Valkey.
+pub struct Lookup {
+    /// `GET` or `HGETALL` of the entry key.
+    pub request: Bytes,
+    pub pending: Pending,
+}
+
+/// A lookup sent, waiting for its reply.
+pub struct Pending {
+    plan: Box<Plan>,
+    /// Taken before the lookup was sent, while the L1 is on: a hit may then enter the L1
+    /// (only if the lookup was tracked, see [`Pending::untracked`]).
+    ticket: Option<Ticket>,
+}
+
+impl Pending {
+    /// The entry key looked up (for routing in a cluster).
+    pub fn key(&self) -> &str {
+        &self.plan.entry.key
+    }
+
+    /// The protocol the reply is in.
+    pub fn proto(&self) -> Proto {
+        self.plan.proto
+    }
+
+    /// Whether Valkey should track the key read, so the hit can enter the L1.
+    pub fn wants_tracking(&self) -> bool {
+        self.ticket.is_some()
+    }
+
+    /// The lookup went untracked (a dedicated connection, or tracking unavailable): Valkey
+    /// will not report changes of the key, so its hit must not enter the L1.
+    pub fn untracked(mut self) -> Pending {
+        self.ticket = None;
+        self
+    }
+}
+
+/// What a lookup's reply leads to.
+pub enum Step {
+    /// A hit: the frame as Valkey sent it.
+    Reply(Bytes, CacheStatus),
+    /// A miss (or a hit that may not be served): the fill that answers.
+    Fill(Fill),
+}
+
+/// How a fill reaches its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Through the cache's fill protocol; `refresh`: an early refresh that queries even
+    /// though the entry exists.
+    Cache { refresh: bool },
+    /// Valkey failed: straight from PostgreSQL, nothing stored.
+    Direct,
+}
+
+/// Whether the lookup reply found an entry (`GET` not nil, `HGETALL` not empty). Errors count
+/// as found: they are passed to the client as Valkey sent them (e.g. WRONGTYPE).
+pub fn is_hit(frame: &[u8]) -> bool {
+    !matches!(
+        frame,
+        b"$-1\r\n" | b"_\r\n" | b"*0\r\n" | b"%0\r\n" | b"*-1\r\n"
+    )
+}
+
+/// The lookup command for an entry of `kind`.
+fn lookup_request(key: &str, kind: ReplyKind) -> Bytes {
+    let cmd: &'static [u8] = match kind {
+        ReplyKind::Hash => b"HGETALL",
+        ReplyKind::Value | ReplyKind::Json => b"GET",
+    };
+    encode_multibulk(&[
+        Bytes::from_static(cmd),
+        Bytes::copy_from_slice(key.as_bytes()),
+    ])
+}
+
+impl Cache {
+    /// Starts a read of `key`: straight to PostgreSQL while an invalidation of its tables is
+    /// pending (see [`Cache::bypasses`]), else the L1, else a lookup in Valkey. `plan` builds
+    /// the miss plan for the key; it is called only when needed, so a hot L1 hit costs a hash
+    /// lookup, not a miss's allocations.
+    pub fn begin(
+        self: &Arc<Self>,
+        key: String,
+        kind: ReplyKind,
+        proto: Proto,
+        plan: impl FnOnce(String) -> Plan,
+    ) -> Begin {
+        if self.degraded.any() {
+            return self.begin_planned(plan(key));
+        }
+        if let Some(frame) = self.l1.get(&key, kind == ReplyKind::Hash, proto) {
+            self.hit(CacheStatus::L1Hit, &key, || plan(key.clone()));
+            return Begin::Hit(frame);
+        }
+        self.lookup(plan(key))
+    }
+
+    /// [`Cache::begin`] once the plan is built (something is degraded: its entry decides).
+    fn begin_planned(self: &Arc<Self>, plan: Plan) -> Begin {
+        if self.bypasses(&plan.entry) {
+            return Begin::Fill(self.fill_task(plan, Mode::Cache { refresh: false }));
+        }
+        let key = &plan.entry.key;
+        if let Some(frame) = self.l1.get(key, plan.kind == ReplyKind::Hash, plan.proto) {
+            let key = key.clone();
+            self.hit(CacheStatus::L1Hit, &key, || plan);
+            return Begin::Hit(frame);
+        }
+        self.lookup(plan)
+    }
+
+    /// The lookup to send for a miss of the L1, with the L1 ticket taken before it leaves.
+    fn lookup(&self, plan: Plan) -> Begin {
+        let ticket = self.l1.enabled().then(|| self.l1.ticket(&plan.entry.key));
+        Begin::Lookup(Lookup {
+            request: lookup_request(&plan.entry.key, plan.kind),
+            pending: Pending {
+                plan: Box::new(plan),
+                ticket,
+            },
+        })
+    }
+
+    /// A lookup's reply (or the failure to get one): the entry itself on a hit — kept in the
+    /// L1 if the lookup was tracked; otherwise the fill that answers (from PostgreSQL alone if
+    /// Valkey failed).
+    pub fn finish(self: &Arc<Self>, pending: Pending, reply: Result<Bytes>) -> Step {
+        let Pending { plan, ticket } = pending;
+        // A hit of a degraded entry is not served: the reply may predate an invalidation
+        // not yet applied (see `Cache::bypasses`); the fill answers from PostgreSQL.
+        let bypass = self.bypasses(&plan.entry);
+        match reply {
+            Ok(frame) if is_hit(&frame) && !bypass => {
+                if let Some(t) = ticket.filter(|_| !frame.starts_with(b"-")) {
+                    let entry = &plan.entry;
+                    let hash = plan.kind == ReplyKind::Hash;
+                    let deps = entry.l1_deps();
+                    self.l1
+                        .insert(&entry.key, hash, plan.proto, frame.clone(), deps, t);
+                }
+                let key = plan.entry.key.clone();
+                self.hit(CacheStatus::Hit, &key, || *plan);
+                Step::Reply(frame, CacheStatus::Hit)
+            }
+            Ok(_) => {
+                if !bypass {
+                    inc(&self.metrics.misses);
+                } // else counted as a degraded read by the fill
+                Step::Fill(self.fill_task(*plan, Mode::Cache { refresh: false }))
+            }
+            Err(_) => {
+                if !bypass {
+                    inc(&self.metrics.upstream_errors);
+                }
+                Step::Fill(self.fill_task(*plan, Mode::Direct))
+            }
+        }
+    }
+
+    /// Counts a hit (the one place hits are counted) and, now and then, starts an early
+    /// refresh of an entry close to expiry (XFetch, see [`Cache::should_refresh_early`]).
+    fn hit(self: &Arc<Self>, status: CacheStatus, key: &str, plan: impl FnOnce() -> Plan) {
+        inc(&self.metrics.hits);
+        if status == CacheStatus::L1Hit {
+            inc(&self.metrics.l1_hits);
+        }
+        if self.should_refresh_early(key) {
+            inc(&self.metrics.early_refreshes);
+            // Replies to nobody: the entry is stored again before it expires.
+            tokio::spawn(self.fill_task(plan(), Mode::Cache { refresh: true }));
+        }
+    }
+
+    /// The fill of `plan`, as a task-ready future.
+    fn fill_task(self: &Arc<Self>, plan: Plan, mode: Mode) -> Fill {
+        fill(Arc::clone(self), plan, mode).boxed()
+    }
+}
+
+/// Answers a miss: through the cache's coalesced fill protocol, or straight from PostgreSQL
+/// when Valkey failed. A fill that queried PostgreSQL itself is timed for the slow-fill log.
+async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus) {
+    let Plan {
+        entry,
+        kind,
+        proto: _,
+        negative_ttl,
+        source,
+    } = plan;
+    let started = Instant::now();
+    let result = match mode {
+        Mode::Direct => load_direct(&cache, Arc::clone(&source)).await,
+        Mode::Cache { refresh } => match source.prepare(entry).await {
+            Ok(entry) => {
+                let deps = entry.deps.clone();
+                let load = Arc::clone(&source);
+                let opts = FillOptions {
+                    negative_ttl,
+                    hash: kind == ReplyKind::Hash,
+                    refresh,
+                };
+                cache.fill(entry, opts, move || load.load(Some(deps))).await
+            }
+            Err(e) => Err(e),
+        },
+    };
+    if let Ok((_, CacheStatus::Miss | CacheStatus::FailOpen)) = &result {
+        source.filled(started.elapsed());
+    }
+    match result {
+        Ok((value, status)) => (render(value, kind), status),
+        Err(e) => (e.to_reply(), CacheStatus::Error),
+    }
+}
+
+/// Valkey is unavailable: the value comes straight from PostgreSQL and nothing is stored.
+async fn load_direct(cache: &Cache, source: Arc<dyn Source>) -> Result<(Value, CacheStatus)> {
+    let m = &cache.metrics;
+    inc(&m.fail_open);
+    inc(&m.db_queries);
+    source
+        .load(None)
+        .await
+        .inspect_err(|e| {
+            if !matches!(e, Error::Client(_)) {
+                inc(&m.db_errors)
+            }
+        })
+        .map(|v| (v, CacheStatus::FailOpen))
+}
+
+/// The reply for a filled value, in the command's reply kind.
+pub fn render(value: Value, kind: ReplyKind) -> Reply {
+    match value {
+        Value::Absent if kind == ReplyKind::Json => Reply::Bulk(Bytes::from_static(b"[]")),
+        Value::Absent => Reply::Nil,
+        Value::String(b) => Reply::Bulk(b),
+        Value::Hash(fields) => Reply::Map(
+            fields
+                .into_iter()
+                .map(|(k, v)| (Reply::Bulk(Bytes::from(k)), Reply::Bulk(v)))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The read path's decisions, with no server: Valkey's address refuses connections, the
+    //! lookup replies are canned and the source is a fake that counts its loads.
+
+    use super::*;
+    use crate::cache::store::Store;
+    use crate::cache::Freshness;
+    use crate::config::{CacheConfig, ValkeyConfig};
+    use crate::metrics::Metrics;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    /// A source answering `value`, counting its loads.
+    struct Fake {
+        value: Value,
+        loads: AtomicUsize,
+    }
+
+    impl Source for Fake {
+        fn prepare(&self, entry: Entry) -> BoxFuture<'static, Result<Entry>> {
+            async move { Ok(entry) }.boxed()
+        }
+        fn load(self: Arc<Self>, _deps: Option<Deps>) -> BoxFuture<'static, Result<Value>> {
+            self.loads.fetch_add(1, Relaxed);
+            let v = self.value.clone();
+            async move { Ok(v) }.boxed()
+        }
+        fn filled(&self, _took: Duration) {}
+    }
+
+    /// A cache whose Valkey is nowhere (port 1 refuses), and its metrics.
+    fn cache() -> (Arc<Cache>, Arc<Metrics>) {
+        let valkey = ValkeyConfig {
+            url: "redis://127.0.0.1:1".into(),
+            connect_timeout_ms: 200,
+            ..ValkeyConfig::default()
+        };
+        let store = Store::new(&valkey, "cf:").expect("store");
+        let metrics = Arc::new(Metrics::default());
+        let cache = Cache::new(store, Arc::clone(&metrics), &CacheConfig::default());
+        (Arc::new(cache), metrics)
+    }
+
+    fn fake(value: Value) -> Arc<Fake> {
+        Arc::new(Fake {
+            value,
+            loads: AtomicUsize::new(0),
+        })
+    }
+
+    /// A plan for `key` depending on `table`, loading from `source`.
+    fn plan(key: String, table: &str, source: &Arc<Fake>) -> Plan {
+        Plan {
+            entry: Entry {
+                key,
+                ttl: 60,
+                deps: Deps {
+                    tables: vec![table.to_string()],
+                    row: None,
+                },
+            },
+            kind: ReplyKind::Value,
+            proto: Proto::Resp2,
+            negative_ttl: None,
+            source: Arc::clone(source) as Arc<dyn Source>,
+        }
+    }
+
+    fn begin(cache: &Arc<Cache>, key: &str, source: &Arc<Fake>) -> Begin {
+        cache.begin(key.to_string(), ReplyKind::Value, Proto::Resp2, |k| {
+            plan(k, "emp", source)
+        })
+    }
+
+    fn lookup(b: Begin) -> Lookup {
+        match b {
+            Begin::Lookup(l) => l,
+            _ => panic!("expected a lookup"),
+        }
+    }
+
+    /// Runs a step that must be a fill.
+    async fn filled(step: Step) -> (Reply, CacheStatus) {
+        match step {
+            Step::Fill(f) => tokio::time::timeout(Duration::from_secs(10), f)
+                .await
+                .expect("the fill ends"),
+            Step::Reply(..) => panic!("expected a fill"),
+        }
+    }
+
+    fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(Relaxed)
+    }
+
+    const FRAME: &[u8] = b"$5\r\nalice\r\n";
+
+    /// Puts `frame` in the L1 under `key`, as a tracked hit would.
+    fn in_l1(cache: &Cache, key: &str, frame: &'static [u8]) {
+        let t = cache.l1.ticket(key);
+        let deps = Arc::new(crate::cache::l1::ItemDeps {
+            tables: vec!["emp".into()],
+            row_table: None,
+        });
+        let frame = Bytes::from_static(frame);
+        cache.l1.insert(key, false, Proto::Resp2, frame, deps, t);
+    }
+
+    #[tokio::test]
+    async fn an_l1_hit_answers_at_once_and_builds_no_plan() {
+        let (cache, m) = cache();
+        in_l1(&cache, "emp:1", FRAME);
+        let b = cache.begin("emp:1".into(), ReplyKind::Value, Proto::Resp2, |_| {
+            panic!("an L1 hit builds no plan")
+        });
+        assert!(matches!(b, Begin::Hit(f) if f == FRAME));
+        assert_eq!((count(&m.hits), count(&m.l1_hits)), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn an_l1_miss_sends_the_lookup_of_its_kind() {
+        let (cache, _) = cache();
+        let src = fake(Value::Absent);
+        let l = lookup(begin(&cache, "emp:1", &src));
+        assert_eq!(&l.request[..], b"*2\r\n$3\r\nGET\r\n$5\r\nemp:1\r\n");
+        assert!(l.pending.wants_tracking(), "the L1 is on: tracked");
+        assert_eq!(l.pending.key(), "emp:1");
+        let hash = cache.begin("h:1".into(), ReplyKind::Hash, Proto::Resp3, |k| Plan {
+            kind: ReplyKind::Hash,
+            proto: Proto::Resp3,
+            ..plan(k, "emp", &src)
+        });
+        assert!(lookup(hash).request.starts_with(b"*2\r\n$7\r\nHGETALL\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_valkey_hit_is_served_and_enters_the_l1_if_tracked() {
+        let (cache, m) = cache();
+        let src = fake(Value::Absent);
+        let l = lookup(begin(&cache, "emp:1", &src));
+        let step = cache.finish(l.pending, Ok(Bytes::from_static(FRAME)));
+        assert!(matches!(step, Step::Reply(f, CacheStatus::Hit) if f == FRAME));
+        assert_eq!((count(&m.hits), count(&m.l1_hits)), (1, 0));
+        let again = cache.l1.get("emp:1", false, Proto::Resp2);
+        assert_eq!(again.as_deref(), Some(FRAME), "kept in the L1");
+
+        let l = lookup(begin(&cache, "emp:2", &src));
+        let step = cache.finish(l.pending.untracked(), Ok(Bytes::from_static(FRAME)));
+        assert!(matches!(step, Step::Reply(_, CacheStatus::Hit)));
+        assert_eq!(
+            cache.l1.get("emp:2", false, Proto::Resp2),
+            None,
+            "untracked"
+        );
+        assert_eq!(src.loads.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn an_error_reply_is_passed_on_but_not_kept() {
+        let (cache, _) = cache();
+        let src = fake(Value::Absent);
+        let l = lookup(begin(&cache, "emp:1", &src));
+        let wrongtype = Bytes::from_static(b"-WRONGTYPE wrong kind of value\r\n");
+        let step = cache.finish(l.pending, Ok(wrongtype.clone()));
+        assert!(matches!(step, Step::Reply(f, CacheStatus::Hit) if f == wrongtype));
+        assert_eq!(cache.l1.get("emp:1", false, Proto::Resp2), None);
+    }
+
+    /// A miss fills; with Valkey unreachable for the fill's own reads, the value comes from
+    /// the source and nothing is stored (fail-open).
+    #[tokio::test]
+    async fn a_miss_fills_from_the_source() {
+        let (cache, m) = cache();
+        let src = fake(Value::String(Bytes::from_static(b"alice")));
+        for nil in [&b"$-1\r\n"[..], b"_\r\n", b"*0\r\n", b"%0\r\n"] {
+            let l = lookup(begin(&cache, "emp:1", &src));
+            let step = cache.finish(l.pending, Ok(Bytes::copy_from_slice(nil)));
+            assert!(matches!(step, Step::Fill(_)), "{nil:?} is a miss");
+        }
+        assert_eq!(count(&m.misses), 4);
+        let l = lookup(begin(&cache, "emp:1", &src));
+        let (reply, status) =
+            filled(cache.finish(l.pending, Ok(Bytes::from_static(b"$-1\r\n")))).await;
+        assert_eq!(reply, Reply::Bulk(Bytes::from_static(b"alice")));
+        assert_eq!(status, CacheStatus::FailOpen);
+        assert_eq!(src.loads.load(Relaxed), 1);
+        assert_eq!(count(&m.hits), 0);
+    }
+
+    /// Valkey failing the lookup: answered from PostgreSQL alone, counted as such.
+    #[tokio::test]
+    async fn a_failed_lookup_answers_from_the_source() {
+        let (cache, m) = cache();
+        let src = fake(Value::Absent);
+        let l = lookup(begin(&cache, "emp:1", &src));
+        let lost = Err(Error::upstream("connection lost"));
+        let (reply, status) = filled(cache.finish(l.pending, lost)).await;
+        assert_eq!((reply, status), (Reply::Nil, CacheStatus::FailOpen));
+        assert_eq!(count(&m.upstream_errors), 1);
+        assert_eq!((count(&m.fail_open), count(&m.db_queries)), (1, 1));
+        assert_eq!(count(&m.misses), 0);
+    }
+
+    /// "No such row" is nil, or `[]` for JSON (what a negative entry answers too).
+    #[test]
+    fn an_absent_value_renders_by_kind() {
+        assert_eq!(render(Value::Absent, ReplyKind::Value), Reply::Nil);
+        assert_eq!(
+            render(Value::Absent, ReplyKind::Json),
+            Reply::Bulk(Bytes::from_static(b"[]"))
+        );
+    }
+
+    /// While an invalidation of its table is pending, a read skips the L1 and Valkey (even
+    /// a hit that was already looked up) and is answered from the source.
+    #[tokio::test]
+    async fn a_degraded_entry_bypasses_the_cache() {
+        let (cache, m) = cache();
+        let src = fake(Value::String(Bytes::from_static(b"bob")));
+        let before = lookup(begin(&cache, "emp:1", &src));
+        in_l1(&cache, "emp:1", FRAME);
+        cache.degrade("emp", Vec::new(), &Error::upstream("down"));
+        let (reply, status) = match begin(&cache, "emp:1", &src) {
+            Begin::Fill(f) => f.await,
+            _ => panic!("a degraded entry bypasses the cache"),
+        };
+        assert_eq!(reply, Reply::Bulk(Bytes::from_static(b"bob")));
+        assert_eq!(status, CacheStatus::Degraded);
+        let step = cache.finish(before.pending, Ok(Bytes::from_static(FRAME)));
+        assert_eq!(filled(step).await.1, CacheStatus::Degraded);
+        assert_eq!(count(&m.hits), 0, "no hit while degraded");
+        assert_eq!(count(&m.degraded_reads), 2);
+        // Another table's entries still use the cache.
+        let other = cache.begin("dept:1".into(), ReplyKind::Value, Proto::Resp2, |k| {
+            plan(k, "dept", &src)
+        });
+        assert!(matches!(other, Begin::Lookup(_)));
+    }
+
+    /// A hit close to expiry starts one background refresh (XFetch) — an L1 hit too.
+    #[tokio::test]
+    async fn a_hit_near_expiry_refreshes_early() {
+        let (cache, m) = cache();
+        let src = fake(Value::String(Bytes::from_static(b"alice")));
+        let due = Freshness {
+            expires: Instant::now(),
+            delta: Duration::from_secs(1),
+        };
+        cache.recent.insert("emp:1".to_string(), due);
+        in_l1(&cache, "emp:1", FRAME);
+        assert!(matches!(begin(&cache, "emp:1", &src), Begin::Hit(_)));
+        assert_eq!(count(&m.early_refreshes), 1);
+        assert!(matches!(begin(&cache, "emp:1", &src), Begin::Hit(_)));
+        assert_eq!(count(&m.early_refreshes), 1, "once per expiry window");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while src.loads.load(Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the refresh never queried");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
