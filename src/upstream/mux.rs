@@ -179,6 +179,10 @@ pub struct Job {
     pub resp3: bool,
     /// Charged with the reply's size when it arrives (a client's own request).
     pub budget: Option<Arc<ReplyBudget>>,
+    /// cachefront's own request (the cache store's): never counted as long work (see
+    /// [`LongWork`]), so it is held to the command timeout as the store always was, and a
+    /// store script in flight does not stop a dead Valkey from being noticed.
+    pub own: bool,
 }
 
 /// Cluster: a request Valkey answered with `-MOVED` or `-ASK`, to be sent again elsewhere.
@@ -214,6 +218,7 @@ struct Resend {
     lane: u64,
     hops: u8,
     tracked: bool,
+    own: bool,
 }
 
 const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nyes\r\n";
@@ -266,6 +271,23 @@ impl Mux {
         self.enqueue(raw, false, 0, None)
     }
 
+    /// Queues one of cachefront's own requests (see [`Job::own`]) for `lane`.
+    pub fn send_own(&self, raw: Bytes, lane: u64) -> ReplyRx {
+        let (reply, rx) = oneshot::channel();
+        self.push(Job {
+            raw,
+            reply,
+            tracked: false,
+            asking: false,
+            lane,
+            hops: 0,
+            resp3: false,
+            budget: None,
+            own: true,
+        });
+        rx
+    }
+
     /// A client's request: its reply is charged to the client's `budget`; with `tracked`,
     /// Valkey tracks the keys read, for the L1 (see `upstream::tracking`).
     pub fn send_for(
@@ -286,7 +308,7 @@ impl Mux {
         budget: Option<Arc<ReplyBudget>>,
     ) -> ReplyRx {
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job {
+        self.push(Job {
             raw,
             reply,
             tracked,
@@ -295,12 +317,18 @@ impl Mux {
             hops: 0,
             resp3: false,
             budget,
-        }) {
+            own: false,
+        });
+        rx
+    }
+
+    /// Hands a job to the actor, or fails it if the actor is gone.
+    fn push(&self, job: Job) {
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(job) {
             let _ = job
                 .reply
                 .send(Err(Error::upstream("cachefront is shutting down")));
         }
-        rx
     }
 
     pub fn server_version(&self) -> String {
@@ -480,12 +508,17 @@ fn push_job(
         }
     }
     wbuf.extend_from_slice(&job.raw);
-    let long = ctx.long.mark_if_long(&job.raw);
+    let long = if job.own {
+        None
+    } else {
+        ctx.long.mark_if_long(&job.raw)
+    };
     let resend = keep.then_some(Resend {
         raw: job.raw,
         lane: job.lane,
         hops: job.hops,
         tracked: job.tracked,
+        own: job.own,
     });
     pending.push_back(Some(Waiter {
         reply: job.reply,
@@ -547,6 +580,7 @@ fn answer(
         hops: r.hops,
         resp3: proto == Proto::Resp3,
         budget: w.budget,
+        own: r.own,
     };
     if let Err(mpsc::error::SendError(r)) = tx.send(Redirect {
         ask,
