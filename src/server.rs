@@ -68,14 +68,15 @@ impl Shared {
     pub fn new(config: Config) -> Result<Shared, StartError> {
         let setup = |e: &dyn std::fmt::Display| StartError::Setup(e.to_string());
         let metrics = Arc::new(Metrics::default());
-        let store = Store::new(&config.valkey, &config.cache.meta_prefix).map_err(|e| setup(&e))?;
+        let upstream = Arc::new(Upstream::new(&config.valkey).map_err(|e| setup(&e))?);
+        let store = Store::new(Arc::clone(&upstream), &config.cache.meta_prefix);
         let named = crate::cache::named::build(&config).map_err(StartError::Setup)?;
         let users = crate::acl::Users::from_config(&config.auth)
             .map_err(|(k, m)| StartError::Setup(format!("{k}: {m}")))?;
         let invalidation = Invalidation::new(&config.invalidation, &named, Arc::clone(&metrics));
         let ctx = Context {
             users,
-            upstream: Upstream::new(&config.valkey).map_err(|e| setup(&e))?,
+            upstream,
             cache: Arc::new(Cache::new(store, Arc::clone(&metrics), &config.cache)),
             invalidation: Arc::new(invalidation),
             sql_checks: crate::db::sql::verdict_cache(),

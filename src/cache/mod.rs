@@ -7,6 +7,7 @@ pub mod degraded;
 pub mod key;
 pub mod l1;
 pub mod named;
+mod resp;
 pub mod store;
 
 use bytes::Bytes;

@@ -21,7 +21,8 @@ use crate::upstream::Upstream;
 pub struct Context {
     /// What `SIGHUP` can change.
     pub live: Live,
-    pub upstream: Upstream,
+    /// Shared with the cache store, which sends its own requests through it.
+    pub upstream: Arc<Upstream>,
     pub cache: Arc<Cache>,
     pub db: Db,
     pub metrics: Arc<Metrics>,
