@@ -496,6 +496,7 @@ impl Cluster {
         let endpoint = Arc::new(self.base.at(addr));
         let tracking = Arc::new(TrackingState::default());
         let long = &self.long;
+        let recovered = Arc::new(super::mux::Recovered::default());
         let spawn = |proto| {
             (0..self.pool_size)
                 .map(|_| {
@@ -504,7 +505,7 @@ impl Cluster {
                         proto,
                         Arc::clone(&tracking),
                         Some(self.redirects.clone()),
-                        Arc::clone(long),
+                        (Arc::clone(long), Arc::clone(&recovered)),
                     )
                 })
                 .collect::<Vec<_>>()

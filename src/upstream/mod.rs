@@ -77,11 +77,13 @@ impl Upstream {
         });
         // In a cluster the per-node connections live in `cluster`; none to a single address.
         let per_proto = if cluster.is_some() { 0 } else { cfg.pool_size };
+        let recovered = Arc::new(mux::Recovered::default());
         let spawn = |proto| {
             (0..per_proto)
                 .map(|_| {
                     let ep = Arc::clone(&endpoint);
-                    Mux::spawn(ep, proto, Arc::clone(&tracking), None, Arc::clone(&long))
+                    let shared = (Arc::clone(&long), Arc::clone(&recovered));
+                    Mux::spawn(ep, proto, Arc::clone(&tracking), None, shared)
                 })
                 .collect::<Vec<_>>()
         };

@@ -193,6 +193,18 @@ pub struct Redirect {
     pub job: Job,
 }
 
+/// Tells the shared connections to one server that one of them just connected, so those
+/// waiting out a reconnect backoff try again at once: after Valkey comes back, every
+/// connection (the cache store's included) works as soon as any does.
+#[derive(Debug, Default)]
+pub struct Recovered(tokio::sync::Notify);
+
+impl Recovered {
+    fn announce(&self) {
+        self.0.notify_waiters();
+    }
+}
+
 /// Handle to one shared connection actor.
 pub struct Mux {
     tx: mpsc::UnboundedSender<Job>,
@@ -231,12 +243,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 impl Mux {
     /// Starts the actor. With `redirects` (cluster mode), `-MOVED`/`-ASK` replies are not
     /// delivered but handed there with the request, to be sent to the right node.
+    /// `recovered` is shared by every shared connection to the same server.
     pub fn spawn(
         ep: Arc<Endpoint>,
         proto: Proto,
         tracking: Arc<TrackingState>,
         redirects: Option<mpsc::UnboundedSender<Redirect>>,
-        long: Arc<LongWork>,
+        (long, recovered): (Arc<LongWork>, Arc<Recovered>),
     ) -> Mux {
         let (tx, rx) = mpsc::unbounded_channel();
         let version = Arc::new(Mutex::new(String::new()));
@@ -247,6 +260,7 @@ impl Mux {
             tracking,
             redirects,
             long,
+            recovered,
         };
         tokio::spawn(actor(ctx, rx));
         Mux { tx, version }
@@ -354,6 +368,8 @@ struct Ctx {
     redirects: Option<mpsc::UnboundedSender<Redirect>>,
     /// Long requests in flight to this server, on any of its connections.
     long: Arc<LongWork>,
+    /// Shared with the server's other shared connections (see [`Recovered`]).
+    recovered: Arc<Recovered>,
 }
 
 async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
@@ -368,6 +384,7 @@ async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
         match connect(ep, ctx.proto).await {
             Ok(conn) => {
                 backoff = Duration::from_millis(50);
+                ctx.recovered.announce();
                 if let Ok(mut v) = ctx.version.lock() {
                     v.clone_from(&conn.server_version);
                 }
@@ -381,7 +398,7 @@ async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Valkey; failing requests until it is back");
                 let _ = first.reply.send(Err(e.clone()));
-                fail_for(&mut jobs, backoff, &e).await;
+                fail_for(&mut jobs, backoff, &e, &ctx.recovered).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
@@ -389,15 +406,26 @@ async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
 }
 
 /// Fails every request arriving during `period`: while Valkey is unreachable, clients get a
-/// prompt `-UPSTREAM` instead of waiting on connect timeouts.
-async fn fail_for(jobs: &mut mpsc::UnboundedReceiver<Job>, period: Duration, e: &Error) {
+/// prompt `-UPSTREAM` instead of waiting on connect timeouts. Ends early when another
+/// connection to the server has connected: Valkey is back.
+async fn fail_for(
+    jobs: &mut mpsc::UnboundedReceiver<Job>,
+    period: Duration,
+    e: &Error,
+    recovered: &Recovered,
+) {
     let until = tokio::time::Instant::now() + period;
+    let back = recovered.0.notified();
+    tokio::pin!(back);
     loop {
-        match tokio::time::timeout_at(until, jobs.recv()).await {
-            Ok(Some(job)) => {
-                let _ = job.reply.send(Err(e.clone()));
-            }
-            Ok(None) | Err(_) => return,
+        tokio::select! {
+            job = tokio::time::timeout_at(until, jobs.recv()) => match job {
+                Ok(Some(job)) => {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                Ok(None) | Err(_) => return,
+            },
+            () = &mut back => return,
         }
     }
 }
