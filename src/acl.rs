@@ -33,7 +33,7 @@ use crate::config::{AuthConfig, ConfigError, UserConfig};
 use crate::error::Refusal;
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::{Proto, Reply, Request};
-use crate::upstream::commands::{CmdInfo, CommandTable};
+use crate::upstream::commands::{CmdInfo, CommandTable, Frame};
 
 /// Valkey's ACL categories (as `ACL CAT` lists them), plus cachefront's own.
 pub const CATEGORIES: &[&str] = &[
@@ -710,8 +710,8 @@ where
                 Ok(r) => r,
                 Err(e) => return cant(e),
             };
-            let entry = match redis::parse_redis_value(&raw) {
-                Ok(redis::Value::Array(mut a)) if a.len() == 1 => CmdInfo::parse(&a.remove(0)),
+            let entry = match crate::upstream::commands::decode(&raw) {
+                Some(Frame::Array(mut a)) if a.len() == 1 => CmdInfo::parse(&a.remove(0)),
                 _ => None,
             };
             match entry {
@@ -743,10 +743,10 @@ where
         // too, and the command fails on its arguments.
         return Check::Allow;
     }
-    match redis::parse_redis_value(&raw) {
-        Ok(redis::Value::Array(keys)) => {
+    match crate::upstream::commands::decode(&raw) {
+        Some(Frame::Array(keys)) => {
             let keys = keys.iter().map(|k| match k {
-                redis::Value::BulkString(b) => &b[..],
+                Frame::BulkString(b) => &b[..],
                 // Not a key name: refused, as no pattern can allow it.
                 _ => &b"\0not-a-key"[..],
             });

@@ -413,12 +413,12 @@ impl Cluster {
             // No keys in these arguments: any node answers (and reports any argument error).
             return Ok(Target::Any);
         }
-        let keys = match redis::parse_redis_value(&raw) {
-            Ok(redis::Value::Array(keys)) => keys,
+        let keys = match super::commands::decode(&raw) {
+            Some(super::commands::Frame::Array(keys)) => keys,
             _ => return Err(Error::upstream("unexpected COMMAND GETKEYS reply")),
         };
         let slots = keys.iter().filter_map(|k| match k {
-            redis::Value::BulkString(b) => Some(slot_of(b)),
+            super::commands::Frame::BulkString(b) => Some(slot_of(b)),
             _ => None,
         });
         Ok(same_slot(slots))
@@ -791,7 +791,7 @@ fn same_slot(mut slots: impl Iterator<Item = u16>) -> Target {
 /// `CLUSTER SLOTS` → (first slot, last slot, primary address). An empty host means the node
 /// that answered (`host`).
 fn parse_slots(raw: &[u8], host: &str) -> Result<Vec<(u16, u16, String)>> {
-    use redis::Value as V;
+    use super::commands::Frame as V;
     let bad = || Error::upstream("unexpected CLUSTER SLOTS reply (is valkey.cluster a cluster?)");
     if raw.first() == Some(&b'-') {
         return Err(Error::upstream(format!(
@@ -799,24 +799,23 @@ fn parse_slots(raw: &[u8], host: &str) -> Result<Vec<(u16, u16, String)>> {
             String::from_utf8_lossy(&raw[1..]).trim()
         )));
     }
-    let V::Array(ranges) = redis::parse_redis_value(raw).map_err(|_| bad())? else {
+    let Some(V::Array(ranges)) = super::commands::decode(raw) else {
         return Err(bad());
     };
     let text = |v: &V| match v {
-        V::BulkString(b) => Some(String::from_utf8_lossy(b).to_string()),
-        V::SimpleString(s) => Some(s.clone()),
+        V::BulkString(b) | V::SimpleString(b) => Some(String::from_utf8_lossy(b).to_string()),
         _ => None,
     };
     let mut out = Vec::new();
     for r in ranges {
         let V::Array(f) = r else { return Err(bad()) };
-        let (Some(V::Int(from)), Some(V::Int(to)), Some(V::Array(primary))) =
+        let (Some(V::Integer(from)), Some(V::Integer(to)), Some(V::Array(primary))) =
             (f.first(), f.get(1), f.get(2))
         else {
             return Err(bad());
         };
         let ip = primary.first().and_then(text).unwrap_or_default();
-        let Some(V::Int(port)) = primary.get(1) else {
+        let Some(V::Integer(port)) = primary.get(1) else {
             return Err(bad());
         };
         let ip = if ip.is_empty() || ip == "?" {

@@ -43,21 +43,21 @@ pub struct CmdInfo {
 
 impl CmdInfo {
     /// Parses one `COMMAND INFO` entry (RESP2). `None` for a nil entry (unknown command).
-    pub fn parse(v: &redis::Value) -> Option<CmdInfo> {
-        use redis::Value as V;
+    pub fn parse(v: &Frame) -> Option<CmdInfo> {
+        use Frame as V;
         let V::Array(f) = v else { return None };
         let text = |v: &V| match v {
-            V::BulkString(b) => Some(String::from_utf8_lossy(b).to_ascii_lowercase()),
-            V::SimpleString(s) => Some(s.to_ascii_lowercase()),
-            V::Okay => Some("ok".into()),
+            V::BulkString(b) | V::SimpleString(b) => {
+                Some(String::from_utf8_lossy(b).to_ascii_lowercase())
+            }
             _ => None,
         };
         let int = |v: Option<&V>| match v {
-            Some(V::Int(n)) => *n,
+            Some(V::Integer(n)) => *n,
             _ => 0,
         };
         let list = |v: Option<&V>| match v {
-            Some(V::Array(a)) | Some(V::Set(a)) => a.iter().filter_map(text).collect(),
+            Some(V::Array(a)) => a.iter().filter_map(text).collect(),
             _ => Vec::<String>::new(),
         };
         let name = text(f.first()?)?;
@@ -120,27 +120,35 @@ impl CmdInfo {
 
 /// True if some key specification of a `COMMAND INFO` entry may change its key (`RW`, `OW`,
 /// `RM` among its flags).
-fn key_specs_write(specs: Option<&redis::Value>) -> bool {
-    use redis::Value as V;
+fn key_specs_write(specs: Option<&Frame>) -> bool {
+    use Frame as V;
     let Some(V::Array(specs)) = specs else {
         return false;
     };
     let is_write_flag = |v: &V| match v {
-        V::BulkString(b) => matches!(&b[..], b"RW" | b"OW" | b"RM"),
-        V::SimpleString(s) => matches!(s.as_str(), "RW" | "OW" | "RM"),
+        V::BulkString(b) | V::SimpleString(b) => matches!(&b[..], b"RW" | b"OW" | b"RM"),
         _ => false,
     };
+    // In RESP2 a specification is a flat array of names and values; `flags` is the array.
     specs.iter().any(|spec| match spec {
-        V::Array(fields) | V::Set(fields) => fields.iter().any(|f| match f {
-            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
-            _ => false,
-        }),
-        V::Map(pairs) => pairs.iter().any(|(_, f)| match f {
-            V::Array(flags) | V::Set(flags) => flags.iter().any(is_write_flag),
+        V::Array(fields) => fields.iter().any(|f| match f {
+            V::Array(flags) => flags.iter().any(is_write_flag),
             _ => false,
         }),
         _ => false,
     })
+}
+
+/// One RESP2 reply frame, as `redis_protocol` decodes it.
+pub type Frame = redis_protocol::resp2::types::OwnedFrame;
+
+/// Decodes one whole RESP2 reply (`COMMAND`, `COMMAND INFO`, `COMMAND GETKEYS`, `CLUSTER
+/// SLOTS`); `None` if it is not one complete frame.
+pub fn decode(raw: &[u8]) -> Option<Frame> {
+    match redis_protocol::resp2::decode::decode(raw) {
+        Ok(Some((frame, _))) => Some(frame),
+        _ => None,
+    }
 }
 
 /// Valkey's command table, as `COMMAND` reports it.
@@ -152,8 +160,8 @@ pub struct CommandTable {
 impl CommandTable {
     /// Parses the reply to `COMMAND` (RESP2).
     pub fn parse(raw: &[u8]) -> Option<CommandTable> {
-        match redis::parse_redis_value(raw).ok()? {
-            redis::Value::Array(items) => Some(CommandTable {
+        match decode(raw)? {
+            Frame::Array(items) => Some(CommandTable {
                 cmds: items
                     .iter()
                     .filter_map(CmdInfo::parse)
