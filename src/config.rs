@@ -689,11 +689,12 @@ impl Config {
                 )
             })?;
         }
-        let Some(url) = redis::parse_redis_url(&self.valkey.url) else {
+        let Ok(url) = ValkeyUrl::parse(&self.valkey.url) else {
             return Err(invalid("valkey.url", "not a redis:// or valkey:// URL"));
         };
-        self.validate_tls(url.scheme())?;
-        self.validate_cluster(url.scheme())?;
+        let scheme = if url.tls { "rediss" } else { "redis" };
+        self.validate_tls(scheme)?;
+        self.validate_cluster(scheme)?;
         self.postgres
             .url
             .parse::<tokio_postgres::Config>()
@@ -1005,8 +1006,107 @@ fn typed_like(template: &toml::Value, value: &str) -> Result<toml::Value, &'stat
     })
 }
 
+/// `valkey.url` taken apart: `redis://`, `valkey://`, or with TLS `rediss://`, `valkeys://`;
+/// an optional user and password (percent-encoded), port (6379) and database (`/N`); on a TLS
+/// URL, `#insecure` skips certificate checks. Parsed here rather than by a Valkey client
+/// library: cachefront's one client stack is its own (`upstream`). Same rules as redis-rs's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValkeyUrl {
+    pub tls: bool,
+    pub insecure: bool,
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: i64,
+}
+
+impl ValkeyUrl {
+    /// The URL's parts, or what is wrong with it.
+    pub fn parse(input: &str) -> Result<ValkeyUrl, String> {
+        let url = url::Url::parse(input).map_err(|e| e.to_string())?;
+        let tls = match url.scheme() {
+            "redis" | "valkey" => false,
+            "rediss" | "valkeys" => true,
+            other => return Err(format!("unsupported scheme '{other}'")),
+        };
+        let insecure = match url.fragment() {
+            Some("insecure") if tls => true,
+            Some(_) if tls => return Err("only #insecure is supported as URL fragment".into()),
+            _ => false,
+        };
+        let db = match url.path().trim_matches('/') {
+            "" => 0,
+            path => path
+                .parse()
+                .map_err(|_| format!("invalid database number '{path}'"))?,
+        };
+        Ok(ValkeyUrl {
+            tls,
+            insecure,
+            host: url_host(&url)?,
+            port: url.port().unwrap_or(6379),
+            username: Some(url.username())
+                .filter(|u| !u.is_empty())
+                .map(url_decode)
+                .transpose()?,
+            password: url.password().map(url_decode).transpose()?,
+            db,
+        })
+    }
+}
+
+/// The host to connect to (an IPv6 address without brackets): never a wildcard address.
+fn url_host(url: &url::Url) -> Result<String, String> {
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err("missing hostname".into()),
+    };
+    if host == "0.0.0.0" || host == "::" {
+        return Err("cannot connect to a wildcard address (0.0.0.0 or ::)".into());
+    }
+    Ok(host)
+}
+
+/// A percent-encoded user or password, decoded.
+fn url_decode(part: &str) -> Result<String, String> {
+    percent_encoding::percent_decode_str(part)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| "user or password is not valid UTF-8".to_string())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn valkey_urls_parse_as_redis_rs_parsed_them() {
+        use super::ValkeyUrl;
+        let u = ValkeyUrl::parse("redis://127.0.0.1:6380").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.db, u.tls),
+            ("127.0.0.1", 6380, 0, false)
+        );
+        assert_eq!((u.username, u.password), (None, None));
+        let u = ValkeyUrl::parse("valkeys://app:p%40ss@cache.example/3#insecure").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.db), ("cache.example", 6379, 3));
+        assert!(u.tls && u.insecure);
+        assert_eq!(u.username.as_deref(), Some("app"));
+        assert_eq!(u.password.as_deref(), Some("p@ss"));
+        let u = ValkeyUrl::parse("redis://:secret@localhost/").unwrap();
+        assert_eq!((u.username, u.password.as_deref()), (None, Some("secret")));
+        for bad in [
+            "http://localhost",
+            "redis://0.0.0.0:6379",
+            "rediss://h#other",
+            "redis://h/x",
+            "localhost:6379",
+        ] {
+            assert!(ValkeyUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

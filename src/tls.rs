@@ -112,8 +112,7 @@ pub fn check_config(config: &Config) -> Result<(), ConfigError> {
     if config.tls.enabled() {
         server_config(&config.tls)?;
     }
-    let upstream_tls = redis::parse_redis_url(&config.valkey.url)
-        .is_some_and(|u| matches!(u.scheme(), "rediss" | "valkeys"));
+    let upstream_tls = crate::config::ValkeyUrl::parse(&config.valkey.url).is_ok_and(|u| u.tls);
     let valkey = &config.valkey;
     if upstream_tls && !valkey.tls_insecure && !valkey.tls_ca_file.is_empty() {
         load_roots("valkey.tls_ca_file", &valkey.tls_ca_file)?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::ValkeyConfig;
+use crate::config::{ValkeyConfig, ValkeyUrl};
 use crate::error::{Error, Result};
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::{FrameScanner, Proto};
@@ -34,34 +34,23 @@ impl Endpoint {
         }
     }
 
+    /// Where `valkey.url` points, with its login, the timeouts and TLS settings.
     pub fn from_config(cfg: &ValkeyConfig) -> Result<Endpoint> {
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| Error::client(format!("valkey.url: {e}")))?;
-        let info = client.get_connection_info();
-        let (addr, tls) = match info.addr() {
-            redis::ConnectionAddr::Tcp(host, port) => (format!("{host}:{port}"), None),
-            redis::ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure,
-                ..
-            } => {
-                let tls = UpstreamTls::new(host, &cfg.tls_ca_file, *insecure || cfg.tls_insecure)
-                    .map_err(|e| Error::client(e.to_string()))?;
-                (format!("{host}:{port}"), Some(tls))
-            }
-            other => {
-                return Err(Error::client(format!(
-                    "valkey.url: unsupported address {other}"
-                )))
-            }
+        let url =
+            ValkeyUrl::parse(&cfg.url).map_err(|e| Error::client(format!("valkey.url: {e}")))?;
+        let tls = if url.tls {
+            let insecure = url.insecure || cfg.tls_insecure;
+            let tls = UpstreamTls::new(&url.host, &cfg.tls_ca_file, insecure)
+                .map_err(|e| Error::client(e.to_string()))?;
+            Some(tls)
+        } else {
+            None
         };
-        let settings = info.redis_settings();
         Ok(Endpoint {
-            addr,
-            username: settings.username().map(str::to_string),
-            password: settings.password().map(str::to_string),
-            db: settings.db(),
+            addr: format!("{}:{}", url.host, url.port),
+            username: url.username,
+            password: url.password,
+            db: url.db,
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             command_timeout: Duration::from_millis(cfg.command_timeout_ms),
             tls,
