@@ -89,6 +89,9 @@ impl ValkeyUrl {
             Some(url::Host::Ipv6(a)) => a.to_string(),
             None => return Err("has no host".into()),
         };
+        if host == "0.0.0.0" || host == "::" {
+            return Err("names a wildcard address (0.0.0.0 or ::), not a server".into());
+        }
         let insecure = match url.fragment() {
             None => false,
             Some("insecure") if tls => true,
@@ -1105,6 +1108,7 @@ mod tests {
             ("redis://h:1/x", "database 'x'"),
             ("redis://h:1#insecure", "#insecure"),
             ("unix:///tmp/v.sock", "scheme unix://"),
+            ("redis://0.0.0.0:6379", "wildcard"),
             ("127.0.0.1:6379", "not a URL"),
         ] {
             let e = ValkeyUrl::parse(bad).unwrap_err();

@@ -223,18 +223,6 @@ pub fn protocol_error(e: &ProtocolError) -> Bytes {
     Bytes::from(out)
 }
 
-impl From<redis::ParsingError> for Error {
-    fn from(e: redis::ParsingError) -> Error {
-        Error::Upstream(format!("unexpected reply from Valkey: {e}"))
-    }
-}
-
-impl From<redis::RedisError> for Error {
-    fn from(e: redis::RedisError) -> Error {
-        Error::Upstream(e.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

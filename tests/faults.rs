@@ -82,6 +82,51 @@ async fn valkey_killed_and_restarted_empty() {
     );
 }
 
+/// The cache's own writes share the pass-through's connections: once a pass-through command
+/// works after Valkey comes back, the very next miss is stored, not refused by a second
+/// client that is still reconnecting on its own schedule. (A pass-through `SET`, not `PING`,
+/// which cachefront answers itself.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_works_as_soon_as_pass_through_does_after_a_valkey_restart() {
+    let mut s = Stack::start().await;
+    let mut raw = s.raw().await;
+    assert_eq!(
+        raw.call(&[b"EMP.GET", b"1"]).await,
+        "$13\r\nAlice Johnson\r\n"
+    );
+    s.valkey.kill();
+    // Misses while Valkey is down are answered from PostgreSQL and stored nowhere.
+    assert_eq!(raw.call(&[b"EMP.GET", b"2"]).await, "$9\r\nBob Smith\r\n");
+    assert_eq!(
+        raw.call(&[b"EMP.GET", b"3"]).await,
+        "$13\r\nCharlie Brown\r\n"
+    );
+    s.valkey.restart();
+    until(
+        &mut raw,
+        &[b"SET", b"k", b"v"],
+        Duration::from_secs(5),
+        |r| r == "+OK\r\n",
+    )
+    .await;
+    let metrics = &s.proxy.shared.metrics;
+    let (fills, fail_open) = (
+        metrics.fills.load(Ordering::Relaxed),
+        metrics.fail_open.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        raw.call(&[b"EMP.GET", b"4"]).await,
+        "$11\r\nDiana Evans\r\n"
+    );
+    assert_eq!(metrics.fail_open.load(Ordering::Relaxed), fail_open);
+    assert_eq!(metrics.fills.load(Ordering::Relaxed), fills + 1);
+    let mut v = s.valkey_client().await;
+    let stored: Option<String> = redis::AsyncCommands::get(&mut v, "employee:4")
+        .await
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some("Diana Evans"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn valkey_paused_fails_fast_and_no_reply_goes_astray() {
     let s = Stack::start_with(|c| c.valkey.command_timeout_ms = 500).await;

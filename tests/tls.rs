@@ -389,7 +389,7 @@ async fn every_upstream_connection_speaks_tls() {
     assert_eq!(c.call(&[b"GET", b"up:k"]).await, "$1\r\nv\r\n");
     assert_eq!(v.call(&[b"GET", b"up:k"]).await, "$1\r\nv\r\n");
 
-    // The cache store (the redis crate's connection manager): a miss fills Valkey, then hits.
+    // The cache store (its requests ride the shared connections): a miss fills Valkey, then hits.
     let m = &t.proxy.shared.metrics;
     assert_eq!(
         c.call(&[b"EMP.GET", b"1"]).await,

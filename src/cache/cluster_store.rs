@@ -20,17 +20,15 @@
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use redis::cluster_async::ClusterConnection;
-use redis::Script;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, OnceLock};
 
+use super::resp::{self, Cmd, Script, StaticScript};
 use super::store::{existing_value, push_value_args, value_kind, Prefill};
 use super::{Deps, Entry, Value};
-use crate::config::ValkeyConfig;
 use crate::error::Result;
 use crate::upstream::cluster::{slot_of, SLOTS};
+use crate::upstream::Upstream;
 
 /// How long a generation outlives its last bump: far longer than any fill takes.
 const GENERATION_TTL: u64 = 86_400;
@@ -89,16 +87,18 @@ end
 return 1
 "#;
 
+static FILL: StaticScript = LazyLock::new(|| Script::new(FILL_LUA));
+static REGISTER: StaticScript = LazyLock::new(|| Script::new(REGISTER_LUA));
+static TAKE: StaticScript = LazyLock::new(|| Script::new(TAKE_LUA));
+static DROP: StaticScript = LazyLock::new(|| Script::new(DROP_LUA));
+static DONE: StaticScript = LazyLock::new(|| Script::new(DONE_LUA));
+
+/// The cluster store: every request goes through the upstream's cluster routing, by the slot
+/// of its (first) key.
 #[derive(Clone)]
 pub struct ClusterStore {
-    client: redis::cluster::ClusterClient,
-    conn: Arc<tokio::sync::OnceCell<ClusterConnection>>,
+    upstream: Arc<Upstream>,
     prefix: String,
-    fill: Script,
-    register: Script,
-    take: Script,
-    drop: Script,
-    done: Script,
 }
 
 /// For each slot, a short string that hashes to it: `{tag}` puts a key in that slot.
@@ -131,50 +131,11 @@ fn slot_tags() -> &'static [String] {
 }
 
 impl ClusterStore {
-    /// Connects lazily, on first use, so cachefront starts while the cluster is down.
-    pub fn new(cfg: &ValkeyConfig, meta_prefix: &str) -> Result<ClusterStore> {
-        let login = redis::Client::open(cfg.url.as_str())?;
-        let settings = login.get_connection_info().redis_settings().clone();
-        let nodes: Vec<String> = cfg
-            .cluster
-            .iter()
-            .map(|n| {
-                let n = n.trim();
-                if n.contains("://") {
-                    n.to_string()
-                } else {
-                    format!("redis://{n}")
-                }
-            })
-            .collect();
-        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
-            .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-            .response_timeout(Duration::from_millis(cfg.command_timeout_ms))
-            .retries(2);
-        if let Some(p) = settings.password() {
-            builder = builder.password(p);
-        }
-        if let Some(u) = settings.username() {
-            builder = builder.username(u);
-        }
-        Ok(ClusterStore {
-            client: builder.build()?,
-            conn: Arc::new(tokio::sync::OnceCell::new()),
+    pub fn new(upstream: Arc<Upstream>, meta_prefix: &str) -> ClusterStore {
+        ClusterStore {
+            upstream,
             prefix: meta_prefix.to_string(),
-            fill: Script::new(FILL_LUA),
-            register: Script::new(REGISTER_LUA),
-            take: Script::new(TAKE_LUA),
-            drop: Script::new(DROP_LUA),
-            done: Script::new(DONE_LUA),
-        })
-    }
-
-    async fn conn(&self) -> Result<ClusterConnection> {
-        let c = self
-            .conn
-            .get_or_try_init(|| async { self.client.get_async_connection().await })
-            .await?;
-        Ok(c.clone())
+        }
     }
 
     /// `<p>{<tag>}<kind>:<key>`: a key of cachefront's in the same slot as `key`.
@@ -224,33 +185,31 @@ impl ClusterStore {
         hash: bool,
         negative_key: Option<&str>,
     ) -> Result<Prefill> {
-        let conn = self.conn().await?;
+        let up = &*self.upstream;
         let mut calls = Vec::new();
         for registry in self.registries(&entry.deps) {
-            let mut conn = conn.clone();
-            let mut inv = self.register.key(registry);
-            inv.arg(&entry.key).arg(entry.ttl.max(1));
-            calls.push(async move { inv.invoke_async::<i64>(&mut conn).await });
+            let mut inv = REGISTER.prepare();
+            inv.key(&registry).arg(&entry.key).arg(&entry.ttl.max(1));
+            calls.push(async move { resp::int(inv.run(up).await?) });
         }
         let registrations = futures::future::try_join_all(calls);
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(self.generation_key(&entry.key));
-        if hash {
-            pipe.cmd("HGETALL").arg(&entry.key);
-        } else {
-            pipe.cmd("GET").arg(&entry.key);
-        }
-        // The marker shares the entry's slot; without one, EXISTS of the entry keeps the
-        // pipeline in that slot.
-        pipe.cmd("EXISTS").arg(negative_key.unwrap_or(&entry.key));
-        let mut read_conn = conn.clone();
-        let read = pipe.query_async::<(Option<String>, redis::Value, bool)>(&mut read_conn);
+        let cmds = [
+            Cmd::new("GET").arg(&self.generation_key(&entry.key)),
+            Cmd::new(if hash { "HGETALL" } else { "GET" }).arg(&entry.key),
+            // The marker shares the entry's slot; without one, EXISTS of the entry keeps the
+            // batch in that slot.
+            Cmd::new("EXISTS").arg(negative_key.unwrap_or(&entry.key)),
+        ];
+        let read = resp::batch(up, &entry.key, &cmds);
         // Both must be done before the query starts; their order does not matter.
-        let (_, (generation, existing, negative)) = futures::try_join!(registrations, read)?;
+        let (_, replies) = futures::try_join!(registrations, read)?;
+        let [generation, existing, negative]: [_; 3] = replies
+            .try_into()
+            .map_err(|_| crate::error::Error::upstream("a reply is missing"))?;
         Ok(Prefill {
-            versions: vec![generation.unwrap_or_default()],
+            versions: vec![resp::opt_string(generation)?.unwrap_or_default()],
             existing: existing_value(existing, hash)?,
-            negative: negative_key.is_some() && negative,
+            negative: negative_key.is_some() && resp::int(negative)? != 0,
         })
     }
 
@@ -260,15 +219,14 @@ impl ClusterStore {
             return Ok(false);
         };
         let generation = versions.first().map(String::as_str).unwrap_or_default();
-        let mut inv = self.fill.key(&entry.key);
-        inv.key(self.generation_key(&entry.key))
+        let mut inv = FILL.prepare();
+        inv.key(&entry.key)
+            .key(&self.generation_key(&entry.key))
             .arg(kind)
-            .arg(entry.ttl)
+            .arg(&entry.ttl)
             .arg(generation);
         push_value_args(&mut inv, value);
-        let mut conn = self.conn().await?;
-        let stored: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(stored == 1)
+        Ok(resp::int(inv.run(&self.upstream).await?)? == 1)
     }
 
     /// Drops every entry depending on `tables` (row-keyed ones included).
@@ -292,24 +250,20 @@ impl ClusterStore {
     /// from pending.
     async fn drop_registry(&self, registry: &str) -> Result<u64> {
         let pending = format!("{registry}:pending");
-        let mut conn = self.conn().await?;
-        let members: Vec<String> = self
-            .take
-            .key(registry)
-            .key(&pending)
-            .invoke_async(&mut conn)
-            .await?;
+        let mut take = TAKE.prepare();
+        take.key(registry).key(&pending);
+        let members = resp::strings(take.run(&self.upstream).await?)?;
         if members.is_empty() {
             return Ok(0);
         }
         let n = self.drop_entries(&members).await?;
         for chunk in members.chunks(5000) {
-            let _: i64 = self
-                .done
-                .key(&pending)
-                .arg(chunk)
-                .invoke_async(&mut conn)
-                .await?;
+            let mut done = DONE.prepare();
+            done.key(&pending);
+            for m in chunk {
+                done.arg(m);
+            }
+            resp::int(done.run(&self.upstream).await?)?;
         }
         Ok(n)
     }
@@ -325,18 +279,17 @@ impl ClusterStore {
                 group.push(entry);
             }
         }
-        let conn = self.conn().await?;
+        let up = &*self.upstream;
         let mut calls = Vec::new();
         for group in by_slot.into_values() {
-            let mut conn = conn.clone();
-            let mut inv = self.drop.prepare_invoke();
+            let mut inv = DROP.prepare();
             for k in group {
-                inv.key(self.generation_key(k))
+                inv.key(&self.generation_key(k))
                     .key(k)
-                    .key(self.negative_key(k));
+                    .key(&self.negative_key(k));
             }
-            inv.arg(GENERATION_TTL);
-            calls.push(async move { inv.invoke_async::<i64>(&mut conn).await });
+            inv.arg(&GENERATION_TTL);
+            calls.push(async move { resp::int(inv.run(up).await?) });
         }
         let counts: Vec<i64> = stream::iter(calls)
             .buffer_unordered(PARALLEL)
@@ -345,39 +298,34 @@ impl ClusterStore {
         Ok(counts.into_iter().map(|n| n.max(0) as u64).sum())
     }
 
+    /// The registry of every table ever cached (in a slot of its own).
+    fn tables_key(&self) -> String {
+        format!("{}tables:all", self.prefix)
+    }
+
     pub async fn register_tables(&self, tables: &[String]) -> Result<()> {
-        let mut conn = self.conn().await?;
-        let _: i64 = redis::cmd("SADD")
-            .arg(format!("{}tables:all", self.prefix))
-            .arg(tables)
-            .query_async(&mut conn)
-            .await?;
+        let key = self.tables_key();
+        let cmd = Cmd::new("SADD").arg(&key).args(tables);
+        resp::int(resp::call(&self.upstream, &key, cmd).await?)?;
         Ok(())
     }
 
     pub async fn registered_tables(&self) -> Result<Vec<String>> {
-        let mut conn = self.conn().await?;
-        Ok(redis::cmd("SMEMBERS")
-            .arg(format!("{}tables:all", self.prefix))
-            .query_async(&mut conn)
-            .await?)
+        let key = self.tables_key();
+        let cmd = Cmd::new("SMEMBERS").arg(&key);
+        resp::strings(resp::call(&self.upstream, &key, cmd).await?)
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let mut conn = self.conn().await?;
-        let v: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
-        Ok(v.map(Bytes::from))
+        resp::opt_bytes(resp::call(&self.upstream, key, Cmd::new("GET").arg(key)).await?)
     }
 
     /// The generation a fill of `deps`' entry would check (for tests: `versions` of the
     /// single-node store).
     pub async fn generation(&self, key: &str) -> Result<String> {
-        let mut conn = self.conn().await?;
-        let v: Option<String> = redis::cmd("GET")
-            .arg(self.generation_key(key))
-            .query_async(&mut conn)
-            .await?;
-        Ok(v.unwrap_or_default())
+        let gen = self.generation_key(key);
+        let reply = resp::call(&self.upstream, &gen, Cmd::new("GET").arg(&gen)).await?;
+        Ok(resp::opt_string(reply)?.unwrap_or_default())
     }
 }
 
@@ -395,13 +343,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bookkeeping_keys_share_the_entry_slot() {
-        let cfg = ValkeyConfig {
+    #[tokio::test]
+    async fn bookkeeping_keys_share_the_entry_slot() {
+        let cfg = crate::config::ValkeyConfig {
             cluster: vec!["127.0.0.1:7000".into()],
-            ..ValkeyConfig::default()
+            ..crate::config::ValkeyConfig::default()
         };
-        let s = ClusterStore::new(&cfg, "cachefront:").unwrap();
+        let up = Upstream::new(&cfg).expect("a cluster upstream (connects lazily)");
+        let s = ClusterStore::new(Arc::new(up), "cachefront:");
         for key in [
             "employee:1",
             "c6260e61202726451f2251e2051e50764a29e212db01aa5c7119b413d54e2b40",

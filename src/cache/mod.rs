@@ -8,6 +8,7 @@ pub mod key;
 pub mod l1;
 pub mod named;
 pub mod read;
+mod resp;
 pub mod store;
 
 use bytes::Bytes;

@@ -349,7 +349,8 @@ mod tests {
             connect_timeout_ms: 200,
             ..ValkeyConfig::default()
         };
-        let store = Store::new(&valkey, "cf:").expect("store");
+        let upstream = crate::upstream::Upstream::new(&valkey).expect("upstream");
+        let store = Store::new(Arc::new(upstream), "cf:");
         let metrics = Arc::new(Metrics::default());
         let cache = Cache::new(store, Arc::clone(&metrics), &CacheConfig::default());
         (Arc::new(cache), metrics)

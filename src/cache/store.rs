@@ -18,14 +18,13 @@
 //! store them after the invalidation of the write that changed them.
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
-use std::time::Duration;
+use std::sync::{Arc, LazyLock};
 
 use super::cluster_store::ClusterStore;
+use super::resp::{self, Cmd, Invocation, Script, StaticScript};
 use super::{Deps, Entry, Value, Version};
-use crate::config::ValkeyConfig;
 use crate::error::Result;
+use crate::upstream::Upstream;
 
 /// Checks the versions, registers the entry with its tables, then stores it — registering
 /// first, so no entry can exist that its tables' invalidation cannot find (a refused write
@@ -135,6 +134,13 @@ end
 return {0, redis.call('SMEMBERS', KEYS[1])}
 "#;
 
+static FILL: StaticScript = LazyLock::new(|| Script::new(FILL_LUA));
+static INVALIDATE_TABLES: StaticScript =
+    LazyLock::new(|| Script::new(&format!("{DROP_FN}{INVALIDATE_TABLES_LUA}")));
+static INVALIDATE_ROWS: StaticScript =
+    LazyLock::new(|| Script::new(&format!("{DROP_FN}{INVALIDATE_ROWS_LUA}")));
+static REGISTRY: StaticScript = LazyLock::new(|| Script::new(REGISTRY_LUA));
+
 /// What an invalidation did in Valkey.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Dropped {
@@ -188,13 +194,14 @@ pub enum Store {
 }
 
 impl Store {
-    /// Connects lazily: cachefront starts even if Valkey is down.
-    pub fn new(cfg: &ValkeyConfig, meta_prefix: &str) -> Result<Store> {
-        Ok(if cfg.cluster.is_empty() {
-            Store::Single(SingleStore::new(cfg, meta_prefix)?)
+    /// A store on `upstream`'s connections: it owns none of its own, so reconnects, timeouts
+    /// and TLS are the pass-through's, and fills work again as soon as pass-through does.
+    pub fn new(upstream: Arc<Upstream>, meta_prefix: &str) -> Store {
+        if upstream.cluster.is_some() {
+            Store::Cluster(Box::new(ClusterStore::new(upstream, meta_prefix)))
         } else {
-            Store::Cluster(Box::new(ClusterStore::new(cfg, meta_prefix)?))
-        })
+            Store::Single(SingleStore::new(upstream, meta_prefix))
+        }
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -306,14 +313,14 @@ pub(super) fn value_kind(value: &Value) -> Option<&'static str> {
 }
 
 /// Appends the value to a fill script's arguments: the string, or field, value, field…
-pub(super) fn push_value_args(inv: &mut redis::ScriptInvocation<'_>, value: &Value) {
+pub(super) fn push_value_args(inv: &mut Invocation, value: &Value) {
     match value {
         Value::String(b) => {
-            inv.arg(b.as_ref());
+            inv.arg(b);
         }
         Value::Hash(fields) => {
             for (f, v) in fields {
-                inv.arg(f).arg(v.as_ref());
+                inv.arg(f).arg(v);
             }
         }
         Value::Absent => {}
@@ -321,86 +328,31 @@ pub(super) fn push_value_args(inv: &mut redis::ScriptInvocation<'_>, value: &Val
 }
 
 /// The entry as read by GET or HGETALL (`None`: absent).
-pub(super) fn existing_value(v: redis::Value, hash: bool) -> Result<Option<Value>> {
+pub(super) fn existing_value(
+    v: redis_protocol::resp2::types::BytesFrame,
+    hash: bool,
+) -> Result<Option<Value>> {
     Ok(if hash {
-        let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value(v)?;
-        (!fields.is_empty()).then(|| {
-            Value::Hash(
-                fields
-                    .into_iter()
-                    .map(|(k, v)| (k, Bytes::from(v)))
-                    .collect(),
-            )
-        })
+        let fields = resp::pairs(v)?;
+        (!fields.is_empty()).then_some(Value::Hash(fields))
     } else {
-        let v: Option<Vec<u8>> = redis::from_redis_value(v)?;
-        v.map(|b| Value::String(Bytes::from(b)))
+        resp::opt_bytes(v)?.map(Value::String)
     })
 }
 
 /// A single Valkey server.
 #[derive(Clone)]
 pub struct SingleStore {
-    conn: ConnectionManager,
+    upstream: Arc<Upstream>,
     prefix: String,
-    fill: Script,
-    invalidate_tables: Script,
-    invalidate_rows: Script,
-}
-
-/// The `redis` client for `valkey.url`; for `rediss://`, trusting `valkey.tls_ca_file` (or the
-/// system's CAs), or anything with `valkey.tls_insecure`.
-fn tls_client(cfg: &ValkeyConfig) -> Result<redis::Client> {
-    let client = redis::Client::open(cfg.url.as_str())?;
-    let info = client.get_connection_info().clone();
-    let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() else {
-        return Ok(client);
-    };
-    crate::tls::install_default_provider();
-    if cfg.tls_insecure {
-        let info = info.set_addr(redis::ConnectionAddr::TcpTls {
-            host,
-            port,
-            insecure: true,
-            tls_params: None,
-        });
-        return Ok(redis::Client::open(info)?);
-    }
-    if cfg.tls_ca_file.is_empty() {
-        return Ok(client);
-    }
-    let pem = std::fs::read(&cfg.tls_ca_file).map_err(|e| {
-        crate::error::Error::client(format!(
-            "valkey.tls_ca_file: cannot read {}: {e}",
-            cfg.tls_ca_file
-        ))
-    })?;
-    Ok(redis::Client::build_with_tls(
-        info,
-        redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem),
-        },
-    )?)
 }
 
 impl SingleStore {
-    /// Connects lazily: cachefront starts even if Valkey is down, and the manager reconnects.
-    pub fn new(cfg: &ValkeyConfig, meta_prefix: &str) -> Result<SingleStore> {
-        let client = tls_client(cfg)?;
-        let mcfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
-            .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(cfg.connect_timeout_ms));
-        let conn = ConnectionManager::new_lazy_with_config(client, mcfg)?;
-        Ok(SingleStore {
-            conn,
+    pub fn new(upstream: Arc<Upstream>, meta_prefix: &str) -> SingleStore {
+        SingleStore {
+            upstream,
             prefix: meta_prefix.to_string(),
-            fill: Script::new(FILL_LUA),
-            invalidate_tables: Script::new(&format!("{DROP_FN}{INVALIDATE_TABLES_LUA}")),
-            invalidate_rows: Script::new(&format!("{DROP_FN}{INVALIDATE_ROWS_LUA}")),
-        })
+        }
     }
 
     fn meta(&self, kind: &str, rest: &str) -> String {
@@ -440,13 +392,11 @@ impl SingleStore {
     /// Current versions for a fill of `deps` ("" for never bumped).
     pub async fn versions(&self, deps: &Deps) -> Result<Vec<String>> {
         let keys = self.version_keys(deps);
-        if keys.is_empty() {
+        let Some(first) = keys.first() else {
             return Ok(Vec::new());
-        }
-        let mut conn = self.conn.clone();
-        let vals: Vec<Option<String>> =
-            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
-        Ok(vals.into_iter().map(Option::unwrap_or_default).collect())
+        };
+        let reply = resp::call(&self.upstream, first, Cmd::new("MGET").args(&keys)).await?;
+        resp::versions(reply)
     }
 
     /// What a fill reads before querying, in one round trip: the versions to check at store
@@ -459,31 +409,27 @@ impl SingleStore {
         negative_key: Option<&str>,
     ) -> Result<Prefill> {
         let keys = self.version_keys(&entry.deps);
-        let mut pipe = redis::pipe();
-        if keys.is_empty() {
-            pipe.cmd("ECHO").arg("");
-        } else {
-            pipe.cmd("MGET").arg(&keys);
-        }
-        if hash {
-            pipe.cmd("HGETALL").arg(&entry.key);
-        } else {
-            pipe.cmd("GET").arg(&entry.key);
-        }
-        pipe.cmd("EXISTS").arg(negative_key.unwrap_or(""));
-        let mut conn = self.conn.clone();
-        let (versions, existing, negative): (redis::Value, redis::Value, bool) =
-            pipe.query_async(&mut conn).await?;
-        let versions: Vec<String> = if keys.is_empty() {
-            Vec::new()
-        } else {
-            let v: Vec<Option<String>> = redis::from_redis_value(versions)?;
-            v.into_iter().map(Option::unwrap_or_default).collect()
-        };
+        let cmds = [
+            if keys.is_empty() {
+                Cmd::new("ECHO").arg("")
+            } else {
+                Cmd::new("MGET").args(&keys)
+            },
+            Cmd::new(if hash { "HGETALL" } else { "GET" }).arg(&entry.key),
+            Cmd::new("EXISTS").arg(negative_key.unwrap_or("")),
+        ];
+        let [versions, existing, negative]: [_; 3] = resp::batch(&self.upstream, &entry.key, &cmds)
+            .await?
+            .try_into()
+            .map_err(|_| crate::error::Error::upstream("a reply is missing"))?;
         Ok(Prefill {
-            versions,
+            versions: if keys.is_empty() {
+                Vec::new()
+            } else {
+                resp::versions(versions)?
+            },
             existing: existing_value(existing, hash)?,
-            negative: negative_key.is_some() && negative,
+            negative: negative_key.is_some() && resp::int(negative)? != 0,
         })
     }
 
@@ -495,21 +441,20 @@ impl SingleStore {
         };
         let vkeys = self.version_keys(&entry.deps);
         let rkeys = self.registry_keys(&entry.deps);
-        let mut inv = self.fill.key(&entry.key);
+        let mut inv = FILL.prepare();
+        inv.key(&entry.key);
         for k in vkeys.iter().chain(&rkeys) {
             inv.key(k);
         }
         inv.arg(kind)
-            .arg(entry.ttl)
-            .arg(vkeys.len())
-            .arg(rkeys.len());
+            .arg(&entry.ttl)
+            .arg(&vkeys.len())
+            .arg(&rkeys.len());
         for v in versions {
             inv.arg(v);
         }
         push_value_args(&mut inv, value);
-        let mut conn = self.conn.clone();
-        let stored: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(stored == 1)
+        Ok(resp::int(inv.run(&self.upstream).await?)? == 1)
     }
 
     /// Table-wide invalidation: bumps every version of `tables` and drops every entry that
@@ -519,16 +464,16 @@ impl SingleStore {
         if tables.is_empty() {
             return Ok(Dropped::default());
         }
-        let mut inv = self.invalidate_tables.prepare_invoke();
+        let mut inv = INVALIDATE_TABLES.prepare();
         for t in tables {
-            inv.key(self.meta("e", t))
-                .key(self.meta("v", t))
-                .key(self.meta("d", t))
-                .key(self.meta("k", t));
+            inv.key(&self.meta("e", t))
+                .key(&self.meta("v", t))
+                .key(&self.meta("d", t))
+                .key(&self.meta("k", t));
         }
-        inv.arg(fresh_version());
-        let mut conn = self.conn.clone();
-        Ok(Dropped::from_script(inv.invoke_async(&mut conn).await?))
+        inv.arg(&fresh_version());
+        let reply = inv.run(&self.upstream).await?;
+        Ok(Dropped::from_script(resp::int_pair(reply)?))
     }
 
     /// Row-level invalidation of `table`: rows whose `column` took `values` changed. Drops the
@@ -540,19 +485,19 @@ impl SingleStore {
         values: &[String],
         entry_keys: &[String],
     ) -> Result<Dropped> {
-        let mut inv = self.invalidate_rows.prepare_invoke();
-        inv.key(self.meta("v", table)).key(self.meta("d", table));
+        let mut inv = INVALIDATE_ROWS.prepare();
+        inv.key(&self.meta("v", table)).key(&self.meta("d", table));
         for v in values {
-            inv.key(self.meta("r", &format!("{table}:{column}:{v}")));
+            inv.key(&self.meta("r", &format!("{table}:{column}:{v}")));
         }
         for k in entry_keys {
             inv.key(k);
         }
-        inv.arg(values.len())
-            .arg(ROW_VERSION_TTL)
-            .arg(fresh_version());
-        let mut conn = self.conn.clone();
-        Ok(Dropped::from_script(inv.invoke_async(&mut conn).await?))
+        inv.arg(&values.len())
+            .arg(&ROW_VERSION_TTL)
+            .arg(&fresh_version());
+        let reply = inv.run(&self.upstream).await?;
+        Ok(Dropped::from_script(resp::int_pair(reply)?))
     }
 
     /// Records tables in the registry of everything ever cached.
@@ -560,12 +505,9 @@ impl SingleStore {
         if tables.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
-        let _: i64 = redis::cmd("SADD")
-            .arg(self.meta("tables", "all"))
-            .arg(tables)
-            .query_async(&mut conn)
-            .await?;
+        let registry = self.meta("tables", "all");
+        let cmd = Cmd::new("SADD").arg(&registry).args(tables);
+        resp::int(resp::call(&self.upstream, &registry, cmd).await?)?;
         Ok(())
     }
 
@@ -573,22 +515,23 @@ impl SingleStore {
     /// A registry of the wrong type (written by something else) is dropped, not an error
     /// that would keep every flush failing; its tables are then unknown (logged).
     pub async fn registered_tables(&self) -> Result<Vec<String>> {
-        let mut conn = self.conn.clone();
-        // Built here: read only when the listener (re)connects.
-        let (repaired, tables): (i64, Vec<String>) = Script::new(REGISTRY_LUA)
-            .key(self.meta("tables", "all"))
-            .invoke_async(&mut conn)
-            .await?;
-        if repaired > 0 {
+        let mut inv = REGISTRY.prepare();
+        inv.key(&self.meta("tables", "all"));
+        let mut reply = resp::array(inv.run(&self.upstream).await?)?.into_iter();
+        let (Some(repaired), Some(tables), None) = (reply.next(), reply.next(), reply.next())
+        else {
+            return Err(crate::error::Error::upstream(
+                "unexpected reply from Valkey: not a pair",
+            ));
+        };
+        if resp::int(repaired)? > 0 {
             tracing::error!("the table registry in Valkey was not a set (written by something other than cachefront) and was dropped; entries of tables it listed expire only by TTL");
         }
-        Ok(tables)
+        resp::strings(tables)
     }
 
     /// A plain GET, for callers outside the pass-through path.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let mut conn = self.conn.clone();
-        let v: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
-        Ok(v.map(Bytes::from))
+        resp::opt_bytes(resp::call(&self.upstream, key, Cmd::new("GET").arg(key)).await?)
     }
 }

@@ -22,7 +22,8 @@ use crate::upstream::Upstream;
 pub struct Context {
     /// What `SIGHUP` can change.
     pub live: Live,
-    pub upstream: Upstream,
+    /// Shared with the cache store, which sends its own requests through it.
+    pub upstream: Arc<Upstream>,
     pub cache: Arc<Cache>,
     pub db: Db,
     pub metrics: Arc<Metrics>,
@@ -107,14 +108,15 @@ impl Context {
     /// servers. Needs a Tokio runtime (the shared connections' tasks start idle).
     pub fn new(config: Config) -> Result<Context, String> {
         let metrics = Arc::new(Metrics::default());
-        let store = crate::cache::store::Store::new(&config.valkey, &config.cache.meta_prefix)
-            .map_err(|e| e.to_string())?;
+        let upstream = Arc::new(Upstream::new(&config.valkey).map_err(|e| e.to_string())?);
+        let store =
+            crate::cache::store::Store::new(Arc::clone(&upstream), &config.cache.meta_prefix);
         let named = crate::cache::named::build(&config)?;
         let users = Users::from_config(&config.auth).map_err(|(k, m)| format!("{k}: {m}"))?;
         let invalidation = Invalidation::new(&config.invalidation, &named, Arc::clone(&metrics));
         Ok(Context {
             users,
-            upstream: Upstream::new(&config.valkey).map_err(|e| e.to_string())?,
+            upstream,
             cache: Arc::new(Cache::new(store, Arc::clone(&metrics), &config.cache)),
             invalidation: Arc::new(invalidation),
             sql_checks: crate::db::sql::verdict_cache(),

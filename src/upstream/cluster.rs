@@ -245,6 +245,18 @@ impl Cluster {
         }
     }
 
+    /// Sends one of cachefront's own requests (the cache store's, RESP2) to the node serving
+    /// `key`'s slot; see [`super::Upstream::send_own`].
+    pub async fn send_own(&self, lane: u64, raw: Bytes, key: &[u8]) -> ReplyRx {
+        match self.ready_now().await {
+            Ok(topo) => match topo.node_for(slot_of(key)) {
+                Some(node) => node.mux(Proto::Resp2, lane).send_own(raw, lane),
+                None => ready(Ok(Refusal::ClusterDown.frame())),
+            },
+            Err(e) => ready(Err(e)),
+        }
+    }
+
     /// Sends a keyless request to some primary (`lane` spreads them).
     pub async fn send_any(&self, lane: u64, proto: Proto, raw: Bytes) -> ReplyRx {
         match self.ready_now().await {
@@ -481,6 +493,7 @@ impl Cluster {
         let endpoint = Arc::new(self.base.at(addr));
         let tracking = Arc::new(TrackingState::default());
         let long = &self.long;
+        let recovered = Arc::new(super::mux::Recovered::default());
         let spawn = |proto| {
             (0..self.pool_size)
                 .map(|_| {
@@ -489,7 +502,7 @@ impl Cluster {
                         proto,
                         Arc::clone(&tracking),
                         Some(self.redirects.clone()),
-                        Arc::clone(long),
+                        (Arc::clone(long), Arc::clone(&recovered)),
                     )
                 })
                 .collect::<Vec<_>>()

@@ -122,6 +122,7 @@ fn key_specs_write(specs: Option<&Value>) -> bool {
         f.array()
             .is_some_and(|flags| flags.iter().any(is_write_flag))
     };
+    // In RESP2 a specification is a flat array of names and values; `flags` is the array.
     specs.iter().any(|spec| match spec {
         Value::Array(fields) => fields.iter().any(has_write_flag),
         Value::Map(pairs) => pairs.iter().any(|(_, f)| has_write_flag(f)),

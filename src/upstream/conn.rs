@@ -35,6 +35,7 @@ impl Endpoint {
         }
     }
 
+    /// Where `valkey.url` points, with its login, the timeouts and TLS settings.
     pub fn from_config(cfg: &ValkeyConfig) -> Result<Endpoint> {
         let url =
             ValkeyUrl::parse(&cfg.url).map_err(|e| Error::client(format!("valkey.url: {e}")))?;

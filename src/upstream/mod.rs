@@ -77,11 +77,13 @@ impl Upstream {
         });
         // In a cluster the per-node connections live in `cluster`; none to a single address.
         let per_proto = if cluster.is_some() { 0 } else { cfg.pool_size };
+        let recovered = Arc::new(mux::Recovered::default());
         let spawn = |proto| {
             (0..per_proto)
                 .map(|_| {
                     let ep = Arc::clone(&endpoint);
-                    Mux::spawn(ep, proto, Arc::clone(&tracking), None, Arc::clone(&long))
+                    let shared = (Arc::clone(&long), Arc::clone(&recovered));
+                    Mux::spawn(ep, proto, Arc::clone(&tracking), None, shared)
                 })
                 .collect::<Vec<_>>()
         };
@@ -155,6 +157,25 @@ impl Upstream {
             Some(c) => c.send_any(lane, proto, raw).await,
             None => self.mux(lane, proto).send(raw),
         }
+    }
+
+    /// Sends one of cachefront's own requests (the cache store's) about `key` on a shared RESP2
+    /// connection: the one `key`'s slot picks, on the node serving that slot in a cluster. So
+    /// requests about one key, sent one after another, go out in order and pipelined on one
+    /// connection (one round trip), and they share the pass-through's reconnects, timeouts and
+    /// TLS. Queued before this returns (in a cluster, once the slot map is loaded).
+    pub async fn send_own(&self, raw: Bytes, key: &[u8]) -> ReplyRx {
+        let lane = u64::from(cluster::slot_of(key));
+        match &self.cluster {
+            Some(c) => c.send_own(lane, raw, key).await,
+            None => self.mux(lane, Proto::Resp2).send_own(raw, lane),
+        }
+    }
+
+    /// [`send_own`](Self::send_own), awaited: the raw reply frame (an error frame is a reply
+    /// too), or why there is none.
+    pub async fn call(&self, raw: Bytes, key: &[u8]) -> Result<Bytes> {
+        reply_of(self.send_own(raw, key).await).await
     }
 
     /// A tracked lookup for the L1 on the client's shared connection, or `None` while the
@@ -382,6 +403,13 @@ impl Upstream {
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
+}
+
+/// The reply a queued request gets; a dropped sender means its connection went away first.
+pub async fn reply_of(rx: ReplyRx) -> Result<Bytes> {
+    rx.await.map_err(|_| {
+        crate::error::Error::upstream("connection to Valkey lost before the reply arrived")
+    })?
 }
 
 /// A `valkey.cluster` entry as `host:port` (`redis://host:port` is accepted too).

@@ -186,6 +186,10 @@ pub struct Job {
     pub resp3: bool,
     /// Charged with the reply's size when it arrives (a client's own request).
     pub budget: Option<Arc<ReplyBudget>>,
+    /// cachefront's own request (the cache store's): never counted as long work (see
+    /// [`LongWork`]), so it is held to the command timeout as the store always was, and a
+    /// store script in flight does not stop a dead Valkey from being noticed.
+    pub own: bool,
 }
 
 /// Cluster: a request Valkey answered with `-MOVED` or `-ASK`, to be sent again elsewhere.
@@ -194,6 +198,18 @@ pub struct Redirect {
     pub slot: u16,
     pub addr: String,
     pub job: Job,
+}
+
+/// Tells the shared connections to one server that one of them just connected, so those
+/// waiting out a reconnect backoff try again at once: after Valkey comes back, every
+/// connection (the cache store's included) works as soon as any does.
+#[derive(Debug, Default)]
+pub struct Recovered(tokio::sync::Notify);
+
+impl Recovered {
+    fn announce(&self) {
+        self.0.notify_waiters();
+    }
 }
 
 /// Handle to one shared connection actor.
@@ -221,6 +237,7 @@ struct Resend {
     lane: u64,
     hops: u8,
     tracked: bool,
+    own: bool,
 }
 
 const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nyes\r\n";
@@ -233,12 +250,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 impl Mux {
     /// Starts the actor. With `redirects` (cluster mode), `-MOVED`/`-ASK` replies are not
     /// delivered but handed there with the request, to be sent to the right node.
+    /// `recovered` is shared by every shared connection to the same server.
     pub fn spawn(
         ep: Arc<Endpoint>,
         proto: Proto,
         tracking: Arc<TrackingState>,
         redirects: Option<mpsc::UnboundedSender<Redirect>>,
-        long: Arc<LongWork>,
+        (long, recovered): (Arc<LongWork>, Arc<Recovered>),
     ) -> Mux {
         let (tx, rx) = mpsc::unbounded_channel();
         let version = Arc::new(Mutex::new(String::new()));
@@ -249,6 +267,7 @@ impl Mux {
             tracking,
             redirects,
             long,
+            recovered,
         };
         tokio::spawn(actor(ctx, rx));
         Mux { tx, version }
@@ -273,6 +292,23 @@ impl Mux {
         self.enqueue(raw, false, 0, None)
     }
 
+    /// Queues one of cachefront's own requests (see [`Job::own`]) for `lane`.
+    pub fn send_own(&self, raw: Bytes, lane: u64) -> ReplyRx {
+        let (reply, rx) = oneshot::channel();
+        self.push(Job {
+            raw,
+            reply,
+            tracked: false,
+            asking: false,
+            lane,
+            hops: 0,
+            resp3: false,
+            budget: None,
+            own: true,
+        });
+        rx
+    }
+
     /// A client's request: its reply is charged to the client's `budget`; with `tracked`,
     /// Valkey tracks the keys read, for the L1 (see `upstream::tracking`).
     pub fn send_for(
@@ -293,7 +329,7 @@ impl Mux {
         budget: Option<Arc<ReplyBudget>>,
     ) -> ReplyRx {
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job {
+        self.push(Job {
             raw,
             reply,
             tracked,
@@ -302,12 +338,18 @@ impl Mux {
             hops: 0,
             resp3: false,
             budget,
-        }) {
+            own: false,
+        });
+        rx
+    }
+
+    /// Hands a job to the actor, or fails it if the actor is gone.
+    fn push(&self, job: Job) {
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(job) {
             let _ = job
                 .reply
                 .send(Err(Error::upstream("cachefront is shutting down")));
         }
-        rx
     }
 
     pub fn server_version(&self) -> String {
@@ -333,6 +375,8 @@ struct Ctx {
     redirects: Option<mpsc::UnboundedSender<Redirect>>,
     /// Long requests in flight to this server, on any of its connections.
     long: Arc<LongWork>,
+    /// Shared with the server's other shared connections (see [`Recovered`]).
+    recovered: Arc<Recovered>,
 }
 
 async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
@@ -347,6 +391,7 @@ async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
         match connect(ep, ctx.proto).await {
             Ok(conn) => {
                 backoff = Duration::from_millis(50);
+                ctx.recovered.announce();
                 if let Ok(mut v) = ctx.version.lock() {
                     v.clone_from(&conn.server_version);
                 }
@@ -360,7 +405,7 @@ async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Valkey; failing requests until it is back");
                 let _ = first.reply.send(Err(e.clone()));
-                fail_for(&mut jobs, backoff, &e).await;
+                fail_for(&mut jobs, backoff, &e, &ctx.recovered).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
@@ -368,15 +413,26 @@ async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
 }
 
 /// Fails every request arriving during `period`: while Valkey is unreachable, clients get a
-/// prompt `-UPSTREAM` instead of waiting on connect timeouts.
-async fn fail_for(jobs: &mut mpsc::UnboundedReceiver<Job>, period: Duration, e: &Error) {
+/// prompt `-UPSTREAM` instead of waiting on connect timeouts. Ends early when another
+/// connection to the server has connected: Valkey is back.
+async fn fail_for(
+    jobs: &mut mpsc::UnboundedReceiver<Job>,
+    period: Duration,
+    e: &Error,
+    recovered: &Recovered,
+) {
     let until = tokio::time::Instant::now() + period;
+    let back = recovered.0.notified();
+    tokio::pin!(back);
     loop {
-        match tokio::time::timeout_at(until, jobs.recv()).await {
-            Ok(Some(job)) => {
-                let _ = job.reply.send(Err(e.clone()));
-            }
-            Ok(None) | Err(_) => return,
+        tokio::select! {
+            job = tokio::time::timeout_at(until, jobs.recv()) => match job {
+                Ok(Some(job)) => {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                Ok(None) | Err(_) => return,
+            },
+            () = &mut back => return,
         }
     }
 }
@@ -501,12 +557,17 @@ fn push_job(
         }
     }
     wbuf.extend_from_slice(&job.raw);
-    let long = ctx.long.mark_if_long(&job.raw);
+    let long = if job.own {
+        None
+    } else {
+        ctx.long.mark_if_long(&job.raw)
+    };
     let resend = keep.then_some(Resend {
         raw: job.raw,
         lane: job.lane,
         hops: job.hops,
         tracked: job.tracked,
+        own: job.own,
     });
     pending.push_back(Some(Waiter {
         reply: job.reply,
@@ -568,6 +629,7 @@ fn answer(
         hops: r.hops,
         resp3: proto == Proto::Resp3,
         budget: w.budget,
+        own: r.own,
     };
     if let Err(mpsc::error::SendError(r)) = tx.send(Redirect {
         ask,
