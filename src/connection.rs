@@ -236,16 +236,11 @@ impl Connection {
                 };
                 self.inbuf.reserve(grow);
             }
-            let idle_limit = self.idle_limit();
+            let idle_deadline = self.idle_limit().map(|d| tokio::time::Instant::now() + d);
             let write_deadline = self.write_stalled.map(|t| t + write_limit);
             let event = tokio::select! {
                 io = client_io(&mut self.stream, &mut self.inbuf, &self.outbuf, self.unflushed, can_read) => Event::Client(io),
-                _ = async {
-                    match idle_limit {
-                        Some(d) => tokio::time::sleep(d).await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                _ = sleep_until_some(idle_deadline) => {
                     tracing::debug!(client = self.session.id, "idle timeout");
                     return Ok(());
                 }
