@@ -997,7 +997,7 @@ const NUMBER_MARK: char = '\u{10F000}';
 const LONE_BASE: u32 = 0x10_F800;
 
 /// serde_json formatter that prints what Python's `json.dumps` prints: `", "` / `": "`
-/// separators, `ensure_ascii` escaping (`\uXXXX`, surrogate pairs beyond the BMP) and floats
+/// separators, `ensure_ascii` escaping (`\u00e9`, surrogate pairs beyond the BMP) and floats
 /// as `repr(float)`. Everything else (structure, `null`, booleans, integers, the escapes of
 /// `"`, `\` and control characters) is serde_json's own output, which already matches.
 #[derive(Clone, Copy, Default)]
@@ -1128,7 +1128,7 @@ impl Formatter for PyFormatter {
     }
 }
 
-/// `\uXXXX` with lowercase hex, as Python writes it.
+/// A `\u` escape of four lowercase hex digits (`\u00e9`), as Python writes it.
 fn write_unit_escape<W: ?Sized + io::Write>(w: &mut W, u: u16) -> io::Result<()> {
     let mut esc = *b"\\u0000";
     for (i, shift) in [12, 8, 4, 0].into_iter().enumerate() {
@@ -1541,7 +1541,7 @@ fn escape_stand_in(b: &[u8], i: usize) -> Option<(usize, Option<String>)> {
     }
 }
 
-/// The code unit of a `\uXXXX` escape starting at `b[i]`.
+/// The code unit of a `\u` escape (four hex digits) starting at `b[i]`.
 fn unit_escape_at(b: &[u8], i: usize) -> Option<u16> {
     let esc = b.get(i..i + 6)?;
     if esc[0] != b'\\' || esc[1] != b'u' || !esc[2..].iter().all(u8::is_ascii_hexdigit) {
