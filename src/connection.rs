@@ -286,7 +286,11 @@ impl Connection {
                 self.unflushed = false;
             }
         }
-        if !self.outbuf.is_empty() && self.write_stalled.is_none() {
+        // The write timeout runs while anything is unwritten, a TLS flush included, and
+        // starts again at each write that makes progress (`wrote`).
+        if self.all_written() {
+            self.write_stalled = None;
+        } else if self.write_stalled.is_none() {
             self.write_stalled = Some(tokio::time::Instant::now());
         }
         Ok(())
@@ -302,7 +306,7 @@ impl Connection {
         self.outbuf.advance(n);
         self.budget.release(n);
         self.unflushed = true;
-        self.write_stalled = (!self.outbuf.is_empty()).then(tokio::time::Instant::now);
+        self.write_stalled = None;
         Ok(())
     }
 
@@ -389,10 +393,13 @@ impl Connection {
             {
                 Ok(Parsed::Request(req)) => {
                     let slots = self.outq.len();
-                    let reset = req.args.len() == 1 && req.name().eq_ignore_ascii_case(b"RESET");
                     let before = self.session.reply_mode;
+                    if before == ReplyMode::Skip {
+                        // SKIP covers this one command; one it sets again covers the next.
+                        self.session.reply_mode = ReplyMode::On;
+                    }
                     let action = command::dispatch(&self.ctx, &mut self.session, req);
-                    self.muting = !reset && self.mutes(before);
+                    self.muting = self.mutes(before);
                     self.apply(action).await;
                     if self.outq.len() > slots {
                         self.outq.command_reply(self.muting);
@@ -411,19 +418,16 @@ impl Connection {
     }
 
     /// Whether the reply of the command just dispatched is dropped (`CLIENT REPLY`), given the
-    /// reply mode `before` it: a `CLIENT REPLY` that changed the mode gets a reply only if it
-    /// turned replies on; any other command gets none while replies are off, or after `SKIP`
-    /// (which then ends). A command refused changes nothing, so it is judged by the mode as it
-    /// was. (`RESET` turns replies back on before answering, as in Valkey.)
+    /// reply mode `before` it: `CLIENT REPLY ON` is answered, `OFF` and `SKIP` are not, as in
+    /// Valkey; any other command gets no reply while replies are off or skipped. A refused
+    /// `CLIENT REPLY` asked for nothing, so it is judged by the mode as it was. (`RESET` turns
+    /// replies back on before answering, in `reset`.)
     fn mutes(&mut self, before: ReplyMode) -> bool {
-        let now = self.session.reply_mode;
-        if now != before {
-            return now != ReplyMode::On;
+        match self.session.reply_asked.take() {
+            Some(ReplyMode::On) => false,
+            Some(_) => true,
+            None => before != ReplyMode::On,
         }
-        if before == ReplyMode::Skip {
-            self.session.reply_mode = ReplyMode::On;
-        }
-        before != ReplyMode::On
     }
 
     fn push_reply(&mut self, r: Reply) {
@@ -787,6 +791,8 @@ impl Connection {
         let proto = self.session.proto;
         self.session
             .reset(Arc::clone(self.ctx.users.default_user()), authed);
+        // Replies are back on (`CLIENT REPLY ON`), RESET's own included, as in Valkey.
+        self.muting = false;
         self.deferred_multi = false;
         match self.ded.as_mut() {
             Some(ded) => {
@@ -858,7 +864,10 @@ impl Connection {
     fn drain_ready(&mut self) {
         loop {
             let errors = self.outq.drain_front(&mut self.outbuf);
-            crate::metrics::add(&self.ctx.metrics.errors, errors as u64);
+            if errors > 0 {
+                // A counter every connection shares: not written on the turns that add nothing.
+                crate::metrics::add(&self.ctx.metrics.errors, errors as u64);
+            }
             match front_done(&mut self.outq) {
                 Some(done) => self.resolve_front(done),
                 None => break,

@@ -61,6 +61,9 @@ pub struct Session {
     pub queued: Vec<StateChange>,
     /// `CLIENT REPLY`: whether replies reach the client.
     pub reply_mode: ReplyMode,
+    /// The mode a `CLIENT REPLY` in the command being run asked for: its own reply is sent
+    /// only for `ON` (see `Connection::mutes`). Taken once the command is dispatched.
+    pub reply_asked: Option<ReplyMode>,
     /// Upstream state cachefront does not model (READONLY, CLIENT NO-EVICT…): keep the
     /// dedicated connection for the life of the client.
     pub pinned: bool,
@@ -86,6 +89,7 @@ impl Session {
             tracking: false,
             queued: Vec::new(),
             reply_mode: ReplyMode::On,
+            reply_asked: None,
             pinned: false,
         }
     }

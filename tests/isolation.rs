@@ -388,6 +388,42 @@ async fn a_slow_command_does_not_fail_other_clients() {
 
 /// `CLIENT REPLY OFF|SKIP|ON` is kept by cachefront as Valkey keeps it: replies are dropped
 /// (whatever connection answers them), messages and RESP3 pushes still arrive.
+/// The transitions between `CLIENT REPLY` modes, byte for byte as Valkey answers them: SKIP
+/// while OFF changes nothing, SKIP after SKIP skips one more command, ON after SKIP is
+/// answered, RESET turns replies back on and is answered.
+#[tokio::test]
+async fn client_reply_transitions_match_valkey() {
+    let s = Stack::start().await;
+    let mut batch = Vec::new();
+    for line in [
+        "SET k v",
+        "CLIENT REPLY OFF",
+        "CLIENT REPLY SKIP",
+        "GET k",
+        "CLIENT REPLY ON",
+        "GET k",
+        "CLIENT REPLY SKIP",
+        "CLIENT REPLY SKIP",
+        "GET k",
+        "ECHO one",
+        "CLIENT REPLY SKIP",
+        "CLIENT REPLY ON",
+        "ECHO two",
+        "CLIENT REPLY OFF",
+        "RESET",
+        "ECHO three",
+    ] {
+        batch.extend(common::encode_line(line));
+    }
+    let mut ours = s.raw().await;
+    ours.send(&batch).await;
+    let mut theirs = Raw::connect(s.valkey.port()).await;
+    theirs.send(&batch).await;
+    let (ours, theirs) = (ours.drain(300).await, theirs.drain(300).await);
+    assert_eq!(ours, theirs);
+    assert!(theirs.ends_with("$5\r\nthree\r\n"), "{theirs:?}");
+}
+
 #[tokio::test]
 async fn client_reply_modes_like_valkey() {
     let s = Stack::start().await;

@@ -293,8 +293,13 @@ pub fn client(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Action
     Action::Reply(reply)
 }
 
+/// `CLIENT REPLY ON|OFF|SKIP`, kept as Valkey keeps it: `SKIP` while replies are off changes
+/// nothing, and each mode holds from the next command on.
 fn set_reply_mode(session: &mut Session, mode: ReplyMode) -> Reply {
-    session.reply_mode = mode;
+    session.reply_asked = Some(mode);
+    if !(mode == ReplyMode::Skip && session.reply_mode == ReplyMode::Off) {
+        session.reply_mode = mode;
+    }
     Reply::ok()
 }
 

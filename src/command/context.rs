@@ -132,11 +132,6 @@ impl Context {
         ConfigRef(self.live.get())
     }
 
-    /// The configuration in force, to keep (a task that outlives the request).
-    pub fn config_owned(&self) -> Arc<Config> {
-        Arc::clone(&self.live.get().config)
-    }
-
     /// Named queries by uppercased command name.
     pub fn named(&self) -> NamedRef {
         NamedRef(self.live.get())

@@ -160,13 +160,13 @@ impl CommandTable {
         })
     }
 
-    /// The entry Valkey would run for `args`: the subcommand's for a container command
-    /// given one. `Err(name)` when the table does not know it (name to ask Valkey about).
     /// Whether Valkey knows the command `name` (lowercase, without a subcommand).
     pub fn knows(&self, name: &str) -> bool {
         self.cmds.contains_key(name)
     }
 
+    /// The entry Valkey would run for `args`: the subcommand's for a container command
+    /// given one. `Err(name)` when the table does not know it (name to ask Valkey about).
     pub fn lookup(&self, args: &[Bytes]) -> Result<&CmdInfo, String> {
         let raw = args.first().map(|a| &a[..]).unwrap_or_default();
         // Lowercased on the stack: this runs for every command routed in a cluster.
