@@ -317,6 +317,10 @@ pub struct SqlConfig {
     pub max_result_bytes: usize,
     /// Seconds to cache an empty result (`[]`); 0 (default) does not cache empty results.
     pub negative_ttl: u64,
+    /// Cache queries whose dependencies PostgreSQL cannot fully report (a plpgsql function,
+    /// a foreign table, a system catalog) until their TTL only, instead of refusing them.
+    /// Such entries are counted as `ttl_only_fills`.
+    pub ttl_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -567,6 +571,10 @@ pub struct NamedQueryConfig {
     /// Seconds to remember "no row" for this query (overrides `cache.negative_ttl`).
     #[serde(default)]
     pub negative_ttl: Option<u64>,
+    /// Cache this query until its TTL only when PostgreSQL cannot report everything it reads
+    /// (instead of refusing it).
+    #[serde(default)]
+    pub ttl_only: bool,
 }
 
 fn default_reply() -> ReplyKind {
@@ -662,6 +670,7 @@ impl Default for SqlConfig {
             max_rows: 100_000,
             max_result_bytes: 64 * 1024 * 1024,
             negative_ttl: 0,
+            ttl_only: false,
         }
     }
 }
@@ -698,6 +707,7 @@ pub fn builtin_emp_get() -> NamedQueryConfig {
         key_column: Some("employees.id".into()),
         key_arg: None,
         negative_ttl: None,
+        ttl_only: false,
     }
 }
 

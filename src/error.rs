@@ -167,6 +167,12 @@ pub enum Refusal {
     /// Read-only as far as PostgreSQL can tell, but not analysable: the parser's reason.
     #[error("ERR SQL.CACHED accepts a single read-only query that cachefront can analyse (its SQL parser says: {0})")]
     NotAnalysable(String),
+    /// PostgreSQL cannot report everything the query reads: the reason (`db::deps`).
+    #[error("ERR SQL.CACHED cannot keep this query fresh: {0} (set sql.ttl_only = true to cache such queries until their TTL)")]
+    UntrackableSql(String),
+    /// The same for a named query: its command, the reason.
+    #[error("ERR {0} cannot keep its query fresh: {1} (set ttl_only = true on the query to cache it until its TTL)")]
+    UntrackableNamed(String, String),
     #[error("ERR invalid expire time in 'sql.cached' command")]
     InvalidExpire,
     #[error("ERR SQL.CACHED parameters must be valid UTF-8 text")]

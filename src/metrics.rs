@@ -317,6 +317,17 @@ declare_metrics! {
         /// cachefront meta keys of the wrong type replaced by an invalidation.
         Counter meta_repairs: "meta_repairs",
             "cachefront meta keys of the wrong type replaced by an invalidation";
+        /// Entries stored for queries PostgreSQL cannot fully track, under the operator's
+        /// TTL-only opt-in (`sql.ttl_only`, a query's `ttl_only`): fresh only by expiry.
+        Counter ttl_only_fills: "ttl_only_fills",
+            "Entries stored TTL-only: their dependencies cannot be tracked, so they are fresh only by expiry";
+        /// Cached commands answered from PostgreSQL, nothing stored, because a table they read
+        /// does not report its writes yet (its trigger install or publication failed; retried).
+        Counter unwatched_reads: "unwatched_reads",
+            "Cached commands answered from PostgreSQL because a table they read does not report its writes yet";
+        /// Attempts to make a table report its writes (triggers, publication) that failed.
+        Counter watch_failures: "watch_failures",
+            "Attempts to install a table's invalidation triggers (or publish it) that failed and will be retried";
     }
     extra {
         latency: Latency,

@@ -284,7 +284,10 @@ async fn views_depend_on_their_tables() {
         .await
         .unwrap();
     let key = cachefront::cache::key::sql_key("", q.as_bytes(), &[] as &[&str]);
-    let deps: Vec<String> = v.smembers("cachefront:d:departments").await.unwrap();
+    let deps: Vec<String> = v
+        .smembers(format!("cachefront:d:{}", s.oid("departments")))
+        .await
+        .unwrap();
     assert_eq!(deps, vec![key.clone()]);
     s.pg()
         .await
@@ -479,9 +482,13 @@ async fn corrupted_meta_keys_do_not_stop_invalidation() {
     let depts = sql_cached(&mut c, DEPTS).await;
     assert!(!depts.contains("Money"), "{depts}");
     // A hash where a version counter lives, and a plain string where a row version lives.
-    let _: () = v.hset("cachefront:v:employees", "x", "1").await.unwrap();
+    let employees = s.oid("employees");
     let _: () = v
-        .set("cachefront:r:employees:id:2", "garbage")
+        .hset(format!("cachefront:v:{employees}"), "x", "1")
+        .await
+        .unwrap();
+    let _: () = v
+        .set(format!("cachefront:r:{employees}:id:2"), "garbage")
         .await
         .unwrap();
     let pg = s.pg().await;

@@ -11,14 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::Entry;
-
-/// One degraded table.
-struct Table {
-    since: Instant,
-    /// Other names entries may carry for it before resolution (views reading it).
-    aliases: Vec<String>,
-}
+use super::{Entry, Tracking};
 
 /// The degraded tables; "everything" while a flush of every table is pending and failing.
 #[derive(Default)]
@@ -30,7 +23,7 @@ pub struct Degraded {
 
 #[derive(Default)]
 struct Inner {
-    tables: HashMap<String, Table>,
+    tables: HashMap<String, Instant>,
     /// Since when every table is degraded (a flush of all of them is pending).
     all: Option<Instant>,
 }
@@ -51,17 +44,19 @@ impl Degraded {
         self.any.load(Ordering::Acquire)
     }
 
-    /// Whether a read of `entry` must bypass the cache (see `Cache::bypasses`).
+    /// Whether a read of `entry` must bypass the cache (see `Cache::bypasses`). An entry
+    /// whose dependencies this process has not resolved yet might read anything degraded.
     pub fn bypasses(&self, entry: &Entry) -> bool {
         self.any()
-            && self.covers(
-                entry
-                    .deps
-                    .tables
-                    .iter()
-                    .chain(entry.deps.row.as_ref().map(|r| &r.table))
-                    .map(String::as_str),
-            )
+            && (entry.deps.tracking == Tracking::Unresolved
+                || self.covers(
+                    entry
+                        .deps
+                        .tables
+                        .iter()
+                        .chain(entry.deps.row.as_ref().map(|r| &r.table))
+                        .map(String::as_str),
+                ))
     }
 
     /// Whether an entry read from `names` must bypass the cache.
@@ -70,24 +65,15 @@ impl Degraded {
             return false;
         }
         let inner = self.lock();
-        inner.all.is_some()
-            || names.any(|n| {
-                inner
-                    .tables
-                    .iter()
-                    .any(|(t, d)| t == n || d.aliases.iter().any(|a| a == n))
-            })
+        inner.all.is_some() || names.any(|n| inner.tables.contains_key(n))
     }
 
     /// Marks `table` degraded; true if it was not already (the caller logs the change once).
-    pub fn enter(&self, table: &str, aliases: Vec<String>) -> bool {
+    pub fn enter(&self, table: &str) -> bool {
         let mut inner = self.lock();
         let new = !inner.tables.contains_key(table);
         if new {
-            let since = Instant::now();
-            inner
-                .tables
-                .insert(table.to_string(), Table { since, aliases });
+            inner.tables.insert(table.to_string(), Instant::now());
         }
         self.any.store(true, Ordering::Release);
         new
@@ -105,7 +91,7 @@ impl Degraded {
     /// `table`'s invalidation was applied: how long it was degraded, if it was.
     pub fn leave(&self, table: &str) -> Option<Duration> {
         let mut inner = self.lock();
-        let left = inner.tables.remove(table).map(|t| t.since.elapsed());
+        let left = inner.tables.remove(table).map(|since| since.elapsed());
         self.any.store(inner.any(), Ordering::Release);
         left
     }
@@ -132,13 +118,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tables_and_aliases_are_covered_until_they_leave() {
+    fn tables_are_covered_until_they_leave() {
         let d = Degraded::default();
         assert!(!d.covers(["employees"].into_iter()));
-        assert!(d.enter("employees", vec!["staff_view".into()]));
-        assert!(!d.enter("employees", vec![]), "entered once");
+        assert!(d.enter("employees"));
+        assert!(!d.enter("employees"), "entered once");
         assert!(d.covers(["departments", "employees"].into_iter()));
-        assert!(d.covers(["staff_view"].into_iter()));
         assert!(!d.covers(["departments"].into_iter()));
         assert!(d.leave("employees").is_some());
         assert!(d.leave("employees").is_none());

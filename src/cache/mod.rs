@@ -27,11 +27,32 @@ use store::Store;
 /// What an entry was read from, so writes there drop it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Deps {
-    /// Tables any change to which drops the entry (normalised names).
+    /// Relations and functions (by OID, as PostgreSQL resolved them; see `db::deps`) any
+    /// change to which drops the entry.
     pub tables: Vec<String>,
     /// The one row (of a keyed table) the entry stands for: only that row's changes, or a
     /// table-wide event, drop it.
     pub row: Option<RowDep>,
+    /// Whether and how the entry is kept fresh.
+    pub tracking: Tracking,
+}
+
+/// How an entry is kept fresh. Decided by the invalidation layer when it resolves the
+/// entry's query, before any version is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tracking {
+    /// Not resolved yet in this process (a plan built before PostgreSQL was asked): `tables`
+    /// are unknown, so nothing may be decided from them.
+    #[default]
+    Unresolved,
+    /// Every dependency reports its changes: invalidated on write.
+    Tracked,
+    /// PostgreSQL cannot say everything the query reads, and the operator opted into
+    /// caching it anyway: no dependencies, fresh only by its TTL.
+    TtlOnly,
+    /// A table it reads does not report its writes yet (installing its triggers failed; it
+    /// is retried): answered from PostgreSQL and not stored.
+    Unwatched,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,15 +238,13 @@ impl Cache {
     }
 
     /// An invalidation of `table` could not be applied: its reads bypass the cache until
-    /// [`Cache::recovered`]. `aliases`: other names its entries may carry (views). Logs once.
-    pub fn degrade(&self, table: &str, aliases: Vec<String>, why: &crate::error::Error) {
-        let mut names = aliases.clone();
-        names.push(table.to_string());
-        if self.degraded.enter(table, aliases) {
+    /// [`Cache::recovered`]. Logs once.
+    pub fn degrade(&self, table: &str, why: &crate::error::Error) {
+        if self.degraded.enter(table) {
             tracing::warn!(table = %table, error = %why, "cannot apply an invalidation; reads of this table bypass the cache until it is applied");
         }
         // After entering: an L1 insert racing this sees the table degraded or is dropped here.
-        self.l1.invalidate_tables(&names, true);
+        self.l1.invalidate_tables(&[table.to_string()], true);
     }
 
     /// Like [`Cache::degrade`], for every table (a flush of all of them is pending).
@@ -295,7 +314,15 @@ impl Cache {
         Fut: Future<Output = Result<Value>> + Send + 'static,
     {
         if self.bypasses(&entry) {
-            return self.read_degraded(entry, load).await;
+            inc(&self.metrics.degraded_reads);
+            return self.read_uncached(entry, load).await;
+        }
+        if matches!(
+            entry.deps.tracking,
+            Tracking::Unresolved | Tracking::Unwatched
+        ) {
+            inc(&self.metrics.unwatched_reads);
+            return self.read_uncached(entry, load).await;
         }
         self.register(&entry.tables()).await;
         let ctx = FillCtx {
@@ -322,14 +349,14 @@ impl Cache {
         result
     }
 
-    /// A read of a degraded entry: from PostgreSQL, stored nowhere. Concurrent reads of one
-    /// key still share one query (under a key of their own, apart from fills).
-    async fn read_degraded<F, Fut>(&self, entry: Entry, load: F) -> Result<(Value, CacheStatus)>
+    /// A read of an entry the cache cannot vouch for (degraded, or not watched): from
+    /// PostgreSQL, stored nowhere. Concurrent reads of one key still share one query (under
+    /// a key of their own, apart from fills).
+    async fn read_uncached<F, Fut>(&self, entry: Entry, load: F) -> Result<(Value, CacheStatus)>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Value>> + Send + 'static,
     {
-        inc(&self.metrics.degraded_reads);
         let metrics = Arc::clone(&self.metrics);
         let read = async move {
             inc(&metrics.db_queries);
@@ -503,6 +530,9 @@ impl FillCtx {
         match self.store.store(&target, &stored_value, &versions).await {
             Ok(true) => {
                 inc(&self.metrics.fills);
+                if target.deps.tracking == Tracking::TtlOnly {
+                    inc(&self.metrics.ttl_only_fills);
+                }
                 self.recent.insert(
                     target.key,
                     Freshness {

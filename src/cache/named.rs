@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::cache::key::KeyTemplate;
-use crate::cache::{Deps, RowDep};
 use crate::config::{ArgType, Config, NamedQueryConfig, ReplyKind};
 use crate::error::Refusal;
 
@@ -67,10 +66,10 @@ pub struct NamedQuery {
     pub args: Vec<ArgType>,
     pub arg_names: Vec<String>,
     pub summary: String,
-    /// Tables the SQL reads, except the row-keyed one: any write to them drops every entry.
-    pub tables: Vec<String>,
     /// When entries stand for one row each (`key_column`): which table, column and argument.
     pub row_key: Option<RowKey>,
+    /// Cache it until its TTL only if PostgreSQL cannot report everything it reads.
+    pub ttl_only: bool,
     /// Seconds to remember "no row", if at all.
     pub negative_ttl: Option<u64>,
 }
@@ -78,6 +77,7 @@ pub struct NamedQuery {
 /// A named query's binding of one argument to one table column.
 #[derive(Debug, Clone)]
 pub struct RowKey {
+    /// The table as the configuration names it; PostgreSQL resolves it (`search_path`).
     pub table: String,
     pub column: String,
     /// 0-based argument index.
@@ -91,20 +91,15 @@ impl NamedQuery {
         default_ttl: u64,
         default_negative_ttl: u64,
     ) -> Result<NamedQuery, String> {
-        let analysis = crate::db::sql::check_read_only(&c.sql).map_err(|e| e.to_string())?;
+        crate::db::sql::check_read_only(&c.sql).map_err(|e| e.to_string())?;
         let row_key = c.key_column.as_ref().and_then(|kc| {
             let (t, col) = kc.split_once('.')?;
             Some(RowKey {
-                table: crate::db::sql::normalize_table_text(t),
+                table: t.trim().to_string(),
                 column: crate::db::sql::normalize_table_text(col),
                 arg: c.key_arg.unwrap_or(1) - 1,
             })
         });
-        let tables = analysis
-            .tables
-            .into_iter()
-            .filter(|t| row_key.as_ref().is_none_or(|r| &r.table != t))
-            .collect();
         Ok(NamedQuery {
             name: c.command.to_ascii_uppercase(),
             sql: Arc::from(c.sql.as_str()),
@@ -118,21 +113,12 @@ impl NamedQuery {
             } else {
                 c.summary.clone()
             },
-            tables,
             row_key,
+            ttl_only: c.ttl_only,
             negative_ttl: c
                 .negative_ttl
                 .or((default_negative_ttl > 0).then_some(default_negative_ttl)),
         })
-    }
-
-    /// Every table the query reads.
-    pub fn all_tables(&self) -> Vec<String> {
-        let mut t = self.tables.clone();
-        if let Some(r) = &self.row_key {
-            t.push(r.table.clone());
-        }
-        t
     }
 
     /// The entry key for the row whose key column has `value` (row-keyed queries only use
@@ -146,18 +132,6 @@ impl NamedQuery {
             }
         }
         self.key.render(&args)
-    }
-
-    /// What an entry for these arguments depends on.
-    pub fn deps(&self, args: &[String]) -> Deps {
-        Deps {
-            tables: self.tables.clone(),
-            row: self.row_key.as_ref().map(|r| RowDep {
-                table: r.table.clone(),
-                column: r.column.clone(),
-                value: args.get(r.arg).cloned().unwrap_or_default(),
-            }),
-        }
     }
 
     /// The noun used for argument `i` in error messages ("employee id").

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::l1::Ticket;
-use super::{Cache, CacheStatus, Deps, Entry, FillOptions, Value};
+use super::{Cache, CacheStatus, Deps, Entry, FillOptions, Tracking, Value};
 use crate::config::ReplyKind;
 use crate::error::{Error, Result};
 use crate::metrics::inc;
@@ -29,7 +29,7 @@ use crate::protocol::{Proto, Reply};
 pub trait Source: Send + Sync + 'static {
     /// The entry ready for a fill through the cache (its tables resolved and notifying),
     /// before any version is read.
-    fn prepare(&self, entry: Entry) -> BoxFuture<'static, Result<Entry>>;
+    fn prepare(self: Arc<Self>, entry: Entry) -> BoxFuture<'static, Result<Entry>>;
     /// Queries PostgreSQL. `deps`: the versions the fill checks, when it goes through the
     /// cache; `None` when the answer comes straight from PostgreSQL.
     fn load(self: Arc<Self>, deps: Option<Deps>) -> BoxFuture<'static, Result<Value>>;
@@ -199,7 +199,9 @@ impl Cache {
         let bypass = self.bypasses(&plan.entry);
         match reply {
             Ok(frame) if is_hit(&frame) && !bypass => {
-                if let Some(t) = ticket.filter(|_| !frame.starts_with(b"-")) {
+                // The L1 drops items by their dependencies: only resolved ones may enter.
+                let resolved = plan.entry.deps.tracking != Tracking::Unresolved;
+                if let Some(t) = ticket.filter(|_| resolved && !frame.starts_with(b"-")) {
                     let entry = &plan.entry;
                     let hash = plan.kind == ReplyKind::Hash;
                     let deps = entry.l1_deps();
@@ -258,7 +260,7 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
     let started = Instant::now();
     let result = match mode {
         Mode::Direct => load_direct(&cache, Arc::clone(&source)).await,
-        Mode::Cache { refresh } => match source.prepare(entry).await {
+        Mode::Cache { refresh } => match Arc::clone(&source).prepare(entry).await {
             Ok(entry) => {
                 let deps = entry.deps.clone();
                 let load = Arc::clone(&source);
@@ -269,7 +271,13 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
                 };
                 cache.fill(entry, opts, move || load.load(Some(deps))).await
             }
-            Err(e) => Err(e),
+            // Resolving asked PostgreSQL (a missing table, a syntax error): its error counts.
+            Err(e) => {
+                if matches!(e, Error::Db(_)) {
+                    inc(&cache.metrics.db_errors);
+                }
+                Err(e)
+            }
         },
     };
     if let Ok((_, CacheStatus::Miss | CacheStatus::FailOpen)) = &result {
@@ -331,7 +339,7 @@ mod tests {
     }
 
     impl Source for Fake {
-        fn prepare(&self, entry: Entry) -> BoxFuture<'static, Result<Entry>> {
+        fn prepare(self: Arc<Self>, entry: Entry) -> BoxFuture<'static, Result<Entry>> {
             async move { Ok(entry) }.boxed()
         }
         fn load(self: Arc<Self>, _deps: Option<Deps>) -> BoxFuture<'static, Result<Value>> {
@@ -372,6 +380,7 @@ mod tests {
                 deps: Deps {
                     tables: vec![table.to_string()],
                     row: None,
+                    tracking: Tracking::Tracked,
                 },
             },
             kind: ReplyKind::Value,
@@ -534,7 +543,7 @@ mod tests {
         let src = fake(Value::String(Bytes::from_static(b"bob")));
         let before = lookup(begin(&cache, "emp:1", &src));
         in_l1(&cache, "emp:1", FRAME);
-        cache.degrade("emp", Vec::new(), &Error::upstream("down"));
+        cache.degrade("emp", &Error::upstream("down"));
         let (reply, status) = match begin(&cache, "emp:1", &src) {
             Begin::Fill(f) => f.await,
             _ => panic!("a degraded entry bypasses the cache"),

@@ -159,7 +159,7 @@ impl Context {
 
     /// The figures computed when asked (pools, L1, degraded mode), in INFO order; each is
     /// named here once for both INFO and Prometheus.
-    pub fn computed(&self) -> [Computed; 10] {
+    pub fn computed(&self) -> [Computed; 12] {
         let (size, available) = self.db.pool_status();
         let (entries, bytes) = self.cache.l1.usage();
         let (all, degraded) = self.cache.degraded.snapshot();
@@ -232,6 +232,22 @@ impl Context {
                     "Tables whose reads bypass the cache until a pending invalidation is applied",
                 )),
                 degraded.len() as u64,
+            ),
+            c(
+                Some("invalidation_ddl_hook"),
+                Some((
+                    "invalidation_ddl_hook",
+                    "1 while the DDL event trigger reports schema changes (0: DDL on cached tables is not seen)",
+                )),
+                flag(self.invalidation.ddl_hook_missing().is_none()),
+            ),
+            c(
+                Some("invalidation_unwatched_tables"),
+                Some((
+                    "invalidation_unwatched_tables",
+                    "Tables whose triggers could not be installed: reads depending on them answer from PostgreSQL",
+                )),
+                self.invalidation.unwatched().len() as u64,
             ),
         ]
     }

@@ -10,11 +10,13 @@ use std::sync::Arc;
 use super::named_query::NamedQuery;
 use super::Action;
 use super::Context;
+use crate::cache::named::RowKey;
 use crate::cache::read::{self, Plan};
-use crate::cache::{Deps, Entry, Value};
+use crate::cache::{Deps, Entry, Tracking, Value};
 use crate::config::ReplyKind;
 use crate::db::{Collect, DbError, QueryResult, ResultLimits, Rows, Served};
 use crate::error::{Error, Refusal, Result};
+use crate::invalidation::Untrackable;
 use crate::metrics::inc;
 use crate::protocol::Proto;
 
@@ -41,10 +43,12 @@ pub struct Load {
     key: String,
 }
 
-/// The plan of a cached read of `entry` from `source`, for a client speaking `proto`.
+/// The plan of a cached read of `entry` from `source`, for a client speaking `proto`. The
+/// entry's dependencies are what this process already resolved for the query, if anything
+/// (see [`known_deps`]); the fill resolves them for sure before reading any version.
 pub fn plan(
     ctx: &Arc<Context>,
-    entry: Entry,
+    mut entry: Entry,
     source: Source,
     kind: ReplyKind,
     proto: Proto,
@@ -56,6 +60,7 @@ pub fn plan(
             (ttl > 0).then_some(ttl)
         }
     };
+    entry.deps = known_deps(ctx, &source);
     let load = Load {
         ctx: Arc::clone(ctx),
         source,
@@ -71,10 +76,72 @@ pub fn plan(
     }
 }
 
+impl Source {
+    fn sql(&self) -> &str {
+        match self {
+            Source::Named { query, .. } => &query.sql,
+            Source::Sql { sql, .. } => sql,
+        }
+    }
+
+    /// For a row-keyed named query: the query, its key binding and this entry's key value.
+    fn row(&self) -> Option<(&Arc<NamedQuery>, &RowKey, &str)> {
+        match self {
+            Source::Named { query, args } => {
+                let rk = query.row_key.as_ref()?;
+                Some((
+                    query,
+                    rk,
+                    args.get(rk.arg).map(String::as_str).unwrap_or_default(),
+                ))
+            }
+            Source::Sql { .. } => None,
+        }
+    }
+
+    /// Whether the operator opted into TTL-only caching for this query.
+    fn ttl_only(&self, ctx: &Context) -> bool {
+        match self {
+            Source::Named { query, .. } => query.ttl_only,
+            Source::Sql { .. } => ctx.config().sql.ttl_only,
+        }
+    }
+
+    /// The refusal of a query PostgreSQL cannot fully track.
+    fn untrackable(&self, why: Untrackable) -> Error {
+        match self {
+            Source::Named { query, .. } => Refusal::UntrackableNamed(query.name.clone(), why.0),
+            Source::Sql { .. } => Refusal::UntrackableSql(why.0),
+        }
+        .into()
+    }
+}
+
+/// An entry's dependencies from what this process has already resolved, without asking
+/// PostgreSQL: unresolved if it has not (then a hit neither enters the L1 nor passes while
+/// anything is degraded; the fill resolves).
+fn known_deps(ctx: &Context, source: &Source) -> Deps {
+    let inv = &ctx.invalidation;
+    let Some(res) = inv.known(source.sql()) else {
+        return Deps::default();
+    };
+    let row = match source.row() {
+        None => None,
+        Some((_, rk, value)) => match inv.known_table(&rk.table) {
+            Some((oid, family)) => Some((oid, family, rk.column.as_str(), value)),
+            None => return Deps::default(),
+        },
+    };
+    let row = row
+        .as_ref()
+        .map(|(oid, f, c, v)| (*oid, f.as_ref(), *c, *v));
+    inv.deps_for(&res, row, source.ttl_only(ctx))
+        .unwrap_or_default()
+}
+
 impl read::Source for Load {
-    fn prepare(&self, entry: Entry) -> BoxFuture<'static, Result<Entry>> {
-        let ctx = Arc::clone(&self.ctx);
-        async move { prepare(&ctx, entry).await }.boxed()
+    fn prepare(self: Arc<Self>, entry: Entry) -> BoxFuture<'static, Result<Entry>> {
+        async move { prepare(&self.ctx, &self.source, entry).await }.boxed()
     }
 
     fn load(self: Arc<Self>, deps: Option<Deps>) -> BoxFuture<'static, Result<Value>> {
@@ -146,28 +213,52 @@ impl SlowNote {
     }
 }
 
-/// Resolves the entry's tables (views to their tables) and makes sure they notify on writes,
-/// before any version is read.
-async fn prepare(ctx: &Context, mut entry: Entry) -> Result<Entry> {
+/// Resolves what the entry depends on (PostgreSQL's analysis of the query, see
+/// `db::deps`) and makes sure every table among it reports its writes, before any version
+/// is read. A query PostgreSQL cannot fully track is refused unless the operator opted into
+/// TTL-only caching for it.
+async fn prepare(ctx: &Context, source: &Source, mut entry: Entry) -> Result<Entry> {
     ctx.wait_listening(std::time::Duration::from_millis(
         ctx.config().postgres.connect_timeout_ms,
     ))
     .await;
-    let mut names = entry.deps.tables.clone();
-    if let Some(r) = &entry.deps.row {
-        names.push(r.table.clone());
-    }
-    let resolved =
-        tokio::time::timeout(ctx.db.deadline(), ctx.invalidation.prepare(&ctx.db, &names))
-            .await
-            .map_err(|_| {
-                Error::db("database unavailable: no answer while resolving the query's tables")
-            })??;
-    let row_table = entry.deps.row.as_ref().map(|r| r.table.clone());
-    entry.deps.tables = resolved
-        .into_iter()
-        .filter(|t| Some(t) != row_table.as_ref())
-        .collect();
+    let resolving = async {
+        let inv = &ctx.invalidation;
+        let res = inv.resolve(&ctx.db, source.sql()).await?;
+        let row = match source.row() {
+            None => None,
+            Some((query, rk, value)) => {
+                let Some((oid, family)) = inv.key_table(&ctx.db, query).await? else {
+                    return Err(Error::db(format!(
+                        "relation \"{}\" (the query's key_column table) does not exist",
+                        rk.table
+                    )));
+                };
+                Some((oid, family, rk.column.as_str(), value))
+            }
+        };
+        let row_ref = row
+            .as_ref()
+            .map(|(oid, f, c, v)| (*oid, f.as_ref(), *c, *v));
+        let mut deps = inv
+            .deps_for(&res, row_ref, source.ttl_only(ctx))
+            .map_err(|why| source.untrackable(why))?;
+        if deps.tracking == Tracking::Tracked {
+            let family_watched = match &row {
+                Some((_, family, ..)) => inv.watch(&ctx.db, family).await,
+                None => true,
+            };
+            if !(inv.watch(&ctx.db, &res).await && family_watched) {
+                deps.tracking = Tracking::Unwatched;
+            }
+        }
+        Ok(deps)
+    };
+    entry.deps = tokio::time::timeout(ctx.db.deadline(), resolving)
+        .await
+        .map_err(|_| {
+            Error::db("database unavailable: no answer while resolving the query's dependencies")
+        })??;
     Ok(entry)
 }
 

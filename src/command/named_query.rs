@@ -10,7 +10,7 @@ use super::fill::{plan, route, Source};
 use super::Context;
 use super::{wrong_args, Action};
 pub use crate::cache::named::{NamedQuery, RowKey};
-use crate::cache::Entry;
+use crate::cache::{Deps, Entry};
 use crate::config::ArgType;
 use crate::error::Refusal;
 use crate::protocol::request::parse_i64_strict;
@@ -68,7 +68,7 @@ pub fn dispatch(
         let entry = Entry {
             key,
             ttl: ctx.cache.jittered_ttl(q.ttl),
-            deps: q.deps(&args),
+            deps: Deps::default(),
         };
         let source = Source::Named {
             query: Arc::clone(q),

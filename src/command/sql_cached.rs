@@ -82,15 +82,15 @@ pub fn dispatch(ctx: &Arc<Context>, session: &Session, req: &Request) -> Action 
     }
     let checked = ctx
         .sql_checks
-        .get_with_by_ref(sql, || check_read_only(sql).map(|a| a.tables));
-    let tables = match checked {
-        Ok(t) => t,
+        .get_with_by_ref(sql, || check_read_only(sql).map(|_| ()));
+    match checked {
+        Ok(()) => {}
         Err(SqlError::NotReadOnly(why)) => {
             tracing::debug!(reason = %why, "SQL.CACHED refused");
             return Action::Reply(Refusal::NotReadOnly.reply());
         }
         Err(SqlError::Parse(why)) => return explain_parse_failure(ctx, sql.to_string(), why),
-    };
+    }
     let key = sql_key(&cfg.key_prefix, &p.query, &p.params);
     if !session.user.key_allowed(key.as_bytes()) {
         return Action::Reply(Refusal::NoPermKey.reply());
@@ -100,7 +100,7 @@ pub fn dispatch(ctx: &Arc<Context>, session: &Session, req: &Request) -> Action 
         let entry = Entry {
             key,
             ttl: ctx.cache.jittered_ttl(ttl),
-            deps: Deps { tables, row: None },
+            deps: Deps::default(),
         };
         let source = Source::Sql {
             sql: sql.to_string(),

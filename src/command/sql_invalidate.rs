@@ -1,4 +1,6 @@
 //! `SQL.INVALIDATE <table> [<table> …]`: drop every entry read from the tables; reply the count.
+//! Names are resolved by PostgreSQL as a query would resolve them (`search_path`, quoting,
+//! `schema.table`); entries depend on relations by OID.
 
 use futures::FutureExt;
 use std::sync::Arc;
@@ -6,7 +8,6 @@ use std::sync::Arc;
 use super::Action;
 use super::Context;
 use crate::cache::Version;
-use crate::db::sql::normalize_table_text;
 use crate::error::Refusal;
 use crate::protocol::{Reply, Request};
 
@@ -15,7 +16,7 @@ pub fn dispatch(ctx: &Arc<Context>, req: &Request) -> Action {
     let mut tables = Vec::with_capacity(req.args.len());
     for a in req.args.iter().skip(1) {
         match std::str::from_utf8(a) {
-            Ok(t) if !t.trim().is_empty() => tables.push(normalize_table_text(t)),
+            Ok(t) if !t.trim().is_empty() => tables.push(t.trim().to_string()),
             _ => {
                 return Action::Reply(
                     Refusal::InvalidTable(String::from_utf8_lossy(a).into_owned()).reply(),
@@ -23,11 +24,13 @@ pub fn dispatch(ctx: &Arc<Context>, req: &Request) -> Action {
             }
         }
     }
-    tables.sort();
-    tables.dedup();
     let ctx = Arc::clone(ctx);
     Action::Task(
         async move {
+            let tables = match resolve(&ctx, &tables).await {
+                Ok(t) => t,
+                Err(e) => return e.to_reply(),
+            };
             // With read replicas, refills must see what the caller wrote before asking (see
             // `db::replicas`). Dropping entries is always safe, so a primary that cannot say
             // where its WAL is does not stop that.
@@ -44,4 +47,18 @@ pub fn dispatch(ctx: &Arc<Context>, req: &Request) -> Action {
         }
         .boxed(),
     )
+}
+
+/// The OIDs (as entries know them) of the named relations that exist; a name PostgreSQL does
+/// not know has no entries.
+async fn resolve(ctx: &Context, names: &[String]) -> crate::error::Result<Vec<String>> {
+    let mut oids = Vec::with_capacity(names.len());
+    for name in names {
+        if let Some((oid, _)) = ctx.invalidation.resolve_table(&ctx.db, name).await? {
+            oids.push(oid.to_string());
+        }
+    }
+    oids.sort();
+    oids.dedup();
+    Ok(oids)
 }

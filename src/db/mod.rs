@@ -1,5 +1,6 @@
 //! PostgreSQL: a pool, read-only execution, and rows rendered as the SPEC's JSON.
 
+pub mod deps;
 pub mod replicas;
 pub mod rows;
 pub mod sql;
@@ -449,6 +450,18 @@ impl Db {
         }
     }
 
+    /// A DDL statement may have changed what a prepared statement returns (PostgreSQL then
+    /// refuses it: "cached plan must not change result type"): every pooled connection, of
+    /// the primary and the replicas, forgets its prepared statements and prepares again.
+    pub fn schema_changed(&self) {
+        self.pool.manager().statement_caches.clear();
+        if let Some(set) = &self.replicas {
+            for r in &set.members {
+                r.pool.manager().statement_caches.clear();
+            }
+        }
+    }
+
     /// Runs a fill's query: on a replica that has replayed WAL position `must_see` and is
     /// within the lag bound (see [`replicas`]), else on the primary. A replica that turns out
     /// to be behind, or fails as a server rather than on the query, hands the query to the
@@ -460,7 +473,23 @@ impl Db {
             Option<u64>,
         ) -> futures::future::BoxFuture<'a, Result<Attempt, DbError>>,
     {
-        let work = &work;
+        match self.fill_query_once(must_see, &work).await {
+            // A DDL statement ran before its notification arrived: prepare again, once.
+            Err(e) if e.code() == Some("0A000") => {
+                self.schema_changed();
+                self.fill_query_once(must_see, &work).await
+            }
+            other => other,
+        }
+    }
+
+    async fn fill_query_once<F>(&self, must_see: u64, work: &F) -> Result<QueryResult, DbError>
+    where
+        F: for<'a> Fn(
+            &'a mut deadpool_postgres::Object,
+            Option<u64>,
+        ) -> futures::future::BoxFuture<'a, Result<Attempt, DbError>>,
+    {
         let Some(set) = &self.replicas else {
             return self.on_primary(work, Served::Primary).await;
         };

@@ -14,45 +14,63 @@
 //! themselves (see `cache::store`).
 
 use futures::StreamExt;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_postgres::AsyncMessage;
 
 use tokio::sync::watch;
 
+use crate::cache::coalesce::Coalescer;
 use crate::cache::named::{Named, NamedQuery};
 use crate::cache::{Cache, Version};
 use crate::config::InvalidationConfig;
-use crate::db::triggers::{self, TableRef};
+use crate::db::triggers;
 use crate::db::{Db, DbError};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::metrics::{inc, Metrics};
 use pending::{Change, Pending, Work};
+pub use resolve::{Resolution, Untrackable};
 
 pub mod pending;
+mod resolve;
 
-/// A named query whose key is one row's key value.
+/// A named query whose key is one row's key value, as seen from one table of the key
+/// table's family (the key table itself, its partitions or children, its ancestors).
+#[derive(Clone)]
 struct RowBinding {
+    /// The key table's OID: the row versions live under it.
+    row_table: String,
     column: String,
     query: Arc<NamedQuery>,
 }
 
-/// What the invalidation side knows: which tables have triggers, how names resolve, which
-/// named queries are keyed by which column, and whether the listener is listening.
+/// What the invalidation side knows: what each cached query depends on (as PostgreSQL
+/// resolved it), which tables report their writes, which named queries are keyed by which
+/// column, and whether the listener is listening.
 pub struct Invalidation {
     cfg: InvalidationConfig,
     metrics: Arc<Metrics>,
-    /// Row-keyed named queries by table.
+    /// The named queries in force (their dependencies are resolved when the listener starts).
+    named: Mutex<Named>,
+    /// Row-keyed named queries, by the OID of each table whose writes carry their rows.
     bindings: Mutex<Arc<HashMap<String, Vec<RowBinding>>>>,
-    /// Every table the named queries read (their triggers are installed up front).
-    named_tables: Mutex<Vec<String>>,
     /// Whether the listener is connected and listening.
     listening: watch::Sender<bool>,
-    /// Relation name → the base tables behind it (itself, or a view's tables).
-    resolved: Mutex<HashMap<String, Vec<TableRef>>>,
-    /// Tables whose triggers this process has installed or checked.
-    triggered: Mutex<HashSet<TableRef>>,
+    /// Query texts (and key table names) → what PostgreSQL resolved them to. Emptied by any
+    /// DDL, so the next fill asks again; a failure is never kept.
+    resolutions: Mutex<HashMap<String, Arc<Resolution>>>,
+    /// Bumped with every emptying of `resolutions`: a resolution that raced a DDL is not kept.
+    generation: AtomicU64,
+    /// Resolutions being asked, by query text: concurrent misses share one.
+    resolving: Arc<Coalescer<Arc<Resolution>>>,
+    /// Tables whose triggers this process has checked (with the key columns then bound).
+    watched: Mutex<HashSet<u32>>,
+    /// Tables whose triggers could not be installed, and when that was last tried.
+    unwatched: Mutex<HashMap<u32, Instant>>,
+    /// Why the DDL event trigger is not in place (`None` while it is, or before the check).
+    ddl_hook_missing: Mutex<Option<String>>,
 }
 
 impl Invalidation {
@@ -60,23 +78,24 @@ impl Invalidation {
         Invalidation {
             cfg: cfg.clone(),
             metrics,
-            bindings: Mutex::new(Arc::new(row_bindings(named))),
-            named_tables: Mutex::new(named_tables(named)),
+            named: Mutex::new(named.clone()),
+            bindings: Mutex::new(Arc::new(HashMap::new())),
             listening: watch::Sender::new(false),
-            resolved: Mutex::new(HashMap::new()),
-            triggered: Mutex::new(HashSet::new()),
+            resolutions: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            resolving: Arc::new(Coalescer::default()),
+            watched: Mutex::new(HashSet::new()),
+            unwatched: Mutex::new(HashMap::new()),
+            ddl_hook_missing: Mutex::new(None),
         }
     }
 
-    /// After a reload: the named queries now in force. Tables whose key columns changed get
-    /// their triggers checked again on next use.
+    /// After a reload: the named queries now in force. Their bindings are made again as
+    /// they are resolved, and tables are checked again for the key columns then bound.
     pub fn set_named(&self, named: &Named) {
-        *self.bindings.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(row_bindings(named));
-        *self.named_tables.lock().unwrap_or_else(|p| p.into_inner()) = named_tables(named);
-        self.triggered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        *lock(&self.named) = named.clone();
+        *lock(&self.bindings) = Arc::new(HashMap::new());
+        lock(&self.watched).clear();
     }
 
     /// Whether the listener is connected and listening.
@@ -108,140 +127,138 @@ impl Invalidation {
     }
 
     fn bindings(&self) -> Arc<HashMap<String, Vec<RowBinding>>> {
-        Arc::clone(&self.bindings.lock().unwrap_or_else(|p| p.into_inner()))
+        Arc::clone(&lock(&self.bindings))
     }
 
-    /// Key columns whose values notifications for `table` must carry.
-    fn key_columns(&self, table: &str) -> Vec<String> {
-        let mut cols: Vec<String> = self
+    /// Key columns whose values notifications for the table `oid` must carry.
+    fn key_columns(&self, oid: u32) -> Vec<String> {
+        let cols: BTreeSet<String> = self
             .bindings()
-            .get(table)
+            .get(&oid.to_string())
             .map(|b| b.iter().map(|b| b.column.clone()).collect())
             .unwrap_or_default();
-        cols.sort();
-        cols.dedup();
-        cols
+        cols.into_iter().collect()
     }
 
-    /// Before a fill: turns the relation names a query reads into the base tables to depend
-    /// on (a view becomes its tables) and makes sure those tables notify. Names PostgreSQL
-    /// does not know are kept as they are.
-    pub async fn prepare(&self, db: &Db, names: &[String]) -> Result<Vec<String>> {
-        if !self.cfg.enabled || names.is_empty() {
-            return Ok(names.to_vec());
+    /// Binds a row-keyed query to every table of its key table's family (`family`, which
+    /// includes `row_table`): their notifications carry the key column, and a change there is
+    /// a change of the row under `row_table`. Tables newly bound are checked again, so their
+    /// triggers carry the column. Binding again as before changes nothing.
+    fn bind_rows(&self, query: &Arc<NamedQuery>, row_table: u32, family: &[u32]) {
+        let Some(rk) = &query.row_key else { return };
+        let row_table = row_table.to_string();
+        let mut bindings = lock(&self.bindings);
+        let bound_to = |t: &str| {
+            bindings.get(t).is_some_and(|list| {
+                list.iter()
+                    .any(|b| b.query.name == query.name && b.row_table == row_table)
+            })
+        };
+        let already: usize = bindings
+            .values()
+            .flatten()
+            .filter(|b| b.query.name == query.name)
+            .count();
+        if already == family.len() && family.iter().all(|t| bound_to(&t.to_string())) {
+            return;
         }
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            let cached = self
-                .resolved
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(name)
-                .cloned();
-            let tables = match cached {
-                Some(t) => t,
-                None => {
-                    let client = db.client().await.map_err(Error::from)?;
-                    let t = triggers::resolve(&client, name)
-                        .await
-                        .map_err(Error::from)?;
-                    self.resolved
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(name.clone(), t.clone());
-                    t
+        let mut next: HashMap<String, Vec<RowBinding>> = HashMap::new();
+        for (t, list) in bindings.iter() {
+            let kept = list
+                .iter()
+                .filter(|b| b.query.name != query.name)
+                .map(RowBinding::clone)
+                .collect();
+            next.insert(t.clone(), kept);
+        }
+        let mut watched = lock(&self.watched);
+        for oid in family {
+            next.entry(oid.to_string()).or_default().push(RowBinding {
+                row_table: row_table.clone(),
+                column: rk.column.clone(),
+                query: Arc::clone(query),
+            });
+            watched.remove(oid);
+        }
+        next.retain(|_, v| !v.is_empty());
+        *bindings = Arc::new(next);
+    }
+
+    /// Installs the DDL hook, and resolves and watches every named query plus
+    /// `invalidation.tables`, so their tables report writes before the first miss.
+    pub async fn install_configured(self: &Arc<Self>, db: &Db) -> Result<()> {
+        self.install_ddl_hook(db).await;
+        let named: Vec<Arc<NamedQuery>> = lock(&self.named).values().cloned().collect();
+        let mut first_error = None;
+        for q in named {
+            if let Err(e) = self.prepare_named(db, &q).await {
+                tracing::warn!(command = %q.name, error = %e, "cannot resolve a named query's dependencies yet");
+                first_error.get_or_insert(e);
+            }
+        }
+        for name in &self.cfg.tables {
+            match self.resolve_table(db, name).await {
+                Ok(Some((_, res))) => {
+                    self.watch(db, &res).await;
                 }
-            };
-            if tables.is_empty() {
-                out.push(name.clone());
-            }
-            for t in tables {
-                self.ensure_triggers(db, &t).await?;
-                out.push(crate::db::sql::normalize_table_text(
-                    &triggers::quote_ident(&t.name),
-                ));
+                Ok(None) => {
+                    tracing::warn!(table = %name, "invalidation.tables names a relation PostgreSQL does not know")
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        out.sort();
-        out.dedup();
-        Ok(out)
+        first_error.map_or(Ok(()), Err)
     }
 
-    /// Installs the table's triggers once per process (when `install_triggers` is on).
-    async fn ensure_triggers(&self, db: &Db, table: &TableRef) -> Result<()> {
-        if !self.cfg.install_triggers
-            || self
-                .triggered
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(table)
-        {
-            return Ok(());
+    /// Resolves a named query (and its key table) and makes its tables report writes.
+    async fn prepare_named(self: &Arc<Self>, db: &Db, q: &Arc<NamedQuery>) -> Result<()> {
+        let res = self.resolve(db, &q.sql).await?;
+        if let Some((_, family)) = self.key_table(db, q).await? {
+            self.watch(db, &family).await;
         }
-        let mut client = db.client().await.map_err(Error::from)?;
-        let cols = self.key_columns(&table.name);
-        if let Err(e) = triggers::install(&mut client, &self.cfg, table, &cols).await {
-            // Without triggers the entries still expire by TTL; say so loudly, once.
-            tracing::error!(table = %table.name, error = %e, "cannot install invalidation triggers; entries of this table will only expire by TTL (run `cachefront triggers install` as the table owner)");
-        } else {
-            tracing::info!(table = %table.name, key_columns = ?cols, "invalidation triggers in place");
-        }
-        self.triggered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(table.clone());
+        self.watch(db, &res).await;
         Ok(())
     }
 
-    /// Installs triggers for every table named queries read plus `invalidation.tables`.
-    pub async fn install_configured(&self, db: &Db) -> Result<()> {
-        let mut names = self
-            .named_tables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        names.extend(
-            self.cfg
-                .tables
-                .iter()
-                .map(|t| crate::db::sql::normalize_table_text(t)),
-        );
-        names.sort();
-        names.dedup();
-        self.prepare(db, &names).await.map(|_| ())
+    /// Installs the DDL event trigger if it is missing (and `install_triggers` is on); notes
+    /// why it is not there otherwise.
+    async fn install_ddl_hook(&self, db: &Db) {
+        let result = async {
+            let mut client = db.client().await?;
+            if self.cfg.install_triggers {
+                triggers::install_ddl_hook(&mut client, &self.cfg).await?;
+            }
+            triggers::ddl_hook_installed(&client).await
+        }
+        .await;
+        let missing = match result {
+            Ok(true) => None,
+            Ok(false) => Some("not installed (run `cachefront triggers install` as a superuser)".to_string()),
+            Err(e) => Some(format!("cannot install it: {e} (it needs a superuser; run `cachefront triggers install` as one)")),
+        };
+        if let Some(why) = &missing {
+            tracing::error!(reason = %why, "the DDL event trigger is not in place: DDL on cached tables is not seen, and materialized views are not cached");
+        }
+        *lock(&self.ddl_hook_missing) = missing;
     }
 
-    /// Other names entries may carry for `table` before resolution: relations (views) this
-    /// process resolved to it. Their reads bypass the cache with it while it is degraded.
-    fn aliases(&self, table: &str) -> Vec<String> {
-        let resolved = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
-        resolved
-            .iter()
-            .filter(|(name, tables)| {
-                name.as_str() != table
-                    && tables.iter().any(|t| {
-                        crate::db::sql::normalize_table_text(&triggers::quote_ident(&t.name))
-                            == table
-                    })
-            })
-            .map(|(name, _)| name.clone())
-            .collect()
+    /// For INFO: why the DDL hook is missing, if it is.
+    pub fn ddl_hook_missing(&self) -> Option<String> {
+        lock(&self.ddl_hook_missing).clone()
     }
 
     /// Entry keys (and negative-cache markers) of row-keyed named queries for these rows.
     fn row_entry_keys(
         &self,
         cache: &Cache,
-        table: &str,
+        bound: &[&RowBinding],
         column: &str,
         values: &[String],
     ) -> Vec<String> {
         let mut keys = Vec::new();
-        let bindings = self.bindings();
-        for b in bindings.get(table).into_iter().flatten() {
-            if b.column != column {
-                continue;
-            }
+        for b in bound.iter().filter(|b| b.column == column) {
             for v in values {
                 let key = b.query.key_for_row(v);
                 keys.push(cache.store.negative_key(&key));
@@ -252,33 +269,30 @@ impl Invalidation {
     }
 }
 
-/// Every table the named queries read.
-fn named_tables(named: &Named) -> Vec<String> {
-    named.values().flat_map(|q| q.all_tables()).collect()
+/// Locks a mutex, whatever a panicking holder left (every value here stays consistent).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Row-keyed named queries by the table their key column belongs to.
-fn row_bindings(named: &Named) -> HashMap<String, Vec<RowBinding>> {
-    let mut bindings: HashMap<String, Vec<RowBinding>> = HashMap::new();
-    for q in named.values() {
-        if let Some(r) = &q.row_key {
-            bindings
-                .entry(r.table.clone())
-                .or_default()
-                .push(RowBinding {
-                    column: r.column.clone(),
-                    query: Arc::clone(q),
-                });
-        }
+/// A notification's payload: a table's change (`o`: its OID; `k`: key column values) or a
+/// DDL statement's (`ddl`: the OIDs it touched, or `"all"`). Anything else — a payload of
+/// an older cachefront's triggers, a NOTIFY by someone else on the channel — cannot be
+/// attributed, so it is taken as "anything may have changed".
+fn parse_payload(payload: &str) -> Change {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(payload) else {
+        return Change::All;
+    };
+    if let Some(ddl) = v.get("ddl") {
+        return match ddl.as_array() {
+            Some(oids) => Change::Ddl(oids.iter().filter_map(oid_text).collect()),
+            None => Change::All,
+        };
     }
-    bindings
-}
-
-fn parse_payload(payload: &str) -> Option<Change> {
-    let v: serde_json::Value = serde_json::from_str(payload).ok()?;
-    let table = crate::db::sql::normalize_table_text(&triggers::quote_ident(v.get("t")?.as_str()?));
+    let Some(table) = v.get("o").and_then(oid_text) else {
+        return Change::All;
+    };
     let Some(keys) = v.get("k").and_then(|k| k.as_object()) else {
-        return Some(Change::Table(table));
+        return Change::Table(table);
     };
     let keys = keys
         .iter()
@@ -298,7 +312,16 @@ fn parse_payload(payload: &str) -> Option<Change> {
             (col.clone(), vals)
         })
         .collect();
-    Some(Change::Rows { table, keys })
+    Change::Rows { table, keys }
+}
+
+/// An OID in a payload (a number, or its text), as the text cache keys use.
+fn oid_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => s.parse::<u32>().ok(),
+        other => other.as_u64().and_then(|o| u32::try_from(o).ok()),
+    }
+    .map(|o| o.to_string())
 }
 
 /// Notifications received and not yet applied: the connection's driver merges them in as
@@ -370,21 +393,48 @@ impl Retry {
     }
 }
 
-/// Applies one table's pending work.
+/// Applies one table's pending work: the table's own versions and entries, and, where the
+/// table belongs to a row-keyed query's key table family (a partition, a child, a parent),
+/// the same change under the key table, where the row versions of its entries live.
 async fn apply_work(l: &Listener, table: &str, work: &Work) -> Result<u64> {
+    let bindings = l.invalidation.bindings();
+    let bound: Vec<&RowBinding> = bindings.get(table).into_iter().flatten().collect();
+    let mut row_tables: Vec<&str> = bound.iter().map(|b| b.row_table.as_str()).collect();
+    row_tables.sort();
+    row_tables.dedup();
     match work {
-        Work::Table => l.cache.invalidate(&[table.to_string()]).await,
+        Work::Table => {
+            let mut tables = vec![table.to_string()];
+            tables.extend(row_tables.iter().map(|t| t.to_string()));
+            tables.sort();
+            tables.dedup();
+            l.cache.invalidate(&tables).await
+        }
         Work::Rows(columns) => {
             let mut total = 0;
-            for (column, values) in columns {
-                let values: Vec<String> = values.iter().cloned().collect();
-                let entry_keys = l
-                    .invalidation
-                    .row_entry_keys(&l.cache, table, column, &values);
-                total += l
-                    .cache
-                    .invalidate_rows(table, column, &values, &entry_keys)
-                    .await?;
+            let mut targets = row_tables.clone();
+            if !targets.contains(&table) {
+                targets.push(table);
+            }
+            for target in targets {
+                let here: Vec<&RowBinding> = bound
+                    .iter()
+                    .copied()
+                    .filter(|b| b.row_table == target)
+                    .collect();
+                for (column, values) in columns {
+                    let values: Vec<String> = values.iter().cloned().collect();
+                    let entry_keys = l
+                        .invalidation
+                        .row_entry_keys(&l.cache, &here, column, &values);
+                    total += l
+                        .cache
+                        .invalidate_rows(target, column, &values, &entry_keys)
+                        .await?;
+                }
+                if columns.is_empty() {
+                    total += l.cache.invalidate(&[target.to_string()]).await?;
+                }
             }
             Ok(total)
         }
@@ -413,8 +463,7 @@ async fn apply_batch(l: &Listener, mut batch: Pending) -> Pending {
             Err(e) => {
                 tracing::debug!(table = %table, error = %e, "cannot apply an invalidation yet; will retry");
                 inc(&l.metrics().invalidation_failures);
-                let aliases = l.invalidation.aliases(&table);
-                l.cache.degrade(&table, aliases, &e);
+                l.cache.degrade(&table, &e);
                 failed.add_work(table, work);
             }
         }
@@ -486,6 +535,8 @@ async fn listen_once(l: &Listener) -> std::result::Result<(), DbError> {
     let (client, mut connection) = l.db.connect_dedicated().await?;
     let queue = Arc::new(Queue::default());
     let metrics = Arc::clone(&l.invalidation.metrics);
+    let invalidation = Arc::clone(&l.invalidation);
+    let db = l.db.clone();
     let to_apply = Arc::clone(&queue);
     let mut driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -493,12 +544,14 @@ async fn listen_once(l: &Listener) -> std::result::Result<(), DbError> {
             match m {
                 Ok(AsyncMessage::Notification(n)) => {
                     inc(&metrics.notifications);
-                    match parse_payload(n.payload()) {
-                        Some(change) => to_apply.push(change),
-                        None => {
-                            tracing::warn!(payload = %n.payload(), "unreadable invalidation notification")
-                        }
+                    let change = parse_payload(n.payload());
+                    if matches!(change, Change::All) {
+                        tracing::warn!(payload = %n.payload(), "unattributable invalidation notification; flushing everything");
                     }
+                    if invalidation.received(&change) {
+                        db.schema_changed();
+                    }
+                    to_apply.push(change);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -632,16 +685,29 @@ mod tests {
     #[test]
     fn payloads() {
         assert_eq!(
-            parse_payload(r#"{"s":"public","t":"employees","k":{"id":[7,8,null]}}"#),
-            Some(Change::Rows {
-                table: "employees".into(),
-                keys: vec![("id".into(), vec!["7".into(), "8".into()])]
-            })
+            parse_payload(r#"{"o":16384,"k":{"id":[7,8,null],"code":["a"]}}"#),
+            Change::Rows {
+                table: "16384".into(),
+                keys: vec![
+                    ("id".into(), vec!["7".into(), "8".into()]),
+                    ("code".into(), vec!["a".into()])
+                ]
+            }
         );
         assert_eq!(
-            parse_payload(r#"{"s":"public","t":"Mixed"}"#),
-            Some(Change::Table("Mixed".into()))
+            parse_payload(r#"{"o":16384}"#),
+            Change::Table("16384".into())
         );
-        assert_eq!(parse_payload("nope"), None);
+        assert_eq!(
+            parse_payload(r#"{"ddl":[1,2]}"#),
+            Change::Ddl(vec!["1".into(), "2".into()])
+        );
+        assert_eq!(parse_payload(r#"{"ddl":"all"}"#), Change::All);
+        // An older cachefront's payload, or anyone's NOTIFY: cannot be attributed.
+        assert_eq!(
+            parse_payload(r#"{"s":"public","t":"employees"}"#),
+            Change::All
+        );
+        assert_eq!(parse_payload("nope"), Change::All);
     }
 }

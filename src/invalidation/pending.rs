@@ -18,15 +18,22 @@ pub const MAX_ROWS_PER_TABLE: usize = 1_000;
 /// Tables kept before everything collapses into a flush of every table.
 pub const MAX_TABLES: usize = 10_000;
 
-/// One parsed notification.
+/// One change reported by PostgreSQL (tables by OID, as text).
 #[derive(Debug, PartialEq)]
 pub enum Change {
+    /// Anything in the table may have changed.
     Table(String),
     Rows {
         table: String,
         /// column → distinct key values (as text).
         keys: Vec<(String, Vec<String>)>,
     },
+    /// A DDL statement touched these relations and functions (with their partition and
+    /// inheritance families): entries depending on them are dropped like on a table-wide
+    /// change, and what queries depend on must be resolved again.
+    Ddl(Vec<String>),
+    /// Something changed that cannot be attributed: flush everything.
+    All,
 }
 
 /// What one table needs.
@@ -79,6 +86,12 @@ impl Pending {
     pub fn add(&mut self, change: Change) {
         match change {
             Change::Table(t) => self.add_work(t, Work::Table),
+            Change::Ddl(objects) => {
+                for o in objects {
+                    self.add_work(o, Work::Table)
+                }
+            }
+            Change::All => self.flush_all(),
             Change::Rows { table, keys } => {
                 let rows = keys
                     .into_iter()

@@ -81,6 +81,13 @@ impl Stack {
         postgres().psql(self.db.name(), sql)
     }
 
+    /// The OID of a relation, as cachefront's meta keys name it (`cachefront:v:<oid>`).
+    pub fn oid(&self, relation: &str) -> String {
+        self.psql(&format!("SELECT '{relation}'::regclass::oid"))
+            .trim()
+            .to_string()
+    }
+
     /// A tokio-postgres client on the test's database.
     pub async fn pg(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.db.url(), tokio_postgres::NoTls)
