@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod faultproxy;
+pub mod fresh;
 pub mod services;
 pub mod tls;
 

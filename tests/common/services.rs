@@ -865,6 +865,8 @@ impl Postgres {
             "wal_level=logical",
             "max_replication_slots=20",
             "max_wal_senders=20",
+            // Lets tests check what PREPARE TRANSACTION does on tables cachefront watches.
+            "max_prepared_transactions=20",
             "log_min_messages=warning",
         ] {
             cmd.args(["-c", setting]);
