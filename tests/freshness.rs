@@ -593,7 +593,6 @@ async fn plpgsql_function_is_refused_with_its_reason() {
 /// With TTL-only caching opted into, the same queries are cached (until their TTL) and
 /// counted as such.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs sql.ttl_only and a query's ttl_only"]
 async fn plpgsql_function_is_cached_when_ttl_only() {
     let query = common::fresh::named_ttl_only(
         "command = \"PL.HEADCOUNT\"\nsql = \"SELECT headcount_pl($1) AS n\"\nkey = \"plheadcount:{1}\"\nargs = [\"int\"]",
