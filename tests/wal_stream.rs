@@ -559,6 +559,27 @@ async fn a_row_over_the_limit_loses_the_stream() {
     let (txn, _, _) = next_txn(&mut stream).await;
     assert_eq!(txn.len(), 1);
 
+    // A value stored out of line (TOAST) that an UPDATE leaves alone is not sent.
+    psql(
+        &db,
+        "INSERT INTO employees (id, name, job_title, dept_id)
+         SELECT 50, string_agg(md5(i::text), ''), 'toasted', 1 FROM generate_series(1, 600) i",
+    );
+    let (txn, _, _) = next_txn(&mut stream).await;
+    assert!(
+        matches!(&change(&txn[0]).2, Some(row) if matches!(&row[1], Cell::Text(t) if t.len() == 19_200)),
+        "the whole value when inserted"
+    );
+    psql(
+        &db,
+        "UPDATE employees SET job_title = 'still' WHERE id = 50",
+    );
+    let (txn, _, _) = next_txn(&mut stream).await;
+    assert_eq!(
+        *change(&txn[0]).2,
+        Some(vec![text("50"), Cell::Unchanged, text("still"), text("1")])
+    );
+
     // Random text, so PostgreSQL cannot compress it under the limit.
     psql(
         &db,
@@ -578,4 +599,64 @@ async fn a_row_over_the_limit_loses_the_stream() {
     assert!(e.to_string().contains("over the 65536-byte limit"), "{e}");
     drop(stream);
     wait_slot(&client, &slot, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_connection_is_an_error() {
+    let db = postgres().fresh_db();
+    let client = connect(&db).await;
+    ensure_publication(&client, PUBLICATION).await.unwrap();
+    let mut stream = WalStream::start(&config(&db), "cftest", PUBLICATION)
+        .await
+        .unwrap();
+    let slot = stream.slot().to_string();
+    psql(
+        &db,
+        &format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ),
+    );
+    let e = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("in time")
+        .expect_err("the stream is lost");
+    assert!(e.to_string().contains("terminat"), "{e}");
+    wait_slot(&client, &slot, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_given_up_on_leaves_no_slot() {
+    let db = postgres().fresh_db();
+    let client = connect(&db).await;
+    ensure_publication(&client, PUBLICATION).await.unwrap();
+    // A new slot waits for the transactions running when it is created.
+    let blocker = connect(&db).await;
+    blocker
+        .batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+    let cfg = config(&db);
+    let start = WalStream::start(&cfg, "cfgiveup", PUBLICATION);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1000), start)
+            .await
+            .is_err(),
+        "the slot waits for the open transaction"
+    );
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let started = Instant::now();
+    loop {
+        let left = psql(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'cfgiveup%'",
+        );
+        if left == "0" {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the abandoned slot is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -24,6 +24,10 @@
 //! [`WalLimits::buffer_events`] undelivered messages wait between the connection and the
 //! reader, and the relations known are those the publication has sent.
 //!
+//! Needs PostgreSQL 13 or later (partitioned tables in publications, `pg_partition_tree`),
+//! `wal_level = logical`, a free replication slot and walsender, and a user with the
+//! REPLICATION attribute who owns the published tables.
+//!
 //! TLS: cachefront's PostgreSQL connections are plain (`NoTls`, see [`Db`](super::Db)), and
 //! so is this one: `sslmode=disable` and `prefer` connect without TLS, as the pool does;
 //! `sslmode=require` is refused, as the pool refuses it.
