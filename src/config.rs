@@ -388,7 +388,7 @@ impl TryFrom<String> for OutputBufferLimits {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
         let words: Vec<&str> = text.split_whitespace().collect();
-        if words.len() % 4 != 0 {
+        if !words.len().is_multiple_of(4) {
             return Err(format!(
                 "'{text}': expected <class> <hard> <soft> <soft seconds>, repeated"
             ));

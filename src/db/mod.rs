@@ -1,10 +1,12 @@
 //! PostgreSQL: a pool, read-only execution, and rows rendered as the SPEC's JSON.
 
 pub mod deps;
+pub mod pgoutput;
 pub mod replicas;
 pub mod rows;
 pub mod sql;
 pub mod triggers;
+pub mod wal;
 
 use bytes::{BufMut, BytesMut};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
