@@ -48,6 +48,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub invalidation: InvalidationConfig,
+    pub verify: VerifyConfig,
     pub metrics: MetricsConfig,
     pub tls: TlsConfig,
     /// Named queries; `EMP.GET` is built in unless redefined here.
@@ -289,6 +290,46 @@ pub struct InvalidationConfig {
     /// Longest pause between reconnection attempts of the listening connection.
     pub reconnect_max_ms: u64,
 }
+
+/// Continuous verification (`cache::verify`): a background sampler re-reads a few cached
+/// entries from PostgreSQL and compares them with what Valkey holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Run the sampler.
+    pub enabled: bool,
+    /// Entries checked per second (0: off).
+    pub per_second: u64,
+    /// How long a suspected mismatch is given to be explained by an invalidation on its way
+    /// before it counts; must exceed the longest time a committed write takes to reach Valkey.
+    pub grace_ms: u64,
+    /// Most recent fills the sampler picks from.
+    pub registry_entries: usize,
+    /// Bytes (keys, dependencies, query arguments) those fills may hold in all.
+    pub registry_bytes: usize,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            enabled: true,
+            per_second: 2,
+            grace_ms: 1000,
+            registry_entries: 10_000,
+            registry_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl VerifyConfig {
+    /// Whether the sampler runs at all.
+    pub fn active(&self) -> bool {
+        self.enabled && self.per_second > 0
+    }
+}
+
+/// Most checks per second `verify.per_second` accepts: a sampler, not a load generator.
+pub const VERIFY_MAX_PER_SECOND: u64 = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -594,6 +635,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             invalidation: InvalidationConfig::default(),
+            verify: VerifyConfig::default(),
             metrics: MetricsConfig::default(),
             tls: TlsConfig::default(),
             queries: Vec::new(),
@@ -720,6 +762,7 @@ const SECTIONS: &[&str] = &[
     "limits",
     "auth",
     "invalidation",
+    "verify",
     "metrics",
     "tls",
 ];
@@ -863,6 +906,7 @@ impl Config {
             "invalidation.reconnect_max_ms",
             self.invalidation.reconnect_max_ms,
         )?;
+        self.verify.validate()?;
         let mut seen = BTreeSet::new();
         for (i, q) in self.queries.iter().enumerate() {
             let key = format!("query[{i}] ({})", q.command);
@@ -977,6 +1021,30 @@ fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
         return Err(invalid(key, "must be greater than 0"));
     }
     Ok(())
+}
+
+impl VerifyConfig {
+    /// The sampler's settings, each refused with its key named.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.per_second > VERIFY_MAX_PER_SECOND {
+            return Err(invalid(
+                "verify.per_second",
+                format!("must be at most {VERIFY_MAX_PER_SECOND} (0 turns the sampler off)"),
+            ));
+        }
+        positive("verify.grace_ms", self.grace_ms)?;
+        if self.grace_ms > 600_000 {
+            return Err(invalid(
+                "verify.grace_ms",
+                "must be at most 600000 (10 minutes)",
+            ));
+        }
+        positive("verify.registry_entries", self.registry_entries as u64)?;
+        if self.registry_bytes < 1024 {
+            return Err(invalid("verify.registry_bytes", "must be at least 1024"));
+        }
+        Ok(())
+    }
 }
 
 impl NamedQueryConfig {
@@ -1289,6 +1357,57 @@ args = ["int"]
             .collect();
         assert!(names.contains(&"EMP.GET".to_string()));
         assert!(c.named_queries().iter().any(|q| q.reply == ReplyKind::Hash));
+    }
+
+    #[test]
+    fn verify_settings_are_checked_and_overridable() {
+        let c = Config::from_toml_with_env("", env(&[])).unwrap();
+        assert!(c.verify.active());
+        assert_eq!((c.verify.per_second, c.verify.grace_ms), (2, 1000));
+        let c = Config::from_toml_with_env(
+            "[verify]\nper_second = 50\n",
+            env(&[
+                ("CACHEFRONT_VERIFY_GRACE_MS", "250"),
+                ("CACHEFRONT_VERIFY_REGISTRY_ENTRIES", "64"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.verify.per_second,
+                c.verify.grace_ms,
+                c.verify.registry_entries
+            ),
+            (50, 250, 64)
+        );
+        let off =
+            Config::from_toml_with_env("", env(&[("CACHEFRONT_VERIFY_PER_SECOND", "0")])).unwrap();
+        assert!(!off.verify.active(), "per_second = 0 turns it off");
+        let off = Config::from_toml_with_env("[verify]\nenabled = false\n", env(&[])).unwrap();
+        assert!(!off.verify.active());
+        for (toml, key) in [
+            ("[verify]\nper_second = 5000\n", "verify.per_second"),
+            ("[verify]\ngrace_ms = 0\n", "verify.grace_ms"),
+            ("[verify]\ngrace_ms = 700000\n", "verify.grace_ms"),
+            (
+                "[verify]\nregistry_entries = 0\n",
+                "verify.registry_entries",
+            ),
+            ("[verify]\nregistry_bytes = 10\n", "verify.registry_bytes"),
+        ] {
+            let e = Config::from_toml_with_env(toml, env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(key), "{toml}: {e}");
+        }
+        let e = Config::from_toml_with_env("[verify]\nper_second = -1\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("per_second"), "{e}");
+        let e = Config::from_toml_with_env("", env(&[("CACHEFRONT_VERIFY_PER_SECOND", "fast")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("verify.per_second"), "{e}");
     }
 
     #[test]

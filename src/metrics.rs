@@ -328,6 +328,25 @@ declare_metrics! {
         /// Attempts to make a table report its writes (triggers, publication) that failed.
         Counter watch_failures: "watch_failures",
             "Attempts to install a table's invalidation triggers (or publish it) that failed and will be retried";
+        /// Cached entries the verification sampler compared with PostgreSQL to a verdict
+        /// (equal, or a mismatch); see `cache::verify`.
+        Counter verify_checks: "verify_checks",
+            "Cached entries the verification sampler compared with PostgreSQL";
+        /// Cached entries found to differ from PostgreSQL with no invalidation on its way, and
+        /// dropped. A healthy deployment shows 0.
+        Counter verify_mismatches: "verify_mismatches",
+            "Cached entries found to differ from PostgreSQL with no invalidation pending (dropped)";
+        /// Checks that reached no verdict: the entry was gone or changed, an invalidation moved
+        /// its versions, its tables were degraded, the listener was down, or a query failed.
+        Counter verify_skipped: "verify_skipped",
+            "Verification checks that reached no verdict (entry changed or gone, invalidation pending, query failed)";
+        /// Queries the verification sampler sent to PostgreSQL (not in `db_queries`).
+        Counter verify_queries: "verify_queries",
+            "Queries the verification sampler sent to PostgreSQL";
+        /// TTL-only entries (not kept fresh by invalidation) found to differ from PostgreSQL:
+        /// expected, kept until their TTL, not mismatches.
+        Counter verify_ttl_only_stale: "verify_ttl_only_stale",
+            "TTL-only entries found to differ from PostgreSQL (expected; kept until their TTL)";
     }
     extra {
         latency: Latency,

@@ -103,6 +103,7 @@ impl Shared {
         keep!(postgres, "postgres");
         keep!(auth, "auth");
         keep!(invalidation, "invalidation");
+        keep!(verify, "verify");
         keep!(metrics, "metrics");
         keep!(tls, "tls");
         keep!(cache.meta_prefix, "cache.meta_prefix");
@@ -117,6 +118,9 @@ impl Shared {
         self.live.replace(next, named);
         // Statements may have changed under the same text-keyed caches: start them afresh.
         self.sql_checks.invalidate_all();
+        // A named query may now fill its keys differently: the sampler re-runs only fills
+        // made under the new definitions.
+        self.cache.verify.clear();
         Ok(kept)
     }
 
@@ -336,10 +340,24 @@ impl Server {
         }
     }
 
+    /// The verification sampler (`cache::verify`), with what it needs to know of the
+    /// invalidation listener.
+    fn verifier(&self) -> impl Future<Output = ()> + Send + 'static {
+        let config = self.shared.config();
+        let ctx = self.shared.context();
+        let gate = crate::cache::verify::Gate {
+            tracked: config.invalidation.enabled,
+            live: Box::new(move || ctx.is_listening()),
+        };
+        let cache = Arc::clone(&self.shared.cache);
+        crate::cache::verify::run(cache, config.verify.clone(), gate)
+    }
+
     /// Accepts clients until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let listener_task = tokio::spawn(crate::invalidation::run(self.shared.listener()));
         let replicas_task = tokio::spawn(crate::db::replicas::run(self.shared.db.clone()));
+        let verify_task = tokio::spawn(self.verifier());
         if self.shared.cache.l1.enabled() {
             let l1 = Arc::clone(&self.shared.cache.l1);
             self.shared
@@ -427,6 +445,9 @@ impl Server {
         let _ = tokio::time::timeout(DRAIN_DEADLINE, clients.wait()).await;
         listener_task.abort();
         replicas_task.abort();
+        verify_task.abort();
+        // Its records hold the commands' context, which holds the cache that holds them.
+        self.shared.cache.verify.clear();
         if let Some(t) = &self.metrics_task {
             t.abort();
         }

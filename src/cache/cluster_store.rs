@@ -193,6 +193,20 @@ impl ClusterStore {
             calls.push(async move { resp::int(inv.run(up).await?) });
         }
         let registrations = futures::future::try_join_all(calls);
+        let read = self.current(entry, hash, negative_key);
+        // Both must be done before the query starts; their order does not matter.
+        let (_, prefill) = futures::try_join!(registrations, read)?;
+        Ok(prefill)
+    }
+
+    /// The entry's generation, the entry and the negative marker, in that order in one round
+    /// trip (one slot); reads only.
+    pub async fn current(
+        &self,
+        entry: &Entry,
+        hash: bool,
+        negative_key: Option<&str>,
+    ) -> Result<Prefill> {
         let cmds = [
             Cmd::new("GET").arg(&self.generation_key(&entry.key)),
             Cmd::new(if hash { "HGETALL" } else { "GET" }).arg(&entry.key),
@@ -200,9 +214,7 @@ impl ClusterStore {
             // batch in that slot.
             Cmd::new("EXISTS").arg(negative_key.unwrap_or(&entry.key)),
         ];
-        let read = resp::batch(up, &entry.key, &cmds);
-        // Both must be done before the query starts; their order does not matter.
-        let (_, replies) = futures::try_join!(registrations, read)?;
+        let replies = resp::batch(&self.upstream, &entry.key, &cmds).await?;
         let [generation, existing, negative]: [_; 3] = replies
             .try_into()
             .map_err(|_| crate::error::Error::upstream("a reply is missing"))?;
@@ -211,6 +223,11 @@ impl ClusterStore {
             existing: existing_value(existing, hash)?,
             negative: negative_key.is_some() && resp::int(negative)? != 0,
         })
+    }
+
+    /// The upstream its requests go through.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 
     /// Stores `value` if the entry's generation is still `versions[0]`.

@@ -10,6 +10,7 @@ pub mod named;
 pub mod read;
 mod resp;
 pub mod store;
+pub mod verify;
 
 use bytes::Bytes;
 use rand::Rng;
@@ -191,6 +192,8 @@ pub struct Cache {
     /// Tables whose pending invalidation could not be applied yet: their reads bypass the
     /// cache (see [`Cache::bypasses`]).
     pub degraded: Arc<Degraded>,
+    /// The recent fills the verification sampler picks from (see [`verify`]).
+    pub verify: Arc<verify::Registry>,
 }
 
 /// How a miss should be filled.
@@ -201,6 +204,8 @@ pub struct FillOptions {
     pub hash: bool,
     /// An early refresh: query even though the entry exists.
     pub refresh: bool,
+    /// Where the value comes from, for the verification registry (`None`: not sampled).
+    pub sample: Option<verify::Origin>,
 }
 
 impl Cache {
@@ -226,7 +231,15 @@ impl Cache {
                     .build()
             }),
             degraded: Arc::default(),
+            verify: Arc::default(),
         }
+    }
+
+    /// Keeps recent fills for the verification sampler, within `cfg`'s bounds (without this,
+    /// none are kept).
+    pub fn with_verify(mut self, cfg: &crate::config::VerifyConfig) -> Cache {
+        self.verify = Arc::new(verify::Registry::new(cfg));
+        self
     }
 
     /// The one decision whether a read of `entry` may use the cache at all: not while an
@@ -331,6 +344,7 @@ impl Cache {
             recent: self.recent.clone(),
             stale: self.stale.clone(),
             degraded: Arc::clone(&self.degraded),
+            verify: Arc::clone(&self.verify),
         };
         let key = entry.key.clone();
         let fill = async move { ctx.fill_once(entry, opts, load).await };
@@ -446,6 +460,7 @@ struct FillCtx {
     recent: moka::sync::Cache<String, Freshness>,
     stale: Option<moka::sync::Cache<String, Value>>,
     degraded: Arc<Degraded>,
+    verify: Arc<verify::Registry>,
 }
 
 impl FillCtx {
@@ -507,6 +522,8 @@ impl FillCtx {
                 return Ok((value, CacheStatus::FailOpen));
             }
         };
+        // Recorded for the sampler once stored: the entry key, even for a negative marker.
+        let sampled = opts.sample.map(|o| (o, entry.clone()));
         let (target, stored_value) = match (&value, negative_key, opts.negative_ttl) {
             (Value::Absent, Some(nk), Some(ttl)) => (
                 Entry {
@@ -532,6 +549,10 @@ impl FillCtx {
                 inc(&self.metrics.fills);
                 if target.deps.tracking == Tracking::TtlOnly {
                     inc(&self.metrics.ttl_only_fills);
+                }
+                if let Some((origin, entry)) = sampled {
+                    let negative = target.key != entry.key;
+                    self.verify.record(entry, negative, origin);
                 }
                 self.recent.insert(
                     target.key,

@@ -35,6 +35,12 @@ pub trait Source: Send + Sync + 'static {
     fn load(self: Arc<Self>, deps: Option<Deps>) -> BoxFuture<'static, Result<Value>>;
     /// A fill by this request queried PostgreSQL and took `took` (for the slow-fill log).
     fn filled(&self, took: Duration);
+    /// The command and its SQL text, for the verification sampler's report of a mismatch
+    /// (`cache::verify` shortens the text).
+    fn query(&self) -> (&str, &str);
+    /// About how many bytes this source holds of its own (arguments, an SQL text not shared
+    /// with a named query), so the verification registry can be bounded in bytes.
+    fn size(&self) -> usize;
 }
 
 /// Everything a miss needs; built by the command only when a read needs it (an L1 hit never
@@ -264,10 +270,15 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
             Ok(entry) => {
                 let deps = entry.deps.clone();
                 let load = Arc::clone(&source);
+                let hash = kind == ReplyKind::Hash;
                 let opts = FillOptions {
                     negative_ttl,
-                    hash: kind == ReplyKind::Hash,
+                    hash,
                     refresh,
+                    sample: cache.verify.enabled().then(|| super::verify::Origin {
+                        source: Arc::clone(&source),
+                        hash,
+                    }),
                 };
                 cache.fill(entry, opts, move || load.load(Some(deps))).await
             }
@@ -348,6 +359,12 @@ mod tests {
             async move { Ok(v) }.boxed()
         }
         fn filled(&self, _took: Duration) {}
+        fn query(&self) -> (&str, &str) {
+            ("FAKE.GET", "SELECT 'fake'")
+        }
+        fn size(&self) -> usize {
+            0
+        }
     }
 
     /// A cache whose Valkey is nowhere (port 1 refuses), and its metrics.

@@ -239,6 +239,33 @@ impl Store {
         }
     }
 
+    /// What [`Store::prefill`] reads, and nothing else (a cluster's prefill also registers
+    /// the entry): the entry's versions, then the entry, then the negative marker, in that
+    /// order in one round trip. For the verification sampler (`cache::verify`), which must
+    /// not write.
+    pub async fn current(
+        &self,
+        entry: &Entry,
+        hash: bool,
+        negative_key: Option<&str>,
+    ) -> Result<Prefill> {
+        match self {
+            Store::Single(s) => s.prefill(entry, hash, negative_key).await,
+            Store::Cluster(c) => c.current(entry, hash, negative_key).await,
+        }
+    }
+
+    /// Deletes `key` (an entry or a negative marker) outside any invalidation: for an entry
+    /// the verification sampler found wrong. Its versions stay as they are; its registry
+    /// sets still name it, which costs an invalidation nothing. True if it existed.
+    pub async fn unlink(&self, key: &str) -> Result<bool> {
+        let up = match self {
+            Store::Single(s) => &s.upstream,
+            Store::Cluster(c) => c.upstream(),
+        };
+        Ok(resp::int(resp::call(up, key, Cmd::new("UNLINK").arg(key)).await?)? > 0)
+    }
+
     /// Stores `value` under `entry` if its versions are still `versions`. `Ok(false)` means a
     /// write raced this fill and nothing was stored.
     pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {

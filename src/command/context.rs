@@ -117,7 +117,9 @@ impl Context {
         Ok(Context {
             users,
             upstream,
-            cache: Arc::new(Cache::new(store, Arc::clone(&metrics), &config.cache)),
+            cache: Arc::new(
+                Cache::new(store, Arc::clone(&metrics), &config.cache).with_verify(&config.verify),
+            ),
             invalidation: Arc::new(invalidation),
             sql_checks: crate::db::sql::verdict_cache(),
             db: Db::new(&config.postgres).map_err(|e| e.to_string())?,

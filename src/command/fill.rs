@@ -152,6 +152,23 @@ impl read::Source for Load {
     fn filled(&self, took: std::time::Duration) {
         SlowNote::of(&self.source, &self.key).record_if_slow(&self.ctx, took);
     }
+
+    fn query(&self) -> (&str, &str) {
+        match &self.source {
+            Source::Named { query, .. } => (&query.name, &query.sql),
+            Source::Sql { sql, .. } => ("SQL.CACHED", sql),
+        }
+    }
+
+    fn size(&self) -> usize {
+        let strings = |v: &[String]| v.iter().map(|s| s.len() + 24).sum::<usize>();
+        self.key.len()
+            + match &self.source {
+                // The SQL text is the named query's, shared.
+                Source::Named { args, .. } => strings(args),
+                Source::Sql { sql, params } => sql.len() + strings(params),
+            }
+    }
 }
 
 /// The one route of a cached command: the cache's read path, which answers from the L1, says
