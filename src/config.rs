@@ -269,12 +269,29 @@ impl Default for MetricsConfig {
     }
 }
 
+/// Where committed changes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeSource {
+    /// Statement triggers on each table cached queries read, notifying on commit (NOTIFY).
+    Triggers,
+    /// PostgreSQL logical replication (a temporary slot, `pgoutput`): nothing is installed
+    /// on application tables; needs `wal_level = logical` and the REPLICATION privilege.
+    Wal,
+}
+
 /// Invalidation of cached entries when PostgreSQL data changes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InvalidationConfig {
     /// Listen for change notifications and drop dependent entries.
     pub enabled: bool,
+    /// Where committed changes come from: `"triggers"` or `"wal"`.
+    pub source: ChangeSource,
+    /// With `source = "wal"`: the publication cachefront adds the tables it caches from to
+    /// (created if missing; tables are added one by one, each only if PostgreSQL would still
+    /// accept UPDATE and DELETE on it once published).
+    pub publication: String,
     /// Create the notification triggers on tables cachefront caches from (needs the table
     /// owner's rights; otherwise run `cachefront triggers install` once as the owner).
     pub install_triggers: bool,
@@ -692,6 +709,8 @@ impl Default for InvalidationConfig {
     fn default() -> Self {
         InvalidationConfig {
             enabled: true,
+            source: ChangeSource::Triggers,
+            publication: "cachefront".into(),
             install_triggers: true,
             channel: "cachefront_invalidate".into(),
             tables: Vec::new(),
@@ -896,6 +915,18 @@ impl Config {
             return Err(invalid(
                 "invalidation.channel",
                 "must be letters, digits and _",
+            ));
+        }
+        let p = &self.invalidation.publication;
+        if p.is_empty()
+            || p.len() > 63
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(invalid(
+                "invalidation.publication",
+                "must be 1 to 63 lower-case letters, digits and _",
             ));
         }
         positive(

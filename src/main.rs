@@ -34,7 +34,8 @@ enum Cmd {
 enum TriggerAction {
     /// Install triggers on the tables named queries read plus `invalidation.tables`.
     Install,
-    /// Remove every cachefront trigger, its function and schema.
+    /// Remove everything cachefront installed in the database: every trigger, the DDL event
+    /// triggers, their functions and schema, and the publication of the WAL change source.
     Remove,
 }
 
@@ -106,7 +107,10 @@ async fn triggers(config: Config, action: TriggerAction) -> anyhow::Result<()> {
             let n = cachefront::db::triggers::remove_all(&mut client)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("invalidation triggers removed from {n} table(s)");
+            cachefront::db::wal::drop_publication(&client, &shared.config().invalidation.publication)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("invalidation triggers removed from {n} table(s); publication dropped if there was one");
         }
     }
     Ok(())

@@ -22,8 +22,8 @@ use common::{Raw, Stack};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
-/// Runs a class once per change source: `$class::triggers`, and `$class::wal`, ignored
-/// until `invalidation.source = "wal"` exists (`common::fresh::set_source`).
+/// Runs a class once per change source: `$class::triggers` and `$class::wal`
+/// (`common::fresh::set_source`).
 macro_rules! per_source {
     ($($class:ident),* $(,)?) => {$(
         mod $class {
@@ -33,7 +33,6 @@ macro_rules! per_source {
             }
 
             #[tokio::test(flavor = "multi_thread")]
-            #[ignore = "needs invalidation.source = wal"]
             async fn wal() {
                 super::$class("wal").await
             }
@@ -266,10 +265,10 @@ async fn schema_not_on_search_path(source: &str) {
 // ---------------------------------------------------------------------------------------
 
 const EVENTS: &str = "
-CREATE TABLE events (id int NOT NULL, region text NOT NULL, n int NOT NULL) PARTITION BY LIST (region);
+CREATE TABLE events (id int NOT NULL, region text NOT NULL, n int NOT NULL, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
 CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');
 CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');
-CREATE TABLE events_asia (id int NOT NULL, region text NOT NULL, n int NOT NULL);
+CREATE TABLE events_asia (id int NOT NULL, region text NOT NULL, n int NOT NULL, PRIMARY KEY (id, region));
 INSERT INTO events VALUES (1, 'eu', 10), (2, 'us', 20), (3, 'eu', 30);
 INSERT INTO events_asia VALUES (4, 'asia', 40);";
 
@@ -356,7 +355,7 @@ async fn partitioned_table(source: &str) {
 
 const VEHICLES: &str = "
 CREATE TABLE vehicles (id int PRIMARY KEY, name text NOT NULL);
-CREATE TABLE cars (doors int NOT NULL DEFAULT 4) INHERITS (vehicles);
+CREATE TABLE cars (doors int NOT NULL DEFAULT 4, PRIMARY KEY (id)) INHERITS (vehicles);
 INSERT INTO vehicles VALUES (1, 'cart');
 INSERT INTO cars VALUES (2, 'sedan', 4);";
 
@@ -1144,14 +1143,14 @@ async fn triggers_remove_takes_everything(source: &str) {
 // ---------------------------------------------------------------------------------------
 
 const AUDIT_SCHEMA: &str = "
-CREATE TABLE sales (id int NOT NULL, region text NOT NULL, amount int NOT NULL) PARTITION BY LIST (region);
+CREATE TABLE sales (id int NOT NULL, region text NOT NULL, amount int NOT NULL, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
 CREATE TABLE sales_eu PARTITION OF sales FOR VALUES IN ('eu');
 CREATE TABLE sales_us PARTITION OF sales FOR VALUES IN ('us');
-CREATE TABLE sales_asia (id int NOT NULL, region text NOT NULL CHECK (region = 'asia'), amount int NOT NULL);
+CREATE TABLE sales_asia (id int NOT NULL, region text NOT NULL CHECK (region = 'asia'), amount int NOT NULL, PRIMARY KEY (id, region));
 INSERT INTO sales SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, g * 3 % 100 FROM generate_series(1, 40) g;
 INSERT INTO sales_asia SELECT g, 'asia', g * 7 % 100 FROM generate_series(41, 45) g;
-CREATE TABLE animals (id int NOT NULL, name text NOT NULL, legs int NOT NULL);
-CREATE TABLE birds (wingspan int NOT NULL DEFAULT 30) INHERITS (animals);
+CREATE TABLE animals (id int PRIMARY KEY, name text NOT NULL, legs int NOT NULL);
+CREATE TABLE birds (wingspan int NOT NULL DEFAULT 30, PRIMARY KEY (id)) INHERITS (animals);
 INSERT INTO animals SELECT g, 'animal' || g, 4 FROM generate_series(1, 10) g;
 INSERT INTO birds SELECT g, 'bird' || g, 2, g FROM generate_series(11, 15) g;
 CREATE SCHEMA app;

@@ -261,6 +261,8 @@ pub struct Db {
     pg: tokio_postgres::Config,
     /// `postgres.replicas`; `None` when there are none, so nothing about them costs anything.
     replicas: Option<Arc<Replicas>>,
+    /// The settings it was built from (the WAL change stream connects with them).
+    cfg: Arc<PostgresConfig>,
 }
 
 /// The connection settings of `url`, with cachefront's session settings (the same for the
@@ -347,7 +349,18 @@ impl Db {
             breaker: Arc::new(Breaker::default()),
             deadline: Duration::from_millis(cfg.statement_timeout_ms * 2 + 1000),
             replicas,
+            cfg: Arc::new(cfg.clone()),
         })
+    }
+
+    /// A logical replication stream from the primary (see [`wal`]) for `publication`, on a
+    /// temporary slot named `<slot_prefix>_<random>`.
+    pub async fn change_stream(
+        &self,
+        slot_prefix: &str,
+        publication: &str,
+    ) -> Result<wal::WalStream, DbError> {
+        wal::WalStream::start(&self.cfg, slot_prefix, publication).await
     }
 
     /// The read replicas, if any are configured.

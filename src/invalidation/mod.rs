@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use crate::cache::coalesce::Coalescer;
 use crate::cache::named::{Named, NamedQuery};
 use crate::cache::{Cache, Version};
-use crate::config::InvalidationConfig;
+use crate::config::{ChangeSource, InvalidationConfig};
 use crate::db::triggers;
 use crate::db::{Db, DbError};
 use crate::error::Result;
@@ -35,6 +35,7 @@ pub use resolve::{Resolution, Untrackable};
 
 pub mod pending;
 mod resolve;
+mod wal;
 
 /// A named query whose key is one row's key value, as seen from one table of the key
 /// table's family (the key table itself, its partitions or children, its ancestors).
@@ -519,7 +520,11 @@ pub async fn run(l: Listener) {
     let max = Duration::from_millis(l.invalidation.cfg.reconnect_max_ms);
     let mut backoff = Duration::from_millis(50);
     loop {
-        match listen_once(&l).await {
+        let served = match l.invalidation.cfg.source {
+            ChangeSource::Triggers => listen_once(&l).await,
+            ChangeSource::Wal => wal::stream_once(&l).await,
+        };
+        match served {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
                 tracing::warn!(error = %e, "invalidation listener disconnected; reconnecting")
@@ -575,20 +580,8 @@ async fn serve(
 ) -> std::result::Result<(), DbError> {
     let channel = triggers::quote_ident(&l.invalidation.cfg.channel);
     client.batch_execute(&format!("LISTEN {channel}")).await?;
-    if let Err(e) = l.invalidation.install_configured(&l.db).await {
-        tracing::warn!(error = %e, "cannot install configured invalidation triggers yet");
-    }
-    // Listening now: anything written before this moment may have been missed. With read
-    // replicas, fills after the flush must not read a replica that has not replayed those
-    // writes: every fill must see the position of now (see `db::replicas`).
-    if let Some(set) = l.db.replicas() {
-        set.raise_all(l.db.wal_insert_lsn(client).await?);
-    }
-    queue.with(Pending::flush_all);
     let mut retry = Retry::new();
-    // A flush that fails leaves every read bypassing the cache, so listening may begin.
-    apply_queued(l, client, queue, &mut retry).await?;
-    l.invalidation.set_listening(true);
+    begin_serving(l, client, queue, &mut retry).await?;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
     let result = loop {
         tokio::select! {
@@ -611,6 +604,30 @@ async fn serve(
     };
     l.invalidation.set_listening(false);
     result
+}
+
+/// Once changes are being received (LISTEN issued, or the stream started): makes the
+/// configured tables report writes, then flushes everything — anything written before this
+/// moment may have been missed — and says the listener is listening.
+async fn begin_serving(
+    l: &Listener,
+    client: &tokio_postgres::Client,
+    queue: &Queue,
+    retry: &mut Retry,
+) -> std::result::Result<(), DbError> {
+    if let Err(e) = l.invalidation.install_configured(&l.db).await {
+        tracing::warn!(error = %e, "cannot make the configured tables report their writes yet");
+    }
+    // With read replicas, fills after the flush must not read a replica that has not
+    // replayed those writes: every fill must see the position of now (see `db::replicas`).
+    if let Some(set) = l.db.replicas() {
+        set.raise_all(l.db.wal_insert_lsn(client).await?);
+    }
+    queue.with(Pending::flush_all);
+    // A flush that fails leaves every read bypassing the cache, so listening may begin.
+    apply_queued(l, client, queue, retry).await?;
+    l.invalidation.set_listening(true);
+    Ok(())
 }
 
 /// Takes everything queued (new changes and earlier failures alike) and applies it; what

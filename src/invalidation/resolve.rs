@@ -16,7 +16,8 @@ use super::{lock, Invalidation};
 use crate::cache::named::NamedQuery;
 use crate::cache::{Deps, RowDep, Tracking};
 use crate::db::deps::{self, RelKind, Resolved};
-use crate::db::{triggers, Db};
+use crate::config::ChangeSource;
+use crate::db::{triggers, wal, Db};
 use crate::error::{Error, Result};
 use crate::metrics::inc;
 
@@ -220,9 +221,27 @@ impl Invalidation {
         all
     }
 
-    /// One table: its triggers installed (or, with installs off, found in place).
+    /// One table: its triggers installed (or, with installs off, found in place); with the
+    /// WAL source, added to the publication — unless PostgreSQL would then refuse the
+    /// application's UPDATE and DELETE on it (no replica identity), which is never risked.
     async fn watch_table(&self, db: &Db, oid: u32) -> Result<()> {
         let mut client = db.client().await.map_err(Error::from)?;
+        if self.cfg.source == ChangeSource::Wal {
+            wal::ensure_publication(&client, &self.cfg.publication)
+                .await
+                .map_err(Error::from)?;
+            if let Some(why) = wal::replica_identity_problem(&client, oid)
+                .await
+                .map_err(Error::from)?
+            {
+                return Err(Error::Db(format!(
+                    "not published for the WAL change source: {why}"
+                )));
+            }
+            return wal::publish_tables(&client, &self.cfg.publication, &[oid])
+                .await
+                .map_err(Error::from);
+        }
         let cols = self.key_columns(oid);
         if self.cfg.install_triggers {
             triggers::install(&mut client, &self.cfg, oid, &cols)
