@@ -107,9 +107,12 @@ async fn triggers(config: Config, action: TriggerAction) -> anyhow::Result<()> {
             let n = cachefront::db::triggers::remove_all(&mut client)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            cachefront::db::wal::drop_publication(&client, &shared.config().invalidation.publication)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            cachefront::db::wal::drop_publication(
+                &client,
+                &shared.config().invalidation.publication,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("invalidation triggers removed from {n} table(s); publication dropped if there was one");
         }
     }
