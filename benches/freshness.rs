@@ -2,12 +2,13 @@
 //!
 //! 1. **Freshness lag** — from the COMMIT of an UPDATE by a plain PostgreSQL client to the first
 //!    read through cachefront that returns the new value; p50/p99 over 1,000 updates while
-//!    readers keep EMP.GET busy.
+//!    readers keep EMP.GET busy; once per change source (`invalidation.source`: triggers, wal).
 //! 2. **Hit ratio under writes** — 100 updates per second to random employees while readers
 //!    fetch a hot set of 10,000 employees through EMP.GET.
 //!
 //! Run: `cargo bench --bench freshness` (needs what scripts/deps.sh installs).
-//! Options via env: FRESHNESS_UPDATES (1000), HITRATIO_SECS (10).
+//! Options via env: FRESHNESS_UPDATES (1000), HITRATIO_SECS (10),
+//! FRESHNESS_SOURCES (`triggers,wal`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -67,26 +68,31 @@ async fn readers(
         .collect()
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
-    let s = common::Stack::start().await;
-    eprintln!("loading 100,000 generated employees…");
+/// A stack whose invalidation reads changes from `source`, with 100,000 more employees.
+async fn stack(source: &str) -> common::Stack {
+    let change_source = match source {
+        "wal" => cachefront::config::ChangeSource::Wal,
+        "triggers" => cachefront::config::ChangeSource::Triggers,
+        other => panic!("unknown change source {other} (triggers, wal)"),
+    };
+    let s = common::Stack::start_with(|c| c.invalidation.source = change_source).await;
+    eprintln!("{source}: loading 100,000 generated employees…");
     s.psql("INSERT INTO employees (name, job_title, dept_id) SELECT 'Employee ' || g, 'Engineer', 1 + g % 5 FROM generate_series(1, 100000) g; ANALYZE employees");
     let shared = s.proxy.shared.clone();
     while !shared.is_listening() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    s
+}
+
+/// Commit-to-fresh-answer lag of `updates` single-row UPDATEs under read load.
+async fn freshness_lag(s: &common::Stack, source: &str) {
     let pg = s.pg().await;
     let mut probe = redis::Client::open(s.proxy_url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-
-    // 1. Freshness lag.
     let updates = env_or("FRESHNESS_UPDATES", if full_run() { 1000 } else { 50 });
     let stop = Arc::new(AtomicBool::new(false));
     let load = readers(s.proxy_url(), 8, 1000, stop.clone()).await;
@@ -129,11 +135,29 @@ async fn main() {
     }
     lags.sort();
     println!(
-        "freshness lag over {updates} updates ({reads} concurrent reads): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "freshness lag ({source}) over {updates} updates ({reads} concurrent reads): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         percentile(&lags, 0.50).as_secs_f64() * 1e3,
         percentile(&lags, 0.99).as_secs_f64() * 1e3,
         lags.last().unwrap().as_secs_f64() * 1e3
     );
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let sources = std::env::var("FRESHNESS_SOURCES").unwrap_or_else(|_| "triggers,wal".into());
+    let mut last = None;
+    for source in sources.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let s = stack(source).await;
+        freshness_lag(&s, source).await;
+        last = Some(s);
+    }
+    let Some(s) = last else {
+        return;
+    };
+    let pg = s.pg().await;
 
     // 2. Hit ratio under writes: warm the hot set, then measure.
     let hot = 10_000u64;
