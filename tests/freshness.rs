@@ -684,6 +684,47 @@ async fn table_created_after_a_failed_read(source: &str) {
 }
 
 // ---------------------------------------------------------------------------------------
+// 7b. cachefront's own triggers dropped or disabled
+// ---------------------------------------------------------------------------------------
+
+/// Dropping or disabling one of cachefront's triggers is DDL like any other: the entries of
+/// the table go, and the next miss puts the trigger back before it stores anything, so later
+/// writes are reported again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_or_disabled_trigger_is_put_back() {
+    let s = stack("triggers", "", &[]).await;
+    let pg = s.pg().await;
+    let mut raw = s.raw().await;
+    let bob = Q::value(
+        &["EMP.GET", "2"],
+        "SELECT name FROM employees WHERE id = 2",
+        "employee:2",
+    );
+    let all = Q::sql("SELECT id, name FROM employees ORDER BY id");
+    for (ddl, dml) in [
+        (
+            "DROP TRIGGER cachefront_upd ON employees",
+            "UPDATE employees SET name = 'Robert Smith' WHERE id = 2",
+        ),
+        (
+            "ALTER TABLE employees DISABLE TRIGGER cachefront_upd",
+            "UPDATE employees SET name = 'Bobby Smith' WHERE id = 2",
+        ),
+    ] {
+        cache(&s, &mut raw, &pg, &[&bob, &all]).await;
+        write(&pg, ddl).await;
+        // The next miss puts the trigger back before it stores.
+        cache(&s, &mut raw, &pg, &[&bob, &all]).await;
+        let enabled = s.psql(
+            "SELECT tgenabled FROM pg_trigger WHERE tgname = 'cachefront_upd' AND tgrelid = 'employees'::regclass",
+        );
+        assert_eq!(enabled.trim(), "A", "after {ddl}");
+        write(&pg, dml).await;
+        fresh(&mut raw, &pg, &[&bob, &all], ddl).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // 8. session_replication_role = replica
 // ---------------------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@
 //!   partition/inheritance ancestors and descendants: ALTER, DROP, RENAME, ATTACH/DETACH
 //!   PARTITION, CREATE OR REPLACE VIEW/FUNCTION, REFRESH MATERIALIZED VIEW. It needs a
 //!   superuser; without it DDL is not seen (reported in INFO as `invalidation_ddl_hook:0`).
+//!   Dropping or disabling one of cachefront's table triggers is reported the same way, so
+//!   the next miss puts it back before anything is stored.
 //!   Temporary objects are left out: no cached answer can depend on another session's.
 //!
 //! Both notify on commit, so nothing is reported for a rolled-back transaction. A
@@ -129,8 +131,16 @@ BEGIN
   -- cachefront's own installs change no answer.
   IF current_setting('cachefront.installing', true) = 'on' THEN RETURN; END IF;
   IF TG_EVENT = 'sql_drop' THEN
-    SELECT array_agg(DISTINCT objid) INTO objs FROM pg_event_trigger_dropped_objects()
-     WHERE classid IN ('pg_class'::regclass, 'pg_proc'::regclass) AND NOT is_temporary;
+    -- Dropped relations and functions, and the tables whose cachefront triggers were dropped
+    -- (their writes would otherwise go unreported from now on).
+    SELECT array_agg(DISTINCT o) INTO objs FROM (
+        SELECT objid AS o FROM pg_event_trigger_dropped_objects()
+         WHERE classid IN ('pg_class'::regclass, 'pg_proc'::regclass) AND NOT is_temporary
+      UNION
+        SELECT to_regclass(quote_ident(address_names[1]) || '.' || quote_ident(address_names[2]))::oid
+          FROM pg_event_trigger_dropped_objects()
+         WHERE object_type = 'trigger' AND address_names[3] LIKE 'cachefront\_%'
+    ) d WHERE o IS NOT NULL;
   ELSE
     SELECT array_agg(DISTINCT objid) INTO objs FROM pg_event_trigger_ddl_commands()
      WHERE classid IN ('pg_class'::regclass, 'pg_proc'::regclass)

@@ -176,8 +176,19 @@ impl Invalidation {
     /// A change arrived (before it is applied): after DDL, or a change that cannot be
     /// attributed, every resolution is asked again. True if the schema may have changed.
     pub(super) fn received(&self, change: &Change) -> bool {
-        if !matches!(change, Change::Ddl(_) | Change::All) {
-            return false;
+        match change {
+            // The DDL may have dropped or disabled a table's triggers: checked again before
+            // the next fill that depends on the table is stored.
+            Change::Ddl(objects) => {
+                let mut watched = lock(&self.watched);
+                for o in objects {
+                    if let Ok(oid) = o.parse::<u32>() {
+                        watched.remove(&oid);
+                    }
+                }
+            }
+            Change::All => lock(&self.watched).clear(),
+            Change::Table(_) | Change::Rows { .. } => return false,
         }
         let mut map = lock(&self.resolutions);
         self.generation.fetch_add(1, Ordering::AcqRel);
