@@ -50,6 +50,34 @@ pub struct Resolved {
     pub untrackable: Option<String>,
 }
 
+/// What functions (SQL-standard bodies, and the probe) read: relations and functions.
+const FUNCTION_DEPS: &str = "
+    SELECT d.refclassid = 'pg_proc'::regclass, d.refobjid FROM pg_depend d
+     WHERE d.classid = 'pg_proc'::regclass AND d.objid = ANY($1)
+       AND d.refclassid IN ('pg_class'::regclass, 'pg_proc'::regclass)
+       AND d.deptype = 'n' AND d.refobjid <> d.objid";
+
+/// What views read: the dependencies of their rewrite rules.
+const VIEW_DEPS: &str = "
+    SELECT d.refclassid = 'pg_proc'::regclass, d.refobjid
+      FROM pg_rewrite w
+      JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
+     WHERE w.ev_class = ANY($1) AND d.refobjid <> w.ev_class
+       AND d.refclassid IN ('pg_class'::regclass, 'pg_proc'::regclass)
+       AND d.deptype = 'n'";
+
+/// A table's ancestors and descendants (partitions and inheritance children): a write to a
+/// child changes what its parents show, and a write through a parent may land in it.
+const FAMILY: &str = "
+    WITH RECURSIVE up(oid) AS (
+        SELECT unnest($1::oid[])
+      UNION SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.oid
+    ), down(oid) AS (
+        SELECT unnest($1::oid[])
+      UNION SELECT i.inhrelid FROM pg_inherits i JOIN down ON i.inhparent = down.oid
+    )
+    SELECT false, oid FROM up UNION SELECT false, oid FROM down";
+
 /// The text a probe function's body gets: the query without a trailing `;` (the body adds
 /// its own), on lines of its own so a trailing `--` comment cannot swallow the end.
 fn probe_sql(sql: &str, arg_types: &[String]) -> String {
@@ -74,23 +102,16 @@ pub async fn resolve_query(client: &mut Client, sql: &str) -> Result<Resolved, D
     // One statement through the extended protocol: PostgreSQL refuses a text that would
     // smuggle a second one in after the function.
     tx.execute(probe_sql(sql, &types).as_str(), &[]).await?;
-    let direct = tx
-        .query(
-            "SELECT d.refclassid = 'pg_proc'::regclass, d.refobjid
-               FROM pg_depend d
-              WHERE d.classid = 'pg_proc'::regclass
-                AND d.objid = (SELECT p.oid FROM pg_proc p
-                                WHERE p.proname = 'cachefront_probe'
-                                  AND p.pronamespace = pg_my_temp_schema())
-                AND d.refclassid IN ('pg_class'::regclass, 'pg_proc'::regclass)
-                AND d.deptype = 'n'",
+    let probe: u32 = tx
+        .query_one(
+            "SELECT p.oid FROM pg_proc p
+              WHERE p.proname = 'cachefront_probe' AND p.pronamespace = pg_my_temp_schema()",
             &[],
         )
-        .await?;
+        .await?
+        .get(0);
     let mut walk = Walk::default();
-    for row in &direct {
-        walk.push(row.get(0), row.get(1));
-    }
+    walk.follow(&tx, FUNCTION_DEPS, &[probe]).await?;
     let resolved = walk.close(&tx).await;
     // Nothing of the probe may stay: roll back whatever happened.
     let _ = tx.rollback().await;
@@ -136,6 +157,22 @@ impl Walk {
         } else if self.seen_rels.insert(oid) {
             self.todo_rels.insert(oid);
         }
+    }
+
+    /// Runs `sql` (rows: is it a function, its OID) on `oids` and follows every row.
+    async fn follow<C: tokio_postgres::GenericClient>(
+        &mut self,
+        c: &C,
+        sql: &str,
+        oids: &[u32],
+    ) -> Result<(), DbError> {
+        if oids.is_empty() {
+            return Ok(());
+        }
+        for r in c.query(sql, &[&oids]).await? {
+            self.push(r.get(0), r.get(1));
+        }
+        Ok(())
     }
 
     /// Follows dependencies until nothing new turns up.
@@ -191,22 +228,7 @@ impl Walk {
                 ));
             }
         }
-        if bodies.is_empty() {
-            return Ok(());
-        }
-        let deps = c
-            .query(
-                "SELECT d.refclassid = 'pg_proc'::regclass, d.refobjid FROM pg_depend d
-                  WHERE d.classid = 'pg_proc'::regclass AND d.objid = ANY($1)
-                    AND d.refclassid IN ('pg_class'::regclass, 'pg_proc'::regclass)
-                    AND d.deptype = 'n' AND d.refobjid <> d.objid",
-                &[&bodies],
-            )
-            .await?;
-        for r in &deps {
-            self.push(r.get(0), r.get(1));
-        }
-        Ok(())
+        self.follow(c, FUNCTION_DEPS, &bodies).await
     }
 
     /// Relations: kept by kind; a view adds what its rule reads, a table its ancestors and
@@ -263,63 +285,8 @@ impl Walk {
             }
             self.relations.insert(oid, Relation { oid, name, kind });
         }
-        self.view_step(c, &views).await?;
-        self.family_step(c, &tables).await
-    }
-
-    /// What views read: the dependencies of their rewrite rules.
-    async fn view_step<C: tokio_postgres::GenericClient>(
-        &mut self,
-        c: &C,
-        views: &[u32],
-    ) -> Result<(), DbError> {
-        if views.is_empty() {
-            return Ok(());
-        }
-        let rows = c
-            .query(
-                "SELECT d.refclassid = 'pg_proc'::regclass, d.refobjid
-                   FROM pg_rewrite w
-                   JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
-                  WHERE w.ev_class = ANY($1) AND d.refobjid <> w.ev_class
-                    AND d.refclassid IN ('pg_class'::regclass, 'pg_proc'::regclass)
-                    AND d.deptype = 'n'",
-                &[&views],
-            )
-            .await?;
-        for r in &rows {
-            self.push(r.get(0), r.get(1));
-        }
-        Ok(())
-    }
-
-    /// A table's ancestors and descendants (partitions and inheritance children): a write to
-    /// a child changes what its parents show, and a write through a parent may land in it.
-    async fn family_step<C: tokio_postgres::GenericClient>(
-        &mut self,
-        c: &C,
-        tables: &[u32],
-    ) -> Result<(), DbError> {
-        if tables.is_empty() {
-            return Ok(());
-        }
-        let rows = c
-            .query(
-                "WITH RECURSIVE up(oid) AS (
-                     SELECT unnest($1::oid[])
-                   UNION SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.oid
-                 ), down(oid) AS (
-                     SELECT unnest($1::oid[])
-                   UNION SELECT i.inhrelid FROM pg_inherits i JOIN down ON i.inhparent = down.oid
-                 )
-                 SELECT oid FROM up UNION SELECT oid FROM down",
-                &[&tables],
-            )
-            .await?;
-        for r in &rows {
-            self.push(false, r.get(0));
-        }
-        Ok(())
+        self.follow(c, VIEW_DEPS, &views).await?;
+        self.follow(c, FAMILY, &tables).await
     }
 }
 
