@@ -85,9 +85,13 @@ async fn stack(source: &str) -> common::Stack {
     s
 }
 
-/// Commit-to-fresh-answer lag of `updates` single-row UPDATEs under read load.
+/// Commit-to-fresh-answer lag of `updates` single-row UPDATEs under read load. The writer
+/// commits with `synchronous_commit = on`, PostgreSQL's default (the test server runs with it
+/// off): logical decoding sends only WAL that is flushed, so under `off` the WAL source
+/// would wait for the WAL writer (`wal_writer_delay`, 200 ms by default) on every commit.
 async fn freshness_lag(s: &common::Stack, source: &str) {
     let pg = s.pg().await;
+    pg.batch_execute("SET synchronous_commit = on").await.unwrap();
     let mut probe = redis::Client::open(s.proxy_url())
         .unwrap()
         .get_multiplexed_async_connection()
