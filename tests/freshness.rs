@@ -57,6 +57,8 @@ per_source!(
     writes_still_work_after_a_key_column_is_renamed,
     prepare_transaction,
     triggers_remove_takes_everything,
+    a_table_that_cannot_report_writes_is_not_cached,
+    a_lost_change_stream_flushes_what_it_cannot_vouch_for,
     randomized_audit,
 );
 
@@ -722,6 +724,134 @@ async fn a_dropped_or_disabled_trigger_is_put_back() {
         write(&pg, dml).await;
         fresh(&mut raw, &pg, &[&bob, &all], ddl).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// 7c. A table that cannot report its writes; a lost change stream
+// ---------------------------------------------------------------------------------------
+
+/// cachefront runs as a role that owns nothing and is no superuser: it cannot put triggers on
+/// the table (nor publish it, nor install the DDL event trigger). Its reads are answered
+/// fresh from PostgreSQL and stored nowhere, the failure is reported, and once the role may,
+/// the next miss after the retry delay makes the table report its writes and caches again.
+async fn a_table_that_cannot_report_writes_is_not_cached(source: &str) {
+    let role = format!("reader_{}", std::process::id());
+    let source = source.to_string();
+    let schema = format!(
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN REPLICATION; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         CREATE TABLE gauges (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO gauges VALUES (1, 10);
+         GRANT SELECT ON gauges TO {role};
+         DO $$ BEGIN EXECUTE format('GRANT CREATE, TEMP ON DATABASE %I TO {role}', current_database()); END $$;"
+    );
+    let s = stack_on(&schema, {
+        let role = role.clone();
+        move |c| {
+            set_source(c, &source);
+            c.postgres.url = c.postgres.url.replacen("postgres@", &format!("{role}@"), 1);
+        }
+    })
+    .await;
+    let pg = s.pg().await;
+    let mut raw = s.raw().await;
+    let q = Q::sql("SELECT id, v FROM gauges ORDER BY id");
+    for round in 0..3 {
+        settle(&mut raw, &pg, &q, "an unwatched read").await;
+        assert!(
+            !common::fresh::in_valkey(&s, &q.key).await,
+            "stored although the table cannot report writes (round {round})"
+        );
+        write(&pg, "UPDATE gauges SET v = v + 1 WHERE id = 1").await;
+        fresh(&mut raw, &pg, &[&q], "a write to an unwatched table").await;
+    }
+    let info = raw.call(&[b"INFO", b"cachefront"]).await;
+    let field = |name: &str| {
+        common::info_field(&info, name)
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("{name} in {info}"))
+    };
+    assert!(field("invalidation_unwatched_tables") >= 1, "{info}");
+    assert!(field("watch_failures") >= 1, "{info}");
+    assert!(field("unwatched_reads") >= 3, "{info}");
+    assert_eq!(field("invalidation_ddl_hook"), 0, "{info}");
+    // The role may now: the next miss after the retry delay installs, then caches.
+    write(&pg, &format!("ALTER TABLE gauges OWNER TO {role}")).await;
+    let started = Instant::now();
+    while !common::fresh::in_valkey(&s, &q.key).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never cached once the table could report its writes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = q.ours(&mut raw).await;
+    }
+    write(&pg, "UPDATE gauges SET v = v + 1 WHERE id = 1").await;
+    fresh(&mut raw, &pg, &[&q], "a write once watched").await;
+}
+
+/// The change stream is cut from the server side (the LISTEN connection, or the WAL
+/// sender): what was written while nobody received it cannot be vouched for, so everything
+/// cached is flushed when the stream is back.
+async fn a_lost_change_stream_flushes_what_it_cannot_vouch_for(source: &str) {
+    let s = stack(source, "", &[]).await;
+    let pg = s.pg().await;
+    let mut raw = s.raw().await;
+    let bob = Q::value(
+        &["EMP.GET", "2"],
+        "SELECT name FROM employees WHERE id = 2",
+        "employee:2",
+    );
+    let all = Q::sql("SELECT id, name FROM employees ORDER BY id");
+    cache(&s, &mut raw, &pg, &[&bob, &all]).await;
+    let reconnects = s
+        .proxy
+        .shared
+        .metrics
+        .listener_reconnects
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // The listener's connection (triggers) or the WAL sender and its companion (wal).
+    s.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE pid <> pg_backend_pid() AND application_name LIKE 'cachefront%'
+            AND (query LIKE 'LISTEN%' OR backend_type = 'walsender' OR query LIKE '%pg_logical_emit_message%' OR query = 'SELECT 1')",
+    );
+    let shared = s.proxy.shared.clone();
+    let cut = Instant::now();
+    common::eventually_within(Duration::from_secs(20), "the change stream back", || {
+        let shared = shared.clone();
+        async move {
+            shared
+                .metrics
+                .listener_reconnects
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > reconnects
+                && shared.is_listening()
+        }
+    })
+    .await;
+    eprintln!(
+        "{source}: the change stream back {:?} after the cut",
+        cut.elapsed()
+    );
+    common::eventually_within(FRESH, "everything flushed", || async {
+        !common::fresh::in_valkey(&s, &bob.key).await
+            && !common::fresh::in_valkey(&s, &all.key).await
+    })
+    .await;
+    // And it works again.
+    cache(&s, &mut raw, &pg, &[&bob, &all]).await;
+    write(
+        &pg,
+        "UPDATE employees SET name = 'Robert Smith' WHERE id = 2",
+    )
+    .await;
+    fresh(
+        &mut raw,
+        &pg,
+        &[&bob, &all],
+        "a write after the stream came back",
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------
