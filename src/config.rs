@@ -306,6 +306,10 @@ pub struct InvalidationConfig {
     pub max_notifications_per_transaction: u64,
     /// Longest pause between reconnection attempts of the listening connection.
     pub reconnect_max_ms: u64,
+    /// Instances sharing one Valkey apply each change once: the one holding a lease in Valkey
+    /// (milliseconds; renewed every third of it) applies, and another takes over within about
+    /// `lease_ms * 4 / 3` when it dies.
+    pub lease_ms: u64,
 }
 
 /// Continuous verification (`cache::verify`): a background sampler re-reads a few cached
@@ -717,6 +721,7 @@ impl Default for InvalidationConfig {
             max_rows_per_notification: 1000,
             max_notifications_per_transaction: 100,
             reconnect_max_ms: 5000,
+            lease_ms: 3000,
         }
     }
 }
@@ -771,6 +776,12 @@ pub fn builtin_emp_get() -> NamedQueryConfig {
         ttl_only: false,
     }
 }
+
+/// Shortest invalidation lease: renewed every third of it, it must outlast a round trip to
+/// Valkey several times over.
+pub const MIN_LEASE_MS: u64 = 100;
+/// Longest invalidation lease: a dead holder's changes wait up to about this long.
+pub const MAX_LEASE_MS: u64 = 600_000;
 
 /// Sections whose keys may be overridden as `CACHEFRONT_<SECTION>_<KEY>`.
 const SECTIONS: &[&str] = &[
@@ -937,6 +948,12 @@ impl Config {
             "invalidation.reconnect_max_ms",
             self.invalidation.reconnect_max_ms,
         )?;
+        if !(MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.invalidation.lease_ms) {
+            return Err(invalid(
+                "invalidation.lease_ms",
+                format!("must be between {MIN_LEASE_MS} and {MAX_LEASE_MS}"),
+            ));
+        }
         self.verify.validate()?;
         let mut seen = BTreeSet::new();
         for (i, q) in self.queries.iter().enumerate() {
@@ -1240,6 +1257,22 @@ mod tests {
         assert_eq!(c.postgres.url, "postgres://postgres@127.0.0.1:5432/staff");
         assert_eq!(c.cache.default_ttl, 3600);
         assert_eq!(c.named_queries()[0].command, "EMP.GET");
+    }
+
+    #[test]
+    fn the_invalidation_lease_is_bounded_and_overridable() {
+        let c = Config::from_toml_with_env("", env(&[])).unwrap();
+        assert_eq!(c.invalidation.lease_ms, 3000);
+        let c = Config::from_toml_with_env("", env(&[("CACHEFRONT_INVALIDATION_LEASE_MS", "900")]))
+            .unwrap();
+        assert_eq!(c.invalidation.lease_ms, 900);
+        for bad in ["0", "99", "600001"] {
+            let e =
+                Config::from_toml_with_env("", env(&[("CACHEFRONT_INVALIDATION_LEASE_MS", bad)]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(e.contains("invalidation.lease_ms"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -280,6 +280,10 @@ declare_metrics! {
         /// Times the invalidation listener (re)connected.
         Counter listener_reconnects: "listener_reconnects",
             "Times the invalidation listener (re)connected";
+        /// Times this instance took the invalidation lease (at start too) and so became the one
+        /// of the instances sharing its Valkey that applies changes; each flushes everything.
+        Counter invalidation_takeovers: "invalidation_takeovers",
+            "Times this instance took the invalidation lease (each followed by a flush of every table)";
         /// Hot entries refreshed before expiry (XFetch).
         Counter early_refreshes: "early_refreshes", "Hot entries refreshed before expiry";
         /// Clients disconnected for holding more unread replies than

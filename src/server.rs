@@ -345,9 +345,12 @@ impl Server {
     fn verifier(&self) -> impl Future<Output = ()> + Send + 'static {
         let config = self.shared.config();
         let ctx = self.shared.context();
+        let term = self.shared.context();
         let gate = crate::cache::verify::Gate {
             tracked: config.invalidation.enabled,
             live: Box::new(move || ctx.is_listening()),
+            term: Box::new(move || term.invalidation.lease().applying_term()),
+            handover: self.shared.invalidation.lease().handover(),
         };
         let cache = Arc::clone(&self.shared.cache);
         crate::cache::verify::run(cache, config.verify.clone(), gate)
@@ -444,6 +447,12 @@ impl Server {
         clients.close();
         let _ = tokio::time::timeout(DRAIN_DEADLINE, clients.wait()).await;
         listener_task.abort();
+        // Another instance takes over at once, not when the lease expires.
+        self.shared
+            .invalidation
+            .lease()
+            .release(&self.shared.cache.store)
+            .await;
         replicas_task.abort();
         verify_task.abort();
         // Its records hold the commands' context, which holds the cache that holds them.
@@ -485,6 +494,13 @@ pub struct Running {
 }
 
 impl Running {
+    /// Shuts down as a crash would leave Valkey: the invalidation lease is not released, so
+    /// another instance takes over only when it expires (for tests of the takeover).
+    pub async fn crash(self) {
+        self.shared.invalidation.lease().abandon();
+        self.shutdown().await
+    }
+
     /// Shuts down gracefully and waits for the drain.
     pub async fn shutdown(mut self) {
         if let Some(s) = self.stop.take() {

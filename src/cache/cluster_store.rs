@@ -230,6 +230,11 @@ impl ClusterStore {
         &self.upstream
     }
 
+    /// `cache.meta_prefix`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Stores `value` if the entry's generation is still `versions[0]`.
     pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {
         let Some(kind) = value_kind(value) else {

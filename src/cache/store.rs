@@ -134,7 +134,29 @@ end
 return {0, redis.call('SMEMBERS', KEYS[1])}
 "#;
 
+/// KEYS: the lease. ARGV: this instance's id, the lease's length (ms). Extends the lease only
+/// if this instance still holds it. Returns 1 if extended.
+const LEASE_RENEW_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// KEYS: the lease. ARGV: this instance's id. Deletes the lease only if this instance holds
+/// it. Returns 1 if deleted.
+const LEASE_RELEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"#;
+
 static FILL: StaticScript = LazyLock::new(|| Script::new(FILL_LUA));
+static LEASE_RENEW: StaticScript = LazyLock::new(|| Script::new(LEASE_RENEW_LUA));
+static LEASE_RELEASE: StaticScript = LazyLock::new(|| Script::new(LEASE_RELEASE_LUA));
 static INVALIDATE_TABLES: StaticScript =
     LazyLock::new(|| Script::new(&format!("{DROP_FN}{INVALIDATE_TABLES_LUA}")));
 static INVALIDATE_ROWS: StaticScript =
@@ -327,6 +349,52 @@ impl Store {
             Store::Single(s) => s.get(key).await,
             Store::Cluster(c) => c.get(key).await,
         }
+    }
+
+    /// The upstream its requests go through.
+    fn upstream(&self) -> &Arc<Upstream> {
+        match self {
+            Store::Single(s) => &s.upstream,
+            Store::Cluster(c) => c.upstream(),
+        }
+    }
+
+    /// The key of a lease among the instances sharing this Valkey (`<prefix>lease:<name>`).
+    /// One key, so its scripts run on one node of a cluster too (routed by it).
+    pub fn lease_key(&self, name: &str) -> String {
+        let prefix = match self {
+            Store::Single(s) => &s.prefix,
+            Store::Cluster(c) => c.prefix(),
+        };
+        format!("{prefix}lease:{name}")
+    }
+
+    /// Takes the lease `key` for `holder` for `ms` milliseconds if nobody holds it
+    /// (`SET key holder NX PX ms`). True if taken.
+    pub async fn lease_acquire(&self, key: &str, holder: &str, ms: u64) -> Result<bool> {
+        let cmd = Cmd::new("SET")
+            .arg(key)
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(&ms);
+        Ok(resp::opt_bytes(resp::call(self.upstream(), key, cmd).await?)?.is_some())
+    }
+
+    /// Extends the lease `key` to `ms` milliseconds from now if `holder` still holds it
+    /// (compare-and-extend). False: it expired, or another instance holds it.
+    pub async fn lease_renew(&self, key: &str, holder: &str, ms: u64) -> Result<bool> {
+        let mut inv = LEASE_RENEW.prepare();
+        inv.key(key).arg(holder).arg(&ms);
+        Ok(resp::int(inv.run(self.upstream()).await?)? == 1)
+    }
+
+    /// Gives the lease `key` up if `holder` holds it (compare-and-delete), so another
+    /// instance can take it without waiting for it to expire.
+    pub async fn lease_release(&self, key: &str, holder: &str) -> Result<bool> {
+        let mut inv = LEASE_RELEASE.prepare();
+        inv.key(key).arg(holder);
+        Ok(resp::int(inv.run(self.upstream()).await?)? == 1)
     }
 }
 

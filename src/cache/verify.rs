@@ -38,6 +38,11 @@
 //! down (writes unheard; its reconnection flushes) are the two ways the bound is known not to
 //! hold: checks then reach no verdict. A read replica answers only if it has replayed what the
 //! entry's versions require, as for a fill (`command::fill::must_see`).
+//! With several instances sharing one Valkey, only the holder of the invalidation lease
+//! applies changes, and when it dies its changes wait until another instance takes the lease
+//! over and flushes everything (which bumps every version): the bound is then the grace plus
+//! that handover ([`Gate::handover`]), so an instance that does not apply waits that much
+//! longer, and a check during which this instance's lease term changed reaches no verdict.
 //!
 //! **What is not a mismatch.** TTL-only entries (cached without invalidation: with
 //! `invalidation.enabled = false`, or marked so by [`ttl_only`]) are expected to go stale:
@@ -269,6 +274,13 @@ pub struct Gate {
     /// Whether the change listener is up now: while it is not, writes go unheard (its
     /// reconnection flushes), so no verdict is possible.
     pub live: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Of the instances sharing this Valkey, the one holding the invalidation lease applies
+    /// changes: while this process does (and has flushed since taking it), its term, else 0.
+    /// A check's verdict needs the same term at both reads.
+    pub term: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// While another instance applies, how much later than usual a change may reach Valkey
+    /// (its lease running out when it dies, and the takeover): added to the grace.
+    pub handover: Duration,
 }
 
 /// How one check ended.
@@ -425,9 +437,18 @@ pub async fn check(cache: &Cache, s: &Sample, grace: Duration, gate: &Gate) -> O
     if !gate.tracked || ttl_only(&s.entry) {
         return Outcome::TtlOnlyStale;
     }
-    tokio::time::sleep(grace).await;
+    let term = (gate.term)();
+    let wait = if term == 0 {
+        grace + gate.handover
+    } else {
+        grace
+    };
+    tokio::time::sleep(wait).await;
     if !judgeable(cache, s, gate) {
         return Outcome::Skipped("the listener is down or the entry's tables are degraded");
+    }
+    if (gate.term)() != term {
+        return Outcome::Skipped("the invalidation lease changed hands");
     }
     match cached(cache, s).await {
         Ok((v, Some(again))) if v == versions && same(&again, &held) => {}

@@ -161,7 +161,7 @@ impl Context {
 
     /// The figures computed when asked (pools, L1, degraded mode), in INFO order; each is
     /// named here once for both INFO and Prometheus.
-    pub fn computed(&self) -> [Computed; 12] {
+    pub fn computed(&self) -> [Computed; 13] {
         let (size, available) = self.db.pool_status();
         let (entries, bytes) = self.cache.l1.usage();
         let (all, degraded) = self.cache.degraded.snapshot();
@@ -213,6 +213,14 @@ impl Context {
                     "1 while listening for PostgreSQL change notifications",
                 )),
                 flag(self.is_listening()),
+            ),
+            c(
+                Some("invalidation_lease_holder"),
+                Some((
+                    "invalidation_lease_holder",
+                    "1 while this instance holds the invalidation lease: of the instances sharing its Valkey, it applies changes",
+                )),
+                flag(self.invalidation.lease().holding()),
             ),
             c(
                 Some("invalidation_degraded"),

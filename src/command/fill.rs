@@ -333,12 +333,15 @@ fn result_limits(ctx: &Context) -> ResultLimits {
 /// of `deps` (see `db::replicas`); 0 without replicas. Without known versions (a fill
 /// answered straight from PostgreSQL), everything any fill must see. While the invalidation
 /// listener is down, writes go unheard and no requirement is raised for them: the primary
-/// answers every fill until it is back (and has flushed what it missed).
+/// answers every fill until it is back (and has flushed what it missed). So it does on an
+/// instance that does not hold the invalidation lease: only the holder applies changes, so
+/// only its requirements are raised before the versions they guard are bumped (see
+/// `Invalidation::sees_changes`).
 fn must_see(ctx: &Context, deps: Option<&Deps>) -> u64 {
     let Some(set) = ctx.db.replicas() else {
         return 0;
     };
-    if ctx.config().invalidation.enabled && !ctx.is_listening() {
+    if ctx.config().invalidation.enabled && !ctx.invalidation.sees_changes() {
         return u64::MAX;
     }
     match deps {

@@ -12,10 +12,15 @@
 //! PostgreSQL (`Cache::bypasses`) — and it is retried with backoff until it applies, which
 //! ends the degraded state. Meta keys of the wrong type are repaired by the scripts
 //! themselves (see `cache::store`).
+//!
+//! Several instances sharing one Valkey apply each change once (see [`lease`]): every
+//! instance runs its consumer — it keeps its own resolutions fresh and its read replicas'
+//! requirements raised — but only the lease holder applies changes to Valkey; the others drop
+//! what they heard, and the next holder flushes everything when it takes over.
 
 use futures::StreamExt;
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::AsyncMessage;
@@ -30,9 +35,11 @@ use crate::db::triggers;
 use crate::db::{Db, DbError};
 use crate::error::Result;
 use crate::metrics::{inc, Metrics};
+pub use lease::Lease;
 use pending::{Change, Pending, Work};
 pub use resolve::{Resolution, Untrackable};
 
+mod lease;
 pub mod pending;
 mod resolve;
 mod wal;
@@ -59,6 +66,11 @@ pub struct Invalidation {
     bindings: Mutex<Arc<HashMap<String, Vec<RowBinding>>>>,
     /// Whether the listener is connected and listening.
     listening: watch::Sender<bool>,
+    /// Whether it hears every committed change (with the WAL source, only the lease holder
+    /// streams them; the others hear DDL only).
+    hearing: AtomicBool,
+    /// Which of the instances sharing this Valkey applies changes to it.
+    lease: Lease,
     /// Query texts (and key table names) → what PostgreSQL resolved them to. Emptied by any
     /// DDL, so the next fill asks again; a failure is never kept.
     resolutions: Mutex<HashMap<String, Arc<Resolution>>>,
@@ -82,6 +94,8 @@ impl Invalidation {
             named: Mutex::new(named.clone()),
             bindings: Mutex::new(Arc::new(HashMap::new())),
             listening: watch::Sender::new(false),
+            hearing: AtomicBool::new(false),
+            lease: Lease::new(cfg.lease_ms),
             resolutions: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             resolving: Arc::new(Coalescer::default()),
@@ -104,8 +118,25 @@ impl Invalidation {
         *self.listening.borrow()
     }
 
-    fn set_listening(&self, on: bool) {
+    /// `on`: listening; `hearing`: to every committed change, not DDL only.
+    fn set_listening(&self, on: bool, hearing: bool) {
+        self.hearing.store(on && hearing, Ordering::Release);
         self.listening.send_replace(on);
+    }
+
+    /// Whether this process hears every committed change and applies it, so its fills may
+    /// read a replica that has replayed what their versions require (`command::fill::must_see`):
+    /// only the lease holder does. Another instance's fill can read a version the holder has
+    /// just bumped before this process heard of the write; on a replica that has not replayed
+    /// it, it would store old rows under the new version, and no invalidation of this process
+    /// would follow to drop them. So the other instances' fills read the primary.
+    pub fn sees_changes(&self) -> bool {
+        self.is_listening() && self.hearing.load(Ordering::Acquire) && self.lease.holding()
+    }
+
+    /// The invalidation lease: whether this instance applies changes to Valkey.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     /// At start, waits (at most `limit`) until the listener is listening: an entry stored
@@ -115,11 +146,7 @@ impl Invalidation {
     pub async fn wait_listening(&self, limit: Duration) {
         if !self.cfg.enabled
             || self.is_listening()
-            || self
-                .metrics
-                .listener_reconnects
-                .load(std::sync::atomic::Ordering::Relaxed)
-                > 0
+            || self.metrics.listener_reconnects.load(Ordering::Relaxed) > 0
         {
             return;
         }
@@ -511,19 +538,30 @@ impl Listener {
     }
 }
 
-/// Runs the listener until the process ends: connect, LISTEN, flush what may have been missed,
-/// apply notifications; on any failure, reconnect with backoff.
+/// Runs the listener until the process ends — connect, LISTEN, flush what may have been
+/// missed, apply notifications; on any failure, reconnect with backoff — beside the task
+/// that keeps the invalidation lease (see [`lease`]).
 pub async fn run(l: Listener) {
     if !l.invalidation.cfg.enabled {
         return;
     }
+    tokio::join!(lease::run(l.clone()), consume(&l));
+}
+
+/// The change consumer: one connection after the other, until the process ends.
+async fn consume(l: &Listener) {
     let max = Duration::from_millis(l.invalidation.cfg.reconnect_max_ms);
     let mut backoff = Duration::from_millis(50);
     loop {
         let served = match l.invalidation.cfg.source {
-            ChangeSource::Triggers => listen_once(&l).await,
-            ChangeSource::Wal => wal::stream_once(&l).await,
+            ChangeSource::Triggers => listen_once(l).await,
+            ChangeSource::Wal => wal::run_once(l).await,
         };
+        // Changes go unheard until it is back: an instance that hears them should apply.
+        l.invalidation
+            .lease()
+            .resign(&l.cache.store, "the change consumer was lost")
+            .await;
         match served {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
@@ -583,10 +621,13 @@ async fn serve(
     let mut retry = Retry::new();
     begin_serving(l, client, queue, &mut retry).await?;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
+    let mut lease = l.invalidation.lease().subscribe();
     let result = loop {
         tokio::select! {
             _ = queue.wake.notified() => {}
             _ = retry.due() => {}
+            // Taken: flush; lost: stop applying.
+            _ = lease.changed() => {}
             _ = &mut *driver => break Err(DbError::Unavailable("notification stream ended".into())),
             _ = heartbeat.tick() => {
                 // A silent network failure would otherwise leave us deaf without knowing it.
@@ -602,42 +643,65 @@ async fn serve(
             break Err(e);
         }
     };
-    l.invalidation.set_listening(false);
+    l.invalidation.set_listening(false, false);
     result
 }
 
 /// Once changes are being received (LISTEN issued, or the stream started): makes the
-/// configured tables report writes, then flushes everything — anything written before this
-/// moment may have been missed — and says the listener is listening.
+/// configured tables report writes, forgets resolutions (DDL may have gone unheard), then —
+/// if this instance holds the invalidation lease, which it tries to take here so a lone
+/// instance starts as it always did — flushes everything, as anything written before this
+/// moment may have been missed, and says the listener is listening. An instance that does
+/// not hold the lease leaves flushing to the holder (a new holder flushes when it takes over).
 async fn begin_serving(
     l: &Listener,
     client: &tokio_postgres::Client,
     queue: &Queue,
     retry: &mut Retry,
 ) -> std::result::Result<(), DbError> {
+    if l.invalidation.received(&Change::All) {
+        l.db.schema_changed();
+    }
     if let Err(e) = l.invalidation.install_configured(&l.db).await {
         tracing::warn!(error = %e, "cannot make the configured tables report their writes yet");
     }
-    // With read replicas, fills after the flush must not read a replica that has not
-    // replayed those writes: every fill must see the position of now (see `db::replicas`).
-    if let Some(set) = l.db.replicas() {
-        set.raise_all(l.db.wal_insert_lsn(client).await?);
+    let lease = l.invalidation.lease();
+    if !lease.holding() {
+        lease.acquire(&l.cache.store, l.metrics()).await;
     }
-    queue.with(Pending::flush_all);
-    // A flush that fails leaves every read bypassing the cache, so listening may begin.
+    if lease.holding() {
+        // A reconnecting holder flushes as a new one does.
+        lease.flushed(0);
+    }
     apply_queued(l, client, queue, retry).await?;
-    l.invalidation.set_listening(true);
+    l.invalidation.set_listening(true, true);
     Ok(())
 }
 
 /// Takes everything queued (new changes and earlier failures alike) and applies it; what
 /// fails goes back in the queue, retried after a backoff or with the next notification.
+/// Only the lease holder applies; it begins each term with a flush of everything.
 async fn apply_queued(
     l: &Listener,
     client: &tokio_postgres::Client,
     queue: &Queue,
     retry: &mut Retry,
 ) -> std::result::Result<(), DbError> {
+    let lease = l.invalidation.lease();
+    if !lease.holding() {
+        skip_queued(l, queue, retry);
+        return Ok(());
+    }
+    let flush = lease.flush_due();
+    if flush.is_some() {
+        // With read replicas, fills after the flush must not read a replica that has not
+        // replayed those writes: every fill must see the position of now (see
+        // `db::replicas`).
+        if let Some(set) = l.db.replicas() {
+            set.raise_all(l.db.wal_insert_lsn(client).await?);
+        }
+        queue.with(Pending::flush_all);
+    }
     let batch = queue.take();
     if !batch.is_empty() {
         // Before any version is bumped. If the position cannot be read, reconnecting
@@ -651,17 +715,42 @@ async fn apply_queued(
             retry.failed();
         }
     }
+    // A flush that fails leaves every read bypassing the cache until it is applied, so the
+    // term's applier is in place either way.
+    if let Some(term) = flush {
+        lease.flushed(term);
+    }
     let pending = queue.len() as u64;
     l.metrics()
         .invalidation_pending
-        .store(pending, std::sync::atomic::Ordering::Relaxed);
+        .store(pending, Ordering::Relaxed);
     Ok(())
+}
+
+/// Another instance holds the lease: it applies what was queued (or, taking over, flushes
+/// everything), so this one drops it. (What this process itself needs of a change — its
+/// resolutions forgotten on DDL — was done on receipt; its fills read the primary, see
+/// [`Invalidation::sees_changes`].) What it could not apply while it held the lease is the
+/// new holder's flush's too, so nothing stays degraded here.
+fn skip_queued(l: &Listener, queue: &Queue, retry: &mut Retry) {
+    drop(queue.take());
+    if l.cache.degraded.any() {
+        let (all, tables) = l.cache.degraded.snapshot();
+        for t in &tables {
+            l.cache.recovered(t);
+        }
+        if all {
+            l.cache.recovered_all();
+        }
+    }
+    retry.succeeded();
+    l.metrics().invalidation_pending.store(0, Ordering::Relaxed);
 }
 
 /// With read replicas: fills that will check a version this batch bumps must see the
 /// primary's WAL as of now, which includes the writes that sent them (see `db::replicas`).
 /// Mirrors what [`apply_work`] bumps: a table's version and epoch, or a table's version and
-/// its rows' versions. A flush of everything was covered when listening began.
+/// its rows' versions; a flush of everything, every version.
 async fn require_seen(
     l: &Listener,
     client: &tokio_postgres::Client,
@@ -670,10 +759,13 @@ async fn require_seen(
     let Some(set) = l.db.replicas() else {
         return Ok(());
     };
-    if batch.tables.is_empty() {
+    if batch.tables.is_empty() && !batch.all {
         return Ok(());
     }
     let lsn = l.db.wal_insert_lsn(client).await?;
+    if batch.all {
+        set.raise_all(lsn);
+    }
     for (table, work) in &batch.tables {
         match work {
             Work::Table => set.raise(Version::of_table(table), lsn),

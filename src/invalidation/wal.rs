@@ -8,12 +8,23 @@
 //! Like the listener, a lost stream is a lost guarantee: the temporary slot dies with its
 //! connection, so the next stream starts after a gap, and everything is flushed when it
 //! begins (the same path as the listener's reconnect).
+//!
+//! One slot per database, not per instance: only the holder of the invalidation lease (see
+//! `super::lease`) streams. The other instances LISTEN on `invalidation.channel`, where the
+//! DDL event trigger notifies in both sources, so their resolutions follow DDL; they do not
+//! hear row changes, so their fills read the primary, never a replica
+//! (`Invalidation::sees_changes`). An instance that takes the lease over starts a stream,
+//! which flushes everything as every stream's start does.
 
+use futures::StreamExt;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_postgres::AsyncMessage;
 
 use super::pending::Change;
 use super::{apply_queued, begin_serving, parse_payload, Listener, Queue, Retry, RowBinding};
+use crate::db::triggers;
 use crate::db::wal::{Cell, RelationRef, WalEvent};
 use crate::db::DbError;
 use crate::metrics::inc;
@@ -33,7 +44,23 @@ const MAX_COMMITS_PER_APPLY: usize = 64;
 const HEARTBEAT: Duration = Duration::from_secs(2);
 const HEARTBEATS_MISSED: u64 = 3;
 
-/// Runs one stream until it is lost.
+/// The WAL source as this instance's role requires, until a connection is lost: the lease
+/// holder streams, the others follow DDL; a change of role changes the connection.
+pub(super) async fn run_once(l: &Listener) -> Result<(), DbError> {
+    let lease = l.invalidation.lease();
+    loop {
+        if !lease.holding() {
+            lease.acquire(&l.cache.store, l.metrics()).await;
+        }
+        if lease.holding() {
+            stream_once(l).await?;
+        } else {
+            follow_ddl(l).await?;
+        }
+    }
+}
+
+/// Runs one stream until it is lost (an error) or this instance no longer holds the lease.
 pub(super) async fn stream_once(l: &Listener) -> Result<(), DbError> {
     let (client, connection) = l.db.connect_dedicated().await?;
     let driver = tokio::spawn(connection);
@@ -55,6 +82,7 @@ async fn serve(l: &Listener, client: &tokio_postgres::Client) -> Result<(), DbEr
     let mut applied_to = stream.start_lsn();
     let mut beats = Heartbeats::default();
     let mut ticker = tokio::time::interval(HEARTBEAT);
+    let mut lease = l.invalidation.lease().subscribe();
     let result = loop {
         tokio::select! {
             biased;
@@ -81,12 +109,17 @@ async fn serve(l: &Listener, client: &tokio_postgres::Client) -> Result<(), DbEr
             // Nothing more ready on the stream: apply what the commits so far brought.
             _ = std::future::ready(()), if commits > 0 => {}
             _ = retry.due() => {}
+            _ = lease.changed() => {}
             _ = ticker.tick() => {
                 if let Err(e) = beats.beat(client).await {
                     break Err(e);
                 }
                 continue;
             }
+        }
+        if !l.invalidation.lease().holding() {
+            // The next holder streams from a slot of its own, and flushes first.
+            break Ok(());
         }
         commits = 0;
         if let Err(e) = apply_queued(l, client, &queue, &mut retry).await {
@@ -96,8 +129,77 @@ async fn serve(l: &Listener, client: &tokio_postgres::Client) -> Result<(), DbEr
             stream.applied(applied_to);
         }
     };
-    l.invalidation.set_listening(false);
+    l.invalidation.set_listening(false, false);
     result
+}
+
+/// While another instance streams: LISTEN where the DDL event trigger notifies, so this
+/// process forgets its resolutions on DDL like the holder. Returns when this instance holds
+/// the lease, or with the error that lost the connection.
+async fn follow_ddl(l: &Listener) -> Result<(), DbError> {
+    let (client, mut connection) = l.db.connect_dedicated().await?;
+    let invalidation = Arc::clone(&l.invalidation);
+    let db = l.db.clone();
+    let mut driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if invalidation.received(&parse_payload(n.payload())) {
+                        db.schema_changed();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "DDL notification connection failed");
+                    return;
+                }
+            }
+        }
+    });
+    let result = follow(l, &client, &mut driver).await;
+    driver.abort();
+    if result.is_err() {
+        l.invalidation.set_listening(false, false);
+    }
+    result
+}
+
+async fn follow(
+    l: &Listener,
+    client: &tokio_postgres::Client,
+    driver: &mut tokio::task::JoinHandle<()>,
+) -> Result<(), DbError> {
+    let channel = triggers::quote_ident(&l.invalidation.cfg.channel);
+    client.batch_execute(&format!("LISTEN {channel}")).await?;
+    // DDL before the LISTEN went unheard.
+    if l.invalidation.received(&Change::All) {
+        l.db.schema_changed();
+    }
+    if let Err(e) = l.invalidation.install_configured(&l.db).await {
+        tracing::warn!(error = %e, "cannot make the configured tables report their writes yet");
+    }
+    l.invalidation.set_listening(true, false);
+    let lease = l.invalidation.lease();
+    let mut taken = lease.subscribe();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    loop {
+        if lease.holding() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = taken.changed() => {}
+            _ = &mut *driver => return Err(DbError::Unavailable("notification stream ended".into())),
+            _ = heartbeat.tick() => {
+                let ping = tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await;
+                match ping {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => return Err(DbError::Unavailable("DDL listener heartbeat timed out".into())),
+                }
+            }
+        }
+    }
 }
 
 /// Heartbeats written through the WAL and seen coming back.

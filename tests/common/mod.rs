@@ -55,6 +55,17 @@ impl Stack {
         Stack { valkey, db, proxy }
     }
 
+    /// Another cachefront on this stack's Valkey and database — one more instance of a fleet
+    /// sharing them — with the stack's defaults changed by `tweak`.
+    pub async fn another(&self, tweak: impl FnOnce(&mut Config)) -> Running {
+        let mut cfg = config_for(&self.valkey, &self.db);
+        tweak(&mut cfg);
+        cfg.validate().expect("test config is valid");
+        cachefront::server::spawn(cfg)
+            .await
+            .expect("another cachefront starts")
+    }
+
     pub fn proxy_port(&self) -> u16 {
         self.proxy.addr.port()
     }
