@@ -135,8 +135,10 @@ async fn pass_through_routes_every_key_to_its_slot_owner() {
         "-CROSSSLOT Keys in request don't hash to the same slot"
     );
 
-    // Whole-keyspace commands see every primary.
-    assert_eq!(q(&mut r, "DBSIZE").await, ":202");
+    // Whole-keyspace commands see every primary: 202 keys, and cachefront's invalidation
+    // lease with the mark of its holder's flush (`cachefront:{lease}:invalidation`,
+    // `…:flushed`).
+    assert_eq!(q(&mut r, "DBSIZE").await, ":204");
     let keys: Vec<String> = c.keys("key:*").await.unwrap();
     assert_eq!(keys.len(), 200);
     let mut seen = std::collections::HashSet::new();

@@ -108,7 +108,7 @@ impl Fleet {
         })
         .await;
         let key: Option<String> = redis::cmd("GET")
-            .arg("cachefront:lease:invalidation")
+            .arg("cachefront:{lease}:invalidation")
             .query_async(&mut self.valkey_client().await)
             .await
             .expect("GET the lease");

@@ -359,14 +359,36 @@ impl Store {
         }
     }
 
-    /// The key of a lease among the instances sharing this Valkey (`<prefix>lease:<name>`).
-    /// One key, so its scripts run on one node of a cluster too (routed by it).
+    /// The key of a lease among the instances sharing this Valkey (`<prefix>{lease}:<name>`).
+    /// One key, so its scripts run on one node of a cluster too (routed by it); its flush
+    /// mark ([`Store::lease_mark_flushed`]) shares its hash tag.
     pub fn lease_key(&self, name: &str) -> String {
         let prefix = match self {
             Store::Single(s) => &s.prefix,
             Store::Cluster(c) => c.prefix(),
         };
-        format!("{prefix}lease:{name}")
+        format!("{prefix}{{lease}}:{name}")
+    }
+
+    /// Records that the holder of lease `key` has applied the flush that begins its term
+    /// (`mark` names holder and term), for the instances that do not apply.
+    pub async fn lease_mark_flushed(&self, key: &str, mark: &str) -> Result<()> {
+        let flushed = format!("{key}:flushed");
+        let cmd = Cmd::new("SET").arg(&flushed).arg(mark);
+        resp::call(self.upstream(), &flushed, cmd).await?;
+        Ok(())
+    }
+
+    /// Who holds lease `key`, if anyone, and the mark of the last term flush a holder
+    /// applied, in one round trip.
+    pub async fn lease_state(&self, key: &str) -> Result<(Option<Bytes>, Option<Bytes>)> {
+        let flushed = format!("{key}:flushed");
+        let cmd = Cmd::new("MGET").arg(key).arg(&flushed);
+        let reply = resp::call(self.upstream(), key, cmd).await?;
+        let mut both = resp::array(reply)?.into_iter().map(resp::opt_bytes);
+        let holder = both.next().transpose()?.flatten();
+        let mark = both.next().transpose()?.flatten();
+        Ok((holder, mark))
     }
 
     /// Takes the lease `key` for `holder` for `ms` milliseconds if nobody holds it

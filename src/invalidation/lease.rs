@@ -2,7 +2,7 @@
 //! lease in Valkey applies changes to it, so the invalidation load on Valkey does not grow
 //! with the number of instances.
 //!
-//! The lease is one key (`<meta_prefix>lease:invalidation`) holding the holder's random
+//! The lease is one key (`<meta_prefix>{lease}:invalidation`, beside `…:flushed`,) holding the holder's random
 //! instance id: taken with `SET key id NX PX lease_ms`, extended every `lease_ms / 3` with a
 //! compare-and-extend script, given up with a compare-and-delete on shutdown or when the
 //! holder's change consumer is lost. Every instance keeps its consumer running (see the
@@ -29,6 +29,7 @@
 //! **No round trip per change.** Whether this instance holds the lease is a local check of
 //! the time the last renewal was sent; only the renewal task talks to Valkey.
 
+use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -57,12 +58,17 @@ pub struct Lease {
     held: watch::Sender<bool>,
     /// The term whose flush the consumer has applied (see [`Lease::applying_term`]).
     flushed_term: AtomicU64,
+    /// The term whose flush the other instances were told of ([`Lease::mark_flushed`]).
+    marked_term: AtomicU64,
     /// Set by [`Lease::abandon`]: never take, renew or release the lease again.
     abandoned: AtomicBool,
     /// The last term ended because Valkey did not answer in time, so the key may still hold
     /// this process's id (a renewal that arrived late extended it): then it is taken back
     /// with a compare-and-extend, not left to expire first.
     maybe_ours: AtomicBool,
+    /// The mark of the last term flush this process wrote (as holder) or acted upon (see
+    /// [`follow_fleet`]).
+    mark: Mutex<Option<Bytes>>,
 }
 
 #[derive(Default)]
@@ -83,8 +89,10 @@ impl Lease {
             state: Mutex::new(State::default()),
             held: watch::Sender::new(false),
             flushed_term: AtomicU64::new(0),
+            marked_term: AtomicU64::new(0),
             abandoned: AtomicBool::new(false),
             maybe_ours: AtomicBool::new(false),
+            mark: Mutex::new(None),
         }
     }
 
@@ -142,6 +150,25 @@ impl Lease {
     /// The consumer applied the flush that begins `term`.
     pub(super) fn flushed(&self, term: u64) {
         self.flushed_term.store(term, Ordering::Release);
+    }
+
+    /// Once per term, when everything since it began — its flush included — reached Valkey:
+    /// says so to the other instances (see [`follow_fleet`]), which may then serve from the
+    /// cache whatever they bypassed.
+    pub(super) async fn mark_flushed(&self, store: &Store) {
+        let term = self.applying_term();
+        if term == 0 || self.marked_term.load(Ordering::Acquire) == term {
+            return;
+        }
+        let mark = format!("{}:{term}", self.id);
+        let key = store.lease_key(NAME);
+        match store.lease_mark_flushed(&key, &mark).await {
+            Ok(()) => {
+                self.marked_term.store(term, Ordering::Release);
+                *lock(&self.mark) = Some(Bytes::from(mark));
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot record the term's flush in Valkey"),
+        }
     }
 
     /// Wakes on every take and loss.
@@ -289,6 +316,7 @@ pub(super) async fn run(l: Listener) {
                 if l.invalidation.is_listening() && lease.acquire(store, l.metrics()).await {
                     continue;
                 }
+                follow_fleet(&l, lease).await;
                 // Again after a period, or as soon as the consumer's state changes.
                 tokio::select! {
                     _ = tokio::time::sleep(lease.period()) => {}
@@ -296,6 +324,37 @@ pub(super) async fn run(l: Listener) {
                 }
             }
         }
+    }
+}
+
+/// What an instance that does not apply changes must know of the one that does. While no
+/// instance holds the lease (its holder died or lost it; Valkey refuses writes), changes are
+/// not applied, so nothing cached can be vouched for: every cached read bypasses the cache
+/// (`Cache::degrade_all`). That lasts until a holder has applied the flush that begins its
+/// term — its mark in Valkey changes — which also covers whatever this instance itself
+/// failed to apply while it held the lease. Checked every period (one `MGET`).
+async fn follow_fleet(l: &Listener, lease: &Lease) {
+    let key = l.cache.store.lease_key(NAME);
+    let state = tokio::time::timeout(lease.period(), l.cache.store.lease_state(&key)).await;
+    match state {
+        Ok(Ok((Some(_), mark))) => {
+            let newer = mark.is_some() && *lock(&lease.mark) != mark;
+            if newer {
+                let (_, tables) = l.cache.degraded.snapshot();
+                for t in &tables {
+                    l.cache.recovered(t);
+                }
+                l.cache.recovered_all();
+                *lock(&lease.mark) = mark;
+            }
+        }
+        Ok(Ok((None, _))) => l.cache.degrade_all(&crate::error::Error::upstream(
+            "no cachefront instance holds the invalidation lease: changes are not being applied",
+        )),
+        Ok(Err(e)) => l.cache.degrade_all(&e),
+        Err(_) => l.cache.degrade_all(&crate::error::Error::upstream(
+            "Valkey did not say who holds the invalidation lease",
+        )),
     }
 }
 

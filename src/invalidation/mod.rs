@@ -716,11 +716,16 @@ async fn apply_queued(
         }
     }
     // A flush that fails leaves every read bypassing the cache until it is applied, so the
-    // term's applier is in place either way.
+    // term's applier is in place either way; the other instances hear of it once it applied.
     if let Some(term) = flush {
         lease.flushed(term);
     }
     let pending = queue.len() as u64;
+    // Everything applied since the term began, its flush included: the other instances may
+    // trust the cache again.
+    if pending == 0 {
+        lease.mark_flushed(&l.cache.store).await;
+    }
     l.metrics()
         .invalidation_pending
         .store(pending, Ordering::Relaxed);
@@ -730,19 +735,10 @@ async fn apply_queued(
 /// Another instance holds the lease: it applies what was queued (or, taking over, flushes
 /// everything), so this one drops it. (What this process itself needs of a change — its
 /// resolutions forgotten on DDL — was done on receipt; its fills read the primary, see
-/// [`Invalidation::sees_changes`].) What it could not apply while it held the lease is the
-/// new holder's flush's too, so nothing stays degraded here.
+/// [`Invalidation::sees_changes`].) What it could not apply while it held the lease stays
+/// degraded until a holder's term flush has reached Valkey (`lease::follow_fleet`).
 fn skip_queued(l: &Listener, queue: &Queue, retry: &mut Retry) {
     drop(queue.take());
-    if l.cache.degraded.any() {
-        let (all, tables) = l.cache.degraded.snapshot();
-        for t in &tables {
-            l.cache.recovered(t);
-        }
-        if all {
-            l.cache.recovered_all();
-        }
-    }
     retry.succeeded();
     l.metrics().invalidation_pending.store(0, Ordering::Relaxed);
 }
