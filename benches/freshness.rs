@@ -91,7 +91,9 @@ async fn stack(source: &str) -> common::Stack {
 /// would wait for the WAL writer (`wal_writer_delay`, 200 ms by default) on every commit.
 async fn freshness_lag(s: &common::Stack, source: &str) {
     let pg = s.pg().await;
-    pg.batch_execute("SET synchronous_commit = on").await.unwrap();
+    pg.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
     let mut probe = redis::Client::open(s.proxy_url())
         .unwrap()
         .get_multiplexed_async_connection()
