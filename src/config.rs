@@ -257,6 +257,9 @@ pub struct MetricsConfig {
     pub slow_fill_ms: u64,
     /// How many slow fills `CACHEFRONT.SLOWLOG` keeps.
     pub slowlog_max_len: usize,
+    /// How many SQL.CACHED texts `CACHEFRONT.QUERIES` and the per-query metrics keep figures
+    /// for (the busiest; named queries are always kept).
+    pub top_queries: usize,
 }
 
 impl Default for MetricsConfig {
@@ -265,6 +268,7 @@ impl Default for MetricsConfig {
             listen: String::new(),
             slow_fill_ms: 100,
             slowlog_max_len: 128,
+            top_queries: 64,
         }
     }
 }

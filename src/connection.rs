@@ -20,6 +20,7 @@ use crate::command::Context;
 use crate::command::{self, Action, Route, StateChange, Transform};
 use crate::error::{Error, Refusal};
 use crate::metrics::inc;
+use crate::metrics::QueryStats;
 use crate::protocol::request::Parsed;
 use crate::protocol::{Proto, Reply, Request, RequestParser};
 use crate::session::{ReplyMode, Session};
@@ -55,6 +56,8 @@ enum Slot {
         task: JoinHandle<(Reply, CacheStatus)>,
         proto: Proto,
         started: Instant,
+        /// The query's figures, which count the read when it ends.
+        stats: Option<Arc<QueryStats>>,
     },
     /// Local work.
     Task(JoinHandle<Reply>, Proto),
@@ -482,7 +485,7 @@ impl Connection {
                 route,
                 transform,
             } => self.forward(req, route, transform).await,
-            Action::Read(begin) => self.read(begin).await,
+            Action::Read(begin, stats) => self.read(begin, stats).await,
             Action::Task(fut) => {
                 let h = tokio::spawn(fut);
                 self.outq.push_back(Slot::Task(h, self.session.proto));
@@ -493,42 +496,55 @@ impl Connection {
 
     /// A cached read as the cache began it: an L1 hit is a reply now, a lookup is sent, a
     /// fill (the cache bypassed) runs as a task.
-    async fn read(&mut self, begin: Begin) {
+    async fn read(&mut self, begin: Begin, stats: Option<Arc<QueryStats>>) {
         match begin {
             Begin::Hit(frame) => {
-                self.observe_read(CacheStatus::L1Hit, Duration::ZERO);
+                self.observe_read(CacheStatus::L1Hit, Duration::ZERO, stats.as_deref());
                 self.push_reply(Reply::Raw(frame));
             }
             Begin::Lookup(l) => self.lookup(l.request, l.pending).await,
             Begin::Fill(fill) => {
-                let slot = self.read_step(Step::Fill(fill), self.session.proto, Instant::now());
+                let (proto, now) = (self.session.proto, Instant::now());
+                let slot = self.read_step(Step::Fill(fill), proto, now, stats);
                 self.outq.push_back(slot);
             }
         }
     }
 
-    /// Times a cached read by how it was answered: a lookup alone as a hit, a fill as a miss.
-    fn observe_read(&self, status: CacheStatus, took: Duration) {
+    /// Times a cached read by how it was answered: a lookup alone as a hit, a fill as a miss;
+    /// in the process-wide histograms and in its query's figures.
+    fn observe_read(&self, status: CacheStatus, took: Duration, stats: Option<&QueryStats>) {
         let latency = &self.ctx.metrics.latency;
-        if status.is_hit() {
+        let hit = status.is_hit();
+        if hit {
             latency.hit.observe(took);
         } else {
             latency.miss.observe(took);
+        }
+        if let Some(s) = stats {
+            s.observe(hit, status == CacheStatus::Error, took);
         }
     }
 
     /// The slot for a cached read's next step: a hit is a ready reply (not yet charged), a
     /// fill runs as a task.
-    fn read_step(&self, step: Step, proto: Proto, started: Instant) -> Slot {
+    fn read_step(
+        &self,
+        step: Step,
+        proto: Proto,
+        started: Instant,
+        stats: Option<Arc<QueryStats>>,
+    ) -> Slot {
         match step {
             Step::Reply(frame, status) => {
-                self.observe_read(status, started.elapsed());
+                self.observe_read(status, started.elapsed(), stats.as_deref());
                 Slot::Ready(frame)
             }
             Step::Fill(fill) => Slot::Read {
                 task: tokio::spawn(fill),
                 proto,
                 started,
+                stats,
             },
         }
     }
@@ -914,8 +930,16 @@ impl Connection {
                 self.charged(s)
             }
             (Slot::Task(_, proto), FrontDone::Joined(reply)) => self.ready(reply.into_bytes(proto)),
-            (Slot::Read { proto, started, .. }, FrontDone::Read(reply, status)) => {
-                self.observe_read(status, started.elapsed());
+            (
+                Slot::Read {
+                    proto,
+                    started,
+                    stats,
+                    ..
+                },
+                FrontDone::Read(reply, status),
+            ) => {
+                self.observe_read(status, started.elapsed(), stats.as_deref());
                 self.ready(reply.into_bytes(proto))
             }
             (other, _) => other,
@@ -932,8 +956,9 @@ impl Connection {
         started: Instant,
     ) -> Slot {
         let proto = pending.proto();
+        let stats = pending.stats().cloned();
         let step = self.ctx.cache.finish(pending, r);
-        self.read_step(step, proto, started)
+        self.read_step(step, proto, started, stats)
     }
 
     fn on_dedicated_read(&mut self, r: std::io::Result<usize>) {

@@ -33,6 +33,11 @@ impl Histogram {
         self.buckets.iter().map(|b| b.load(Relaxed)).sum()
     }
 
+    /// The sum of the observations, in microseconds.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Relaxed)
+    }
+
     /// The bucket bound under which `q` of the observations fall (an upper estimate).
     pub fn quantile_us(&self, q: f64) -> Option<u64> {
         let total = self.count();
@@ -66,6 +71,211 @@ impl Histogram {
             "{name}_sum{{family=\"{family}\"}} {}\n{name}_count{{family=\"{family}\"}} {cum}\n",
             self.sum_us.load(Relaxed) as f64 / 1e6
         ));
+    }
+}
+
+/// One query's figures: a named query's, or one SQL.CACHED text's in [`TopQueries`]. The
+/// read path adds to them with relaxed atomics only (no lock, no allocation), like the
+/// process-wide counters.
+#[derive(Debug)]
+pub struct QueryStats {
+    /// The Prometheus label: the named query's command (`EMP.GET`), or `sql:` and the first
+    /// 12 hex digits of the SHA-256 of an SQL.CACHED text (its key without parameters).
+    pub label: String,
+    /// The command that runs it: the named query's name, or `SQL.CACHED`.
+    pub command: String,
+    pub sql: std::sync::Arc<str>,
+    /// For a text in [`TopQueries`]: its hash there (0 for a named query).
+    hash: u64,
+    /// Reads answered by a lookup (the L1 or Valkey).
+    pub hits: AtomicU64,
+    /// Reads answered by a fill (queried, waited for another's fill, negative entries,
+    /// degraded or fail-open reads).
+    pub misses: AtomicU64,
+    /// Reads whose reply was an error.
+    pub errors: AtomicU64,
+    /// Entries stored.
+    pub fills: AtomicU64,
+    /// Bytes of the values stored.
+    pub fill_bytes: AtomicU64,
+    /// Entries stored TTL-only (also in `fills`).
+    pub ttl_only_fills: AtomicU64,
+    pub hit_latency: Histogram,
+    pub miss_latency: Histogram,
+}
+
+impl QueryStats {
+    /// Fresh figures for a named query.
+    pub fn named(command: &str, sql: std::sync::Arc<str>) -> QueryStats {
+        QueryStats::new(command.to_string(), command.to_string(), sql, 0)
+    }
+
+    fn new(label: String, command: String, sql: std::sync::Arc<str>, hash: u64) -> QueryStats {
+        QueryStats {
+            label,
+            command,
+            sql,
+            hash,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            fills: AtomicU64::new(0),
+            fill_bytes: AtomicU64::new(0),
+            ttl_only_fills: AtomicU64::new(0),
+            hit_latency: Histogram::default(),
+            miss_latency: Histogram::default(),
+        }
+    }
+
+    /// One read, answered by a lookup (`hit`) or a fill, `error` if its reply was one.
+    pub fn observe(&self, hit: bool, error: bool, took: Duration) {
+        if error {
+            inc(&self.errors);
+        } else if hit {
+            inc(&self.hits);
+            self.hit_latency.observe(took);
+        } else {
+            inc(&self.misses);
+            self.miss_latency.observe(took);
+        }
+    }
+
+    /// One entry stored, `bytes` long.
+    pub fn filled(&self, bytes: usize, ttl_only: bool) {
+        inc(&self.fills);
+        add(&self.fill_bytes, bytes as u64);
+        if ttl_only {
+            inc(&self.ttl_only_fills);
+        }
+    }
+
+    /// Reads so far: how much it is used (what [`TopQueries`] keeps the busiest by).
+    pub fn reads(&self) -> u64 {
+        self.hits.load(Relaxed) + self.misses.load(Relaxed) + self.errors.load(Relaxed)
+    }
+
+    /// Hits over hits and misses, 0 before the first.
+    pub fn hit_ratio(&self) -> f64 {
+        let (h, m) = (self.hits.load(Relaxed), self.misses.load(Relaxed));
+        if h + m == 0 {
+            0.0
+        } else {
+            h as f64 / (h + m) as f64
+        }
+    }
+}
+
+/// How many slots a text may occupy in [`TopQueries`] (its probe window): a lookup reads at
+/// most this many, and a new text evicts the least used of them.
+const TOP_WINDOW: usize = 8;
+
+/// The SQL.CACHED texts with the most reads, in a fixed number of slots (`metrics.top_queries`),
+/// so memory stays bounded however many distinct texts clients send: at most `capacity`
+/// [`QueryStats`] (about 500 bytes each) plus their texts (at most `sql.max_sql_bytes` each).
+///
+/// A text's slots are the [`TOP_WINDOW`] after its hash; a lookup compares hashes and texts
+/// there, loading each slot lock-free (`ArcSwap`), so counting a read of a known text takes
+/// no lock and allocates nothing. A text not found takes an empty slot of its window, or
+/// evicts the least-read one (a one-off text then gives way to the next one-off, while busy
+/// texts keep their slots). An evicted text's figures are dropped; reads in flight finish
+/// counting into them, never into its successor's.
+pub struct TopQueries {
+    slots: Box<[arc_swap::ArcSwapOption<QueryStats>]>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl std::fmt::Debug for TopQueries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TopQueries({} slots)", self.slots.len())
+    }
+}
+
+impl Default for TopQueries {
+    fn default() -> Self {
+        TopQueries::new(0)
+    }
+}
+
+impl TopQueries {
+    /// A table of `capacity` slots; 0 keeps nothing.
+    pub fn new(capacity: usize) -> TopQueries {
+        TopQueries {
+            slots: (0..capacity)
+                .map(|_| arc_swap::ArcSwapOption::empty())
+                .collect(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The figures of `sql`, taking a slot for it if it has none; `label` names a new one
+    /// (called only then, so a known text allocates nothing). `None` with no slots.
+    pub fn entry(
+        &self,
+        sql: &str,
+        label: impl FnOnce() -> String,
+    ) -> Option<std::sync::Arc<QueryStats>> {
+        use std::hash::BuildHasher;
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let hash = self.hasher.hash_one(sql);
+        let start = (hash % n as u64) as usize;
+        let window = TOP_WINDOW.min(n);
+        let mut label = Some(label);
+        let mut made: Option<String> = None;
+        // A lost race for the victim slot looks again (the winner may be this same text).
+        for _ in 0..3 {
+            let mut victim: Option<(usize, u64)> = None;
+            for i in 0..window {
+                let idx = (start + i) % n;
+                let slot = self.slots[idx].load();
+                let used = match &*slot {
+                    Some(s) if s.hash == hash && *s.sql == *sql => {
+                        return Some(std::sync::Arc::clone(s))
+                    }
+                    // An empty slot is taken before any kept text is evicted.
+                    Some(s) => s.reads().saturating_add(1),
+                    None => 0,
+                };
+                if victim.is_none_or(|(_, least)| used < least) {
+                    victim = Some((idx, used));
+                }
+            }
+            let (idx, _) = victim?;
+            let current = self.slots[idx].load_full();
+            if made.is_none() {
+                made = label.take().map(|l| l());
+            }
+            let stats = std::sync::Arc::new(QueryStats::new(
+                made.clone().unwrap_or_default(),
+                "SQL.CACHED".to_string(),
+                std::sync::Arc::from(sql),
+                hash,
+            ));
+            let before =
+                self.slots[idx].compare_and_swap(&current, Some(std::sync::Arc::clone(&stats)));
+            let swapped = match (&*before, &current) {
+                (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if swapped {
+                return Some(stats);
+            }
+        }
+        None
+    }
+
+    /// The texts kept now, busiest first.
+    pub fn snapshot(&self) -> Vec<std::sync::Arc<QueryStats>> {
+        let mut v: Vec<_> = self.slots.iter().filter_map(|s| s.load_full()).collect();
+        v.sort_by_key(|s| std::cmp::Reverse(s.reads()));
+        v
     }
 }
 
@@ -477,6 +687,7 @@ impl Metrics {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+    use std::sync::Arc;
 
     /// Metrics with every declared atomic at a value of its own, so a row showing another
     /// metric's value is caught too.
@@ -552,6 +763,31 @@ mod tests {
                 d.help
             );
         }
+    }
+
+    /// However many distinct texts arrive, the table keeps at most its capacity, and a busy
+    /// text is not evicted by one-off ones.
+    #[test]
+    fn top_queries_are_bounded_and_keep_the_busy() {
+        let top = TopQueries::new(16);
+        let busy = top
+            .entry("SELECT busy", || "sql:busy".into())
+            .expect("kept");
+        for _ in 0..5 {
+            busy.observe(true, false, Duration::from_micros(10));
+        }
+        for i in 0..1000 {
+            let s = top
+                .entry(&format!("SELECT {i}"), || format!("sql:{i}"))
+                .expect("kept");
+            s.observe(false, false, Duration::from_micros(100));
+        }
+        let kept = top.snapshot();
+        assert!(kept.len() <= 16, "{}", kept.len());
+        assert_eq!(kept[0].label, "sql:busy");
+        let again = top.entry("SELECT busy", || panic!("known: no new label"));
+        assert!(again.is_some_and(|s| Arc::ptr_eq(&s, &busy)));
+        assert!(TopQueries::new(0).entry("x", String::new).is_none());
     }
 
     #[test]

@@ -113,7 +113,8 @@ impl Shared {
         keep!(cache.l1_max_bytes, "cache.l1_max_bytes");
         keep!(cache.l1_ttl_ms, "cache.l1_ttl_ms");
         keep!(cache.stale_if_error_secs, "cache.stale_if_error_secs");
-        let named = crate::cache::named::build(&next)?;
+        let mut named = crate::cache::named::build(&next)?;
+        crate::cache::named::keep_stats(&mut named, &self.named());
         self.invalidation.set_named(&named);
         self.live.replace(next, named);
         // Statements may have changed under the same text-keyed caches: start them afresh.
@@ -175,6 +176,7 @@ impl Shared {
         if let Some(set) = self.db.replicas() {
             out.push_str(&set.prometheus());
         }
+        crate::command::queries::prometheus(self, &mut out);
         out
     }
 }

@@ -137,6 +137,17 @@ pub enum Value {
     Hash(Vec<(String, Bytes)>),
 }
 
+impl Value {
+    /// Bytes of data it stores (a hash's field names and values).
+    pub fn size(&self) -> usize {
+        match self {
+            Value::Absent => 0,
+            Value::String(b) => b.len(),
+            Value::Hash(f) => f.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        }
+    }
+}
+
 /// How a cached read was answered: returned with every reply of the read path
 /// ([`read`]), which the connection times by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +217,8 @@ pub struct FillOptions {
     pub refresh: bool,
     /// Where the value comes from, for the verification registry (`None`: not sampled).
     pub sample: Option<verify::Origin>,
+    /// The query's figures, which count what is stored (`CACHEFRONT.QUERIES`).
+    pub stats: Option<Arc<crate::metrics::QueryStats>>,
 }
 
 impl Cache {
@@ -547,8 +560,12 @@ impl FillCtx {
         match self.store.store(&target, &stored_value, &versions).await {
             Ok(true) => {
                 inc(&self.metrics.fills);
-                if target.deps.tracking == Tracking::TtlOnly {
+                let ttl_only = target.deps.tracking == Tracking::TtlOnly;
+                if ttl_only {
                     inc(&self.metrics.ttl_only_fills);
+                }
+                if let Some(stats) = &opts.stats {
+                    stats.filled(stored_value.size(), ttl_only);
                 }
                 if let Some((origin, entry)) = sampled {
                     let negative = target.key != entry.key;

@@ -25,6 +25,19 @@ pub fn build(config: &Config) -> Result<Named, String> {
     Ok(named)
 }
 
+/// After a reload: each named query whose name and SQL did not change keeps the figures it
+/// had, so a reload does not reset `CACHEFRONT.QUERIES`.
+pub fn keep_stats(next: &mut Named, old: &Named) {
+    for (name, q) in next.iter_mut() {
+        let Some(before) = old.get(name).filter(|b| b.sql == q.sql) else {
+            continue;
+        };
+        if let Some(q) = Arc::get_mut(q) {
+            q.stats = Arc::clone(&before.stats);
+        }
+    }
+}
+
 /// The checks of one query's definition that need the SQL analyser and the key template
 /// parser (config.rs checks the rest on its own data): placeholders within the declared
 /// args, read-only SQL, a valid key, and a `key_column` whose table the SQL reads and whose
@@ -72,6 +85,9 @@ pub struct NamedQuery {
     pub ttl_only: bool,
     /// Seconds to remember "no row", if at all.
     pub negative_ttl: Option<u64>,
+    /// Its reads, fills and latencies (`CACHEFRONT.QUERIES`, the per-query metrics): kept
+    /// across a reload that leaves its name and SQL alone (see [`keep_stats`]).
+    pub stats: Arc<crate::metrics::QueryStats>,
 }
 
 /// A named query's binding of one argument to one table column.
@@ -100,9 +116,12 @@ impl NamedQuery {
                 arg: c.key_arg.unwrap_or(1) - 1,
             })
         });
+        let name = c.command.to_ascii_uppercase();
+        let sql: Arc<str> = Arc::from(c.sql.as_str());
         Ok(NamedQuery {
-            name: c.command.to_ascii_uppercase(),
-            sql: Arc::from(c.sql.as_str()),
+            stats: Arc::new(crate::metrics::QueryStats::named(&name, Arc::clone(&sql))),
+            name,
+            sql,
             key: KeyTemplate::parse(&c.key, c.args.len())?,
             ttl: c.ttl.unwrap_or(default_ttl),
             reply: c.reply,

@@ -53,6 +53,8 @@ pub struct Plan {
     /// Seconds to remember "no such row", if at all.
     pub negative_ttl: Option<u64>,
     pub source: Arc<dyn Source>,
+    /// The query's figures (`CACHEFRONT.QUERIES`), if it has them: fills count there.
+    pub stats: Option<Arc<crate::metrics::QueryStats>>,
 }
 
 /// How a read starts.
@@ -93,6 +95,11 @@ impl Pending {
     /// The protocol the reply is in.
     pub fn proto(&self) -> Proto {
         self.plan.proto
+    }
+
+    /// The query's figures, for the connection to count the read in.
+    pub fn stats(&self) -> Option<&Arc<crate::metrics::QueryStats>> {
+        self.plan.stats.as_ref()
     }
 
     /// Whether Valkey should track the key read, so the hit can enter the L1.
@@ -262,6 +269,7 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
         proto: _,
         negative_ttl,
         source,
+        stats,
     } = plan;
     let started = Instant::now();
     let result = match mode {
@@ -279,6 +287,7 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
                         source: Arc::clone(&source),
                         hash,
                     }),
+                    stats,
                 };
                 cache.fill(entry, opts, move || load.load(Some(deps))).await
             }
@@ -404,6 +413,7 @@ mod tests {
             proto: Proto::Resp2,
             negative_ttl: None,
             source: Arc::clone(source) as Arc<dyn Source>,
+            stats: None,
         }
     }
 

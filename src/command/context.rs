@@ -35,6 +35,8 @@ pub struct Context {
     pub sql_checks: moka::sync::Cache<String, crate::db::sql::Verdict>,
     /// Client ids start at 1 and are never reused, like Valkey's.
     pub client_ids: ClientIds,
+    /// The busiest SQL.CACHED texts' figures (`metrics.top_queries` of them at most).
+    pub top_queries: crate::metrics::TopQueries,
 }
 
 /// The configuration in force and what is built from it, replaced whole on reload so a
@@ -125,6 +127,7 @@ impl Context {
             db: Db::new(&config.postgres).map_err(|e| e.to_string())?,
             metrics,
             client_ids: ClientIds::default(),
+            top_queries: crate::metrics::TopQueries::new(config.metrics.top_queries),
             live: Live::new(config, named),
         })
     }

@@ -17,7 +17,7 @@ use crate::config::ReplyKind;
 use crate::db::{Collect, DbError, QueryResult, ResultLimits, Rows, Served};
 use crate::error::{Error, Refusal, Result};
 use crate::invalidation::Untrackable;
-use crate::metrics::inc;
+use crate::metrics::{inc, QueryStats};
 use crate::protocol::Proto;
 
 /// Where a cached command's value comes from.
@@ -52,6 +52,7 @@ pub fn plan(
     source: Source,
     kind: ReplyKind,
     proto: Proto,
+    stats: Option<Arc<QueryStats>>,
 ) -> Plan {
     let negative_ttl = match &source {
         Source::Named { query, .. } => query.negative_ttl,
@@ -73,6 +74,7 @@ pub fn plan(
         proto,
         negative_ttl,
         source: Arc::new(load),
+        stats,
     }
 }
 
@@ -173,15 +175,17 @@ impl read::Source for Load {
 
 /// The one route of a cached command: the cache's read path, which answers from the L1, says
 /// what to look up in Valkey, or fills. `plan` builds the miss plan for the entry key; the
-/// cache calls it only when needed, so a hot hit builds none.
+/// cache calls it only when needed, so a hot hit builds none. `stats`: the query's figures,
+/// which the connection counts the read in.
 pub fn route(
     ctx: &Arc<Context>,
     key: String,
     kind: ReplyKind,
     proto: Proto,
+    stats: Option<Arc<QueryStats>>,
     plan: impl FnOnce(String) -> Plan,
 ) -> Action {
-    Action::Read(ctx.cache.begin(key, kind, proto, plan))
+    Action::Read(ctx.cache.begin(key, kind, proto, plan), stats)
 }
 
 /// What the slow-fill log says about a fill, taken before the fill consumes its plan.

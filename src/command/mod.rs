@@ -9,6 +9,7 @@ pub mod fill;
 pub mod introspection;
 pub mod named_query;
 pub mod passthrough;
+pub mod queries;
 pub mod sql_cached;
 pub mod sql_invalidate;
 pub mod table;
@@ -38,8 +39,12 @@ pub enum Action {
         transform: Transform,
     },
     /// A cached command's read, as the cache began it: answered from the L1, a lookup to send
-    /// to Valkey (in request order) and hand back to `Cache::finish`, or a fill to run.
-    Read(crate::cache::read::Begin),
+    /// to Valkey (in request order) and hand back to `Cache::finish`, or a fill to run; with
+    /// the query's figures, which count it (`CACHEFRONT.QUERIES`).
+    Read(
+        crate::cache::read::Begin,
+        Option<Arc<crate::metrics::QueryStats>>,
+    ),
     /// Local work that needs to await (database, cachefront's own Valkey writes).
     Task(BoxFuture<'static, Reply>),
     /// `RESET`: drop upstream state and the dedicated connection.
@@ -348,7 +353,7 @@ mod tests {
         let ctx = context(|_| {});
         let mut s = session(&ctx);
         match run(&ctx, &mut s, &[b"EMP.GET", b"1"]) {
-            Action::Read(Begin::Lookup(l)) => {
+            Action::Read(Begin::Lookup(l), _) => {
                 assert!(l.request.starts_with(b"*2\r\n$3\r\nGET\r\n"));
                 assert_eq!(l.pending.proto(), Proto::Resp2);
             }

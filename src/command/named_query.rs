@@ -18,7 +18,7 @@ use crate::protocol::Request;
 use crate::session::Session;
 
 /// Checks one argument against its declared type; returns its canonical text.
-fn validate(t: ArgType, raw: &Bytes) -> Option<Cow<'_, str>> {
+pub(super) fn validate(t: ArgType, raw: &Bytes) -> Option<Cow<'_, str>> {
     let s = std::str::from_utf8(raw).ok()?;
     if s.contains('\0') {
         return None;
@@ -62,7 +62,8 @@ pub fn dispatch(
     }
     let kind = q.reply;
     let proto = session.proto;
-    route(ctx, key, kind, proto, |key| {
+    let stats = Some(Arc::clone(&q.stats));
+    route(ctx, key, kind, proto, stats, |key| {
         // Arguments stay borrowed on the hit path; a miss copies them into its plan.
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let entry = Entry {
@@ -74,6 +75,6 @@ pub fn dispatch(
             query: Arc::clone(q),
             args,
         };
-        plan(ctx, entry, source, kind, proto)
+        plan(ctx, entry, source, kind, proto, Some(Arc::clone(&q.stats)))
     })
 }

@@ -17,13 +17,13 @@ use crate::protocol::request::parse_i64_strict;
 use crate::protocol::{Reply, Request};
 use crate::session::Session;
 
-struct Parsed {
-    query: Bytes,
-    ttl: Option<u64>,
-    params: Vec<String>,
+pub(super) struct Parsed {
+    pub query: Bytes,
+    pub ttl: Option<u64>,
+    pub params: Vec<String>,
 }
 
-fn parse(req: &Request) -> Result<Parsed, Reply> {
+pub(super) fn parse(req: &Request) -> Result<Parsed, Reply> {
     // The arity is checked before dispatch (`command::table`); this only keeps it total.
     let Some(query) = req.args.get(1) else {
         return Err(wrong_args(req));
@@ -96,7 +96,10 @@ pub fn dispatch(ctx: &Arc<Context>, session: &Session, req: &Request) -> Action 
         return Action::Reply(Refusal::NoPermKey.reply());
     }
     let ttl = p.ttl.unwrap_or(config.cache.default_ttl);
-    route(ctx, key, ReplyKind::Json, session.proto, |key| {
+    // Counted among the busiest texts (a known text: a hash and a compare, no allocation).
+    let stats = ctx.top_queries.entry(sql, || sql_label(sql));
+    let plan_stats = stats.clone();
+    route(ctx, key, ReplyKind::Json, session.proto, stats, |key| {
         let entry = Entry {
             key,
             ttl: ctx.cache.jittered_ttl(ttl),
@@ -106,8 +109,23 @@ pub fn dispatch(ctx: &Arc<Context>, session: &Session, req: &Request) -> Action 
             sql: sql.to_string(),
             params: p.params,
         };
-        plan(ctx, entry, source, ReplyKind::Json, session.proto)
+        plan(
+            ctx,
+            entry,
+            source,
+            ReplyKind::Json,
+            session.proto,
+            plan_stats,
+        )
     })
+}
+
+/// The label of an SQL.CACHED text in `CACHEFRONT.QUERIES` and the per-query metrics:
+/// `sql:` and the first 12 hex digits of the SHA-256 of the text — the start of its key
+/// without parameters (and without `sql.key_prefix`).
+pub fn sql_label(sql: &str) -> String {
+    let hex = sql_key("", sql.as_bytes(), &[] as &[&[u8]]);
+    format!("sql:{}", &hex[..12])
 }
 
 /// Our parser could not read the query. PostgreSQL's own error is the most useful answer for

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::introspection::ArgDoc;
-use super::{introspection, sql_cached, sql_invalidate, Action, Context};
+use super::{introspection, queries, sql_cached, sql_invalidate, Action, Context};
 use crate::protocol::Request;
 use crate::session::Session;
 
@@ -112,6 +112,28 @@ pub static OWN: &[OwnCommand] = &[
         arguments: &[arg("subcommand", "string")],
         run: |ctx, _, req| introspection::slowlog(ctx, req),
     },
+    OwnCommand {
+        name: "CACHEFRONT.EXPLAIN",
+        arity: -2,
+        categories: &["@read", "@slow", "@cachefront"],
+        group: "server",
+        summary: "Show how a query (SQL.CACHED text or named query with its arguments) would be cached, without running it: key, dependencies, whether and why not",
+        arguments: &[
+            arg("query-or-command", "string"),
+            after("EX", "seconds", "integer", false),
+            after("PARAMS", "param", "string", true),
+        ],
+        run: |ctx, session, req| queries::explain(ctx, session, req),
+    },
+    OwnCommand {
+        name: "CACHEFRONT.QUERIES",
+        arity: -1,
+        categories: &["@admin", "@slow", "@dangerous", "@cachefront"],
+        group: "server",
+        summary: "Every named query and the busiest SQL.CACHED texts with their hits, misses, fills, latencies, dependencies and freshness",
+        arguments: &[after("COUNT", "count", "integer", false)],
+        run: |ctx, _, req| queries::queries(ctx, req),
+    },
 ];
 
 /// The own command called `name` (uppercase).
@@ -128,6 +150,7 @@ mod tests {
         let sql_cached = own(b"SQL.CACHED").map(|c| c.arity_ok(1));
         assert_eq!(sql_cached, Some(false));
         assert!(OWN.iter().all(|c| c.arity_ok(2)));
+        assert!(own(b"CACHEFRONT.QUERIES").is_some_and(|c| c.arity_ok(1)));
     }
 
     #[test]

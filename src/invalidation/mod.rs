@@ -84,7 +84,13 @@ pub struct Invalidation {
     unwatched: Mutex<HashMap<u32, Instant>>,
     /// Why the DDL event trigger is not in place (`None` while it is, or before the check).
     ddl_hook_missing: Mutex<Option<String>>,
+    /// When each table's last invalidation was applied (Unix milliseconds), by OID; at most
+    /// [`MAX_LAST_INVALIDATED`] tables (then forgotten and started afresh).
+    last_invalidated: Mutex<HashMap<String, u64>>,
 }
+
+/// Most tables whose last invalidation time is kept.
+const MAX_LAST_INVALIDATED: usize = 100_000;
 
 impl Invalidation {
     pub fn new(cfg: &InvalidationConfig, named: &Named, metrics: Arc<Metrics>) -> Invalidation {
@@ -102,6 +108,7 @@ impl Invalidation {
             watched: Mutex::new(HashSet::new()),
             unwatched: Mutex::new(HashMap::new()),
             ddl_hook_missing: Mutex::new(None),
+            last_invalidated: Mutex::new(HashMap::new()),
         }
     }
 
@@ -111,6 +118,25 @@ impl Invalidation {
         *lock(&self.named) = named.clone();
         *lock(&self.bindings) = Arc::new(HashMap::new());
         lock(&self.watched).clear();
+    }
+
+    /// An invalidation of `table` (an OID) was applied now.
+    fn note_invalidated(&self, table: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut map = lock(&self.last_invalidated);
+        if map.len() >= MAX_LAST_INVALIDATED && !map.contains_key(table) {
+            map.clear();
+        }
+        map.insert(table.to_string(), now);
+    }
+
+    /// When an invalidation of any of `deps` (OIDs) was last applied, in Unix milliseconds.
+    pub fn last_invalidated(&self, deps: &[String]) -> Option<u64> {
+        let map = lock(&self.last_invalidated);
+        deps.iter().filter_map(|d| map.get(d).copied()).max()
     }
 
     /// Whether the listener is connected and listening.
@@ -486,6 +512,7 @@ async fn apply_batch(l: &Listener, mut batch: Pending) -> Pending {
         match r {
             Ok(n) => {
                 tracing::debug!(table = %table, dropped = n, "invalidated");
+                l.invalidation.note_invalidated(&table);
                 l.cache.recovered(&table);
             }
             Err(e) => {

@@ -38,6 +38,10 @@ pub struct Resolution {
     pub untrackable: Option<String>,
     /// For a relation resolved by name: its OID.
     pub relation: Option<u32>,
+    /// Every relation and function of `deps` with its name as PostgreSQL gives it
+    /// (`quote_ident(schema).quote_ident(name)`, functions with their argument types), by
+    /// name: for people (`CACHEFRONT.EXPLAIN`, `CACHEFRONT.QUERIES`), never for identity.
+    pub names: Vec<(u32, String)>,
 }
 
 /// A query whose freshness cannot be kept, and why (the command layer words the refusal).
@@ -59,7 +63,16 @@ impl Resolution {
         deps.extend(r.functions.iter().map(|(oid, _)| oid.to_string()));
         deps.sort();
         deps.dedup();
+        let mut names: Vec<(u32, String)> = r
+            .relations
+            .iter()
+            .map(|m| (m.oid, m.name.clone()))
+            .chain(r.functions.iter().cloned())
+            .collect();
+        names.sort_by(|a, b| a.1.cmp(&b.1));
+        names.dedup();
         Resolution {
+            names,
             deps,
             tables: r
                 .relations
@@ -267,6 +280,21 @@ impl Invalidation {
             Err(Error::Db(
                 "its invalidation triggers are not installed and invalidation.install_triggers is off".into(),
             ))
+        }
+    }
+
+    /// Whether `table` reports its writes, as far as this process knows, without asking:
+    /// `watched` (checked or installed), `unwatched` (its install failed; retried),
+    /// `unchecked` (the next fill that needs it checks it), or `off` (invalidation disabled).
+    pub fn watch_state(&self, table: u32) -> &'static str {
+        if !self.cfg.enabled {
+            "off"
+        } else if lock(&self.watched).contains(&table) {
+            "watched"
+        } else if lock(&self.unwatched).contains_key(&table) {
+            "unwatched"
+        } else {
+            "unchecked"
         }
     }
 
