@@ -306,6 +306,14 @@ pub(super) async fn run(l: Listener) {
     let lease = l.invalidation.lease();
     let store = &l.cache.store;
     let mut listening = l.invalidation.listening.subscribe();
+    // A starting instance gives its own consumer up to a lease length to come up (and take
+    // the lease if it is free) before it judges the fleet: nobody holding the lease for those
+    // few milliseconds is its own start, not a fleet without an applier.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(lease.ms),
+        listening.wait_for(|on| *on),
+    )
+    .await;
     loop {
         if lease.abandoned.load(Ordering::Acquire) {
             return;
