@@ -22,8 +22,9 @@ struct Cli {
 
 #[derive(clap::Subcommand, Debug)]
 enum Cmd {
-    /// Manage the PostgreSQL triggers that notify cachefront of writes (run as the tables'
-    /// owner; idempotent).
+    /// Manage what cachefront installs in PostgreSQL so that writes reach it: the triggers or
+    /// publication of the change source and the DDL event trigger (run as the tables' owner,
+    /// and as a superuser for the event trigger; idempotent).
     Triggers {
         #[command(subcommand)]
         action: TriggerAction,
@@ -32,7 +33,9 @@ enum Cmd {
 
 #[derive(clap::Subcommand, Debug)]
 enum TriggerAction {
-    /// Install triggers on the tables named queries read plus `invalidation.tables`.
+    /// Install the DDL event trigger, and make the tables named queries read plus
+    /// `invalidation.tables` report their writes (triggers, or the publication with
+    /// `invalidation.source = "wal"`).
     Install,
     /// Remove everything cachefront installed in the database: every trigger, the DDL event
     /// triggers, their functions and schema, and the publication of the WAL change source.
@@ -96,6 +99,13 @@ async fn triggers(config: Config, action: TriggerAction) -> anyhow::Result<()> {
                 .install_configured(&shared.db)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let unwatched = shared.invalidation.unwatched();
+            if !unwatched.is_empty() {
+                anyhow::bail!("could not make these tables (by OID) report their writes: {unwatched:?}; see the log above");
+            }
+            if let Some(why) = shared.invalidation.ddl_hook_missing() {
+                eprintln!("warning: the DDL event trigger is {why}");
+            }
             println!("invalidation triggers installed");
         }
         TriggerAction::Remove => {

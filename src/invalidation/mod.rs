@@ -1,11 +1,14 @@
 //! Keeping cached entries fresh when PostgreSQL data changes — by any client of the database.
 //!
-//! Triggers (see `db::triggers`) send a NOTIFY on commit naming the table and, for tables that
-//! row-keyed named queries read, the changed rows' key values. A listening connection merges
-//! each notification into the pending work of its table (see [`pending`]), and an applier
-//! turns that into invalidations in Valkey, each table on its own. Whenever the listening
-//! connection is (re)established — including at start — every table ever cached is
-//! invalidated, because notifications sent while nobody listened are lost.
+//! What each cached query depends on is resolved by PostgreSQL itself ([`resolve`], over
+//! `db::deps`), and every table among it is made to report its writes before an entry is
+//! stored. Committed changes arrive from one of two sources: statement triggers that NOTIFY
+//! (`db::triggers`; a listening connection merges each notification into the pending work of
+//! its table, see [`pending`]) or the logical replication stream ([`wal`]). DDL arrives from
+//! the DDL event trigger through either. An applier turns pending work into invalidations in
+//! Valkey, each table on its own. Whenever the change stream is (re)established — including
+//! at start — every table ever cached is invalidated, because changes made while nobody
+//! received them are lost.
 //!
 //! An invalidation Valkey refuses (out of memory, down) never blocks the others and is never
 //! dropped: its table becomes *degraded* — its reads bypass the cache and answer from
@@ -14,9 +17,9 @@
 //! themselves (see `cache::store`).
 //!
 //! Several instances sharing one Valkey apply each change once (see [`lease`]): every
-//! instance runs its consumer — it keeps its own resolutions fresh and its read replicas'
-//! requirements raised — but only the lease holder applies changes to Valkey; the others drop
-//! what they heard, and the next holder flushes everything when it takes over.
+//! instance runs its consumer — it keeps its own resolutions and prepared statements fresh —
+//! but only the lease holder applies changes to Valkey (and only its fills may read replicas);
+//! the others drop what they heard, and the next holder flushes everything when it takes over.
 
 use futures::StreamExt;
 use std::collections::{BTreeSet, HashMap, HashSet};
