@@ -9,7 +9,6 @@ use common::services::free_port;
 use common::{eventually, Stack, GUIDE_JOIN_JSON, GUIDE_QUERY, GUIDE_QUERY_KEY};
 use redis::Value;
 use std::collections::HashMap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type Conn = redis::aio::MultiplexedConnection;
 
@@ -167,18 +166,6 @@ async fn explain_names_key_dependencies_and_refusals() {
     assert!(r.starts_with("%13\r\n"), "{r}");
 }
 
-async fn http_get(port: u16, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 async fn queries(c: &mut Conn, count: Option<usize>) -> Vec<HashMap<String, Value>> {
     let mut cmd = redis::cmd("CACHEFRONT.QUERIES");
     if let Some(n) = count {
@@ -260,7 +247,7 @@ async fn queries_count_reads_and_stay_bounded() {
     .await;
 
     // Prometheus: the same figures, one series per query.
-    let body = http_get(port, "/metrics").await;
+    let body = common::http_get(port, "/metrics").await;
     for line in [
         "cachefront_query_hits_total{query=\"EMP.GET\"} 2\n".to_string(),
         "cachefront_query_misses_total{query=\"EMP.GET\"} 2\n".to_string(),
@@ -339,7 +326,7 @@ async fn queries_count_reads_and_stay_bounded() {
     assert_eq!(field(sql[0], "hits"), "3");
     let named = list.len() - sql.len();
     assert_eq!(queries(&mut c, Some(2)).await.len(), named + 2);
-    let body = http_get(port, "/metrics").await;
+    let body = common::http_get(port, "/metrics").await;
     let series = body
         .lines()
         .filter(|l| l.starts_with("cachefront_query_hits_total{"))

@@ -6,19 +6,6 @@ mod common;
 use common::services::free_port;
 use common::{config_for, Raw, Stack};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn http_get(port: u16, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_endpoint_and_info_latency() {
@@ -29,7 +16,7 @@ async fn prometheus_endpoint_and_info_latency() {
         raw.call(&[b"EMP.GET", b"1"]).await;
     }
     raw.call(&[b"SET", b"a", b"b"]).await;
-    let body = http_get(port, "/metrics").await;
+    let body = common::http_get(port, "/metrics").await;
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(
         body.contains("# TYPE cachefront_hits_total counter\ncachefront_hits_total 2\n"),
@@ -54,7 +41,9 @@ async fn prometheus_endpoint_and_info_latency() {
         "{body}"
     );
     assert!(body.contains("cachefront_db_pool_size "), "{body}");
-    assert!(http_get(port, "/nope").await.starts_with("HTTP/1.1 404"));
+    assert!(common::http_get(port, "/nope")
+        .await
+        .starts_with("HTTP/1.1 404"));
     let info = raw.call(&[b"INFO", b"cachefront"]).await;
     assert!(info.contains("latency_hit:count=2,p50_us="), "{info}");
     assert!(info.contains("latency_db_query:count=1,"), "{info}");

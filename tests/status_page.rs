@@ -14,22 +14,9 @@ use common::Stack;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The SQL.CACHED text the test reads: it holds a `<`, which must show as text.
 const LT_QUERY: &str = "SELECT name FROM employees WHERE id < 3 ORDER BY id";
-
-async fn http_get(port: u16, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
 
 /// Chromium's path: `CACHEFRONT_CHROMIUM`, else Debian's `/usr/bin/chromium`, else
 /// `chromium` / `chromium-browser` on `PATH`.
@@ -129,7 +116,7 @@ async fn status_page_in_a_real_browser() {
     assert_eq!(ratio, "0.5714", "{info}");
 
     // The page itself: static HTML under a policy allowing only its own inline parts.
-    let page = http_get(port, "/").await;
+    let page = common::http_get(port, "/").await;
     assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
     assert!(
         page.contains("Content-Type: text/html; charset=utf-8\r\n"),
@@ -149,13 +136,13 @@ async fn status_page_in_a_real_browser() {
         "{page}"
     );
     // The JSON it polls, as serde wrote it.
-    let json = http_get(port, "/status.json").await;
+    let json = common::http_get(port, "/status.json").await;
     let body = json.split("\r\n\r\n").nth(1).expect("a body");
     let v: serde_json::Value = serde_json::from_str(body).expect(body);
     assert_eq!(v["hit_ratio"], ratio.as_str(), "{v}");
     assert_eq!(v["health"]["valkey_up"], true, "{v}");
     assert_eq!(v["queries"][0]["query"], "EMP.GET", "{v}");
-    assert!(http_get(port, "/metrics")
+    assert!(common::http_get(port, "/metrics")
         .await
         .contains("cachefront_hits_total 4\n"));
 
