@@ -369,6 +369,7 @@ impl Server {
         let listener_task = tokio::spawn(crate::invalidation::run(self.shared.listener()));
         let replicas_task = tokio::spawn(crate::db::replicas::run(self.shared.db.clone()));
         let verify_task = tokio::spawn(self.verifier());
+        let fleet_task = self.shared.cache.start_fleet();
         if self.shared.cache.l1.enabled() {
             let l1 = Arc::clone(&self.shared.cache.l1);
             self.shared
@@ -463,6 +464,9 @@ impl Server {
             .await;
         replicas_task.abort();
         verify_task.abort();
+        if let Some(t) = fleet_task {
+            t.abort();
+        }
         // Its records hold the commands' context, which holds the cache that holds them.
         self.shared.cache.verify.clear();
         if let Some(t) = &self.metrics_task {

@@ -1,0 +1,369 @@
+//! One database query per cold key across several cachefront instances (issue 14, part 4):
+//! misses on one key spread over three instances sharing one Valkey and one PostgreSQL make
+//! one query, as PostgreSQL itself counts it (`pg_stat_statements`); and when the instance
+//! holding the key's fill lease dies mid-fill, the others still answer, correctly, once its
+//! lease expires, with exactly one more query.
+
+mod common;
+
+use cachefront::config::Config;
+use cachefront::server::Running;
+use common::fresh::{named, stack_on};
+use common::services::{free_port, postgres, TestDb};
+use common::*;
+use std::time::{Duration, Instant};
+
+/// How long the fill's query takes: long enough that every miss overlaps it, and that the
+/// lease holder can be killed while it runs.
+const SLEEP_MS: u64 = 1000;
+
+/// A function made slow on purpose; cachefront refuses `pg_sleep` in a query's own text,
+/// not in the body of an SQL-standard function it calls (whose tables it still tracks).
+fn schema() -> String {
+    format!(
+        "CREATE FUNCTION slow_name(emp int) RETURNS text LANGUAGE sql STABLE \
+         BEGIN ATOMIC SELECT name FROM employees, pg_sleep({}) WHERE id = emp; END",
+        SLEEP_MS as f64 / 1000.0
+    )
+}
+
+/// The named query that calls it.
+fn slow_query() -> cachefront::config::NamedQueryConfig {
+    named(
+        r#"
+command = "SLOW.NAME"
+sql = "SELECT slow_name($1)"
+key = "slowname:{1}"
+args = ["int"]
+"#,
+    )
+}
+
+/// Every instance's settings: the slow query, a fill lease of `lease_ms`, and nothing that
+/// queries on its own (the verification sampler, early refresh) so PostgreSQL's count is the
+/// fills' alone.
+fn tweak(lease_ms: u64) -> impl Fn(&mut Config) {
+    move |c: &mut Config| {
+        c.queries.push(slow_query());
+        c.cache.fill_lease_ms = lease_ms;
+        c.cache.early_refresh_beta = 0.0;
+        c.verify.enabled = false;
+        c.postgres.pool_size = 8;
+    }
+}
+
+/// A connection to `url` whose requests may wait as long as a fill (redis-rs gives up after
+/// 500 ms by default).
+async fn patient(url: &str) -> redis::aio::MultiplexedConnection {
+    let cfg =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+    redis::Client::open(url)
+        .expect("URL")
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+fn url(node: &Running) -> String {
+    format!("redis://127.0.0.1:{}", node.addr.port())
+}
+
+/// The calls PostgreSQL counted of the slow query in `db` (`pg_stat_statements`).
+fn pg_calls(db: &TestDb) -> i64 {
+    let pg = postgres();
+    let loaded = pg.psql(
+        db.name(),
+        "SELECT count(*) FROM pg_extension WHERE extname = 'pg_stat_statements'",
+    );
+    assert_eq!(
+        loaded.trim(),
+        "1",
+        "pg_stat_statements is needed: the test PostgreSQL preloads it when its library is installed (postgresql-contrib)"
+    );
+    pg.psql(
+        db.name(),
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+         WHERE d.datname = current_database() AND s.query = 'SELECT slow_name($1)'",
+    )
+    .trim()
+    .parse()
+    .expect("a count")
+}
+
+/// The name PostgreSQL holds for employee `id`.
+fn name_of(db: &TestDb, id: i64) -> String {
+    postgres()
+        .psql(
+            db.name(),
+            &format!("SELECT name FROM employees WHERE id = {id}"),
+        )
+        .trim()
+        .to_string()
+}
+
+/// An INFO cachefront counter of `node`.
+async fn counter(node_url: &str, field: &str) -> u64 {
+    let info = info_cachefront(&mut connect(node_url).await).await;
+    info_field(&info, field).parse().expect("a count")
+}
+
+/// Sums an INFO counter over `urls`.
+async fn total(urls: &[String], field: &str) -> u64 {
+    let mut sum = 0;
+    for u in urls {
+        sum += counter(u, field).await;
+    }
+    sum
+}
+
+/// `SLOW.NAME id` on `c`, with how long it took.
+async fn slow_name(
+    mut c: redis::aio::MultiplexedConnection,
+    id: i64,
+) -> (redis::RedisResult<Option<String>>, Duration) {
+    let t = Instant::now();
+    let r = redis::cmd("SLOW.NAME").arg(id).query_async(&mut c).await;
+    (r, t.elapsed())
+}
+
+/// 1,000 concurrent misses on one key, spread over three instances: one query, counted by
+/// PostgreSQL; every answer right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_misses_over_three_instances_make_one_query() {
+    thousand_misses(6000).await;
+}
+
+/// With `cache.fill_lease_ms = 0`, coalescing is per process again: one query per instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_fill_lease_each_instance_queries() {
+    thousand_misses(0).await;
+}
+
+/// 1,000 concurrent misses of one key over three instances with fill leases of `lease_ms`
+/// (0: off): one query for the fleet, or one per instance without leases.
+async fn thousand_misses(lease_ms: u64) {
+    const MISSES: usize = 1000;
+    const CONNECTIONS_PER_INSTANCE: usize = 16;
+    let stack = stack_on(&schema(), tweak(lease_ms)).await;
+    let b = stack.another(tweak(lease_ms)).await;
+    let c = stack.another(tweak(lease_ms)).await;
+    let urls = [stack.proxy_url(), url(&b), url(&c)];
+    let want = name_of(&stack.db, 1);
+    let before = pg_calls(&stack.db);
+
+    let mut conns = Vec::new();
+    for u in &urls {
+        for _ in 0..CONNECTIONS_PER_INSTANCE {
+            conns.push(patient(u).await);
+        }
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..MISSES {
+        tasks.spawn(slow_name(conns[i % conns.len()].clone(), 1));
+    }
+    let mut times = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (reply, took) = done.expect("a request task");
+        assert_eq!(reply.expect("SLOW.NAME answers"), Some(want.clone()));
+        times.push(took);
+    }
+    let wall = started.elapsed();
+    times.sort();
+
+    let calls = pg_calls(&stack.db) - before;
+    let misses = total(&urls, "misses").await;
+    let hits = total(&urls, "hits").await;
+    let queries = total(&urls, "db_queries").await;
+    let leases = total(&urls, "fleet_fill_leases").await;
+    let waits = total(&urls, "fleet_fill_waits").await;
+    let timeouts = total(&urls, "fleet_fill_wait_timeouts").await;
+    println!(
+        "fleet coalescing (fill_lease_ms={lease_ms}): {MISSES} concurrent misses of one key over 3 instances ({} connections): \
+         pg_stat_statements calls={calls}; INFO over the fleet: misses={misses} hits={hits} db_queries={queries} \
+         fleet_fill_leases={leases} fleet_fill_waits={waits} fleet_fill_wait_timeouts={timeouts}; \
+         answers p50={:?} max={:?}, all {MISSES} in {wall:?} (query sleeps {SLEEP_MS} ms)",
+        conns.len(),
+        times[times.len() / 2],
+        times[times.len() - 1],
+    );
+    assert_eq!(
+        misses as usize, MISSES,
+        "every request missed (they overlapped the fill)"
+    );
+    assert_eq!(timeouts, 0);
+    if lease_ms == 0 {
+        assert_eq!(calls, 3, "per-process coalescing: one query per instance");
+        assert_eq!((queries, leases, waits), (3, 0, 0));
+        return;
+    }
+    assert_eq!(
+        calls, 1,
+        "PostgreSQL ran the query once for the whole fleet"
+    );
+    assert_eq!(queries, 1, "one instance queried");
+    assert_eq!(leases, 1, "one fill lease taken");
+    assert_eq!(waits, 2, "the other two instances each waited once");
+}
+
+/// Writes `cfg` as a TOML file in `dir` and starts the cachefront binary on it: an instance
+/// that can really be killed (SIGKILL), unlike the in-process ones.
+fn spawn_process(cfg: &Config, dir: &std::path::Path) -> (std::process::Child, String) {
+    let port = free_port();
+    let mut cfg = cfg.clone();
+    cfg.listen = format!("127.0.0.1:{port}");
+    let text = toml::to_string(&toml::Value::try_from(&cfg).expect("config as TOML"))
+        .expect("config text");
+    let path = dir.join("holder.toml");
+    std::fs::write(&path, text).expect("write the config");
+    let child = cachefront_cmd()
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start cachefront");
+    (child, format!("redis://127.0.0.1:{port}"))
+}
+
+/// Kills its process if the test ends early.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The instance holding the fill lease dies mid-fill (SIGKILL): the instances waiting for
+/// it answer once its lease expires, correctly, with exactly one more query between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_lease_holder_dies_mid_fill_the_others_answer() {
+    const LEASE_MS: u64 = 3000;
+    const WAITERS_PER_INSTANCE: usize = 50;
+    let stack = stack_on(&schema(), tweak(LEASE_MS)).await;
+    let b = stack.another(tweak(LEASE_MS)).await;
+    let survivors = [stack.proxy_url(), url(&b)];
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut cfg = config_for(&stack.valkey, &stack.db);
+    tweak(LEASE_MS)(&mut cfg);
+    let (child, holder_url) = spawn_process(&cfg, dir.path());
+    let holder = Killed(child);
+    let mut holder_conn = None;
+    eventually("the holder process answers", async || {
+        let cfg =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+        match redis::Client::open(holder_url.as_str())
+            .expect("URL")
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+        {
+            Ok(mut c) => {
+                let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
+                holder_conn = Some(c);
+                pong.is_ok()
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    let want = name_of(&stack.db, 2);
+    let before = pg_calls(&stack.db);
+    let mut valkey = stack.valkey_client().await;
+    let lease_key = "cachefront:f:slowname:2";
+
+    // The process misses first and takes the lease.
+    let first = tokio::spawn(slow_name(holder_conn.expect("connected"), 2));
+    eventually("the process holds the fill lease", async || {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(lease_key)
+            .query_async(&mut valkey)
+            .await
+            .expect("EXISTS");
+        n == 1
+    })
+    .await;
+    let leased_at = Instant::now();
+
+    // The other two miss the same key and wait for it.
+    let mut waiting = tokio::task::JoinSet::new();
+    for u in &survivors {
+        let conn = patient(u).await;
+        for _ in 0..WAITERS_PER_INSTANCE {
+            waiting.spawn(slow_name(conn.clone(), 2));
+        }
+    }
+    eventually("both survivors wait for the holder's fill", async || {
+        for u in &survivors {
+            if counter(u, "fleet_fill_waits").await == 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+
+    // Killed mid-fill: its query has not returned, nothing is stored, its lease remains.
+    let entry: Option<String> = redis::cmd("GET")
+        .arg("slowname:2")
+        .query_async(&mut valkey)
+        .await
+        .expect("GET");
+    let lease_left: i64 = redis::cmd("PTTL")
+        .arg(lease_key)
+        .query_async(&mut valkey)
+        .await
+        .expect("PTTL");
+    drop(holder);
+    let killed = Instant::now();
+    assert!(
+        leased_at.elapsed() < Duration::from_millis(SLEEP_MS),
+        "the holder was killed before its query could end"
+    );
+    assert_eq!(entry, None, "nothing stored before the kill");
+    assert!(lease_left > 0, "the dead holder's lease is still there");
+    let (first_reply, _) = first.await.expect("the holder's client task");
+    assert!(first_reply.is_err(), "the killed holder never answered");
+
+    let mut since_kill = Vec::new();
+    while let Some(done) = waiting.join_next().await {
+        let (reply, _) = done.expect("a request task");
+        assert_eq!(reply.expect("SLOW.NAME answers"), Some(want.clone()));
+        since_kill.push(killed.elapsed());
+    }
+    let slowest = since_kill.iter().max().copied().unwrap_or_default();
+    let fastest = since_kill.iter().min().copied().unwrap_or_default();
+
+    // The dead holder's statement runs to its end in PostgreSQL (nobody reads its answer):
+    // wait for it before counting.
+    tokio::time::sleep(Duration::from_millis(SLEEP_MS)).await;
+    let calls = pg_calls(&stack.db) - before;
+    let queries = total(&survivors, "db_queries").await;
+    let leases = total(&survivors, "fleet_fill_leases").await;
+    let timeouts = total(&survivors, "fleet_fill_wait_timeouts").await;
+    let bound = Duration::from_millis(LEASE_MS + SLEEP_MS);
+    // A loaded two-core machine.
+    let slack = Duration::from_millis(1000);
+    println!(
+        "fleet coalescing, holder killed mid-fill (lease_ms={LEASE_MS}, query {SLEEP_MS} ms, lease left at the kill {lease_left} ms): \
+         {} waiters on 2 instances answered {fastest:?}..{slowest:?} after the kill (bound: lease + query = {bound:?}); \
+         pg_stat_statements calls={calls} (the dead holder's own, which PostgreSQL finished, + the survivors'); \
+         survivors' db_queries={queries} fleet_fill_leases={leases} fleet_fill_wait_timeouts={timeouts}",
+        since_kill.len()
+    );
+    assert_eq!(since_kill.len(), 2 * WAITERS_PER_INSTANCE);
+    assert!(
+        slowest <= bound + slack,
+        "answered within the lease and one query (+{slack:?}): {slowest:?}"
+    );
+    assert_eq!(queries, 1, "exactly one more query, by one survivor");
+    assert_eq!(leases, 1, "one survivor took the expired lease");
+    assert_eq!(timeouts, 0);
+    assert_eq!(
+        calls, 2,
+        "PostgreSQL ran the dead holder's query and exactly one more"
+    );
+    let _ = b;
+}
