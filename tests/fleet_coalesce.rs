@@ -107,13 +107,39 @@ async fn counter(node_url: &str, field: &str) -> u64 {
     info_field(&info, field).parse().expect("a count")
 }
 
-/// Sums an INFO counter over `urls`.
-async fn total(urls: &[String], field: &str) -> u64 {
-    let mut sum = 0;
+/// The INFO counters the tests compare.
+const FIELDS: [&str; 6] = [
+    "misses",
+    "hits",
+    "db_queries",
+    "fleet_fill_leases",
+    "fleet_fill_waits",
+    "fleet_fill_wait_timeouts",
+];
+
+/// [`FIELDS`], each summed over `urls`.
+async fn totals(urls: &[String]) -> std::collections::BTreeMap<&'static str, u64> {
+    let mut out = std::collections::BTreeMap::new();
     for u in urls {
-        sum += counter(u, field).await;
+        let info = info_cachefront(&mut connect(u).await).await;
+        for f in FIELDS {
+            let n: u64 = info_field(&info, f).parse().expect("a count");
+            *out.entry(f).or_insert(0) += n;
+        }
     }
-    sum
+    out
+}
+
+/// What [`FIELDS`] counted over `urls` since `before` (taken by [`totals`]).
+async fn since(
+    urls: &[String],
+    before: &std::collections::BTreeMap<&'static str, u64>,
+) -> std::collections::BTreeMap<&'static str, u64> {
+    let mut now = totals(urls).await;
+    for (f, n) in now.iter_mut() {
+        *n -= before[f];
+    }
+    now
 }
 
 /// `SLOW.NAME id` on `c`, with how long it took.
@@ -124,6 +150,19 @@ async fn slow_name(
     let t = Instant::now();
     let r = redis::cmd("SLOW.NAME").arg(id).query_async(&mut c).await;
     (r, t.elapsed())
+}
+
+/// Has every instance resolve the slow query (each fills a key of its own, at once), so
+/// the misses measured next all reach their fills together.
+async fn warm(urls: &[String]) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, u) in urls.iter().enumerate() {
+        tasks.spawn(slow_name(patient(u).await, 9000 + i as i64));
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (reply, _) = done.expect("a warm-up task");
+        reply.expect("the warm-up answers");
+    }
 }
 
 /// 1,000 concurrent misses on one key, spread over three instances: one query, counted by
@@ -143,13 +182,33 @@ async fn without_the_fill_lease_each_instance_queries() {
 /// (0: off): one query for the fleet, or one per instance without leases.
 async fn thousand_misses(lease_ms: u64) {
     const MISSES: usize = 1000;
-    const CONNECTIONS_PER_INSTANCE: usize = 16;
+    // One request per connection: a connection answers its requests in order, so misses
+    // pipelined on one connection would not all overlap the fill.
+    const CONNECTIONS_PER_INSTANCE: usize = MISSES / 3 + 1;
     let stack = stack_on(&schema(), tweak(lease_ms)).await;
     let b = stack.another(tweak(lease_ms)).await;
     let c = stack.another(tweak(lease_ms)).await;
     let urls = [stack.proxy_url(), url(&b), url(&c)];
+    warm(&urls).await;
     let want = name_of(&stack.db, 1);
     let before = pg_calls(&stack.db);
+    let base = totals(&urls).await;
+    if lease_ms > 0 {
+        let mut v = stack.valkey_client().await;
+        eventually(
+            "every instance subscribed to the fill announcements",
+            async || {
+                let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg("cachefront:fills")
+                    .query_async(&mut v)
+                    .await
+                    .expect("PUBSUB NUMSUB");
+                n == 3
+            },
+        )
+        .await;
+    }
 
     let mut conns = Vec::new();
     for u in &urls {
@@ -172,12 +231,10 @@ async fn thousand_misses(lease_ms: u64) {
     times.sort();
 
     let calls = pg_calls(&stack.db) - before;
-    let misses = total(&urls, "misses").await;
-    let hits = total(&urls, "hits").await;
-    let queries = total(&urls, "db_queries").await;
-    let leases = total(&urls, "fleet_fill_leases").await;
-    let waits = total(&urls, "fleet_fill_waits").await;
-    let timeouts = total(&urls, "fleet_fill_wait_timeouts").await;
+    let d = since(&urls, &base).await;
+    let (misses, hits, queries) = (d["misses"], d["hits"], d["db_queries"]);
+    let (leases, waits) = (d["fleet_fill_leases"], d["fleet_fill_waits"]);
+    let timeouts = d["fleet_fill_wait_timeouts"];
     println!(
         "fleet coalescing (fill_lease_ms={lease_ms}): {MISSES} concurrent misses of one key over 3 instances ({} connections): \
          pg_stat_statements calls={calls}; INFO over the fleet: misses={misses} hits={hits} db_queries={queries} \
@@ -269,8 +326,15 @@ async fn when_the_lease_holder_dies_mid_fill_the_others_answer() {
         }
     })
     .await;
+    warm(&[
+        survivors[0].clone(),
+        survivors[1].clone(),
+        holder_url.clone(),
+    ])
+    .await;
     let want = name_of(&stack.db, 2);
     let before = pg_calls(&stack.db);
+    let base = totals(&survivors).await;
     let mut valkey = stack.valkey_client().await;
     let lease_key = "cachefront:f:slowname:2";
 
@@ -290,9 +354,8 @@ async fn when_the_lease_holder_dies_mid_fill_the_others_answer() {
     // The other two miss the same key and wait for it.
     let mut waiting = tokio::task::JoinSet::new();
     for u in &survivors {
-        let conn = patient(u).await;
         for _ in 0..WAITERS_PER_INSTANCE {
-            waiting.spawn(slow_name(conn.clone(), 2));
+            waiting.spawn(slow_name(patient(u).await, 2));
         }
     }
     eventually("both survivors wait for the holder's fill", async || {
@@ -340,9 +403,9 @@ async fn when_the_lease_holder_dies_mid_fill_the_others_answer() {
     // wait for it before counting.
     tokio::time::sleep(Duration::from_millis(SLEEP_MS)).await;
     let calls = pg_calls(&stack.db) - before;
-    let queries = total(&survivors, "db_queries").await;
-    let leases = total(&survivors, "fleet_fill_leases").await;
-    let timeouts = total(&survivors, "fleet_fill_wait_timeouts").await;
+    let d = since(&survivors, &base).await;
+    let (queries, leases) = (d["db_queries"], d["fleet_fill_leases"]);
+    let timeouts = d["fleet_fill_wait_timeouts"];
     let bound = Duration::from_millis(LEASE_MS + SLEEP_MS);
     // A loaded two-core machine.
     let slack = Duration::from_millis(1000);
@@ -366,4 +429,111 @@ async fn when_the_lease_holder_dies_mid_fill_the_others_answer() {
         "PostgreSQL ran the dead holder's query and exactly one more"
     );
     let _ = b;
+}
+
+/// Misses of a row that does not exist (negative caching off, so nothing is cached): the
+/// instances that waited take the holder's "no row" as their answer instead of querying in
+/// turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn misses_of_a_missing_row_make_one_query() {
+    const MISSES: usize = 90;
+    let stack = stack_on(&schema(), tweak(6000)).await;
+    let b = stack.another(tweak(6000)).await;
+    let c = stack.another(tweak(6000)).await;
+    let urls = [stack.proxy_url(), url(&b), url(&c)];
+    warm(&urls).await;
+    let before = pg_calls(&stack.db);
+    let base = totals(&urls).await;
+    // One request per connection (see `thousand_misses`): nothing is cached, so a request
+    // queued behind another on its connection would miss again after the fill.
+    let mut conns = Vec::new();
+    for u in &urls {
+        for _ in 0..MISSES / 3 {
+            conns.push(patient(u).await);
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..MISSES {
+        tasks.spawn(slow_name(conns[i % conns.len()].clone(), 9999));
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (reply, _) = done.expect("a request task");
+        assert_eq!(reply.expect("SLOW.NAME answers"), None);
+    }
+    let calls = pg_calls(&stack.db) - before;
+    let waits = since(&urls, &base).await["fleet_fill_waits"];
+    println!("fleet coalescing, {MISSES} misses of a missing row over 3 instances: pg_stat_statements calls={calls}, fleet_fill_waits={waits}");
+    assert_eq!(calls, 1, "one query for the fleet");
+    assert_eq!(waits, 2, "the other two instances each waited once");
+}
+
+/// The same on a three-primary Valkey Cluster: the lease lives in the entry's slot and the
+/// announcement reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn misses_over_three_instances_on_a_cluster_make_one_query() {
+    const MISSES: usize = 300;
+    const PER_INSTANCE: usize = MISSES / 3;
+    let cluster = tokio::task::spawn_blocking(|| common::cluster::ValkeyCluster::start(3))
+        .await
+        .expect("cluster");
+    let db = tokio::task::spawn_blocking(|| {
+        let pg = postgres();
+        let db = pg.fresh_db();
+        pg.psql(db.name(), &schema());
+        db
+    })
+    .await
+    .expect("fresh db");
+    let mut nodes = Vec::new();
+    for seed in cluster.seeds() {
+        let mut cfg = Config {
+            listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        };
+        cfg.valkey.cluster = vec![seed];
+        cfg.postgres.url = db.url();
+        tweak(6000)(&mut cfg);
+        cfg.validate().expect("valid config");
+        nodes.push(
+            cachefront::server::spawn(cfg)
+                .await
+                .expect("cachefront starts"),
+        );
+    }
+    let urls: Vec<String> = nodes.iter().map(url).collect();
+    warm(&urls).await;
+    let want = name_of(&db, 3);
+    let before = pg_calls(&db);
+    let base = totals(&urls).await;
+    let mut conns = Vec::new();
+    for u in &urls {
+        for _ in 0..PER_INSTANCE {
+            conns.push(patient(u).await);
+        }
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..MISSES {
+        tasks.spawn(slow_name(conns[i % conns.len()].clone(), 3));
+    }
+    let mut slowest = Duration::ZERO;
+    while let Some(done) = tasks.join_next().await {
+        let (reply, took) = done.expect("a request task");
+        assert_eq!(reply.expect("SLOW.NAME answers"), Some(want.clone()));
+        slowest = slowest.max(took);
+    }
+    let calls = pg_calls(&db) - before;
+    let d = since(&urls, &base).await;
+    let (leases, waits) = (d["fleet_fill_leases"], d["fleet_fill_waits"]);
+    println!(
+        "fleet coalescing on a 3-primary cluster: {MISSES} misses over 3 instances: pg_stat_statements calls={calls}, \
+         fleet_fill_leases={leases} fleet_fill_waits={waits}, slowest answer {slowest:?}, all in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(calls, 1, "one query for the fleet");
+    assert_eq!(leases, 1);
+    assert!(
+        slowest < Duration::from_millis(SLEEP_MS + 2000),
+        "the waiters were woken, not timed out: {slowest:?}"
+    );
 }

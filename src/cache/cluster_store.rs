@@ -39,7 +39,7 @@ const GENERATION_TTL: u64 = 86_400;
 const PARALLEL: usize = 32;
 
 /// KEYS: entry, generation, fill lease. ARGV: kind, ttl, generation read before the query,
-/// lease token ('' for none), channel, entry key, value… Stored or not, gives the fill lease
+/// lease token ('' for none), channel, announcement, value… Stored or not, gives the fill lease
 /// up (`store::RELEASE_FN`).
 const FILL_LUA: &str = r#"
 local function store()
@@ -275,13 +275,13 @@ impl ClusterStore {
     }
 
     /// Stores `value` if the entry's generation is still `versions[0]`. `release`: the fill
-    /// lease to give up and the channel to announce it on.
+    /// lease to give up, the channel to announce it on and the announcement.
     pub async fn store(
         &self,
         entry: &Entry,
         value: &Value,
         versions: &[String],
-        release: Option<(&FillLease, &str)>,
+        release: Option<(&FillLease, &str, &str)>,
     ) -> Result<bool> {
         let Some(kind) = value_kind(value) else {
             return Ok(false);
@@ -290,9 +290,9 @@ impl ClusterStore {
         let mut inv = FILL.prepare();
         inv.key(&entry.key).key(&self.generation_key(&entry.key));
         let (token, channel, announced) = match release {
-            Some((l, channel)) => {
+            Some((l, channel, announced)) => {
                 inv.key(&l.key);
-                (l.token.as_str(), channel, l.entry.as_str())
+                (l.token.as_str(), channel, announced)
             }
             None => ("", "", ""),
         };

@@ -29,13 +29,23 @@ use tokio::sync::watch;
 
 use crate::upstream::subscriber::Heard;
 
+/// What woke a wait for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The fill landed, or its lease was given up, or a message may have been lost: look in
+    /// Valkey again.
+    Look,
+    /// The fill found no row and cached nothing (negative caching off): that is the answer.
+    NoRow,
+}
+
 /// Fleet-wide fill coalescing of one process: its lease length and the keys it waits on.
 #[derive(Debug)]
 pub struct Fleet {
     /// `cache.fill_lease_ms`; zero: off.
     lease: Duration,
-    /// Keys this process waits on, each with a counter bumped when its fill lands.
-    waiting: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Keys this process waits on, each with the last thing heard about its fill.
+    waiting: Mutex<HashMap<String, watch::Sender<Wake>>>,
 }
 
 impl Fleet {
@@ -74,7 +84,25 @@ impl Fleet {
         format!("{:032x}", rand::thread_rng().gen::<u128>())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
+    /// The message announcing that a fill of `entry` ended (see [`Wake`]): a letter for what
+    /// to do, then the entry key.
+    pub fn announcement(entry: &str, no_row: bool) -> String {
+        let kind = if no_row { 'a' } else { 'l' };
+        format!("{kind}{entry}")
+    }
+
+    /// The key and what to do, from an announcement.
+    fn parse(announcement: &[u8]) -> Option<(&str, Wake)> {
+        let (kind, key) = announcement.split_first()?;
+        let wake = match kind {
+            b'l' => Wake::Look,
+            b'a' => Wake::NoRow,
+            _ => return None,
+        };
+        Some((std::str::from_utf8(key).ok()?, wake))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Wake>>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -84,7 +112,7 @@ impl Fleet {
         let rx = self
             .lock()
             .entry(key.to_string())
-            .or_insert_with(|| watch::channel(0).0)
+            .or_insert_with(|| watch::channel(Wake::Look).0)
             .subscribe();
         Listener {
             fleet: Arc::clone(self),
@@ -98,15 +126,17 @@ impl Fleet {
     pub fn heard(&self, heard: Heard) {
         let map = self.lock();
         match heard {
-            Heard::Message(key) => {
-                let tx = std::str::from_utf8(&key).ok().and_then(|k| map.get(k));
-                if let Some(tx) = tx {
-                    tx.send_modify(|n| *n += 1);
+            Heard::Message(announcement) => {
+                let Some((key, wake)) = Self::parse(&announcement) else {
+                    return;
+                };
+                if let Some(tx) = map.get(key) {
+                    tx.send_replace(wake);
                 }
             }
             Heard::Subscribed => {
                 for tx in map.values() {
-                    tx.send_modify(|n| *n += 1);
+                    tx.send_replace(Wake::Look);
                 }
             }
         }
@@ -122,14 +152,17 @@ impl Fleet {
 pub struct Listener {
     fleet: Arc<Fleet>,
     key: String,
-    rx: watch::Receiver<u64>,
+    rx: watch::Receiver<Wake>,
 }
 
 impl Listener {
-    /// Returns when the key's fill landed since [`Fleet::listen`] (or the last wait), or
-    /// after `limit`.
-    pub async fn wait(&mut self, limit: Duration) {
-        let _ = tokio::time::timeout(limit, self.rx.changed()).await;
+    /// Returns what was heard of the key's fill since [`Fleet::listen`] (or the last wait),
+    /// waiting at most `limit` for it (then [`Wake::Look`]).
+    pub async fn wait(&mut self, limit: Duration) -> Wake {
+        match tokio::time::timeout(limit, self.rx.changed()).await {
+            Ok(Ok(())) => *self.rx.borrow_and_update(),
+            _ => Wake::Look,
+        }
     }
 }
 

@@ -529,7 +529,9 @@ impl FillCtx {
             .query_and_store(entry, opts, load, negative_key, prefill, held.as_ref())
             .await;
         if let Some(l) = held.filter(|l| !l.released()) {
-            if let Err(e) = store.release_fill_lease(&l).await {
+            // No row and nothing cached (no negative caching): the waiters' answer too.
+            let no_row = matches!(&result, Ok((Value::Absent, CacheStatus::Miss)));
+            if let Err(e) = store.release_fill_lease(&l, no_row).await {
                 tracing::debug!(error = %e, key = %l.entry, "could not give up a fill lease; it expires");
             }
         }
@@ -582,7 +584,12 @@ impl FillCtx {
             let limit = until_expiry
                 .min(self.fleet.poll())
                 .min(deadline.saturating_duration_since(Instant::now()));
-            listener.wait(limit).await;
+            if listener.wait(limit).await == fleet::Wake::NoRow {
+                return prefill.map(|p| Prefill {
+                    lease: LeaseState::NoRow,
+                    ..p
+                });
+            }
         }
     }
 
@@ -610,6 +617,10 @@ impl FillCtx {
             }
             if p.negative {
                 return Ok((Value::Absent, CacheStatus::NegativeHit));
+            }
+            if p.lease == LeaseState::NoRow {
+                inc(&self.metrics.coalesced_waits);
+                return Ok((Value::Absent, CacheStatus::Coalesced));
             }
         }
         let started = Instant::now();

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use std::sync::{Arc, LazyLock};
 
 use super::cluster_store::ClusterStore;
+use super::fleet::Fleet;
 use super::resp::{self, Cmd, Invocation, Script, StaticScript};
 use super::{Deps, Entry, Value, Version};
 use crate::error::Result;
@@ -32,7 +33,7 @@ use crate::upstream::Upstream;
 /// them) make the fill store nothing, not fail halfway; the next invalidation repairs them.
 /// Then, stored or not, gives up the fill lease (see [`RELEASE_FN`]).
 /// KEYS: entry, versions, registry sets, fill lease. ARGV: kind, ttl, #versions,
-/// #registries, lease token ('' for none), channel, entry key, versions, value…
+/// #registries, lease token ('' for none), channel, announcement, versions, value…
 const FILL_LUA: &str = r#"
 local nv = tonumber(ARGV[3])
 local nr = tonumber(ARGV[4])
@@ -69,9 +70,9 @@ return stored
 "#;
 
 /// Gives up a fill lease (`cache::fleet`): deletes it if `token` still holds it, and tells
-/// the instances waiting for the entry (`PUBLISH channel entry`) that it landed (`stored`
-/// 1) or that they may take the lease. A lease of the wrong type is never ours: left alone.
-/// No token: no lease was taken.
+/// the instances waiting for the entry (`PUBLISH channel announcement`) that it landed
+/// (`stored` 1) or that they may take the lease. A lease of the wrong type is never ours:
+/// left alone. No token: no lease was taken.
 pub(super) const RELEASE_FN: &str = r#"
 local function release(lease, token, channel, entry, stored)
   if token == '' then return 0 end
@@ -83,7 +84,7 @@ local function release(lease, token, channel, entry, stored)
 end
 "#;
 
-/// KEYS: the fill lease. ARGV: token, channel, entry key. Returns 1 if it was held and
+/// KEYS: the fill lease. ARGV: token, channel, announcement. Returns 1 if it was held and
 /// given up.
 const FILL_RELEASE_LUA: &str = r#"
 return release(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 0)
@@ -288,6 +289,9 @@ pub enum LeaseState {
     Taken,
     /// Another fill holds it, for at most this much longer.
     Held(std::time::Duration),
+    /// The other instance's fill this one waited for found no row and cached nothing (no
+    /// negative caching): its answer is this one's too, as for a fill joined in-process.
+    NoRow,
 }
 
 /// One fill's lease on its key: the lease key (beside the entry), the token naming this
@@ -441,7 +445,7 @@ impl Store {
         };
         FillLease {
             key,
-            token: super::fleet::Fleet::token(),
+            token: Fleet::token(),
             ms,
             entry: entry_key.to_string(),
             released: Default::default(),
@@ -457,13 +461,14 @@ impl Store {
         format!("{prefix}fills")
     }
 
-    /// Gives `lease` up if this fill still holds it, and tells the waiting instances.
-    pub async fn release_fill_lease(&self, lease: &FillLease) -> Result<bool> {
+    /// Gives `lease` up if this fill still holds it, and tells the waiting instances —
+    /// `no_row`: that the fill found no row, which is their answer too (nothing is cached).
+    pub async fn release_fill_lease(&self, lease: &FillLease, no_row: bool) -> Result<bool> {
         let mut inv = FILL_RELEASE.prepare();
         inv.key(&lease.key)
             .arg(&lease.token)
             .arg(&self.fill_channel())
-            .arg(&lease.entry);
+            .arg(&Fleet::announcement(&lease.entry, no_row));
         let released = resp::int(inv.run(self.upstream()).await?)? == 1;
         lease.mark_released();
         Ok(released)
@@ -511,7 +516,10 @@ impl Store {
         lease: Option<&FillLease>,
     ) -> Result<bool> {
         let channel = self.fill_channel();
-        let release = lease.map(|l| (l, channel.as_str()));
+        let announced = lease.map(|l| Fleet::announcement(&l.entry, false));
+        let release = lease
+            .zip(announced.as_deref())
+            .map(|(l, a)| (l, channel.as_str(), a));
         let stored = match self {
             Store::Single(s) => s.store(entry, value, versions, release).await,
             Store::Cluster(c) => c.store(entry, value, versions, release).await,
@@ -784,7 +792,7 @@ impl SingleStore {
         entry: &Entry,
         value: &Value,
         versions: &[String],
-        release: Option<(&FillLease, &str)>,
+        release: Option<(&FillLease, &str, &str)>,
     ) -> Result<bool> {
         let Some(kind) = value_kind(value) else {
             return Ok(false);
@@ -797,9 +805,9 @@ impl SingleStore {
             inv.key(k);
         }
         let (token, channel, announced) = match release {
-            Some((l, channel)) => {
+            Some((l, channel, announced)) => {
                 inv.key(&l.key);
-                (l.token.as_str(), channel, l.entry.as_str())
+                (l.token.as_str(), channel, announced)
             }
             None => ("", "", ""),
         };
