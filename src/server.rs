@@ -81,7 +81,7 @@ impl Shared {
 
     /// `SIGHUP`: applies a new configuration's named queries, TTLs, SQL settings and limits
     /// without touching connections. Settings that need a restart (listen addresses, Valkey,
-    /// PostgreSQL, TLS, metrics, invalidation, users, L1 and refresh settings) keep their
+    /// PostgreSQL, TLS, metrics, invalidation, users, L1, refresh and fill lease settings) keep their
     /// running values; their names are returned so the operator is told.
     pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, String> {
         check_config(&new).map_err(|e| e.to_string())?;
@@ -113,6 +113,7 @@ impl Shared {
         keep!(cache.l1_max_bytes, "cache.l1_max_bytes");
         keep!(cache.l1_ttl_ms, "cache.l1_ttl_ms");
         keep!(cache.stale_if_error_secs, "cache.stale_if_error_secs");
+        keep!(cache.fill_lease_ms, "cache.fill_lease_ms");
         let mut named = crate::cache::named::build(&next)?;
         crate::cache::named::keep_stats(&mut named, &self.named());
         self.invalidation.set_named(&named);

@@ -189,20 +189,26 @@ mod tests {
     async fn a_message_for_the_key_wakes_its_listener_even_if_it_came_first() {
         let f = Arc::new(Fleet::new(5000));
         let mut l = f.listen("employee:1");
-        f.heard(Heard::Message(Bytes::from_static(b"employee:2")));
-        f.heard(Heard::Message(Bytes::from_static(b"employee:1")));
+        let heard = |key: &str, no_row| {
+            let a = Fleet::announcement(key, no_row);
+            f.heard(Heard::Message(Bytes::from(a)));
+        };
+        heard("employee:2", false);
+        heard("employee:1", true);
         let t = Instant::now();
-        l.wait(Duration::from_secs(5)).await;
+        assert_eq!(l.wait(Duration::from_secs(5)).await, Wake::NoRow);
         assert!(t.elapsed() < Duration::from_secs(1), "woken at once");
         let t = Instant::now();
-        l.wait(Duration::from_millis(50)).await;
+        assert_eq!(l.wait(Duration::from_millis(50)).await, Wake::Look);
         assert!(
             t.elapsed() >= Duration::from_millis(50),
             "nothing new: waits"
         );
+        // Not an announcement: ignored.
+        f.heard(Heard::Message(Bytes::from_static(b"?employee:1")));
         f.heard(Heard::Subscribed);
         let t = Instant::now();
-        l.wait(Duration::from_secs(5)).await;
+        assert_eq!(l.wait(Duration::from_secs(5)).await, Wake::Look);
         assert!(
             t.elapsed() < Duration::from_secs(1),
             "a resubscription wakes all"

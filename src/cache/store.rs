@@ -72,13 +72,14 @@ return stored
 /// Gives up a fill lease (`cache::fleet`): deletes it if `token` still holds it, and tells
 /// the instances waiting for the entry (`PUBLISH channel announcement`) that it landed
 /// (`stored` 1) or that they may take the lease. A lease of the wrong type is never ours:
-/// left alone. No token: no lease was taken.
+/// left alone. No token: no lease was taken. A refused `PUBLISH` (a Valkey user without
+/// that channel) fails nothing: waiters poll.
 pub(super) const RELEASE_FN: &str = r#"
 local function release(lease, token, channel, entry, stored)
   if token == '' then return 0 end
   local mine = redis.pcall('GET', lease) == token
   if mine then redis.call('DEL', lease) end
-  if mine or stored == 1 then redis.call('PUBLISH', channel, entry) end
+  if mine or stored == 1 then redis.pcall('PUBLISH', channel, entry) end
   if mine then return 1 end
   return 0
 end
