@@ -2,7 +2,8 @@
 //! misses on one key spread over three instances sharing one Valkey and one PostgreSQL make
 //! one query, as PostgreSQL itself counts it (`pg_stat_statements`); and when the instance
 //! holding the key's fill lease dies mid-fill, the others still answer, correctly, once its
-//! lease expires, with exactly one more query.
+//! lease expires, with exactly one more query; and a write racing the leased fill leaves no
+//! stale entry.
 
 mod common;
 
@@ -536,4 +537,60 @@ async fn misses_over_three_instances_on_a_cluster_make_one_query() {
         slowest < Duration::from_millis(SLEEP_MS + 2000),
         "the waiters were woken, not timed out: {slowest:?}"
     );
+}
+
+/// The no-stale-fill guarantee with a lease: a write committed while the holder queries makes
+/// its store refused (its versions moved); the refusal gives the lease up, and the waiting
+/// instance fills again, from after the write — the entry holds the new name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_during_the_leased_fill_is_not_stored_and_the_waiter_refills() {
+    let stack = stack_on(&schema(), tweak(6000)).await;
+    let b = stack.another(tweak(6000)).await;
+    let urls = [stack.proxy_url(), url(&b)];
+    warm(&urls).await;
+    let old = name_of(&stack.db, 4);
+    let before = pg_calls(&stack.db);
+    let mut valkey = stack.valkey_client().await;
+
+    let holder = tokio::spawn(slow_name(patient(&urls[0]).await, 4));
+    eventually("the first instance holds the fill lease", async || {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg("cachefront:f:slowname:4")
+            .query_async(&mut valkey)
+            .await
+            .expect("EXISTS");
+        n == 1
+    })
+    .await;
+    let waiter = tokio::spawn(slow_name(patient(&urls[1]).await, 4));
+    eventually("the second instance waits for it", async || {
+        counter(&urls[1], "fleet_fill_waits").await >= 1
+    })
+    .await;
+    stack.psql("UPDATE employees SET name = 'Dora Fresh' WHERE id = 4");
+
+    let (first, _) = holder.await.expect("the holder's task");
+    let (second, _) = waiter.await.expect("the waiter's task");
+    let first = first.expect("answered");
+    let second = second.expect("answered");
+    let stored: Option<String> = redis::cmd("GET")
+        .arg("slowname:4")
+        .query_async(&mut valkey)
+        .await
+        .expect("GET");
+    let rejections = counter(&urls[0], "stale_fill_rejections").await;
+    let calls = pg_calls(&stack.db) - before;
+    println!(
+        "fleet coalescing, a write during the leased fill: holder answered {first:?} (its query began before the write), \
+         waiter {second:?}, entry {stored:?}, holder's stale_fill_rejections={rejections}, pg_stat_statements calls={calls}"
+    );
+    assert_eq!(
+        first.as_deref(),
+        Some(old.as_str()),
+        "read before the write"
+    );
+    assert_eq!(rejections, 1, "the holder's store was refused");
+    assert_eq!(second.as_deref(), Some("Dora Fresh"), "the waiter refilled");
+    assert_eq!(stored.as_deref(), Some("Dora Fresh"), "no stale entry");
+    assert_eq!(calls, 2);
 }

@@ -7,6 +7,8 @@
 //! - `<p>{<tag>}g:<key>` — the entry's generation, bumped by every invalidation that drops it;
 //!   `<tag>` is a short string hashing to the entry's slot, so the pair shares a slot. Kept a day.
 //! - `<p>{<tag>}n:<key>` — the negative-cache marker, in the entry's slot too.
+//! - `<p>{<tag>}f:<key>` — the entry's fill lease (`cache::fleet`), in its slot too, so the
+//!   fill's first script and its store script can take and give it up.
 //! - `<p>{d:<t>}` — entries depending on the whole table `<t>`; `<p>{k:<t>}` — row-keyed
 //!   entries on `<t>`; each with a `:pending` twin in its slot holding members being
 //!   invalidated, so an invalidation that fails halfway is finished by the next one.

@@ -29,14 +29,18 @@ use tokio::sync::watch;
 
 use crate::upstream::subscriber::Heard;
 
+/// Length of a lease token ([`Fleet::token`]).
+const TOKEN_LEN: usize = 32;
+
 /// What woke a wait for a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wake {
     /// The fill landed, or its lease was given up, or a message may have been lost: look in
     /// Valkey again.
     Look,
-    /// The fill found no row and cached nothing (negative caching off): that is the answer.
-    NoRow,
+    /// The fill of the lease holder with this token found no row and cached nothing
+    /// (negative caching off): that is the answer of whoever waited for that holder.
+    NoRow(String),
 }
 
 /// Fleet-wide fill coalescing of one process: its lease length and the keys it waits on.
@@ -79,27 +83,35 @@ impl Fleet {
         self.lease * 2 + self.poll()
     }
 
-    /// A fresh token naming one fill's hold of a lease (compare-and-delete checks it).
+    /// A fresh token naming one fill's hold of a lease (compare-and-delete checks it):
+    /// [`TOKEN_LEN`] hex digits.
     pub fn token() -> String {
         format!("{:032x}", rand::thread_rng().gen::<u128>())
     }
 
-    /// The message announcing that a fill of `entry` ended (see [`Wake`]): a letter for what
-    /// to do, then the entry key.
-    pub fn announcement(entry: &str, no_row: bool) -> String {
-        let kind = if no_row { 'a' } else { 'l' };
-        format!("{kind}{entry}")
+    /// The message announcing that the fill of `entry` holding the lease `token` ended (see
+    /// [`Wake`]): `l<entry>` (look again), or `a<token><entry>` (no row). "No row" names the
+    /// holder, so a waiter takes it only from the fill it waited for — never from another
+    /// instance's older fill, or a message a client published by hand.
+    pub fn announcement(entry: &str, no_row: Option<&str>) -> String {
+        match no_row {
+            Some(token) => format!("a{token}{entry}"),
+            None => format!("l{entry}"),
+        }
     }
 
     /// The key and what to do, from an announcement.
     fn parse(announcement: &[u8]) -> Option<(&str, Wake)> {
-        let (kind, key) = announcement.split_first()?;
-        let wake = match kind {
-            b'l' => Wake::Look,
-            b'a' => Wake::NoRow,
-            _ => return None,
-        };
-        Some((std::str::from_utf8(key).ok()?, wake))
+        let text = std::str::from_utf8(announcement).ok()?;
+        let (kind, rest) = text.split_at_checked(1)?;
+        match kind {
+            "l" => Some((rest, Wake::Look)),
+            "a" => {
+                let (token, key) = rest.split_at_checked(TOKEN_LEN)?;
+                Some((key, Wake::NoRow(token.to_string())))
+            }
+            _ => None,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Wake>>> {
@@ -160,7 +172,7 @@ impl Listener {
     /// waiting at most `limit` for it (then [`Wake::Look`]).
     pub async fn wait(&mut self, limit: Duration) -> Wake {
         match tokio::time::timeout(limit, self.rx.changed()).await {
-            Ok(Ok(())) => *self.rx.borrow_and_update(),
+            Ok(Ok(())) => self.rx.borrow_and_update().clone(),
             _ => Wake::Look,
         }
     }
@@ -189,14 +201,15 @@ mod tests {
     async fn a_message_for_the_key_wakes_its_listener_even_if_it_came_first() {
         let f = Arc::new(Fleet::new(5000));
         let mut l = f.listen("employee:1");
-        let heard = |key: &str, no_row| {
+        let token = Fleet::token();
+        let heard = |key: &str, no_row: Option<&str>| {
             let a = Fleet::announcement(key, no_row);
             f.heard(Heard::Message(Bytes::from(a)));
         };
-        heard("employee:2", false);
-        heard("employee:1", true);
+        heard("employee:2", None);
+        heard("employee:1", Some(&token));
         let t = Instant::now();
-        assert_eq!(l.wait(Duration::from_secs(5)).await, Wake::NoRow);
+        assert_eq!(l.wait(Duration::from_secs(5)).await, Wake::NoRow(token));
         assert!(t.elapsed() < Duration::from_secs(1), "woken at once");
         let t = Instant::now();
         assert_eq!(l.wait(Duration::from_millis(50)).await, Wake::Look);
@@ -204,8 +217,9 @@ mod tests {
             t.elapsed() >= Duration::from_millis(50),
             "nothing new: waits"
         );
-        // Not an announcement: ignored.
+        // Not announcements: ignored.
         f.heard(Heard::Message(Bytes::from_static(b"?employee:1")));
+        f.heard(Heard::Message(Bytes::from_static(b"ashort")));
         f.heard(Heard::Subscribed);
         let t = Instant::now();
         assert_eq!(l.wait(Duration::from_secs(5)).await, Wake::Look);

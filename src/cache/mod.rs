@@ -562,11 +562,11 @@ impl FillCtx {
                 .store
                 .prefill_leased(entry, hash, negative_key, asked)
                 .await;
-            let left = match &prefill {
+            let (left, holder) = match &prefill {
                 Ok(Prefill {
-                    lease: LeaseState::Held(left),
+                    lease: LeaseState::Held(left, holder),
                     ..
-                }) => *left,
+                }) => (*left, holder.clone()),
                 _ => {
                     if waited && !patient {
                         inc(&self.metrics.fleet_fill_wait_timeouts);
@@ -584,7 +584,7 @@ impl FillCtx {
             let limit = until_expiry
                 .min(self.fleet.poll())
                 .min(deadline.saturating_duration_since(Instant::now()));
-            if listener.wait(limit).await == fleet::Wake::NoRow {
+            if listener.wait(limit).await == fleet::Wake::NoRow(holder) {
                 return prefill.map(|p| Prefill {
                     lease: LeaseState::NoRow,
                     ..p

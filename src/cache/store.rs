@@ -12,6 +12,8 @@
 //!   entries on the table (dropped by table-wide events). Both expire no earlier than members.
 //! - `<p>tables` — every table any entry ever depended on (flushed when notifications may
 //!   have been lost).
+//! - `<p>f:<key>` — the entry's fill lease while one instance fills it for all (see
+//!   `cache::fleet`); fills announce their end on the channel `<p>fills`.
 //!
 //! A fill reads its versions *before* querying PostgreSQL and stores only if they are unchanged;
 //! an invalidation bumps versions *before* deleting. So a fill that read old rows can never
@@ -97,8 +99,8 @@ return release(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 0)
 /// lease without an expiry (not one of ours: written by hand) is taken over.
 /// KEYS: entry, negative marker (or the entry again), fill lease, versions…
 /// ARGV: 'h' (hash) or 's', '1' if KEYS[2] is a marker, token, lease ms.
-/// Returns {versions, entry, marker exists, lease state, lease ms left}; lease state: 1
-/// taken, 2 held by another fill.
+/// Returns {versions, entry, marker exists, lease state, lease ms left, holder's token};
+/// lease state: 1 taken, 2 held by another fill.
 pub(super) const PREFILL_LUA: &str = r#"
 local versions = {}
 if #KEYS >= 4 then versions = redis.call('MGET', unpack(KEYS, 4, #KEYS)) end
@@ -115,6 +117,7 @@ local negative = 0
 if ARGV[2] == '1' then negative = redis.call('EXISTS', KEYS[2]) end
 local state = 0
 local left = 0
+local holder = ''
 if not found and negative == 0 then
   if redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then
     state = 1
@@ -126,10 +129,12 @@ if not found and negative == 0 then
       left = 0
     else
       state = 2
+      holder = redis.pcall('GET', KEYS[3])
+      if type(holder) ~= 'string' then holder = '' end
     end
   end
 end
-return {versions, existing, negative, state, left}
+return {versions, existing, negative, state, left, holder}
 "#;
 
 /// Shared by both invalidation scripts: unlink a registry set's members, then the set; bump a
@@ -282,14 +287,14 @@ pub struct Prefill {
 }
 
 /// Where a fill stands with its key's fill lease (see `cache::fleet`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseState {
     /// None was asked for, or the entry (or its negative marker) exists.
     NotAsked,
     /// This fill holds it.
     Taken,
-    /// Another fill holds it, for at most this much longer.
-    Held(std::time::Duration),
+    /// Another fill holds it, for at most this much longer, with this token.
+    Held(std::time::Duration, String),
     /// The other instance's fill this one waited for found no row and cached nothing (no
     /// negative caching): its answer is this one's too, as for a fill joined in-process.
     NoRow,
@@ -342,14 +347,15 @@ pub(super) async fn prefill_script(
         .arg(&lease.token)
         .arg(&lease.ms);
     let reply = resp::array(inv.run(up).await?)?;
-    let [v, existing, negative, state, left]: [_; 5] = reply
+    let [v, existing, negative, state, left, holder]: [_; 6] = reply
         .try_into()
         .map_err(|_| crate::error::Error::upstream("unexpected reply from Valkey: prefill"))?;
     let lease = match resp::int(state)? {
         1 => LeaseState::Taken,
-        2 => LeaseState::Held(std::time::Duration::from_millis(
-            resp::int(left)?.max(0) as u64
-        )),
+        2 => LeaseState::Held(
+            std::time::Duration::from_millis(resp::int(left)?.max(0) as u64),
+            resp::opt_string(holder)?.unwrap_or_default(),
+        ),
         _ => LeaseState::NotAsked,
     };
     Ok(Prefill {
@@ -469,7 +475,10 @@ impl Store {
         inv.key(&lease.key)
             .arg(&lease.token)
             .arg(&self.fill_channel())
-            .arg(&Fleet::announcement(&lease.entry, no_row));
+            .arg(&Fleet::announcement(
+                &lease.entry,
+                no_row.then_some(lease.token.as_str()),
+            ));
         let released = resp::int(inv.run(self.upstream()).await?)? == 1;
         lease.mark_released();
         Ok(released)
@@ -517,7 +526,7 @@ impl Store {
         lease: Option<&FillLease>,
     ) -> Result<bool> {
         let channel = self.fill_channel();
-        let announced = lease.map(|l| Fleet::announcement(&l.entry, false));
+        let announced = lease.map(|l| Fleet::announcement(&l.entry, None));
         let release = lease
             .zip(announced.as_deref())
             .map(|(l, a)| (l, channel.as_str(), a));
