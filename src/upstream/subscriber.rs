@@ -34,10 +34,16 @@ pub enum Target {
 }
 
 impl Target {
-    fn endpoint(&self) -> Option<Endpoint> {
+    /// Where attempt number `attempt` connects: in a cluster, each attempt tries the next
+    /// node, so a node that is down is not tried forever.
+    fn endpoint(&self, attempt: usize) -> Option<Endpoint> {
         match self {
             Target::Single(ep) => Some((**ep).clone()),
-            Target::Cluster(c) => c.nodes().first().map(|n| (*n.endpoint).clone()),
+            Target::Cluster(c) => {
+                let nodes = c.nodes();
+                let node = nodes.get(attempt % nodes.len().max(1))?;
+                Some((*node.endpoint).clone())
+            }
         }
     }
 }
@@ -46,8 +52,8 @@ impl Target {
 /// aborted. Reconnects with a backoff of up to 2 s.
 pub async fn run(target: Target, channel: String, on: Arc<dyn Fn(Heard) + Send + Sync>) {
     let mut backoff = Duration::from_millis(50);
-    loop {
-        let subscribed = match target.endpoint() {
+    for attempt in 0usize.. {
+        let subscribed = match target.endpoint(attempt) {
             Some(ep) => subscribe(&ep, &channel).await,
             None => Err(Error::upstream("no cluster node known yet")),
         };
