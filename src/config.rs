@@ -245,6 +245,11 @@ pub struct CacheConfig {
     /// When a fill's query fails, answer with the last value this process filled for the key
     /// if it is at most this many seconds old (0: off — errors are errors).
     pub stale_if_error_secs: u64,
+    /// Milliseconds a fill's lease lasts: while one instance fills a key, the others sharing
+    /// its Valkey wait for that fill instead of querying too (0: each instance fills on its
+    /// own). Keep it above `postgres.statement_timeout_ms`; a dead holder's waiters fill
+    /// after it expires. See `cache::fleet`.
+    pub fill_lease_ms: u64,
 }
 
 /// Observability.
@@ -709,6 +714,7 @@ impl Default for CacheConfig {
             l1_max_bytes: 64 * 1024 * 1024,
             l1_ttl_ms: 1000,
             stale_if_error_secs: 0,
+            fill_lease_ms: 6000,
         }
     }
 }
@@ -786,6 +792,9 @@ pub fn builtin_emp_get() -> NamedQueryConfig {
 pub const MIN_LEASE_MS: u64 = 100;
 /// Longest invalidation lease: a dead holder's changes wait up to about this long.
 pub const MAX_LEASE_MS: u64 = 600_000;
+
+/// Shortest fill lease: it must outlast a fill's round trips to Valkey and a fast query.
+pub const MIN_FILL_LEASE_MS: u64 = 100;
 
 /// Sections whose keys may be overridden as `CACHEFRONT_<SECTION>_<KEY>`.
 const SECTIONS: &[&str] = &[
@@ -924,6 +933,13 @@ impl Config {
         }
         if !(self.cache.early_refresh_beta >= 0.0 && self.cache.early_refresh_beta.is_finite()) {
             return Err(invalid("cache.early_refresh_beta", "must be 0 or more"));
+        }
+        let fill_lease = self.cache.fill_lease_ms;
+        if fill_lease != 0 && !(MIN_FILL_LEASE_MS..=MAX_LEASE_MS).contains(&fill_lease) {
+            return Err(invalid(
+                "cache.fill_lease_ms",
+                format!("must be 0 (off) or between {MIN_FILL_LEASE_MS} and {MAX_LEASE_MS}"),
+            ));
         }
         let ch = &self.invalidation.channel;
         if ch.is_empty() || !ch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {

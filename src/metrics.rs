@@ -497,6 +497,18 @@ declare_metrics! {
             "Times this instance took the invalidation lease (each followed by a flush of every table)";
         /// Hot entries refreshed before expiry (XFetch).
         Counter early_refreshes: "early_refreshes", "Hot entries refreshed before expiry";
+        /// Fills that took their key's fill lease in Valkey: this instance queried for every
+        /// instance sharing the Valkey (`cache.fill_lease_ms`, see `cache::fleet`).
+        Counter fleet_fill_leases: "fleet_fill_leases",
+            "Fills that took the key's fleet-wide fill lease and queried for every instance";
+        /// Fills that found another instance filling the key and waited for it instead of
+        /// querying.
+        Counter fleet_fill_waits: "fleet_fill_waits",
+            "Fills that waited for another instance's fill of the same key";
+        /// Fills that waited for other instances' fills longer than two lease terms and
+        /// queried themselves.
+        Counter fleet_fill_wait_timeouts: "fleet_fill_wait_timeouts",
+            "Fills that gave up waiting for another instance's fill and queried themselves";
         /// Clients disconnected for holding more unread replies than
         /// `limits.client_output_buffer_limit` allows.
         Counter output_limit_disconnects: "client_output_limit_disconnects",

@@ -81,7 +81,7 @@ impl Shared {
 
     /// `SIGHUP`: applies a new configuration's named queries, TTLs, SQL settings and limits
     /// without touching connections. Settings that need a restart (listen addresses, Valkey,
-    /// PostgreSQL, TLS, metrics, invalidation, users, L1 and refresh settings) keep their
+    /// PostgreSQL, TLS, metrics, invalidation, users, L1, refresh and fill lease settings) keep their
     /// running values; their names are returned so the operator is told.
     pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, String> {
         check_config(&new).map_err(|e| e.to_string())?;
@@ -113,6 +113,7 @@ impl Shared {
         keep!(cache.l1_max_bytes, "cache.l1_max_bytes");
         keep!(cache.l1_ttl_ms, "cache.l1_ttl_ms");
         keep!(cache.stale_if_error_secs, "cache.stale_if_error_secs");
+        keep!(cache.fill_lease_ms, "cache.fill_lease_ms");
         let mut named = crate::cache::named::build(&next)?;
         crate::cache::named::keep_stats(&mut named, &self.named());
         self.invalidation.set_named(&named);
@@ -369,6 +370,7 @@ impl Server {
         let listener_task = tokio::spawn(crate::invalidation::run(self.shared.listener()));
         let replicas_task = tokio::spawn(crate::db::replicas::run(self.shared.db.clone()));
         let verify_task = tokio::spawn(self.verifier());
+        let fleet_task = self.shared.cache.start_fleet();
         if self.shared.cache.l1.enabled() {
             let l1 = Arc::clone(&self.shared.cache.l1);
             self.shared
@@ -463,6 +465,9 @@ impl Server {
             .await;
         replicas_task.abort();
         verify_task.abort();
+        if let Some(t) = fleet_task {
+            t.abort();
+        }
         // Its records hold the commands' context, which holds the cache that holds them.
         self.shared.cache.verify.clear();
         if let Some(t) = &self.metrics_task {

@@ -115,13 +115,14 @@ async fn losing_the_tracking_connection_flushes_the_l1() {
     let mut c = s.client().await;
     warm_l1(&s, &mut c, 5).await;
     assert_eq!(s.proxy.shared.cache.l1.usage().0, 1);
-    let generation = s.proxy.shared.upstream.tracking.current().0;
-    // Kill cachefront's tracking connection (the one subscribed to __redis__:invalidate).
+    let (generation, tracking_id) = s.proxy.shared.upstream.tracking.current();
+    // Kill cachefront's tracking connection (the one subscribed to __redis__:invalidate; not
+    // the one subscribed to fill announcements).
     let mut v = s.valkey_client().await;
     let killed: i64 = redis::cmd("CLIENT")
         .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
+        .arg("ID")
+        .arg(tracking_id)
         .query_async(&mut v)
         .await
         .unwrap();

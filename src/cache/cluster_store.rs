@@ -7,6 +7,8 @@
 //! - `<p>{<tag>}g:<key>` — the entry's generation, bumped by every invalidation that drops it;
 //!   `<tag>` is a short string hashing to the entry's slot, so the pair shares a slot. Kept a day.
 //! - `<p>{<tag>}n:<key>` — the negative-cache marker, in the entry's slot too.
+//! - `<p>{<tag>}f:<key>` — the entry's fill lease (`cache::fleet`), in its slot too, so the
+//!   fill's first script and its store script can take and give it up.
 //! - `<p>{d:<t>}` — entries depending on the whole table `<t>`; `<p>{k:<t>}` — row-keyed
 //!   entries on `<t>`; each with a `:pending` twin in its slot holding members being
 //!   invalidated, so an invalidation that fails halfway is finished by the next one.
@@ -24,7 +26,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock};
 
 use super::resp::{self, Cmd, Script, StaticScript};
-use super::store::{existing_value, push_value_args, value_kind, Prefill};
+use super::store::{
+    existing_value, prefill_script, push_value_args, value_kind, FillLease, LeaseState, Prefill,
+    RELEASE_FN,
+};
 use super::{Deps, Entry, Value};
 use crate::error::Result;
 use crate::upstream::cluster::{slot_of, SLOTS};
@@ -35,18 +40,25 @@ const GENERATION_TTL: u64 = 86_400;
 /// Invalidation scripts in flight at once.
 const PARALLEL: usize = 32;
 
-/// KEYS: entry, generation. ARGV: kind, ttl, generation read before the query, value…
+/// KEYS: entry, generation, fill lease. ARGV: kind, ttl, generation read before the query,
+/// lease token ('' for none), channel, announcement, value… Stored or not, gives the fill lease
+/// up (`store::RELEASE_FN`).
 const FILL_LUA: &str = r#"
-if (redis.call('GET', KEYS[2]) or '') ~= ARGV[3] then return 0 end
-local ttl = tonumber(ARGV[2])
-if ARGV[1] == 's' then
-  redis.call('SET', KEYS[1], ARGV[4], 'EX', ttl)
-else
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-  redis.call('EXPIRE', KEYS[1], ttl)
+local function store()
+  if (redis.call('GET', KEYS[2]) or '') ~= ARGV[3] then return 0 end
+  local ttl = tonumber(ARGV[2])
+  if ARGV[1] == 's' then
+    redis.call('SET', KEYS[1], ARGV[7], 'EX', ttl)
+  else
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+    redis.call('EXPIRE', KEYS[1], ttl)
+  end
+  return 1
 end
-return 1
+local stored = store()
+release(KEYS[3], ARGV[4], ARGV[5], ARGV[6], stored)
+return stored
 "#;
 
 /// KEYS: a registry. ARGV: entry key, its TTL. The registry outlives its members.
@@ -87,7 +99,7 @@ end
 return 1
 "#;
 
-static FILL: StaticScript = LazyLock::new(|| Script::new(FILL_LUA));
+static FILL: StaticScript = LazyLock::new(|| Script::new(&format!("{RELEASE_FN}{FILL_LUA}")));
 static REGISTER: StaticScript = LazyLock::new(|| Script::new(REGISTER_LUA));
 static TAKE: StaticScript = LazyLock::new(|| Script::new(TAKE_LUA));
 static DROP: StaticScript = LazyLock::new(|| Script::new(DROP_LUA));
@@ -199,6 +211,34 @@ impl ClusterStore {
         Ok(prefill)
     }
 
+    /// [`ClusterStore::prefill`], taking the entry's fill lease if the entry is absent (see
+    /// `store::PREFILL_LUA`; every key it touches is in the entry's slot).
+    pub async fn prefill_leased(
+        &self,
+        entry: &Entry,
+        hash: bool,
+        negative_key: Option<&str>,
+        lease: &FillLease,
+    ) -> Result<Prefill> {
+        let up = &*self.upstream;
+        let mut calls = Vec::new();
+        for registry in self.registries(&entry.deps) {
+            let mut inv = REGISTER.prepare();
+            inv.key(&registry).arg(&entry.key).arg(&entry.ttl.max(1));
+            calls.push(async move { resp::int(inv.run(up).await?) });
+        }
+        let registrations = futures::future::try_join_all(calls);
+        let generation = [self.generation_key(&entry.key)];
+        let read = prefill_script(up, entry, hash, negative_key, lease, &generation);
+        let (_, prefill) = futures::try_join!(registrations, read)?;
+        Ok(prefill)
+    }
+
+    /// The fill lease of `key` (see `cache::fleet`), in its slot.
+    pub fn fill_lease_key(&self, key: &str) -> String {
+        self.beside("f", key)
+    }
+
     /// The entry's generation, the entry and the negative marker, in that order in one round
     /// trip (one slot); reads only.
     pub async fn current(
@@ -222,6 +262,7 @@ impl ClusterStore {
             versions: vec![resp::opt_string(generation)?.unwrap_or_default()],
             existing: existing_value(existing, hash)?,
             negative: negative_key.is_some() && resp::int(negative)? != 0,
+            lease: LeaseState::NotAsked,
         })
     }
 
@@ -235,18 +276,34 @@ impl ClusterStore {
         &self.prefix
     }
 
-    /// Stores `value` if the entry's generation is still `versions[0]`.
-    pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {
+    /// Stores `value` if the entry's generation is still `versions[0]`. `release`: the fill
+    /// lease to give up, the channel to announce it on and the announcement.
+    pub async fn store(
+        &self,
+        entry: &Entry,
+        value: &Value,
+        versions: &[String],
+        release: Option<(&FillLease, &str, &str)>,
+    ) -> Result<bool> {
         let Some(kind) = value_kind(value) else {
             return Ok(false);
         };
         let generation = versions.first().map(String::as_str).unwrap_or_default();
         let mut inv = FILL.prepare();
-        inv.key(&entry.key)
-            .key(&self.generation_key(&entry.key))
-            .arg(kind)
+        inv.key(&entry.key).key(&self.generation_key(&entry.key));
+        let (token, channel, announced) = match release {
+            Some((l, channel, announced)) => {
+                inv.key(&l.key);
+                (l.token.as_str(), channel, announced)
+            }
+            None => ("", "", ""),
+        };
+        inv.arg(kind)
             .arg(&entry.ttl)
-            .arg(generation);
+            .arg(generation)
+            .arg(token)
+            .arg(channel)
+            .arg(announced);
         push_value_args(&mut inv, value);
         Ok(resp::int(inv.run(&self.upstream).await?)? == 1)
     }

@@ -4,6 +4,7 @@
 pub mod cluster_store;
 pub mod coalesce;
 pub mod degraded;
+pub mod fleet;
 pub mod key;
 pub mod l1;
 pub mod named;
@@ -23,7 +24,7 @@ use crate::error::Result;
 use crate::metrics::{add, inc, Metrics};
 use coalesce::Coalescer;
 use degraded::Degraded;
-use store::Store;
+use store::{FillLease, LeaseState, Prefill, Store};
 
 /// What an entry was read from, so writes there drop it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -205,6 +206,9 @@ pub struct Cache {
     pub degraded: Arc<Degraded>,
     /// The recent fills the verification sampler picks from (see [`verify`]).
     pub verify: Arc<verify::Registry>,
+    /// Fleet-wide coalescing: the fill lease and this process's waits on other instances'
+    /// fills (see [`fleet`]).
+    pub fleet: Arc<fleet::Fleet>,
 }
 
 /// How a miss should be filled.
@@ -245,7 +249,22 @@ impl Cache {
             }),
             degraded: Arc::default(),
             verify: Arc::default(),
+            fleet: Arc::new(fleet::Fleet::new(cfg.fill_lease_ms)),
         }
+    }
+
+    /// Starts listening for other instances' fills landing (the one subscribed connection
+    /// that wakes this process's waits, see [`fleet`]), if fleet-wide coalescing is on.
+    /// The caller aborts the task at shutdown.
+    pub fn start_fleet(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if !self.fleet.enabled() {
+            return None;
+        }
+        let fleet = Arc::clone(&self.fleet);
+        Some(self.store.upstream().subscribe(
+            self.store.fill_channel(),
+            Arc::new(move |heard| fleet.heard(heard)),
+        ))
     }
 
     /// Keeps recent fills for the verification sampler, within `cfg`'s bounds (without this,
@@ -358,6 +377,7 @@ impl Cache {
             stale: self.stale.clone(),
             degraded: Arc::clone(&self.degraded),
             verify: Arc::clone(&self.verify),
+            fleet: Arc::clone(&self.fleet),
         };
         let key = entry.key.clone();
         let fill = async move { ctx.fill_once(entry, opts, load).await };
@@ -474,10 +494,13 @@ struct FillCtx {
     stale: Option<moka::sync::Cache<String, Value>>,
     degraded: Arc<Degraded>,
     verify: Arc<verify::Registry>,
+    fleet: Arc<fleet::Fleet>,
 }
 
 impl FillCtx {
-    /// The fill protocol: versions, query, conditional store.
+    /// The fill protocol: versions (and the key's fill lease), query, conditional store.
+    /// A lease this fill took and no store script gave up is given up here, however the
+    /// fill ended, so other instances' waiters need not wait for it to expire.
     async fn fill_once<F, Fut>(
         self,
         entry: Entry,
@@ -491,18 +514,113 @@ impl FillCtx {
         let negative_key = opts
             .negative_ttl
             .map(|_| self.store.negative_key(&entry.key));
+        // An early refresh runs while the entry exists: nobody waits for it.
+        let lease = (self.fleet.enabled() && !opts.refresh)
+            .then(|| self.store.fill_lease(&entry.key, self.fleet.lease_ms()));
         let prefill = self
-            .store
-            .prefill(&entry, opts.hash, negative_key.as_deref())
+            .prefill(&entry, opts.hash, negative_key.as_deref(), lease.as_ref())
             .await;
+        let held = lease.filter(|_| matches!(&prefill, Ok(p) if p.lease == LeaseState::Taken));
+        if held.is_some() {
+            inc(&self.metrics.fleet_fill_leases);
+        }
+        let store = self.store.clone();
+        let result = self
+            .query_and_store(entry, opts, load, negative_key, prefill, held.as_ref())
+            .await;
+        if let Some(l) = held.filter(|l| !l.released()) {
+            // No row and nothing cached (no negative caching): the waiters' answer too.
+            let no_row = matches!(&result, Ok((Value::Absent, CacheStatus::Miss)));
+            if let Err(e) = store.release_fill_lease(&l, no_row).await {
+                tracing::debug!(error = %e, key = %l.entry, "could not give up a fill lease; it expires");
+            }
+        }
+        result
+    }
+
+    /// What a fill reads before querying, waiting while another instance holds the key's
+    /// fill lease (see [`fleet`]): until that fill lands (its entry is then returned), the
+    /// lease is gone (this fill takes it) or [`fleet::Fleet::patience`] runs out (this fill
+    /// goes on without one).
+    async fn prefill(
+        &self,
+        entry: &Entry,
+        hash: bool,
+        negative_key: Option<&str>,
+        lease: Option<&FillLease>,
+    ) -> Result<Prefill> {
+        let Some(lease) = lease else {
+            return self.store.prefill(entry, hash, negative_key).await;
+        };
+        let deadline = Instant::now() + self.fleet.patience();
+        let mut waited = false;
+        loop {
+            let mut listener = self.fleet.listen(&entry.key);
+            let patient = Instant::now() < deadline;
+            let asked = patient.then_some(lease);
+            let prefill = self
+                .store
+                .prefill_leased(entry, hash, negative_key, asked)
+                .await;
+            let (left, holder) = match &prefill {
+                Ok(Prefill {
+                    lease: LeaseState::Held(left, holder),
+                    ..
+                }) => (*left, holder.clone()),
+                _ => {
+                    if waited && !patient {
+                        inc(&self.metrics.fleet_fill_wait_timeouts);
+                    }
+                    return prefill;
+                }
+            };
+            if !waited {
+                waited = true;
+                inc(&self.metrics.fleet_fill_waits);
+            }
+            // Woken by the fill landing; else look again when the lease runs out, or
+            // after a poll in case the message was lost.
+            let until_expiry = left + Duration::from_millis(1);
+            let limit = until_expiry
+                .min(self.fleet.poll())
+                .min(deadline.saturating_duration_since(Instant::now()));
+            if listener.wait(limit).await == fleet::Wake::NoRow(holder) {
+                return prefill.map(|p| Prefill {
+                    lease: LeaseState::NoRow,
+                    ..p
+                });
+            }
+        }
+    }
+
+    /// The rest of a fill once its versions are read: the query and the conditional store
+    /// (which gives `lease` up).
+    async fn query_and_store<F, Fut>(
+        self,
+        entry: Entry,
+        opts: FillOptions,
+        load: F,
+        negative_key: Option<String>,
+        prefill: Result<Prefill>,
+        lease: Option<&FillLease>,
+    ) -> Result<(Value, CacheStatus)>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Value>> + Send + 'static,
+    {
         if let Ok(p) = &prefill {
-            // Stored by a fill that finished between this request's lookup and now.
+            // Stored by a fill that finished between this request's lookup and now (another
+            // instance's, perhaps after this one waited for it).
             if let Some(v) = p.existing.as_ref().filter(|_| !opts.refresh) {
                 inc(&self.metrics.coalesced_waits);
                 return Ok((v.clone(), CacheStatus::Coalesced));
             }
             if p.negative {
                 return Ok((Value::Absent, CacheStatus::NegativeHit));
+            }
+            if p.lease == LeaseState::NoRow {
+                inc(&self.metrics.coalesced_waits);
+                return Ok((Value::Absent, CacheStatus::Coalesced));
             }
         }
         let started = Instant::now();
@@ -557,7 +675,11 @@ impl FillCtx {
             inc(&self.metrics.stale_fill_rejections);
             return Ok((value, CacheStatus::Degraded));
         }
-        match self.store.store(&target, &stored_value, &versions).await {
+        match self
+            .store
+            .store_leased(&target, &stored_value, &versions, lease)
+            .await
+        {
             Ok(true) => {
                 inc(&self.metrics.fills);
                 let ttl_only = target.deps.tracking == Tracking::TtlOnly;

@@ -12,6 +12,8 @@
 //!   entries on the table (dropped by table-wide events). Both expire no earlier than members.
 //! - `<p>tables` — every table any entry ever depended on (flushed when notifications may
 //!   have been lost).
+//! - `<p>f:<key>` — the entry's fill lease while one instance fills it for all (see
+//!   `cache::fleet`); fills announce their end on the channel `<p>fills`.
 //!
 //! A fill reads its versions *before* querying PostgreSQL and stores only if they are unchanged;
 //! an invalidation bumps versions *before* deleting. So a fill that read old rows can never
@@ -21,6 +23,7 @@ use bytes::Bytes;
 use std::sync::{Arc, LazyLock};
 
 use super::cluster_store::ClusterStore;
+use super::fleet::Fleet;
 use super::resp::{self, Cmd, Invocation, Script, StaticScript};
 use super::{Deps, Entry, Value, Version};
 use crate::error::Result;
@@ -30,34 +33,108 @@ use crate::upstream::Upstream;
 /// first, so no entry can exist that its tables' invalidation cannot find (a refused write
 /// stops the script before the entry is stored). Meta keys of the wrong type (a client wrote
 /// them) make the fill store nothing, not fail halfway; the next invalidation repairs them.
+/// Then, stored or not, gives up the fill lease (see [`RELEASE_FN`]).
+/// KEYS: entry, versions, registry sets, fill lease. ARGV: kind, ttl, #versions,
+/// #registries, lease token ('' for none), channel, announcement, versions, value…
 const FILL_LUA: &str = r#"
 local nv = tonumber(ARGV[3])
 local nr = tonumber(ARGV[4])
-for i = 1, nv do
-  local t = redis.call('TYPE', KEYS[1 + i])['ok']
-  if t ~= 'string' and t ~= 'none' then return 0 end
-  local v = redis.call('GET', KEYS[1 + i])
-  if (v or '') ~= ARGV[4 + i] then return 0 end
+local function store()
+  for i = 1, nv do
+    local t = redis.call('TYPE', KEYS[1 + i])['ok']
+    if t ~= 'string' and t ~= 'none' then return 0 end
+    local v = redis.call('GET', KEYS[1 + i])
+    if (v or '') ~= ARGV[7 + i] then return 0 end
+  end
+  for i = 1, nr do
+    local t = redis.call('TYPE', KEYS[1 + nv + i])['ok']
+    if t ~= 'set' and t ~= 'none' then return 0 end
+  end
+  local ttl = tonumber(ARGV[2])
+  for i = 1, nr do
+    local d = KEYS[1 + nv + i]
+    redis.call('SADD', d, KEYS[1])
+    if redis.call('TTL', d) < ttl then redis.call('EXPIRE', d, ttl) end
+  end
+  local first = 8 + nv
+  if ARGV[1] == 's' then
+    redis.call('SET', KEYS[1], ARGV[first], 'EX', ttl)
+  else
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], unpack(ARGV, first))
+    redis.call('EXPIRE', KEYS[1], ttl)
+  end
+  return 1
 end
-for i = 1, nr do
-  local t = redis.call('TYPE', KEYS[1 + nv + i])['ok']
-  if t ~= 'set' and t ~= 'none' then return 0 end
+local stored = store()
+release(KEYS[2 + nv + nr], ARGV[5], ARGV[6], ARGV[7], stored)
+return stored
+"#;
+
+/// Gives up a fill lease (`cache::fleet`): deletes it if `token` still holds it, and tells
+/// the instances waiting for the entry (`PUBLISH channel announcement`) that it landed
+/// (`stored` 1) or that they may take the lease. A lease of the wrong type is never ours:
+/// left alone. No token: no lease was taken. A refused `PUBLISH` (a Valkey user without
+/// that channel) fails nothing: waiters poll.
+pub(super) const RELEASE_FN: &str = r#"
+local function release(lease, token, channel, entry, stored)
+  if token == '' then return 0 end
+  local mine = redis.pcall('GET', lease) == token
+  if mine then redis.call('DEL', lease) end
+  if mine or stored == 1 then redis.pcall('PUBLISH', channel, entry) end
+  if mine then return 1 end
+  return 0
 end
-local ttl = tonumber(ARGV[2])
-for i = 1, nr do
-  local d = KEYS[1 + nv + i]
-  redis.call('SADD', d, KEYS[1])
-  if redis.call('TTL', d) < ttl then redis.call('EXPIRE', d, ttl) end
-end
-local first = 5 + nv
-if ARGV[1] == 's' then
-  redis.call('SET', KEYS[1], ARGV[first], 'EX', ttl)
+"#;
+
+/// KEYS: the fill lease. ARGV: token, channel, announcement. Returns 1 if it was held and
+/// given up.
+const FILL_RELEASE_LUA: &str = r#"
+return release(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 0)
+"#;
+
+/// What a fill reads before querying, and its lease: the versions, the entry, the negative
+/// marker — and only if neither entry nor marker exists, the fill lease (`SET NX PX`),
+/// atomically, so an instance never takes the lease of a fill that has already landed. A
+/// lease without an expiry (not one of ours: written by hand) is taken over.
+/// KEYS: entry, negative marker (or the entry again), fill lease, versions…
+/// ARGV: 'h' (hash) or 's', '1' if KEYS[2] is a marker, token, lease ms.
+/// Returns {versions, entry, marker exists, lease state, lease ms left, holder's token};
+/// lease state: 1 taken, 2 held by another fill.
+pub(super) const PREFILL_LUA: &str = r#"
+local versions = {}
+if #KEYS >= 4 then versions = redis.call('MGET', unpack(KEYS, 4, #KEYS)) end
+local existing
+local found
+if ARGV[1] == 'h' then
+  existing = redis.call('HGETALL', KEYS[1])
+  found = #existing > 0
 else
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], unpack(ARGV, first))
-  redis.call('EXPIRE', KEYS[1], ttl)
+  existing = redis.call('GET', KEYS[1])
+  found = existing ~= false
 end
-return 1
+local negative = 0
+if ARGV[2] == '1' then negative = redis.call('EXISTS', KEYS[2]) end
+local state = 0
+local left = 0
+local holder = ''
+if not found and negative == 0 then
+  if redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then
+    state = 1
+  else
+    left = redis.call('PTTL', KEYS[3])
+    if left < 0 then
+      redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+      state = 1
+      left = 0
+    else
+      state = 2
+      holder = redis.pcall('GET', KEYS[3])
+      if type(holder) ~= 'string' then holder = '' end
+    end
+  end
+end
+return {versions, existing, negative, state, left, holder}
 "#;
 
 /// Shared by both invalidation scripts: unlink a registry set's members, then the set; bump a
@@ -154,7 +231,10 @@ end
 return 0
 "#;
 
-static FILL: StaticScript = LazyLock::new(|| Script::new(FILL_LUA));
+static FILL: StaticScript = LazyLock::new(|| Script::new(&format!("{RELEASE_FN}{FILL_LUA}")));
+static FILL_RELEASE: StaticScript =
+    LazyLock::new(|| Script::new(&format!("{RELEASE_FN}{FILL_RELEASE_LUA}")));
+pub(super) static PREFILL: StaticScript = LazyLock::new(|| Script::new(PREFILL_LUA));
 static LEASE_RENEW: StaticScript = LazyLock::new(|| Script::new(LEASE_RENEW_LUA));
 static LEASE_RELEASE: StaticScript = LazyLock::new(|| Script::new(LEASE_RELEASE_LUA));
 static INVALIDATE_TABLES: StaticScript =
@@ -202,6 +282,88 @@ pub struct Prefill {
     pub versions: Vec<String>,
     pub existing: Option<Value>,
     pub negative: bool,
+    /// The fill lease, if one was asked for ([`Store::prefill_leased`]).
+    pub lease: LeaseState,
+}
+
+/// Where a fill stands with its key's fill lease (see `cache::fleet`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseState {
+    /// None was asked for, or the entry (or its negative marker) exists.
+    NotAsked,
+    /// This fill holds it.
+    Taken,
+    /// Another fill holds it, for at most this much longer, with this token.
+    Held(std::time::Duration, String),
+    /// The other instance's fill this one waited for found no row and cached nothing (no
+    /// negative caching): its answer is this one's too, as for a fill joined in-process.
+    NoRow,
+}
+
+/// One fill's lease on its key: the lease key (beside the entry), the token naming this
+/// hold, how long it lasts, and the entry key announced when it is given up.
+#[derive(Debug)]
+pub struct FillLease {
+    pub key: String,
+    pub token: String,
+    pub ms: u64,
+    pub entry: String,
+    /// Set once a store script ran with it: that script gave it up.
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl FillLease {
+    /// Whether a store script has given the lease up already.
+    pub fn released(&self) -> bool {
+        self.released.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn mark_released(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Runs [`PREFILL_LUA`] for `entry` (its keys in one slot on a cluster): `versions` are the
+/// version keys (a cluster's generation key), `negative_key` the marker if negative caching
+/// is on.
+pub(super) async fn prefill_script(
+    up: &Upstream,
+    entry: &Entry,
+    hash: bool,
+    negative_key: Option<&str>,
+    lease: &FillLease,
+    versions: &[String],
+) -> Result<Prefill> {
+    let mut inv = PREFILL.prepare();
+    inv.key(&entry.key)
+        .key(negative_key.unwrap_or(&entry.key))
+        .key(&lease.key);
+    for v in versions {
+        inv.key(v);
+    }
+    inv.arg(if hash { "h" } else { "s" })
+        .arg(if negative_key.is_some() { "1" } else { "0" })
+        .arg(&lease.token)
+        .arg(&lease.ms);
+    let reply = resp::array(inv.run(up).await?)?;
+    let [v, existing, negative, state, left, holder]: [_; 6] = reply
+        .try_into()
+        .map_err(|_| crate::error::Error::upstream("unexpected reply from Valkey: prefill"))?;
+    let lease = match resp::int(state)? {
+        1 => LeaseState::Taken,
+        2 => LeaseState::Held(
+            std::time::Duration::from_millis(resp::int(left)?.max(0) as u64),
+            resp::opt_string(holder)?.unwrap_or_default(),
+        ),
+        _ => LeaseState::NotAsked,
+    };
+    Ok(Prefill {
+        versions: resp::versions(v)?,
+        existing: existing_value(existing, hash)?,
+        negative: negative_key.is_some() && resp::int(negative)? != 0,
+        lease,
+    })
 }
 
 /// How long a row's version outlives its last change: far longer than any fill takes.
@@ -261,6 +423,67 @@ impl Store {
         }
     }
 
+    /// [`Store::prefill`], and if the entry (and its negative marker) is absent, the fill
+    /// lease `lease` too, in the same atomic step (see `cache::fleet`).
+    pub async fn prefill_leased(
+        &self,
+        entry: &Entry,
+        hash: bool,
+        negative_key: Option<&str>,
+        lease: Option<&FillLease>,
+    ) -> Result<Prefill> {
+        let Some(lease) = lease else {
+            return self.prefill(entry, hash, negative_key).await;
+        };
+        match self {
+            Store::Single(s) => {
+                let keys = s.version_keys(&entry.deps);
+                prefill_script(&s.upstream, entry, hash, negative_key, lease, &keys).await
+            }
+            Store::Cluster(c) => c.prefill_leased(entry, hash, negative_key, lease).await,
+        }
+    }
+
+    /// A lease for one fill of `entry_key`, lasting `ms` (not taken yet).
+    pub fn fill_lease(&self, entry_key: &str, ms: u64) -> FillLease {
+        let key = match self {
+            Store::Single(s) => s.meta("f", entry_key),
+            Store::Cluster(c) => c.fill_lease_key(entry_key),
+        };
+        FillLease {
+            key,
+            token: Fleet::token(),
+            ms,
+            entry: entry_key.to_string(),
+            released: Default::default(),
+        }
+    }
+
+    /// The channel fills announce their landing on (`<prefix>fills`).
+    pub fn fill_channel(&self) -> String {
+        let prefix = match self {
+            Store::Single(s) => &s.prefix,
+            Store::Cluster(c) => c.prefix(),
+        };
+        format!("{prefix}fills")
+    }
+
+    /// Gives `lease` up if this fill still holds it, and tells the waiting instances —
+    /// `no_row`: that the fill found no row, which is their answer too (nothing is cached).
+    pub async fn release_fill_lease(&self, lease: &FillLease, no_row: bool) -> Result<bool> {
+        let mut inv = FILL_RELEASE.prepare();
+        inv.key(&lease.key)
+            .arg(&lease.token)
+            .arg(&self.fill_channel())
+            .arg(&Fleet::announcement(
+                &lease.entry,
+                no_row.then_some(lease.token.as_str()),
+            ));
+        let released = resp::int(inv.run(self.upstream()).await?)? == 1;
+        lease.mark_released();
+        Ok(released)
+    }
+
     /// What [`Store::prefill`] reads, and nothing else (a cluster's prefill also registers
     /// the entry): the entry's versions, then the entry, then the negative marker, in that
     /// order in one round trip. For the verification sampler (`cache::verify`), which must
@@ -291,10 +514,30 @@ impl Store {
     /// Stores `value` under `entry` if its versions are still `versions`. `Ok(false)` means a
     /// write raced this fill and nothing was stored.
     pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {
-        match self {
-            Store::Single(s) => s.store(entry, value, versions).await,
-            Store::Cluster(c) => c.store(entry, value, versions).await,
+        self.store_leased(entry, value, versions, None).await
+    }
+
+    /// [`Store::store`], giving up the fill `lease` in the same script (stored or not).
+    pub async fn store_leased(
+        &self,
+        entry: &Entry,
+        value: &Value,
+        versions: &[String],
+        lease: Option<&FillLease>,
+    ) -> Result<bool> {
+        let channel = self.fill_channel();
+        let announced = lease.map(|l| Fleet::announcement(&l.entry, None));
+        let release = lease
+            .zip(announced.as_deref())
+            .map(|(l, a)| (l, channel.as_str(), a));
+        let stored = match self {
+            Store::Single(s) => s.store(entry, value, versions, release).await,
+            Store::Cluster(c) => c.store(entry, value, versions, release).await,
+        }?;
+        if let (Some(l), Some(_)) = (lease, value_kind(value)) {
+            l.mark_released();
         }
+        Ok(stored)
     }
 
     /// Table-wide invalidation: drops every entry that depends on `tables`. Returns how many
@@ -352,7 +595,7 @@ impl Store {
     }
 
     /// The upstream its requests go through.
-    fn upstream(&self) -> &Arc<Upstream> {
+    pub fn upstream(&self) -> &Arc<Upstream> {
         match self {
             Store::Single(s) => &s.upstream,
             Store::Cluster(c) => c.upstream(),
@@ -547,12 +790,20 @@ impl SingleStore {
             },
             existing: existing_value(existing, hash)?,
             negative: negative_key.is_some() && resp::int(negative)? != 0,
+            lease: LeaseState::NotAsked,
         })
     }
 
     /// Stores `value` under `entry` if its versions are still `versions`. `Ok(false)` means a
-    /// write raced this fill and nothing was stored.
-    pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {
+    /// write raced this fill and nothing was stored. `release`: the fill lease to give up
+    /// and the channel to announce it on.
+    pub async fn store(
+        &self,
+        entry: &Entry,
+        value: &Value,
+        versions: &[String],
+        release: Option<(&FillLease, &str, &str)>,
+    ) -> Result<bool> {
         let Some(kind) = value_kind(value) else {
             return Ok(false);
         };
@@ -563,10 +814,20 @@ impl SingleStore {
         for k in vkeys.iter().chain(&rkeys) {
             inv.key(k);
         }
+        let (token, channel, announced) = match release {
+            Some((l, channel, announced)) => {
+                inv.key(&l.key);
+                (l.token.as_str(), channel, announced)
+            }
+            None => ("", "", ""),
+        };
         inv.arg(kind)
             .arg(&entry.ttl)
             .arg(&vkeys.len())
-            .arg(&rkeys.len());
+            .arg(&rkeys.len())
+            .arg(token)
+            .arg(channel)
+            .arg(announced);
         for v in versions {
             inv.arg(v);
         }

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod commands;
 pub mod conn;
 pub mod mux;
+pub mod subscriber;
 pub mod tracking;
 
 use bytes::Bytes;
@@ -219,6 +220,20 @@ impl Upstream {
             Arc::clone(&self.tracking),
             on_event,
         ));
+    }
+
+    /// Keeps a connection of cachefront's own subscribed to `channel` (in a cluster, on any
+    /// node) and reports what it hears to `on`, until the returned task is aborted.
+    pub fn subscribe(
+        &self,
+        channel: String,
+        on: Arc<dyn Fn(subscriber::Heard) + Send + Sync>,
+    ) -> tokio::task::JoinHandle<()> {
+        let target = match &self.cluster {
+            Some(c) => subscriber::Target::Cluster(Arc::clone(c)),
+            None => subscriber::Target::Single(Arc::clone(&self.endpoint)),
+        };
+        tokio::spawn(subscriber::run(target, channel, on))
     }
 
     /// A connection of the client's own, logged in as `login` if given (see [`conn::log_in`];
