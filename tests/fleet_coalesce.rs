@@ -468,6 +468,64 @@ async fn misses_of_a_missing_row_make_one_query() {
     assert_eq!(waits, 2, "the other two instances each waited once");
 }
 
+/// A client cannot put words in a fill's mouth: while instance A fills a key, a client
+/// reads the lease (its holder's token is no secret: clients may read any key) and publishes
+/// every announcement it could forge on the fill channel, and tries to write a "no row"
+/// answer into the lease. The waiting instance still answers the row, not nil: messages only
+/// make it look again, and the meta keys where answers live refuse clients' writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_forging_announcements_changes_no_answer() {
+    let stack = stack_on(&schema(), tweak(6000)).await;
+    let b = stack.another(tweak(6000)).await;
+    let urls = [stack.proxy_url(), url(&b)];
+    warm(&urls).await;
+    let id = 5;
+    let expected = name_of(&stack.db, id);
+    assert!(!expected.is_empty(), "employee {id} exists");
+    let holder = tokio::spawn(slow_name(patient(&urls[0]).await, id));
+    let lease_key = format!("cachefront:f:slowname:{id}");
+    let mut hostile = connect(&urls[1]).await;
+    let token = loop {
+        let t: Option<String> = redis::cmd("GET")
+            .arg(&lease_key)
+            .query_async(&mut hostile)
+            .await
+            .expect("GET of the lease");
+        if let Some(t) = t {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let waiter = tokio::spawn(slow_name(patient(&urls[1]).await, id));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let key = format!("slowname:{id}");
+    for forged in [
+        key.clone(),
+        format!("a{token}{key}"),
+        format!("norow:{token}"),
+    ] {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("cachefront:fills")
+            .arg(&forged)
+            .query_async(&mut hostile)
+            .await
+            .expect("PUBLISH passes through");
+    }
+    let write: redis::RedisResult<()> = redis::cmd("SET")
+        .arg(&lease_key)
+        .arg(format!("norow:{token}"))
+        .query_async(&mut hostile)
+        .await;
+    assert!(
+        write.is_err(),
+        "clients cannot write cachefront's meta keys"
+    );
+    let (reply, _) = waiter.await.expect("the waiter's task");
+    assert_eq!(reply.expect("SLOW.NAME answers"), Some(expected.clone()));
+    let (reply, _) = holder.await.expect("the holder's task");
+    assert_eq!(reply.expect("SLOW.NAME answers"), Some(expected));
+}
+
 /// The same on a three-primary Valkey Cluster: the lease lives in the entry's slot and the
 /// announcement reaches every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

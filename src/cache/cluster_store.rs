@@ -218,7 +218,7 @@ impl ClusterStore {
         entry: &Entry,
         hash: bool,
         negative_key: Option<&str>,
-        lease: &FillLease,
+        lease: (&FillLease, &str),
     ) -> Result<Prefill> {
         let up = &*self.upstream;
         let mut calls = Vec::new();

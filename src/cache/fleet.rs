@@ -8,12 +8,15 @@
 //! - the holder queries PostgreSQL as before; its store script (versions checked as always)
 //!   deletes the lease if it still holds it and `PUBLISH`es the entry key on
 //!   `<prefix>fills`. A fill that stores nothing (it failed, was refused as stale, found no
-//!   row to cache) releases the lease the same way, so waiters retry at once;
+//!   row to cache) releases the lease the same way, so waiters retry at once — one that found
+//!   no row leaves `norow:<its token>` in the lease, which is the answer of the waiters that
+//!   saw that token holding it (as for a fill joined in-process), and nobody else's;
 //! - an instance finding the lease held waits: woken by that message (one subscribed
 //!   connection per process dispatches it to the waiting key), or at the latest when the
 //!   lease's remaining time runs out or every [`Fleet::poll`] (a lost message costs latency,
-//!   nothing else). Then it runs the same step again: the entry is there (answered, no
-//!   query), or the lease is gone without one (the holder died and its lease expired, or its
+//!   nothing else; the message only ever means "look again", so one a client publishes costs
+//!   a look, never an answer). Then it runs the same step again: the entry is there
+//!   (answered, no query), or the lease is gone without one (the holder died and its lease expired, or its
 //!   fill stored nothing) and it takes the lease and fills itself.
 //!
 //! A waiter gives up waiting after two lease terms ([`Fleet::patience`]: the holder's, and
@@ -29,27 +32,13 @@ use tokio::sync::watch;
 
 use crate::upstream::subscriber::Heard;
 
-/// Length of a lease token ([`Fleet::token`]).
-const TOKEN_LEN: usize = 32;
-
-/// What woke a wait for a key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Wake {
-    /// The fill landed, or its lease was given up, or a message may have been lost: look in
-    /// Valkey again.
-    Look,
-    /// The fill of the lease holder with this token found no row and cached nothing
-    /// (negative caching off): that is the answer of whoever waited for that holder.
-    NoRow(String),
-}
-
 /// Fleet-wide fill coalescing of one process: its lease length and the keys it waits on.
 #[derive(Debug)]
 pub struct Fleet {
     /// `cache.fill_lease_ms`; zero: off.
     lease: Duration,
-    /// Keys this process waits on, each with the last thing heard about its fill.
-    waiting: Mutex<HashMap<String, watch::Sender<Wake>>>,
+    /// Keys this process waits on, each with a channel woken when something is heard of it.
+    waiting: Mutex<HashMap<String, watch::Sender<()>>>,
 }
 
 impl Fleet {
@@ -89,32 +78,14 @@ impl Fleet {
         format!("{:032x}", rand::thread_rng().gen::<u128>())
     }
 
-    /// The message announcing that the fill of `entry` holding the lease `token` ended (see
-    /// [`Wake`]): `l<entry>` (look again), or `a<token><entry>` (no row). "No row" names the
-    /// holder, so a waiter takes it only from the fill it waited for — never from another
-    /// instance's older fill, or a message a client published by hand.
-    pub fn announcement(entry: &str, no_row: Option<&str>) -> String {
-        match no_row {
-            Some(token) => format!("a{token}{entry}"),
-            None => format!("l{entry}"),
-        }
+    /// The message announcing that a fill of `entry` ended: the entry key. It only ever means
+    /// "look again" — what a waiter then answers comes from Valkey's meta keys, which clients
+    /// cannot write, so a message a client publishes on the channel costs a look, nothing else.
+    pub fn announcement(entry: &str) -> String {
+        entry.to_string()
     }
 
-    /// The key and what to do, from an announcement.
-    fn parse(announcement: &[u8]) -> Option<(&str, Wake)> {
-        let text = std::str::from_utf8(announcement).ok()?;
-        let (kind, rest) = text.split_at_checked(1)?;
-        match kind {
-            "l" => Some((rest, Wake::Look)),
-            "a" => {
-                let (token, key) = rest.split_at_checked(TOKEN_LEN)?;
-                Some((key, Wake::NoRow(token.to_string())))
-            }
-            _ => None,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Wake>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<()>>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -124,7 +95,7 @@ impl Fleet {
         let rx = self
             .lock()
             .entry(key.to_string())
-            .or_insert_with(|| watch::channel(Wake::Look).0)
+            .or_insert_with(|| watch::channel(()).0)
             .subscribe();
         Listener {
             fleet: Arc::clone(self),
@@ -139,16 +110,14 @@ impl Fleet {
         let map = self.lock();
         match heard {
             Heard::Message(announcement) => {
-                let Some((key, wake)) = Self::parse(&announcement) else {
-                    return;
-                };
-                if let Some(tx) = map.get(key) {
-                    tx.send_replace(wake);
+                let key = std::str::from_utf8(&announcement).ok();
+                if let Some(tx) = key.and_then(|k| map.get(k)) {
+                    tx.send_replace(());
                 }
             }
             Heard::Subscribed => {
                 for tx in map.values() {
-                    tx.send_replace(Wake::Look);
+                    tx.send_replace(());
                 }
             }
         }
@@ -164,16 +133,15 @@ impl Fleet {
 pub struct Listener {
     fleet: Arc<Fleet>,
     key: String,
-    rx: watch::Receiver<Wake>,
+    rx: watch::Receiver<()>,
 }
 
 impl Listener {
-    /// Returns what was heard of the key's fill since [`Fleet::listen`] (or the last wait),
-    /// waiting at most `limit` for it (then [`Wake::Look`]).
-    pub async fn wait(&mut self, limit: Duration) -> Wake {
-        match tokio::time::timeout(limit, self.rx.changed()).await {
-            Ok(Ok(())) => self.rx.borrow_and_update().clone(),
-            _ => Wake::Look,
+    /// Returns once something was heard of the key's fill since [`Fleet::listen`] (or the
+    /// last wait), or after `limit`: either way, the caller looks in Valkey again.
+    pub async fn wait(&mut self, limit: Duration) {
+        if let Ok(Ok(())) = tokio::time::timeout(limit, self.rx.changed()).await {
+            self.rx.borrow_and_update();
         }
     }
 }
@@ -201,28 +169,27 @@ mod tests {
     async fn a_message_for_the_key_wakes_its_listener_even_if_it_came_first() {
         let f = Arc::new(Fleet::new(5000));
         let mut l = f.listen("employee:1");
-        let token = Fleet::token();
-        let heard = |key: &str, no_row: Option<&str>| {
-            let a = Fleet::announcement(key, no_row);
-            f.heard(Heard::Message(Bytes::from(a)));
-        };
-        heard("employee:2", None);
-        heard("employee:1", Some(&token));
+        let heard = |key: &str| f.heard(Heard::Message(Bytes::from(Fleet::announcement(key))));
+        heard("employee:2");
         let t = Instant::now();
-        assert_eq!(l.wait(Duration::from_secs(5)).await, Wake::NoRow(token));
+        l.wait(Duration::from_millis(50)).await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "not its key: waits"
+        );
+        heard("employee:1");
+        let t = Instant::now();
+        l.wait(Duration::from_secs(5)).await;
         assert!(t.elapsed() < Duration::from_secs(1), "woken at once");
         let t = Instant::now();
-        assert_eq!(l.wait(Duration::from_millis(50)).await, Wake::Look);
+        l.wait(Duration::from_millis(50)).await;
         assert!(
             t.elapsed() >= Duration::from_millis(50),
             "nothing new: waits"
         );
-        // Not announcements: ignored.
-        f.heard(Heard::Message(Bytes::from_static(b"?employee:1")));
-        f.heard(Heard::Message(Bytes::from_static(b"ashort")));
         f.heard(Heard::Subscribed);
         let t = Instant::now();
-        assert_eq!(l.wait(Duration::from_secs(5)).await, Wake::Look);
+        l.wait(Duration::from_secs(5)).await;
         assert!(
             t.elapsed() < Duration::from_secs(1),
             "a resubscription wakes all"

@@ -554,10 +554,12 @@ impl FillCtx {
         };
         let deadline = Instant::now() + self.fleet.patience();
         let mut waited = false;
+        // The holder last seen: if its fill found no row, that is this fill's answer too.
+        let mut waited_for = String::new();
         loop {
             let mut listener = self.fleet.listen(&entry.key);
             let patient = Instant::now() < deadline;
-            let asked = patient.then_some(lease);
+            let asked = patient.then_some((lease, waited_for.as_str()));
             let prefill = self
                 .store
                 .prefill_leased(entry, hash, negative_key, asked)
@@ -584,12 +586,8 @@ impl FillCtx {
             let limit = until_expiry
                 .min(self.fleet.poll())
                 .min(deadline.saturating_duration_since(Instant::now()));
-            if listener.wait(limit).await == fleet::Wake::NoRow(holder) {
-                return prefill.map(|p| Prefill {
-                    lease: LeaseState::NoRow,
-                    ..p
-                });
-            }
+            listener.wait(limit).await;
+            waited_for = holder;
         }
     }
 

@@ -67,40 +67,53 @@ local function store()
   return 1
 end
 local stored = store()
-release(KEYS[2 + nv + nr], ARGV[5], ARGV[6], ARGV[7], stored)
+release(KEYS[2 + nv + nr], ARGV[5], ARGV[6], ARGV[7], stored, 0)
 return stored
 "#;
 
-/// Gives up a fill lease (`cache::fleet`): deletes it if `token` still holds it, and tells
-/// the instances waiting for the entry (`PUBLISH channel announcement`) that it landed
-/// (`stored` 1) or that they may take the lease. A lease of the wrong type is never ours:
-/// left alone. No token: no lease was taken. A refused `PUBLISH` (a Valkey user without
-/// that channel) fails nothing: waiters poll.
+/// Gives up a fill lease (`cache::fleet`) if `token` still holds it, and tells the instances
+/// waiting for the entry (`PUBLISH channel announcement`) to look again: it landed (`stored`
+/// 1), or they may take the lease. A fill that found no row (`no_row_ms` > 0) leaves
+/// `norow:<token>` in the lease for that long instead: a waiter that saw this token holding
+/// the lease takes that as its answer too (`PREFILL_LUA`). The answer lives in a meta key,
+/// which clients cannot write; the message only says "look", so a client publishing on the
+/// channel can cost a look, never an answer. A lease of the wrong type is never ours: left
+/// alone. No token: no lease was taken. A refused `PUBLISH` (a Valkey user without that
+/// channel) fails nothing: waiters poll.
 pub(super) const RELEASE_FN: &str = r#"
-local function release(lease, token, channel, entry, stored)
+local function release(lease, token, channel, entry, stored, no_row_ms)
   if token == '' then return 0 end
   local mine = redis.pcall('GET', lease) == token
-  if mine then redis.call('DEL', lease) end
+  if mine then
+    if no_row_ms > 0 then
+      redis.call('SET', lease, 'norow:' .. token, 'PX', no_row_ms)
+    else
+      redis.call('DEL', lease)
+    end
+  end
   if mine or stored == 1 then redis.pcall('PUBLISH', channel, entry) end
   if mine then return 1 end
   return 0
 end
 "#;
 
-/// KEYS: the fill lease. ARGV: token, channel, announcement. Returns 1 if it was held and
-/// given up.
+/// KEYS: the fill lease. ARGV: token, channel, announcement, ms to keep a no-row answer (0:
+/// none). Returns 1 if it was held and given up.
 const FILL_RELEASE_LUA: &str = r#"
-return release(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 0)
+return release(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 0, tonumber(ARGV[4]))
 "#;
 
 /// What a fill reads before querying, and its lease: the versions, the entry, the negative
 /// marker — and only if neither entry nor marker exists, the fill lease (`SET NX PX`),
 /// atomically, so an instance never takes the lease of a fill that has already landed. A
 /// lease without an expiry (not one of ours: written by hand) is taken over.
+/// A lease holding `norow:<t>` is a finished fill's no-row answer (see [`RELEASE_FN`]): the
+/// answer of a fill that waited for holder `t` (ARGV[5]); anyone else takes the lease over.
 /// KEYS: entry, negative marker (or the entry again), fill lease, versions…
-/// ARGV: 'h' (hash) or 's', '1' if KEYS[2] is a marker, token, lease ms.
+/// ARGV: 'h' (hash) or 's', '1' if KEYS[2] is a marker, token, lease ms, the holder waited
+/// for ('' for none).
 /// Returns {versions, entry, marker exists, lease state, lease ms left, holder's token};
-/// lease state: 1 taken, 2 held by another fill.
+/// lease state: 1 taken, 2 held by another fill, 3 that holder found no row.
 pub(super) const PREFILL_LUA: &str = r#"
 local versions = {}
 if #KEYS >= 4 then versions = redis.call('MGET', unpack(KEYS, 4, #KEYS)) end
@@ -119,7 +132,12 @@ local state = 0
 local left = 0
 local holder = ''
 if not found and negative == 0 then
-  if redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then
+  local current = redis.pcall('GET', KEYS[3])
+  local no_row = type(current) == 'string' and string.sub(current, 1, 6) == 'norow:'
+  if no_row and ARGV[5] ~= '' and current == 'norow:' .. ARGV[5] then
+    state = 3
+  elseif no_row or redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then
+    if no_row then redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4]) end
     state = 1
   else
     left = redis.call('PTTL', KEYS[3])
@@ -332,7 +350,7 @@ pub(super) async fn prefill_script(
     entry: &Entry,
     hash: bool,
     negative_key: Option<&str>,
-    lease: &FillLease,
+    (lease, waited_for): (&FillLease, &str),
     versions: &[String],
 ) -> Result<Prefill> {
     let mut inv = PREFILL.prepare();
@@ -345,7 +363,8 @@ pub(super) async fn prefill_script(
     inv.arg(if hash { "h" } else { "s" })
         .arg(if negative_key.is_some() { "1" } else { "0" })
         .arg(&lease.token)
-        .arg(&lease.ms);
+        .arg(&lease.ms)
+        .arg(waited_for);
     let reply = resp::array(inv.run(up).await?)?;
     let [v, existing, negative, state, left, holder]: [_; 6] = reply
         .try_into()
@@ -356,6 +375,7 @@ pub(super) async fn prefill_script(
             std::time::Duration::from_millis(resp::int(left)?.max(0) as u64),
             resp::opt_string(holder)?.unwrap_or_default(),
         ),
+        3 => LeaseState::NoRow,
         _ => LeaseState::NotAsked,
     };
     Ok(Prefill {
@@ -424,13 +444,14 @@ impl Store {
     }
 
     /// [`Store::prefill`], and if the entry (and its negative marker) is absent, the fill
-    /// lease `lease` too, in the same atomic step (see `cache::fleet`).
+    /// lease `lease` too, in the same atomic step (see `cache::fleet`). `waited_for`: the
+    /// token of the holder this fill waited for, whose no-row answer is this fill's too.
     pub async fn prefill_leased(
         &self,
         entry: &Entry,
         hash: bool,
         negative_key: Option<&str>,
-        lease: Option<&FillLease>,
+        lease: Option<(&FillLease, &str)>,
     ) -> Result<Prefill> {
         let Some(lease) = lease else {
             return self.prefill(entry, hash, negative_key).await;
@@ -468,17 +489,16 @@ impl Store {
         format!("{prefix}fills")
     }
 
-    /// Gives `lease` up if this fill still holds it, and tells the waiting instances —
-    /// `no_row`: that the fill found no row, which is their answer too (nothing is cached).
+    /// Gives `lease` up if this fill still holds it, and tells the waiting instances to look
+    /// again — `no_row`: the fill found no row, which is the answer of those that waited for
+    /// it too (nothing is cached); kept in the lease for one lease term.
     pub async fn release_fill_lease(&self, lease: &FillLease, no_row: bool) -> Result<bool> {
         let mut inv = FILL_RELEASE.prepare();
         inv.key(&lease.key)
             .arg(&lease.token)
             .arg(&self.fill_channel())
-            .arg(&Fleet::announcement(
-                &lease.entry,
-                no_row.then_some(lease.token.as_str()),
-            ));
+            .arg(&Fleet::announcement(&lease.entry))
+            .arg(&if no_row { lease.ms } else { 0 });
         let released = resp::int(inv.run(self.upstream()).await?)? == 1;
         lease.mark_released();
         Ok(released)
@@ -526,7 +546,7 @@ impl Store {
         lease: Option<&FillLease>,
     ) -> Result<bool> {
         let channel = self.fill_channel();
-        let announced = lease.map(|l| Fleet::announcement(&l.entry, None));
+        let announced = lease.map(|l| Fleet::announcement(&l.entry));
         let release = lease
             .zip(announced.as_deref())
             .map(|(l, a)| (l, channel.as_str(), a));
