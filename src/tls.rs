@@ -255,6 +255,21 @@ impl UpstreamTls {
     }
 }
 
+impl UpstreamTls {
+    /// The same trust (CA, verification on or off) for another server of a cluster: its
+    /// certificate must carry `host`, the name or address the slot map (or a redirect) gave for
+    /// it, which is also sent as SNI unless it is an IP address. A host that is no valid TLS
+    /// name keeps the configured name (the handshake then says whether it fits).
+    pub fn for_host(&self, host: &str) -> UpstreamTls {
+        let server_name =
+            ServerName::try_from(host.to_string()).unwrap_or_else(|_| self.server_name.clone());
+        UpstreamTls {
+            server_name,
+            ..self.clone()
+        }
+    }
+}
+
 /// The operating system's trusted CAs (as the `redis` crate uses them too).
 fn system_roots() -> Result<RootCertStore, ConfigError> {
     let found = rustls_native_certs::load_native_certs();

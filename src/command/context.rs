@@ -110,7 +110,9 @@ impl Context {
     /// servers. Needs a Tokio runtime (the shared connections' tasks start idle).
     pub fn new(config: Config) -> Result<Context, String> {
         let metrics = Arc::new(Metrics::default());
-        let upstream = Arc::new(Upstream::new(&config.valkey).map_err(|e| e.to_string())?);
+        let upstream = Arc::new(
+            Upstream::new(&config.valkey, Arc::clone(&metrics)).map_err(|e| e.to_string())?,
+        );
         let store =
             crate::cache::store::Store::new(Arc::clone(&upstream), &config.cache.meta_prefix);
         let named = crate::cache::named::build(&config)?;

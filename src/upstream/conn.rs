@@ -24,14 +24,28 @@ pub struct Endpoint {
     pub command_timeout: Duration,
     /// TLS settings, for a `rediss://` URL.
     pub tls: Option<UpstreamTls>,
+    /// A cluster replica serving reads: the handshake sends `READONLY`, so the replica answers
+    /// reads of its primary's slots instead of redirecting them.
+    pub readonly: bool,
 }
 
 impl Endpoint {
-    /// The same login and timeouts at another node of a cluster.
+    /// The same login, timeouts and TLS trust at another node of a cluster; with TLS, that
+    /// node's certificate must name the host in `addr` (see [`UpstreamTls::for_host`]).
     pub fn at(&self, addr: &str) -> Endpoint {
         Endpoint {
             addr: addr.to_string(),
+            tls: self.tls.as_ref().map(|t| t.for_host(host_of(addr))),
+            readonly: false,
             ..self.clone()
+        }
+    }
+
+    /// [`at`](Self::at) a replica, for reads (`READONLY` in the handshake).
+    pub fn replica_at(&self, addr: &str) -> Endpoint {
+        Endpoint {
+            readonly: true,
+            ..self.at(addr)
         }
     }
 
@@ -58,8 +72,15 @@ impl Endpoint {
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             command_timeout: Duration::from_millis(cfg.command_timeout_ms),
             tls,
+            readonly: false,
         })
     }
+}
+
+/// The host of `host:port` (an IPv6 address without its brackets).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// A connection after the handshake.
@@ -184,8 +205,9 @@ async fn connect_inner(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
     Ok(conn)
 }
 
-/// `HELLO <proto> [AUTH …]`, then `SELECT` if the URL names a database: what puts a fresh (or
-/// just `RESET`) connection into the state cachefront expects.
+/// `HELLO <proto> [AUTH …]`, then `SELECT` if the URL names a database, and `READONLY` for a
+/// replica serving reads: what puts a fresh (or just `RESET`) connection into the state
+/// cachefront expects.
 fn handshake(ep: &Endpoint, proto: Proto) -> BytesMut {
     let mut hello: Vec<Bytes> = vec![
         Bytes::from_static(b"HELLO"),
@@ -206,6 +228,9 @@ fn handshake(ep: &Endpoint, proto: Proto) -> BytesMut {
             Bytes::from(ep.db.to_string()),
         ]));
     }
+    if ep.readonly {
+        out.extend_from_slice(b"*1\r\n$8\r\nREADONLY\r\n");
+    }
     out
 }
 
@@ -221,6 +246,16 @@ async fn read_handshake(conn: &mut RawConn, ep: &Endpoint) -> Result<()> {
             return Err(Error::upstream(format!(
                 "SELECT {} refused by Valkey: {}",
                 ep.db,
+                String::from_utf8_lossy(&r).trim()
+            )));
+        }
+    }
+    if ep.readonly {
+        let r = conn.read_frame().await?;
+        if r.first() == Some(&b'-') {
+            return Err(Error::upstream(format!(
+                "READONLY refused by the replica at {}: {}",
+                ep.addr,
                 String::from_utf8_lossy(&r).trim()
             )));
         }
