@@ -1162,6 +1162,33 @@ mod tests {
     }
 
     #[test]
+    fn slot_ranges_carry_their_replicas() {
+        let raw = b"*2\r\n\
+*4\r\n:0\r\n:99\r\n*3\r\n$9\r\n127.0.0.1\r\n:7000\r\n$2\r\nid\r\n\
+*3\r\n$0\r\n\r\n:7003\r\n$2\r\nid\r\n\
+*3\r\n:100\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n:7001\r\n$2\r\nid\r\n";
+        let ranges = parse_slots(raw, "10.0.0.9").unwrap();
+        assert_eq!(
+            ranges,
+            [
+                SlotRange {
+                    from: 0,
+                    to: 99,
+                    primary: "127.0.0.1:7000".into(),
+                    // An empty host: the node that answered.
+                    replicas: vec!["10.0.0.9:7003".into()],
+                },
+                SlotRange {
+                    from: 100,
+                    to: 16383,
+                    primary: "127.0.0.1:7001".into(),
+                    replicas: vec![],
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn redirects_parse() {
         use super::super::mux::parse_redirect;
         assert_eq!(
