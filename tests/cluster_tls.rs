@@ -309,7 +309,61 @@ async fn a_tls_cluster_with_replicas() {
     assert!(reply.starts_with("-UPSTREAM"), "{reply}");
     assert!(reply.contains("certificate"), "{reply}");
 
-    // 9. A replica dies: its reads fall back to the primary, and every read still answers.
+    // 9. Nodes announced by name (`cluster-preferred-endpoint-type hostname`): each node's
+    // certificate is checked for that name (sent as SNI), reads still reach the replicas.
+    for n in &t.cluster.nodes {
+        direct(
+            n,
+            &["CONFIG", "SET", "cluster-announce-hostname", "localhost"],
+        );
+        direct(
+            n,
+            &[
+                "CONFIG",
+                "SET",
+                "cluster-preferred-endpoint-type",
+                "hostname",
+            ],
+        );
+    }
+    t.cluster.wait_slots_named("localhost");
+    let by_name = {
+        let seed = format!("rediss://localhost:{}", t.stunnels[1].port());
+        let mut cfg = Config {
+            listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        };
+        cfg.valkey.url = seed.clone();
+        cfg.valkey.cluster = vec![seed];
+        cfg.valkey.tls_ca_file = t.pki.ca.display().to_string();
+        cfg.valkey.read_from_replicas = true;
+        cfg.postgres.url = t.db.url();
+        cfg.validate().expect("valid config");
+        cachefront::server::spawn(cfg)
+            .await
+            .expect("cachefront starts")
+    };
+    let mut n = Raw::connect(by_name.addr.port()).await;
+    t.reset_stats();
+    for i in (0..KEYS).step_by(10) {
+        let want = if i == 7 {
+            "new".to_string()
+        } else {
+            format!("v{i}")
+        };
+        assert_eq!(
+            q(&mut n, &format!("GET k:{i}")).await,
+            format!("${}\r\n{want}", want.len())
+        );
+    }
+    assert_eq!(q(&mut n, "SET named x").await, "+OK");
+    assert_eq!(sum_calls(t.cluster.replicas(), "get"), (KEYS / 10) as u64);
+    assert_eq!(
+        stat(&mut n, "cluster_replica_reads").await,
+        (KEYS / 10) as u64
+    );
+
+    // 10. A replica dies: its reads fall back to the primary, and every read still answers.
     let mut cluster = t.cluster;
     let dead = cluster.primaries + idx;
     tokio::task::block_in_place(|| cluster.nodes[dead].kill());

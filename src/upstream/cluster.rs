@@ -414,11 +414,12 @@ impl Cluster {
         }
     }
 
-    /// Sends a read to `replica`; if the replica fails it (no connection, no answer in time),
-    /// the replica is passed over for [`REPLICA_RETRY`] and the read goes to `primary`, so a
-    /// dead replica costs a client one slower read, not an error. (Read-only commands can be
-    /// sent twice.) A `-MOVED` from the replica — the slot moved — is followed like any other:
-    /// to the new primary, with a refresh of the map.
+    /// Sends a read to `replica`; if the replica fails it (no connection, no answer in time,
+    /// or an answer saying it cannot serve: see [`replica_cannot_serve`]), the replica is
+    /// passed over for [`REPLICA_RETRY`] and the read goes to `primary`, so a dead replica
+    /// costs a client one slower read, not an error. (Read-only commands can be sent twice.)
+    /// A `-MOVED` from the replica — the slot moved — is followed like any other: to the new
+    /// primary, with a refresh of the map.
     fn read_on_replica(
         &self,
         replica: &Arc<Node>,
@@ -435,13 +436,23 @@ impl Cluster {
         let (budget, metrics) = (budget.cloned(), Arc::clone(&self.metrics));
         tokio::spawn(async move {
             let reply = match await_reply(first).await {
-                Ok(frame) => {
+                Ok(frame) if !replica_cannot_serve(&frame) => {
                     inc(&metrics.cluster_replica_reads);
                     Ok(frame)
                 }
                 Err(e) if e == super::mux::over_limit() => Err(e),
-                Err(e) => {
-                    tracing::warn!(replica = %replica.addr, error = %e, "a replica failed a read; the primary answers");
+                failed => {
+                    let why = match &failed {
+                        Ok(frame) => {
+                            // Not for the client: the primary's answer replaces it.
+                            if let Some(b) = &budget {
+                                b.release(frame.len());
+                            }
+                            String::from_utf8_lossy(frame).trim().to_string()
+                        }
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(replica = %replica.addr, error = %why, "a replica failed a read; the primary answers");
                     replica.mark_failed();
                     inc(&metrics.cluster_replica_fallbacks);
                     let again =
@@ -764,6 +775,13 @@ impl Cluster {
             }
         });
     }
+}
+
+/// A replica's reply saying it cannot serve reads now — still loading a full sync
+/// (`-LOADING`), or cut off from its primary with `replica-serve-stale-data no`
+/// (`-MASTERDOWN`): the primary answers instead.
+fn replica_cannot_serve(frame: &[u8]) -> bool {
+    frame.starts_with(b"-LOADING") || frame.starts_with(b"-MASTERDOWN")
 }
 
 /// Queues the request on every primary now, and combines their replies on a task.
@@ -1159,6 +1177,18 @@ mod tests {
         let (c, keys) = split_scan_reply(&r).unwrap();
         assert_eq!(c, 17);
         assert_eq!(keys, b"*1\r\n$1\r\nk\r\n");
+    }
+
+    #[test]
+    fn replicas_that_cannot_serve_are_recognised() {
+        assert!(replica_cannot_serve(
+            b"-LOADING Valkey is loading the dataset in memory\r\n"
+        ));
+        assert!(replica_cannot_serve(b"-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n"));
+        assert!(!replica_cannot_serve(b"$-1\r\n"));
+        assert!(!replica_cannot_serve(
+            b"-WRONGTYPE Operation against a key\r\n"
+        ));
     }
 
     #[test]

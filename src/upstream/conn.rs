@@ -390,3 +390,36 @@ fn parse_hello(frame: &[u8]) -> Result<(i64, String)> {
     let id = get("id").and_then(|s| s.parse().ok()).unwrap_or(0);
     Ok((id, get("version").unwrap_or_default()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each node of a cluster is checked for its own name, with the same trust settings.
+    #[test]
+    fn every_node_is_checked_for_its_own_name() {
+        let cfg = ValkeyConfig {
+            url: "rediss://seed.example:6380".into(),
+            tls_insecure: true,
+            ..ValkeyConfig::default()
+        };
+        let base = Endpoint::from_config(&cfg).unwrap();
+        let name = |ep: &Endpoint| {
+            let tls = ep.tls.as_ref().unwrap();
+            assert!(tls.insecure, "trust settings carried over");
+            format!("{:?}", tls.server_name)
+        };
+        assert!(name(&base).contains("seed.example"), "{}", name(&base));
+        let node = base.at("node-2.example:6380");
+        assert!(name(&node).contains("node-2.example"), "{}", name(&node));
+        assert!(!node.readonly);
+        let ip = base.replica_at("10.0.0.3:6380");
+        assert!(name(&ip).contains("[10, 0, 0, 3]"), "{}", name(&ip));
+        assert!(ip.readonly);
+        let v6 = base.at("[::1]:6380");
+        assert!(name(&v6).starts_with("IpAddress(V6"), "{}", name(&v6));
+        // Without TLS nothing changes but the address.
+        let plain = Endpoint::from_config(&ValkeyConfig::default()).unwrap();
+        assert!(plain.at("h:1").tls.is_none());
+    }
+}

@@ -137,6 +137,18 @@ impl ValkeyCluster {
         });
     }
 
+    /// Waits until every node's `CLUSTER SLOTS` names every node `host`.
+    pub fn wait_slots_named(&self, host: &str) {
+        self.wait_slots(&format!("nodes named {host}"), |ranges| {
+            ranges.iter().flat_map(|r| &r[2..]).all(|n| match n {
+                redis::Value::Array(f) => {
+                    matches!(f.first(), Some(redis::Value::BulkString(h)) if h == host.as_bytes())
+                }
+                _ => false,
+            })
+        });
+    }
+
     /// Waits (≤ 30 s) until `ok` holds for the `CLUSTER SLOTS` ranges of every node.
     fn wait_slots(&self, what: &str, ok: impl Fn(&[Vec<redis::Value>]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
