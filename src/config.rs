@@ -153,6 +153,11 @@ pub struct ValkeyConfig {
     /// With `rediss://`: accept any certificate from Valkey (no verification at all). For
     /// tests only; logged as a warning at start.
     pub tls_insecure: bool,
+    /// With `rediss://`: PEM certificate (chain) cachefront presents to Valkey, for servers
+    /// that require client certificates (mutual TLS); with `tls_key_file`. Empty: none.
+    pub tls_cert_file: String,
+    /// The private key of `tls_cert_file` (PEM).
+    pub tls_key_file: String,
     /// `host:port` of some nodes of a Valkey Cluster (any few: the rest are discovered). Set,
     /// it makes the upstream a cluster: requests route by hash slot; `url` then only supplies
     /// the login (and, with `rediss://`, TLS to every node). Empty: a single Valkey at `url`.
@@ -699,6 +704,8 @@ impl Default for ValkeyConfig {
             command_timeout_ms: 5000,
             tls_ca_file: String::new(),
             tls_insecure: false,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
             cluster: Vec::new(),
             read_from_replicas: false,
         }
@@ -1061,8 +1068,27 @@ impl Config {
                     "set, but valkey.url is not a rediss:// (TLS) URL",
                 ));
             }
+            if !self.valkey.tls_cert_file.is_empty() {
+                return Err(invalid(
+                    "valkey.tls_cert_file",
+                    "set, but valkey.url is not a rediss:// (TLS) URL",
+                ));
+            }
         }
-        Ok(())
+        match (
+            self.valkey.tls_cert_file.is_empty(),
+            self.valkey.tls_key_file.is_empty(),
+        ) {
+            (false, true) => Err(invalid(
+                "valkey.tls_key_file",
+                "must be set with valkey.tls_cert_file",
+            )),
+            (true, false) => Err(invalid(
+                "valkey.tls_cert_file",
+                "must be set with valkey.tls_key_file",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The named queries in force: those declared, plus the built-in `EMP.GET` unless redefined.

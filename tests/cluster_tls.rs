@@ -1,7 +1,8 @@
 //! cachefront in front of a Valkey Cluster as managed services run it: three primaries and
-//! three replicas, every node reachable only through TLS (stunnel in front of each node, the
-//! nodes announcing the TLS ports with `cluster-announce-client-port`), `rediss://` URLs and
-//! the test CA; with and without `valkey.read_from_replicas`.
+//! three replicas, every node reachable only through TLS (stunnel in front of each node,
+//! requiring a client certificate; the nodes announcing the TLS ports with
+//! `cluster-announce-client-port`), `rediss://` URLs, the test CA and client certificate; with
+//! and without `valkey.read_from_replicas`.
 //!
 //! One cluster (12 processes) serves the whole file: one test, in steps.
 
@@ -30,7 +31,7 @@ impl TlsCluster {
         let stunnels: Vec<Stunnel> = cluster
             .nodes
             .iter()
-            .map(|n| Stunnel::start(&pki, n.port()))
+            .map(|n| Stunnel::start_mtls(&pki, n.port()))
             .collect();
         let ports: Vec<u16> = stunnels.iter().map(Stunnel::port).collect();
         cluster.announce_client_ports(&ports);
@@ -53,6 +54,8 @@ impl TlsCluster {
         cfg.valkey.url = seed.clone();
         cfg.valkey.cluster = vec![seed];
         cfg.valkey.tls_ca_file = ca.display().to_string();
+        cfg.valkey.tls_cert_file = self.pki.client_cert.display().to_string();
+        cfg.valkey.tls_key_file = self.pki.client_key.display().to_string();
         cfg.valkey.read_from_replicas = replica_reads;
         cfg.postgres.url = self.db.url();
         cfg.postgres.pool_size = 4;
@@ -195,6 +198,12 @@ async fn a_tls_cluster_with_replicas() {
         stat(&mut b, "cluster_replica_reads").await - before,
         KEYS as u64
     );
+    assert_eq!(stat(&mut b, "cluster_replicas").await, 3);
+    assert_eq!(
+        stat(&mut a, "cluster_replicas").await,
+        0,
+        "none without replica reads"
+    );
     // Other read-only commands too; writes and transactions stay on primaries.
     t.reset_stats();
     assert_eq!(q(&mut b, "STRLEN k:1").await, ":2");
@@ -336,6 +345,8 @@ async fn a_tls_cluster_with_replicas() {
         cfg.valkey.url = seed.clone();
         cfg.valkey.cluster = vec![seed];
         cfg.valkey.tls_ca_file = t.pki.ca.display().to_string();
+        cfg.valkey.tls_cert_file = t.pki.client_cert.display().to_string();
+        cfg.valkey.tls_key_file = t.pki.client_key.display().to_string();
         cfg.valkey.read_from_replicas = true;
         cfg.postgres.url = t.db.url();
         cfg.validate().expect("valid config");

@@ -281,8 +281,8 @@ impl Context {
         if let Some(c) = &self.upstream.cluster {
             let st = c.stats();
             s.push_str(&format!(
-                "cluster_nodes:{}\r\ncluster_slots_served:{}\r\ncluster_moved:{}\r\ncluster_ask:{}\r\ncluster_map_refreshes:{}\r\n",
-                st.nodes, st.slots_served, st.moved, st.ask, st.refreshes
+                "cluster_nodes:{}\r\ncluster_slots_served:{}\r\ncluster_replicas:{}\r\ncluster_moved:{}\r\ncluster_ask:{}\r\ncluster_map_refreshes:{}\r\n",
+                st.nodes, st.slots_served, st.replicas, st.moved, st.ask, st.refreshes
             ));
         }
         if let Some(set) = self.db.replicas() {

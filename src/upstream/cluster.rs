@@ -200,6 +200,8 @@ pub struct Cluster {
 /// Figures for INFO and Prometheus.
 pub struct ClusterStats {
     pub nodes: u64,
+    /// Replicas serving reads (`valkey.read_from_replicas`; 0 without).
+    pub replicas: u64,
     pub slots_served: u64,
     pub moved: u64,
     pub ask: u64,
@@ -247,6 +249,7 @@ impl Cluster {
         let topo = self.topology();
         ClusterStats {
             nodes: topo.nodes.len() as u64,
+            replicas: topo.replicas.iter().map(|r| r.len() as u64).sum(),
             slots_served: topo.slots.iter().filter(|&&s| s != UNASSIGNED).count() as u64,
             moved: self.moved.load(Ordering::Relaxed),
             ask: self.ask.load(Ordering::Relaxed),

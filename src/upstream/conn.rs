@@ -55,12 +55,8 @@ impl Endpoint {
             ValkeyUrl::parse(&cfg.url).map_err(|e| Error::client(format!("valkey.url: {e}")))?;
         let tls = match url.tls {
             true => Some(
-                UpstreamTls::new(
-                    &url.host,
-                    &cfg.tls_ca_file,
-                    url.insecure || cfg.tls_insecure,
-                )
-                .map_err(|e| Error::client(e.to_string()))?,
+                UpstreamTls::new(&url.host, cfg, url.insecure || cfg.tls_insecure)
+                    .map_err(|e| Error::client(e.to_string()))?,
             ),
             false => None,
         };
