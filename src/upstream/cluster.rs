@@ -763,7 +763,8 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Opens the shared connections once the map is known (a PING each).
+    /// Opens the shared connections once the map is known (a PING each), to the primaries and
+    /// to the replicas serving reads.
     pub fn warm_up(self: &Arc<Self>) {
         let c = Arc::clone(self);
         tokio::spawn(async move {
@@ -771,7 +772,8 @@ impl Cluster {
                 return;
             }
             let _ = c.table_loaded(0).await;
-            for node in c.nodes() {
+            let topo = c.topology();
+            for node in topo.nodes.iter().chain(topo.replicas.iter().flatten()) {
                 for mux in node.shared2.iter().chain(&node.shared3) {
                     drop(mux.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")));
                 }
