@@ -145,16 +145,17 @@ async fn a_tls_cluster_with_replicas() {
     let per_primary: Vec<usize> = t.primaries().iter().map(|p| keys_on(p, "k:*")).collect();
     assert_eq!(per_primary.iter().sum::<usize>(), KEYS, "{per_primary:?}");
     assert!(per_primary.iter().all(|&n| n > 0), "{per_primary:?}");
+    assert!(q(&mut a, "XADD st:1 1-1 f v").await.contains("1-1"));
     // The replicas have them too, in a moment.
+    let on_replicas = |pattern: &str| -> usize {
+        t.cluster
+            .replicas()
+            .iter()
+            .map(|r| keys_on(r, pattern))
+            .sum()
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while t
-        .cluster
-        .replicas()
-        .iter()
-        .map(|r| keys_on(r, "k:*"))
-        .sum::<usize>()
-        < KEYS
-    {
+    while on_replicas("k:*") < KEYS || on_replicas("st:*") < 1 {
         assert!(Instant::now() < deadline, "replicas did not catch up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -208,6 +209,10 @@ async fn a_tls_cluster_with_replicas() {
     t.reset_stats();
     assert_eq!(q(&mut b, "STRLEN k:1").await, ":2");
     assert_eq!(q(&mut b, "EXISTS k:2").await, ":1");
+    // Keys found by `COMMAND GETKEYS` (a non-blocking XREAD).
+    assert!(q(&mut b, "XREAD COUNT 1 STREAMS st:1 0")
+        .await
+        .contains("1-1"));
     assert_eq!(q(&mut b, "SET w:1 x").await, "+OK");
     assert_eq!(q(&mut b, "INCR w:n").await, ":1");
     assert_eq!(q(&mut b, "MULTI").await, "+OK");
@@ -215,6 +220,7 @@ async fn a_tls_cluster_with_replicas() {
     assert_eq!(q(&mut b, "EXEC").await, "*1\r\n$2\r\nv3");
     assert_eq!(sum_calls(t.cluster.replicas(), "strlen"), 1);
     assert_eq!(sum_calls(t.cluster.replicas(), "exists"), 1);
+    assert_eq!(sum_calls(t.cluster.replicas(), "xread"), 1);
     assert_eq!(sum_calls(t.primaries(), "set"), 1);
     assert_eq!(sum_calls(t.primaries(), "get"), 1, "the GET inside MULTI");
     assert_eq!(sum_calls(t.cluster.replicas(), "get"), 0);

@@ -153,8 +153,11 @@ enum Target {
     Read(u16),
     Any,
     CrossSlot,
-    /// Keys known only to Valkey (`COMMAND GETKEYS`).
-    Movable,
+    /// Keys known only to Valkey (`COMMAND GETKEYS`); `read`: a read-only command (see
+    /// [`Target::Read`]).
+    Movable {
+        read: bool,
+    },
     Fanout(Fanout),
 }
 
@@ -370,8 +373,11 @@ impl Cluster {
             None => self.table_loaded(lane).await?,
         };
         match target(&table, args) {
-            Target::Movable => {
-                let t = self.movable_target(lane, args).await?;
+            Target::Movable { read } => {
+                let t = match self.movable_target(lane, args).await? {
+                    Target::Slot(s) if read => Target::Read(s),
+                    t => t,
+                };
                 Ok((t, self.topology()))
             }
             t => Ok((t, topo)),
@@ -404,7 +410,7 @@ impl Cluster {
                     primary
                 }
             }
-            Target::Any | Target::Movable => topo
+            Target::Any | Target::Movable { .. } => topo
                 .nodes
                 .get((lane % topo.nodes.len().max(1) as u64) as usize),
             Target::CrossSlot => return ready(Ok(Refusal::CrossSlot.frame())),
@@ -954,13 +960,14 @@ fn target(table: &CommandTable, args: &[Bytes]) -> Target {
     let Ok(info) = table.lookup(args) else {
         return Target::Any;
     };
+    // Only the table's `readonly` commands: never a write, a script, a blocking command
+    // (those take a dedicated connection anyway) or a keyless one.
+    let read = info.readonly && !info.writes && !is_script(name);
     if info.movable {
-        return Target::Movable;
+        return Target::Movable { read };
     }
     match same_slot(info.legacy_keys(args).map(|k| slot_of(k))) {
-        // Only the table's `readonly` commands: never a write, a script, a blocking command
-        // (those take a dedicated connection anyway) or a keyless one.
-        Target::Slot(s) if info.readonly && !info.writes && !is_script(name) => Target::Read(s),
+        Target::Slot(s) if read => Target::Read(s),
         t => t,
     }
 }
