@@ -162,24 +162,29 @@ async fn a_tls_cluster_with_replicas() {
 
     // 2. Replica reads off: every read on a primary, none on a replica.
     t.reset_stats();
+    let started = Instant::now();
     for i in 0..KEYS {
         assert_eq!(
             q(&mut a, &format!("GET k:{i}")).await,
             format!("${}\r\nv{i}", format!("v{i}").len())
         );
     }
+    let off_took = started.elapsed();
     assert_eq!(sum_calls(t.cluster.replicas(), "get"), 0);
-    assert_eq!(sum_calls(t.primaries(), "get"), KEYS as u64);
+    // (Primaries also serve cachefront's own background reads: at least ours.)
+    assert!(sum_calls(t.primaries(), "get") >= KEYS as u64);
 
     // 3. Replica reads on: the same reads, all answered by replicas (each of the three).
     t.reset_stats();
     let before = stat(&mut b, "cluster_replica_reads").await;
+    let started = Instant::now();
     for i in 0..KEYS {
         assert_eq!(
             q(&mut b, &format!("GET k:{i}")).await,
             format!("${}\r\nv{i}", format!("v{i}").len())
         );
     }
+    let on_took = started.elapsed();
     let on_replicas: Vec<u64> = t
         .cluster
         .replicas()
@@ -187,14 +192,18 @@ async fn a_tls_cluster_with_replicas() {
         .map(|r| calls(r, "get"))
         .collect();
     let on_primaries = sum_calls(t.primaries(), "get");
-    println!("replica reads on: {KEYS} GETs → replicas {on_replicas:?}, primaries {on_primaries}");
+    println!(
+        "replica reads on: {KEYS} GETs → replicas {on_replicas:?}, primaries {on_primaries} \
+         ({on_took:?} one after another; {off_took:?} with replica reads off)"
+    );
     assert_eq!(
         on_replicas.iter().sum::<u64>(),
         KEYS as u64,
         "{on_replicas:?}"
     );
     assert!(on_replicas.iter().all(|&n| n > 0), "{on_replicas:?}");
-    assert_eq!(on_primaries, 0);
+    assert!(on_primaries < 5, "only cachefront's own background reads");
+    assert_eq!(stat(&mut b, "cluster_replica_fallbacks").await, 0);
     assert_eq!(
         stat(&mut b, "cluster_replica_reads").await - before,
         KEYS as u64
@@ -221,8 +230,8 @@ async fn a_tls_cluster_with_replicas() {
     assert_eq!(sum_calls(t.cluster.replicas(), "strlen"), 1);
     assert_eq!(sum_calls(t.cluster.replicas(), "exists"), 1);
     assert_eq!(sum_calls(t.cluster.replicas(), "xread"), 1);
-    assert_eq!(sum_calls(t.primaries(), "set"), 1);
-    assert_eq!(sum_calls(t.primaries(), "get"), 1, "the GET inside MULTI");
+    assert!(sum_calls(t.primaries(), "set") >= 1);
+    assert!(sum_calls(t.primaries(), "get") >= 1, "the GET inside MULTI");
     assert_eq!(sum_calls(t.cluster.replicas(), "get"), 0);
 
     // 4. The staleness rule, shown: a replica that has not applied a write yet answers with
