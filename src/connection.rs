@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -100,7 +100,7 @@ impl Queued for Slot {
 enum Event {
     Client(ClientIo),
     Front(FrontDone),
-    DedicatedRead(std::io::Result<usize>),
+    Dedicated(DedicatedIo),
     Shutdown,
     /// The client passed an output limit (hard), or its soft limit's grace ran out.
     OutputLimit,
@@ -119,8 +119,14 @@ struct Dedicated {
     wbuf: BytesMut,
     /// `Dedicated` slots still waiting for their reply.
     pending: usize,
-    /// Of those, the last ones whose commands are still in `wbuf`, not yet sent.
+    /// Of those, the last ones whose commands are still in `wbuf`, not yet cleared to go.
     unsent: usize,
+    /// Bytes at the front of `wbuf` cleared to go (see `flush_dedicated`). The socket takes
+    /// them as it can, from `serve`'s select, so that a client pipelining thousands of
+    /// commands never stops the loop that reads Valkey's replies and the client's requests.
+    cleared: usize,
+    /// Bytes were written since the last flush (TLS keeps them until flushed).
+    unflushed: bool,
     /// Subscription counts from Valkey's confirmations: (channels + patterns, shard channels).
     subs: (i64, i64),
     /// Replies to drop: commands cachefront sent itself (a cluster transaction's MULTI).
@@ -223,7 +229,7 @@ impl Connection {
         loop {
             self.process_input().await;
             self.drain_ready();
-            self.flush_dedicated().await;
+            self.flush_dedicated();
             let soft_deadline = self.check_output_limit()?;
             self.write_now()?;
             if self.closing && self.outq.is_empty() && self.all_written() {
@@ -249,7 +255,7 @@ impl Connection {
                 }
                 _ = sleep_until_some(write_deadline) => return Err(write_timeout()),
                 f = front_event(&mut self.outq) => Event::Front(f),
-                r = read_dedicated(&mut self.ded) => Event::DedicatedRead(r),
+                io = dedicated_io(&mut self.ded) => Event::Dedicated(io),
                 _ = &mut self.stop, if !self.closing => Event::Shutdown,
                 _ = self.budget.wait_exceeded() => Event::OutputLimit,
                 _ = sleep_until_some(soft_deadline) => Event::OutputLimit,
@@ -264,7 +270,9 @@ impl Connection {
                 }
                 Event::Client(ClientIo::Read(Err(e))) => return Err(e),
                 Event::Front(done) => self.resolve_front(done),
-                Event::DedicatedRead(r) => self.on_dedicated_read(r),
+                Event::Dedicated(DedicatedIo::Read(r)) => self.on_dedicated_read(r),
+                Event::Dedicated(DedicatedIo::Wrote(r)) => self.dedicated_wrote(r),
+                Event::Dedicated(DedicatedIo::Flushed(r)) => self.dedicated_flushed(r),
                 Event::Shutdown => self.closing = true,
                 Event::OutputLimit => {
                     self.check_output_limit()?;
@@ -786,6 +794,8 @@ impl Connection {
             wbuf: BytesMut::new(),
             pending: 0,
             unsent: 0,
+            cleared: 0,
+            unflushed: false,
             subs: (0, 0),
             swallow: 0,
             as_user,
@@ -835,9 +845,9 @@ impl Connection {
     /// Commands sent over a shared connection *after* the queued ones (a cluster client's
     /// command for another node) do not hold them back: they wait behind them in the reply
     /// queue, so waiting for them would wait forever.
-    async fn flush_dedicated(&mut self) {
-        let Some(ded) = self.ded.as_ref().filter(|d| !d.wbuf.is_empty()) else {
-            return;
+    fn flush_dedicated(&mut self) {
+        let Some(ded) = self.ded.as_ref().filter(|d| d.cleared < d.wbuf.len()) else {
+            return self.write_dedicated_now();
         };
         let sent = self
             .outq
@@ -863,15 +873,66 @@ impl Connection {
                         | Slot::Task(..)
                 )
             });
-        let Some(ded) = self.ded.as_mut() else { return };
-        if waiting_on_shared {
-            return;
+        if let Some(ded) = self.ded.as_mut().filter(|_| !waiting_on_shared) {
+            ded.cleared = ded.wbuf.len();
+            ded.unsent = 0;
         }
-        let r = ded.conn.write_all(&ded.wbuf).await;
-        ded.wbuf.clear();
-        ded.unsent = 0;
-        if let Err(e) = r {
-            self.dedicated_lost(Error::upstream(format!("connection to Valkey lost: {e}")));
+        self.write_dedicated_now();
+    }
+
+    /// Writes what the dedicated connection's socket takes now, without waiting; the rest
+    /// goes out from `serve`'s select.
+    fn write_dedicated_now(&mut self) {
+        loop {
+            let Some(d) = self.ded.as_mut() else { return };
+            let r = if d.cleared > 0 {
+                let wrote =
+                    futures::FutureExt::now_or_never(d.conn.stream.write(&d.wbuf[..d.cleared]));
+                match wrote {
+                    Some(r) => DedicatedIo::Wrote(r),
+                    None => return,
+                }
+            } else if d.unflushed {
+                match futures::FutureExt::now_or_never(d.conn.stream.flush()) {
+                    Some(r) => DedicatedIo::Flushed(r),
+                    None => return,
+                }
+            } else {
+                return;
+            };
+            match r {
+                DedicatedIo::Wrote(r) => self.dedicated_wrote(r),
+                DedicatedIo::Flushed(r) => self.dedicated_flushed(r),
+                DedicatedIo::Read(_) => return,
+            }
+        }
+    }
+
+    fn dedicated_wrote(&mut self, r: std::io::Result<usize>) {
+        let Some(d) = self.ded.as_mut() else { return };
+        match r {
+            Ok(n) if n > 0 => {
+                d.wbuf.advance(n);
+                d.cleared -= n;
+                d.unflushed = true;
+            }
+            Ok(_) => self.dedicated_lost(Error::upstream("Valkey stopped taking commands")),
+            Err(e) => {
+                self.dedicated_lost(Error::upstream(format!("connection to Valkey lost: {e}")))
+            }
+        }
+    }
+
+    fn dedicated_flushed(&mut self, r: std::io::Result<()>) {
+        match r {
+            Ok(()) => {
+                if let Some(d) = self.ded.as_mut() {
+                    d.unflushed = false;
+                }
+            }
+            Err(e) => {
+                self.dedicated_lost(Error::upstream(format!("connection to Valkey lost: {e}")))
+            }
         }
     }
 
@@ -1251,16 +1312,42 @@ async fn front_event(outq: &mut VecDeque<Slot>) -> FrontDone {
     }
 }
 
-async fn read_dedicated(ded: &mut Option<Dedicated>) -> std::io::Result<usize> {
-    match ded.as_mut() {
-        Some(d) => {
-            if d.conn.rbuf.capacity() - d.conn.rbuf.len() < 4096 {
-                d.conn.rbuf.reserve(16 * 1024);
+/// What the dedicated connection's socket did.
+enum DedicatedIo {
+    Read(std::io::Result<usize>),
+    Wrote(std::io::Result<usize>),
+    Flushed(std::io::Result<()>),
+}
+
+/// Writes the dedicated connection's cleared bytes and reads its replies, whichever the socket
+/// is ready for first: a full send buffer never stops the replies from being read.
+fn dedicated_io(
+    ded: &mut Option<Dedicated>,
+) -> impl std::future::Future<Output = DedicatedIo> + '_ {
+    use std::task::Poll;
+    use tokio::io::AsyncWrite;
+    std::future::poll_fn(move |cx| {
+        let Some(d) = ded.as_mut() else {
+            return Poll::Pending;
+        };
+        let mut s = std::pin::Pin::new(&mut d.conn.stream);
+        if d.cleared > 0 {
+            if let Poll::Ready(r) = s.as_mut().poll_write(cx, &d.wbuf[..d.cleared]) {
+                return Poll::Ready(DedicatedIo::Wrote(r));
             }
-            d.conn.stream.read_buf(&mut d.conn.rbuf).await
+        } else if d.unflushed {
+            if let Poll::Ready(r) = s.as_mut().poll_flush(cx) {
+                return Poll::Ready(DedicatedIo::Flushed(r));
+            }
         }
-        None => std::future::pending().await,
-    }
+        if d.conn.rbuf.capacity() - d.conn.rbuf.len() < 4096 {
+            d.conn.rbuf.reserve(16 * 1024);
+        }
+        match tokio_util::io::poll_read_buf(s, cx, &mut d.conn.rbuf) {
+            Poll::Ready(r) => Poll::Ready(DedicatedIo::Read(r)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
 }
 
 enum SubKind {

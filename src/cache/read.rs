@@ -133,8 +133,8 @@ enum Mode {
     Direct,
 }
 
-/// Whether the lookup reply found an entry (`GET` not nil, `HGETALL` not empty). Errors count
-/// as found: they are passed to the client as Valkey sent them (e.g. WRONGTYPE).
+/// Whether the lookup reply found an entry (`GET` not nil, `HGETALL` not empty). An error
+/// frame is not empty either: callers that must tell it apart check for `-` first.
 pub fn is_hit(frame: &[u8]) -> bool {
     !matches!(
         frame,
@@ -211,10 +211,14 @@ impl Cache {
         // not yet applied (see `Cache::bypasses`); the fill answers from PostgreSQL.
         let bypass = self.bypasses(&plan.entry);
         match reply {
+            // Valkey refused the lookup (WRONGTYPE on a key the application wrote itself, a
+            // permission): its error is the answer, passed on as sent — neither a hit nor a miss.
+            // (The connection counts it with every error reply it sends.)
+            Ok(frame) if frame.starts_with(b"-") => Step::Reply(frame, CacheStatus::Error),
             Ok(frame) if is_hit(&frame) && !bypass => {
                 // The L1 drops items by their dependencies: only resolved ones may enter.
                 let resolved = plan.entry.deps.tracking != Tracking::Unresolved;
-                if let Some(t) = ticket.filter(|_| resolved && !frame.starts_with(b"-")) {
+                if let Some(t) = ticket.filter(|_| resolved) {
                     let entry = &plan.entry;
                     let hash = plan.kind == ReplyKind::Hash;
                     let deps = entry.l1_deps();
@@ -509,13 +513,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_reply_is_passed_on_but_not_kept() {
-        let (cache, _) = cache();
+        let (cache, m) = cache();
         let src = fake(Value::Absent);
         let l = lookup(begin(&cache, "emp:1", &src));
         let wrongtype = Bytes::from_static(b"-WRONGTYPE wrong kind of value\r\n");
         let step = cache.finish(l.pending, Ok(wrongtype.clone()));
-        assert!(matches!(step, Step::Reply(f, CacheStatus::Hit) if f == wrongtype));
+        assert!(matches!(step, Step::Reply(f, CacheStatus::Error) if f == wrongtype));
         assert_eq!(cache.l1.get("emp:1", false, Proto::Resp2), None);
+        assert_eq!((count(&m.hits), count(&m.misses)), (0, 0));
     }
 
     /// A miss fills; with Valkey unreachable for the fill's own reads, the value comes from
