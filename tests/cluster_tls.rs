@@ -127,6 +127,44 @@ async fn stat(r: &mut Raw, field: &str) -> u64 {
 }
 
 const KEYS: usize = 300;
+const SLOTS: usize = 16384;
+
+/// `s:<n>` keys, one hashing to each slot.
+fn one_key_per_slot() -> Vec<String> {
+    let mut by_slot: Vec<Option<String>> = vec![None; SLOTS];
+    let mut missing = SLOTS;
+    let mut n = 0u64;
+    while missing > 0 {
+        let key = format!("s:{n}");
+        let slot = cachefront::upstream::cluster::slot_of(key.as_bytes()) as usize;
+        if by_slot[slot].is_none() {
+            by_slot[slot] = Some(key);
+            missing -= 1;
+        }
+        n += 1;
+    }
+    by_slot.into_iter().flatten().collect()
+}
+
+/// Sends `command(key)` for every key, pipelined in batches, and checks each reply is
+/// `reply(key)`.
+async fn pipelined(
+    r: &mut Raw,
+    keys: &[String],
+    command: impl Fn(&str) -> String,
+    reply: impl Fn(&str) -> String,
+) {
+    for batch in keys.chunks(512) {
+        let mut out = Vec::new();
+        for k in batch {
+            out.extend(common::encode_line(&command(k)));
+        }
+        r.send(&out).await;
+        for k in batch {
+            assert_eq!(r.frame().await, reply(k), "{}", command(k));
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_cluster_with_replicas() {
@@ -147,7 +185,7 @@ async fn a_tls_cluster_with_replicas() {
     assert!(per_primary.iter().all(|&n| n > 0), "{per_primary:?}");
     assert!(q(&mut a, "XADD st:1 1-1 f v").await.contains("1-1"));
     // The replicas have them too, in a moment.
-    let on_replicas = |pattern: &str| -> usize {
+    let replicas_have = |pattern: &str| -> usize {
         t.cluster
             .replicas()
             .iter()
@@ -155,7 +193,7 @@ async fn a_tls_cluster_with_replicas() {
             .sum()
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while on_replicas("k:*") < KEYS || on_replicas("st:*") < 1 {
+    while replicas_have("k:*") < KEYS || replicas_have("st:*") < 1 {
         assert!(Instant::now() < deadline, "replicas did not catch up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -233,6 +271,53 @@ async fn a_tls_cluster_with_replicas() {
     assert!(sum_calls(t.primaries(), "set") >= 1);
     assert!(sum_calls(t.primaries(), "get") >= 1, "the GET inside MULTI");
     assert_eq!(sum_calls(t.cluster.replicas(), "get"), 0);
+
+    // 3b. Every slot: a key in each of the 16384, written through the replica-reading proxy
+    // (to the primaries), then read back through it (from the replicas), pipelined.
+    let slot_keys = one_key_per_slot();
+    pipelined(
+        &mut b,
+        &slot_keys,
+        |k| format!("SET {k} {k}"),
+        |_| "+OK\r\n".into(),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while replicas_have("s:*") < SLOTS {
+        assert!(Instant::now() < deadline, "replicas did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.reset_stats();
+    let (reads, fallbacks) = (
+        stat(&mut b, "cluster_replica_reads").await,
+        stat(&mut b, "cluster_replica_fallbacks").await,
+    );
+    let started = Instant::now();
+    pipelined(
+        &mut b,
+        &slot_keys,
+        |k| format!("GET {k}"),
+        |k| format!("${}\r\n{k}\r\n", k.len()),
+    )
+    .await;
+    let took = started.elapsed();
+    let by_replicas = sum_calls(t.cluster.replicas(), "get");
+    let counted = stat(&mut b, "cluster_replica_reads").await - reads;
+    println!(
+        "every slot: {SLOTS} GETs pipelined in {took:?}; {by_replicas} answered by replicas \
+         ({:.1} %), cachefront counted {counted}, fallbacks {}",
+        100.0 * by_replicas as f64 / SLOTS as f64,
+        stat(&mut b, "cluster_replica_fallbacks").await - fallbacks
+    );
+    assert_eq!(by_replicas, SLOTS as u64);
+    assert_eq!(counted, SLOTS as u64);
+    assert_eq!(
+        t.primaries()
+            .iter()
+            .map(|p| keys_on(p, "s:*"))
+            .sum::<usize>(),
+        SLOTS
+    );
 
     // 4. The staleness rule, shown: a replica that has not applied a write yet answers with
     // what it had. (`CLIENT PAUSE … WRITE` on a replica holds back its replication stream;
