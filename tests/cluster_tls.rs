@@ -96,6 +96,21 @@ fn sum_calls<'a>(nodes: impl IntoIterator<Item = &'a Valkey>, command: &str) -> 
     nodes.into_iter().map(|n| calls(n, command)).sum()
 }
 
+/// Clients of `node` whose connection said `READONLY` (flag `r` in `CLIENT LIST`).
+fn readonly_clients(node: &Valkey) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut node_conn(&node.addr()))
+        .expect("CLIENT LIST");
+    list.lines()
+        .filter(|l| {
+            l.split(' ')
+                .find_map(|f| f.strip_prefix("flags="))
+                .is_some_and(|f| f.contains('r'))
+        })
+        .count()
+}
+
 /// Keys matching `pattern` on one node, read there directly (no TLS: the node's own port).
 fn keys_on(node: &Valkey, pattern: &str) -> usize {
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -172,9 +187,7 @@ async fn a_tls_cluster_with_replicas() {
         .await
         .expect("cluster");
     let off = t.proxy(&t.pki.ca, false).await;
-    let on = t.proxy(&t.pki.ca, true).await;
     let mut a = Raw::connect(off.addr.port()).await;
-    let mut b = Raw::connect(on.addr.port()).await;
 
     // 1. Pass-through over TLS, every primary: writes land on the slot owners.
     for i in 0..KEYS {
@@ -212,7 +225,15 @@ async fn a_tls_cluster_with_replicas() {
     // (Primaries also serve cachefront's own background reads: at least ours.)
     assert!(sum_calls(t.primaries(), "get") >= KEYS as u64);
 
-    // 3. Replica reads on: the same reads, all answered by replicas (each of the three).
+    // Not even a connection to a replica.
+    for r in t.cluster.replicas() {
+        assert_eq!(readonly_clients(r), 0);
+    }
+
+    // 3. Replica reads on: the same reads, all answered by replicas (each of the three), over
+    // connections that said READONLY.
+    let on = t.proxy(&t.pki.ca, true).await;
+    let mut b = Raw::connect(on.addr.port()).await;
     t.reset_stats();
     let before = stat(&mut b, "cluster_replica_reads").await;
     let started = Instant::now();
@@ -247,6 +268,9 @@ async fn a_tls_cluster_with_replicas() {
         KEYS as u64
     );
     assert_eq!(stat(&mut b, "cluster_replicas").await, 3);
+    for r in t.cluster.replicas() {
+        assert!(readonly_clients(r) > 0);
+    }
     assert_eq!(
         stat(&mut a, "cluster_replicas").await,
         0,
