@@ -153,10 +153,20 @@ pub struct ValkeyConfig {
     /// With `rediss://`: accept any certificate from Valkey (no verification at all). For
     /// tests only; logged as a warning at start.
     pub tls_insecure: bool,
+    /// With `rediss://`: PEM certificate (chain) cachefront presents to Valkey, for servers
+    /// that require client certificates (mutual TLS); with `tls_key_file`. Empty: none.
+    pub tls_cert_file: String,
+    /// The private key of `tls_cert_file` (PEM).
+    pub tls_key_file: String,
     /// `host:port` of some nodes of a Valkey Cluster (any few: the rest are discovered). Set,
     /// it makes the upstream a cluster: requests route by hash slot; `url` then only supplies
-    /// the login. Empty: a single Valkey at `url`.
+    /// the login (and, with `rediss://`, TLS to every node). Empty: a single Valkey at `url`.
     pub cluster: Vec<String>,
+    /// With `cluster`: send read-only pass-through commands on keys (GET, HGETALL, ZRANGE…) to
+    /// a replica of the slot's primary, over a `READONLY` connection, and to the primary when
+    /// the shard has no healthy replica. Replicas are asynchronous: such reads may be stale
+    /// (see docs/cluster.md). cachefront's own cache traffic always stays on primaries.
+    pub read_from_replicas: bool,
 }
 
 /// The TLS listener for clients. It runs beside the plain `listen` one, or alone with
@@ -673,6 +683,22 @@ impl Default for Config {
     }
 }
 
+/// A `valkey.cluster` entry: `host:port`, or a URL `scheme://host:port` whose scheme says
+/// whether it is TLS (`Some(true)` for `rediss://`/`valkeys://`, `None` without a scheme).
+pub fn cluster_seed(entry: &str) -> (Option<bool>, String) {
+    let s = entry.trim();
+    let (tls, rest) = [
+        ("redis://", false),
+        ("valkey://", false),
+        ("rediss://", true),
+        ("valkeys://", true),
+    ]
+    .iter()
+    .find_map(|(p, tls)| s.strip_prefix(p).map(|r| (Some(*tls), r)))
+    .unwrap_or((None, s));
+    (tls, rest.trim_end_matches('/').to_string())
+}
+
 impl Default for ValkeyConfig {
     fn default() -> Self {
         ValkeyConfig {
@@ -683,7 +709,10 @@ impl Default for ValkeyConfig {
             command_timeout_ms: 5000,
             tls_ca_file: String::new(),
             tls_insecure: false,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
             cluster: Vec::new(),
+            read_from_replicas: false,
         }
     }
 }
@@ -990,20 +1019,26 @@ impl Config {
     /// certificate stops the start, and `--check-config`, with the key named).
     fn validate_cluster(&self, valkey_tls: bool) -> Result<(), ConfigError> {
         if self.valkey.cluster.is_empty() {
+            if self.valkey.read_from_replicas {
+                return Err(invalid(
+                    "valkey.read_from_replicas",
+                    "needs valkey.cluster (replica reads are for a Valkey Cluster's replicas)",
+                ));
+            }
             return Ok(());
         }
-        if valkey_tls {
-            return Err(invalid(
-                "valkey.cluster",
-                "TLS to a cluster is not supported yet; use a redis:// url",
-            ));
-        }
         for node in &self.valkey.cluster {
-            let addr = node
-                .trim()
-                .trim_start_matches("redis://")
-                .trim_start_matches("valkey://")
-                .trim_end_matches('/');
+            let (seed_tls, addr) = cluster_seed(node);
+            if seed_tls.is_some_and(|t| t != valkey_tls) {
+                return Err(invalid(
+                    "valkey.cluster",
+                    format!(
+                        "'{node}': its scheme says TLS {}, valkey.url's says {} (valkey.url decides TLS for every node)",
+                        if valkey_tls { "off" } else { "on" },
+                        if valkey_tls { "on" } else { "off" },
+                    ),
+                ));
+            }
             let ok = addr
                 .rsplit_once(':')
                 .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
@@ -1049,8 +1084,27 @@ impl Config {
                     "set, but valkey.url is not a rediss:// (TLS) URL",
                 ));
             }
+            if !self.valkey.tls_cert_file.is_empty() {
+                return Err(invalid(
+                    "valkey.tls_cert_file",
+                    "set, but valkey.url is not a rediss:// (TLS) URL",
+                ));
+            }
         }
-        Ok(())
+        match (
+            self.valkey.tls_cert_file.is_empty(),
+            self.valkey.tls_key_file.is_empty(),
+        ) {
+            (false, true) => Err(invalid(
+                "valkey.tls_key_file",
+                "must be set with valkey.tls_cert_file",
+            )),
+            (true, false) => Err(invalid(
+                "valkey.tls_cert_file",
+                "must be set with valkey.tls_key_file",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The named queries in force: those declared, plus the built-in `EMP.GET` unless redefined.
@@ -1395,12 +1449,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.valkey.cluster.len(), 2);
+        // TLS to a cluster: the URL's scheme, repeated or not in the seeds.
+        let c = Config::from_toml_with_env(
+            "[valkey]\nurl = \"rediss://h:1\"\ncluster = [\"rediss://h:1\", \"h:2\"]\nread_from_replicas = true\n",
+            env(&[]),
+        )
+        .unwrap();
+        assert!(c.valkey.read_from_replicas);
         for (toml, key) in [
             ("[valkey]\ncluster = [\"nowhere\"]\n", "valkey.cluster"),
             ("[valkey]\ncluster = [\"h:0\"]\n", "valkey.cluster"),
+            ("[valkey]\ncluster = [\"rediss://h:1\"]\n", "valkey.cluster"),
             (
-                "[valkey]\ncluster = [\"h:1\"]\nurl = \"rediss://h:1\"\n",
+                "[valkey]\ncluster = [\"redis://h:1\"]\nurl = \"rediss://h:1\"\n",
                 "valkey.cluster",
+            ),
+            (
+                "[valkey]\nread_from_replicas = true\n",
+                "valkey.read_from_replicas",
             ),
             (
                 "[valkey]\ncluster = [\"h:1\"]\n[cache]\nmeta_prefix = \"{cf}:\"\n",

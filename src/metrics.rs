@@ -531,6 +531,14 @@ declare_metrics! {
         /// counted in `replica_fallbacks`).
         Counter replica_errors: "replica_errors",
             "Fill queries the primary answered after the read replica chosen failed";
+        /// Pass-through reads a Valkey Cluster replica was sent and answered
+        /// (`valkey.read_from_replicas`).
+        Counter cluster_replica_reads: "cluster_replica_reads",
+            "Pass-through reads answered by a Valkey Cluster replica (valkey.read_from_replicas)";
+        /// Pass-through reads that could have gone to a replica but went to the primary: the
+        /// shard had no healthy replica, or the replica chosen failed the read.
+        Counter cluster_replica_fallbacks: "cluster_replica_fallbacks",
+            "Pass-through reads the primary answered because its shard had no healthy replica or the replica failed";
         /// Cached commands answered from PostgreSQL because an invalidation of their tables could
         /// not be applied yet (the cache was bypassed; nothing stored).
         Counter degraded_reads: "degraded_reads",

@@ -145,6 +145,12 @@ impl Shared {
                     st.nodes,
                 ),
                 (
+                    "cluster_replicas",
+                    "gauge",
+                    "Replicas serving reads (valkey.read_from_replicas)",
+                    st.replicas,
+                ),
+                (
                     "cluster_slots_served",
                     "gauge",
                     "Hash slots with a known primary",

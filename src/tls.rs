@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::{Config, ConfigError, TlsConfig, ValkeyUrl};
+use crate::config::{Config, ConfigError, TlsConfig, ValkeyConfig, ValkeyUrl};
 
 /// A client connection: plain TCP, or TLS over TCP.
 pub type ClientStream = Stream<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
@@ -106,18 +106,22 @@ pub fn install_default_provider() {
 }
 
 /// The TLS files the configuration names can be read and parsed — the listener's certificate,
-/// key and CA, and the CA for TLS to Valkey — so a bad file stops the start, and
+/// key and CA, and for TLS to Valkey the CA and the client certificate and key — so a bad file
+/// stops the start, and
 /// `--check-config`, with the key named. (`Config::validate` has checked the settings.)
 pub fn check_config(config: &Config) -> Result<(), ConfigError> {
     if config.tls.enabled() {
         server_config(&config.tls)?;
     }
-    let upstream_tls = ValkeyUrl::parse(&config.valkey.url).is_ok_and(|u| u.tls);
     let valkey = &config.valkey;
-    if upstream_tls && !valkey.tls_insecure && !valkey.tls_ca_file.is_empty() {
-        load_roots("valkey.tls_ca_file", &valkey.tls_ca_file)?;
+    match ValkeyUrl::parse(&valkey.url) {
+        // Everything a connection to Valkey will use: the CA, the client certificate and its
+        // key, and whether they fit.
+        Ok(url) if url.tls => {
+            UpstreamTls::new(&url.host, valkey, url.insecure || valkey.tls_insecure).map(drop)
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
@@ -223,8 +227,14 @@ impl std::fmt::Debug for UpstreamTls {
 
 impl UpstreamTls {
     /// For `host` (from `valkey.url`; also sent as SNI unless it is an IP address): trust the
-    /// CAs in `ca_file`, or the system's when it is empty; or nothing at all when `insecure`.
-    pub fn new(host: &str, ca_file: &str, insecure: bool) -> Result<UpstreamTls, ConfigError> {
+    /// CAs in `valkey.tls_ca_file`, or the system's when it is empty; or nothing at all when
+    /// `insecure`. Presents `valkey.tls_cert_file` when set (mutual TLS).
+    pub fn new(
+        host: &str,
+        valkey: &ValkeyConfig,
+        insecure: bool,
+    ) -> Result<UpstreamTls, ConfigError> {
+        let ca_file = valkey.tls_ca_file.as_str();
         let server_name = ServerName::try_from(host.to_string()).map_err(|e| {
             invalid(
                 "valkey.url",
@@ -234,18 +244,26 @@ impl UpstreamTls {
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| invalid("valkey.url", e.to_string()))?;
-        let config = if insecure {
+        let builder = if insecure {
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
-                .with_no_client_auth()
         } else {
             let roots = if ca_file.is_empty() {
                 system_roots()?
             } else {
                 load_roots("valkey.tls_ca_file", ca_file)?
             };
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
+        };
+        let config = match client_auth(valkey)? {
+            Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| {
+                invalid(
+                    "valkey.tls_key_file",
+                    format!("does not fit valkey.tls_cert_file: {e}"),
+                )
+            })?,
+            None => builder.with_no_client_auth(),
         };
         Ok(UpstreamTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
@@ -253,6 +271,34 @@ impl UpstreamTls {
             insecure,
         })
     }
+}
+
+impl UpstreamTls {
+    /// The same trust (CA, verification on or off) for another server of a cluster: its
+    /// certificate must carry `host`, the name or address the slot map (or a redirect) gave for
+    /// it, which is also sent as SNI unless it is an IP address. A host that is no valid TLS
+    /// name keeps the configured name (the handshake then says whether it fits).
+    pub fn for_host(&self, host: &str) -> UpstreamTls {
+        let server_name =
+            ServerName::try_from(host.to_string()).unwrap_or_else(|_| self.server_name.clone());
+        UpstreamTls {
+            server_name,
+            ..self.clone()
+        }
+    }
+}
+
+/// The certificate and key cachefront presents to Valkey (`valkey.tls_cert_file`,
+/// `valkey.tls_key_file`), if set.
+type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn client_auth(valkey: &ValkeyConfig) -> Result<Option<ClientAuth>, ConfigError> {
+    if valkey.tls_cert_file.is_empty() {
+        return Ok(None);
+    }
+    let certs = load_certs("valkey.tls_cert_file", &valkey.tls_cert_file)?;
+    let key = load_key("valkey.tls_key_file", &valkey.tls_key_file)?;
+    Ok(Some((certs, key)))
 }
 
 /// The operating system's trusted CAs (as the `redis` crate uses them too).

@@ -298,6 +298,26 @@ fn bad_tls_files_are_refused_with_the_key_named() {
         "[valkey]\nurl = \"rediss://127.0.0.1:1\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n"
             .to_string();
     assert!(err(bad_ca).starts_with("valkey.tls_ca_file:"));
+    // A client certificate for Valkey: with its key, with TLS, readable, and fitting its key.
+    let upstream = |extra: &str| {
+        format!(
+            "[valkey]\nurl = \"rediss://127.0.0.1:1\"\ntls_ca_file = \"{}\"\n{extra}",
+            p(&pki.ca)
+        )
+    };
+    let cert = format!("tls_cert_file = \"{}\"\n", p(&pki.client_cert));
+    let key = |k: &std::path::Path| format!("tls_key_file = \"{}\"\n", p(k));
+    assert!(check(&upstream(&(cert.clone() + &key(&pki.client_key)))).is_ok());
+    assert!(err(upstream(&cert)).starts_with("valkey.tls_key_file:"));
+    assert!(err(upstream(&key(&pki.client_key))).starts_with("valkey.tls_cert_file:"));
+    let plain = format!("[valkey]\n{cert}{}", key(&pki.client_key));
+    assert!(err(plain).starts_with("valkey.tls_cert_file:"));
+    let wrong = err(upstream(&(cert.clone() + &key(&pki.server_key))));
+    assert!(wrong.starts_with("valkey.tls_key_file:"), "{wrong}");
+    let missing = upstream(
+        &(cert.replace(&p(&pki.client_cert), "/nonexistent/c.pem") + &key(&pki.client_key)),
+    );
+    assert!(err(missing).starts_with("valkey.tls_cert_file: cannot read"));
 
     // --check-config says the same.
     let dir = tempfile::tempdir().unwrap();
@@ -464,6 +484,50 @@ async fn every_upstream_connection_speaks_tls() {
         "{}",
         t.stunnel.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_for_valkey_that_requires_one() {
+    let pki = Pki::generate();
+    let valkey = Valkey::start();
+    let stunnel = Stunnel::start_mtls(&pki, valkey.port());
+    let db = tokio::task::spawn_blocking(|| postgres().fresh_db())
+        .await
+        .expect("fresh db");
+    let start = |cert: Option<(&std::path::Path, &std::path::Path)>| {
+        let mut cfg = config_for(&valkey, &db);
+        cfg.valkey.url = stunnel.url();
+        cfg.valkey.tls_ca_file = p(&pki.ca);
+        if let Some((c, k)) = cert {
+            cfg.valkey.tls_cert_file = p(c);
+            cfg.valkey.tls_key_file = p(k);
+        }
+        cfg.validate().expect("test config is valid");
+        cachefront::server::spawn(cfg)
+    };
+    // Presenting the CA's client certificate: served.
+    let with = start(Some((&pki.client_cert, &pki.client_key)))
+        .await
+        .expect("cachefront starts");
+    let mut c = Raw::connect(with.addr.port()).await;
+    assert_eq!(c.call(&[b"SET", b"m:k", b"v"]).await, "+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"m:k"]).await, "$1\r\nv\r\n");
+    assert_eq!(
+        c.call(&[b"EMP.GET", b"1"]).await,
+        "$13\r\nAlice Johnson\r\n"
+    );
+    assert_eq!(with.shared.metrics.fills.load(Ordering::Relaxed), 1);
+    // Without one, or with a stranger's: refused by Valkey's TLS side, a prompt -UPSTREAM.
+    for cert in [None, Some((&pki.other_client_cert, &pki.other_client_key))] {
+        let without = start(cert.map(|(c, k)| (c.as_path(), k.as_path())))
+            .await
+            .expect("cachefront starts");
+        let mut c = Raw::connect(without.addr.port()).await;
+        let started = Instant::now();
+        let reply = c.call(&[b"GET", b"m:k"]).await;
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(reply.starts_with("-UPSTREAM"), "{reply}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -387,9 +387,10 @@ mod tests {
             connect_timeout_ms: 200,
             ..ValkeyConfig::default()
         };
-        let upstream = crate::upstream::Upstream::new(&valkey).expect("upstream");
-        let store = Store::new(Arc::new(upstream), "cf:");
         let metrics = Arc::new(Metrics::default());
+        let upstream =
+            crate::upstream::Upstream::new(&valkey, Arc::clone(&metrics)).expect("upstream");
+        let store = Store::new(Arc::new(upstream), "cf:");
         let cache = Cache::new(store, Arc::clone(&metrics), &CacheConfig::default());
         (Arc::new(cache), metrics)
     }

@@ -110,7 +110,9 @@ impl Context {
     /// servers. Needs a Tokio runtime (the shared connections' tasks start idle).
     pub fn new(config: Config) -> Result<Context, String> {
         let metrics = Arc::new(Metrics::default());
-        let upstream = Arc::new(Upstream::new(&config.valkey).map_err(|e| e.to_string())?);
+        let upstream = Arc::new(
+            Upstream::new(&config.valkey, Arc::clone(&metrics)).map_err(|e| e.to_string())?,
+        );
         let store =
             crate::cache::store::Store::new(Arc::clone(&upstream), &config.cache.meta_prefix);
         let named = crate::cache::named::build(&config)?;
@@ -279,8 +281,8 @@ impl Context {
         if let Some(c) = &self.upstream.cluster {
             let st = c.stats();
             s.push_str(&format!(
-                "cluster_nodes:{}\r\ncluster_slots_served:{}\r\ncluster_moved:{}\r\ncluster_ask:{}\r\ncluster_map_refreshes:{}\r\n",
-                st.nodes, st.slots_served, st.moved, st.ask, st.refreshes
+                "cluster_nodes:{}\r\ncluster_slots_served:{}\r\ncluster_replicas:{}\r\ncluster_moved:{}\r\ncluster_ask:{}\r\ncluster_map_refreshes:{}\r\n",
+                st.nodes, st.slots_served, st.replicas, st.moved, st.ask, st.refreshes
             ));
         }
         if let Some(set) = self.db.replicas() {

@@ -9,12 +9,18 @@
 //! - Keys in different slots get Valkey's own `-CROSSSLOT` error, without a round trip.
 //! - Commands about the whole keyspace (`FLUSHALL`, `DBSIZE`, `KEYS`, `SCAN`, script and
 //!   function loading) run on every primary and their replies are combined.
+//! - With `valkey.read_from_replicas`, read-only pass-through commands on keys go to a replica
+//!   of the slot's primary (connections that sent `READONLY`); the primary answers when the
+//!   shard has no healthy replica, or when the replica chosen fails. Everything else — writes,
+//!   and every request of cachefront's own cache — stays on primaries.
+//! - With `rediss://`, every node connection is TLS, each checked against the name or address
+//!   the slot map gives for that node.
 
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::commands::{CommandTable, TableCell};
@@ -22,6 +28,7 @@ use super::conn::{connect, Endpoint};
 use super::mux::{LongWork, Mux, Redirect, ReplyBudget, ReplyRx};
 use super::tracking::{TrackingEvent, TrackingState};
 use crate::error::{Error, Refusal, Result};
+use crate::metrics::{inc, Metrics};
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::value::{decode, Value};
 use crate::protocol::Proto;
@@ -34,13 +41,15 @@ const UNASSIGNED: u16 = u16::MAX;
 const MAX_HOPS: u8 = 5;
 /// How often the slot map is refreshed when nothing prompts it.
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// How long a replica that failed a read is passed over before it is tried again.
+const REPLICA_RETRY: Duration = Duration::from_secs(2);
 
 /// The hash slot of a key, hash tags included (`{user1}:a` and `{user1}:b` share one).
 pub fn slot_of(key: &[u8]) -> u16 {
     redis_protocol::redis_keyslot(key)
 }
 
-/// One primary and the shared pipelined connections to it.
+/// One node (a primary, or a replica serving reads) and the shared pipelined connections to it.
 pub struct Node {
     pub addr: String,
     pub endpoint: Arc<Endpoint>,
@@ -49,6 +58,8 @@ pub struct Node {
     /// The node's own tracking connection for the L1 (tracking redirects stay on one node).
     tracking: Arc<TrackingState>,
     tracking_started: AtomicBool,
+    /// A replica: until when it is passed over after a failed read (ms on [`clock_ms`]).
+    failed_until: AtomicU64,
 }
 
 impl Node {
@@ -73,21 +84,55 @@ impl Node {
     pub fn server_version(&self) -> String {
         Mux::any_version(self.shared2.iter().chain(&self.shared3))
     }
+
+    /// A replica that may serve reads now: not failed within [`REPLICA_RETRY`].
+    fn serving(&self) -> bool {
+        self.failed_until.load(Ordering::Relaxed) <= clock_ms()
+    }
+
+    /// A replica's read failed: the primary answers its reads for a while.
+    fn mark_failed(&self) {
+        let until = clock_ms() + REPLICA_RETRY.as_millis() as u64;
+        self.failed_until.store(until, Ordering::Relaxed);
+    }
 }
 
-/// Which primary serves each slot.
+/// Milliseconds since the first call: a cheap shared clock for [`Node::failed_until`].
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Which primary serves each slot, and the replicas of each primary.
 struct Topology {
     slots: Vec<u16>,
     /// Sorted by address, so `SCAN` cursors name the same node between refreshes.
     nodes: Vec<Arc<Node>>,
+    /// `replicas[i]`: the healthy replicas of `nodes[i]` as the cluster last listed them
+    /// (empty unless `valkey.read_from_replicas`).
+    replicas: Vec<Vec<Arc<Node>>>,
 }
 
 impl Topology {
     fn node_for(&self, slot: u16) -> Option<&Arc<Node>> {
+        self.index_for(slot).and_then(|i| self.nodes.get(i))
+    }
+
+    fn index_for(&self, slot: u16) -> Option<usize> {
         match self.slots.get(slot as usize) {
-            Some(&i) if i != UNASSIGNED => self.nodes.get(i as usize),
+            Some(&i) if i != UNASSIGNED => Some(i as usize),
             _ => None,
         }
+    }
+
+    /// A replica of `slot`'s primary that may serve a read now (`lane` spreads clients over
+    /// them), if there is one.
+    fn replica_for(&self, slot: u16, lane: u64) -> Option<&Arc<Node>> {
+        let replicas = self.replicas.get(self.index_for(slot)?)?;
+        let n = replicas.len();
+        (0..n)
+            .map(|k| &replicas[((lane as usize) + k) % n])
+            .find(|r| r.serving())
     }
 }
 
@@ -103,10 +148,16 @@ pub enum Owner {
 /// Where a command must go.
 enum Target {
     Slot(u16),
+    /// A read-only command on keys of one slot: a replica may answer it (see
+    /// `valkey.read_from_replicas`).
+    Read(u16),
     Any,
     CrossSlot,
-    /// Keys known only to Valkey (`COMMAND GETKEYS`).
-    Movable,
+    /// Keys known only to Valkey (`COMMAND GETKEYS`); `read`: a read-only command (see
+    /// [`Target::Read`]).
+    Movable {
+        read: bool,
+    },
     Fanout(Fanout),
 }
 
@@ -141,11 +192,19 @@ pub struct Cluster {
     refreshes: AtomicU64,
     /// Long requests in flight anywhere (see [`LongWork`]): while one runs, silent nodes wait.
     long: Arc<LongWork>,
+    /// `valkey.read_from_replicas`.
+    replica_reads: bool,
+    /// Why the last slot map load failed (cleared by a success): what clients are told while
+    /// no map could be loaded, e.g. a TLS handshake refused.
+    last_error: std::sync::Mutex<Option<Error>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Figures for INFO and Prometheus.
 pub struct ClusterStats {
     pub nodes: u64,
+    /// Replicas serving reads (`valkey.read_from_replicas`; 0 without).
+    pub replicas: u64,
     pub slots_served: u64,
     pub moved: u64,
     pub ask: u64,
@@ -157,8 +216,9 @@ impl Cluster {
     pub fn start(
         base: Arc<Endpoint>,
         seeds: Vec<String>,
-        pool_size: usize,
+        (pool_size, replica_reads): (usize, bool),
         (long, table): (Arc<LongWork>, Arc<TableCell>),
+        metrics: Arc<Metrics>,
     ) -> Arc<Cluster> {
         let (redirects, rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
@@ -169,6 +229,7 @@ impl Cluster {
             topo: RwLock::new(Arc::new(Topology {
                 slots: vec![UNASSIGNED; SLOTS],
                 nodes: Vec::new(),
+                replicas: Vec::new(),
             })),
             ready: watch::channel(false).0,
             redirects,
@@ -178,6 +239,9 @@ impl Cluster {
             ask: AtomicU64::new(0),
             refreshes: AtomicU64::new(0),
             long,
+            replica_reads,
+            last_error: std::sync::Mutex::new(None),
+            metrics,
         });
         tokio::spawn(refresher(Arc::downgrade(&cluster)));
         tokio::spawn(redirector(Arc::downgrade(&cluster), rx));
@@ -188,6 +252,7 @@ impl Cluster {
         let topo = self.topology();
         ClusterStats {
             nodes: topo.nodes.len() as u64,
+            replicas: topo.replicas.iter().map(|r| r.len() as u64).sum(),
             slots_served: topo.slots.iter().filter(|&&s| s != UNASSIGNED).count() as u64,
             moved: self.moved.load(Ordering::Relaxed),
             ask: self.ask.load(Ordering::Relaxed),
@@ -217,12 +282,18 @@ impl Cluster {
             Ok(Ok(_))
         );
         if ok {
-            Ok(())
-        } else {
-            Err(Error::upstream(
-                "CLUSTERDOWN cachefront has not been able to load the cluster's slot map",
-            ))
+            return Ok(());
         }
+        let why = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|e| format!(": {}", e.to_string().trim_start_matches("UPSTREAM ")))
+            .unwrap_or_default();
+        Err(Error::upstream(format!(
+            "CLUSTERDOWN cachefront has not been able to load the cluster's slot map{why}"
+        )))
     }
 
     /// Sends a request for one key's slot (cachefront's own lookups). Awaits only while the
@@ -302,8 +373,11 @@ impl Cluster {
             None => self.table_loaded(lane).await?,
         };
         match target(&table, args) {
-            Target::Movable => {
-                let t = self.movable_target(lane, args).await?;
+            Target::Movable { read } => {
+                let t = match self.movable_target(lane, args).await? {
+                    Target::Slot(s) if read => Target::Read(s),
+                    t => t,
+                };
                 Ok((t, self.topology()))
             }
             t => Ok((t, topo)),
@@ -324,7 +398,19 @@ impl Cluster {
     ) -> ReplyRx {
         let node = match t {
             Target::Slot(s) => topo.node_for(s),
-            Target::Any | Target::Movable => topo
+            Target::Read(s) => {
+                let primary = topo.node_for(s);
+                if !self.replica_reads {
+                    primary
+                } else if let (Some(replica), Some(primary)) = (topo.replica_for(s, lane), primary)
+                {
+                    return self.read_on_replica(replica, primary, (lane, budget), proto, raw);
+                } else {
+                    inc(&self.metrics.cluster_replica_fallbacks);
+                    primary
+                }
+            }
+            Target::Any | Target::Movable { .. } => topo
                 .nodes
                 .get((lane % topo.nodes.len().max(1) as u64) as usize),
             Target::CrossSlot => return ready(Ok(Refusal::CrossSlot.frame())),
@@ -337,6 +423,59 @@ impl Cluster {
         }
     }
 
+    /// Sends a read to `replica`; if the replica fails it (no connection, no answer in time,
+    /// or an answer saying it cannot serve: see [`replica_cannot_serve`]), the replica is
+    /// passed over for [`REPLICA_RETRY`] and the read goes to `primary`, so a dead replica
+    /// costs a client one slower read, not an error. (Read-only commands can be sent twice.)
+    /// A `-MOVED` from the replica — the slot moved — is followed like any other: to the new
+    /// primary, with a refresh of the map.
+    fn read_on_replica(
+        &self,
+        replica: &Arc<Node>,
+        primary: &Arc<Node>,
+        (lane, budget): (u64, Option<&Arc<ReplyBudget>>),
+        proto: Proto,
+        raw: Bytes,
+    ) -> ReplyRx {
+        let first = replica
+            .mux(proto, lane)
+            .send_for(raw.clone(), lane, false, budget);
+        let (tx, rx) = oneshot::channel();
+        let (replica, primary) = (Arc::clone(replica), Arc::clone(primary));
+        let (budget, metrics) = (budget.cloned(), Arc::clone(&self.metrics));
+        tokio::spawn(async move {
+            let reply = match await_reply(first).await {
+                Ok(frame) if !replica_cannot_serve(&frame) => {
+                    inc(&metrics.cluster_replica_reads);
+                    Ok(frame)
+                }
+                Err(e) if e == super::mux::over_limit() => Err(e),
+                failed => {
+                    let why = match &failed {
+                        Ok(frame) => {
+                            // Not for the client: the primary's answer replaces it.
+                            if let Some(b) = &budget {
+                                b.release(frame.len());
+                            }
+                            String::from_utf8_lossy(frame).trim().to_string()
+                        }
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(replica = %replica.addr, error = %why, "a replica failed a read; the primary answers");
+                    replica.mark_failed();
+                    inc(&metrics.cluster_replica_fallbacks);
+                    let again =
+                        primary
+                            .mux(proto, lane)
+                            .send_for(raw, lane, false, budget.as_ref());
+                    await_reply(again).await
+                }
+            };
+            let _ = tx.send(reply);
+        });
+        rx
+    }
+
     /// The node a stateful client's dedicated connection should go to: the one serving the
     /// keys of the command that needs it, or any for a keyless one.
     pub async fn node_for_command(
@@ -346,7 +485,7 @@ impl Cluster {
     ) -> Result<Arc<Node>> {
         let (t, topo) = self.resolve(lane, args).await?;
         let node = match t {
-            Target::Slot(s) => topo.node_for(s),
+            Target::Slot(s) | Target::Read(s) => topo.node_for(s),
             // The client's mistake, worded as Valkey words it.
             Target::CrossSlot => return Err(Refusal::CrossSlot.into()),
             _ => topo
@@ -363,7 +502,7 @@ impl Cluster {
             return Owner::Unknown;
         };
         match target(&table, args) {
-            Target::Slot(s) => match self.topology().node_for(s) {
+            Target::Slot(s) | Target::Read(s) => match self.topology().node_for(s) {
                 Some(n) => Owner::Node(n.addr.clone()),
                 None => Owner::Unknown,
             },
@@ -450,7 +589,7 @@ impl Cluster {
         Err(last)
     }
 
-    async fn slots_from(&self, addr: &str) -> Result<Vec<(u16, u16, String)>> {
+    async fn slots_from(&self, addr: &str) -> Result<Vec<SlotRange>> {
         let ep = self.base.at(addr);
         let mut conn = connect(&ep, Proto::Resp2).await?;
         conn.write_all(b"*2\r\n$7\r\nCLUSTER\r\n$5\r\nSLOTS\r\n")
@@ -462,17 +601,22 @@ impl Cluster {
         parse_slots(&raw, addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr))
     }
 
-    fn install(&self, ranges: Vec<(u16, u16, String)>) {
+    /// Swaps in the map of `ranges`, keeping the nodes (and their connections) already known.
+    fn install(&self, ranges: Vec<SlotRange>) {
         let old = self.topology();
-        let mut addrs: Vec<String> = ranges.iter().map(|(_, _, a)| a.clone()).collect();
+        let mut addrs: Vec<String> = ranges.iter().map(|r| r.primary.clone()).collect();
         addrs.sort();
         addrs.dedup();
         let nodes: Vec<Arc<Node>> = addrs
             .iter()
             .map(|a| match old.nodes.iter().find(|n| &n.addr == a) {
                 Some(n) => Arc::clone(n),
-                None => self.new_node(a),
+                None => self.new_node(a, false),
             })
+            .collect();
+        let replicas: Vec<Vec<Arc<Node>>> = addrs
+            .iter()
+            .map(|a| self.replicas_of(&old, &ranges, a))
             .collect();
         let index: HashMap<&str, u16> = addrs
             .iter()
@@ -480,17 +624,51 @@ impl Cluster {
             .map(|(i, a)| (a.as_str(), i as u16))
             .collect();
         let mut slots = vec![UNASSIGNED; SLOTS];
-        for (from, to, addr) in &ranges {
-            for s in *from..=(*to).min(SLOTS as u16 - 1) {
-                slots[s as usize] = index[addr.as_str()];
+        for r in &ranges {
+            for s in r.from..=r.to.min(SLOTS as u16 - 1) {
+                slots[s as usize] = index[r.primary.as_str()];
             }
         }
-        *self.topo.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Topology { slots, nodes });
+        *self.topo.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Topology {
+            slots,
+            nodes,
+            replicas,
+        });
         self.ready.send_replace(true);
     }
 
-    fn new_node(&self, addr: &str) -> Arc<Node> {
-        let endpoint = Arc::new(self.base.at(addr));
+    /// The replicas listed for `primary` (none unless replica reads are on), reusing the ones
+    /// already known with their connections.
+    fn replicas_of(&self, old: &Topology, ranges: &[SlotRange], primary: &str) -> Vec<Arc<Node>> {
+        if !self.replica_reads {
+            return Vec::new();
+        }
+        let mut addrs: Vec<&String> = ranges
+            .iter()
+            .filter(|r| r.primary == primary)
+            .flat_map(|r| &r.replicas)
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+            .into_iter()
+            .map(
+                |a| match old.replicas.iter().flatten().find(|n| &n.addr == a) {
+                    Some(n) => Arc::clone(n),
+                    None => self.new_node(a, true),
+                },
+            )
+            .collect()
+    }
+
+    /// A node's shared connections (opened on first use); `replica`: a replica serving reads,
+    /// whose connections send `READONLY`.
+    fn new_node(&self, addr: &str, replica: bool) -> Arc<Node> {
+        let endpoint = Arc::new(if replica {
+            self.base.replica_at(addr)
+        } else {
+            self.base.at(addr)
+        });
         let tracking = Arc::new(TrackingState::default());
         let long = &self.long;
         let recovered = Arc::new(super::mux::Recovered::default());
@@ -514,8 +692,9 @@ impl Cluster {
             endpoint,
             tracking,
             tracking_started: AtomicBool::new(false),
+            failed_until: AtomicU64::new(0),
         });
-        if let Some(on) = self.on_tracking.get() {
+        if let (Some(on), false) = (self.on_tracking.get(), replica) {
             node.start_tracking(on);
         }
         node
@@ -566,9 +745,11 @@ impl Cluster {
         let mut topo = Topology {
             slots: guard.slots.clone(),
             nodes: guard.nodes.clone(),
+            replicas: guard.replicas.clone(),
         };
         let i = known.unwrap_or_else(|| {
-            topo.nodes.push(self.new_node(addr));
+            topo.nodes.push(self.new_node(addr, false));
+            topo.replicas.push(Vec::new());
             topo.nodes.len() - 1
         });
         topo.nodes[i].resend_job(job);
@@ -588,7 +769,8 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Opens the shared connections once the map is known (a PING each).
+    /// Opens the shared connections once the map is known (a PING each), to the primaries and
+    /// to the replicas serving reads.
     pub fn warm_up(self: &Arc<Self>) {
         let c = Arc::clone(self);
         tokio::spawn(async move {
@@ -596,13 +778,21 @@ impl Cluster {
                 return;
             }
             let _ = c.table_loaded(0).await;
-            for node in c.nodes() {
+            let topo = c.topology();
+            for node in topo.nodes.iter().chain(topo.replicas.iter().flatten()) {
                 for mux in node.shared2.iter().chain(&node.shared3) {
                     drop(mux.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")));
                 }
             }
         });
     }
+}
+
+/// A replica's reply saying it cannot serve reads now — still loading a full sync
+/// (`-LOADING`), or cut off from its primary with `replica-serve-stale-data no`
+/// (`-MASTERDOWN`): the primary answers instead.
+fn replica_cannot_serve(frame: &[u8]) -> bool {
+    frame.starts_with(b"-LOADING") || frame.starts_with(b"-MASTERDOWN")
 }
 
 /// Queues the request on every primary now, and combines their replies on a task.
@@ -663,7 +853,9 @@ async fn refresher(cluster: std::sync::Weak<Cluster>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(c) = cluster.upgrade() else { return };
-        let wait = match c.refresh().await {
+        let outcome = c.refresh().await;
+        *c.last_error.lock().unwrap_or_else(|p| p.into_inner()) = outcome.clone().err();
+        let wait = match outcome {
             Ok(()) => {
                 backoff = Duration::from_millis(50);
                 REFRESH_EVERY
@@ -768,10 +960,22 @@ fn target(table: &CommandTable, args: &[Bytes]) -> Target {
     let Ok(info) = table.lookup(args) else {
         return Target::Any;
     };
+    // Only the table's `readonly` commands: never a write, a script, a blocking command
+    // (those take a dedicated connection anyway) or a keyless one.
+    let read = info.readonly && !info.writes && !is_script(name);
     if info.movable {
-        return Target::Movable;
+        return Target::Movable { read };
     }
-    same_slot(info.legacy_keys(args).map(|k| slot_of(k)))
+    match same_slot(info.legacy_keys(args).map(|k| slot_of(k))) {
+        Target::Slot(s) if read => Target::Read(s),
+        t => t,
+    }
+}
+
+fn is_script(name: &[u8]) -> bool {
+    super::SCRIPT_COMMANDS
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case(name))
 }
 
 fn same_slot(mut slots: impl Iterator<Item = u16>) -> Target {
@@ -785,9 +989,18 @@ fn same_slot(mut slots: impl Iterator<Item = u16>) -> Target {
     }
 }
 
-/// `CLUSTER SLOTS` → (first slot, last slot, primary address). An empty host means the node
-/// that answered (`host`).
-fn parse_slots(raw: &[u8], host: &str) -> Result<Vec<(u16, u16, String)>> {
+/// One range of `CLUSTER SLOTS`: its slots, its primary and the replicas listed with it.
+/// Valkey lists only replicas that can serve (not failed, not still loading their first sync).
+#[derive(Debug, PartialEq)]
+struct SlotRange {
+    from: u16,
+    to: u16,
+    primary: String,
+    replicas: Vec<String>,
+}
+
+/// `CLUSTER SLOTS` → its ranges. An empty host means the node that answered (`host`).
+fn parse_slots(raw: &[u8], host: &str) -> Result<Vec<SlotRange>> {
     let bad = || Error::upstream("unexpected CLUSTER SLOTS reply (is valkey.cluster a cluster?)");
     if raw.first() == Some(&b'-') {
         return Err(Error::upstream(format!(
@@ -797,26 +1010,34 @@ fn parse_slots(raw: &[u8], host: &str) -> Result<Vec<(u16, u16, String)>> {
     }
     let ranges = decode(raw).and_then(Value::into_array).ok_or_else(bad)?;
     let text = |v: &Value| v.bytes().map(|b| String::from_utf8_lossy(b).to_string());
+    // `[ip, port, id, …]` → `ip:port`.
+    let addr = |node: &Value| -> Option<String> {
+        let node = node.array()?;
+        let ip = node.first().and_then(text).unwrap_or_default();
+        let port = node.get(1).and_then(Value::int)?;
+        let ip = if ip.is_empty() || ip == "?" {
+            host.to_string()
+        } else {
+            ip
+        };
+        Some(format!("{ip}:{port}"))
+    };
     let mut out = Vec::new();
     for r in &ranges {
         let f = r.array().ok_or_else(bad)?;
         let (Some(from), Some(to), Some(primary)) = (
             f.first().and_then(Value::int),
             f.get(1).and_then(Value::int),
-            f.get(2).and_then(Value::array),
+            f.get(2).and_then(addr),
         ) else {
             return Err(bad());
         };
-        let ip = primary.first().and_then(text).unwrap_or_default();
-        let Some(port) = primary.get(1).and_then(Value::int) else {
-            return Err(bad());
-        };
-        let ip = if ip.is_empty() || ip == "?" {
-            host.to_string()
-        } else {
-            ip
-        };
-        out.push((from as u16, to as u16, format!("{ip}:{port}")));
+        out.push(SlotRange {
+            from: from as u16,
+            to: to as u16,
+            primary,
+            replicas: f.iter().skip(3).filter_map(addr).collect(),
+        });
     }
     if out.is_empty() {
         return Err(Error::upstream("CLUSTERDOWN the cluster serves no slots"));
@@ -968,6 +1189,45 @@ mod tests {
         let (c, keys) = split_scan_reply(&r).unwrap();
         assert_eq!(c, 17);
         assert_eq!(keys, b"*1\r\n$1\r\nk\r\n");
+    }
+
+    #[test]
+    fn replicas_that_cannot_serve_are_recognised() {
+        assert!(replica_cannot_serve(
+            b"-LOADING Valkey is loading the dataset in memory\r\n"
+        ));
+        assert!(replica_cannot_serve(b"-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n"));
+        assert!(!replica_cannot_serve(b"$-1\r\n"));
+        assert!(!replica_cannot_serve(
+            b"-WRONGTYPE Operation against a key\r\n"
+        ));
+    }
+
+    #[test]
+    fn slot_ranges_carry_their_replicas() {
+        let raw = b"*2\r\n\
+*4\r\n:0\r\n:99\r\n*3\r\n$9\r\n127.0.0.1\r\n:7000\r\n$2\r\nid\r\n\
+*3\r\n$0\r\n\r\n:7003\r\n$2\r\nid\r\n\
+*3\r\n:100\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n:7001\r\n$2\r\nid\r\n";
+        let ranges = parse_slots(raw, "10.0.0.9").unwrap();
+        assert_eq!(
+            ranges,
+            [
+                SlotRange {
+                    from: 0,
+                    to: 99,
+                    primary: "127.0.0.1:7000".into(),
+                    // An empty host: the node that answered.
+                    replicas: vec!["10.0.0.9:7003".into()],
+                },
+                SlotRange {
+                    from: 100,
+                    to: 16383,
+                    primary: "127.0.0.1:7001".into(),
+                    replicas: vec![],
+                },
+            ]
+        );
     }
 
     #[test]

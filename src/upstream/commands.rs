@@ -37,6 +37,8 @@ pub struct CmdInfo {
     /// Writes (or may write) its keys: the `write` flag, or a key specification that says
     /// `RW`, `OW` or `RM` (scripts: "we cannot tell how the keys will be used").
     pub writes: bool,
+    /// The `readonly` flag: reads its keys and nothing else (a cluster replica may answer it).
+    pub readonly: bool,
     /// Categories without the `@`.
     pub categories: Vec<String>,
     pub subs: HashMap<String, CmdInfo>,
@@ -76,6 +78,7 @@ impl CmdInfo {
             step: int(f.get(5)),
             movable: flags.iter().any(|x| x == "movablekeys"),
             writes: flags.iter().any(|x| x == "write") || key_specs_write(f.get(8)),
+            readonly: flags.iter().any(|x| x == "readonly"),
             categories: list(f.get(6))
                 .into_iter()
                 .map(|c| c.trim_start_matches('@').to_string())

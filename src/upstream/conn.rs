@@ -24,14 +24,28 @@ pub struct Endpoint {
     pub command_timeout: Duration,
     /// TLS settings, for a `rediss://` URL.
     pub tls: Option<UpstreamTls>,
+    /// A cluster replica serving reads: the handshake sends `READONLY`, so the replica answers
+    /// reads of its primary's slots instead of redirecting them.
+    pub readonly: bool,
 }
 
 impl Endpoint {
-    /// The same login and timeouts at another node of a cluster.
+    /// The same login, timeouts and TLS trust at another node of a cluster; with TLS, that
+    /// node's certificate must name the host in `addr` (see [`UpstreamTls::for_host`]).
     pub fn at(&self, addr: &str) -> Endpoint {
         Endpoint {
             addr: addr.to_string(),
+            tls: self.tls.as_ref().map(|t| t.for_host(host_of(addr))),
+            readonly: false,
             ..self.clone()
+        }
+    }
+
+    /// [`at`](Self::at) a replica, for reads (`READONLY` in the handshake).
+    pub fn replica_at(&self, addr: &str) -> Endpoint {
+        Endpoint {
+            readonly: true,
+            ..self.at(addr)
         }
     }
 
@@ -41,12 +55,8 @@ impl Endpoint {
             ValkeyUrl::parse(&cfg.url).map_err(|e| Error::client(format!("valkey.url: {e}")))?;
         let tls = match url.tls {
             true => Some(
-                UpstreamTls::new(
-                    &url.host,
-                    &cfg.tls_ca_file,
-                    url.insecure || cfg.tls_insecure,
-                )
-                .map_err(|e| Error::client(e.to_string()))?,
+                UpstreamTls::new(&url.host, cfg, url.insecure || cfg.tls_insecure)
+                    .map_err(|e| Error::client(e.to_string()))?,
             ),
             false => None,
         };
@@ -58,8 +68,15 @@ impl Endpoint {
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             command_timeout: Duration::from_millis(cfg.command_timeout_ms),
             tls,
+            readonly: false,
         })
     }
+}
+
+/// The host of `host:port` (an IPv6 address without its brackets).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// A connection after the handshake.
@@ -184,8 +201,9 @@ async fn connect_inner(ep: &Endpoint, proto: Proto) -> Result<RawConn> {
     Ok(conn)
 }
 
-/// `HELLO <proto> [AUTH …]`, then `SELECT` if the URL names a database: what puts a fresh (or
-/// just `RESET`) connection into the state cachefront expects.
+/// `HELLO <proto> [AUTH …]`, then `SELECT` if the URL names a database, and `READONLY` for a
+/// replica serving reads: what puts a fresh (or just `RESET`) connection into the state
+/// cachefront expects.
 fn handshake(ep: &Endpoint, proto: Proto) -> BytesMut {
     let mut hello: Vec<Bytes> = vec![
         Bytes::from_static(b"HELLO"),
@@ -206,6 +224,9 @@ fn handshake(ep: &Endpoint, proto: Proto) -> BytesMut {
             Bytes::from(ep.db.to_string()),
         ]));
     }
+    if ep.readonly {
+        out.extend_from_slice(b"*1\r\n$8\r\nREADONLY\r\n");
+    }
     out
 }
 
@@ -221,6 +242,16 @@ async fn read_handshake(conn: &mut RawConn, ep: &Endpoint) -> Result<()> {
             return Err(Error::upstream(format!(
                 "SELECT {} refused by Valkey: {}",
                 ep.db,
+                String::from_utf8_lossy(&r).trim()
+            )));
+        }
+    }
+    if ep.readonly {
+        let r = conn.read_frame().await?;
+        if r.first() == Some(&b'-') {
+            return Err(Error::upstream(format!(
+                "READONLY refused by the replica at {}: {}",
+                ep.addr,
                 String::from_utf8_lossy(&r).trim()
             )));
         }
@@ -354,4 +385,37 @@ fn parse_hello(frame: &[u8]) -> Result<(i64, String)> {
     let get = |k: &str| pairs.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone());
     let id = get("id").and_then(|s| s.parse().ok()).unwrap_or(0);
     Ok((id, get("version").unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each node of a cluster is checked for its own name, with the same trust settings.
+    #[test]
+    fn every_node_is_checked_for_its_own_name() {
+        let cfg = ValkeyConfig {
+            url: "rediss://seed.example:6380".into(),
+            tls_insecure: true,
+            ..ValkeyConfig::default()
+        };
+        let base = Endpoint::from_config(&cfg).unwrap();
+        let name = |ep: &Endpoint| {
+            let tls = ep.tls.as_ref().unwrap();
+            assert!(tls.insecure, "trust settings carried over");
+            format!("{:?}", tls.server_name)
+        };
+        assert!(name(&base).contains("seed.example"), "{}", name(&base));
+        let node = base.at("node-2.example:6380");
+        assert!(name(&node).contains("node-2.example"), "{}", name(&node));
+        assert!(!node.readonly);
+        let ip = base.replica_at("10.0.0.3:6380");
+        assert!(name(&ip).contains("[10, 0, 0, 3]"), "{}", name(&ip));
+        assert!(ip.readonly);
+        let v6 = base.at("[::1]:6380");
+        assert!(name(&v6).starts_with("IpAddress(V6"), "{}", name(&v6));
+        // Without TLS nothing changes but the address.
+        let plain = Endpoint::from_config(&ValkeyConfig::default()).unwrap();
+        assert!(plain.at("h:1").tls.is_none());
+    }
 }

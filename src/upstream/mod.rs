@@ -17,8 +17,9 @@ use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use crate::config::ValkeyConfig;
+use crate::config::{cluster_seed, ValkeyConfig};
 use crate::error::Result;
+use crate::metrics::Metrics;
 use crate::protocol::{Proto, Request};
 pub use cluster::Cluster;
 pub use conn::{Endpoint, Login, RawConn};
@@ -59,7 +60,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &ValkeyConfig) -> Result<Upstream> {
+    pub fn new(cfg: &ValkeyConfig, metrics: Arc<Metrics>) -> Result<Upstream> {
         let endpoint = Arc::new(Endpoint::from_config(cfg)?);
         if endpoint.tls.as_ref().is_some_and(|t| t.insecure) {
             tracing::warn!(
@@ -72,9 +73,10 @@ impl Upstream {
         let long = Arc::new(mux::LongWork::default());
         let commands = Arc::new(commands::TableCell::default());
         let cluster = (!cfg.cluster.is_empty()).then(|| {
-            let seeds = cfg.cluster.iter().map(|s| cluster_seed(s)).collect();
+            let seeds = cfg.cluster.iter().map(|s| cluster_seed(s).1).collect();
             let shared = (Arc::clone(&long), Arc::clone(&commands));
-            Cluster::start(Arc::clone(&endpoint), seeds, cfg.pool_size, shared)
+            let pools = (cfg.pool_size, cfg.read_from_replicas);
+            Cluster::start(Arc::clone(&endpoint), seeds, pools, shared, metrics)
         });
         // In a cluster the per-node connections live in `cluster`; none to a single address.
         let per_proto = if cluster.is_some() { 0 } else { cfg.pool_size };
@@ -425,14 +427,4 @@ pub async fn reply_of(rx: ReplyRx) -> Result<Bytes> {
     rx.await.map_err(|_| {
         crate::error::Error::upstream("connection to Valkey lost before the reply arrived")
     })?
-}
-
-/// A `valkey.cluster` entry as `host:port` (`redis://host:port` is accepted too).
-fn cluster_seed(s: &str) -> String {
-    let s = s.trim();
-    let s = s
-        .strip_prefix("redis://")
-        .or_else(|| s.strip_prefix("valkey://"))
-        .unwrap_or(s);
-    s.trim_end_matches('/').to_string()
 }

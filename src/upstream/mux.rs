@@ -168,7 +168,7 @@ fn is_long(raw: &[u8]) -> bool {
 
 /// The error a request gets when its client passed its output limit (the client is being
 /// disconnected; nobody reads it).
-fn over_limit() -> Error {
+pub fn over_limit() -> Error {
     Error::upstream("client output buffer limit reached")
 }
 

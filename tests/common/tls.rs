@@ -260,6 +260,20 @@ pub struct Stunnel {
 
 impl Stunnel {
     pub fn start(pki: &Pki, backend: u16) -> Stunnel {
+        Stunnel::start_with(pki, backend, "")
+    }
+
+    /// Like [`start`](Self::start), and requiring a client certificate signed by the PKI's CA
+    /// (mutual TLS).
+    pub fn start_mtls(pki: &Pki, backend: u16) -> Stunnel {
+        let extra = format!(
+            "verifyChain = yes\nrequireCert = yes\nCAfile = {}\n",
+            pki.ca.display()
+        );
+        Stunnel::start_with(pki, backend, &extra)
+    }
+
+    fn start_with(pki: &Pki, backend: u16, extra: &str) -> Stunnel {
         let mut last = String::new();
         for attempt in 0..5 {
             let port = free_port();
@@ -270,7 +284,7 @@ impl Stunnel {
                 format!(
                     "foreground = yes\npid =\noutput = {log}\ndebug = 5\n\n[valkey]\n\
                      accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{backend}\n\
-                     cert = {cert}\nkey = {key}\n",
+                     cert = {cert}\nkey = {key}\n{extra}",
                     log = log.display(),
                     cert = pki.server_cert.display(),
                     key = pki.server_key.display(),
