@@ -109,7 +109,9 @@ async fn counter(node_url: &str, field: &str) -> u64 {
 }
 
 /// The INFO counters the tests compare.
-const FIELDS: [&str; 6] = [
+const FIELDS: [&str; 8] = [
+    "fills",
+    "upstream_errors",
     "misses",
     "hits",
     "db_queries",
@@ -250,6 +252,7 @@ async fn thousand_misses(lease_ms: u64) {
         "every request missed (they overlapped the fill)"
     );
     assert_eq!(timeouts, 0);
+    assert_eq!(d["upstream_errors"], 0, "every store script ran clean");
     if lease_ms == 0 {
         assert_eq!(calls, 3, "per-process coalescing: one query per instance");
         assert_eq!((queries, leases, waits), (3, 0, 0));
@@ -591,6 +594,11 @@ async fn misses_over_three_instances_on_a_cluster_make_one_query() {
     );
     assert_eq!(calls, 1, "one query for the fleet");
     assert_eq!(leases, 1);
+    assert_eq!(
+        (d["fills"], d["upstream_errors"]),
+        (1, 0),
+        "one clean store"
+    );
     assert!(
         slowest < Duration::from_millis(SLEEP_MS + 2000),
         "the waiters were woken, not timed out: {slowest:?}"

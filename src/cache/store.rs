@@ -83,6 +83,7 @@ return stored
 pub(super) const RELEASE_FN: &str = r#"
 local function release(lease, token, channel, entry, stored, no_row_ms)
   if token == '' then return 0 end
+  no_row_ms = tonumber(no_row_ms) or 0
   local mine = redis.pcall('GET', lease) == token
   if mine then
     if no_row_ms > 0 then
