@@ -215,6 +215,9 @@ pub struct FillOptions {
     pub hash: bool,
     /// An early refresh: query even though the entry exists.
     pub refresh: bool,
+    /// A read after a write (`Cache::begin_after`): joins no fill in flight (it may have
+    /// read PostgreSQL before the write) and serves no stale-if-error value.
+    pub fresh: bool,
     /// Where the value comes from, for the verification registry (`None`: not sampled).
     pub sample: Option<verify::Origin>,
     /// The query's figures, which count what is stored (`CACHEFRONT.QUERIES`).
@@ -341,14 +344,14 @@ impl Cache {
     {
         if self.bypasses(&entry) {
             inc(&self.metrics.degraded_reads);
-            return self.read_uncached(entry, load).await;
+            return self.read_uncached(entry, opts.fresh, load).await;
         }
         if matches!(
             entry.deps.tracking,
             Tracking::Unresolved | Tracking::Unwatched
         ) {
             inc(&self.metrics.unwatched_reads);
-            return self.read_uncached(entry, load).await;
+            return self.read_uncached(entry, opts.fresh, load).await;
         }
         self.register(&entry.tables()).await;
         let ctx = FillCtx {
@@ -359,6 +362,9 @@ impl Cache {
             degraded: Arc::clone(&self.degraded),
             verify: Arc::clone(&self.verify),
         };
+        if opts.fresh {
+            return ctx.fill_once(entry, opts, load).await;
+        }
         let key = entry.key.clone();
         let fill = async move { ctx.fill_once(entry, opts, load).await };
         let (result, waited) = self.coalescer.run(&key, fill).await;
@@ -378,8 +384,14 @@ impl Cache {
 
     /// A read of an entry the cache cannot vouch for (degraded, or not watched): from
     /// PostgreSQL, stored nowhere. Concurrent reads of one key still share one query (under
-    /// a key of their own, apart from fills).
-    async fn read_uncached<F, Fut>(&self, entry: Entry, load: F) -> Result<(Value, CacheStatus)>
+    /// a key of their own, apart from fills) — unless `fresh` (a read after a write, which
+    /// must not take a query that may have started before the write).
+    async fn read_uncached<F, Fut>(
+        &self,
+        entry: Entry,
+        fresh: bool,
+        load: F,
+    ) -> Result<(Value, CacheStatus)>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Value>> + Send + 'static,
@@ -394,6 +406,9 @@ impl Cache {
             })?;
             Ok((value, CacheStatus::Degraded))
         };
+        if fresh {
+            return read.await;
+        }
         let key = format!("\0degraded\0{}", entry.key);
         self.coalescer.run(&key, read).await.0
     }
@@ -498,6 +513,11 @@ impl FillCtx {
         if let Ok(p) = &prefill {
             // Stored by a fill that finished between this request's lookup and now.
             if let Some(v) = p.existing.as_ref().filter(|_| !opts.refresh) {
+                if opts.fresh {
+                    // A read after a write found the entry: a hit.
+                    inc(&self.metrics.hits);
+                    return Ok((v.clone(), CacheStatus::Hit));
+                }
                 inc(&self.metrics.coalesced_waits);
                 return Ok((v.clone(), CacheStatus::Coalesced));
             }
@@ -512,8 +532,10 @@ impl FillCtx {
             Err(e) if matches!(e, crate::error::Error::Client(_)) => return Err(e),
             Err(e) => {
                 inc(&self.metrics.db_errors);
-                // Stale-if-error: the last value this process filled, if recent enough.
-                if let Some(v) = self.stale.as_ref().and_then(|s| s.get(&entry.key)) {
+                // Stale-if-error: the last value this process filled, if recent enough (never
+                // for a read after a write, which must not see older than the write).
+                let stale = self.stale.as_ref().filter(|_| !opts.fresh);
+                if let Some(v) = stale.and_then(|s| s.get(&entry.key)) {
                     tracing::debug!(key = %entry.key, error = %e, "serving a stale value");
                     inc(&self.metrics.stale_served);
                     return Ok((v, CacheStatus::Stale));
