@@ -113,7 +113,9 @@ async fn under_load(source: &'static str) {
         (&async_writer, "SELECT pg_current_wal_insert_lsn()::text"),
     ];
     let mut readers = [connect(&urls[0]).await, connect(&urls[1]).await];
+    let mut plain = [connect(&urls[0]).await, connect(&urls[1]).await];
     let mut waits = Vec::with_capacity(WRITES);
+    let mut unfloored = Vec::with_capacity(WRITES);
     let (mut checked, mut stale) = (0usize, 0usize);
     for i in 0..WRITES {
         let name = format!("w-{source}-{i}");
@@ -138,6 +140,17 @@ async fn under_load(source: &'static str) {
             .unwrap_or_else(|e| panic!("read after {lsn}: {e}"));
         waits.push(started.elapsed());
         assert_eq!(ok, "OK");
+        // The same reads without a floor, for comparison (they may be stale: not checked).
+        let started = Instant::now();
+        let _: (Option<String>, String) = redis::pipe()
+            .cmd("EMP.GET")
+            .arg(1)
+            .cmd("SQL.CACHED")
+            .arg(SQL)
+            .query_async(&mut plain[i % 2])
+            .await
+            .expect("reads without a floor");
+        unfloored.push(started.elapsed());
         checked += 2;
         if emp.as_deref() != Some(name.as_str()) {
             stale += 1;
@@ -155,6 +168,7 @@ async fn under_load(source: &'static str) {
         counts.push(t.await.expect("task"));
     }
     waits.sort();
+    unfloored.sort();
     let mut info = String::new();
     for u in &urls {
         let i = info_cachefront(&mut connect(u).await).await;
@@ -166,11 +180,14 @@ async fn under_load(source: &'static str) {
         ));
     }
     eprintln!(
-        "read-your-writes, source {source}, 2 instances: reads after a write p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+        "read-your-writes, source {source}, 2 instances: AFTER + EMP.GET + SQL.CACHED after a write p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms \
+         (the two reads without a floor: p50 {:.2} ms, p99 {:.2} ms); \
          answers checked {checked}, stale answers: {stale}; load writes {}, unfloored reads {} + {}; {info}",
         pct(&waits, 50),
         pct(&waits, 99),
         pct(&waits, 100),
+        pct(&unfloored, 50),
+        pct(&unfloored, 99),
         counts[0],
         counts[1],
         counts[2],
@@ -309,5 +326,45 @@ async fn refused_without_invalidation() {
     assert_eq!(
         call_line(&mut r, "CACHEFRONT.AFTER 0/1").await,
         "-ERR CACHEFRONT.AFTER needs invalidation, which is off on this server (invalidation.enabled = false)\r\n"
+    );
+}
+
+/// An entry cached TTL-only is reached by no invalidation: under a floor it is answered from
+/// PostgreSQL (stored nowhere), while a read without one still gets the cached value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_only_entries_are_read_from_postgres_under_a_floor() {
+    const PLPGSQL: &str =
+        "CREATE FUNCTION headcount_pl(d int) RETURNS bigint LANGUAGE plpgsql STABLE
+        AS $$ BEGIN RETURN (SELECT count(*) FROM employees WHERE dept_id = d); END $$;";
+    let s = common::fresh::stack_on(PLPGSQL, common::fresh::set_sql_ttl_only).await;
+    settled(&[&s.proxy]).await;
+    let sql = "SELECT headcount_pl(1) AS n";
+    let mut c = s.client().await;
+    assert_eq!(sql_cached(&mut c, sql).await, r#"[{"n": 1}]"#);
+    let pg = s.pg().await;
+    pg.execute(
+        "INSERT INTO employees (name, job_title, dept_id) VALUES ('Zoe', 'Clerk', 1)",
+        &[],
+    )
+    .await
+    .expect("write");
+    let lsn: String = pg
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("token")
+        .get(0);
+    // Cached until its TTL: a read without a floor still sees the old count.
+    assert_eq!(sql_cached(&mut c, sql).await, r#"[{"n": 1}]"#);
+    let mut floored = s.client().await;
+    let _: () = redis::cmd("CACHEFRONT.AFTER")
+        .arg(&lsn)
+        .query_async(&mut floored)
+        .await
+        .expect("CACHEFRONT.AFTER");
+    assert_eq!(sql_cached(&mut floored, sql).await, r#"[{"n": 2}]"#);
+    assert_eq!(
+        sql_cached(&mut c, sql).await,
+        r#"[{"n": 1}]"#,
+        "nothing stored"
     );
 }

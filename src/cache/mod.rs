@@ -346,10 +346,15 @@ impl Cache {
             inc(&self.metrics.degraded_reads);
             return self.read_uncached(entry, opts.fresh, load).await;
         }
-        if matches!(
-            entry.deps.tracking,
-            Tracking::Unresolved | Tracking::Unwatched
-        ) {
+        // A read after a write cannot vouch for a TTL-only entry (no invalidation reaches it):
+        // it answers from PostgreSQL, as an unwatched read does.
+        let ttl_only_fresh = opts.fresh && entry.deps.tracking == Tracking::TtlOnly;
+        if ttl_only_fresh
+            || matches!(
+                entry.deps.tracking,
+                Tracking::Unresolved | Tracking::Unwatched
+            )
+        {
             inc(&self.metrics.unwatched_reads);
             return self.read_uncached(entry, opts.fresh, load).await;
         }

@@ -422,7 +422,8 @@ impl Db {
     async fn barrier(&self, sql: &str, arg: &str) -> Result<u64, DbError> {
         let run = async {
             let client = self.get().await?;
-            let row = client.query_one(sql, &[&arg]).await?;
+            let statement = client.prepare_cached(sql).await?;
+            let row = client.query_one(&statement, &[&arg]).await?;
             let text: String = row.try_get(0)?;
             replicas::parse_lsn(&text)
                 .ok_or_else(|| DbError::Other(format!("not a WAL position: {text}")))

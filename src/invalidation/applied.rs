@@ -28,13 +28,14 @@
 //! avoid is in-process state older than the bump: the L1, a fill in flight that may have read
 //! before it, a stale-if-error value — `Cache::begin_after` skips all three.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use super::Listener;
+use super::{lock, Listener};
 use crate::cache::store::Store;
 use crate::config::ChangeSource;
 use crate::db::DbError;
@@ -62,10 +63,8 @@ const MIN_GAP: Duration = Duration::from_millis(5);
 pub struct Applied {
     /// The highest watermark seen (read in Valkey, or written by this process).
     known: watch::Sender<u64>,
-    /// The highest token a read has waited for.
-    wanted: AtomicU64,
-    /// Reads waiting now.
-    waiters: AtomicUsize,
+    /// The tokens reads wait for now, with how many wait for each.
+    waiting: Mutex<BTreeMap<u64, usize>>,
     /// A read started waiting.
     wake: Notify,
 }
@@ -74,19 +73,34 @@ impl Default for Applied {
     fn default() -> Self {
         Applied {
             known: watch::Sender::new(0),
-            wanted: AtomicU64::new(0),
-            waiters: AtomicUsize::new(0),
+            waiting: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
         }
     }
 }
 
-/// Counts a read as waiting for as long as it waits (also if it is dropped).
-struct Waiting<'a>(&'a AtomicUsize);
+/// Counts a read as waiting for its token for as long as it waits (also if it is dropped).
+struct Waiting<'a> {
+    applied: &'a Applied,
+    lsn: u64,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(applied: &'a Applied, lsn: u64) -> Waiting<'a> {
+        *lock(&applied.waiting).entry(lsn).or_default() += 1;
+        Waiting { applied, lsn }
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut waiting = lock(&self.applied.waiting);
+        if let Some(n) = waiting.get_mut(&self.lsn) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&self.lsn);
+            }
+        }
     }
 }
 
@@ -113,9 +127,7 @@ impl Applied {
         if self.known() >= lsn {
             return true;
         }
-        self.wanted.fetch_max(lsn, Ordering::AcqRel);
-        self.waiters.fetch_add(1, Ordering::AcqRel);
-        let _waiting = Waiting(&self.waiters);
+        let _waiting = Waiting::new(self, lsn);
         let mut rx = self.known.subscribe();
         self.wake.notify_one();
         tokio::time::timeout(limit, rx.wait_for(|w| *w >= lsn))
@@ -125,8 +137,8 @@ impl Applied {
 
     /// Whether a read waits beyond what is known.
     fn behind(&self) -> bool {
-        self.waiters.load(Ordering::Acquire) > 0
-            && self.wanted.load(Ordering::Acquire) > self.known()
+        let highest = lock(&self.waiting).last_key_value().map(|(lsn, _)| *lsn);
+        highest.is_some_and(|lsn| lsn > self.known())
     }
 
     /// The applier has applied every change committed up to `lsn`: raises the watermark in
@@ -226,13 +238,15 @@ mod tests {
         let applied = std::sync::Arc::new(Applied::default());
         assert!(applied.wait(0, Duration::ZERO).await);
         assert!(!applied.wait(10, Duration::from_millis(5)).await);
-        assert_eq!(applied.waiters.load(Ordering::Acquire), 0);
+        assert!(lock(&applied.waiting).is_empty());
         let a = std::sync::Arc::clone(&applied);
         let waiter = tokio::spawn(async move { a.wait(10, Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert!(applied.behind());
         applied.learn(9);
+        assert!(applied.behind());
         applied.learn(11);
+        assert!(!applied.behind(), "known passed every token waited for");
         assert!(waiter.await.expect("waiter"));
         applied.learn(3);
         assert_eq!(applied.known(), 11);
