@@ -22,6 +22,18 @@ const WRITES: usize = 300;
 
 const SQL: &str = "SELECT name FROM employees WHERE id = 1";
 
+/// A redis-rs connection that waits for a reply as long as the slowest read may take here
+/// (redis-rs gives up after 500 ms by default).
+async fn patient(url: &str) -> redis::aio::MultiplexedConnection {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    redis::Client::open(url)
+        .expect("redis URL")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
 fn url(node: &Running) -> String {
     format!("redis://127.0.0.1:{}", node.addr.port())
 }
@@ -78,7 +90,7 @@ async fn under_load(source: &'static str) {
     // Readers without a floor on both instances: they refill the cache and the L1 with
     // whatever they read, racing every write.
     for u in &urls {
-        let mut c = connect(u).await;
+        let mut c = patient(u).await;
         let stop = Arc::clone(&stop);
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
@@ -112,8 +124,8 @@ async fn under_load(source: &'static str) {
         (&sync_writer, "SELECT pg_current_wal_lsn()::text"),
         (&async_writer, "SELECT pg_current_wal_insert_lsn()::text"),
     ];
-    let mut readers = [connect(&urls[0]).await, connect(&urls[1]).await];
-    let mut plain = [connect(&urls[0]).await, connect(&urls[1]).await];
+    let mut readers = [patient(&urls[0]).await, patient(&urls[1]).await];
+    let mut plain = [patient(&urls[0]).await, patient(&urls[1]).await];
     let mut waits = Vec::with_capacity(WRITES);
     let mut unfloored = Vec::with_capacity(WRITES);
     let (mut checked, mut stale) = (0usize, 0usize);
@@ -367,4 +379,71 @@ async fn ttl_only_entries_are_read_from_postgres_under_a_floor() {
         r#"[{"n": 1}]"#,
         "nothing stored"
     );
+}
+
+/// The instance applying changes crashes (its lease left to expire): a read under a floor on
+/// the survivor waits for the takeover — the new holder flushes, then raises the watermark —
+/// and reflects the write made meanwhile, within `lease_ms + lease_ms / 3` plus the wait.
+async fn takeover(source: &'static str) {
+    let lease_ms = 600;
+    let tweak = move |c: &mut cachefront::config::Config| {
+        set_source(c, source);
+        c.invalidation.lease_ms = lease_ms;
+        c.invalidation.read_after_timeout_ms = 5000;
+    };
+    let stack = Stack::start_with(tweak).await;
+    let other = stack.another(tweak).await;
+    settled(&[&stack.proxy, &other]).await;
+    let Stack { valkey, db, proxy } = stack;
+    let mut nodes = [Some(proxy), Some(other)];
+    let holder = nodes
+        .iter()
+        .position(|n| {
+            n.as_ref()
+                .is_some_and(|n| n.shared.invalidation.lease().holding())
+        })
+        .expect("a holder");
+    let survivor = nodes[1 - holder].take().expect("the other instance");
+    let mut c = connect(&url(&survivor)).await;
+    assert_eq!(emp_get(&mut c, 1).await.as_deref(), Some("Alice Johnson"));
+
+    nodes[holder].take().expect("the holder").crash().await;
+    let (pg, conn) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to postgres");
+    tokio::spawn(conn);
+    pg.execute(
+        "UPDATE employees SET name = 'After the crash' WHERE id = 1",
+        &[],
+    )
+    .await
+    .expect("write");
+    let lsn: String = pg
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("token")
+        .get(0);
+    // A raw client: redis-rs gives up on a reply sooner than the wait may take.
+    let mut r = Raw::connect(survivor.addr.port()).await;
+    let started = Instant::now();
+    r.send(&encode_line(&format!("CACHEFRONT.AFTER {lsn}")))
+        .await;
+    r.send(&encode_line("EMP.GET 1")).await;
+    assert_eq!(r.frame().await, "+OK\r\n");
+    let name = r.frame().await;
+    let took = started.elapsed();
+    eprintln!("source {source}: read after a write during a takeover answered in {took:?}");
+    assert_eq!(name, "$15\r\nAfter the crash\r\n");
+    assert!(took < Duration::from_millis(5000), "{took:?}");
+    drop(valkey);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_delays_but_never_breaks_it_triggers() {
+    takeover("triggers").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_delays_but_never_breaks_it_wal() {
+    takeover("wal").await;
 }
