@@ -291,10 +291,12 @@ async fn bounded_wait_and_bad_tokens() {
         "$13\r\nAlice Johnson\r\n"
     );
 
-    // Garbage: refused, naming the token and the expected form.
+    // Garbage: refused, naming the token and the expected form. (The test server commits
+    // asynchronously, so tokens here are `pg_current_wal_insert_lsn()`: `pg_current_wal_lsn()`
+    // may still be before such a commit — a run that used it once answered the old name.)
     let pg = stack.pg().await;
     let lsn: String = pg
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .expect("token")
         .get(0);
@@ -326,7 +328,7 @@ async fn bounded_wait_and_bad_tokens() {
         .await
         .expect("write");
     let lsn: String = pg
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .expect("token")
         .get(0);

@@ -529,6 +529,10 @@ impl FillCtx {
             if p.negative {
                 return Ok((Value::Absent, CacheStatus::NegativeHit));
             }
+            if opts.fresh {
+                // Its lookup was the prefill (`Cache::begin_after`): counted as a miss here.
+                inc(&self.metrics.misses);
+            }
         }
         let started = Instant::now();
         inc(&self.metrics.db_queries);
