@@ -329,6 +329,10 @@ pub struct InvalidationConfig {
     /// (milliseconds; renewed every third of it) applies, and another takes over within about
     /// `lease_ms * 4 / 3` when it dies.
     pub lease_ms: u64,
+    /// How long a cached read under `CACHEFRONT.AFTER <lsn>` waits (milliseconds) for the
+    /// fleet's applied invalidations to reach its position before it is refused with
+    /// `-TRYAGAIN` (a connection may choose its own with `TIMEOUT`).
+    pub read_after_timeout_ms: u64,
 }
 
 /// Continuous verification (`cache::verify`): a background sampler re-reads a few cached
@@ -761,6 +765,7 @@ impl Default for InvalidationConfig {
             max_notifications_per_transaction: 100,
             reconnect_max_ms: 5000,
             lease_ms: 3000,
+            read_after_timeout_ms: 1000,
         }
     }
 }
@@ -821,6 +826,9 @@ pub fn builtin_emp_get() -> NamedQueryConfig {
 pub const MIN_LEASE_MS: u64 = 100;
 /// Longest invalidation lease: a dead holder's changes wait up to about this long.
 pub const MAX_LEASE_MS: u64 = 600_000;
+/// Longest wait of a read under `CACHEFRONT.AFTER` (`invalidation.read_after_timeout_ms`, a
+/// connection's `TIMEOUT`).
+pub const MAX_READ_AFTER_TIMEOUT_MS: u64 = 600_000;
 
 /// Shortest fill lease: it must outlast a fill's round trips to Valkey and a fast query.
 pub const MIN_FILL_LEASE_MS: u64 = 100;
@@ -1001,6 +1009,12 @@ impl Config {
             return Err(invalid(
                 "invalidation.lease_ms",
                 format!("must be between {MIN_LEASE_MS} and {MAX_LEASE_MS}"),
+            ));
+        }
+        if self.invalidation.read_after_timeout_ms > MAX_READ_AFTER_TIMEOUT_MS {
+            return Err(invalid(
+                "invalidation.read_after_timeout_ms",
+                format!("must be at most {MAX_READ_AFTER_TIMEOUT_MS}"),
             ));
         }
         self.verify.validate()?;

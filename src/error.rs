@@ -192,6 +192,18 @@ pub enum Refusal {
     #[error("ERR result is larger than sql.max_result_bytes ({0} bytes); add a LIMIT")]
     TooManyBytes(usize),
 
+    // Read-your-writes (`CACHEFRONT.AFTER`).
+    /// A token that is not a WAL position: the argument as sent (lossy).
+    #[error("ERR invalid LSN '{0}': expected a PostgreSQL WAL position as text (X/Y in hex), e.g. the result of SELECT pg_current_wal_lsn() after the commit")]
+    InvalidLsn(String),
+    #[error("ERR invalid TIMEOUT in 'cachefront.after' command: milliseconds from 0 to {0}")]
+    InvalidAfterTimeout(u64),
+    #[error("ERR CACHEFRONT.AFTER needs invalidation, which is off on this server (invalidation.enabled = false)")]
+    AfterWithoutInvalidation,
+    /// The position waited for (PostgreSQL's text form) and how long it was waited for.
+    #[error("TRYAGAIN cachefront has not applied invalidations up to {0} yet (waited {1} ms)")]
+    NotAppliedYet(String, u64),
+
     // cachefront's own failures, as the client sees them (the cause is in the log).
     #[error("ERR internal error while running the command")]
     Internal,

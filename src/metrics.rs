@@ -495,6 +495,17 @@ declare_metrics! {
         /// of the instances sharing its Valkey that applies changes; each flushes everything.
         Counter invalidation_takeovers: "invalidation_takeovers",
             "Times this instance took the invalidation lease (each followed by a flush of every table)";
+        /// Cached reads under `CACHEFRONT.AFTER` that had to wait for the fleet's applied
+        /// invalidations to reach their position.
+        Counter read_after_waits: "read_after_waits",
+            "Cached reads under CACHEFRONT.AFTER that waited for invalidations to be applied";
+        /// Of those, the ones refused with `-TRYAGAIN` because the wait passed its bound.
+        Counter read_after_timeouts: "read_after_timeouts",
+            "Cached reads under CACHEFRONT.AFTER refused because invalidations were not applied in time";
+        /// Barriers this instance committed in PostgreSQL so the applier would record how far
+        /// it has applied (one serves every read waiting at the time).
+        Counter read_after_barriers: "read_after_barriers",
+            "Read-your-writes barriers committed in PostgreSQL by this instance";
         /// Hot entries refreshed before expiry (XFetch).
         Counter early_refreshes: "early_refreshes", "Hot entries refreshed before expiry";
         /// Fills that took their key's fill lease in Valkey: this instance queried for every

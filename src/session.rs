@@ -67,6 +67,19 @@ pub struct Session {
     /// Upstream state cachefront does not model (READONLY, CLIENT NO-EVICT…): keep the
     /// dedicated connection for the life of the client.
     pub pinned: bool,
+    /// `CACHEFRONT.AFTER`: the floor of this connection's cached reads, if set.
+    pub read_after: Option<ReadAfter>,
+}
+
+/// A connection's read-your-writes floor (`CACHEFRONT.AFTER <lsn> [TIMEOUT <ms>]`): its cached
+/// reads answer only once every invalidation committed up to `lsn` is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadAfter {
+    /// A PostgreSQL WAL position (`pg_lsn` as a number).
+    pub lsn: u64,
+    /// How long a read waits for it, in milliseconds; `None`: the configured default
+    /// (`invalidation.read_after_timeout_ms`).
+    pub timeout_ms: Option<u64>,
 }
 
 impl Session {
@@ -91,6 +104,7 @@ impl Session {
             reply_mode: ReplyMode::On,
             reply_asked: None,
             pinned: false,
+            read_after: None,
         }
     }
 

@@ -219,6 +219,9 @@ pub struct FillOptions {
     pub hash: bool,
     /// An early refresh: query even though the entry exists.
     pub refresh: bool,
+    /// A read after a write (`Cache::begin_after`): joins no fill in flight (it may have
+    /// read PostgreSQL before the write) and serves no stale-if-error value.
+    pub fresh: bool,
     /// Where the value comes from, for the verification registry (`None`: not sampled).
     pub sample: Option<verify::Origin>,
     /// The query's figures, which count what is stored (`CACHEFRONT.QUERIES`).
@@ -360,14 +363,19 @@ impl Cache {
     {
         if self.bypasses(&entry) {
             inc(&self.metrics.degraded_reads);
-            return self.read_uncached(entry, load).await;
+            return self.read_uncached(entry, opts.fresh, load).await;
         }
-        if matches!(
-            entry.deps.tracking,
-            Tracking::Unresolved | Tracking::Unwatched
-        ) {
+        // A read after a write cannot vouch for a TTL-only entry (no invalidation reaches it):
+        // it answers from PostgreSQL, as an unwatched read does.
+        let ttl_only_fresh = opts.fresh && entry.deps.tracking == Tracking::TtlOnly;
+        if ttl_only_fresh
+            || matches!(
+                entry.deps.tracking,
+                Tracking::Unresolved | Tracking::Unwatched
+            )
+        {
             inc(&self.metrics.unwatched_reads);
-            return self.read_uncached(entry, load).await;
+            return self.read_uncached(entry, opts.fresh, load).await;
         }
         self.register(&entry.tables()).await;
         let ctx = FillCtx {
@@ -379,6 +387,9 @@ impl Cache {
             verify: Arc::clone(&self.verify),
             fleet: Arc::clone(&self.fleet),
         };
+        if opts.fresh {
+            return ctx.fill_once(entry, opts, load).await;
+        }
         let key = entry.key.clone();
         let fill = async move { ctx.fill_once(entry, opts, load).await };
         let (result, waited) = self.coalescer.run(&key, fill).await;
@@ -398,8 +409,14 @@ impl Cache {
 
     /// A read of an entry the cache cannot vouch for (degraded, or not watched): from
     /// PostgreSQL, stored nowhere. Concurrent reads of one key still share one query (under
-    /// a key of their own, apart from fills).
-    async fn read_uncached<F, Fut>(&self, entry: Entry, load: F) -> Result<(Value, CacheStatus)>
+    /// a key of their own, apart from fills) — unless `fresh` (a read after a write, which
+    /// must not take a query that may have started before the write).
+    async fn read_uncached<F, Fut>(
+        &self,
+        entry: Entry,
+        fresh: bool,
+        load: F,
+    ) -> Result<(Value, CacheStatus)>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Value>> + Send + 'static,
@@ -414,6 +431,9 @@ impl Cache {
             })?;
             Ok((value, CacheStatus::Degraded))
         };
+        if fresh {
+            return read.await;
+        }
         let key = format!("\0degraded\0{}", entry.key);
         self.coalescer.run(&key, read).await.0
     }
@@ -518,7 +538,7 @@ impl FillCtx {
         let lease = (self.fleet.enabled() && !opts.refresh)
             .then(|| self.store.fill_lease(&entry.key, self.fleet.lease_ms()));
         let prefill = self
-            .prefill(&entry, opts.hash, negative_key.as_deref(), lease.as_ref())
+            .prefill(&entry, &opts, negative_key.as_deref(), lease.as_ref())
             .await;
         let held = lease.filter(|_| matches!(&prefill, Ok(p) if p.lease == LeaseState::Taken));
         if held.is_some() {
@@ -542,13 +562,17 @@ impl FillCtx {
     /// fill lease (see [`fleet`]): until that fill lands (its entry is then returned), the
     /// lease is gone (this fill takes it) or [`fleet::Fleet::patience`] runs out (this fill
     /// goes on without one).
+    /// A read under a floor (`opts.fresh`) waits the same way but never takes a holder's
+    /// no-row answer: that fill may have read PostgreSQL before the write the floor stands
+    /// for (an entry it stored is another matter: its versions were checked).
     async fn prefill(
         &self,
         entry: &Entry,
-        hash: bool,
+        opts: &FillOptions,
         negative_key: Option<&str>,
         lease: Option<&FillLease>,
     ) -> Result<Prefill> {
+        let hash = opts.hash;
         let Some(lease) = lease else {
             return self.store.prefill(entry, hash, negative_key).await;
         };
@@ -587,7 +611,9 @@ impl FillCtx {
                 .min(self.fleet.poll())
                 .min(deadline.saturating_duration_since(Instant::now()));
             listener.wait(limit).await;
-            waited_for = holder;
+            if !opts.fresh {
+                waited_for = holder;
+            }
         }
     }
 
@@ -610,6 +636,11 @@ impl FillCtx {
             // Stored by a fill that finished between this request's lookup and now (another
             // instance's, perhaps after this one waited for it).
             if let Some(v) = p.existing.as_ref().filter(|_| !opts.refresh) {
+                if opts.fresh {
+                    // A read after a write found the entry: a hit.
+                    inc(&self.metrics.hits);
+                    return Ok((v.clone(), CacheStatus::Hit));
+                }
                 inc(&self.metrics.coalesced_waits);
                 return Ok((v.clone(), CacheStatus::Coalesced));
             }
@@ -620,6 +651,10 @@ impl FillCtx {
                 inc(&self.metrics.coalesced_waits);
                 return Ok((Value::Absent, CacheStatus::Coalesced));
             }
+            if opts.fresh {
+                // Its lookup was the prefill (`Cache::begin_after`): counted as a miss here.
+                inc(&self.metrics.misses);
+            }
         }
         let started = Instant::now();
         inc(&self.metrics.db_queries);
@@ -628,8 +663,10 @@ impl FillCtx {
             Err(e) if matches!(e, crate::error::Error::Client(_)) => return Err(e),
             Err(e) => {
                 inc(&self.metrics.db_errors);
-                // Stale-if-error: the last value this process filled, if recent enough.
-                if let Some(v) = self.stale.as_ref().and_then(|s| s.get(&entry.key)) {
+                // Stale-if-error: the last value this process filled, if recent enough (never
+                // for a read after a write, which must not see older than the write).
+                let stale = self.stale.as_ref().filter(|_| !opts.fresh);
+                if let Some(v) = stale.and_then(|s| s.get(&entry.key)) {
                     tracing::debug!(key = %entry.key, error = %e, "serving a stale value");
                     inc(&self.metrics.stale_served);
                     return Ok((v, CacheStatus::Stale));

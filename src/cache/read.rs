@@ -129,6 +129,9 @@ enum Mode {
     /// Through the cache's fill protocol; `refresh`: an early refresh that queries even
     /// though the entry exists.
     Cache { refresh: bool },
+    /// A read that must reflect every change applied so far (`Cache::begin_after`): through
+    /// the fill protocol, but joining no fill in flight and serving no stale-if-error value.
+    Fresh,
     /// Valkey failed: straight from PostgreSQL, nothing stored.
     Direct,
 }
@@ -188,6 +191,29 @@ impl Cache {
             return Begin::Hit(frame);
         }
         self.lookup(plan)
+    }
+
+    /// Starts a read that must reflect every change committed up to a point: `ready`
+    /// resolves once every invalidation up to it has been applied to Valkey, or with the
+    /// error to answer. Then the entry is read through the fill protocol (its existing value,
+    /// or a query stored only if no invalidation raced it). The L1 is skipped — it learns of
+    /// invalidations after Valkey does — and so are fills in flight (one may have read
+    /// PostgreSQL before the write) and stale-if-error values.
+    pub fn begin_after(
+        self: &Arc<Self>,
+        plan: Plan,
+        ready: BoxFuture<'static, Result<()>>,
+    ) -> Begin {
+        let cache = Arc::clone(self);
+        Begin::Fill(
+            async move {
+                match ready.await {
+                    Ok(()) => fill(cache, plan, Mode::Fresh).await,
+                    Err(e) => (e.to_reply(), CacheStatus::Error),
+                }
+            }
+            .boxed(),
+        )
     }
 
     /// The lookup to send for a miss of the L1, with the L1 ticket taken before it leaves.
@@ -278,7 +304,7 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
     let started = Instant::now();
     let result = match mode {
         Mode::Direct => load_direct(&cache, Arc::clone(&source)).await,
-        Mode::Cache { refresh } => match Arc::clone(&source).prepare(entry).await {
+        Mode::Cache { .. } | Mode::Fresh => match Arc::clone(&source).prepare(entry).await {
             Ok(entry) => {
                 let deps = entry.deps.clone();
                 let load = Arc::clone(&source);
@@ -286,7 +312,8 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
                 let opts = FillOptions {
                     negative_ttl,
                     hash,
-                    refresh,
+                    refresh: mode == (Mode::Cache { refresh: true }),
+                    fresh: mode == Mode::Fresh,
                     sample: cache.verify.enabled().then(|| super::verify::Origin {
                         source: Arc::clone(&source),
                         hash,

@@ -250,6 +250,23 @@ end
 return 0
 "#;
 
+/// KEYS: how far the fleet's applied invalidations reach (`<prefix>{lease}:applied`). ARGV:
+/// a position as 16 hex digits (uppercase), which compare as text as they do as numbers.
+/// Raises the key to it, never lowers it; a value of any other shape or type is replaced.
+const APPLIED_RAISE_LUA: &str = r#"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'string' and t ~= 'none' then
+  redis.call('DEL', KEYS[1])
+end
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or string.len(cur) ~= 16 or cur < ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"#;
+
+static APPLIED_RAISE: StaticScript = LazyLock::new(|| Script::new(APPLIED_RAISE_LUA));
 static FILL: StaticScript = LazyLock::new(|| Script::new(&format!("{RELEASE_FN}{FILL_LUA}")));
 static FILL_RELEASE: StaticScript =
     LazyLock::new(|| Script::new(&format!("{RELEASE_FN}{FILL_RELEASE_LUA}")));
@@ -673,6 +690,26 @@ impl Store {
         let mut inv = LEASE_RENEW.prepare();
         inv.key(key).arg(holder).arg(&ms);
         Ok(resp::int(inv.run(self.upstream()).await?)? == 1)
+    }
+
+    /// Raises `key` (see [`APPLIED_RAISE_LUA`]) to the WAL position `lsn`: every change
+    /// committed up to it has been applied to Valkey (`invalidation::applied`).
+    pub async fn raise_applied(&self, key: &str, lsn: u64) -> Result<()> {
+        let mut inv = APPLIED_RAISE.prepare();
+        inv.key(key).arg(&format!("{lsn:016X}"));
+        resp::int(inv.run(self.upstream()).await?)?;
+        Ok(())
+    }
+
+    /// The WAL position in `key` ([`Store::raise_applied`]); 0 while there is none (or
+    /// something else is there).
+    pub async fn applied(&self, key: &str) -> Result<u64> {
+        let raw = self.get(key).await?;
+        Ok(raw
+            .filter(|b| b.len() == 16)
+            .and_then(|b| std::str::from_utf8(&b).ok().map(str::to_string))
+            .and_then(|s| u64::from_str_radix(&s, 16).ok())
+            .unwrap_or(0))
     }
 
     /// Gives the lease `key` up if `holder` holds it (compare-and-delete), so another

@@ -19,6 +19,7 @@ use crate::error::{Error, Refusal, Result};
 use crate::invalidation::Untrackable;
 use crate::metrics::{inc, QueryStats};
 use crate::protocol::Proto;
+use crate::session::Session;
 
 /// Where a cached command's value comes from.
 pub enum Source {
@@ -177,15 +178,24 @@ impl read::Source for Load {
 /// what to look up in Valkey, or fills. `plan` builds the miss plan for the entry key; the
 /// cache calls it only when needed, so a hot hit builds none. `stats`: the query's figures,
 /// which the connection counts the read in.
+///
+/// Under a read-your-writes floor (`CACHEFRONT.AFTER`), the read first waits for the fleet's
+/// applied invalidations to reach it, then reads past the L1 (`Cache::begin_after`).
 pub fn route(
     ctx: &Arc<Context>,
+    session: &Session,
     key: String,
     kind: ReplyKind,
-    proto: Proto,
     stats: Option<Arc<QueryStats>>,
     plan: impl FnOnce(String) -> Plan,
 ) -> Action {
-    Action::Read(ctx.cache.begin(key, kind, proto, plan), stats)
+    let begin = match session.read_after {
+        None => ctx.cache.begin(key, kind, session.proto, plan),
+        Some(after) => ctx
+            .cache
+            .begin_after(plan(key), super::read_after::ready(ctx, after)),
+    };
+    Action::Read(begin, stats)
 }
 
 /// What the slow-fill log says about a fill, taken before the fill consumes its plan.

@@ -10,6 +10,7 @@ pub mod introspection;
 pub mod named_query;
 pub mod passthrough;
 pub mod queries;
+pub mod read_after;
 pub mod sql_cached;
 pub mod sql_invalidate;
 pub mod status;

@@ -63,7 +63,7 @@ pub fn dispatch(
     let kind = q.reply;
     let proto = session.proto;
     let stats = Some(Arc::clone(&q.stats));
-    route(ctx, key, kind, proto, stats, |key| {
+    route(ctx, session, key, kind, stats, |key| {
         // Arguments stay borrowed on the hit path; a miss copies them into its plan.
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let entry = Entry {

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::introspection::ArgDoc;
-use super::{introspection, queries, sql_cached, sql_invalidate, Action, Context};
+use super::{introspection, queries, read_after, sql_cached, sql_invalidate, Action, Context};
 use crate::protocol::Request;
 use crate::session::Session;
 
@@ -102,6 +102,18 @@ pub static OWN: &[OwnCommand] = &[
         summary: "Drop every cached entry read from the given tables",
         arguments: &[many("table", "string")],
         run: |ctx, _, req| sql_invalidate::dispatch(ctx, req),
+    },
+    OwnCommand {
+        name: "CACHEFRONT.AFTER",
+        arity: -2,
+        categories: &["@read", "@fast", "@connection", "@cachefront"],
+        group: "connection",
+        summary: "Read your writes: this connection's cached reads answer only once every invalidation committed up to a PostgreSQL WAL position (SELECT pg_current_wal_lsn() after the commit) is applied, waiting at most TIMEOUT ms (else -TRYAGAIN)",
+        arguments: &[
+            arg("lsn", "string"),
+            after("TIMEOUT", "milliseconds", "integer", false),
+        ],
+        run: |ctx, session, req| read_after::dispatch(ctx, session, req),
     },
     OwnCommand {
         name: "CACHEFRONT.SLOWLOG",

@@ -391,6 +391,48 @@ impl Db {
         self.wal_insert_lsn(&client).await
     }
 
+    /// A read-your-writes barrier for the triggers source (`invalidation::applied`): commits,
+    /// in a transaction of its own, a NOTIFY on `channel` carrying the WAL insert position read
+    /// in it, and returns that position. Every transaction whose commit record ends at or
+    /// before it queued its notifications before this one's (PostgreSQL queues a
+    /// transaction's notifications before it writes its commit record), and a listener
+    /// receives notifications in queue order: once the listener has applied everything it
+    /// received before this one, every such transaction's changes are applied.
+    pub async fn notify_barrier(&self, channel: &str) -> Result<u64, DbError> {
+        const SQL: &str = "WITH b AS (SELECT pg_current_wal_insert_lsn()::text AS lsn) \
+             SELECT b.lsn, pg_notify($1, json_build_object('sync', b.lsn)::text) FROM b";
+        self.barrier(SQL, channel).await
+    }
+
+    /// A read-your-writes barrier for the WAL source: a transactional logical message with
+    /// `prefix`, committed on its own, so it reaches the change stream as a transaction whose
+    /// commit lies after everything committed before it. Returns the message's position (its
+    /// commit ends after it). Committed synchronously whatever `synchronous_commit` says:
+    /// the stream carries only WAL flushed to disk, and an asynchronous commit's is flushed
+    /// by the WAL writer up to `wal_writer_delay` later — so this also pushes out every
+    /// asynchronous commit before it.
+    pub async fn message_barrier(&self, prefix: &str) -> Result<u64, DbError> {
+        const SQL: &str = "SELECT pg_logical_emit_message(true, $1, 'sync')::text \
+             FROM set_config('synchronous_commit', 'on', true)";
+        self.barrier(SQL, prefix).await
+    }
+
+    /// Runs a barrier statement (one text parameter, a position as text in its first
+    /// column) on a pooled connection of the primary, within the query deadline.
+    async fn barrier(&self, sql: &str, arg: &str) -> Result<u64, DbError> {
+        let run = async {
+            let client = self.get().await?;
+            let statement = client.prepare_cached(sql).await?;
+            let row = client.query_one(&statement, &[&arg]).await?;
+            let text: String = row.try_get(0)?;
+            replicas::parse_lsn(&text)
+                .ok_or_else(|| DbError::Other(format!("not a WAL position: {text}")))
+        };
+        tokio::time::timeout(self.deadline, run)
+            .await
+            .map_err(|_| DbError::Unavailable("no answer while committing a barrier".into()))?
+    }
+
     /// A pooled connection, unless the circuit breaker is open.
     async fn get(&self) -> Result<deadpool_postgres::Object, DbError> {
         self.breaker.check()?;

@@ -38,10 +38,12 @@ use crate::db::triggers;
 use crate::db::{Db, DbError};
 use crate::error::Result;
 use crate::metrics::{inc, Metrics};
+pub use applied::Applied;
 pub use lease::Lease;
 use pending::{Change, Pending, Work};
 pub use resolve::{Resolution, Untrackable};
 
+mod applied;
 mod lease;
 pub mod pending;
 mod resolve;
@@ -74,6 +76,8 @@ pub struct Invalidation {
     hearing: AtomicBool,
     /// Which of the instances sharing this Valkey applies changes to it.
     lease: Lease,
+    /// How far the fleet's applied invalidations reach (read-your-writes, see [`applied`]).
+    applied: Applied,
     /// Query texts (and key table names) → what PostgreSQL resolved them to. Emptied by any
     /// DDL, so the next fill asks again; a failure is never kept.
     resolutions: Mutex<HashMap<String, Arc<Resolution>>>,
@@ -105,6 +109,7 @@ impl Invalidation {
             listening: watch::Sender::new(false),
             hearing: AtomicBool::new(false),
             lease: Lease::new(cfg.lease_ms),
+            applied: Applied::default(),
             resolutions: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             resolving: Arc::new(Coalescer::default()),
@@ -166,6 +171,21 @@ impl Invalidation {
     /// The invalidation lease: whether this instance applies changes to Valkey.
     pub fn lease(&self) -> &Lease {
         &self.lease
+    }
+
+    /// Waits at most `limit` until every change committed in PostgreSQL up to the WAL
+    /// position `lsn` has been applied to Valkey, by whichever instance applies (see
+    /// [`applied`]). True if so, false past the bound.
+    pub async fn wait_applied(&self, lsn: u64, limit: Duration) -> bool {
+        if self.applied.known() >= lsn {
+            return true;
+        }
+        inc(&self.metrics.read_after_waits);
+        let reached = self.applied.wait(lsn, limit).await;
+        if !reached {
+            inc(&self.metrics.read_after_timeouts);
+        }
+        reached
     }
 
     /// At start, waits (at most `limit`) until the listener is listening: an entry stored
@@ -384,15 +404,25 @@ fn oid_text(v: &serde_json::Value) -> Option<String> {
 /// Notifications received and not yet applied: the connection's driver merges them in as
 /// they arrive, the applier takes them all at once. Bounded (see [`pending`]), so a Valkey
 /// that refuses writes costs memory per table, not per change.
+///
+/// With the work, the WAL position it reaches: every change committed up to it was received
+/// before (or with) this work — taken and put back together, so a position is published
+/// only once everything received before it is applied (see [`applied`]).
 #[derive(Default)]
 struct Queue {
-    pending: Mutex<Pending>,
+    pending: Mutex<Queued>,
     wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Queued {
+    work: Pending,
+    reached: u64,
 }
 
 impl Queue {
     fn with<R>(&self, f: impl FnOnce(&mut Pending) -> R) -> R {
-        f(&mut self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&mut lock(&self.pending).work)
     }
 
     fn push(&self, change: Change) {
@@ -400,12 +430,22 @@ impl Queue {
         self.wake.notify_one();
     }
 
-    fn take(&self) -> Pending {
-        self.with(std::mem::take)
+    /// Everything committed up to `lsn` has been received (a commit on the stream, a barrier
+    /// notification).
+    fn reach(&self, lsn: u64) {
+        let mut q = lock(&self.pending);
+        q.reached = q.reached.max(lsn);
     }
 
-    fn put_back(&self, failed: Pending) {
-        self.with(|p| p.merge(failed));
+    fn take(&self) -> (Pending, u64) {
+        let mut q = lock(&self.pending);
+        (std::mem::take(&mut q.work), std::mem::take(&mut q.reached))
+    }
+
+    fn put_back(&self, failed: Pending, reached: u64) {
+        let mut q = lock(&self.pending);
+        q.work.merge(failed);
+        q.reached = q.reached.max(reached);
     }
 
     fn len(&self) -> usize {
@@ -575,7 +615,7 @@ pub async fn run(l: Listener) {
     if !l.invalidation.cfg.enabled {
         return;
     }
-    tokio::join!(lease::run(l.clone()), consume(&l));
+    tokio::join!(lease::run(l.clone()), applied::run(l.clone()), consume(&l));
 }
 
 /// The change consumer: one connection after the other, until the process ends.
@@ -616,6 +656,11 @@ async fn listen_once(l: &Listener) -> std::result::Result<(), DbError> {
         while let Some(m) = messages.next().await {
             match m {
                 Ok(AsyncMessage::Notification(n)) => {
+                    if let Some(lsn) = applied::barrier_of(n.payload()) {
+                        to_apply.reach(lsn);
+                        to_apply.wake.notify_one();
+                        continue;
+                    }
                     inc(&metrics.notifications);
                     let change = parse_payload(n.payload());
                     if matches!(change, Change::All) {
@@ -732,18 +777,30 @@ async fn apply_queued(
         }
         queue.with(Pending::flush_all);
     }
-    let batch = queue.take();
+    let (batch, reached) = queue.take();
+    let mut all_applied = true;
     if !batch.is_empty() {
         // Before any version is bumped. If the position cannot be read, reconnecting
         // flushes everything, these tables included.
-        require_seen(l, client, &batch).await?;
+        if let Err(e) = require_seen(l, client, &batch).await {
+            queue.put_back(batch, reached);
+            return Err(e);
+        }
         let failed = apply_batch(l, batch).await;
         if failed.is_empty() {
             retry.succeeded();
         } else {
-            queue.put_back(failed);
+            queue.put_back(failed, reached);
+            all_applied = false;
             retry.failed();
         }
+    }
+    // Everything received up to `reached` was in this batch or applied before it.
+    if all_applied && reached > 0 {
+        l.invalidation
+            .applied
+            .publish(&l.cache.store, reached)
+            .await;
     }
     // A flush that fails leaves every read bypassing the cache until it is applied, so the
     // term's applier is in place either way; the other instances hear of it once it applied.

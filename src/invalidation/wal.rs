@@ -93,6 +93,8 @@ async fn serve(l: &Listener, client: &tokio_postgres::Client) -> Result<(), DbEr
                         for change in txn.drain(..) {
                             queue.with(|p| p.add(change));
                         }
+                        // Published as the fleet's watermark once applied (`applied`).
+                        queue.reach(end_lsn);
                         applied_to = end_lsn;
                         commits += 1;
                         if commits < MAX_COMMITS_PER_APPLY {
@@ -145,6 +147,10 @@ async fn follow_ddl(l: &Listener) -> Result<(), DbError> {
         while let Some(m) = messages.next().await {
             match m {
                 Ok(AsyncMessage::Notification(n)) => {
+                    // A triggers-source barrier (another instance's configuration) is no change.
+                    if super::applied::barrier_of(n.payload()).is_some() {
+                        continue;
+                    }
                     if invalidation.received(&parse_payload(n.payload())) {
                         db.schema_changed();
                     }
