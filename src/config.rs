@@ -39,7 +39,8 @@ pub struct Config {
     pub listen: String,
     /// Log format: "text" or "json".
     pub log_format: String,
-    /// Worker threads (0: one per CPU).
+    /// Threads serving clients, one single-threaded runtime each (`crate::cores`; 0: one per
+    /// CPU).
     pub threads: usize,
     pub valkey: ValkeyConfig,
     pub postgres: PostgresConfig,

@@ -19,7 +19,7 @@
 //!   routing to a Valkey Cluster, and Valkey's one command table. [`db`] is PostgreSQL: pool,
 //!   read replicas, read-only execution, SQL checks, rows as JSON, triggers.
 //! - [`tls`] is rustls for the TLS listener and for TLS to Valkey; [`prometheus`] serves the
-//!   metrics and the status page over HTTP.
+//!   metrics and the status page over HTTP; [`cores`] are the threads clients are served on.
 //! - [`config`], [`error`], [`metrics`] are pure data the others share; [`protocol`] parses
 //!   requests (Valkey's rules and limits), encodes replies, finds frame ends.
 
@@ -28,6 +28,7 @@ pub mod cache;
 pub mod command;
 pub mod config;
 pub mod connection;
+pub mod cores;
 pub mod db;
 pub mod error;
 pub mod invalidation;

@@ -76,11 +76,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&config.log_format);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.threads > 0 {
-        builder.worker_threads(config.threads);
-    }
-    let runtime = builder
+    // Clients are served on their own threads, one per core (`cachefront::cores`); this
+    // runtime only accepts them and runs the background work (invalidation, the lease,
+    // metrics, the verifier), which one thread keeps up with.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -194,6 +194,8 @@ pub struct Server {
     tls: Option<TlsListener>,
     shared: Arc<Shared>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+    /// The threads clients are served on (see `crate::cores`).
+    cores: crate::cores::Cores,
 }
 
 /// The TLS listener and what its handshakes need.
@@ -274,8 +276,14 @@ impl Server {
                     })?,
             ),
         };
+        let cores = crate::cores::Cores::start(crate::cores::count(config.threads))
+            .map_err(|e| StartError::Setup(format!("cannot start the client threads: {e}")))?;
         let shared = Arc::new(Shared::new(config)?);
         shared.upstream.warm_up();
+        for core in cores.handles() {
+            let s = Arc::clone(&shared);
+            core.spawn(async move { s.upstream.warm_up() });
+        }
         // Briefly: learn Valkey's version for HELLO; a Valkey that is down does not hold us up.
         let until = tokio::time::Instant::now() + Duration::from_secs(1);
         while shared.upstream.server_version().is_empty() && tokio::time::Instant::now() < until {
@@ -306,6 +314,7 @@ impl Server {
             tls,
             shared,
             metrics_task,
+            cores,
         })
     }
 
@@ -441,7 +450,22 @@ impl Server {
             // A client in its TLS handshake holds a slot too, at most for the handshake timeout.
             let shared = Arc::clone(&self.shared);
             let stop = stop_rx.clone();
-            clients.spawn(async move {
+            // The client moves to its core: its socket is registered with that core's reactor.
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hand an accepted client to a core");
+                    continue;
+                }
+            };
+            self.cores.next().spawn(clients.track_future(async move {
+                let stream = match TcpStream::from_std(stream) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register an accepted client");
+                        return;
+                    }
+                };
                 let stream = match tls {
                     None => Some(Stream::Plain(stream)),
                     Some((acceptor, limit)) => handshake(&shared, &acceptor, stream, peer, limit)
@@ -455,7 +479,7 @@ impl Server {
                         .run()
                         .await;
                 }
-            });
+            }));
         }
         drop(self.listener);
         drop(self.tls);

@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["session"],
     &["acl"],
     &["upstream", "db"],
-    &["tls", "prometheus"],
+    &["tls", "prometheus", "cores"],
     &["config", "error", "metrics"],
     &["protocol"],
 ];

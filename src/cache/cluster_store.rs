@@ -428,8 +428,8 @@ mod tests {
             cluster: vec!["127.0.0.1:7000".into()],
             ..crate::config::ValkeyConfig::default()
         };
-        let up =
-            Upstream::new(&cfg, Default::default()).expect("a cluster upstream (connects lazily)");
+        let up = Upstream::new(&cfg, Default::default(), 0)
+            .expect("a cluster upstream (connects lazily)");
         let s = ClusterStore::new(Arc::new(up), "cachefront:");
         for key in [
             "employee:1",

@@ -416,7 +416,7 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::default());
         let upstream =
-            crate::upstream::Upstream::new(&valkey, Arc::clone(&metrics)).expect("upstream");
+            crate::upstream::Upstream::new(&valkey, Arc::clone(&metrics), 0).expect("upstream");
         let store = Store::new(Arc::new(upstream), "cf:");
         let cache = Cache::new(store, Arc::clone(&metrics), &CacheConfig::default());
         (Arc::new(cache), metrics)

@@ -111,7 +111,12 @@ impl Context {
     pub fn new(config: Config) -> Result<Context, String> {
         let metrics = Arc::new(Metrics::default());
         let upstream = Arc::new(
-            Upstream::new(&config.valkey, Arc::clone(&metrics)).map_err(|e| e.to_string())?,
+            Upstream::new(
+                &config.valkey,
+                Arc::clone(&metrics),
+                crate::cores::count(config.threads),
+            )
+            .map_err(|e| e.to_string())?,
         );
         let store =
             crate::cache::store::Store::new(Arc::clone(&upstream), &config.cache.meta_prefix);

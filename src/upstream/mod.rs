@@ -38,8 +38,15 @@ pub const SCRIPT_COMMANDS: &[&[u8]] = &[
 
 pub struct Upstream {
     endpoint: Arc<Endpoint>,
-    shared2: Vec<Mux>,
-    shared3: Vec<Mux>,
+    /// Shared connections for tasks that run on no core (the main runtime's: invalidation,
+    /// the lease, the verifier; and everything in tests that serve no clients).
+    main: Pool,
+    /// Each core's own shared connections, made by the first request there, so their tasks
+    /// run on that core's thread (see `crate::cores`).
+    per_core: Vec<std::sync::OnceLock<Pool>>,
+    /// Shared connections per protocol on each core.
+    per_core_size: usize,
+    recovered: Arc<mux::Recovered>,
     /// Dedicated connections returned clean (see [`conn::reset`]), ready for another client.
     idle: Arc<Mutex<Vec<RawConn>>>,
     max_idle: usize,
@@ -59,8 +66,54 @@ pub struct Upstream {
     long: Arc<mux::LongWork>,
 }
 
+/// Shared connections to one server, per protocol.
+struct Pool {
+    resp2: Vec<Mux>,
+    resp3: Vec<Mux>,
+}
+
+impl Pool {
+    /// `size` connections per protocol, on the calling thread's runtime; each connects when
+    /// first used.
+    fn spawn(
+        size: usize,
+        endpoint: &Arc<Endpoint>,
+        tracking: &Arc<TrackingState>,
+        (long, recovered): (&Arc<mux::LongWork>, &Arc<mux::Recovered>),
+    ) -> Pool {
+        let spawn = |proto| {
+            (0..size)
+                .map(|_| {
+                    let shared = (Arc::clone(long), Arc::clone(recovered));
+                    Mux::spawn(
+                        Arc::clone(endpoint),
+                        proto,
+                        Arc::clone(tracking),
+                        None,
+                        shared,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        Pool {
+            resp2: spawn(Proto::Resp2),
+            resp3: spawn(Proto::Resp3),
+        }
+    }
+
+    /// The connection of `lane` (a client keeps its lane, so its requests keep their order).
+    fn pick(&self, lane: u64, proto: Proto) -> &Mux {
+        let pool = match proto {
+            Proto::Resp2 => &self.resp2,
+            Proto::Resp3 => &self.resp3,
+        };
+        &pool[(lane % pool.len() as u64) as usize]
+    }
+}
+
 impl Upstream {
-    pub fn new(cfg: &ValkeyConfig, metrics: Arc<Metrics>) -> Result<Upstream> {
+    /// The upstream for `cores` cores (`crate::cores`; 0 when clients run on no core).
+    pub fn new(cfg: &ValkeyConfig, metrics: Arc<Metrics>, cores: usize) -> Result<Upstream> {
         let endpoint = Arc::new(Endpoint::from_config(cfg)?);
         if endpoint.tls.as_ref().is_some_and(|t| t.insecure) {
             tracing::warn!(
@@ -81,18 +134,15 @@ impl Upstream {
         // In a cluster the per-node connections live in `cluster`; none to a single address.
         let per_proto = if cluster.is_some() { 0 } else { cfg.pool_size };
         let recovered = Arc::new(mux::Recovered::default());
-        let spawn = |proto| {
-            (0..per_proto)
-                .map(|_| {
-                    let ep = Arc::clone(&endpoint);
-                    let shared = (Arc::clone(&long), Arc::clone(&recovered));
-                    Mux::spawn(ep, proto, Arc::clone(&tracking), None, shared)
-                })
-                .collect::<Vec<_>>()
-        };
+        let main = Pool::spawn(per_proto, &endpoint, &tracking, (&long, &recovered));
+        // The pool's connections are split between the cores: fewer connections, each
+        // carrying more requests per write.
+        let per_core_size = per_proto.div_ceil(cores.max(1));
         Ok(Upstream {
-            shared2: spawn(Proto::Resp2),
-            shared3: spawn(Proto::Resp3),
+            main,
+            per_core: (0..cores).map(|_| std::sync::OnceLock::new()).collect(),
+            per_core_size,
+            recovered,
             endpoint,
             idle: Arc::new(Mutex::new(Vec::new())),
             max_idle: cfg.idle_dedicated,
@@ -106,11 +156,19 @@ impl Upstream {
     }
 
     fn mux(&self, lane: u64, proto: Proto) -> &Mux {
-        let pool = match proto {
-            Proto::Resp2 => &self.shared2,
-            Proto::Resp3 => &self.shared3,
-        };
-        &pool[(lane % pool.len() as u64) as usize]
+        self.pool().pick(lane, proto)
+    }
+
+    /// The calling thread's pool: its core's own, made here on first use (so the connections'
+    /// tasks are spawned on that core), or the main one.
+    fn pool(&self) -> &Pool {
+        match crate::cores::current().and_then(|i| self.per_core.get(i)) {
+            Some(cell) => cell.get_or_init(|| {
+                let shared = (&self.long, &self.recovered);
+                Pool::spawn(self.per_core_size, &self.endpoint, &self.tracking, shared)
+            }),
+            None => &self.main,
+        }
     }
 
     /// Forwards a client's pass-through command: to the shared connection of its lane, or in a
@@ -362,13 +420,19 @@ impl Upstream {
             .copied()
     }
 
-    /// Opens the shared connections now (a PING each) instead of on first use, so the first
-    /// clients don't pay for the handshakes and HELLO can report Valkey's version.
+    /// Opens the calling thread's shared connections now (a PING each; on a core, that core's)
+    /// instead of on first use, so the first clients don't pay for the handshakes and HELLO
+    /// can report Valkey's version.
     pub fn warm_up(&self) {
-        if let Some(c) = &self.cluster {
+        if let Some(c) = self
+            .cluster
+            .as_ref()
+            .filter(|_| crate::cores::current().is_none())
+        {
             c.warm_up();
         }
-        for mux in self.shared2.iter().chain(&self.shared3) {
+        let pool = self.pool();
+        for mux in pool.resp2.iter().chain(&pool.resp3) {
             drop(mux.send(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")));
         }
     }
@@ -378,7 +442,7 @@ impl Upstream {
         if let Some(c) = &self.cluster {
             return c.server_version();
         }
-        Mux::any_version(self.shared2.iter().chain(&self.shared3))
+        Mux::any_version(self.main.resp2.iter().chain(&self.main.resp3))
     }
 
     /// Counts `raw` as a long request while the returned mark lives, if it is one (a script
