@@ -17,6 +17,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The token an application passes after its commit: the WAL insert position, valid
+/// whatever its `synchronous_commit`.
+async fn token(pg: &tokio_postgres::Client) -> String {
+    pg.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("token")
+        .get(0)
+}
+
 /// Writes checked per source.
 const WRITES: usize = 300;
 
@@ -295,11 +304,7 @@ async fn bounded_wait_and_bad_tokens() {
     // asynchronously, so tokens here are `pg_current_wal_insert_lsn()`: `pg_current_wal_lsn()`
     // may still be before such a commit — a run that used it once answered the old name.)
     let pg = stack.pg().await;
-    let lsn: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .expect("token")
-        .get(0);
+    let lsn = token(&pg).await;
     assert_eq!(
         call_line(&mut r, &format!("CACHEFRONT.AFTER {lsn}")).await,
         "+OK\r\n"
@@ -327,11 +332,7 @@ async fn bounded_wait_and_bad_tokens() {
     pg.execute("UPDATE employees SET name = 'Alicia' WHERE id = 1", &[])
         .await
         .expect("write");
-    let lsn: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .expect("token")
-        .get(0);
+    let lsn = token(&pg).await;
     r.send(&encode_line(&format!("CACHEFRONT.AFTER {lsn}")))
         .await;
     r.send(&encode_line("CACHEFRONT.AFTER garbage")).await;
@@ -385,11 +386,7 @@ async fn ttl_only_entries_are_read_from_postgres_under_a_floor() {
     )
     .await
     .expect("write");
-    let lsn: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .expect("token")
-        .get(0);
+    let lsn = token(&pg).await;
     // Cached until its TTL: a read without a floor still sees the old count.
     assert_eq!(sql_cached(&mut c, sql).await, r#"[{"n": 1}]"#);
     let mut floored = s.client().await;
@@ -443,11 +440,7 @@ async fn takeover(source: &'static str) {
     )
     .await
     .expect("write");
-    let lsn: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .expect("token")
-        .get(0);
+    let lsn = token(&pg).await;
     // A raw client: redis-rs gives up on a reply sooner than the wait may take.
     let mut r = Raw::connect(survivor.addr.port()).await;
     let started = Instant::now();

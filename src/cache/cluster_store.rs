@@ -27,8 +27,8 @@ use std::sync::{Arc, LazyLock, OnceLock};
 
 use super::resp::{self, Cmd, Script, StaticScript};
 use super::store::{
-    existing_value, prefill_script, push_value_args, value_kind, FillLease, LeaseState, Prefill,
-    RELEASE_FN,
+    existing_value, prefill_script, push_value_args, release_parts, value_kind, FillLease,
+    LeaseState, Prefill, RELEASE_FN,
 };
 use super::{Deps, Entry, Value};
 use crate::error::Result;
@@ -197,18 +197,26 @@ impl ClusterStore {
         hash: bool,
         negative_key: Option<&str>,
     ) -> Result<Prefill> {
-        let up = &*self.upstream;
-        let mut calls = Vec::new();
-        for registry in self.registries(&entry.deps) {
-            let mut inv = REGISTER.prepare();
-            inv.key(&registry).arg(&entry.key).arg(&entry.ttl.max(1));
-            calls.push(async move { resp::int(inv.run(up).await?) });
-        }
-        let registrations = futures::future::try_join_all(calls);
+        let registrations = self.register(entry);
         let read = self.current(entry, hash, negative_key);
         // Both must be done before the query starts; their order does not matter.
         let (_, prefill) = futures::try_join!(registrations, read)?;
         Ok(prefill)
+    }
+
+    /// Adds the entry to each of its registry sets (one request per set, each in its own
+    /// slot), all at once.
+    fn register(&self, entry: &Entry) -> impl std::future::Future<Output = Result<Vec<i64>>> + '_ {
+        let up = &*self.upstream;
+        let calls = self
+            .registries(&entry.deps)
+            .into_iter()
+            .map(move |registry| {
+                let mut inv = REGISTER.prepare();
+                inv.key(&registry).arg(&entry.key).arg(&entry.ttl.max(1));
+                async move { resp::int(inv.run(up).await?) }
+            });
+        futures::future::try_join_all(calls)
     }
 
     /// [`ClusterStore::prefill`], taking the entry's fill lease if the entry is absent (see
@@ -220,16 +228,16 @@ impl ClusterStore {
         negative_key: Option<&str>,
         lease: (&FillLease, &str),
     ) -> Result<Prefill> {
-        let up = &*self.upstream;
-        let mut calls = Vec::new();
-        for registry in self.registries(&entry.deps) {
-            let mut inv = REGISTER.prepare();
-            inv.key(&registry).arg(&entry.key).arg(&entry.ttl.max(1));
-            calls.push(async move { resp::int(inv.run(up).await?) });
-        }
-        let registrations = futures::future::try_join_all(calls);
+        let registrations = self.register(entry);
         let generation = [self.generation_key(&entry.key)];
-        let read = prefill_script(up, entry, hash, negative_key, lease, &generation);
+        let read = prefill_script(
+            &self.upstream,
+            entry,
+            hash,
+            negative_key,
+            lease,
+            &generation,
+        );
         let (_, prefill) = futures::try_join!(registrations, read)?;
         Ok(prefill)
     }
@@ -291,13 +299,10 @@ impl ClusterStore {
         let generation = versions.first().map(String::as_str).unwrap_or_default();
         let mut inv = FILL.prepare();
         inv.key(&entry.key).key(&self.generation_key(&entry.key));
-        let (token, channel, announced) = match release {
-            Some((l, channel, announced)) => {
-                inv.key(&l.key);
-                (l.token.as_str(), channel, announced)
-            }
-            None => ("", "", ""),
-        };
+        let (lease_key, [token, channel, announced]) = release_parts(release);
+        if let Some(k) = lease_key {
+            inv.key(k);
+        }
         inv.arg(kind)
             .arg(&entry.ttl)
             .arg(generation)

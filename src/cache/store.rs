@@ -336,6 +336,17 @@ pub enum LeaseState {
     NoRow,
 }
 
+/// What a store script needs to give a fill lease up: the lease key to add to its keys, and
+/// its arguments (token, channel, announcement; all empty without a lease).
+pub(super) fn release_parts<'a>(
+    release: Option<(&'a FillLease, &'a str, &'a str)>,
+) -> (Option<&'a str>, [&'a str; 3]) {
+    match release {
+        Some((l, channel, announced)) => (Some(&l.key), [&l.token, channel, announced]),
+        None => (None, ["", "", ""]),
+    }
+}
+
 /// One fill's lease on its key: the lease key (beside the entry), the token naming this
 /// hold, how long it lasts, and the entry key announced when it is given up.
 #[derive(Debug)]
@@ -872,13 +883,10 @@ impl SingleStore {
         for k in vkeys.iter().chain(&rkeys) {
             inv.key(k);
         }
-        let (token, channel, announced) = match release {
-            Some((l, channel, announced)) => {
-                inv.key(&l.key);
-                (l.token.as_str(), channel, announced)
-            }
-            None => ("", "", ""),
-        };
+        let (lease_key, [token, channel, announced]) = release_parts(release);
+        if let Some(k) = lease_key {
+            inv.key(k);
+        }
         inv.arg(kind)
             .arg(&entry.ttl)
             .arg(&vkeys.len())
