@@ -346,7 +346,11 @@ async fn peak_for_refused(limit: usize, query: &str) -> u64 {
         .await
         .expect("fresh db");
     let proc = Process::start(&valkey, &db, limit);
-    let mut raw = proc.connect().await;
+    // Rendering tens of MB in a debug build on a busy machine can take longer than 5 s.
+    let mut raw = proc
+        .connect()
+        .await
+        .patient(std::time::Duration::from_secs(60));
     // Warm up: pool connections, statement caches, allocator arenas.
     for q in [
         "SELECT repeat('x', 1024) AS w FROM generate_series(1, 1000)",

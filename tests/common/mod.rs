@@ -123,6 +123,8 @@ pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
 pub struct Raw {
     pub stream: TcpStream,
     buf: BytesMut,
+    /// How long a reply may take before the test fails (a hang guard, not a speed check).
+    patience: Duration,
 }
 
 impl Raw {
@@ -133,7 +135,15 @@ impl Raw {
         Raw {
             stream,
             buf: BytesMut::new(),
+            patience: Duration::from_secs(5),
         }
+    }
+
+    /// Waits up to `patience` for each reply instead of 5 s: for requests whose work grows
+    /// with a loaded machine (a large result in a debug build).
+    pub fn patient(mut self, patience: Duration) -> Raw {
+        self.patience = patience;
+        self
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
@@ -146,7 +156,8 @@ impl Raw {
         self.send(&raw).await;
     }
 
-    /// Reads one complete frame (5 s timeout), as text for easy asserts.
+    /// Reads one complete frame (within the patience, 5 s unless set), as text for easy
+    /// asserts.
     pub async fn frame(&mut self) -> String {
         String::from_utf8_lossy(&self.frame_bytes().await).into_owned()
     }
@@ -157,11 +168,10 @@ impl Raw {
             if let Some(n) = scanner.scan(&self.buf).expect("well-formed reply") {
                 return self.buf.split_to(n).to_vec();
             }
-            let n =
-                tokio::time::timeout(Duration::from_secs(5), self.stream.read_buf(&mut self.buf))
-                    .await
-                    .expect("reply within 5 s")
-                    .expect("read");
+            let n = tokio::time::timeout(self.patience, self.stream.read_buf(&mut self.buf))
+                .await
+                .unwrap_or_else(|_| panic!("no reply within {:?}", self.patience))
+                .expect("read");
             assert!(
                 n > 0,
                 "connection closed while waiting for a reply; have {:?}",
