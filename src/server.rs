@@ -468,9 +468,13 @@ impl Server {
                 };
                 let stream = match tls {
                     None => Some(Stream::Plain(stream)),
-                    Some((acceptor, limit)) => handshake(&shared, &acceptor, stream, peer, limit)
-                        .await
-                        .map(|s| Stream::Tls(Box::new(s))),
+                    // Boxed: the handshake's state is large and gone once it ends; inline, it
+                    // would size every client's task, idle ones included.
+                    Some((acceptor, limit)) => {
+                        Box::pin(handshake(&shared, &acceptor, stream, peer, limit))
+                            .await
+                            .map(|s| Stream::Tls(Box::new(s)))
+                    }
                 };
                 if let Some(stream) = stream {
                     inc(&shared.metrics.connections_total);

@@ -184,9 +184,10 @@ impl Upstream {
         budget: &Arc<ReplyBudget>,
     ) -> ReplyRx {
         match &self.cluster {
+            // Boxed: routing may wait for the slot map, and the clients' tasks that await this
+            // would otherwise all be sized for the cluster's futures.
             Some(c) => {
-                c.forward(lane, proto, &req.args, req.raw.clone(), Some(budget))
-                    .await
+                Box::pin(c.forward(lane, proto, &req.args, req.raw.clone(), Some(budget))).await
             }
             None => self
                 .mux(lane, proto)
@@ -204,7 +205,7 @@ impl Upstream {
         budget: &Arc<ReplyBudget>,
     ) -> ReplyRx {
         match &self.cluster {
-            Some(c) => c.send_key(lane, proto, raw, key, Some(budget)).await,
+            Some(c) => Box::pin(c.send_key(lane, proto, raw, key, Some(budget))).await,
             None => self
                 .mux(lane, proto)
                 .send_for(raw, lane, false, Some(budget)),
