@@ -261,6 +261,11 @@ pub struct CacheConfig {
     /// own). Keep it above `postgres.statement_timeout_ms`; a dead holder's waiters fill
     /// after it expires. See `cache::fleet`.
     pub fill_lease_ms: u64,
+    /// Answer a miss as soon as PostgreSQL has: the store is then already queued on the
+    /// client's own connection to Valkey, ahead of its next command, but not yet confirmed —
+    /// another connection reading Valkey, and INFO's fill counters, may see it a moment
+    /// later. Off: the answer waits for the store (one round trip to Valkey more).
+    pub reply_before_store: bool,
 }
 
 /// Observability.
@@ -749,6 +754,7 @@ impl Default for CacheConfig {
             l1_ttl_ms: 1000,
             stale_if_error_secs: 0,
             fill_lease_ms: 6000,
+            reply_before_store: false,
         }
     }
 }

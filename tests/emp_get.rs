@@ -160,3 +160,62 @@ async fn concurrent_misses_make_one_query() {
         "one query for 50 concurrent reads (hits {hits}, waits {waits})"
     );
 }
+
+/// `cache.reply_before_store`: a miss is answered before Valkey confirms its store, which is
+/// already queued on the client's own connection to Valkey — so what the client sends next
+/// through cachefront finds the entry, in both protocols; the fills are counted once Valkey
+/// confirms them. A restricted user's commands take a connection of their own (logged in as
+/// that user), so its misses wait for the store as they always did.
+#[tokio::test]
+async fn a_reply_before_the_store_keeps_the_clients_order() {
+    let s = Stack::start_with(|c| {
+        c.cache.reply_before_store = true;
+        c.auth.users = vec![cachefront::config::UserConfig {
+            name: "app".into(),
+            password: Some("apppw".into()),
+            passwords: Vec::new(),
+            commands: vec!["@cachefront".into(), "get".into(), "ttl".into()],
+            keys: vec!["employee:*".into()],
+            enabled: true,
+        }];
+    })
+    .await;
+    let mut resp2 = s.raw().await;
+    let mut resp3 = s.raw().await;
+    let _ = resp3.call(&[b"HELLO", b"3"]).await;
+    let mut restricted = s.raw().await;
+    assert_eq!(
+        restricted.call(&[b"AUTH", b"app", b"apppw"]).await,
+        "+OK\r\n"
+    );
+    for (c, id, name) in [
+        (&mut resp2, "1", "Alice Johnson"),
+        (&mut resp3, "2", "Bob Smith"),
+        (&mut restricted, "3", "Charlie Brown"),
+    ] {
+        let key = format!("employee:{id}");
+        let want = format!("${}\r\n{name}\r\n", name.len());
+        assert_eq!(
+            c.call(&[b"EMP.GET", id.as_bytes()]).await,
+            want,
+            "EMP.GET {id}"
+        );
+        assert_eq!(
+            c.call(&[b"GET", key.as_bytes()]).await,
+            want,
+            "GET {key} next"
+        );
+        let ttl = c.call(&[b"TTL", key.as_bytes()]).await;
+        assert!(ttl.starts_with(":35") || ttl.starts_with(":36"), "{ttl}");
+    }
+    let mut info = s.raw().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = info.call(&[b"INFO", b"cachefront"]).await;
+        if text.contains("\r\nfills:3\r\n") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

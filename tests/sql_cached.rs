@@ -533,6 +533,33 @@ async fn a_pooled_session_is_clean_when_reused() {
     assert_eq!(first_text(&db, "SELECT pg_backend_pid()::text").await, pid);
 }
 
+/// A query abandoned half way (its caller gave up: a client that disconnected, a deadline)
+/// after it took a session advisory lock does not hand the lock to the session's next user:
+/// a connection goes back to the pool only through the cleaning, however its use ended.
+#[tokio::test]
+async fn an_abandoned_query_leaves_nothing_on_the_pool() {
+    let s = Stack::start().await;
+    let db = direct_db(&s, |c| c.statement_timeout_ms = 4000);
+    let abandoned = db.query_read_only(
+        "SELECT pg_advisory_lock(4244), pg_sleep(1)",
+        &[],
+        limits(),
+        0,
+    );
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), abandoned)
+            .await
+            .is_err(),
+        "the query should still be running when it is abandoned"
+    );
+    // The pool's only connection again (cleaned once the sleep ended), or a new one.
+    assert_eq!(first_text(&db, "SELECT 'next user'").await, "next user");
+    assert!(
+        lock_is_free(&s, 4244).await,
+        "the abandoned query's lock reached the next user"
+    );
+}
+
 /// Distinct query texts do not pile up as prepared statements on a pooled session (in
 /// cachefront's statement cache and in the backend) beyond the per-connection bound.
 #[tokio::test]

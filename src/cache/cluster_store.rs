@@ -25,7 +25,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock};
 
-use super::resp::{self, Cmd, Script, StaticScript};
+use super::resp::{self, Cmd, Invocation, Script, StaticScript};
 use super::store::{
     existing_value, prefill_script, push_value_args, release_parts, value_kind, FillLease,
     LeaseState, Prefill, RELEASE_FN,
@@ -111,6 +111,9 @@ static DONE: StaticScript = LazyLock::new(|| Script::new(DONE_LUA));
 pub struct ClusterStore {
     upstream: Arc<Upstream>,
     prefix: String,
+    /// Whether the nodes are known to have the store script (see `resp::Invocation::queue`;
+    /// a node that lacks it says so once, and the flag follows the last answer).
+    pub(super) store_loaded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// For each slot, a short string that hashes to it: `{tag}` puts a key in that slot.
@@ -147,6 +150,7 @@ impl ClusterStore {
         ClusterStore {
             upstream,
             prefix: meta_prefix.to_string(),
+            store_loaded: Arc::default(),
         }
     }
 
@@ -284,18 +288,17 @@ impl ClusterStore {
         &self.prefix
     }
 
-    /// Stores `value` if the entry's generation is still `versions[0]`. `release`: the fill
-    /// lease to give up, the channel to announce it on and the announcement.
-    pub async fn store(
+    /// The script that stores `value` if the entry's generation is still `versions[0]`;
+    /// `None` for a value with nothing to store. `release`: the fill lease to give up, the
+    /// channel to announce it on and the announcement.
+    pub(super) fn store_script(
         &self,
         entry: &Entry,
         value: &Value,
         versions: &[String],
         release: Option<(&FillLease, &str, &str)>,
-    ) -> Result<bool> {
-        let Some(kind) = value_kind(value) else {
-            return Ok(false);
-        };
+    ) -> Option<Invocation> {
+        let kind = value_kind(value)?;
         let generation = versions.first().map(String::as_str).unwrap_or_default();
         let mut inv = FILL.prepare();
         inv.key(&entry.key).key(&self.generation_key(&entry.key));
@@ -310,7 +313,7 @@ impl ClusterStore {
             .arg(channel)
             .arg(announced);
         push_value_args(&mut inv, value);
-        Ok(resp::int(inv.run(&self.upstream).await?)? == 1)
+        Some(inv)
     }
 
     /// Drops every entry depending on `tables` (row-keyed ones included).

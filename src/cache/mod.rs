@@ -14,6 +14,7 @@ pub mod store;
 pub mod verify;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use rand::Rng;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -209,6 +210,9 @@ pub struct Cache {
     /// Fleet-wide coalescing: the fill lease and this process's waits on other instances'
     /// fills (see [`fleet`]).
     pub fleet: Arc<fleet::Fleet>,
+    /// `cache.reply_before_store`: a miss on a client's shared connection is answered
+    /// without waiting for its store (see [`FillOptions::lane`]).
+    pub reply_before_store: bool,
 }
 
 /// How a miss should be filled.
@@ -226,6 +230,11 @@ pub struct FillOptions {
     pub sample: Option<verify::Origin>,
     /// The query's figures, which count what is stored (`CACHEFRONT.QUERIES`).
     pub stats: Option<Arc<crate::metrics::QueryStats>>,
+    /// The shared connection of the client that asked (its lane and protocol), while its
+    /// requests go there: the store goes out there, ahead of the client's next request, and
+    /// the answer does not wait for it. `None`: on the key's own connection, and the answer
+    /// waits (the client's next request may take another way to Valkey).
+    pub lane: Option<(u64, crate::protocol::Proto)>,
 }
 
 impl Cache {
@@ -253,6 +262,7 @@ impl Cache {
             degraded: Arc::default(),
             verify: Arc::default(),
             fleet: Arc::new(fleet::Fleet::new(cfg.fill_lease_ms)),
+            reply_before_store: cfg.reply_before_store,
         }
     }
 
@@ -710,19 +720,57 @@ impl FillCtx {
             inc(&self.metrics.stale_fill_rejections);
             return Ok((value, CacheStatus::Degraded));
         }
-        match self
+        // The store goes out now. On the client's own shared connection it is ahead of
+        // whatever the client sends next, so the answer need not wait for Valkey's reply: how
+        // the store went is counted when that comes (see `landed`). Otherwise the answer waits.
+        let queued = self
             .store
-            .store_leased(&target, &stored_value, &versions, lease)
-            .await
-        {
+            .queue_store(&target, &stored_value, &versions, lease, opts.lane)
+            .await;
+        let landing = Landing {
+            size: stored_value.size(),
+            target,
+            sampled,
+            stats: opts.stats,
+            started,
+            delta,
+            lease: None,
+        };
+        if opts.lane.is_none() {
+            return Ok((value, self.landed(queued, landing).await));
+        }
+        let lease = lease.map(FillLease::handoff);
+        tokio::spawn(self.landed(queued, Landing { lease, ..landing }));
+        Ok((value, CacheStatus::Miss))
+    }
+
+    /// How a fill's store went, once Valkey answers: counted, remembered for early refresh
+    /// and the verification sampler — or, if the script did not run, its lease given up (if
+    /// the fill handed it over). The fill's status: a miss, or failed open if nothing could
+    /// be stored.
+    async fn landed(
+        self,
+        queued: BoxFuture<'static, Result<bool>>,
+        landing: Landing,
+    ) -> CacheStatus {
+        let Landing {
+            target,
+            size,
+            sampled,
+            stats,
+            started,
+            delta,
+            lease,
+        } = landing;
+        match queued.await {
             Ok(true) => {
                 inc(&self.metrics.fills);
                 let ttl_only = target.deps.tracking == Tracking::TtlOnly;
                 if ttl_only {
                     inc(&self.metrics.ttl_only_fills);
                 }
-                if let Some(stats) = &opts.stats {
-                    stats.filled(stored_value.size(), ttl_only);
+                if let Some(stats) = &stats {
+                    stats.filled(size, ttl_only);
                 }
                 if let Some((origin, entry)) = sampled {
                     let negative = target.key != entry.key;
@@ -741,9 +789,28 @@ impl FillCtx {
                 tracing::warn!(error = %e, key = %target.key, "could not store a filled entry");
                 inc(&self.metrics.upstream_errors);
                 inc(&self.metrics.fail_open);
-                return Ok((value, CacheStatus::FailOpen));
+                if let Some(l) = lease {
+                    if let Err(e) = self.store.release_fill_lease(&l, false).await {
+                        tracing::debug!(error = %e, key = %l.entry, "could not give up a fill lease; it expires");
+                    }
+                }
+                return CacheStatus::FailOpen;
             }
         }
-        Ok((value, CacheStatus::Miss))
+        CacheStatus::Miss
     }
+}
+
+/// What [`FillCtx::landed`] needs of a fill whose store it waits for.
+struct Landing {
+    target: Entry,
+    /// The stored value's size, for the query's figures.
+    size: usize,
+    sampled: Option<(verify::Origin, Entry)>,
+    stats: Option<Arc<crate::metrics::QueryStats>>,
+    started: Instant,
+    delta: Duration,
+    /// A copy of the fill's lease, if it held one and does not wait (see
+    /// [`FillLease::handoff`]).
+    lease: Option<FillLease>,
 }

@@ -50,6 +50,9 @@ pub struct Plan {
     pub kind: ReplyKind,
     /// The client's protocol when it asked.
     pub proto: Proto,
+    /// The client's lane (its id), while its requests take the shared connections (not a
+    /// dedicated one): which of them they take.
+    pub lane: Option<u64>,
     /// Seconds to remember "no such row", if at all.
     pub negative_ttl: Option<u64>,
     pub source: Arc<dyn Source>,
@@ -296,7 +299,8 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
     let Plan {
         entry,
         kind,
-        proto: _,
+        proto,
+        lane,
         negative_ttl,
         source,
         stats,
@@ -319,6 +323,11 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
                         hash,
                     }),
                     stats,
+                    // An early refresh answers nobody: its store need not be in anyone's order.
+                    lane: lane
+                        .filter(|_| cache.reply_before_store)
+                        .filter(|_| mode != Mode::Cache { refresh: true })
+                        .map(|l| (l, proto)),
                 };
                 cache.fill(entry, opts, move || load.load(Some(deps))).await
             }
@@ -443,6 +452,7 @@ mod tests {
             },
             kind: ReplyKind::Value,
             proto: Proto::Resp2,
+            lane: None,
             negative_ttl: None,
             source: Arc::clone(source) as Arc<dyn Source>,
             stats: None,

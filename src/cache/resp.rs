@@ -5,10 +5,12 @@
 
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use crate::error::{Error, Result};
 use crate::protocol::request::encode_multibulk;
+use crate::protocol::Proto;
 use crate::upstream::{reply_of, Upstream};
 
 /// Something that can be one argument of a request.
@@ -153,6 +155,43 @@ impl Invocation {
             &up.call(self.encode("EVAL", &self.script.src), &route)
                 .await?,
         )
+    }
+
+    /// [`run`](Self::run), queued now and answered later, on a client's connection (`lane`,
+    /// see [`Upstream::send_own_on`]) if given: when this returns, the script is on its
+    /// connection, ahead of anything queued after it there; the returned future awaits the
+    /// reply. Sent whole (EVAL) until `loaded` says this store's Valkey answered it by its
+    /// SHA1, so a new Valkey runs it in order too; only a server that dropped it since
+    /// (`SCRIPT FLUSH`, a restart, another cluster node) answers `-NOSCRIPT`, and then the
+    /// EVAL sent after it runs behind whatever was queued meanwhile.
+    pub async fn queue(
+        self,
+        up: Arc<Upstream>,
+        lane: Option<(u64, Proto)>,
+        loaded: Arc<AtomicBool>,
+    ) -> impl std::future::Future<Output = Result<BytesFrame>> + Send + 'static {
+        let route = self.keys.first().cloned().unwrap_or_default();
+        let request = match loaded.load(Ordering::Relaxed) {
+            true => self.encode("EVALSHA", &self.script.sha),
+            false => self.encode("EVAL", &self.script.src),
+        };
+        let sent = match lane {
+            Some(lane) => up.send_own_on(lane, request, &route).await,
+            None => up.send_own(request, &route).await,
+        };
+        async move {
+            let reply = reply_of(sent).await?;
+            // Any reply but NOSCRIPT means the server has it now (an EVAL loads it).
+            loaded.store(!reply.starts_with(b"-NOSCRIPT"), Ordering::Relaxed);
+            if !reply.starts_with(b"-NOSCRIPT") {
+                return decode(&reply);
+            }
+            let reply = up
+                .call(self.encode("EVAL", &self.script.src), &route)
+                .await?;
+            loaded.store(!reply.starts_with(b"-NOSCRIPT"), Ordering::Relaxed);
+            decode(&reply)
+        }
     }
 
     /// `EVALSHA sha` or `EVAL src`, then the keys and arguments.

@@ -20,6 +20,9 @@
 //! store them after the invalidation of the write that changed them.
 
 use bytes::Bytes;
+use futures::future::{self, BoxFuture};
+use futures::FutureExt;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, LazyLock};
 
 use super::cluster_store::ClusterStore;
@@ -27,6 +30,7 @@ use super::fleet::Fleet;
 use super::resp::{self, Cmd, Invocation, Script, StaticScript};
 use super::{Deps, Entry, Value, Version};
 use crate::error::Result;
+use crate::protocol::Proto;
 use crate::upstream::Upstream;
 
 /// Checks the versions, registers the entry with its tables, then stores it — registering
@@ -365,6 +369,20 @@ impl FillLease {
         self.released.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// This lease as a store queued without waiting leaves it: marked released here (the
+    /// store script gives it up), and a copy for whoever learns how the store went — to give
+    /// it up should the script not have run.
+    pub fn handoff(&self) -> FillLease {
+        self.mark_released();
+        FillLease {
+            key: self.key.clone(),
+            token: self.token.clone(),
+            ms: self.ms,
+            entry: self.entry.clone(),
+            released: Default::default(),
+        }
+    }
+
     fn mark_released(&self) {
         self.released
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -574,19 +592,44 @@ impl Store {
         versions: &[String],
         lease: Option<&FillLease>,
     ) -> Result<bool> {
+        let queued = self.queue_store(entry, value, versions, lease, None);
+        let stored = queued.await.await?;
+        if let (Some(l), Some(_)) = (lease, value_kind(value)) {
+            l.mark_released();
+        }
+        Ok(stored)
+    }
+
+    /// [`Store::store_leased`], queued now and answered later: when this returns, the store
+    /// script is on its connection to Valkey — the key's, or the client's `lane` (see
+    /// [`Upstream::send_own_on`]) — ahead of anything queued after it there; the returned
+    /// future resolves to whether it stored. The lease is given up by the script, so a caller
+    /// that does not wait for it marks the lease released itself ([`FillLease::handoff`]).
+    pub async fn queue_store(
+        &self,
+        entry: &Entry,
+        value: &Value,
+        versions: &[String],
+        lease: Option<&FillLease>,
+        lane: Option<(u64, Proto)>,
+    ) -> BoxFuture<'static, Result<bool>> {
         let channel = self.fill_channel();
         let announced = lease.map(|l| Fleet::announcement(&l.entry));
         let release = lease
             .zip(announced.as_deref())
             .map(|(l, a)| (l, channel.as_str(), a));
-        let stored = match self {
-            Store::Single(s) => s.store(entry, value, versions, release).await,
-            Store::Cluster(c) => c.store(entry, value, versions, release).await,
-        }?;
-        if let (Some(l), Some(_)) = (lease, value_kind(value)) {
-            l.mark_released();
-        }
-        Ok(stored)
+        let script = match self {
+            Store::Single(s) => s.store_script(entry, value, versions, release),
+            Store::Cluster(c) => c.store_script(entry, value, versions, release),
+        };
+        let Some(script) = script else {
+            return future::ready(Ok(false)).boxed();
+        };
+        let loaded = Arc::clone(self.store_script_loaded());
+        let reply = script
+            .queue(Arc::clone(self.upstream()), lane, loaded)
+            .await;
+        async move { Ok(resp::int(reply.await?)? == 1) }.boxed()
     }
 
     /// Table-wide invalidation: drops every entry that depends on `tables`. Returns how many
@@ -644,6 +687,14 @@ impl Store {
     }
 
     /// The upstream its requests go through.
+    /// Whether this store's Valkey is known to have the store script.
+    fn store_script_loaded(&self) -> &Arc<AtomicBool> {
+        match self {
+            Store::Single(s) => &s.store_loaded,
+            Store::Cluster(c) => &c.store_loaded,
+        }
+    }
+
     pub fn upstream(&self) -> &Arc<Upstream> {
         match self {
             Store::Single(s) => &s.upstream,
@@ -774,6 +825,8 @@ pub(super) fn existing_value(
 pub struct SingleStore {
     upstream: Arc<Upstream>,
     prefix: String,
+    /// Whether this Valkey has the store script (see `resp::Invocation::queue`).
+    store_loaded: Arc<AtomicBool>,
 }
 
 impl SingleStore {
@@ -781,6 +834,7 @@ impl SingleStore {
         SingleStore {
             upstream,
             prefix: meta_prefix.to_string(),
+            store_loaded: Arc::default(),
         }
     }
 
@@ -863,19 +917,18 @@ impl SingleStore {
         })
     }
 
-    /// Stores `value` under `entry` if its versions are still `versions`. `Ok(false)` means a
-    /// write raced this fill and nothing was stored. `release`: the fill lease to give up
-    /// and the channel to announce it on.
-    pub async fn store(
+    /// The script that stores `value` under `entry` if its versions are still `versions`
+    /// (it answers 0 when a write raced the fill and nothing was stored); `None` for a value
+    /// with nothing to store. `release`: the fill lease to give up and the channel to
+    /// announce it on.
+    pub(super) fn store_script(
         &self,
         entry: &Entry,
         value: &Value,
         versions: &[String],
         release: Option<(&FillLease, &str, &str)>,
-    ) -> Result<bool> {
-        let Some(kind) = value_kind(value) else {
-            return Ok(false);
-        };
+    ) -> Option<Invocation> {
+        let kind = value_kind(value)?;
         let vkeys = self.version_keys(&entry.deps);
         let rkeys = self.registry_keys(&entry.deps);
         let mut inv = FILL.prepare();
@@ -898,7 +951,7 @@ impl SingleStore {
             inv.arg(v);
         }
         push_value_args(&mut inv, value);
-        Ok(resp::int(inv.run(&self.upstream).await?)? == 1)
+        Some(inv)
     }
 
     /// Table-wide invalidation: bumps every version of `tables` and drops every entry that

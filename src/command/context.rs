@@ -131,7 +131,8 @@ impl Context {
             ),
             invalidation: Arc::new(invalidation),
             sql_checks: crate::db::sql::verdict_cache(),
-            db: Db::new(&config.postgres).map_err(|e| e.to_string())?,
+            db: Db::with_cores(&config.postgres, crate::cores::count(config.threads))
+                .map_err(|e| e.to_string())?,
             metrics,
             client_ids: ClientIds::default(),
             top_queries: crate::metrics::TopQueries::new(config.metrics.top_queries),

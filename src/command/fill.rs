@@ -44,7 +44,8 @@ pub struct Load {
     key: String,
 }
 
-/// The plan of a cached read of `entry` from `source`, for a client speaking `proto`. The
+/// The plan of a cached read of `entry` from `source`, for a client speaking `proto` on
+/// `lane` (see [`shared_lane`]). The
 /// entry's dependencies are what this process already resolved for the query, if anything
 /// (see [`known_deps`]); the fill resolves them for sure before reading any version.
 pub fn plan(
@@ -52,7 +53,7 @@ pub fn plan(
     mut entry: Entry,
     source: Source,
     kind: ReplyKind,
-    proto: Proto,
+    (proto, lane): (Proto, Option<u64>),
     stats: Option<Arc<QueryStats>>,
 ) -> Plan {
     let negative_ttl = match &source {
@@ -73,10 +74,18 @@ pub fn plan(
         entry,
         kind,
         proto,
+        lane,
         negative_ttl,
         source: Arc::new(load),
         stats,
     }
+}
+
+/// The client's lane while its requests go over the shared connections: not while it holds a
+/// dedicated one (a transaction, a subscription, another database …) or is a restricted user,
+/// whose commands Valkey checks on a connection logged in as that user.
+pub fn shared_lane(session: &Session) -> Option<u64> {
+    (session.user.unrestricted() && !session.needs_dedicated()).then_some(session.id)
 }
 
 impl Source {

@@ -61,7 +61,7 @@ pub fn dispatch(
         return Action::Reply(Refusal::NoPermKey.reply());
     }
     let kind = q.reply;
-    let proto = session.proto;
+    let client = (session.proto, super::fill::shared_lane(session));
     let stats = Some(Arc::clone(&q.stats));
     route(ctx, session, key, kind, stats, |key| {
         // Arguments stay borrowed on the hit path; a miss copies them into its plan.
@@ -75,6 +75,6 @@ pub fn dispatch(
             query: Arc::clone(q),
             args,
         };
-        plan(ctx, entry, source, kind, proto, Some(Arc::clone(&q.stats)))
+        plan(ctx, entry, source, kind, client, Some(Arc::clone(&q.stats)))
     })
 }

@@ -114,7 +114,7 @@ pub fn dispatch(ctx: &Arc<Context>, session: &Session, req: &Request) -> Action 
             entry,
             source,
             ReplyKind::Json,
-            session.proto,
+            (session.proto, super::fill::shared_lane(session)),
             plan_stats,
         )
     })

@@ -2,6 +2,7 @@
 
 pub mod deps;
 pub mod pgoutput;
+pub mod pool;
 pub mod replicas;
 pub mod rows;
 pub mod sql;
@@ -9,8 +10,8 @@ pub mod triggers;
 pub mod wal;
 
 use bytes::{BufMut, BytesMut};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures::{pin_mut, TryStreamExt};
+use pool::{Pooled, Pools};
 use postgres_types::{Format, IsNull, ToSql, Type};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -252,7 +253,8 @@ impl Breaker {
 /// The database side: a connection pool and the ways cachefront queries.
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool,
+    /// The primary's pools (see [`pool`]).
+    pools: Arc<Pools>,
     breaker: Arc<Breaker>,
     /// Longest a query may take from our side (twice the statement timeout + 1 s: the server's
     /// own timeout should always fire first).
@@ -282,35 +284,6 @@ fn pg_config(url: &str, cfg: &PostgresConfig) -> Result<tokio_postgres::Config, 
     Ok(pg)
 }
 
-/// A pool of connections made with `pg`, opened on demand.
-///
-/// A connection is cleaned each time it is handed out (`RecyclingMethod::Clean`: `CLOSE ALL;
-/// SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all();
-/// DISCARD TEMP; DISCARD SEQUENCES`), so nothing one query left on the session — a session
-/// advisory lock (which no rollback releases), a setting, a LISTEN, a cursor, a temporary
-/// table — reaches the next one, whatever route it came by. It keeps the prepared statements
-/// (`DISCARD ALL` would drop them under the statement cache, see [`prepare_bounded`]), and
-/// `RESET ALL` returns settings to the connection's own startup options (the statement
-/// timeout, DateStyle …), not to the server's defaults. It costs one round trip per use.
-fn build_pool(pg: &tokio_postgres::Config, cfg: &PostgresConfig) -> Result<Pool, DbError> {
-    let mgr = Manager::from_config(
-        pg.clone(),
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Clean,
-        },
-    );
-    let timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
-    Pool::builder(mgr)
-        .max_size(cfg.pool_size)
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(timeout)
-        .create_timeout(timeout)
-        .recycle_timeout(timeout)
-        .build()
-        .map_err(|e| DbError::Other(e.to_string()))
-}
-
 /// `host:port/dbname` of a connection config: how logs and INFO name a server, without the
 /// password a URL may carry.
 fn server_name(pg: &tokio_postgres::Config) -> String {
@@ -327,15 +300,24 @@ impl Db {
     /// Builds the pools; connections are opened on demand, so a database that is down at
     /// start does not stop cachefront from serving hits.
     pub fn new(cfg: &PostgresConfig) -> Result<Db, DbError> {
+        Db::with_cores(cfg, 0)
+    }
+
+    /// [`Db::new`] for a process serving clients on `cores` threads (see `cores`): each
+    /// core's fills use connections of its own (see [`pool`]).
+    pub fn with_cores(cfg: &PostgresConfig, cores: usize) -> Result<Db, DbError> {
         let pg = pg_config(&cfg.url, cfg)?;
-        let pool = build_pool(&pg, cfg)?;
+        let pools = Arc::new(Pools::new(&pg, cfg, cores)?);
         let replicas = if cfg.replicas.is_empty() {
             None
         } else {
             let mut members = Vec::with_capacity(cfg.replicas.len());
             for url in &cfg.replicas {
                 let rpg = pg_config(url, cfg)?;
-                members.push(Replica::new(build_pool(&rpg, cfg)?, server_name(&rpg)));
+                members.push(Replica::new(
+                    pool::build(&rpg, cfg, cfg.pool_size)?,
+                    server_name(&rpg),
+                ));
             }
             Some(Arc::new(Replicas::new(
                 members,
@@ -344,7 +326,7 @@ impl Db {
             )))
         };
         Ok(Db {
-            pool,
+            pools,
             pg,
             breaker: Arc::new(Breaker::default()),
             deadline: Duration::from_millis(cfg.statement_timeout_ms * 2 + 1000),
@@ -434,15 +416,19 @@ impl Db {
     }
 
     /// A pooled connection, unless the circuit breaker is open.
-    async fn get(&self) -> Result<deadpool_postgres::Object, DbError> {
+    /// The calling thread's pool (its core's, see [`pool`]); cleaned after use.
+    async fn get(&self) -> Result<Pooled, DbError> {
         self.breaker.check()?;
-        let r = self.pool.get().await.map_err(DbError::from);
+        let r = match self.pools.here() {
+            Ok(pool) => pool.get().await.map_err(DbError::from),
+            Err(e) => Err(e),
+        };
         self.breaker.record(&r);
-        r
+        r.map(|object| Pooled::new(object, self.deadline))
     }
 
     /// A pooled connection, for catalog queries and trigger maintenance.
-    pub async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
+    pub async fn client(&self) -> Result<Pooled, DbError> {
         self.get().await
     }
 
@@ -476,7 +462,7 @@ impl Db {
     /// (and the overrun counted by `breaker`, if given).
     async fn deadline_on<T, F>(
         &self,
-        mut client: deadpool_postgres::Object,
+        mut client: Pooled,
         breaker: Option<&Breaker>,
         work: F,
     ) -> Result<T, DbError>
@@ -489,12 +475,12 @@ impl Db {
             Ok(Err(e @ DbError::TooLarge(_))) => {
                 // The rest of an abandoned result is still on its way; closing the connection
                 // ends the query on the server too, and nobody waits behind it.
-                drop(deadpool_postgres::Object::take(client));
+                client.close();
                 Err(e)
             }
             Ok(r) => r,
             Err(_) => {
-                drop(deadpool_postgres::Object::take(client));
+                client.close();
                 let e = Err(DbError::Unavailable(format!(
                     "no answer from PostgreSQL within {} ms",
                     self.deadline.as_millis()
@@ -511,7 +497,9 @@ impl Db {
     /// refuses it: "cached plan must not change result type"): every pooled connection, of
     /// the primary and the replicas, forgets its prepared statements and prepares again.
     pub fn schema_changed(&self) {
-        self.pool.manager().statement_caches.clear();
+        for pool in self.pools.all() {
+            pool.manager().statement_caches.clear();
+        }
         if let Some(set) = &self.replicas {
             for r in &set.members {
                 r.pool.manager().statement_caches.clear();
@@ -555,6 +543,7 @@ impl Db {
         };
         let attempt = match replica.pool.get().await {
             Ok(client) => {
+                let client = Pooled::new(client, self.deadline);
                 // Nothing to check while nothing is required.
                 self.deadline_on(client, None, |c| {
                     work(c, (must_see > 0).then_some(must_see))
@@ -676,8 +665,10 @@ impl Db {
 
     /// Pool gauges for INFO: (size, available).
     pub fn pool_status(&self) -> (usize, usize) {
-        let s = self.pool.status();
-        (s.size, s.available)
+        self.pools.all().fold((0, 0), |(size, available), pool| {
+            let s = pool.status();
+            (size + s.size, available + s.available)
+        })
     }
 }
 

@@ -370,7 +370,7 @@ fn ticker(every: Duration) -> tokio::time::Interval {
 /// that overruns it is discarded, not returned to the pool with a request stuck on it).
 async fn read_lsn(
     db: &Db,
-    client: deadpool_postgres::Object,
+    client: super::pool::Pooled,
     sql: &'static str,
 ) -> Result<Option<u64>, DbError> {
     db.deadline_on(client, None, |c| {
@@ -417,7 +417,10 @@ async fn watch_replica(db: Db, set: Arc<Replicas>, i: usize) {
     loop {
         tick.tick().await;
         let read = match r.pool.get().await {
-            Ok(client) => read_lsn(&db, client, REPLAY_CHECK).await,
+            Ok(client) => {
+                let client = super::pool::Pooled::new(client, db.deadline());
+                read_lsn(&db, client, REPLAY_CHECK).await
+            }
             Err(e) => Err(e.into()),
         };
         let replay = match read {

@@ -316,12 +316,12 @@ impl Cluster {
         }
     }
 
-    /// Sends one of cachefront's own requests (the cache store's, RESP2) to the node serving
-    /// `key`'s slot; see [`super::Upstream::send_own`].
-    pub async fn send_own(&self, lane: u64, raw: Bytes, key: &[u8]) -> ReplyRx {
+    /// Sends one of cachefront's own requests (the cache store's) to the node serving `key`'s
+    /// slot, on connection `lane` of protocol `proto`; see [`super::Upstream::send_own_on`].
+    pub async fn send_own(&self, lane: u64, proto: Proto, raw: Bytes, key: &[u8]) -> ReplyRx {
         match self.ready_now().await {
             Ok(topo) => match topo.node_for(slot_of(key)) {
-                Some(node) => node.mux(Proto::Resp2, lane).send_own(raw, lane),
+                Some(node) => node.mux(proto, lane).send_own(raw, lane),
                 None => ready(Ok(Refusal::ClusterDown.frame())),
             },
             Err(e) => ready(Err(e)),

@@ -228,9 +228,21 @@ impl Upstream {
     /// TLS. Queued before this returns (in a cluster, once the slot map is loaded).
     pub async fn send_own(&self, raw: Bytes, key: &[u8]) -> ReplyRx {
         let lane = u64::from(cluster::slot_of(key));
+        self.send_own_on((lane, Proto::Resp2), raw, key).await
+    }
+
+    /// [`send_own`](Self::send_own) on a client's shared connection (`lane` and protocol, as
+    /// its own requests go; on the node serving `key` in a cluster) instead of the key's: it
+    /// goes out ahead of whatever that client sends next.
+    pub async fn send_own_on(
+        &self,
+        (lane, proto): (u64, Proto),
+        raw: Bytes,
+        key: &[u8],
+    ) -> ReplyRx {
         match &self.cluster {
-            Some(c) => c.send_own(lane, raw, key).await,
-            None => self.mux(lane, Proto::Resp2).send_own(raw, lane),
+            Some(c) => c.send_own(lane, proto, raw, key).await,
+            None => self.mux(lane, proto).send_own(raw, lane),
         }
     }
 
