@@ -344,9 +344,22 @@ if [[ "$mode" == all || "$mode" == all+profile ]]; then
     echo
     cat "$WORK/idle.txt"
     echo
-    # Single requests, one client: cold misses on never-requested ids of the 100,000.
+    # Single requests, one client: cold misses on never-requested ids of the 100,000 — with
+    # the default config, then with cache.reply_before_store = true (a second instance).
     python3 "$ROOT/scripts/miss_latency.py" -n "${BENCH_LAT_N:-2000}" --ids 100000 \
         --cachefront-port "$CF_PORT" --valkey-port "$VALKEY_PORT" --pg-port "$PG_PORT"
+    CFP_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    start_cachefront "$CFP_PORT" env CACHEFRONT_CACHE_REPLY_BEFORE_STORE=true
+    CFP_PID=$STARTED_PID
+    wait_port "$CFP_PORT" 20 cachefront "$WORK/cachefront.log"
+    # The same ids miss again: empty Valkey first (the entries the first run stored).
+    redis-cli -p "$VALKEY_PORT" FLUSHALL >/dev/null
+    echo
+    echo "With cache.reply_before_store = true:"
+    python3 "$ROOT/scripts/miss_latency.py" -n "${BENCH_LAT_N:-2000}" --ids 100000 \
+        --cachefront-port "$CFP_PORT" --valkey-port "$VALKEY_PORT" --pg-port "$PG_PORT"
+    stop_pid "$CFP_PID"
+    CFP_PID=""
     if grep -qiE 'panic|ERROR' "$WORK/cachefront.log"; then
         echo
         echo "cachefront log (warnings and errors):"

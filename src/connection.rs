@@ -561,6 +561,7 @@ impl Connection {
     /// connection on the cache's database, the lookup goes there too, behind the client's own
     /// writes (untracked: its hit does not enter the L1).
     async fn lookup(&mut self, request: Bytes, pending: Pending) {
+        let (request, pending) = pending.sendable(request, self.outq.is_empty());
         let cache_db = self.ctx.upstream.endpoint().db;
         let streaming = self.session.streaming();
         let same_node = |ded: &Dedicated| match &self.ctx.upstream.cluster {
@@ -575,6 +576,7 @@ impl Connection {
                     && ded.conn.proto == pending.proto()
                     && same_node(ded) =>
             {
+                let (request, pending) = pending.plain();
                 ded.wbuf.extend_from_slice(&request);
                 ded.pending += 1;
                 ded.unsent += 1;
@@ -582,7 +584,7 @@ impl Connection {
                     transform: Transform::None,
                     proto: pending.proto(),
                     reset: false,
-                    lookup: Some(pending.untracked()),
+                    lookup: Some(pending),
                     exec: None,
                     _long: None,
                 });

@@ -264,7 +264,9 @@ async fn thousand_misses(lease_ms: u64) {
     );
     assert_eq!(queries, 1, "one instance queried");
     assert_eq!(leases, 1, "one fill lease taken");
-    assert_eq!(waits, 2, "the other two instances each waited once");
+    // The other two instances each waited once; the holder's own at most once more (see
+    // `misses_of_a_missing_row_make_one_query`).
+    assert!((2..=3).contains(&waits), "fleet_fill_waits={waits}");
 }
 
 /// Writes `cfg` as a TOML file in `dir` and starts the cachefront binary on it: an instance
@@ -468,7 +470,11 @@ async fn misses_of_a_missing_row_make_one_query() {
     let waits = since(&urls, &base).await["fleet_fill_waits"];
     println!("fleet coalescing, {MISSES} misses of a missing row over 3 instances: pg_stat_statements calls={calls}, fleet_fill_waits={waits}");
     assert_eq!(calls, 1, "one query for the fleet");
-    assert_eq!(waits, 2, "the other two instances each waited once");
+    // The other two instances each waited once. The holder's own may have waited once too:
+    // its lookups read the entry and take the lease in one step, so the lookup that took it
+    // can reach its fill after another of the instance's misses already started one — which
+    // then waits for the lease until the first gives it up (and joins nothing).
+    assert!((2..=3).contains(&waits), "fleet_fill_waits={waits}");
 }
 
 /// A client cannot put words in a fill's mouth: while instance A fills a key, a client

@@ -166,7 +166,7 @@ impl ClusterStore {
 
     /// The generation guarding `key`: its own, or for a negative marker its entry's (a marker
     /// lives and dies with its entry).
-    fn generation_key(&self, key: &str) -> String {
+    pub(super) fn generation_key(&self, key: &str) -> String {
         self.beside("g", self.owner(key))
     }
 

@@ -97,6 +97,9 @@ impl<T: Clone + Send + Sync + 'static> Coalescer<T> {
             let mut map = self.lock();
             match map.get(key) {
                 Some(f) => {
+                    // Not run: let go of what it holds now (an early lookup's fill lease,
+                    // which the fill joined may be waiting for), not when that fill ends.
+                    drop(fill);
                     if f.waiters.fetch_add(1, Ordering::Relaxed) >= self.max_waiters {
                         f.waiters.fetch_sub(1, Ordering::Relaxed);
                         return (Err(self.full()), true);

@@ -235,6 +235,64 @@ pub struct FillOptions {
     /// the answer does not wait for it. `None`: on the key's own connection, and the answer
     /// waits (the client's next request may take another way to Valkey).
     pub lane: Option<(u64, crate::protocol::Proto)>,
+    /// The fill's first step, if the lookup took it (see `read::Cache::early_lookup`).
+    pub early: Option<Early>,
+}
+
+/// What a lookup that was its fill's first step read (see `read::Cache::early_lookup`), and
+/// the lease it asked for. A fill that does not use it — it joined another fill in flight,
+/// its entry turned out not to be cached through Valkey, or its tables resolved to other
+/// versions — drops it, and a lease it took is then given up: no lease outlives its fill.
+pub struct Early {
+    prefill: Option<Prefill>,
+    lease: Option<FillLease>,
+    /// The version keys it read.
+    keys: Vec<String>,
+    store: Store,
+}
+
+impl Early {
+    pub fn new(prefill: Prefill, lease: FillLease, keys: Vec<String>, store: Store) -> Early {
+        Early {
+            prefill: Some(prefill),
+            lease: Some(lease),
+            keys,
+            store,
+        }
+    }
+
+    /// What it read and its lease, for a fill of an entry whose versions are `keys` — or
+    /// `None` (and the lease given up) if it read others.
+    fn take_for(mut self, keys: &[String]) -> Option<(Prefill, FillLease)> {
+        if self.keys != keys {
+            return None;
+        }
+        self.prefill.take().zip(self.lease.take())
+    }
+}
+
+impl Drop for Early {
+    fn drop(&mut self) {
+        let taken = self
+            .prefill
+            .as_ref()
+            .is_some_and(|p| p.lease == LeaseState::Taken);
+        if let Some(lease) = self.lease.take().filter(|_| taken) {
+            give_up(self.store.clone(), lease);
+        }
+    }
+}
+
+/// Gives up a fill lease nobody will use, on a task of its own (from a `drop`): only if this
+/// token still holds it, announcing it so that waiters look again.
+pub(crate) fn give_up(store: Store, lease: FillLease) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(e) = store.release_fill_lease(&lease, false).await {
+                tracing::debug!(error = %e, key = %lease.entry, "could not give up an unused fill lease; it expires");
+            }
+        });
+    }
 }
 
 impl Cache {
@@ -534,7 +592,7 @@ impl FillCtx {
     async fn fill_once<F, Fut>(
         self,
         entry: Entry,
-        opts: FillOptions,
+        mut opts: FillOptions,
         load: F,
     ) -> Result<(Value, CacheStatus)>
     where
@@ -544,11 +602,31 @@ impl FillCtx {
         let negative_key = opts
             .negative_ttl
             .map(|_| self.store.negative_key(&entry.key));
-        // An early refresh runs while the entry exists: nobody waits for it.
-        let lease = (self.fleet.enabled() && !opts.refresh)
-            .then(|| self.store.fill_lease(&entry.key, self.fleet.lease_ms()));
+        let keys = self.store.version_keys(&entry);
+        // A read that found another fill's lease is old news by the time this fill runs (that
+        // fill may have landed since, and its announcement come and gone): it reads again.
+        let early = opts
+            .early
+            .take()
+            .and_then(|e| e.take_for(&keys))
+            .filter(|(read, _)| !matches!(read.lease, LeaseState::Held(..)));
+        let (first, lease) = match early {
+            Some((read, lease)) => (Some(read), Some(lease)),
+            // An early refresh runs while the entry exists: nobody waits for it.
+            None => (
+                None,
+                (self.fleet.enabled() && !opts.refresh)
+                    .then(|| self.store.fill_lease(&entry.key, self.fleet.lease_ms())),
+            ),
+        };
         let prefill = self
-            .prefill(&entry, &opts, negative_key.as_deref(), lease.as_ref())
+            .prefill(
+                &entry,
+                &opts,
+                negative_key.as_deref(),
+                lease.as_ref(),
+                first,
+            )
             .await;
         let held = lease.filter(|_| matches!(&prefill, Ok(p) if p.lease == LeaseState::Taken));
         if held.is_some() {
@@ -575,16 +653,21 @@ impl FillCtx {
     /// A read under a floor (`opts.fresh`) waits the same way but never takes a holder's
     /// no-row answer: that fill may have read PostgreSQL before the write the floor stands
     /// for (an entry it stored is another matter: its versions were checked).
+    /// `first`: the first read, if the lookup made it (see [`Early`]).
     async fn prefill(
         &self,
         entry: &Entry,
         opts: &FillOptions,
         negative_key: Option<&str>,
         lease: Option<&FillLease>,
+        mut first: Option<Prefill>,
     ) -> Result<Prefill> {
         let hash = opts.hash;
         let Some(lease) = lease else {
-            return self.store.prefill(entry, hash, negative_key).await;
+            return match first {
+                Some(read) => Ok(read),
+                None => self.store.prefill(entry, hash, negative_key).await,
+            };
         };
         let deadline = Instant::now() + self.fleet.patience();
         let mut waited = false;
@@ -594,10 +677,14 @@ impl FillCtx {
             let mut listener = self.fleet.listen(&entry.key);
             let patient = Instant::now() < deadline;
             let asked = patient.then_some((lease, waited_for.as_str()));
-            let prefill = self
-                .store
-                .prefill_leased(entry, hash, negative_key, asked)
-                .await;
+            let prefill = match first.take() {
+                Some(read) => Ok(read),
+                None => {
+                    self.store
+                        .prefill_leased(entry, hash, negative_key, asked)
+                        .await
+                }
+            };
             let (left, holder) = match &prefill {
                 Ok(Prefill {
                     lease: LeaseState::Held(left, holder),
@@ -734,20 +821,19 @@ impl FillCtx {
             stats: opts.stats,
             started,
             delta,
-            lease: None,
+            // The store script gives the lease up; `landed` does if the script did not run.
+            lease: lease.map(FillLease::handoff),
         };
         if opts.lane.is_none() {
             return Ok((value, self.landed(queued, landing).await));
         }
-        let lease = lease.map(FillLease::handoff);
-        tokio::spawn(self.landed(queued, Landing { lease, ..landing }));
+        tokio::spawn(self.landed(queued, landing));
         Ok((value, CacheStatus::Miss))
     }
 
     /// How a fill's store went, once Valkey answers: counted, remembered for early refresh
-    /// and the verification sampler — or, if the script did not run, its lease given up (if
-    /// the fill handed it over). The fill's status: a miss, or failed open if nothing could
-    /// be stored.
+    /// and the verification sampler — or, if the script did not run, its lease given up. The
+    /// fill's status: a miss, or failed open if nothing could be stored.
     async fn landed(
         self,
         queued: BoxFuture<'static, Result<bool>>,
@@ -810,7 +896,6 @@ struct Landing {
     stats: Option<Arc<crate::metrics::QueryStats>>,
     started: Instant,
     delta: Duration,
-    /// A copy of the fill's lease, if it held one and does not wait (see
-    /// [`FillLease::handoff`]).
+    /// A copy of the fill's lease, if it held one (see [`FillLease::handoff`]).
     lease: Option<FillLease>,
 }

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::l1::Ticket;
-use super::{Cache, CacheStatus, Deps, Entry, FillOptions, Tracking, Value};
+use super::store::{FillLease, Store};
+use super::{Cache, CacheStatus, Deps, Early, Entry, FillOptions, Tracking, Value};
 use crate::config::ReplyKind;
 use crate::error::{Error, Result};
 use crate::metrics::inc;
@@ -87,6 +88,32 @@ pub struct Pending {
     /// Taken before the lookup was sent, while the L1 is on: a hit may then enter the L1
     /// (only if the lookup was tracked, see [`Pending::untracked`]).
     ticket: Option<Ticket>,
+    /// The lease asked for, when the lookup was the fill's first step (see
+    /// [`Cache::early_lookup`]).
+    early: Option<Box<Asked>>,
+}
+
+/// The fill lease an early lookup asked for, until its reply says what became of it. Given
+/// up if the lookup is dropped unanswered (the client left, the connection to Valkey
+/// failed): the script may have taken it, and nobody else would give it up before it expires.
+struct Asked {
+    lease: Option<FillLease>,
+    store: Store,
+}
+
+impl Asked {
+    /// The reply came: whoever reads it decides.
+    fn answered(mut self) -> Option<FillLease> {
+        self.lease.take()
+    }
+}
+
+impl Drop for Asked {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            super::give_up(self.store.clone(), lease);
+        }
+    }
 }
 
 impl Pending {
@@ -110,11 +137,37 @@ impl Pending {
         self.ticket.is_some()
     }
 
-    /// The lookup went untracked (a dedicated connection, or tracking unavailable): Valkey
-    /// will not report changes of the key, so its hit must not enter the L1.
+    /// The lookup went untracked (tracking unavailable): Valkey will not report changes of
+    /// the key, so its hit must not enter the L1.
     pub fn untracked(mut self) -> Pending {
         self.ticket = None;
         self
+    }
+
+    /// The lookup goes on the client's dedicated connection, behind its own commands (which
+    /// may be a transaction's, queued rather than run): a plain, untracked `GET`/`HGETALL`,
+    /// never the fill's first step.
+    pub fn plain(mut self) -> (Bytes, Pending) {
+        self.ticket = None;
+        self.plain_lookup()
+    }
+
+    /// `request` as the client's connection may send it: the fill's first step takes the
+    /// key's fill lease, so its reply must be read at once — the connection reads replies in
+    /// request order, and a fill ahead of it could be waiting for that very lease. So only a
+    /// lookup with nothing ahead of it (`alone`) is the fill's first step; any other is a
+    /// plain `GET`.
+    pub fn sendable(self, request: Bytes, alone: bool) -> (Bytes, Pending) {
+        match self.early.is_some() && !alone {
+            true => self.plain_lookup(),
+            false => (request, self),
+        }
+    }
+
+    /// The plain lookup, the first step (never sent) forgotten.
+    fn plain_lookup(mut self) -> (Bytes, Pending) {
+        let _ = self.early.take().map(|a| a.answered());
+        (lookup_request(&self.plan.entry.key, self.plan.kind), self)
     }
 }
 
@@ -211,7 +264,7 @@ impl Cache {
         Begin::Fill(
             async move {
                 match ready.await {
-                    Ok(()) => fill(cache, plan, Mode::Fresh).await,
+                    Ok(()) => fill(cache, plan, Mode::Fresh, None).await,
                     Err(e) => (e.to_reply(), CacheStatus::Error),
                 }
             }
@@ -222,20 +275,67 @@ impl Cache {
     /// The lookup to send for a miss of the L1, with the L1 ticket taken before it leaves.
     fn lookup(&self, plan: Plan) -> Begin {
         let ticket = self.l1.enabled().then(|| self.l1.ticket(&plan.entry.key));
+        let (request, early) = match self.early_lookup(&plan) {
+            Some((request, lease)) => {
+                let store = self.store.clone();
+                let asked = Asked {
+                    lease: Some(lease),
+                    store,
+                };
+                (request, Some(Box::new(asked)))
+            }
+            None => (lookup_request(&plan.entry.key, plan.kind), None),
+        };
         Begin::Lookup(Lookup {
-            request: lookup_request(&plan.entry.key, plan.kind),
+            request,
             pending: Pending {
                 plan: Box::new(plan),
                 ticket,
+                early,
             },
         })
+    }
+
+    /// The lookup that is also its fill's first step, when it can be: the fill script's
+    /// read of the entry, its versions and negative marker, taking the key's fill lease only
+    /// if both are absent (see `store::PREFILL_LUA`). A hit costs Valkey a script instead of
+    /// a `GET` in the same round trip; a miss saves the round trip its fill would have spent
+    /// on that read. Only where the fill will use it: a string entry whose tables this process
+    /// has resolved (their versions are known), on a single server, fleet coalescing on, the
+    /// client speaking RESP2 (the hit is forwarded as the script's bulk reply).
+    fn early_lookup(&self, plan: &Plan) -> Option<(Bytes, FillLease)> {
+        let eligible = self.fleet.enabled()
+            && plan.kind != ReplyKind::Hash
+            && plan.proto == Proto::Resp2
+            && matches!(
+                plan.entry.deps.tracking,
+                Tracking::Tracked | Tracking::TtlOnly
+            )
+            && !self.bypasses(&plan.entry);
+        if !eligible {
+            return None;
+        }
+        let key = &plan.entry.key;
+        let lease = self.store.fill_lease(key, self.fleet.lease_ms());
+        let negative_key = plan.negative_ttl.map(|_| self.store.negative_key(key));
+        let request = self
+            .store
+            .early_lookup(&plan.entry, negative_key.as_deref(), &lease)?;
+        Some((request, lease))
     }
 
     /// A lookup's reply (or the failure to get one): the entry itself on a hit — kept in the
     /// L1 if the lookup was tracked; otherwise the fill that answers (from PostgreSQL alone if
     /// Valkey failed).
     pub fn finish(self: &Arc<Self>, pending: Pending, reply: Result<Bytes>) -> Step {
-        let Pending { plan, ticket } = pending;
+        let Pending {
+            plan,
+            ticket,
+            early,
+        } = pending;
+        if let Some(asked) = early {
+            return self.finish_early(plan, ticket, *asked, reply);
+        }
         // A hit of a degraded entry is not served: the reply may predate an invalidation
         // not yet applied (see `Cache::bypasses`); the fill answers from PostgreSQL.
         let bypass = self.bypasses(&plan.entry);
@@ -244,20 +344,7 @@ impl Cache {
             // permission): its error is the answer, passed on as sent — neither a hit nor a miss.
             // (The connection counts it with every error reply it sends.)
             Ok(frame) if frame.starts_with(b"-") => Step::Reply(frame, CacheStatus::Error),
-            Ok(frame) if is_hit(&frame) && !bypass => {
-                // The L1 drops items by their dependencies: only resolved ones may enter.
-                let resolved = plan.entry.deps.tracking != Tracking::Unresolved;
-                if let Some(t) = ticket.filter(|_| resolved) {
-                    let entry = &plan.entry;
-                    let hash = plan.kind == ReplyKind::Hash;
-                    let deps = entry.l1_deps();
-                    self.l1
-                        .insert(&entry.key, hash, plan.proto, frame.clone(), deps, t);
-                }
-                let key = plan.entry.key.clone();
-                self.hit(CacheStatus::Hit, &key, || *plan);
-                Step::Reply(frame, CacheStatus::Hit)
-            }
+            Ok(frame) if is_hit(&frame) && !bypass => self.served(plan, ticket, frame),
             Ok(_) => {
                 if !bypass {
                     inc(&self.metrics.misses);
@@ -269,6 +356,104 @@ impl Cache {
                     inc(&self.metrics.upstream_errors);
                 }
                 Step::Fill(self.fill_task(*plan, Mode::Direct))
+            }
+        }
+    }
+
+    /// A hit from Valkey: kept in the L1 if the lookup was tracked, and answered.
+    fn served(self: &Arc<Self>, plan: Box<Plan>, ticket: Option<Ticket>, frame: Bytes) -> Step {
+        // The L1 drops items by their dependencies: only resolved ones may enter.
+        let resolved = plan.entry.deps.tracking != Tracking::Unresolved;
+        if let Some(t) = ticket.filter(|_| resolved) {
+            let entry = &plan.entry;
+            let hash = plan.kind == ReplyKind::Hash;
+            let deps = entry.l1_deps();
+            self.l1
+                .insert(&entry.key, hash, plan.proto, frame.clone(), deps, t);
+        }
+        let key = plan.entry.key.clone();
+        self.hit(CacheStatus::Hit, &key, || *plan);
+        Step::Reply(frame, CacheStatus::Hit)
+    }
+
+    /// [`Cache::finish`] for a lookup that was its fill's first step: a hit is answered as
+    /// any; a miss fills with what the lookup read (its versions, the lease it took). A
+    /// Valkey without the script yet (`-NOSCRIPT`) is asked again with a plain `GET`.
+    fn finish_early(
+        self: &Arc<Self>,
+        plan: Box<Plan>,
+        ticket: Option<Ticket>,
+        asked: Asked,
+        reply: Result<Bytes>,
+    ) -> Step {
+        let bypass = self.bypasses(&plan.entry);
+        let frame = match reply {
+            Ok(frame) => frame,
+            // The script may have run: dropping `asked` gives its lease up.
+            Err(_) => {
+                if !bypass {
+                    inc(&self.metrics.upstream_errors);
+                }
+                return Step::Fill(self.fill_task(*plan, Mode::Direct));
+            }
+        };
+        // From here the reply says what became of the lease.
+        let Some(lease) = asked.answered() else {
+            return Step::Fill(self.fill_task(*plan, Mode::Direct));
+        };
+        if frame.starts_with(b"-NOSCRIPT") {
+            return Step::Fill(Arc::clone(self).lookup_again(*plan).boxed());
+        }
+        if frame.starts_with(b"-") {
+            // Valkey refused the read (WRONGTYPE on a key the application wrote itself): its
+            // error is the answer, as for a `GET`. The script writes nothing before it reads.
+            return Step::Reply(frame, CacheStatus::Error);
+        }
+        let prefill = match self.store.early_reply(&frame, plan.negative_ttl.is_some()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "unexpected reply to a lookup; answering from PostgreSQL");
+                super::give_up(self.store.clone(), lease);
+                if !bypass {
+                    inc(&self.metrics.upstream_errors);
+                }
+                return Step::Fill(self.fill_task(*plan, Mode::Direct));
+            }
+        };
+        if let (Some(Value::String(v)), false) = (&prefill.existing, bypass) {
+            let frame = Reply::Bulk(v.clone()).to_bytes(Proto::Resp2);
+            return self.served(plan, ticket, frame);
+        }
+        if !bypass {
+            inc(&self.metrics.misses);
+        }
+        let keys = self.store.version_keys(&plan.entry);
+        let early = Early::new(prefill, lease, keys, self.store.clone());
+        Step::Fill(self.fill_with(*plan, Mode::Cache { refresh: false }, Some(early)))
+    }
+
+    /// The lookup of `plan` with a plain `GET`, after Valkey said it lacks the early lookup's
+    /// script (a new or restarted server): a hit is answered (untracked: not kept in the L1),
+    /// a miss fills — and its fill loads the script for the next lookup.
+    async fn lookup_again(self: Arc<Self>, plan: Plan) -> (Reply, CacheStatus) {
+        let bypass = self.bypasses(&plan.entry);
+        match self.store.get(&plan.entry.key).await {
+            Ok(Some(v)) if !bypass => {
+                let key = plan.entry.key.clone();
+                self.hit(CacheStatus::Hit, &key, || plan);
+                (Reply::Bulk(v), CacheStatus::Hit)
+            }
+            Ok(_) => {
+                if !bypass {
+                    inc(&self.metrics.misses);
+                }
+                fill(self, plan, Mode::Cache { refresh: false }, None).await
+            }
+            Err(_) => {
+                if !bypass {
+                    inc(&self.metrics.upstream_errors);
+                }
+                fill(self, plan, Mode::Direct, None).await
             }
         }
     }
@@ -289,13 +474,23 @@ impl Cache {
 
     /// The fill of `plan`, as a task-ready future.
     fn fill_task(self: &Arc<Self>, plan: Plan, mode: Mode) -> Fill {
-        fill(Arc::clone(self), plan, mode).boxed()
+        self.fill_with(plan, mode, None)
+    }
+
+    /// [`fill_task`](Self::fill_task), with what an early lookup already read.
+    fn fill_with(self: &Arc<Self>, plan: Plan, mode: Mode, early: Option<Early>) -> Fill {
+        fill(Arc::clone(self), plan, mode, early).boxed()
     }
 }
 
 /// Answers a miss: through the cache's coalesced fill protocol, or straight from PostgreSQL
 /// when Valkey failed. A fill that queried PostgreSQL itself is timed for the slow-fill log.
-async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus) {
+async fn fill(
+    cache: Arc<Cache>,
+    plan: Plan,
+    mode: Mode,
+    early: Option<Early>,
+) -> (Reply, CacheStatus) {
     let Plan {
         entry,
         kind,
@@ -328,6 +523,7 @@ async fn fill(cache: Arc<Cache>, plan: Plan, mode: Mode) -> (Reply, CacheStatus)
                         .filter(|_| cache.reply_before_store)
                         .filter(|_| mode != Mode::Cache { refresh: true })
                         .map(|l| (l, proto)),
+                    early,
                 };
                 cache.fill(entry, opts, move || load.load(Some(deps))).await
             }
@@ -417,7 +613,22 @@ mod tests {
     }
 
     /// A cache whose Valkey is nowhere (port 1 refuses), and its metrics.
+    /// A cache that looks up with `GET`/`HGETALL` (fleet coalescing off, so no lookup is
+    /// a fill's first step; see [`early_cache`]).
     fn cache() -> (Arc<Cache>, Arc<Metrics>) {
+        cache_with(&CacheConfig {
+            fill_lease_ms: 0,
+            ..CacheConfig::default()
+        })
+    }
+
+    /// A cache as configured by default: string lookups of resolved queries from RESP2
+    /// clients are their fill's first step.
+    fn early_cache() -> (Arc<Cache>, Arc<Metrics>) {
+        cache_with(&CacheConfig::default())
+    }
+
+    fn cache_with(cfg: &CacheConfig) -> (Arc<Cache>, Arc<Metrics>) {
         let valkey = ValkeyConfig {
             url: "redis://127.0.0.1:1".into(),
             connect_timeout_ms: 200,
@@ -427,7 +638,7 @@ mod tests {
         let upstream =
             crate::upstream::Upstream::new(&valkey, Arc::clone(&metrics), 0).expect("upstream");
         let store = Store::new(Arc::new(upstream), "cf:");
-        let cache = Cache::new(store, Arc::clone(&metrics), &CacheConfig::default());
+        let cache = Cache::new(store, Arc::clone(&metrics), cfg);
         (Arc::new(cache), metrics)
     }
 
@@ -524,6 +735,75 @@ mod tests {
             ..plan(k, "emp", &src)
         });
         assert!(lookup(hash).request.starts_with(b"*2\r\n$7\r\nHGETALL\r\n"));
+    }
+
+    /// The fill script's reply to an early lookup: the entry `value` (a hit) or none (a
+    /// miss, the lease taken), no version bumped yet.
+    fn early_reply(value: Option<&str>) -> Bytes {
+        let (entry, state) = match value {
+            Some(v) => (format!("${}\r\n{v}\r\n", v.len()), 0),
+            None => ("$-1\r\n".to_string(), 1),
+        };
+        Bytes::from(format!(
+            "*6\r\n*1\r\n$-1\r\n{entry}:0\r\n:{state}\r\n:0\r\n$0\r\n\r\n"
+        ))
+    }
+
+    /// With fleet coalescing on, a RESP2 client's string lookup of a resolved query is the
+    /// fill script; its hit is answered as the entry's bulk string and kept in the L1; its
+    /// miss fills with what the script read (no second read: Valkey is unreachable here, and
+    /// the answer still comes from the source, failed open on the store). Other lookups stay
+    /// plain: RESP3, hashes, a query whose tables are not resolved yet. A Valkey without the
+    /// script is asked again.
+    #[tokio::test]
+    async fn a_lookup_can_be_its_fills_first_step() {
+        let (cache, m) = early_cache();
+        let src = fake(Value::String(Bytes::from_static(b"alice")));
+        let l = lookup(begin(&cache, "emp:1", &src));
+        assert!(
+            l.request.starts_with(b"*") && l.request.windows(7).any(|w| w == b"EVALSHA"),
+            "{:?}",
+            l.request
+        );
+        let step = cache.finish(l.pending, Ok(early_reply(Some("alice"))));
+        assert!(matches!(step, Step::Reply(f, CacheStatus::Hit) if f == FRAME));
+        assert_eq!(
+            cache.l1.get("emp:1", false, Proto::Resp2).as_deref(),
+            Some(FRAME)
+        );
+
+        let l = lookup(begin(&cache, "emp:2", &src));
+        let (reply, status) = filled(cache.finish(l.pending, Ok(early_reply(None)))).await;
+        assert_eq!(reply, Reply::Bulk(Bytes::from_static(b"alice")));
+        assert_eq!(status, CacheStatus::FailOpen);
+        assert_eq!((count(&m.hits), count(&m.misses)), (1, 1));
+
+        let plain = |proto, kind, tracking| {
+            let b = cache.begin("emp:3".into(), kind, proto, |k| {
+                let mut p = plan(k, "emp", &src);
+                (p.proto, p.kind, p.entry.deps.tracking) = (proto, kind, tracking);
+                p
+            });
+            lookup(b).request
+        };
+        let get = b"*2\r\n$3\r\nGET\r\n$5\r\nemp:3\r\n";
+        assert_eq!(
+            &plain(Proto::Resp3, ReplyKind::Value, Tracking::Tracked)[..],
+            get
+        );
+        assert_eq!(
+            &plain(Proto::Resp2, ReplyKind::Value, Tracking::Unresolved)[..],
+            get
+        );
+        assert!(plain(Proto::Resp2, ReplyKind::Hash, Tracking::Tracked)
+            .starts_with(b"*2\r\n$7\r\nHGETALL"));
+
+        let l = lookup(begin(&cache, "emp:4", &src));
+        let noscript = Bytes::from_static(b"-NOSCRIPT No matching script.\r\n");
+        assert!(matches!(
+            cache.finish(l.pending, Ok(noscript)),
+            Step::Fill(_)
+        ));
     }
 
     #[tokio::test]

@@ -194,6 +194,14 @@ impl Invocation {
         }
     }
 
+    /// The EVALSHA request, for a caller that sends it itself (and falls back to [`run`] on
+    /// `-NOSCRIPT`).
+    ///
+    /// [`run`]: Self::run
+    pub fn evalsha(&self) -> Bytes {
+        self.encode("EVALSHA", &self.script.sha)
+    }
+
     /// `EVALSHA sha` or `EVAL src`, then the keys and arguments.
     fn encode(&self, command: &'static str, script: &Bytes) -> Bytes {
         let mut all = Vec::with_capacity(3 + self.keys.len() + self.args.len());

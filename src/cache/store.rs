@@ -32,6 +32,7 @@ use super::{Deps, Entry, Value, Version};
 use crate::error::Result;
 use crate::protocol::Proto;
 use crate::upstream::Upstream;
+use redis_protocol::resp2::types::BytesFrame;
 
 /// Checks the versions, registers the entry with its tables, then stores it — registering
 /// first, so no entry can exist that its tables' invalidation cannot find (a refused write
@@ -397,9 +398,21 @@ pub(super) async fn prefill_script(
     entry: &Entry,
     hash: bool,
     negative_key: Option<&str>,
-    (lease, waited_for): (&FillLease, &str),
+    lease: (&FillLease, &str),
     versions: &[String],
 ) -> Result<Prefill> {
+    let inv = prefill_invocation(entry, hash, negative_key, lease, versions);
+    parse_prefill(inv.run(up).await?, hash, negative_key.is_some())
+}
+
+/// The invocation of [`PREFILL_LUA`] (see [`prefill_script`]).
+fn prefill_invocation(
+    entry: &Entry,
+    hash: bool,
+    negative_key: Option<&str>,
+    (lease, waited_for): (&FillLease, &str),
+    versions: &[String],
+) -> Invocation {
     let mut inv = PREFILL.prepare();
     inv.key(&entry.key)
         .key(negative_key.unwrap_or(&entry.key))
@@ -412,8 +425,13 @@ pub(super) async fn prefill_script(
         .arg(&lease.token)
         .arg(&lease.ms)
         .arg(waited_for);
-    let reply = resp::array(inv.run(up).await?)?;
-    let [v, existing, negative, state, left, holder]: [_; 6] = reply
+    inv
+}
+
+/// [`PREFILL_LUA`]'s reply; `negative`: whether it was asked about a negative marker.
+fn parse_prefill(frame: BytesFrame, hash: bool, negative: bool) -> Result<Prefill> {
+    let reply = resp::array(frame)?;
+    let [v, existing, flag, state, left, holder]: [_; 6] = reply
         .try_into()
         .map_err(|_| crate::error::Error::upstream("unexpected reply from Valkey: prefill"))?;
     let lease = match resp::int(state)? {
@@ -428,7 +446,7 @@ pub(super) async fn prefill_script(
     Ok(Prefill {
         versions: resp::versions(v)?,
         existing: existing_value(existing, hash)?,
-        negative: negative_key.is_some() && resp::int(negative)? != 0,
+        negative: negative && resp::int(flag)? != 0,
         lease,
     })
 }
@@ -512,6 +530,39 @@ impl Store {
         }
     }
 
+    /// The lookup of an entry that is also its fill's first step (see `cache::read`): the
+    /// request of [`prefill_leased`](Self::prefill_leased) with `lease`, sent in place of the
+    /// entry's `GET` — so a miss has read its versions, and taken the key's lease, in the
+    /// lookup's round trip. Only for a string entry on a single server (a cluster keeps its
+    /// versions in other slots); `None` otherwise.
+    pub fn early_lookup(
+        &self,
+        entry: &Entry,
+        negative_key: Option<&str>,
+        lease: &FillLease,
+    ) -> Option<Bytes> {
+        let Store::Single(s) = self else {
+            return None;
+        };
+        let keys = s.version_keys(&entry.deps);
+        Some(prefill_invocation(entry, false, negative_key, (lease, ""), &keys).evalsha())
+    }
+
+    /// The reply to an [`early_lookup`](Self::early_lookup); `negative`: whether it asked
+    /// about a negative marker. An error reply is an error.
+    pub fn early_reply(&self, raw: &Bytes, negative: bool) -> Result<Prefill> {
+        parse_prefill(resp::decode(raw)?, false, negative)
+    }
+
+    /// The version keys a fill of `entry` reads (on a single server): an early lookup's
+    /// versions serve a fill only if its entry, resolved again, reads the same.
+    pub fn version_keys(&self, entry: &Entry) -> Vec<String> {
+        match self {
+            Store::Single(s) => s.version_keys(&entry.deps),
+            Store::Cluster(c) => vec![c.generation_key(&entry.key)],
+        }
+    }
+
     /// A lease for one fill of `entry_key`, lasting `ms` (not taken yet).
     pub fn fill_lease(&self, entry_key: &str, ms: u64) -> FillLease {
         let key = match self {
@@ -581,23 +632,9 @@ impl Store {
     /// Stores `value` under `entry` if its versions are still `versions`. `Ok(false)` means a
     /// write raced this fill and nothing was stored.
     pub async fn store(&self, entry: &Entry, value: &Value, versions: &[String]) -> Result<bool> {
-        self.store_leased(entry, value, versions, None).await
-    }
-
-    /// [`Store::store`], giving up the fill `lease` in the same script (stored or not).
-    pub async fn store_leased(
-        &self,
-        entry: &Entry,
-        value: &Value,
-        versions: &[String],
-        lease: Option<&FillLease>,
-    ) -> Result<bool> {
-        let queued = self.queue_store(entry, value, versions, lease, None);
-        let stored = queued.await.await?;
-        if let (Some(l), Some(_)) = (lease, value_kind(value)) {
-            l.mark_released();
-        }
-        Ok(stored)
+        self.queue_store(entry, value, versions, None, None)
+            .await
+            .await
     }
 
     /// [`Store::store_leased`], queued now and answered later: when this returns, the store

@@ -156,9 +156,12 @@ impl Drop for Pooled {
 }
 
 /// Cleans `object` and lets its pool have it back; closes it if that fails, overruns or the
-/// task is dropped before it finishes (its runtime shutting down).
+/// task is dropped before it finishes (its runtime shutting down). It first lets the tasks
+/// already woken run: the one that just used the connection usually has more to send (a
+/// fill's store), which should not wait behind the cleaning.
 async fn clean(object: Object, deadline: Duration) {
     let mut unclean = Unclean(Some(object));
+    tokio::task::yield_now().await;
     let Some(object) = unclean.0.as_ref() else {
         return;
     };
