@@ -8,7 +8,7 @@ a plain socket (valkey-py without hiredis adds tens of microseconds of parsing p
 would hide the differences measured here); PostgreSQL is reached with psycopg2 (libpq).
 Needs a running demo stack (scripts/demo.sh) and psycopg2 (scripts/deps.sh installs it).
 
-    python3 scripts/miss_latency.py [-n 500] [--cachefront-port 6380]
+    python3 scripts/miss_latency.py [-n 500] [--cachefront-port 6380] [--part 0]
                                     [--valkey-port 6379] [--pg-port 5432]
 
 Hits cycle over ids 1..5 (the guide's five employees). A miss is, by default, made by
@@ -108,6 +108,9 @@ def main():
     ap.add_argument("--pg-db", default="staff")
     ap.add_argument("--ids", type=int, default=0,
                     help="employees have ids 1..IDS: misses on never-requested ids (default: DEL 1..5)")
+    ap.add_argument("--part", type=int, default=0,
+                    help="with --ids: which share of the cold ids to use, so that a later run against "
+                         "the same Valkey asks for ids none before it asked for (default 0)")
     a = ap.parse_args()
 
     cf = Resp(a.host, a.cachefront_port)
@@ -124,7 +127,12 @@ def main():
 
     # Cold ids: a fresh one per miss request, none of them cached or asked for before.
     rng = random.Random(1)
-    cold = iter(rng.sample(range(len(IDS) + 1, a.ids + 1), min(a.ids - len(IDS), 2 * (a.n + 20)))) if a.ids else None
+    share = 2 * (a.n + 20)
+    if a.ids:
+        ids = rng.sample(range(len(IDS) + 1, a.ids + 1), min(a.ids - len(IDS), share * (a.part + 1)))
+        cold = iter(ids[share * a.part:])
+    else:
+        cold = None
     cur_id = {}
 
     def drop(i):
