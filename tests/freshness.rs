@@ -715,7 +715,15 @@ async fn a_dropped_or_disabled_trigger_is_put_back() {
     ] {
         cache(&s, &mut raw, &pg, &[&bob, &all]).await;
         write(&pg, ddl).await;
-        // The next miss puts the trigger back before it stores.
+        // The DDL's invalidation drops the table's entries (asynchronously: a read before it
+        // lands is a hit, which reinstalls nothing) ...
+        for q in [&bob, &all] {
+            common::eventually_within(FRESH, &format!("{} dropped after {ddl}", q.key), || async {
+                !common::fresh::in_valkey(&s, &q.key).await
+            })
+            .await;
+        }
+        // ... and the next miss puts the trigger back before it stores.
         cache(&s, &mut raw, &pg, &[&bob, &all]).await;
         let enabled = s.psql(
             "SELECT tgenabled FROM pg_trigger WHERE tgname = 'cachefront_upd' AND tgrelid = 'employees'::regclass",

@@ -602,13 +602,12 @@ impl FillCtx {
         let negative_key = opts
             .negative_ttl
             .map(|_| self.store.negative_key(&entry.key));
-        let keys = self.store.version_keys(&entry);
         // A read that found another fill's lease is old news by the time this fill runs (that
         // fill may have landed since, and its announcement come and gone): it reads again.
         let early = opts
             .early
             .take()
-            .and_then(|e| e.take_for(&keys))
+            .and_then(|e| e.take_for(&self.store.version_keys(&entry)))
             .filter(|(read, _)| !matches!(read.lease, LeaseState::Held(..)));
         let (first, lease) = match early {
             Some((read, lease)) => (Some(read), Some(lease)),

@@ -612,7 +612,6 @@ mod tests {
         }
     }
 
-    /// A cache whose Valkey is nowhere (port 1 refuses), and its metrics.
     /// A cache that looks up with `GET`/`HGETALL` (fleet coalescing off, so no lookup is
     /// a fill's first step; see [`early_cache`]).
     fn cache() -> (Arc<Cache>, Arc<Metrics>) {
@@ -628,6 +627,7 @@ mod tests {
         cache_with(&CacheConfig::default())
     }
 
+    /// A cache whose Valkey is nowhere (port 1 refuses), and its metrics.
     fn cache_with(cfg: &CacheConfig) -> (Arc<Cache>, Arc<Metrics>) {
         let valkey = ValkeyConfig {
             url: "redis://127.0.0.1:1".into(),
