@@ -71,7 +71,7 @@ pub struct Pools {
 
 impl Pools {
     /// `postgres.pool_size` connections for the main pool, and as many again split across
-    /// `cores` pools (rounded up), so the cores together never open more than the main pool.
+    /// `cores` pools (rounded up per core).
     pub fn new(
         pg: &tokio_postgres::Config,
         cfg: &PostgresConfig,
