@@ -637,11 +637,11 @@ impl Store {
             .await
     }
 
-    /// [`Store::store_leased`], queued now and answered later: when this returns, the store
-    /// script is on its connection to Valkey — the key's, or the client's `lane` (see
-    /// [`Upstream::send_own_on`]) — ahead of anything queued after it there; the returned
-    /// future resolves to whether it stored. The lease is given up by the script, so a caller
-    /// that does not wait for it marks the lease released itself ([`FillLease::handoff`]).
+    /// [`Store::store`], giving up the fill `lease` in the same script (stored or not), queued
+    /// now and answered later: when this returns, the store script is on its connection to
+    /// Valkey — the key's, or the client's `lane` (see [`Upstream::send_own_on`]) — ahead of
+    /// anything queued after it there; the returned future resolves to whether it stored. The
+    /// script gives the lease up: the caller marks it so ([`FillLease::handoff`]).
     pub async fn queue_store(
         &self,
         entry: &Entry,

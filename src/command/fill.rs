@@ -45,9 +45,9 @@ pub struct Load {
 }
 
 /// The plan of a cached read of `entry` from `source`, for a client speaking `proto` on
-/// `lane` (see [`shared_lane`]). The
-/// entry's dependencies are what this process already resolved for the query, if anything
-/// (see [`known_deps`]); the fill resolves them for sure before reading any version.
+/// `lane` (see [`shared_lane`]). The entry's dependencies are what this process already
+/// resolved for the query, if anything (see [`known_deps`]); the fill resolves them for sure
+/// before reading any version.
 pub fn plan(
     ctx: &Arc<Context>,
     mut entry: Entry,
