@@ -666,3 +666,59 @@ async fn a_write_during_the_leased_fill_is_not_stored_and_the_waiter_refills() {
     assert_eq!(stored.as_deref(), Some("Dora Fresh"), "no stale entry");
     assert_eq!(calls, 2);
 }
+
+/// Only an awaited fill is announced: a miss nobody else waits for publishes nothing on the
+/// fill channel (no message for Valkey to fan out to every instance, per miss), while a fill
+/// another instance waits for is announced exactly once, and the waiter answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_a_fill_somebody_waits_for_is_announced() {
+    use futures::StreamExt;
+    let stack = stack_on(&schema(), tweak(6000)).await;
+    let b = stack.another(tweak(6000)).await;
+    let urls = [stack.proxy_url(), url(&b)];
+    warm(&urls).await;
+    let valkey = redis::Client::open(stack.valkey.url()).expect("URL");
+    let mut sub = valkey.get_async_pubsub().await.expect("subscribe");
+    sub.subscribe("cachefront:fills").await.expect("SUBSCRIBE");
+    let mut heard = sub.on_message();
+
+    let (reply, _) = slow_name(patient(&urls[0]).await, 3).await;
+    assert_eq!(
+        reply.expect("SLOW.NAME answers"),
+        Some(name_of(&stack.db, 3))
+    );
+    let early = tokio::time::timeout(Duration::from_millis(500), heard.next()).await;
+    assert!(
+        early.is_err(),
+        "an uncontended fill announced itself: {:?}",
+        early.ok().flatten().map(|m| m.get_payload::<String>())
+    );
+
+    let holder = tokio::spawn(slow_name(patient(&urls[0]).await, 4));
+    let mut valkey_conn = stack.valkey_client().await;
+    eventually("the first instance holds the fill lease", async || {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg("cachefront:f:slowname:4")
+            .query_async(&mut valkey_conn)
+            .await
+            .expect("EXISTS");
+        n == 1
+    })
+    .await;
+    let waiter = tokio::spawn(slow_name(patient(&urls[1]).await, 4));
+    let message = tokio::time::timeout(Duration::from_secs(10), heard.next())
+        .await
+        .expect("the awaited fill is announced")
+        .expect("the subscription is open");
+    assert_eq!(
+        message.get_payload::<String>().expect("a text payload"),
+        "slowname:4"
+    );
+    let want = Some(name_of(&stack.db, 4));
+    for task in [holder, waiter] {
+        let (reply, _) = task.await.expect("a request task");
+        assert_eq!(reply.expect("SLOW.NAME answers"), want);
+    }
+    let again = tokio::time::timeout(Duration::from_millis(500), heard.next()).await;
+    assert!(again.is_err(), "announced once");
+}

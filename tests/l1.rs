@@ -22,9 +22,10 @@ fn l1_hits(s: &Stack) -> u64 {
     s.proxy.shared.metrics.l1_hits.load(Ordering::Relaxed)
 }
 
-/// Reads `EMP.GET id` until a read is served from the L1. (The fill's own store makes Valkey
-/// report the key as changed; that notice can land after the next lookup's insert and drop
-/// it once, so the first L1 hit may take a few reads.)
+/// Reads `EMP.GET id` until a read is served from the L1. (A fill whose lookup was a tracked
+/// `GET` — the first, before the query's tables are known — makes Valkey report the key as
+/// changed when it stores; that notice can land after the next lookup's insert and drop it
+/// once, so the first L1 hit may take a few reads.)
 async fn warm_l1(s: &Stack, c: &mut redis::aio::MultiplexedConnection, id: i64) {
     let before = l1_hits(s);
     for _ in 0..50 {
@@ -43,6 +44,46 @@ async fn until_value(c: &mut redis::aio::MultiplexedConnection, id: i64, want: &
         emp(c, id).await.as_deref() == Some(want)
     })
     .await
+}
+
+/// How many keys Valkey tracks for its clients (`INFO stats`).
+async fn tracked_keys(v: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(v)
+        .await
+        .expect("INFO stats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("tracking_total_keys:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("tracking_total_keys in INFO stats")
+}
+
+/// Valkey tracks for the L1 only what the L1 may hold: a miss's lookup, which is also its
+/// fill's first step, leaves no key tracked — not the absent entry, not its versions, not
+/// the fill lease — so neither taking the lease, nor the fill's own store, nor a later
+/// version bump sends cachefront an invalidation; the next lookup, a hit, tracks its entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_miss_tracks_nothing_and_a_hit_only_its_entry() {
+    let s = Stack::start().await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    // Resolves EMP.GET's query: from here its lookups are their fills' first steps.
+    assert_eq!(emp(&mut c, 1).await.as_deref(), Some("Alice Johnson"));
+    let mut v = s.valkey_client().await;
+    let base = tracked_keys(&mut v).await;
+    for id in 2..=5 {
+        assert!(emp(&mut c, id).await.is_some(), "employee {id}");
+    }
+    assert_eq!(tracked_keys(&mut v).await, base, "misses track nothing");
+    for id in 2..=5 {
+        assert!(emp(&mut c, id).await.is_some(), "employee {id}");
+    }
+    assert_eq!(
+        tracked_keys(&mut v).await,
+        base + 4,
+        "each hit tracks its entry alone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -57,7 +57,7 @@ local function store()
   return 1
 end
 local stored = store()
-release(KEYS[3], ARGV[4], ARGV[5], ARGV[6], stored, 0)
+release(KEYS[3], ARGV[4], ARGV[5], ARGV[6], 0)
 return stored
 "#;
 

@@ -6,12 +6,13 @@
 //! (`<prefix>f:<key>`, in the entry's slot on a cluster) with `SET NX PX cache.fill_lease_ms`
 //! and a random token. Then:
 //! - the holder queries PostgreSQL as before; its store script (versions checked as always)
-//!   deletes the lease if it still holds it and `PUBLISH`es the entry key on
-//!   `<prefix>fills`. A fill that stores nothing (it failed, was refused as stale, found no
+//!   deletes the lease if it still holds it and — if a waiter marked the lease (below) —
+//!   `PUBLISH`es the entry key on `<prefix>fills`. A fill that stores nothing (it failed, was refused as stale, found no
 //!   row to cache) releases the lease the same way, so waiters retry at once — one that found
 //!   no row leaves `norow:<its token>` in the lease, which is the answer of the waiters that
 //!   saw that token holding it (as for a fill joined in-process), and nobody else's;
-//! - an instance finding the lease held waits: woken by that message (one subscribed
+//! - an instance finding the lease held marks it awaited (`<token>+w`, in the same script)
+//!   and waits: woken by that message (one subscribed
 //!   connection per process dispatches it to the waiting key), or at the latest when the
 //!   lease's remaining time runs out or every [`Fleet::poll`] (a lost message costs latency,
 //!   nothing else; the message only ever means "look again", so one a client publishes costs

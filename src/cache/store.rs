@@ -72,24 +72,33 @@ local function store()
   return 1
 end
 local stored = store()
-release(KEYS[2 + nv + nr], ARGV[5], ARGV[6], ARGV[7], stored, 0)
+release(KEYS[2 + nv + nr], ARGV[5], ARGV[6], ARGV[7], 0)
 return stored
 "#;
 
-/// Gives up a fill lease (`cache::fleet`) if `token` still holds it, and tells the instances
-/// waiting for the entry (`PUBLISH channel announcement`) to look again: it landed (`stored`
-/// 1), or they may take the lease. A fill that found no row (`no_row_ms` > 0) leaves
-/// `norow:<token>` in the lease for that long instead: a waiter that saw this token holding
-/// the lease takes that as its answer too (`PREFILL_LUA`). The answer lives in a meta key,
-/// which clients cannot write; the message only says "look", so a client publishing on the
-/// channel can cost a look, never an answer. A lease of the wrong type is never ours: left
-/// alone. No token: no lease was taken. A refused `PUBLISH` (a Valkey user without that
-/// channel) fails nothing: waiters poll.
+/// Gives up a fill lease (`cache::fleet`) if `token` still holds it, and — only if a waiter
+/// marked the lease (`<token>+w`, see [`PREFILL_LUA`]) — tells the instances waiting for the
+/// entry (`PUBLISH channel announcement`) to look again: it landed, or they may take the
+/// lease. An unmarked lease has nobody waiting on it, so an uncontended fill publishes
+/// nothing: no message for Valkey to send to every subscribed instance (on a cluster, to
+/// every node) and no instance woken to read it, per miss. The mark is set and read by
+/// scripts, which Valkey runs one at a time, so a waiter either marks the lease before this
+/// runs (and is told) or finds the lease gone when it looks (and needs no telling). A lease
+/// a successor took over, marked by its own waiters, is announced too: they may find this
+/// fill's entry. A fill that found no row (`no_row_ms` > 0) leaves `norow:<token>` in the
+/// lease for that long instead: a waiter that saw this token holding the lease takes that as
+/// its answer too (`PREFILL_LUA`). The answer lives in a meta key, which clients cannot
+/// write; the message only says "look", so a client publishing on the channel can cost a
+/// look, never an answer. A lease of the wrong type is never ours: left alone. No token: no
+/// lease was taken. A refused `PUBLISH` (a Valkey user without that channel) fails nothing:
+/// waiters poll.
 pub(super) const RELEASE_FN: &str = r#"
-local function release(lease, token, channel, entry, stored, no_row_ms)
+local function release(lease, token, channel, entry, no_row_ms)
   if token == '' then return 0 end
   no_row_ms = tonumber(no_row_ms) or 0
-  local mine = redis.pcall('GET', lease) == token
+  local held = redis.pcall('GET', lease)
+  if type(held) ~= 'string' then held = '' end
+  local mine = held == token or held == token .. '+w'
   if mine then
     if no_row_ms > 0 then
       redis.call('SET', lease, 'norow:' .. token, 'PX', no_row_ms)
@@ -97,7 +106,7 @@ local function release(lease, token, channel, entry, stored, no_row_ms)
       redis.call('DEL', lease)
     end
   end
-  if mine or stored == 1 then redis.pcall('PUBLISH', channel, entry) end
+  if string.sub(held, -2) == '+w' then redis.pcall('PUBLISH', channel, entry) end
   if mine then return 1 end
   return 0
 end
@@ -106,7 +115,7 @@ end
 /// KEYS: the fill lease. ARGV: token, channel, announcement, ms to keep a no-row answer (0:
 /// none). Returns 1 if it was held and given up.
 const FILL_RELEASE_LUA: &str = r#"
-return release(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 0, tonumber(ARGV[4]))
+return release(KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))
 "#;
 
 /// What a fill reads before querying, and its lease: the versions, the entry, the negative
@@ -115,35 +124,54 @@ return release(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 0, tonumber(ARGV[4]))
 /// lease without an expiry (not one of ours: written by hand) is taken over.
 /// A lease holding `norow:<t>` is a finished fill's no-row answer (see [`RELEASE_FN`]): the
 /// answer of a fill that waited for holder `t` (ARGV[5]); anyone else takes the lease over.
+/// A fill finding the lease held marks it awaited (`<token>+w`, same expiry), so its holder
+/// announces the landing; the holder's token it reports is without the mark.
+///
+/// Sent as a tracked lookup (`CLIENT CACHING yes`, see `Cache::early_lookup`), every key a
+/// read-only command in it reads would be tracked for the caller, and each later write to it
+/// would cost an invalidation message — the lease taken here, the fill's own store of the
+/// absent entry, every version bump — which Valkey writes before the script's own reply. So
+/// only an entry that exists is read with `GET` (kept in the L1, it must be tracked); the
+/// rest is read with write commands, which tracking never records: `GETEX` without options
+/// (a plain read) and `SET … NX GET` (takes the lease and says who held it). Only a lease
+/// held by another fill is read with `PTTL`, a tracked read, on that contended path alone.
 /// KEYS: entry, negative marker (or the entry again), fill lease, versions…
 /// ARGV: 'h' (hash) or 's', '1' if KEYS[2] is a marker, token, lease ms, the holder waited
 /// for ('' for none).
 /// Returns {versions, entry, marker exists, lease state, lease ms left, holder's token};
 /// lease state: 1 taken, 2 held by another fill, 3 that holder found no row.
 pub(super) const PREFILL_LUA: &str = r#"
+local function peek(key)
+  local v = redis.pcall('GETEX', key)
+  if type(v) == 'string' then return v end
+  return false
+end
 local versions = {}
-if #KEYS >= 4 then versions = redis.call('MGET', unpack(KEYS, 4, #KEYS)) end
+for i = 4, #KEYS do versions[i - 3] = peek(KEYS[i]) end
 local existing
 local found
 if ARGV[1] == 'h' then
   existing = redis.call('HGETALL', KEYS[1])
   found = #existing > 0
 else
-  existing = redis.call('GET', KEYS[1])
+  existing = redis.call('GETEX', KEYS[1])
   found = existing ~= false
+  if found then redis.call('GET', KEYS[1]) end
 end
 local negative = 0
-if ARGV[2] == '1' then negative = redis.call('EXISTS', KEYS[2]) end
+if ARGV[2] == '1' and redis.pcall('GETEX', KEYS[2]) ~= false then negative = 1 end
 local state = 0
 local left = 0
 local holder = ''
 if not found and negative == 0 then
-  local current = redis.pcall('GET', KEYS[3])
+  local current = redis.pcall('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4], 'GET')
   local no_row = type(current) == 'string' and string.sub(current, 1, 6) == 'norow:'
-  if no_row and ARGV[5] ~= '' and current == 'norow:' .. ARGV[5] then
+  if current == false then
+    state = 1
+  elseif no_row and ARGV[5] ~= '' and current == 'norow:' .. ARGV[5] then
     state = 3
-  elseif no_row or redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then
-    if no_row then redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4]) end
+  elseif no_row then
+    redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
     state = 1
   else
     left = redis.call('PTTL', KEYS[3])
@@ -153,8 +181,14 @@ if not found and negative == 0 then
       left = 0
     else
       state = 2
-      holder = redis.pcall('GET', KEYS[3])
-      if type(holder) ~= 'string' then holder = '' end
+      if type(current) == 'string' then
+        holder = current
+        if string.sub(current, -2) == '+w' then
+          holder = string.sub(current, 1, -3)
+        else
+          redis.call('SET', KEYS[3], current .. '+w', 'KEEPTTL')
+        end
+      end
     end
   end
 end
