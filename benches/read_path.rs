@@ -55,14 +55,12 @@ fn main() {
     // An L1 lookup (the whole of a hot hit's cache work).
     let l1 = s.proxy.shared.cache.l1.clone();
     let ticket = l1.ticket("employee:1");
-    l1.insert(
-        "employee:1",
-        false,
-        Proto::Resp2,
-        bytes::Bytes::from_static(b"$13\r\nAlice Johnson\r\n"),
-        std::sync::Arc::default(),
-        ticket,
-    );
+    let item = cachefront::cache::l1::Item {
+        frame: bytes::Bytes::from_static(b"$13\r\nAlice Johnson\r\n"),
+        deps: std::sync::Arc::default(),
+        fresh: None,
+    };
+    l1.insert("employee:1", false, Proto::Resp2, item, ticket);
     c.bench_function("l1/get_hit", |b| {
         b.iter(|| l1.get(black_box("employee:1"), false, Proto::Resp2))
     });

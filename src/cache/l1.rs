@@ -13,17 +13,36 @@
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::protocol::Proto;
 use crate::upstream::TrackingEvent;
 
 const STRIPES: usize = 1024;
 
+/// What the L1 keeps for an entry: the reply frame as Valkey sent it, what it was read from,
+/// and its [`Freshness`] if this instance filled it.
 #[derive(Clone)]
-struct Item {
-    frame: Bytes,
-    deps: Arc<ItemDeps>,
+pub struct Item {
+    pub frame: Bytes,
+    pub deps: Arc<ItemDeps>,
+    pub fresh: Option<Freshness>,
+}
+
+/// When an entry this instance stored expires in Valkey and how long its fill took: what
+/// early refresh (XFetch, `Cache::should_refresh_early`) weighs. An L1 item carries a copy,
+/// taken when it entered, so a hit from the L1 needs no second lookup to weigh it (a refill
+/// of the entry drops the item, so the copy cannot outlive the fill it describes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    pub expires: Instant,
+    pub delta: Duration,
+}
+
+/// An L1 hit: the reply frame, and its entry's [`Freshness`] if this instance filled it.
+pub struct Hit {
+    pub frame: Bytes,
+    pub fresh: Option<Freshness>,
 }
 
 /// What an L1 item was read from (mirrors `cache::Deps`).
@@ -150,7 +169,7 @@ impl L1 {
     }
 
     /// The cached reply frame for an entry, if present.
-    pub fn get(&self, key: &str, hash: bool, proto: Proto) -> Option<Bytes> {
+    pub fn get(&self, key: &str, hash: bool, proto: Proto) -> Option<Hit> {
         if !self.enabled {
             return None;
         }
@@ -160,7 +179,10 @@ impl L1 {
             // A plain key is its own L1 key: look it up without building one.
             self.items.get(key.as_bytes())
         };
-        item.map(|i| i.frame)
+        item.map(|i| Hit {
+            frame: i.frame,
+            fresh: i.fresh,
+        })
     }
 
     /// Taken when a lookup is sent; an insert with it succeeds only if nothing invalidated
@@ -173,16 +195,8 @@ impl L1 {
         }
     }
 
-    /// Stores a reply Valkey gave for a tracked lookup.
-    pub fn insert(
-        &self,
-        key: &str,
-        hash: bool,
-        proto: Proto,
-        frame: Bytes,
-        deps: Arc<ItemDeps>,
-        t: Ticket,
-    ) {
+    /// Stores a reply Valkey gave for a tracked lookup, with its entry's freshness if known.
+    pub fn insert(&self, key: &str, hash: bool, proto: Proto, item: Item, t: Ticket) {
         if !self.enabled {
             return;
         }
@@ -193,7 +207,7 @@ impl L1 {
             self.hashes.store(true, Ordering::Release);
         }
         let slot = Self::slot_key(key.as_bytes(), hash, proto);
-        self.items.insert(slot.clone(), Item { frame, deps });
+        self.items.insert(slot.clone(), item);
         // An invalidation may have run between the check and the insert; it bumped the
         // epoch before removing, so looking again after inserting catches it.
         if self.ticket(key) != t {

@@ -182,12 +182,10 @@ impl CacheStatus {
     }
 }
 
-/// When an entry this instance stored expires and how long its fill took: what XFetch needs.
-#[derive(Debug, Clone, Copy)]
-struct Freshness {
-    expires: Instant,
-    delta: Duration,
-}
+pub use l1::Freshness;
+
+/// The entries this instance filled, with their [`Freshness`] (for early refresh).
+type Recent = moka::sync::Cache<String, Freshness, foldhash::fast::RandomState>;
 
 /// Cache operations shared by every connection.
 pub struct Cache {
@@ -195,7 +193,7 @@ pub struct Cache {
     pub l1: Arc<l1::L1>,
     coalescer: Arc<Coalescer<(Value, CacheStatus)>>,
     metrics: Arc<Metrics>,
-    recent: moka::sync::Cache<String, Freshness>,
+    recent: Recent,
     early_refresh_beta: f64,
     ttl_jitter: f64,
     /// Tables already recorded in Valkey's registry by this process.
@@ -307,7 +305,8 @@ impl Cache {
             metrics,
             recent: moka::sync::Cache::builder()
                 .max_capacity(cfg.early_refresh_keys)
-                .build(),
+                // Looked up on every hit from Valkey: foldhash, not SipHash.
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             early_refresh_beta: cfg.early_refresh_beta,
             ttl_jitter: cfg.ttl_jitter,
             registered: Mutex::new(Default::default()),
@@ -405,17 +404,34 @@ impl Cache {
         if self.early_refresh_beta <= 0.0 {
             return false;
         }
-        let Some(f) = self.recent.get(key) else {
+        self.recent
+            .get(key)
+            .is_some_and(|f| self.refresh_due(key, f))
+    }
+
+    /// [`should_refresh_early`](Self::should_refresh_early) for an entry whose freshness the
+    /// caller already holds (an L1 item's copy): the record is consulted only when due.
+    pub fn refresh_due(&self, key: &str, f: Freshness) -> bool {
+        if self.early_refresh_beta <= 0.0 {
             return false;
-        };
+        }
         let r: f64 = rand::thread_rng().gen_range(f64::MIN_POSITIVE..1.0);
         let lead = f.delta.mul_f64(self.early_refresh_beta * -r.ln());
-        let due = Instant::now() + lead >= f.expires;
-        if due {
-            // One refresh per expiry window is enough.
-            self.recent.invalidate(key);
+        Instant::now() + lead >= f.expires && self.claim_refresh(key, f)
+    }
+
+    /// One refresh per expiry window: the request that removes the fill's record refreshes;
+    /// any other request due at the same time, or holding a copy of an older fill's, does not.
+    fn claim_refresh(&self, key: &str, seen: Freshness) -> bool {
+        self.recent.get(key) == Some(seen) && self.recent.remove(key).is_some()
+    }
+
+    /// What this instance knows of `key`'s freshness (it filled the entry), for an L1 copy.
+    pub(crate) fn freshness(&self, key: &str) -> Option<Freshness> {
+        match self.early_refresh_beta > 0.0 {
+            true => self.recent.get(key),
+            false => None,
         }
-        due
     }
 
     /// Fills `entry` after a miss: one `load` per key however many clients miss at once.
@@ -578,7 +594,7 @@ impl Cache {
 struct FillCtx {
     store: Store,
     metrics: Arc<Metrics>,
-    recent: moka::sync::Cache<String, Freshness>,
+    recent: Recent,
     stale: Option<moka::sync::Cache<String, Value>>,
     degraded: Arc<Degraded>,
     verify: Arc<verify::Registry>,

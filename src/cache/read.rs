@@ -16,7 +16,7 @@ use futures::FutureExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::l1::Ticket;
+use super::l1::{self, Ticket};
 use super::store::{FillLease, Store};
 use super::{Cache, CacheStatus, Deps, Early, Entry, FillOptions, Tracking, Value};
 use crate::config::ReplyKind;
@@ -228,9 +228,10 @@ impl Cache {
         if self.degraded.any() {
             return self.begin_planned(plan(key));
         }
-        if let Some(frame) = self.l1.get(&key, kind == ReplyKind::Hash, proto) {
-            self.hit(CacheStatus::L1Hit, &key, || plan(key.clone()));
-            return Begin::Hit(frame);
+        if let Some(hit) = self.l1.get(&key, kind == ReplyKind::Hash, proto) {
+            let due = hit.fresh.is_some_and(|f| self.refresh_due(&key, f));
+            self.hit(CacheStatus::L1Hit, due, || plan(key.clone()));
+            return Begin::Hit(hit.frame);
         }
         self.lookup(plan(key))
     }
@@ -241,10 +242,10 @@ impl Cache {
             return Begin::Fill(self.fill_task(plan, Mode::Cache { refresh: false }));
         }
         let key = &plan.entry.key;
-        if let Some(frame) = self.l1.get(key, plan.kind == ReplyKind::Hash, plan.proto) {
-            let key = key.clone();
-            self.hit(CacheStatus::L1Hit, &key, || plan);
-            return Begin::Hit(frame);
+        if let Some(hit) = self.l1.get(key, plan.kind == ReplyKind::Hash, plan.proto) {
+            let due = hit.fresh.is_some_and(|f| self.refresh_due(key, f));
+            self.hit(CacheStatus::L1Hit, due, || plan);
+            return Begin::Hit(hit.frame);
         }
         self.lookup(plan)
     }
@@ -367,12 +368,15 @@ impl Cache {
         if let Some(t) = ticket.filter(|_| resolved) {
             let entry = &plan.entry;
             let hash = plan.kind == ReplyKind::Hash;
-            let deps = entry.l1_deps();
-            self.l1
-                .insert(&entry.key, hash, plan.proto, frame.clone(), deps, t);
+            let item = l1::Item {
+                frame: frame.clone(),
+                deps: entry.l1_deps(),
+                fresh: self.freshness(&entry.key),
+            };
+            self.l1.insert(&entry.key, hash, plan.proto, item, t);
         }
-        let key = plan.entry.key.clone();
-        self.hit(CacheStatus::Hit, &key, || *plan);
+        let due = self.should_refresh_early(&plan.entry.key);
+        self.hit(CacheStatus::Hit, due, || *plan);
         Step::Reply(frame, CacheStatus::Hit)
     }
 
@@ -439,8 +443,8 @@ impl Cache {
         let bypass = self.bypasses(&plan.entry);
         match self.store.get(&plan.entry.key).await {
             Ok(Some(v)) if !bypass => {
-                let key = plan.entry.key.clone();
-                self.hit(CacheStatus::Hit, &key, || plan);
+                let due = self.should_refresh_early(&plan.entry.key);
+                self.hit(CacheStatus::Hit, due, || plan);
                 (Reply::Bulk(v), CacheStatus::Hit)
             }
             Ok(_) => {
@@ -458,14 +462,14 @@ impl Cache {
         }
     }
 
-    /// Counts a hit (the one place hits are counted) and, now and then, starts an early
-    /// refresh of an entry close to expiry (XFetch, see [`Cache::should_refresh_early`]).
-    fn hit(self: &Arc<Self>, status: CacheStatus, key: &str, plan: impl FnOnce() -> Plan) {
+    /// Counts a hit (the one place hits are counted) and, if `due`, starts an early refresh
+    /// of an entry close to expiry (XFetch, see [`Cache::should_refresh_early`]).
+    fn hit(self: &Arc<Self>, status: CacheStatus, due: bool, plan: impl FnOnce() -> Plan) {
         inc(&self.metrics.hits);
         if status == CacheStatus::L1Hit {
             inc(&self.metrics.l1_hits);
         }
-        if self.should_refresh_early(key) {
+        if due {
             inc(&self.metrics.early_refreshes);
             // Replies to nobody: the entry is stored again before it expires.
             tokio::spawn(self.fill_task(plan(), Mode::Cache { refresh: true }));
@@ -706,8 +710,12 @@ mod tests {
             tables: vec!["emp".into()],
             row_table: None,
         });
-        let frame = Bytes::from_static(frame);
-        cache.l1.insert(key, false, Proto::Resp2, frame, deps, t);
+        let item = crate::cache::l1::Item {
+            frame: Bytes::from_static(frame),
+            deps,
+            fresh: cache.freshness(key),
+        };
+        cache.l1.insert(key, false, Proto::Resp2, item, t);
     }
 
     #[tokio::test]
@@ -768,7 +776,11 @@ mod tests {
         let step = cache.finish(l.pending, Ok(early_reply(Some("alice"))));
         assert!(matches!(step, Step::Reply(f, CacheStatus::Hit) if f == FRAME));
         assert_eq!(
-            cache.l1.get("emp:1", false, Proto::Resp2).as_deref(),
+            cache
+                .l1
+                .get("emp:1", false, Proto::Resp2)
+                .map(|h| h.frame)
+                .as_deref(),
             Some(FRAME)
         );
 
@@ -814,14 +826,14 @@ mod tests {
         let step = cache.finish(l.pending, Ok(Bytes::from_static(FRAME)));
         assert!(matches!(step, Step::Reply(f, CacheStatus::Hit) if f == FRAME));
         assert_eq!((count(&m.hits), count(&m.l1_hits)), (1, 0));
-        let again = cache.l1.get("emp:1", false, Proto::Resp2);
+        let again = cache.l1.get("emp:1", false, Proto::Resp2).map(|h| h.frame);
         assert_eq!(again.as_deref(), Some(FRAME), "kept in the L1");
 
         let l = lookup(begin(&cache, "emp:2", &src));
         let step = cache.finish(l.pending.untracked(), Ok(Bytes::from_static(FRAME)));
         assert!(matches!(step, Step::Reply(_, CacheStatus::Hit)));
         assert_eq!(
-            cache.l1.get("emp:2", false, Proto::Resp2),
+            cache.l1.get("emp:2", false, Proto::Resp2).map(|h| h.frame),
             None,
             "untracked"
         );
@@ -836,7 +848,10 @@ mod tests {
         let wrongtype = Bytes::from_static(b"-WRONGTYPE wrong kind of value\r\n");
         let step = cache.finish(l.pending, Ok(wrongtype.clone()));
         assert!(matches!(step, Step::Reply(f, CacheStatus::Error) if f == wrongtype));
-        assert_eq!(cache.l1.get("emp:1", false, Proto::Resp2), None);
+        assert_eq!(
+            cache.l1.get("emp:1", false, Proto::Resp2).map(|h| h.frame),
+            None
+        );
         assert_eq!((count(&m.hits), count(&m.misses)), (0, 0));
     }
 
