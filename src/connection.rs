@@ -954,6 +954,39 @@ impl Connection {
                 None => break,
             }
         }
+        if matches!(self.outq.front(), Some(Slot::Read { .. })) {
+            self.settle_answered_lookups();
+        }
+    }
+
+    /// While a fill holds up the front of the queue, settles the lookups behind it whose
+    /// replies have come (a pipeline's arrive together): a hit becomes its ready reply, a
+    /// miss starts its fill now. So a client's pipelined misses fill side by side rather than
+    /// each waiting for the one ahead to be answered; replies still leave in request order.
+    fn settle_answered_lookups(&mut self) {
+        for i in 1..self.outq.len() {
+            let Some(Slot::Lookup { rx, .. }) = self.outq.get_mut(i) else {
+                continue;
+            };
+            let r = match rx.try_recv() {
+                Ok(r) => r,
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => continue,
+                Err(_) => Err(dropped()),
+            };
+            let Slot::Lookup {
+                pending, started, ..
+            } = std::mem::replace(&mut self.outq[i], Slot::Ready(Bytes::new()))
+            else {
+                continue;
+            };
+            // As at the front: the shared connection charged the frame; what replaces it is
+            // charged anew.
+            if let Ok(f) = &r {
+                self.budget.release(f.len());
+            }
+            let settled = self.looked_up(pending, r, started);
+            self.outq[i] = self.charged(settled);
+        }
     }
 
     /// Turns the front slot's completed work into a ready reply (or, for a cache miss, a fill).

@@ -219,3 +219,65 @@ async fn a_reply_before_the_store_keeps_the_clients_order() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A client's pipelined misses fill side by side: five misses of a query that takes 600 ms,
+/// sent in one pipeline, are answered — in order, each its own row — in about one query's
+/// time, not five (each fill used to start only once the reply ahead of it had left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_misses_fill_side_by_side() {
+    const SLEEP_MS: u64 = 600;
+    let schema = format!(
+        "CREATE FUNCTION slow_name(emp int) RETURNS text LANGUAGE sql STABLE \
+         BEGIN ATOMIC SELECT name FROM employees, pg_sleep({}) WHERE id = emp; END",
+        SLEEP_MS as f64 / 1000.0
+    );
+    let s = common::fresh::stack_on(&schema, |c| {
+        // Enough PostgreSQL sessions on each core for the five fills at once.
+        c.postgres.pool_size = 20;
+        c.queries.push(common::fresh::named(
+            r#"
+command = "SLOW.NAME"
+sql = "SELECT slow_name($1)"
+key = "slowname:{1}"
+args = ["int"]
+"#,
+        ));
+    })
+    .await;
+    // redis-rs gives up on a reply after 500 ms by default.
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
+    let mut c = redis::Client::open(s.proxy_url())
+        .expect("URL")
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
+        .expect("connect");
+    // Resolves the query (one miss), so the pipeline below is all fills.
+    let _: Option<String> = redis::cmd("SLOW.NAME")
+        .arg(6)
+        .query_async(&mut c)
+        .await
+        .expect("SLOW.NAME answers");
+    let mut pipe = redis::pipe();
+    for id in 1..=5 {
+        pipe.cmd("SLOW.NAME").arg(id);
+    }
+    let started = std::time::Instant::now();
+    let names: Vec<Option<String>> = pipe.query_async(&mut c).await.expect("the pipeline");
+    let took = started.elapsed();
+    assert_eq!(
+        names,
+        [
+            "Alice Johnson",
+            "Bob Smith",
+            "Charlie Brown",
+            "Diana Evans",
+            "Ethan Williams"
+        ]
+        .map(|n| Some(n.to_string()))
+    );
+    assert!(
+        took < std::time::Duration::from_millis(2 * SLEEP_MS),
+        "five pipelined misses took {took:?}: one after another"
+    );
+}

@@ -5,6 +5,7 @@
 //! stopped, so a large request arriving in many reads is scanned once, not once per read.
 
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 use std::ops::Range;
 
 /// Valkey's own limits (see `proto-max-bulk-len`, `client-query-buffer-limit`).
@@ -111,9 +112,13 @@ struct Partial {
     argc: usize,
     /// Offset in the buffer of the next unparsed byte.
     pos: usize,
-    /// Arguments parsed so far, as ranges into the buffer.
-    args: Vec<Range<usize>>,
+    /// Arguments parsed so far, as ranges into the buffer: inline for the few arguments most
+    /// commands have, so parsing one allocates only its argument list.
+    args: SmallVec<[Range<usize>; INLINE_ARGS]>,
 }
+
+/// Arguments a request's ranges hold without a heap allocation while it is parsed.
+const INLINE_ARGS: usize = 8;
 
 /// Incremental request parser for one connection.
 #[derive(Debug, Default)]
@@ -204,7 +209,7 @@ impl RequestParser {
                 Partial {
                     argc,
                     pos: next,
-                    args: Vec::with_capacity(argc.min(1024)),
+                    args: SmallVec::with_capacity(argc.min(1024)),
                 }
             }
         };
@@ -252,7 +257,8 @@ impl RequestParser {
             st.pos = end + 2;
         }
         let raw = buf.split_to(st.pos).freeze();
-        let args = st.args.into_iter().map(|r| raw.slice(r)).collect();
+        let mut args = Vec::with_capacity(st.args.len());
+        args.extend(st.args.into_iter().map(|r| raw.slice(r)));
         Ok(Step::Done(Request { raw, args }))
     }
 }
