@@ -57,6 +57,11 @@ type Items = quick_cache::sync::Cache<Bytes, Stored, Weight, foldhash::fast::Ran
 /// proxy does not carry a large table.
 const INITIAL_ITEMS: usize = 4096;
 
+/// Shards of the L1, each with a lock of its own and an equal share of `l1_max_bytes`, which
+/// bounds one item: fixed, not one per CPU, so an item up to a sixteenth of the L1 is kept
+/// however many cores the machine has.
+const SHARDS: usize = 16;
+
 /// When an entry this instance stored expires in Valkey and how long its fill took: what
 /// early refresh (XFetch, `Cache::should_refresh_early`) weighs. An L1 item carries a copy,
 /// taken when it entered, so a hit from the L1 needs no second lookup to weigh it (a refill
@@ -151,14 +156,28 @@ const READ_ONLY: &[&[u8]] = &[
 
 impl L1 {
     pub fn new(max_bytes: u64, ttl: Duration) -> L1 {
-        let items = Items::with(
-            INITIAL_ITEMS,
-            max_bytes.max(1),
-            Weight,
-            // Every hit hashes its key: foldhash (seeded per process) instead of SipHash.
-            foldhash::fast::RandomState::default(),
-            Default::default(),
-        );
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(INITIAL_ITEMS)
+            .weight_capacity(max_bytes.max(1))
+            .shards(SHARDS)
+            .build();
+        let items = match options {
+            Ok(options) => Items::with_options(
+                options,
+                Weight,
+                // Every hit hashes its key: foldhash (seeded per process), not SipHash.
+                foldhash::fast::RandomState::default(),
+                Default::default(),
+            ),
+            // Every field is set above; kept total all the same.
+            Err(_) => Items::with(
+                INITIAL_ITEMS,
+                max_bytes.max(1),
+                Weight,
+                foldhash::fast::RandomState::default(),
+                Default::default(),
+            ),
+        };
         L1 {
             items,
             ttl: ttl.max(Duration::from_millis(1)),
