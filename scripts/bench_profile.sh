@@ -1,7 +1,8 @@
 # Sourced by scripts/bench.sh --profile: profiles a second cachefront (same config, same
 # Valkey and PostgreSQL) while redis-benchmark sends BENCH_PROFILE_N requests of
 #   1. EMP.GET 1 (a hit: the in-process L1 after the first request)
-#   2. GET key:000000000000 (pass-through)
+#   2. the same, pipelined 16 deep
+#   3. GET key:000000000000 (pass-through)
 # at 50 clients, and prints the top functions by self cost of each.
 # perf (cycles/instructions sampling) when the CPU's counters work
 # (`perf stat -e instructions true`), else valgrind's callgrind (instructions executed;
@@ -20,9 +21,9 @@ if [[ "$profile_tool" == callgrind ]] && ! command -v valgrind >/dev/null 2>&1; 
     apt_install valgrind
 fi
 
-profile_workloads=("EMP.GET 1 hit|EMP.GET 1" "pass-through GET|-t get")
+profile_workloads=("EMP.GET 1 hit|EMP.GET 1" "EMP.GET 1 hit, -P 16|-P 16 EMP.GET 1" "pass-through GET|-t get")
 
-echo "# profiles ($profile_tool; $PROFILE_N requests, 50 clients, -P 1; release build with debug = 1)"
+echo "# profiles ($profile_tool; $PROFILE_N requests, 50 clients, -P 1 unless the heading says otherwise; release build with debug = 1)"
 if [[ "$profile_tool" == callgrind ]]; then
     start_cachefront "$CFP_PORT" valgrind --tool=callgrind --quiet --vgdb=yes \
         --callgrind-out-file="$WORK/callgrind.out" --dump-instr=no --collect-jumps=no

@@ -226,22 +226,10 @@ async fn a_reply_before_the_store_keeps_the_clients_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_misses_fill_side_by_side() {
     const SLEEP_MS: u64 = 600;
-    let schema = format!(
-        "CREATE FUNCTION slow_name(emp int) RETURNS text LANGUAGE sql STABLE \
-         BEGIN ATOMIC SELECT name FROM employees, pg_sleep({}) WHERE id = emp; END",
-        SLEEP_MS as f64 / 1000.0
-    );
-    let s = common::fresh::stack_on(&schema, |c| {
+    let s = common::fresh::stack_on(&common::fresh::slow_name_schema(SLEEP_MS), |c| {
         // Enough PostgreSQL sessions on each core for the five fills at once.
         c.postgres.pool_size = 20;
-        c.queries.push(common::fresh::named(
-            r#"
-command = "SLOW.NAME"
-sql = "SELECT slow_name($1)"
-key = "slowname:{1}"
-args = ["int"]
-"#,
-        ));
+        c.queries.push(common::fresh::slow_name_query());
     })
     .await;
     // redis-rs gives up on a reply after 500 ms by default.

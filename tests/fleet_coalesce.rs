@@ -9,7 +9,7 @@ mod common;
 
 use cachefront::config::Config;
 use cachefront::server::Running;
-use common::fresh::{named, stack_on};
+use common::fresh::{slow_name_query, slow_name_schema, stack_on};
 use common::services::{free_port, postgres, TestDb};
 use common::*;
 use std::time::{Duration, Instant};
@@ -18,26 +18,9 @@ use std::time::{Duration, Instant};
 /// lease holder can be killed while it runs.
 const SLEEP_MS: u64 = 1000;
 
-/// A function made slow on purpose; cachefront refuses `pg_sleep` in a query's own text,
-/// not in the body of an SQL-standard function it calls (whose tables it still tracks).
+/// The slow function's schema (see `common::fresh::slow_name_schema`).
 fn schema() -> String {
-    format!(
-        "CREATE FUNCTION slow_name(emp int) RETURNS text LANGUAGE sql STABLE \
-         BEGIN ATOMIC SELECT name FROM employees, pg_sleep({}) WHERE id = emp; END",
-        SLEEP_MS as f64 / 1000.0
-    )
-}
-
-/// The named query that calls it.
-fn slow_query() -> cachefront::config::NamedQueryConfig {
-    named(
-        r#"
-command = "SLOW.NAME"
-sql = "SELECT slow_name($1)"
-key = "slowname:{1}"
-args = ["int"]
-"#,
-    )
+    slow_name_schema(SLEEP_MS)
 }
 
 /// Every instance's settings: the slow query, a fill lease of `lease_ms`, and nothing that
@@ -45,7 +28,7 @@ args = ["int"]
 /// fills' alone.
 fn tweak(lease_ms: u64) -> impl Fn(&mut Config) {
     move |c: &mut Config| {
-        c.queries.push(slow_query());
+        c.queries.push(slow_name_query());
         c.cache.fill_lease_ms = lease_ms;
         c.cache.early_refresh_beta = 0.0;
         c.verify.enabled = false;
@@ -153,6 +136,20 @@ async fn slow_name(
     let t = Instant::now();
     let r = redis::cmd("SLOW.NAME").arg(id).query_async(&mut c).await;
     (r, t.elapsed())
+}
+
+/// Waits until a fill holds the lease of `SLOW.NAME id`'s entry.
+async fn until_leased(valkey: &mut redis::aio::MultiplexedConnection, id: i64) {
+    let lease = format!("cachefront:f:slowname:{id}");
+    eventually("a fill holds the lease", async || {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(&lease)
+            .query_async(valkey)
+            .await
+            .expect("EXISTS");
+        n == 1
+    })
+    .await;
 }
 
 /// Has every instance resolve the slow query (each fills a key of its own, at once), so
@@ -625,15 +622,7 @@ async fn a_write_during_the_leased_fill_is_not_stored_and_the_waiter_refills() {
     let mut valkey = stack.valkey_client().await;
 
     let holder = tokio::spawn(slow_name(patient(&urls[0]).await, 4));
-    eventually("the first instance holds the fill lease", async || {
-        let n: i64 = redis::cmd("EXISTS")
-            .arg("cachefront:f:slowname:4")
-            .query_async(&mut valkey)
-            .await
-            .expect("EXISTS");
-        n == 1
-    })
-    .await;
+    until_leased(&mut valkey, 4).await;
     let waiter = tokio::spawn(slow_name(patient(&urls[1]).await, 4));
     eventually("the second instance waits for it", async || {
         counter(&urls[1], "fleet_fill_waits").await >= 1
@@ -695,16 +684,7 @@ async fn only_a_fill_somebody_waits_for_is_announced() {
     );
 
     let holder = tokio::spawn(slow_name(patient(&urls[0]).await, 4));
-    let mut valkey_conn = stack.valkey_client().await;
-    eventually("the first instance holds the fill lease", async || {
-        let n: i64 = redis::cmd("EXISTS")
-            .arg("cachefront:f:slowname:4")
-            .query_async(&mut valkey_conn)
-            .await
-            .expect("EXISTS");
-        n == 1
-    })
-    .await;
+    until_leased(&mut stack.valkey_client().await, 4).await;
     let waiter = tokio::spawn(slow_name(patient(&urls[1]).await, 4));
     let message = tokio::time::timeout(Duration::from_secs(10), heard.next())
         .await

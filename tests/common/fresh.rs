@@ -66,6 +66,29 @@ pub fn named(toml_table: &str) -> NamedQueryConfig {
     toml::from_str(toml_table).unwrap_or_else(|e| panic!("[[query]] {toml_table}: {e}"))
 }
 
+/// A schema whose `slow_name(emp)` answers employee `emp`'s name after `sleep_ms`: a query
+/// slow on purpose. cachefront refuses `pg_sleep` in a query's own text, not in the body of
+/// an SQL-standard function it calls (whose tables it still tracks).
+pub fn slow_name_schema(sleep_ms: u64) -> String {
+    format!(
+        "CREATE FUNCTION slow_name(emp int) RETURNS text LANGUAGE sql STABLE \
+         BEGIN ATOMIC SELECT name FROM employees, pg_sleep({}) WHERE id = emp; END",
+        sleep_ms as f64 / 1000.0
+    )
+}
+
+/// `SLOW.NAME <id>`: the named query calling `slow_name` (see [`slow_name_schema`]).
+pub fn slow_name_query() -> NamedQueryConfig {
+    named(
+        r#"
+command = "SLOW.NAME"
+sql = "SELECT slow_name($1)"
+key = "slowname:{1}"
+args = ["int"]
+"#,
+    )
+}
+
 /// A named query with `ttl_only = true` (cached until its TTL even if it cannot be kept fresh).
 pub fn named_ttl_only(toml_table: &str) -> NamedQueryConfig {
     toml::from_str(&format!("{toml_table}\nttl_only = true"))
