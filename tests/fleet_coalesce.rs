@@ -152,6 +152,16 @@ async fn until_leased(valkey: &mut redis::aio::MultiplexedConnection, id: i64) {
     .await;
 }
 
+/// Two instances on one Valkey and PostgreSQL (6 s fill leases), both having resolved the
+/// slow query; the second instance runs as long as the value returned for it is kept.
+async fn two_warm_instances() -> (Stack, Running, [String; 2]) {
+    let stack = stack_on(&schema(), tweak(6000)).await;
+    let b = stack.another(tweak(6000)).await;
+    let urls = [stack.proxy_url(), url(&b)];
+    warm(&urls).await;
+    (stack, b, urls)
+}
+
 /// Has every instance resolve the slow query (each fills a key of its own, at once), so
 /// the misses measured next all reach their fills together.
 async fn warm(urls: &[String]) {
@@ -481,10 +491,7 @@ async fn misses_of_a_missing_row_make_one_query() {
 /// make it look again, and the meta keys where answers live refuse clients' writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_forging_announcements_changes_no_answer() {
-    let stack = stack_on(&schema(), tweak(6000)).await;
-    let b = stack.another(tweak(6000)).await;
-    let urls = [stack.proxy_url(), url(&b)];
-    warm(&urls).await;
+    let (stack, _b, urls) = two_warm_instances().await;
     let id = 5;
     let expected = name_of(&stack.db, id);
     assert!(!expected.is_empty(), "employee {id} exists");
@@ -613,10 +620,7 @@ async fn misses_over_three_instances_on_a_cluster_make_one_query() {
 /// instance fills again, from after the write — the entry holds the new name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_during_the_leased_fill_is_not_stored_and_the_waiter_refills() {
-    let stack = stack_on(&schema(), tweak(6000)).await;
-    let b = stack.another(tweak(6000)).await;
-    let urls = [stack.proxy_url(), url(&b)];
-    warm(&urls).await;
+    let (stack, _b, urls) = two_warm_instances().await;
     let old = name_of(&stack.db, 4);
     let before = pg_calls(&stack.db);
     let mut valkey = stack.valkey_client().await;
@@ -662,10 +666,7 @@ async fn a_write_during_the_leased_fill_is_not_stored_and_the_waiter_refills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_a_fill_somebody_waits_for_is_announced() {
     use futures::StreamExt;
-    let stack = stack_on(&schema(), tweak(6000)).await;
-    let b = stack.another(tweak(6000)).await;
-    let urls = [stack.proxy_url(), url(&b)];
-    warm(&urls).await;
+    let (stack, _b, urls) = two_warm_instances().await;
     let valkey = redis::Client::open(stack.valkey.url()).expect("URL");
     let mut sub = valkey.get_async_pubsub().await.expect("subscribe");
     sub.subscribe("cachefront:fills").await.expect("SUBSCRIBE");
