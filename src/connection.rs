@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 
 use crate::cache::read::{Begin, Pending, Step};
 use crate::cache::CacheStatus;
-use crate::command::Context;
 use crate::command::{self, Action, Route, StateChange, Transform};
+use crate::command::{Context, LiveView};
 use crate::error::{Error, Refusal};
 use crate::metrics::inc;
 use crate::metrics::QueryStats;
@@ -169,9 +169,53 @@ pub struct Connection {
     /// Bytes were written since the last flush (TLS keeps them until flushed).
     unflushed: bool,
     closing: bool,
-    /// Resolves when the server begins to shut down. Made once per connection: a fresh
-    /// waiter on every turn of the loop would register and unregister itself each time.
-    stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    /// Resolves when the server begins to shut down (see [`Stop`]).
+    stop: Stop,
+    /// The configuration in force, checked for a reload once per request, not loaded anew.
+    live: LiveView,
+}
+
+/// The server's shutdown signal as one client sees it. A pending `watch::changed()` takes
+/// the channel's waiter lock each time it is polled — one lock shared by every client on
+/// every core, taken on every turn of every client's loop. So the waiter is made once and
+/// polled again only when the channel has changed (a lock-free version check) or the task's
+/// waker is not the one it registered.
+struct Stop {
+    changed: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    probe: watch::Receiver<bool>,
+    armed: Option<std::task::Waker>,
+}
+
+impl Stop {
+    fn new(shutdown: watch::Receiver<bool>) -> Stop {
+        let probe = shutdown.clone();
+        Stop {
+            changed: Box::pin(async move {
+                let mut shutdown = shutdown;
+                let _ = shutdown.changed().await;
+            }),
+            probe,
+            armed: None,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let registered = self.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        // A closed channel counts as changed: the waiter then completes, as it always did.
+        if registered && !self.probe.has_changed().unwrap_or(true) {
+            return std::task::Poll::Pending;
+        }
+        let polled = self.changed.as_mut().poll(cx);
+        if polled.is_pending() {
+            self.armed = Some(cx.waker().clone());
+        }
+        polled
+    }
+
+    /// Resolves once the server is shutting down.
+    fn wait(&mut self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| self.poll(cx))
+    }
 }
 
 impl Connection {
@@ -187,6 +231,7 @@ impl Connection {
         let budget = Arc::new(ReplyBudget::default());
         let authed = ctx.users.default_authed();
         let user = Arc::clone(ctx.users.default_user());
+        let live = ctx.live.view();
         Connection {
             ctx,
             stream,
@@ -204,10 +249,8 @@ impl Connection {
             write_stalled: None,
             unflushed: false,
             closing: false,
-            stop: Box::pin(async move {
-                let mut shutdown = shutdown;
-                let _ = shutdown.changed().await;
-            }),
+            stop: Stop::new(shutdown),
+            live,
         }
     }
 
@@ -247,18 +290,23 @@ impl Connection {
             }
             let idle_deadline = self.idle_limit().map(|d| tokio::time::Instant::now() + d);
             let write_deadline = self.write_stalled.map(|t| t + write_limit);
+            // In a fixed order (no random draw on every turn): what ends the connection first,
+            // then replies ready to go out, then the client's own traffic. Every branch is
+            // polled whenever none is ready, so none waits on another for long: the client's
+            // reads stop at the pipeline limit, and its unread replies at its output limit.
             let event = tokio::select! {
-                io = client_io(&mut self.stream, &mut self.inbuf, &self.outbuf, self.unflushed, can_read) => Event::Client(io),
-                _ = sleep_until_some(idle_deadline) => {
+                biased;
+                _ = self.stop.wait(), if !self.closing => Event::Shutdown,
+                _ = self.budget.wait_exceeded() => Event::OutputLimit,
+                _ = sleep_until_some(soft_deadline), if soft_deadline.is_some() => Event::OutputLimit,
+                _ = sleep_until_some(write_deadline), if write_deadline.is_some() => return Err(write_timeout()),
+                _ = sleep_until_some(idle_deadline), if idle_deadline.is_some() => {
                     tracing::debug!(client = self.session.id, "idle timeout");
                     return Ok(());
                 }
-                _ = sleep_until_some(write_deadline) => return Err(write_timeout()),
                 f = front_event(&mut self.outq) => Event::Front(f),
+                io = client_io(&mut self.stream, &mut self.inbuf, &self.outbuf, self.unflushed, can_read) => Event::Client(io),
                 io = dedicated_io(&mut self.ded) => Event::Dedicated(io),
-                _ = &mut self.stop, if !self.closing => Event::Shutdown,
-                _ = self.budget.wait_exceeded() => Event::OutputLimit,
-                _ = sleep_until_some(soft_deadline) => Event::OutputLimit,
             };
             match event {
                 Event::Client(ClientIo::Read(Ok(0))) => return Ok(()),
@@ -330,7 +378,7 @@ impl Connection {
     /// as in Valkey): an error past the hard limit, or past the soft one for its grace period;
     /// otherwise when the soft limit's grace ends, if it is running.
     fn check_output_limit(&mut self) -> std::io::Result<Option<Instant>> {
-        let limits = &self.ctx.config().limits.client_output_buffer_limit;
+        let limits = &self.live.load().config().limits.client_output_buffer_limit;
         let class = if self.session.monitor {
             limits.replica
         } else if self.session.subscribed {
@@ -384,8 +432,8 @@ impl Connection {
     /// How long this client may stay idle now: `limits.timeout_secs`, unless it waits on
     /// something (replies in flight or not yet read, subscriptions, a blocking command) —
     /// Valkey exempts those; a client slow to read is `client_write_timeout_ms`'s concern.
-    fn idle_limit(&self) -> Option<std::time::Duration> {
-        let secs = self.ctx.config().limits.timeout_secs;
+    fn idle_limit(&mut self) -> Option<std::time::Duration> {
+        let secs = self.live.load().config().limits.timeout_secs;
         let busy = !self.outq.is_empty()
             || !self.all_written()
             || self.session.streaming()
@@ -395,8 +443,10 @@ impl Connection {
 
     /// Parses and dispatches every complete request buffered, up to the pipeline limit.
     async fn process_input(&mut self) {
-        let limits = self.ctx.limits();
-        let max_pipeline = self.ctx.config().limits.max_pipeline;
+        let (limits, max_pipeline) = {
+            let live = self.live.load();
+            (live.limits(), live.config().limits.max_pipeline)
+        };
         while !self.closing && self.outq.len() < max_pipeline {
             match self
                 .parser
@@ -409,7 +459,8 @@ impl Connection {
                         // SKIP covers this one command; one it sets again covers the next.
                         self.session.reply_mode = ReplyMode::On;
                     }
-                    let action = command::dispatch(&self.ctx, &mut self.session, req);
+                    let live = self.live.load();
+                    let action = command::dispatch(&self.ctx, live, &mut self.session, req);
                     self.muting = self.mutes(before);
                     self.apply(action).await;
                     if self.outq.len() > slots {
@@ -477,7 +528,10 @@ impl Connection {
                     self.push_reply(r);
                     return;
                 }
-                _ => command::dispatch_checked(&self.ctx, &mut self.session, req),
+                _ => {
+                    let live = self.live.load();
+                    command::dispatch_checked(&self.ctx, live, &mut self.session, req)
+                }
             },
             a => a,
         };
@@ -1429,5 +1483,46 @@ mod tests {
         let conn = super::Connection::new(ctx, super::ClientStream::Plain(s), None, rx);
         let size = std::mem::size_of_val(&conn.run());
         assert!(size <= 3 * 1024, "a client's future is {size} bytes");
+    }
+
+    /// An idle client's loop, parked with the shutdown signal registered once (see `Stop`),
+    /// still wakes when the server starts to shut down, and ends; so does the loop of a
+    /// client that connects after the signal was given.
+    #[tokio::test]
+    async fn an_idle_client_ends_when_the_server_shuts_down() {
+        use std::time::Duration;
+        let ctx = std::sync::Arc::new(
+            crate::command::Context::new(crate::config::Config::default()).expect("context"),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("address");
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut clients = Vec::new();
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+            let (s, _) = l.accept().await.expect("accept");
+            let conn = super::Connection::new(
+                std::sync::Arc::clone(&ctx),
+                super::ClientStream::Plain(s),
+                None,
+                rx.clone(),
+            );
+            runs.push(tokio::spawn(conn.run()));
+            if runs.len() == 1 {
+                // The first one has parked on its select before the signal.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert!(!runs[0].is_finished());
+                tx.send(true).expect("signal");
+            }
+        }
+        for run in runs {
+            tokio::time::timeout(Duration::from_secs(5), run)
+                .await
+                .expect("ended on shutdown")
+                .expect("no panic");
+        }
     }
 }

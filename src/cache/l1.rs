@@ -219,6 +219,12 @@ impl L1 {
 
     /// The cached reply frame for an entry, if present.
     pub fn get(&self, key: &str, hash: bool, proto: Proto) -> Option<Hit> {
+        self.get_at(key, hash, proto, Instant::now())
+    }
+
+    /// [`get`](Self::get) with the time already read: a hit reads the clock once for the
+    /// item's age and its early-refresh weighing.
+    pub fn get_at(&self, key: &str, hash: bool, proto: Proto, now: Instant) -> Option<Hit> {
         if !self.enabled {
             return None;
         }
@@ -228,7 +234,7 @@ impl L1 {
             // A plain key is its own L1 key: look it up without building one.
             self.items.get(key.as_bytes())
         }?;
-        if stored.born.elapsed() >= self.ttl {
+        if now.saturating_duration_since(stored.born) >= self.ttl {
             return None;
         }
         Some(Hit {

@@ -293,6 +293,10 @@ pub(crate) fn give_up(store: Store, lease: FillLease) {
     }
 }
 
+/// The largest `-ln r` XFetch can draw, `r` being at least the smallest positive `f64`
+/// (`-ln(f64::MIN_POSITIVE)` = 708.39…), rounded up.
+const LONGEST_DRAW: f64 = 708.4;
+
 impl Cache {
     pub fn new(store: Store, metrics: Arc<Metrics>, cfg: &CacheConfig) -> Cache {
         Cache {
@@ -406,18 +410,30 @@ impl Cache {
         }
         self.recent
             .get(key)
-            .is_some_and(|f| self.refresh_due(key, f))
+            .is_some_and(|f| self.refresh_due(key, f, Instant::now()))
     }
 
     /// [`should_refresh_early`](Self::should_refresh_early) for an entry whose freshness the
-    /// caller already holds (an L1 item's copy): the record is consulted only when due.
-    pub fn refresh_due(&self, key: &str, f: Freshness) -> bool {
+    /// caller already holds (an L1 item's copy), at `now`: the record is consulted only when
+    /// due. The draw is skipped while even the longest lead it can give (`-ln` of the smallest
+    /// positive draw, about 708 fills' time) would not reach expiry — the same odds, without a
+    /// random number and a logarithm on nearly every hit.
+    pub fn refresh_due(&self, key: &str, f: Freshness, now: Instant) -> bool {
         if self.early_refresh_beta <= 0.0 {
             return false;
         }
+        let reaches = |draw: f64| {
+            // A lead too long to represent reaches any expiry (a huge `early_refresh_beta`).
+            Duration::try_from_secs_f64(f.delta.as_secs_f64() * self.early_refresh_beta * draw)
+                .ok()
+                .and_then(|lead| now.checked_add(lead))
+                .is_none_or(|t| t >= f.expires)
+        };
+        if !reaches(LONGEST_DRAW) {
+            return false;
+        }
         let r: f64 = rand::thread_rng().gen_range(f64::MIN_POSITIVE..1.0);
-        let lead = f.delta.mul_f64(self.early_refresh_beta * -r.ln());
-        Instant::now() + lead >= f.expires && self.claim_refresh(key, f)
+        reaches(-r.ln()) && self.claim_refresh(key, f)
     }
 
     /// One refresh per expiry window: the request that removes the fill's record refreshes;

@@ -228,8 +228,9 @@ impl Cache {
         if self.degraded.any() {
             return self.begin_planned(plan(key));
         }
-        if let Some(hit) = self.l1.get(&key, kind == ReplyKind::Hash, proto) {
-            let due = hit.fresh.is_some_and(|f| self.refresh_due(&key, f));
+        let now = Instant::now();
+        if let Some(hit) = self.l1.get_at(&key, kind == ReplyKind::Hash, proto, now) {
+            let due = hit.fresh.is_some_and(|f| self.refresh_due(&key, f, now));
             self.hit(CacheStatus::L1Hit, due, || plan(key.clone()));
             return Begin::Hit(hit.frame);
         }
@@ -242,8 +243,12 @@ impl Cache {
             return Begin::Fill(self.fill_task(plan, Mode::Cache { refresh: false }));
         }
         let key = &plan.entry.key;
-        if let Some(hit) = self.l1.get(key, plan.kind == ReplyKind::Hash, plan.proto) {
-            let due = hit.fresh.is_some_and(|f| self.refresh_due(key, f));
+        let now = Instant::now();
+        if let Some(hit) = self
+            .l1
+            .get_at(key, plan.kind == ReplyKind::Hash, plan.proto, now)
+        {
+            let due = hit.fresh.is_some_and(|f| self.refresh_due(key, f, now));
             self.hit(CacheStatus::L1Hit, due, || plan);
             return Begin::Hit(hit.frame);
         }
@@ -924,6 +929,38 @@ mod tests {
             plan(k, "dept", &src)
         });
         assert!(matches!(other, Begin::Lookup(_)));
+    }
+
+    /// XFetch's odds at their ends: an entry whose expiry is further off than the longest
+    /// lead any draw can give is never due (and nothing is claimed); one past expiry always
+    /// is; and a lead too long to represent (a huge beta) counts as reaching expiry instead
+    /// of overflowing.
+    #[tokio::test]
+    async fn early_refresh_is_never_due_far_from_expiry_and_always_past_it() {
+        let now = Instant::now();
+        let delta = Duration::from_millis(10);
+        let far = Freshness {
+            // 708.4 fills' time is the longest lead: 7.08 s here.
+            expires: now + Duration::from_secs(8),
+            delta,
+        };
+        let (cache, _) = cache();
+        cache.recent.insert("emp:1".to_string(), far);
+        assert!((0..10_000).all(|_| !cache.refresh_due("emp:1", far, now)));
+        assert_eq!(cache.recent.get("emp:1"), Some(far), "nothing claimed");
+        let past = Freshness {
+            expires: now,
+            delta,
+        };
+        cache.recent.insert("emp:2".to_string(), past);
+        assert!(cache.refresh_due("emp:2", past, now));
+        let (huge, _) = cache_with(&CacheConfig {
+            fill_lease_ms: 0,
+            early_refresh_beta: 1e300,
+            ..CacheConfig::default()
+        });
+        huge.recent.insert("emp:1".to_string(), far);
+        assert!(huge.refresh_due("emp:1", far, now));
     }
 
     /// A hit close to expiry starts one background refresh (XFetch) — an L1 hit too.

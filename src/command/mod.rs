@@ -25,7 +25,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::Refusal;
 use crate::protocol::{Reply, Request};
 use crate::session::Session;
-pub use context::Context;
+pub use context::{Context, LiveParts, LiveView};
 pub use passthrough::{Route, StateChange, Transform};
 
 /// What the connection does with one request.
@@ -102,7 +102,13 @@ pub fn wrong_args(req: &Request) -> Reply {
 }
 
 /// Decides what to do with `req`: authentication and permissions first, as Valkey does.
-pub fn dispatch(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Action {
+/// `live`: the configuration in force, as the connection last saw it (see `LiveView`).
+pub fn dispatch(
+    ctx: &Arc<Context>,
+    live: &LiveParts,
+    session: &mut Session,
+    req: Request,
+) -> Action {
     let mut buf = [0u8; 32];
     let name: &[u8] = match upper(req.name(), &mut buf) {
         Some(n) => &buf[..n],
@@ -111,7 +117,7 @@ pub fn dispatch(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Acti
     if !session.authed && !connection_cmds::allowed_before_auth(name) {
         return Action::Reply(Refusal::NoAuth.reply());
     }
-    let config = ctx.config();
+    let config = live.config();
     if config
         .auth
         .deny_commands
@@ -130,7 +136,7 @@ pub fn dispatch(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Acti
     if (!session.user.unrestricted() || meta.is_some())
         && !connection_cmds::allowed_before_auth(name)
     {
-        match permission(ctx, session, name, &req, meta) {
+        match permission(ctx, live, session, name, &req, meta) {
             acl::Check::Allow => {}
             acl::Check::Deny(r) => {
                 if session.in_multi {
@@ -151,7 +157,7 @@ pub fn dispatch(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Acti
             }
         }
     }
-    dispatch_checked(ctx, session, req)
+    dispatch_checked(ctx, live, session, req)
 }
 
 /// The Valkey client inside the context, for the permission checks that must ask Valkey
@@ -170,6 +176,7 @@ impl std::ops::Deref for UpstreamOf {
 /// when they have computed it); Valkey's against Valkey's command table.
 fn permission(
     ctx: &Arc<Context>,
+    live: &LiveParts,
     session: &Session,
     name: &[u8],
     req: &Request,
@@ -180,7 +187,7 @@ fn permission(
         Some(c) => Some((c.name.to_ascii_lowercase(), c.categories, c.arity_ok(argc))),
         None => std::str::from_utf8(name)
             .ok()
-            .and_then(|n| ctx.named().get(n).cloned())
+            .and_then(|n| live.named().get(n))
             .map(|q| {
                 (
                     q.name.to_ascii_lowercase(),
@@ -207,7 +214,12 @@ fn permission(
 }
 
 /// Decides what to do with `req` once it may run.
-pub fn dispatch_checked(ctx: &Arc<Context>, session: &mut Session, req: Request) -> Action {
+pub fn dispatch_checked(
+    ctx: &Arc<Context>,
+    live: &LiveParts,
+    session: &mut Session,
+    req: Request,
+) -> Action {
     let mut buf = [0u8; 32];
     let name: &[u8] = match upper(req.name(), &mut buf) {
         Some(n) => &buf[..n],
@@ -238,13 +250,12 @@ pub fn dispatch_checked(ctx: &Arc<Context>, session: &mut Session, req: Request)
         _ => match name
             .contains(&b'.')
             .then(|| {
-                ctx.named()
+                live.named()
                     .get(std::str::from_utf8(name).unwrap_or_default())
-                    .cloned()
             })
             .flatten()
         {
-            Some(q) => named_query::dispatch(ctx, session, &q, &req),
+            Some(q) => named_query::dispatch(ctx, session, q, &req),
             None => {
                 ctx.cache.l1.note_command(name, &req.args);
                 passthrough::dispatch(session, name, req, ctx.upstream.cluster.is_some())
@@ -277,7 +288,13 @@ mod tests {
     }
 
     fn run(ctx: &Arc<Context>, session: &mut Session, args: &[&[u8]]) -> Action {
-        dispatch(ctx, session, Request::from_args(args.iter().copied()))
+        let live = ctx.live.view().load().clone();
+        dispatch(
+            ctx,
+            &live,
+            session,
+            Request::from_args(args.iter().copied()),
+        )
     }
 
     /// The reply of an action that must be answered at once.

@@ -142,28 +142,33 @@ const LONG_COMMANDS: &[&[u8]] = &[
 ];
 
 /// Whether an encoded request (`*N\r\n$L\r\nNAME…`) is a script or one of [`LONG_COMMANDS`].
+/// Asked of every request a client sends through a shared connection, so the name is found
+/// by hand, without UTF-8 checks or searching.
 fn is_long(raw: &[u8]) -> bool {
-    let Some(rest) = raw.strip_prefix(b"*") else {
-        return false;
-    };
-    let Some(dollar) = rest.iter().position(|&b| b == b'$') else {
-        return false;
-    };
-    let rest = &rest[dollar + 1..];
-    let Some(crlf) = rest.windows(2).position(|w| w == b"\r\n") else {
-        return false;
-    };
-    let len: usize = match std::str::from_utf8(&rest[..crlf])
-        .ok()
-        .and_then(|l| l.parse().ok())
-    {
-        Some(l) if l <= 16 => l,
-        _ => return false,
-    };
-    rest.get(crlf + 2..crlf + 2 + len).is_some_and(|name| {
+    command_name(raw).is_some_and(|name| {
         let is = |c: &&[u8]| c.eq_ignore_ascii_case(name);
         LONG_COMMANDS.iter().any(is) || super::SCRIPT_COMMANDS.iter().any(is)
     })
+}
+
+/// The command name of an encoded request, if it is at most 16 bytes long (no longer name
+/// is of interest).
+fn command_name(raw: &[u8]) -> Option<&[u8]> {
+    let rest = raw.strip_prefix(b"*")?;
+    let count_end = rest.iter().position(|&b| b == b'\r')?;
+    let rest = rest.get(count_end..)?.strip_prefix(b"\r\n$")?;
+    let mut len = 0usize;
+    let mut digits = 0;
+    for &b in rest.iter().take_while(|b| b.is_ascii_digit()) {
+        len = len * 10 + usize::from(b - b'0');
+        digits += 1;
+        if len > 16 {
+            return None;
+        }
+    }
+    let rest = rest.get(digits..)?.strip_prefix(b"\r\n")?;
+    (digits > 0).then_some(())?;
+    rest.get(..len)
 }
 
 /// The error a request gets when its client passed its output limit (the client is being
@@ -670,4 +675,53 @@ pub fn parse_redirect(frame: &[u8]) -> Option<(bool, u16, String)> {
     let (slot, addr) = text.split_once(' ')?;
     let slot: u16 = slot.parse().ok().filter(|s| *s < 16384)?;
     Some((ask, slot, addr.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(args: &[&[u8]]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+
+    /// Scripts and the listed long commands are found whatever their case; everything else,
+    /// a name longer than any of them, and anything not a well-formed request are not.
+    #[test]
+    fn long_requests_are_told_by_their_name() {
+        for long in [
+            &[b"debug".as_slice(), b"sleep", b"1"][..],
+            &[b"EVALSHA", b"abc", b"0"],
+            &[b"FLUSHALL"],
+            &[b"Keys", b"*"],
+            &[b"sunionstore", b"d", b"a", b"b"],
+        ] {
+            assert!(is_long(&encoded(long)), "{long:?}");
+        }
+        for short in [
+            &[b"GET".as_slice(), b"k"][..],
+            &[b"SET", b"k", b"v"],
+            &[b"DEBUGX"],
+            &[b"a-command-name-over-sixteen-bytes"],
+        ] {
+            assert!(!is_long(&encoded(short)), "{short:?}");
+        }
+        for malformed in [
+            &b"KEYS *\r\n"[..],
+            b"*1\r\n$4\r\nKEY",
+            b"*1\r\n$\r\nKEYS\r\n",
+            b"*1\r\n$99999999999999999999\r\n",
+            b"*1",
+            b"",
+        ] {
+            assert!(!is_long(malformed), "{malformed:?}");
+        }
+        assert_eq!(command_name(&encoded(&[b"KEYS", b"*"])), Some(&b"KEYS"[..]));
+    }
 }
