@@ -646,9 +646,11 @@ impl Connection {
             _ => {
                 let up = &self.ctx.upstream;
                 let (id, proto) = (self.session.id, pending.proto());
+                let mut pending = pending;
+                let tee = pending.tee();
                 let tracked = pending.wants_tracking().then(|| {
                     let key = pending.key().as_bytes();
-                    up.send_tracked(id, proto, request.clone(), key, &self.budget)
+                    up.send_tracked(id, proto, request.clone(), key, &self.budget, tee)
                 });
                 let started = Instant::now();
                 let (rx, pending) = match tracked.flatten() {

@@ -526,6 +526,10 @@ declare_metrics! {
             "Clients disconnected for passing their output buffer limit";
         /// Hits answered from the in-process L1 (also counted in `hits`).
         Counter l1_hits: "l1_hits", "Hits answered from the in-process L1";
+        /// Reads that missed the L1 while a lookup of the same entry was in flight and took
+        /// its reply instead of sending their own (also counted in `hits`; see `cache::flight`).
+        Counter l1_shared_lookups: "l1_shared_lookups",
+            "Reads that missed the L1 and took the reply of a lookup of the same entry already in flight";
         /// Misses answered with a stale value because PostgreSQL failed.
         Counter stale_served: "stale_served",
             "Misses answered with a stale value because PostgreSQL failed";

@@ -242,3 +242,122 @@ async fn a_thousand_clients_share_a_few_upstream_connections() {
     );
     drop(open);
 }
+
+/// Tracked lookups Valkey received: each is preceded by `CLIENT CACHING yes` (counting the
+/// lookup commands themselves would count the early lookup script's own reads too).
+async fn lookups_in_valkey(v: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(v)
+        .await
+        .expect("INFO commandstats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_client|caching:calls="))
+        .and_then(|l| l.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Forty clients reading an entry the L1 does not hold, at once, while Valkey is busy: the
+/// first read's lookup is in flight when the others miss the L1, and they wait for its reply
+/// instead of sending forty lookups — each gets the entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_missing_the_l1_together_send_one_lookup() {
+    // The verification sampler reads entries too: off, so Valkey counts cachefront's reads.
+    let s = Stack::start_with(|c| c.verify.enabled = false).await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    assert_eq!(emp(&mut c, 1).await.as_deref(), Some("Alice Johnson"));
+    let shared = &s.proxy.shared;
+    shared.cache.l1.clear();
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(s.raw().await);
+    }
+    let mut v = s.valkey_client().await;
+    let before = lookups_in_valkey(&mut v).await;
+    let shared_before = shared.metrics.l1_shared_lookups.load(Ordering::Relaxed);
+    // Valkey answers nothing for 300 ms: every read below reaches cachefront meanwhile.
+    let mut sleeper = s.valkey_client().await;
+    let sleep = tokio::spawn(async move {
+        let _: redis::Value = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.3")
+            .query_async(&mut sleeper)
+            .await
+            .expect("DEBUG SLEEP");
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for r in clients.iter_mut() {
+        r.cmd(&[b"EMP.GET", b"1"]).await;
+    }
+    for r in clients.iter_mut() {
+        assert_eq!(r.frame().await, "$13\r\nAlice Johnson\r\n");
+    }
+    sleep.await.expect("slept");
+    let sent = lookups_in_valkey(&mut v).await - before;
+    let shared_now = shared.metrics.l1_shared_lookups.load(Ordering::Relaxed) - shared_before;
+    assert_eq!(sent, 1, "one lookup for forty reads ({shared_now} shared)");
+    assert_eq!(shared_now, 39);
+}
+
+/// A read waiting for another client's lookup is answered when Valkey's reply arrives, not
+/// when that client's own queue gets to it: a slow query the other client pipelined ahead of
+/// its lookup holds up nobody else.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_lookup_is_not_held_up_by_its_clients_queue() {
+    let s = Stack::start().await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    assert_eq!(emp(&mut c, 1).await.as_deref(), Some("Alice Johnson"));
+    s.proxy.shared.cache.l1.clear();
+    let mut slow = s.raw().await.patient(Duration::from_secs(30));
+    // Valkey answers nothing for 100 ms, so the lookup below is still in flight when the
+    // other client asks.
+    let mut sleeper = s.valkey_client().await;
+    let sleep = tokio::spawn(async move {
+        let _: redis::Value = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.1")
+            .query_async(&mut sleeper)
+            .await
+            .expect("DEBUG SLEEP");
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // A query of a second or more, then the lookup of employee 1 behind it.
+    slow.cmd(&[
+        b"SQL.CACHED",
+        b"SELECT pg_catalog.count(*) AS n FROM generate_series(1, 12000000)",
+    ])
+    .await;
+    slow.cmd(&[b"EMP.GET", b"1"]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut other = s.raw().await;
+    let shared = || {
+        s.proxy
+            .shared
+            .metrics
+            .l1_shared_lookups
+            .load(Ordering::Relaxed)
+    };
+    let shared_before = shared();
+    let started = Instant::now();
+    assert_eq!(
+        other.call(&[b"EMP.GET", b"1"]).await,
+        "$13\r\nAlice Johnson\r\n"
+    );
+    let took = started.elapsed();
+    assert_eq!(
+        shared() - shared_before,
+        1,
+        "it waited for the slow client's lookup"
+    );
+    let first = slow.frame().await;
+    let slow_took = started.elapsed();
+    assert!(first.contains("12000000"), "{first}");
+    assert_eq!(slow.frame().await, "$13\r\nAlice Johnson\r\n");
+    sleep.await.expect("slept");
+    assert!(
+        took * 4 < slow_took,
+        "the other client waited {took:?}; the slow query took {slow_took:?}"
+    );
+}

@@ -5,6 +5,7 @@ pub mod cluster_store;
 pub mod coalesce;
 pub mod degraded;
 pub mod fleet;
+pub mod flight;
 pub mod key;
 pub mod l1;
 pub mod named;
@@ -191,6 +192,8 @@ type Recent = moka::sync::Cache<String, Freshness, foldhash::fast::RandomState>;
 pub struct Cache {
     pub store: Store,
     pub l1: Arc<l1::L1>,
+    /// Tracked lookups in flight, which reads missing the L1 may wait for (see `flight`).
+    pub flights: Arc<flight::Flights>,
     coalescer: Arc<Coalescer<(Value, CacheStatus)>>,
     metrics: Arc<Metrics>,
     recent: Recent,
@@ -305,6 +308,7 @@ impl Cache {
                 cfg.l1_max_bytes,
                 Duration::from_millis(cfg.l1_ttl_ms),
             )),
+            flights: Arc::default(),
             coalescer: Arc::new(Coalescer::default()),
             metrics,
             recent: moka::sync::Cache::builder()

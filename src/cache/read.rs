@@ -16,6 +16,7 @@ use futures::FutureExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::flight::{Landing, Leader, Reading};
 use super::l1::{self, Ticket};
 use super::store::{FillLease, Store};
 use super::{Cache, CacheStatus, Deps, Early, Entry, FillOptions, Tracking, Value};
@@ -24,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::metrics::inc;
 use crate::protocol::request::encode_multibulk;
 use crate::protocol::{Proto, Reply};
+use crate::upstream::Tee;
 
 /// The database side of a fill, which the command supplies: resolving an entry's tables needs
 /// the invalidation layer and querying needs the command's source, both above the cache.
@@ -91,6 +93,9 @@ pub struct Pending {
     /// The lease asked for, when the lookup was the fill's first step (see
     /// [`Cache::early_lookup`]).
     early: Option<Box<Asked>>,
+    /// Reads of the same entry may wait for this lookup's reply, until it is sent in a way
+    /// they cannot share (see `flight`).
+    flight: Option<Box<Leader>>,
 }
 
 /// The fill lease an early lookup asked for, until its reply says what became of it. Given
@@ -141,7 +146,14 @@ impl Pending {
     /// the key, so its hit must not enter the L1.
     pub fn untracked(mut self) -> Pending {
         self.ticket = None;
+        self.flight = None;
         self
+    }
+
+    /// What the shared connection shows this lookup's reply to, for the reads waiting for
+    /// it (see `flight`); they are let go if it is not shown.
+    pub fn tee(&mut self) -> Option<Tee> {
+        self.flight.take().map(|l| l.into_tee())
     }
 
     /// The lookup goes on the client's dedicated connection, behind its own commands (which
@@ -149,6 +161,7 @@ impl Pending {
     /// never the fill's first step.
     pub fn plain(mut self) -> (Bytes, Pending) {
         self.ticket = None;
+        self.flight = None;
         self.plain_lookup()
     }
 
@@ -167,6 +180,9 @@ impl Pending {
     /// The plain lookup, the first step (never sent) forgotten.
     fn plain_lookup(mut self) -> (Bytes, Pending) {
         let _ = self.early.take().map(|a| a.answered());
+        if let Some(leader) = self.flight.as_mut() {
+            leader.reading = Reading::Frame;
+        }
         (lookup_request(&self.plan.entry.key, self.plan.kind), self)
     }
 }
@@ -229,12 +245,35 @@ impl Cache {
             return self.begin_planned(plan(key));
         }
         let now = Instant::now();
-        if let Some(hit) = self.l1.get_at(&key, kind == ReplyKind::Hash, proto, now) {
+        let hash = kind == ReplyKind::Hash;
+        if let Some(hit) = self.l1.get_at(&key, hash, proto, now) {
             let due = hit.fresh.is_some_and(|f| self.refresh_due(&key, f, now));
             self.hit(CacheStatus::L1Hit, due, || plan(key.clone()));
             return Begin::Hit(hit.frame);
         }
+        if self.l1.enabled() && !hash {
+            if let Some(landing) = self.flights.join(key.as_bytes(), self.l1.ticket(&key)) {
+                return Begin::Fill(self.await_landing(landing, plan(key)));
+            }
+        }
         self.lookup(plan(key))
+    }
+
+    /// A read waiting for the lookup of its entry already in flight (see `flight`): that
+    /// lookup's hit, or else a lookup of its own (counted, and filled on a miss, as any).
+    fn await_landing(self: &Arc<Self>, landing: Landing, plan: Plan) -> Fill {
+        let cache = Arc::clone(self);
+        async move {
+            match landing.await {
+                Ok(frame) => {
+                    inc(&cache.metrics.l1_shared_lookups);
+                    cache.hit(CacheStatus::Hit, false, || plan);
+                    (Reply::Raw(frame), CacheStatus::Hit)
+                }
+                Err(_) => cache.lookup_again(plan).await,
+            }
+        }
+        .boxed()
     }
 
     /// [`Cache::begin`] once the plan is built (something is degraded: its entry decides).
@@ -292,14 +331,45 @@ impl Cache {
             }
             None => (lookup_request(&plan.entry.key, plan.kind), None),
         };
+        let flight = ticket.and_then(|t| self.depart(&plan, t, early.is_some()));
         Begin::Lookup(Lookup {
             request,
             pending: Pending {
                 plan: Box::new(plan),
                 ticket,
                 early,
+                flight,
             },
         })
+    }
+
+    /// Registers a lookup sent with `ticket` as one that reads of the same entry may wait
+    /// for — a string entry's (its frame is the same in either protocol) whose hit may enter
+    /// the L1 (its dependencies resolved), while nothing is degraded. `early`: the lookup is
+    /// the early lookup script.
+    fn depart(&self, plan: &Plan, ticket: Ticket, early: bool) -> Option<Box<Leader>> {
+        let shareable = plan.kind != ReplyKind::Hash
+            && plan.entry.deps.tracking != Tracking::Unresolved
+            && !self.degraded.any();
+        if !shareable {
+            return None;
+        }
+        let key = &plan.entry.key;
+        let slot = Bytes::copy_from_slice(key.as_bytes());
+        let reading = match early {
+            true => Reading::Early {
+                store: self.store.clone(),
+                negative: plan.negative_ttl.is_some(),
+            },
+            false => Reading::Frame,
+        };
+        Some(Box::new(Leader {
+            departed: self.flights.depart(slot, ticket),
+            l1: Arc::clone(&self.l1),
+            degraded: Arc::clone(&self.degraded),
+            key: key.clone(),
+            reading,
+        }))
     }
 
     /// The lookup that is also its fill's first step, when it can be: the fill script's
@@ -334,10 +404,12 @@ impl Cache {
     /// L1 if the lookup was tracked; otherwise the fill that answers (from PostgreSQL alone if
     /// Valkey failed).
     pub fn finish(self: &Arc<Self>, pending: Pending, reply: Result<Bytes>) -> Step {
+        // A flight still here was never shown the reply: its waiters are let go.
         let Pending {
             plan,
             ticket,
             early,
+            flight: _,
         } = pending;
         if let Some(asked) = early {
             return self.finish_early(plan, ticket, *asked, reply);
@@ -441,9 +513,10 @@ impl Cache {
         Step::Fill(self.fill_with(*plan, Mode::Cache { refresh: false }, Some(early)))
     }
 
-    /// The lookup of `plan` with a plain `GET`, after Valkey said it lacks the early lookup's
-    /// script (a new or restarted server): a hit is answered (untracked: not kept in the L1),
-    /// a miss fills — and its fill loads the script for the next lookup.
+    /// The lookup of `plan` with a plain `GET` — after Valkey said it lacks the early lookup's
+    /// script (a new or restarted server), or for a read let go by the lookup it waited for:
+    /// a hit is answered (untracked: not kept in the L1), a miss fills — and its fill loads
+    /// the script for the next lookup.
     async fn lookup_again(self: Arc<Self>, plan: Plan) -> (Reply, CacheStatus) {
         let bypass = self.bypasses(&plan.entry);
         match self.store.get(&plan.entry.key).await {
@@ -929,6 +1002,63 @@ mod tests {
             plan(k, "dept", &src)
         });
         assert!(matches!(other, Begin::Lookup(_)));
+    }
+
+    /// Reads that miss the L1 while a lookup of the same entry is in flight wait for it: the
+    /// lookup's hit, shown as the shared connection reads it, answers them all (one lookup,
+    /// not one each). An invalidation of the key before the reply lets a waiter go to read on
+    /// its own, as does a lookup sent in a way its reply is not shown (untracked).
+    #[tokio::test]
+    async fn reads_missing_the_l1_share_the_lookup_in_flight() {
+        let (cache, m) = cache();
+        let src = fake(Value::String(Bytes::from_static(b"alice")));
+        let mut first = lookup(begin(&cache, "emp:1", &src));
+        let Begin::Fill(second) = begin(&cache, "emp:1", &src) else {
+            panic!("the second read waits for the first's lookup");
+        };
+        let tee = first
+            .pending
+            .tee()
+            .expect("a tracked lookup is shown its reply");
+        tee(&Bytes::from_static(FRAME));
+        let (reply, status) = second.await;
+        assert_eq!(reply, Reply::Raw(Bytes::from_static(FRAME)));
+        assert_eq!(status, CacheStatus::Hit);
+        assert_eq!(count(&m.l1_shared_lookups), 1);
+        assert_eq!(src.loads.load(Relaxed), 0);
+        assert!(cache.flights.is_empty());
+
+        // Invalidated in between: the waiter reads on its own (here: a miss, so it fills).
+        let mut first = lookup(begin(&cache, "emp:2", &src));
+        let Begin::Fill(second) = begin(&cache, "emp:2", &src) else {
+            panic!("the second read waits for the first's lookup");
+        };
+        cache.l1.invalidate_key(b"emp:2");
+        let tee = first.pending.tee().expect("shown its reply");
+        tee(&Bytes::from_static(b"$3\r\nold\r\n"));
+        let (reply, _) = second.await;
+        assert_ne!(reply, Reply::Raw(Bytes::from_static(b"$3\r\nold\r\n")));
+        assert_eq!(count(&m.l1_shared_lookups), 1);
+
+        // Untracked: nobody can wait for it.
+        let first = lookup(begin(&cache, "emp:3", &src));
+        let Begin::Fill(second) = begin(&cache, "emp:3", &src) else {
+            panic!("the second read waits for the first's lookup");
+        };
+        let _untracked = first.pending.untracked();
+        let (reply, _) = second.await;
+        assert_ne!(
+            reply,
+            Reply::Raw(Bytes::from_static(FRAME)),
+            "read on its own"
+        );
+        assert_eq!(count(&m.l1_shared_lookups), 1);
+        assert_eq!(
+            src.loads.load(Relaxed),
+            2,
+            "each let-go read loaded on its own"
+        );
+        assert!(cache.flights.is_empty());
     }
 
     /// XFetch's odds at their ends: an entry whose expiry is further off than the longest

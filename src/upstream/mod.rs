@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{Proto, Request};
 pub use cluster::Cluster;
 pub use conn::{Endpoint, Login, RawConn};
-pub use mux::{LongMark, Mux, ReplyBudget, ReplyRx};
+pub use mux::{LongMark, Mux, ReplyBudget, ReplyRx, Tee};
 pub use tracking::{TrackingEvent, TrackingState};
 
 /// Valkey's script and function commands.
@@ -254,6 +254,7 @@ impl Upstream {
 
     /// A tracked lookup for the L1 on the client's shared connection, or `None` while the
     /// tracking connection is down (then nothing read may enter the L1).
+    /// `tee` is shown the reply as it arrives (single server only; see [`Tee`]).
     pub fn send_tracked(
         &self,
         lane: u64,
@@ -261,8 +262,10 @@ impl Upstream {
         raw: Bytes,
         key: &[u8],
         budget: &Arc<ReplyBudget>,
+        tee: Option<Tee>,
     ) -> Option<ReplyRx> {
         if let Some(c) = &self.cluster {
+            // `tee` is dropped unshown: on a cluster, nobody waits for another's lookup.
             return c.send_tracked(lane, proto, raw, key, Some(budget));
         }
         if self.tracking.current().0 == 0 {
@@ -270,7 +273,7 @@ impl Upstream {
         }
         Some(
             self.mux(lane, proto)
-                .send_for(raw, lane, true, Some(budget)),
+                .send_tracked_teed(raw, lane, Some(budget), tee),
         )
     }
 

@@ -22,6 +22,11 @@ use crate::protocol::Proto;
 /// The reply to one forwarded request: the raw frame, or why there is none.
 pub type ReplyRx = oneshot::Receiver<Result<Bytes>>;
 
+/// Shown a request's reply as the shared connection reads it, before the requester gets it
+/// (the cache's lookups that other reads wait for, see `cache::flight`); dropped unshown if
+/// the request gets no reply.
+pub type Tee = Box<dyn FnOnce(&Bytes) + Send>;
+
 /// What a client holds in replies not yet written to its socket, against its output limit
 /// (Valkey's `client-output-buffer-limit`). Replies are charged where they come into being —
 /// here, by the shared connection that reads them, before they are handed over — so a client
@@ -147,8 +152,23 @@ const LONG_COMMANDS: &[&[u8]] = &[
 fn is_long(raw: &[u8]) -> bool {
     command_name(raw).is_some_and(|name| {
         let is = |c: &&[u8]| c.eq_ignore_ascii_case(name);
-        LONG_COMMANDS.iter().any(is) || super::SCRIPT_COMMANDS.iter().any(is)
+        LONG_LENGTHS & (1 << name.len()) != 0
+            && (LONG_COMMANDS.iter().any(is) || super::SCRIPT_COMMANDS.iter().any(is))
     })
+}
+
+/// The lengths of the names [`is_long`] looks for, one bit each: most commands (`GET`,
+/// `SET`, `HGET`…) are ruled out by their length alone.
+const LONG_LENGTHS: u32 = lengths(LONG_COMMANDS) | lengths(super::SCRIPT_COMMANDS);
+
+const fn lengths(names: &[&[u8]]) -> u32 {
+    let mut bits = 0u32;
+    let mut i = 0;
+    while i < names.len() {
+        bits |= 1 << names[i].len();
+        i += 1;
+    }
+    bits
 }
 
 /// The command name of an encoded request, if it is at most 16 bytes long (no longer name
@@ -195,6 +215,8 @@ pub struct Job {
     /// [`LongWork`]), so it is held to the command timeout as the store always was, and a
     /// store script in flight does not stop a dead Valkey from being noticed.
     pub own: bool,
+    /// Shown the reply first (see [`Tee`]).
+    pub tee: Option<Tee>,
 }
 
 /// Cluster: a request Valkey answered with `-MOVED` or `-ASK`, to be sent again elsewhere.
@@ -234,6 +256,7 @@ struct Waiter {
     budget: Option<Arc<ReplyBudget>>,
     /// Held while a long request waits (see [`LongWork`]).
     _long: Option<LongMark>,
+    tee: Option<Tee>,
 }
 
 /// What a redirected request needs to be sent again.
@@ -310,6 +333,7 @@ impl Mux {
             resp3: false,
             budget: None,
             own: true,
+            tee: None,
         });
         rx
     }
@@ -324,6 +348,30 @@ impl Mux {
         budget: Option<&Arc<ReplyBudget>>,
     ) -> ReplyRx {
         self.enqueue(raw, tracked, lane, budget.cloned())
+    }
+
+    /// [`send_for`](Self::send_for) a tracked read whose reply `tee` is shown first.
+    pub fn send_tracked_teed(
+        &self,
+        raw: Bytes,
+        lane: u64,
+        budget: Option<&Arc<ReplyBudget>>,
+        tee: Option<Tee>,
+    ) -> ReplyRx {
+        let (reply, rx) = oneshot::channel();
+        self.push(Job {
+            raw,
+            reply,
+            tracked: true,
+            asking: false,
+            lane,
+            hops: 0,
+            resp3: false,
+            budget: budget.cloned(),
+            own: false,
+            tee,
+        });
+        rx
     }
 
     fn enqueue(
@@ -344,6 +392,7 @@ impl Mux {
             resp3: false,
             budget,
             own: false,
+            tee: None,
         });
         rx
     }
@@ -579,6 +628,7 @@ fn push_job(
         resend,
         budget: job.budget,
         _long: long,
+        tee: job.tee,
     }));
 }
 
@@ -618,10 +668,16 @@ fn answer(
     proto: Proto,
 ) {
     let (Some(tx), Some(r)) = (redirects, w.resend) else {
+        if let Some(tee) = w.tee {
+            tee(&frame);
+        }
         deliver_charged(w.reply, w.budget.as_deref(), frame);
         return;
     };
     let Some((ask, slot, addr)) = parse_redirect(&frame) else {
+        if let Some(tee) = w.tee {
+            tee(&frame);
+        }
         deliver_charged(w.reply, w.budget.as_deref(), frame);
         return;
     };
@@ -635,6 +691,8 @@ fn answer(
         resp3: proto == Proto::Resp3,
         budget: w.budget,
         own: r.own,
+        // A redirected read is not waited for: whoever waited reads on its own.
+        tee: None,
     };
     if let Err(mpsc::error::SendError(r)) = tx.send(Redirect {
         ask,

@@ -1,0 +1,241 @@
+//! Lookups in flight: a read that misses the L1 while a tracked lookup of the same entry is
+//! on its way to Valkey waits for that lookup's reply instead of sending its own.
+//!
+//! Why: when a hot entry leaves the L1 (its time to live, an invalidation, the first read
+//! after a start), every request for it misses the L1 until the first lookup's reply puts it
+//! back — hundreds of lookup scripts to Valkey for one key under a pipelined load, each
+//! costing this process far more than the hits around it.
+//!
+//! What a waiter gets is what the L1 would have given it had the reply arrived as it asked:
+//! it joins only a lookup sent since the last invalidation of the key this process knows of
+//! (the L1's ticket then is the lookup's), and receives the reply only if the key is still
+//! not invalidated when the reply arrives — the L1's own condition for keeping it. In any
+//! other case (a miss, an error, an untracked or abandoned lookup, an invalidation in
+//! between, anything degraded) the waiter is let go and reads on its own.
+//!
+//! The reply is handed over where the shared connection reads it (a [`Tee`]), not where the
+//! leading client's connection gets to it: that client's own queue — a slow query pipelined
+//! ahead of its lookup — must never hold up another client's read.
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::oneshot;
+
+use super::degraded::Degraded;
+use super::l1::{Ticket, L1};
+use super::store::Store;
+use super::Value;
+use crate::protocol::{Proto, Reply};
+use crate::upstream::Tee;
+
+type Map = HashMap<Bytes, Flight, foldhash::fast::RandomState>;
+
+/// The tracked lookups of string entries in flight, by entry key (a string entry's frame
+/// is the same whatever the client's protocol, so every reader of the key may share it).
+#[derive(Default)]
+pub struct Flights {
+    map: Mutex<Map>,
+    next_id: AtomicU64,
+}
+
+/// One lookup in flight and the reads waiting for its reply.
+struct Flight {
+    id: u64,
+    ticket: Ticket,
+    waiters: Vec<oneshot::Sender<Bytes>>,
+}
+
+/// A waiter's end: the frame, or closed when it must read on its own.
+pub type Landing = oneshot::Receiver<Bytes>;
+
+impl Flights {
+    fn lock(&self) -> MutexGuard<'_, Map> {
+        // Nothing under the lock can panic halfway through a change; a poisoned map is whole.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A tracked lookup of entry key `slot`, sent with `ticket`, departs: later reads of the
+    /// entry may join it until its [`Departed`] lands or is dropped. It takes the place of
+    /// any flight of the same key, whose waiters then read on their own.
+    pub fn depart(self: &Arc<Self>, slot: Bytes, ticket: Ticket) -> Departed {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let flight = Flight {
+            id,
+            ticket,
+            waiters: Vec::new(),
+        };
+        self.lock().insert(slot.clone(), flight);
+        Departed {
+            flights: Arc::clone(self),
+            slot,
+            id,
+        }
+    }
+
+    /// Joins the lookup of `slot` in flight, if there is one and nothing invalidated the key
+    /// since it was sent (`now`: the key's L1 ticket at this moment).
+    pub fn join(&self, slot: &[u8], now: Ticket) -> Option<Landing> {
+        let mut map = self.lock();
+        let flight = map.get_mut(slot).filter(|f| f.ticket == now)?;
+        let (tx, rx) = oneshot::channel();
+        flight.waiters.push(tx);
+        Some(rx)
+    }
+
+    /// Lookups in flight (for tests).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the flight `id` of `slot` out, if it is still there.
+    fn take(&self, slot: &[u8], id: u64) -> Option<Flight> {
+        let mut map = self.lock();
+        match map.get(slot) {
+            Some(f) if f.id == id => map.remove(slot),
+            _ => None,
+        }
+    }
+}
+
+/// A lookup that others may be waiting for. Dropped without landing, it lets them go.
+pub struct Departed {
+    flights: Arc<Flights>,
+    slot: Bytes,
+    id: u64,
+}
+
+impl Departed {
+    /// The lookup found `frame`. `current`: the key's L1 ticket now; the waiters get the
+    /// frame only if it is still the one the lookup was sent with.
+    pub fn land(self, frame: &Bytes, current: Ticket) {
+        let Some(flight) = self.flights.take(&self.slot, self.id) else {
+            return;
+        };
+        if flight.ticket != current {
+            return;
+        }
+        for w in flight.waiters {
+            let _ = w.send(frame.clone());
+        }
+    }
+}
+
+/// How a lookup's reply holds its entry.
+pub enum Reading {
+    /// The reply is the entry's frame (`GET`, `HGETALL`).
+    Frame,
+    /// The reply is the early lookup script's (see `Cache::early_lookup`); `negative`:
+    /// whether it asked for the negative marker.
+    Early { store: Store, negative: bool },
+}
+
+/// The lookup others may wait for, with what it takes to hand its reply over.
+pub struct Leader {
+    pub departed: Departed,
+    pub l1: Arc<L1>,
+    pub degraded: Arc<Degraded>,
+    pub key: String,
+    pub reading: Reading,
+}
+
+impl Leader {
+    /// Hands the entry in `raw` (the lookup's reply as Valkey sent it) to the waiters, on
+    /// the L1's condition; lets them go if there is none, or if anything is degraded (a hit
+    /// might then predate an invalidation not yet applied).
+    pub fn land(self, raw: &Bytes) {
+        if self.degraded.any() || raw.starts_with(b"-") {
+            return;
+        }
+        let frame = match &self.reading {
+            Reading::Frame => super::read::is_hit(raw).then(|| raw.clone()),
+            Reading::Early { store, negative } => match store.early_reply(raw, *negative) {
+                Ok(p) => match p.existing {
+                    Some(Value::String(v)) => Some(Reply::Bulk(v).to_bytes(Proto::Resp2)),
+                    _ => None,
+                },
+                Err(_) => None,
+            },
+        };
+        if let Some(frame) = frame {
+            let now = self.l1.ticket(&self.key);
+            self.departed.land(&frame, now);
+        }
+    }
+
+    /// What the shared connection shows the reply to.
+    pub fn into_tee(self) -> Tee {
+        Box::new(move |raw: &Bytes| self.land(raw))
+    }
+}
+
+impl Drop for Departed {
+    fn drop(&mut self) {
+        // Landed already, or replaced: nothing left. Otherwise the waiters read on their own.
+        drop(self.flights.take(&self.slot, self.id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::l1::L1;
+    use std::time::Duration;
+
+    fn l1() -> L1 {
+        L1::new(1 << 20, Duration::from_secs(1))
+    }
+
+    /// Readers that join a lookup get its frame when it lands; the flight is gone after.
+    #[test]
+    fn waiters_get_the_frame_the_lookup_found() {
+        let (l1, flights) = (l1(), Arc::new(Flights::default()));
+        let sent = flights.depart(Bytes::from_static(b"emp:1"), l1.ticket("emp:1"));
+        let mut a = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
+        let mut b = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
+        assert!(flights.join(b"emp:2", l1.ticket("emp:2")).is_none());
+        sent.land(&Bytes::from_static(b"$5\r\nalice\r\n"), l1.ticket("emp:1"));
+        assert_eq!(a.try_recv().ok().as_deref(), Some(&b"$5\r\nalice\r\n"[..]));
+        assert_eq!(b.try_recv().ok().as_deref(), Some(&b"$5\r\nalice\r\n"[..]));
+        assert!(flights.is_empty());
+    }
+
+    /// An invalidation of the key after the lookup left: nobody joins it, and those who
+    /// joined before are let go rather than given what the lookup read.
+    #[test]
+    fn an_invalidation_in_between_lets_the_waiters_go() {
+        let (l1, flights) = (l1(), Arc::new(Flights::default()));
+        let sent = flights.depart(Bytes::from_static(b"emp:1"), l1.ticket("emp:1"));
+        let mut early = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
+        l1.invalidate_key(b"emp:1");
+        assert!(flights.join(b"emp:1", l1.ticket("emp:1")).is_none());
+        sent.land(&Bytes::from_static(b"$3\r\nold\r\n"), l1.ticket("emp:1"));
+        assert!(
+            early.try_recv().is_err(),
+            "let go, not served what was invalidated"
+        );
+        assert!(flights.is_empty());
+    }
+
+    /// A lookup dropped unanswered, or replaced by a newer one, lets its waiters go; the
+    /// older one's end never removes the newer flight.
+    #[test]
+    fn an_abandoned_or_replaced_lookup_lets_its_waiters_go() {
+        let (l1, flights) = (l1(), Arc::new(Flights::default()));
+        let first = flights.depart(Bytes::from_static(b"emp:1"), l1.ticket("emp:1"));
+        let mut w1 = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
+        let second = flights.depart(Bytes::from_static(b"emp:1"), l1.ticket("emp:1"));
+        assert!(w1.try_recv().is_err(), "replaced: let go");
+        let mut w2 = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
+        drop(first);
+        assert_eq!(flights.len(), 1, "the newer flight stays");
+        drop(second);
+        assert!(w2.try_recv().is_err(), "abandoned: let go");
+        assert!(flights.is_empty());
+    }
+}
