@@ -290,12 +290,8 @@ impl Connection {
             }
             let idle_deadline = self.idle_limit().map(|d| tokio::time::Instant::now() + d);
             let write_deadline = self.write_stalled.map(|t| t + write_limit);
-            // In a fixed order (no random draw on every turn): what ends the connection first,
-            // then replies ready to go out, then the client's own traffic. Every branch is
-            // polled whenever none is ready, so none waits on another for long: the client's
-            // reads stop at the pipeline limit, and its unread replies at its output limit.
+            // Timers without a deadline are not polled at all.
             let event = tokio::select! {
-                biased;
                 _ = self.stop.wait(), if !self.closing => Event::Shutdown,
                 _ = self.budget.wait_exceeded() => Event::OutputLimit,
                 _ = sleep_until_some(soft_deadline), if soft_deadline.is_some() => Event::OutputLimit,
@@ -1466,20 +1462,29 @@ fn subscription_counts(frame: &[u8]) -> Option<(SubKind, i64)> {
 }
 #[cfg(test)]
 mod tests {
+    /// A context from the default configuration (nothing connects until asked).
+    fn context() -> std::sync::Arc<crate::command::Context> {
+        std::sync::Arc::new(
+            crate::command::Context::new(crate::config::Config::default()).expect("context"),
+        )
+    }
+
+    async fn listener() -> tokio::net::TcpListener {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+    }
+
     /// Every client's task is sized for the largest state its future can be in, idle clients
     /// included (10,000 of them is a target): the rare large states (connecting a dedicated
     /// connection, cluster routing, a TLS handshake) are boxed so that they cost only while
     /// they run. Boxing them took this from 4,656 bytes to about 2,500.
     #[tokio::test]
     async fn an_idle_clients_task_stays_small() {
-        let ctx = std::sync::Arc::new(
-            crate::command::Context::new(crate::config::Config::default()).expect("context"),
-        );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let (ctx, l) = (context(), listener().await);
+        let _client = tokio::net::TcpStream::connect(l.local_addr().expect("address"))
             .await
-            .expect("bind");
-        let addr = l.local_addr().expect("address");
-        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            .expect("connect");
         let (s, _) = l.accept().await.expect("accept");
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let conn = super::Connection::new(ctx, super::ClientStream::Plain(s), None, rx);
@@ -1493,12 +1498,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_client_ends_when_the_server_shuts_down() {
         use std::time::Duration;
-        let ctx = std::sync::Arc::new(
-            crate::command::Context::new(crate::config::Config::default()).expect("context"),
-        );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let (ctx, l) = (context(), listener().await);
         let addr = l.local_addr().expect("address");
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut clients = Vec::new();

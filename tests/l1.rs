@@ -257,6 +257,22 @@ async fn lookups_in_valkey(v: &mut redis::aio::MultiplexedConnection) -> u64 {
         .unwrap_or(0)
 }
 
+/// Makes Valkey answer nothing for `secs` (`DEBUG SLEEP`), from a task that ends when it
+/// answers again; returns once the sleep has surely begun.
+async fn valkey_busy(s: &Stack, secs: &'static str) -> tokio::task::JoinHandle<()> {
+    let mut sleeper = s.valkey_client().await;
+    let sleep = tokio::spawn(async move {
+        let _: redis::Value = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(secs)
+            .query_async(&mut sleeper)
+            .await
+            .expect("DEBUG SLEEP");
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    sleep
+}
+
 /// Forty clients reading an entry the L1 does not hold, at once, while Valkey is busy: the
 /// first read's lookup is in flight when the others miss the L1, and they wait for its reply
 /// instead of sending forty lookups — each gets the entry.
@@ -277,16 +293,7 @@ async fn reads_missing_the_l1_together_send_one_lookup() {
     let before = lookups_in_valkey(&mut v).await;
     let shared_before = shared.metrics.l1_shared_lookups.load(Ordering::Relaxed);
     // Valkey answers nothing for 300 ms: every read below reaches cachefront meanwhile.
-    let mut sleeper = s.valkey_client().await;
-    let sleep = tokio::spawn(async move {
-        let _: redis::Value = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg("0.3")
-            .query_async(&mut sleeper)
-            .await
-            .expect("DEBUG SLEEP");
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let sleep = valkey_busy(&s, "0.3").await;
     for r in clients.iter_mut() {
         r.cmd(&[b"EMP.GET", b"1"]).await;
     }
@@ -313,16 +320,7 @@ async fn a_shared_lookup_is_not_held_up_by_its_clients_queue() {
     let mut slow = s.raw().await.patient(Duration::from_secs(30));
     // Valkey answers nothing for 100 ms, so the lookup below is still in flight when the
     // other client asks.
-    let mut sleeper = s.valkey_client().await;
-    let sleep = tokio::spawn(async move {
-        let _: redis::Value = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg("0.1")
-            .query_async(&mut sleeper)
-            .await
-            .expect("DEBUG SLEEP");
-    });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let sleep = valkey_busy(&s, "0.1").await;
     // A query of a second or more, then the lookup of employee 1 behind it.
     slow.cmd(&[
         b"SQL.CACHED",

@@ -739,14 +739,8 @@ pub fn parse_redirect(frame: &[u8]) -> Option<(bool, u16, String)> {
 mod tests {
     use super::*;
 
-    fn encoded(args: &[&[u8]]) -> Vec<u8> {
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
-        }
-        out
+    fn encoded(args: &[&[u8]]) -> Bytes {
+        crate::protocol::Request::from_args(args.iter().copied()).raw
     }
 
     /// Scripts and the listed long commands are found whatever their case; everything else,
