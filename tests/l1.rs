@@ -46,16 +46,27 @@ async fn until_value(c: &mut redis::aio::MultiplexedConnection, id: i64, want: &
     .await
 }
 
-/// How many keys Valkey tracks for its clients (`INFO stats`).
-async fn tracked_keys(v: &mut redis::aio::MultiplexedConnection) -> u64 {
+/// A number from Valkey's `INFO <section>`: the line starting with `prefix`, up to a comma;
+/// `None` if there is no such line.
+async fn info_number(
+    v: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+    prefix: &str,
+) -> Option<u64> {
     let info: String = redis::cmd("INFO")
-        .arg("stats")
+        .arg(section)
         .query_async(v)
         .await
-        .expect("INFO stats");
+        .expect("INFO");
     info.lines()
-        .find_map(|l| l.strip_prefix("tracking_total_keys:"))
-        .and_then(|n| n.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|n| n.split(',').next()?.trim().parse().ok())
+}
+
+/// How many keys Valkey tracks for its clients (`INFO stats`).
+async fn tracked_keys(v: &mut redis::aio::MultiplexedConnection) -> u64 {
+    info_number(v, "stats", "tracking_total_keys:")
+        .await
         .expect("tracking_total_keys in INFO stats")
 }
 
@@ -246,14 +257,9 @@ async fn a_thousand_clients_share_a_few_upstream_connections() {
 /// Tracked lookups Valkey received: each is preceded by `CLIENT CACHING yes` (counting the
 /// lookup commands themselves would count the early lookup script's own reads too).
 async fn lookups_in_valkey(v: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(v)
+    // No line yet: none received.
+    info_number(v, "commandstats", "cmdstat_client|caching:calls=")
         .await
-        .expect("INFO commandstats");
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_client|caching:calls="))
-        .and_then(|l| l.split(',').next()?.parse().ok())
         .unwrap_or(0)
 }
 

@@ -30,7 +30,7 @@ use super::Value;
 use crate::protocol::{Proto, Reply};
 use crate::upstream::Tee;
 
-type Map = HashMap<Bytes, Flight, foldhash::fast::RandomState>;
+type Map = HashMap<String, Flight, foldhash::fast::RandomState>;
 
 /// The tracked lookups of string entries in flight, by entry key (a string entry's frame
 /// is the same whatever the client's protocol, so every reader of the key may share it).
@@ -56,29 +56,29 @@ impl Flights {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A tracked lookup of entry key `slot`, sent with `ticket`, departs: later reads of the
+    /// A tracked lookup of entry `key`, sent with `ticket`, departs: later reads of the
     /// entry may join it until its [`Departed`] lands or is dropped. It takes the place of
     /// any flight of the same key, whose waiters then read on their own.
-    pub fn depart(self: &Arc<Self>, slot: Bytes, ticket: Ticket) -> Departed {
+    pub fn depart(self: &Arc<Self>, key: String, ticket: Ticket) -> Departed {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let flight = Flight {
             id,
             ticket,
             waiters: Vec::new(),
         };
-        self.lock().insert(slot.clone(), flight);
+        self.lock().insert(key.clone(), flight);
         Departed {
             flights: Arc::clone(self),
-            slot,
+            key,
             id,
         }
     }
 
-    /// Joins the lookup of `slot` in flight, if there is one and nothing invalidated the key
+    /// Joins the lookup of `key` in flight, if there is one and nothing invalidated the key
     /// since it was sent (`now`: the key's L1 ticket at this moment).
-    pub fn join(&self, slot: &[u8], now: Ticket) -> Option<Landing> {
+    pub fn join(&self, key: &str, now: Ticket) -> Option<Landing> {
         let mut map = self.lock();
-        let flight = map.get_mut(slot).filter(|f| f.ticket == now)?;
+        let flight = map.get_mut(key).filter(|f| f.ticket == now)?;
         let (tx, rx) = oneshot::channel();
         flight.waiters.push(tx);
         Some(rx)
@@ -93,11 +93,11 @@ impl Flights {
         self.len() == 0
     }
 
-    /// Takes the flight `id` of `slot` out, if it is still there.
-    fn take(&self, slot: &[u8], id: u64) -> Option<Flight> {
+    /// Takes the flight `id` of `key` out, if it is still there.
+    fn take(&self, key: &str, id: u64) -> Option<Flight> {
         let mut map = self.lock();
-        match map.get(slot) {
-            Some(f) if f.id == id => map.remove(slot),
+        match map.get(key) {
+            Some(f) if f.id == id => map.remove(key),
             _ => None,
         }
     }
@@ -106,7 +106,7 @@ impl Flights {
 /// A lookup that others may be waiting for. Dropped without landing, it lets them go.
 pub struct Departed {
     flights: Arc<Flights>,
-    slot: Bytes,
+    key: String,
     id: u64,
 }
 
@@ -114,7 +114,7 @@ impl Departed {
     /// The lookup found `frame`. `current`: the key's L1 ticket now; the waiters get the
     /// frame only if it is still the one the lookup was sent with.
     pub fn land(self, frame: &Bytes, current: Ticket) {
-        let Some(flight) = self.flights.take(&self.slot, self.id) else {
+        let Some(flight) = self.flights.take(&self.key, self.id) else {
             return;
         };
         if flight.ticket != current {
@@ -140,7 +140,6 @@ pub struct Leader {
     pub departed: Departed,
     pub l1: Arc<L1>,
     pub degraded: Arc<Degraded>,
-    pub key: String,
     pub reading: Reading,
 }
 
@@ -163,7 +162,7 @@ impl Leader {
             },
         };
         if let Some(frame) = frame {
-            let now = self.l1.ticket(&self.key);
+            let now = self.l1.ticket(&self.departed.key);
             self.departed.land(&frame, now);
         }
     }
@@ -177,7 +176,7 @@ impl Leader {
 impl Drop for Departed {
     fn drop(&mut self) {
         // Landed already, or replaced: nothing left. Otherwise the waiters read on their own.
-        drop(self.flights.take(&self.slot, self.id));
+        drop(self.flights.take(&self.key, self.id));
     }
 }
 
@@ -195,10 +194,10 @@ mod tests {
     #[test]
     fn waiters_get_the_frame_the_lookup_found() {
         let (l1, flights) = (l1(), Arc::new(Flights::default()));
-        let sent = flights.depart(Bytes::from_static(b"emp:1"), l1.ticket("emp:1"));
-        let mut a = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
-        let mut b = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
-        assert!(flights.join(b"emp:2", l1.ticket("emp:2")).is_none());
+        let sent = flights.depart("emp:1".into(), l1.ticket("emp:1"));
+        let mut a = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
+        let mut b = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
+        assert!(flights.join("emp:2", l1.ticket("emp:2")).is_none());
         sent.land(&Bytes::from_static(b"$5\r\nalice\r\n"), l1.ticket("emp:1"));
         assert_eq!(a.try_recv().ok().as_deref(), Some(&b"$5\r\nalice\r\n"[..]));
         assert_eq!(b.try_recv().ok().as_deref(), Some(&b"$5\r\nalice\r\n"[..]));
@@ -210,10 +209,10 @@ mod tests {
     #[test]
     fn an_invalidation_in_between_lets_the_waiters_go() {
         let (l1, flights) = (l1(), Arc::new(Flights::default()));
-        let sent = flights.depart(Bytes::from_static(b"emp:1"), l1.ticket("emp:1"));
-        let mut early = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
+        let sent = flights.depart("emp:1".into(), l1.ticket("emp:1"));
+        let mut early = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
         l1.invalidate_key(b"emp:1");
-        assert!(flights.join(b"emp:1", l1.ticket("emp:1")).is_none());
+        assert!(flights.join("emp:1", l1.ticket("emp:1")).is_none());
         sent.land(&Bytes::from_static(b"$3\r\nold\r\n"), l1.ticket("emp:1"));
         assert!(
             early.try_recv().is_err(),
@@ -227,11 +226,11 @@ mod tests {
     #[test]
     fn an_abandoned_or_replaced_lookup_lets_its_waiters_go() {
         let (l1, flights) = (l1(), Arc::new(Flights::default()));
-        let first = flights.depart(Bytes::from_static(b"emp:1"), l1.ticket("emp:1"));
-        let mut w1 = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
-        let second = flights.depart(Bytes::from_static(b"emp:1"), l1.ticket("emp:1"));
+        let first = flights.depart("emp:1".into(), l1.ticket("emp:1"));
+        let mut w1 = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
+        let second = flights.depart("emp:1".into(), l1.ticket("emp:1"));
         assert!(w1.try_recv().is_err(), "replaced: let go");
-        let mut w2 = flights.join(b"emp:1", l1.ticket("emp:1")).expect("joined");
+        let mut w2 = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
         drop(first);
         assert_eq!(flights.len(), 1, "the newer flight stays");
         drop(second);

@@ -251,12 +251,14 @@ impl Cache {
             self.hit(CacheStatus::L1Hit, due, || plan(key.clone()));
             return Begin::Hit(hit.frame);
         }
-        if self.l1.enabled() && !hash {
-            if let Some(landing) = self.flights.join(key.as_bytes(), self.l1.ticket(&key)) {
-                return Begin::Fill(self.await_landing(landing, plan(key)));
-            }
+        let ticket = self.ticket(&key);
+        let joined = ticket
+            .filter(|_| !hash)
+            .and_then(|t| self.flights.join(&key, t));
+        if let Some(landing) = joined {
+            return Begin::Fill(self.await_landing(landing, plan(key)));
         }
-        self.lookup(plan(key))
+        self.lookup(plan(key), ticket)
     }
 
     /// A read waiting for the lookup of its entry already in flight (see `flight`): that
@@ -291,7 +293,13 @@ impl Cache {
             self.hit(CacheStatus::L1Hit, due, || plan);
             return Begin::Hit(hit.frame);
         }
-        self.lookup(plan)
+        let ticket = self.ticket(key);
+        self.lookup(plan, ticket)
+    }
+
+    /// The L1 ticket a lookup of `key` is sent with, while the L1 is on.
+    fn ticket(&self, key: &str) -> Option<Ticket> {
+        self.l1.enabled().then(|| self.l1.ticket(key))
     }
 
     /// Starts a read that must reflect every change committed up to a point: `ready`
@@ -318,8 +326,7 @@ impl Cache {
     }
 
     /// The lookup to send for a miss of the L1, with the L1 ticket taken before it leaves.
-    fn lookup(&self, plan: Plan) -> Begin {
-        let ticket = self.l1.enabled().then(|| self.l1.ticket(&plan.entry.key));
+    fn lookup(&self, plan: Plan, ticket: Option<Ticket>) -> Begin {
         let (request, early) = match self.early_lookup(&plan) {
             Some((request, lease)) => {
                 let store = self.store.clone();
@@ -354,8 +361,6 @@ impl Cache {
         if !shareable {
             return None;
         }
-        let key = &plan.entry.key;
-        let slot = Bytes::copy_from_slice(key.as_bytes());
         let reading = match early {
             true => Reading::Early {
                 store: self.store.clone(),
@@ -364,10 +369,9 @@ impl Cache {
             false => Reading::Frame,
         };
         Some(Box::new(Leader {
-            departed: self.flights.depart(slot, ticket),
+            departed: self.flights.depart(plan.entry.key.clone(), ticket),
             l1: Arc::clone(&self.l1),
             degraded: Arc::clone(&self.degraded),
-            key: key.clone(),
             reading,
         }))
     }

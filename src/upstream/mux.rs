@@ -186,9 +186,10 @@ fn command_name(raw: &[u8]) -> Option<&[u8]> {
             return None;
         }
     }
-    let rest = rest.get(digits..)?.strip_prefix(b"\r\n")?;
-    (digits > 0).then_some(())?;
-    rest.get(..len)
+    if digits == 0 {
+        return None;
+    }
+    rest.get(digits..)?.strip_prefix(b"\r\n")?.get(..len)
 }
 
 /// The error a request gets when its client passed its output limit (the client is being
@@ -312,12 +313,12 @@ impl Mux {
 
     /// Queues a request for `lane` (cluster mode: kept for a possible redirect).
     pub fn send_lane(&self, raw: Bytes, lane: u64) -> ReplyRx {
-        self.enqueue(raw, false, lane, None)
+        self.enqueue(raw, false, lane, None, None)
     }
 
     /// Queues `raw` (one encoded command) and returns where its reply will arrive.
     pub fn send(&self, raw: Bytes) -> ReplyRx {
-        self.enqueue(raw, false, 0, None)
+        self.enqueue(raw, false, 0, None, None)
     }
 
     /// Queues one of cachefront's own requests (see [`Job::own`]) for `lane`.
@@ -347,7 +348,7 @@ impl Mux {
         tracked: bool,
         budget: Option<&Arc<ReplyBudget>>,
     ) -> ReplyRx {
-        self.enqueue(raw, tracked, lane, budget.cloned())
+        self.enqueue(raw, tracked, lane, budget.cloned(), None)
     }
 
     /// [`send_for`](Self::send_for) a tracked read whose reply `tee` is shown first.
@@ -358,20 +359,7 @@ impl Mux {
         budget: Option<&Arc<ReplyBudget>>,
         tee: Option<Tee>,
     ) -> ReplyRx {
-        let (reply, rx) = oneshot::channel();
-        self.push(Job {
-            raw,
-            reply,
-            tracked: true,
-            asking: false,
-            lane,
-            hops: 0,
-            resp3: false,
-            budget: budget.cloned(),
-            own: false,
-            tee,
-        });
-        rx
+        self.enqueue(raw, true, lane, budget.cloned(), tee)
     }
 
     fn enqueue(
@@ -380,6 +368,7 @@ impl Mux {
         tracked: bool,
         lane: u64,
         budget: Option<Arc<ReplyBudget>>,
+        tee: Option<Tee>,
     ) -> ReplyRx {
         let (reply, rx) = oneshot::channel();
         self.push(Job {
@@ -392,7 +381,7 @@ impl Mux {
             resp3: false,
             budget,
             own: false,
-            tee: None,
+            tee,
         });
         rx
     }
@@ -667,14 +656,11 @@ fn answer(
     redirects: Option<&mpsc::UnboundedSender<Redirect>>,
     proto: Proto,
 ) {
-    let (Some(tx), Some(r)) = (redirects, w.resend) else {
-        if let Some(tee) = w.tee {
-            tee(&frame);
-        }
-        deliver_charged(w.reply, w.budget.as_deref(), frame);
-        return;
+    let redirect = match (redirects, w.resend) {
+        (Some(tx), Some(r)) => parse_redirect(&frame).map(|to| (tx, r, to)),
+        _ => None,
     };
-    let Some((ask, slot, addr)) = parse_redirect(&frame) else {
+    let Some((tx, r, (ask, slot, addr))) = redirect else {
         if let Some(tee) = w.tee {
             tee(&frame);
         }
