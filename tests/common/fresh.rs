@@ -66,13 +66,17 @@ pub fn named(toml_table: &str) -> NamedQueryConfig {
     toml::from_str(toml_table).unwrap_or_else(|e| panic!("[[query]] {toml_table}: {e}"))
 }
 
-/// A schema whose `slow_name(emp)` answers employee `emp`'s name after `sleep_ms`: a query
-/// slow on purpose. cachefront refuses `pg_sleep` in a query's own text, not in the body of
-/// an SQL-standard function it calls (whose tables it still tracks).
+/// A schema whose `slow_name(emp)` answers employee `emp`'s name, or NULL if there is none,
+/// after `sleep_ms` either way: a query slow on purpose. The sleep is the outer side of a
+/// left join, so PostgreSQL runs it before it looks for the row (a plain join may find no
+/// row first and never sleep, which made "no row" answers instant). cachefront refuses
+/// `pg_sleep` in a query's own text, not in the body of an SQL-standard function it calls
+/// (whose tables it still tracks).
 pub fn slow_name_schema(sleep_ms: u64) -> String {
     format!(
         "CREATE FUNCTION slow_name(emp int) RETURNS text LANGUAGE sql STABLE \
-         BEGIN ATOMIC SELECT name FROM employees, pg_sleep({}) WHERE id = emp; END",
+         BEGIN ATOMIC SELECT e.name FROM (SELECT pg_sleep({})) AS s \
+         LEFT JOIN employees AS e ON e.id = emp; END",
         sleep_ms as f64 / 1000.0
     )
 }
