@@ -79,13 +79,35 @@ impl KeyTemplate {
     /// Renders the key for validated arguments.
     pub fn render(&self, args: &[impl AsRef<str>]) -> String {
         let mut out = String::with_capacity(32);
+        self.render_into(args, &mut out);
+        out
+    }
+
+    /// Renders the key into a buffer of the calling thread and hands it to `f`. A hit needs
+    /// the key only to look it up, so it allocates none (a miss copies it into its plan):
+    /// one allocation and free fewer per hit, a good part of what a hit costs.
+    pub fn with_rendered<R>(&self, args: &[impl AsRef<str>], f: impl FnOnce(&str) -> R) -> R {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut key) => {
+                key.clear();
+                self.render_into(args, &mut key);
+                f(&key)
+            }
+            // A key rendered while another is in use (`f` rendering again): one of its own.
+            Err(_) => f(&self.render(args)),
+        })
+    }
+
+    fn render_into(&self, args: &[impl AsRef<str>], out: &mut String) {
         for p in &self.parts {
             match p {
                 Part::Lit(s) => out.push_str(s),
                 Part::Arg(i) => out.push_str(args.get(*i).map(|a| a.as_ref()).unwrap_or_default()),
             }
         }
-        out
     }
 }
 
@@ -113,6 +135,15 @@ mod tests {
             sql_key("", b"q", &["a", "bc"]),
             sql_key("", b"q", &["ab", "c"])
         );
+    }
+
+    #[test]
+    fn a_key_rendered_while_another_is_in_use_gets_its_own_buffer() {
+        let t = KeyTemplate::parse("employee:{1}", 1).unwrap();
+        let both = t.with_rendered(&["1"], |a| t.with_rendered(&["2"], |b| format!("{a} {b}")));
+        assert_eq!(both, "employee:1 employee:2");
+        let again = t.with_rendered(&["300"], str::to_string);
+        assert_eq!(again, "employee:300", "the buffer is cleared between keys");
     }
 
     #[test]

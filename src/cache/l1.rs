@@ -29,11 +29,13 @@ pub struct Item {
     pub fresh: Option<Freshness>,
 }
 
-/// An [`Item`] as stored: with when it entered, for `cache.l1_ttl_ms`.
+/// An [`Item`] as stored: with when its `cache.l1_ttl_ms` ends (the end, not the start, so
+/// a hit compares two instants instead of working out a duration); `None`: a life too long
+/// for the clock to name, which never ends.
 #[derive(Clone)]
 struct Stored {
     item: Item,
-    born: Instant,
+    ends: Option<Instant>,
 }
 
 /// An item weighs its key, its frame and a fixed overhead, so `l1_max_bytes` bounds memory.
@@ -234,7 +236,7 @@ impl L1 {
             // A plain key is its own L1 key: look it up without building one.
             self.items.get(key.as_bytes())
         }?;
-        if now.saturating_duration_since(stored.born) >= self.ttl {
+        if stored.ends.is_some_and(|ends| now >= ends) {
             return None;
         }
         Some(Hit {
@@ -265,8 +267,8 @@ impl L1 {
             self.hashes.store(true, Ordering::Release);
         }
         let slot = Self::slot_key(key.as_bytes(), hash, proto);
-        let born = Instant::now();
-        self.items.insert(slot.clone(), Stored { item, born });
+        let ends = Instant::now().checked_add(self.ttl);
+        self.items.insert(slot.clone(), Stored { item, ends });
         // An invalidation may have run between the check and the insert; it bumped the
         // epoch before removing, so looking again after inserting catches it.
         if self.ticket(key) != t {
@@ -342,5 +344,44 @@ impl L1 {
     /// (entries, bytes) for INFO.
     pub fn usage(&self) -> (u64, u64) {
         (self.items.len() as u64, self.items.weight())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item() -> Item {
+        Item {
+            frame: Bytes::from_static(b"$5\r\nalice\r\n"),
+            deps: Arc::new(ItemDeps {
+                tables: vec!["emp".into()],
+                row_table: None,
+            }),
+            fresh: None,
+        }
+    }
+
+    fn stored(l1: &L1, key: &str) {
+        let t = l1.ticket(key);
+        l1.insert(key, false, Proto::Resp2, item(), t);
+    }
+
+    #[test]
+    fn an_item_is_served_until_its_life_ends() {
+        let l1 = L1::new(1 << 20, Duration::from_millis(1000));
+        stored(&l1, "emp:1");
+        let now = Instant::now();
+        assert!(l1.get_at("emp:1", false, Proto::Resp2, now).is_some());
+        let late = now + Duration::from_millis(1001);
+        assert!(l1.get_at("emp:1", false, Proto::Resp2, late).is_none());
+    }
+
+    #[test]
+    fn a_life_too_long_for_the_clock_never_ends() {
+        let l1 = L1::new(1 << 20, Duration::MAX);
+        stored(&l1, "emp:1");
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        assert!(l1.get_at("emp:1", false, Proto::Resp2, far).is_some());
     }
 }

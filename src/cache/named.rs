@@ -11,8 +11,9 @@ use crate::config::{ArgType, Config, NamedQueryConfig, ReplyKind};
 use crate::error::Refusal;
 
 /// Named queries in force, by uppercased command name. Looked up for every request whose
-/// name has a dot: foldhash, seeded per process, costs a fraction of SipHash on short names.
-pub type Named = HashMap<String, Arc<NamedQuery>, foldhash::fast::RandomState>;
+/// name has a dot: foldhash, seeded per process, costs a fraction of SipHash on short names,
+/// and the name is kept as bytes, so the request's own bytes look it up without a UTF-8 check.
+pub type Named = HashMap<Box<[u8]>, Arc<NamedQuery>, foldhash::fast::RandomState>;
 
 /// Builds every named query of a configuration; an error names the query.
 pub fn build(config: &Config) -> Result<Named, String> {
@@ -20,7 +21,7 @@ pub fn build(config: &Config) -> Result<Named, String> {
     for q in config.named_queries() {
         let nq = NamedQuery::from_config(&q, config.cache.default_ttl, config.cache.negative_ttl)
             .map_err(|e| format!("query {}: {e}", q.command))?;
-        named.insert(nq.name.clone(), Arc::new(nq));
+        named.insert(nq.name.as_bytes().into(), Arc::new(nq));
     }
     Ok(named)
 }

@@ -236,29 +236,29 @@ impl Cache {
     /// lookup, not a miss's allocations.
     pub fn begin(
         self: &Arc<Self>,
-        key: String,
+        key: &str,
         kind: ReplyKind,
         proto: Proto,
         plan: impl FnOnce(String) -> Plan,
     ) -> Begin {
         if self.degraded.any() {
-            return self.begin_planned(plan(key));
+            return self.begin_planned(plan(key.to_owned()));
         }
         let now = Instant::now();
         let hash = kind == ReplyKind::Hash;
-        if let Some(hit) = self.l1.get_at(&key, hash, proto, now) {
-            let due = hit.fresh.is_some_and(|f| self.refresh_due(&key, f, now));
-            self.hit(CacheStatus::L1Hit, due, || plan(key.clone()));
+        if let Some(hit) = self.l1.get_at(key, hash, proto, now) {
+            let due = hit.fresh.is_some_and(|f| self.refresh_due(key, f, now));
+            self.hit(CacheStatus::L1Hit, due, || plan(key.to_owned()));
             return Begin::Hit(hit.frame);
         }
-        let ticket = self.ticket(&key);
+        let ticket = self.ticket(key);
         let joined = ticket
             .filter(|_| !hash)
-            .and_then(|t| self.flights.join(&key, t));
+            .and_then(|t| self.flights.join(key, t));
         if let Some(landing) = joined {
-            return Begin::Fill(self.await_landing(landing, plan(key)));
+            return Begin::Fill(self.await_landing(landing, plan(key.to_owned())));
         }
-        self.lookup(plan(key), ticket)
+        self.lookup(plan(key.to_owned()), ticket)
     }
 
     /// A read waiting for the lookup of its entry already in flight (see `flight`): that
@@ -757,7 +757,7 @@ mod tests {
     }
 
     fn begin(cache: &Arc<Cache>, key: &str, source: &Arc<Fake>) -> Begin {
-        cache.begin(key.to_string(), ReplyKind::Value, Proto::Resp2, |k| {
+        cache.begin(key, ReplyKind::Value, Proto::Resp2, |k| {
             plan(k, "emp", source)
         })
     }
@@ -804,7 +804,7 @@ mod tests {
     async fn an_l1_hit_answers_at_once_and_builds_no_plan() {
         let (cache, m) = cache();
         in_l1(&cache, "emp:1", FRAME);
-        let b = cache.begin("emp:1".into(), ReplyKind::Value, Proto::Resp2, |_| {
+        let b = cache.begin("emp:1", ReplyKind::Value, Proto::Resp2, |_| {
             panic!("an L1 hit builds no plan")
         });
         assert!(matches!(b, Begin::Hit(f) if f == FRAME));
@@ -819,7 +819,7 @@ mod tests {
         assert_eq!(&l.request[..], b"*2\r\n$3\r\nGET\r\n$5\r\nemp:1\r\n");
         assert!(l.pending.wants_tracking(), "the L1 is on: tracked");
         assert_eq!(l.pending.key(), "emp:1");
-        let hash = cache.begin("h:1".into(), ReplyKind::Hash, Proto::Resp3, |k| Plan {
+        let hash = cache.begin("h:1", ReplyKind::Hash, Proto::Resp3, |k| Plan {
             kind: ReplyKind::Hash,
             proto: Proto::Resp3,
             ..plan(k, "emp", &src)
@@ -873,7 +873,7 @@ mod tests {
         assert_eq!((count(&m.hits), count(&m.misses)), (1, 1));
 
         let plain = |proto, kind, tracking| {
-            let b = cache.begin("emp:3".into(), kind, proto, |k| {
+            let b = cache.begin("emp:3", kind, proto, |k| {
                 let mut p = plan(k, "emp", &src);
                 (p.proto, p.kind, p.entry.deps.tracking) = (proto, kind, tracking);
                 p
@@ -1002,7 +1002,7 @@ mod tests {
         assert_eq!(count(&m.hits), 0, "no hit while degraded");
         assert_eq!(count(&m.degraded_reads), 2);
         // Another table's entries still use the cache.
-        let other = cache.begin("dept:1".into(), ReplyKind::Value, Proto::Resp2, |k| {
+        let other = cache.begin("dept:1", ReplyKind::Value, Proto::Resp2, |k| {
             plan(k, "dept", &src)
         });
         assert!(matches!(other, Begin::Lookup(_)));

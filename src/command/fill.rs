@@ -193,7 +193,7 @@ impl read::Source for Load {
 pub fn route(
     ctx: &Arc<Context>,
     session: &Session,
-    key: String,
+    key: &str,
     kind: ReplyKind,
     stats: Option<Arc<QueryStats>>,
     plan: impl FnOnce(String) -> Plan,
@@ -202,7 +202,7 @@ pub fn route(
         None => ctx.cache.begin(key, kind, session.proto, plan),
         Some(after) => ctx
             .cache
-            .begin_after(plan(key), super::read_after::ready(ctx, after)),
+            .begin_after(plan(key.to_owned()), super::read_after::ready(ctx, after)),
     };
     Action::Read(begin, stats)
 }

@@ -85,15 +85,31 @@ pub fn check_queries(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Uppercases a command name into a stack buffer (names are short; longer ones are never ours).
-fn upper(name: &[u8], buf: &mut [u8; 32]) -> Option<usize> {
-    if name.len() > buf.len() {
-        return None;
+/// A command's name uppercased on the stack (names are short; longer ones are never ours, and
+/// read as empty): made once per request, for every step that tells commands apart.
+struct Upper {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl Upper {
+    fn of(req: &Request) -> Upper {
+        let name = req.name();
+        let mut buf = [0u8; 32];
+        let len = match buf.get_mut(..name.len()) {
+            Some(to) => {
+                to.copy_from_slice(name);
+                to.make_ascii_uppercase();
+                name.len()
+            }
+            None => 0,
+        };
+        Upper { buf, len }
     }
-    for (d, s) in buf.iter_mut().zip(name) {
-        *d = s.to_ascii_uppercase();
+
+    fn name(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
-    Some(name.len())
 }
 
 /// `ERR wrong number of arguments for '<cmd>' command`, Valkey's wording.
@@ -109,11 +125,8 @@ pub fn dispatch(
     session: &mut Session,
     req: Request,
 ) -> Action {
-    let mut buf = [0u8; 32];
-    let name: &[u8] = match upper(req.name(), &mut buf) {
-        Some(n) => &buf[..n],
-        None => b"",
-    };
+    let upper = Upper::of(&req);
+    let name = upper.name();
     if !session.authed && !connection_cmds::allowed_before_auth(name) {
         return Action::Reply(Refusal::NoAuth.reply());
     }
@@ -157,7 +170,7 @@ pub fn dispatch(
             }
         }
     }
-    dispatch_checked(ctx, live, session, req)
+    dispatch_named(ctx, live, session, name, req)
 }
 
 /// The Valkey client inside the context, for the permission checks that must ask Valkey
@@ -185,16 +198,13 @@ fn permission(
     let argc = req.args.len();
     let own: Option<(String, &[&str], bool)> = match table::own(name) {
         Some(c) => Some((c.name.to_ascii_lowercase(), c.categories, c.arity_ok(argc))),
-        None => std::str::from_utf8(name)
-            .ok()
-            .and_then(|n| live.named().get(n))
-            .map(|q| {
-                (
-                    q.name.to_ascii_lowercase(),
-                    table::NAMED_QUERY_CATEGORIES,
-                    argc == q.args.len() + 1,
-                )
-            }),
+        None => live.named().get(name).map(|q| {
+            (
+                q.name.to_ascii_lowercase(),
+                table::NAMED_QUERY_CATEGORIES,
+                argc == q.args.len() + 1,
+            )
+        }),
     };
     match own {
         // A wrong arity is answered first, as Valkey does.
@@ -220,11 +230,18 @@ pub fn dispatch_checked(
     session: &mut Session,
     req: Request,
 ) -> Action {
-    let mut buf = [0u8; 32];
-    let name: &[u8] = match upper(req.name(), &mut buf) {
-        Some(n) => &buf[..n],
-        None => b"",
-    };
+    let upper = Upper::of(&req);
+    dispatch_named(ctx, live, session, upper.name(), req)
+}
+
+/// [`dispatch_checked`] with the name already uppercased.
+fn dispatch_named(
+    ctx: &Arc<Context>,
+    live: &LiveParts,
+    session: &mut Session,
+    name: &[u8],
+    req: Request,
+) -> Action {
     if session.streaming() {
         return passthrough::in_subscribed_mode(ctx, session, name, req);
     }
@@ -249,10 +266,7 @@ pub fn dispatch_checked(
         // Named queries are namespaced (`EMP.GET`): a name without a dot is never one.
         _ => match name
             .contains(&b'.')
-            .then(|| {
-                live.named()
-                    .get(std::str::from_utf8(name).unwrap_or_default())
-            })
+            .then(|| live.named().get(name))
             .flatten()
         {
             Some(q) => named_query::dispatch(ctx, session, q, &req),
@@ -360,7 +374,7 @@ mod tests {
         let ctx = context(|_| {});
         let mut s = session(&ctx);
         let named = ctx.named();
-        let q = named.get("EMP.GET").expect("the built-in EMP.GET");
+        let q = named.get(&b"EMP.GET"[..]).expect("the built-in EMP.GET");
         let bad = reply(run(&ctx, &mut s, &[b"EMP.GET", b"abc"]));
         assert_eq!(bad, q.invalid_arg(0, b"abc").reply());
         assert!(bad.is_error());

@@ -58,10 +58,23 @@ pub fn dispatch(
             None => return Action::Reply(q.invalid_arg(i, raw).reply()),
         }
     }
-    let key = q.key.render(&args);
-    if !session.user.key_allowed(key.as_bytes()) {
-        return Action::Reply(Refusal::NoPermKey.reply());
-    }
+    q.key.with_rendered(&args, |key| {
+        if !session.user.key_allowed(key.as_bytes()) {
+            return Action::Reply(Refusal::NoPermKey.reply());
+        }
+        read(ctx, session, q, key, &args)
+    })
+}
+
+/// Reads the entry `key` of `q` with `args` (validated, allowed): from the cache, or through
+/// its fill.
+fn read(
+    ctx: &Arc<Context>,
+    session: &Session,
+    q: &Arc<NamedQuery>,
+    key: &str,
+    args: &[Cow<'_, str>],
+) -> Action {
     let kind = q.reply;
     let client = (session.proto, super::fill::shared_lane(session));
     let stats = Some(Arc::clone(&q.stats));

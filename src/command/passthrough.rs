@@ -234,10 +234,7 @@ fn is_own_or_local(ctx: &Arc<Context>, name: &[u8]) -> bool {
 
 /// cachefront's own commands and named queries: answered by cachefront, never by Valkey.
 fn is_own(ctx: &Arc<Context>, name: &[u8]) -> bool {
-    super::table::own(name).is_some()
-        || ctx
-            .named()
-            .contains_key(std::str::from_utf8(name).unwrap_or_default())
+    super::table::own(name).is_some() || ctx.named().contains_key(name)
 }
 
 fn refuse_in_multi(session: &mut Session, req: &Request) -> Action {

@@ -102,7 +102,7 @@ fn target(ctx: &Context, req: &Request) -> Result<Target, Reply> {
         .ok()
         .map(str::to_ascii_uppercase)
         .unwrap_or_default();
-    if let Some(q) = ctx.named().get(&name).cloned() {
+    if let Some(q) = ctx.named().get(name.as_bytes()).cloned() {
         let given = &req.args[2..];
         if given.len() != q.args.len() {
             return Err(Refusal::WrongArity(q.name.to_ascii_lowercase()).reply());

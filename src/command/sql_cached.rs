@@ -99,7 +99,7 @@ pub fn dispatch(ctx: &Arc<Context>, session: &Session, req: &Request) -> Action 
     // Counted among the busiest texts (a known text: a hash and a compare, no allocation).
     let stats = ctx.top_queries.entry(sql, || sql_label(sql));
     let plan_stats = stats.clone();
-    route(ctx, session, key, ReplyKind::Json, stats, |key| {
+    route(ctx, session, &key, ReplyKind::Json, stats, |key| {
         let entry = Entry {
             key,
             ttl: ctx.cache.jittered_ttl(ttl),
