@@ -97,6 +97,44 @@ async fn a_miss_tracks_nothing_and_a_hit_only_its_entry() {
     );
 }
 
+/// An instance that did not fill an entry — another instance of the fleet did, or this one
+/// restarted since — serves its hits from its L1 too: its first hit from Valkey has the query
+/// resolved in the background (the L1 drops items by their tables, so it holds only entries
+/// whose tables it knows), without a query for the entry itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn hits_of_an_entry_another_instance_filled_reach_the_l1() {
+    let s = Stack::start().await;
+    let b = s.another(|_| {}).await;
+    let b_url = format!("redis://127.0.0.1:{}", b.addr.port());
+    let sql = "SELECT name FROM employees WHERE id = 3";
+    let mut on_a = s.client().await;
+    let filled: String = redis::cmd("SQL.CACHED")
+        .arg(sql)
+        .query_async(&mut on_a)
+        .await
+        .expect("SQL.CACHED on the instance that fills");
+    let mut on_b = common::connect(&b_url).await;
+    let m = &b.shared.metrics;
+    common::eventually(
+        "the other instance serves the entry from its L1",
+        async || {
+            let got: String = redis::cmd("SQL.CACHED")
+                .arg(sql)
+                .query_async(&mut on_b)
+                .await
+                .expect("SQL.CACHED on the other instance");
+            assert_eq!(got, filled);
+            m.l1_hits.load(Ordering::Relaxed) > 0
+        },
+    )
+    .await;
+    assert_eq!(
+        m.db_queries.load(Ordering::Relaxed),
+        0,
+        "the other instance read the entry, never PostgreSQL"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn hits_are_served_from_memory() {
     let s = Stack::start().await;

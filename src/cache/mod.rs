@@ -201,6 +201,9 @@ pub struct Cache {
     ttl_jitter: f64,
     /// Tables already recorded in Valkey's registry by this process.
     registered: Mutex<std::collections::HashSet<String>>,
+    /// Queries being resolved so that their hits may enter the L1 (see
+    /// `read::Cache::resolve_for_l1`), by SQL text: one resolution each at a time.
+    resolving: Mutex<std::collections::HashSet<String>>,
     /// Last filled values, served if PostgreSQL fails (`cache.stale_if_error_secs`).
     stale: Option<moka::sync::Cache<String, Value>>,
     /// Tables whose pending invalidation could not be applied yet: their reads bypass the
@@ -318,6 +321,7 @@ impl Cache {
             early_refresh_beta: cfg.early_refresh_beta,
             ttl_jitter: cfg.ttl_jitter,
             registered: Mutex::new(Default::default()),
+            resolving: Mutex::new(Default::default()),
             stale: (cfg.stale_if_error_secs > 0).then(|| {
                 moka::sync::Cache::builder()
                     .max_capacity(cfg.early_refresh_keys)

@@ -446,6 +446,9 @@ impl Cache {
     fn served(self: &Arc<Self>, plan: Box<Plan>, ticket: Option<Ticket>, frame: Bytes) -> Step {
         // The L1 drops items by their dependencies: only resolved ones may enter.
         let resolved = plan.entry.deps.tracking != Tracking::Unresolved;
+        if ticket.is_some() && !resolved {
+            self.resolve_for_l1(&plan);
+        }
         if let Some(t) = ticket.filter(|_| resolved) {
             let entry = &plan.entry;
             let hash = plan.kind == ReplyKind::Hash;
@@ -459,6 +462,33 @@ impl Cache {
         let due = self.should_refresh_early(&plan.entry.key);
         self.hit(CacheStatus::Hit, due, || *plan);
         Step::Reply(frame, CacheStatus::Hit)
+    }
+
+    /// Resolves the query of a hit whose dependencies this process does not know — another
+    /// instance filled the entry, or this one restarted since — in the background, as its
+    /// fill would have: until then none of its hits may enter the L1, and none fills it
+    /// while it stays in Valkey. One resolution per query at a time; one that fails (the
+    /// database is down) is tried again by a later hit.
+    fn resolve_for_l1(self: &Arc<Self>, plan: &Plan) {
+        let sql = plan.source.query().1.to_owned();
+        if !self.resolving().insert(sql.clone()) {
+            return;
+        }
+        let (cache, source, entry) = (
+            Arc::clone(self),
+            Arc::clone(&plan.source),
+            plan.entry.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = source.prepare(entry).await {
+                tracing::debug!(error = %e, "could not resolve a query for the L1");
+            }
+            cache.resolving().remove(&sql);
+        });
+    }
+
+    fn resolving(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.resolving.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// [`Cache::finish`] for a lookup that was its fill's first step: a hit is answered as

@@ -30,9 +30,10 @@ pub struct Context {
     pub invalidation: Arc<Invalidation>,
     /// Client users (`default` always exists).
     pub users: Users,
-    /// SQL.CACHED texts already checked: their verdict and tables (parsing is the costly
-    /// part of a hit otherwise); bounded in bytes (`db::sql::VERDICT_CACHE_BYTES`).
-    pub sql_checks: moka::sync::Cache<String, crate::db::sql::Verdict>,
+    /// SQL.CACHED texts already seen: their verdict and their hashed form (parsing and
+    /// hashing are the costly parts of a hit otherwise); bounded in bytes
+    /// (`sql_cached::TEXT_CACHE_BYTES`).
+    pub sql_checks: super::sql_cached::Texts,
     /// Client ids start at 1 and are never reused, like Valkey's.
     pub client_ids: ClientIds,
     /// The busiest SQL.CACHED texts' figures (`metrics.top_queries` of them at most).
@@ -158,7 +159,7 @@ impl Context {
                 Cache::new(store, Arc::clone(&metrics), &config.cache).with_verify(&config.verify),
             ),
             invalidation: Arc::new(invalidation),
-            sql_checks: crate::db::sql::verdict_cache(),
+            sql_checks: super::sql_cached::text_cache(),
             db: Db::with_cores(&config.postgres, crate::cores::count(config.threads))
                 .map_err(|e| e.to_string())?,
             metrics,

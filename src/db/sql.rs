@@ -113,26 +113,6 @@ fn denied_because(name: &str) -> Option<&'static str> {
 /// (What an accepted query reads is PostgreSQL's to say: `db::deps`.)
 pub type Verdict = Result<(), SqlError>;
 
-/// Bytes of query text (and the verdicts on them) [`verdict_cache`] keeps: a hit need not be
-/// parsed again, and distinct texts from clients cannot grow it past this — by count alone,
-/// 10,000 texts of `sql.max_sql_bytes` (64 KiB) would be 640 MiB.
-pub const VERDICT_CACHE_BYTES: u64 = 16 << 20;
-
-/// A cache of verdicts by query text, bounded in bytes by [`VERDICT_CACHE_BYTES`] (moka evicts
-/// the least useful entries first).
-pub fn verdict_cache() -> moka::sync::Cache<String, Verdict> {
-    moka::sync::Cache::builder()
-        .max_capacity(VERDICT_CACHE_BYTES)
-        .weigher(|sql: &String, verdict: &Verdict| {
-            let held = match verdict {
-                Ok(()) => 0,
-                Err(SqlError::Parse(why) | SqlError::NotReadOnly(why)) => why.len(),
-            };
-            u32::try_from(sql.len() + held + 64).unwrap_or(u32::MAX)
-        })
-        .build()
-}
-
 /// Parses `sql` and checks that it is exactly one read-only query.
 pub fn check_read_only(sql: &str) -> Result<Analysis, SqlError> {
     if has_unicode_escaped_identifier(sql) {
@@ -500,20 +480,6 @@ mod tests {
         ] {
             assert!(check_read_only(sql).is_ok(), "refused {sql}: {:?}", check_read_only(sql));
         }
-    }
-
-    /// Distinct long texts cannot grow the verdict cache past its byte bound.
-    #[test]
-    fn verdict_cache_is_bounded_in_bytes() {
-        let cache = verdict_cache();
-        let padding = "x".repeat(64 * 1024);
-        for i in 0..1000 {
-            let sql = format!("SELECT {i} -- {padding}");
-            cache.insert(sql.clone(), check_read_only(&sql).map(|_| ()));
-        }
-        cache.run_pending_tasks();
-        assert!(cache.weighted_size() <= VERDICT_CACHE_BYTES);
-        assert!(cache.entry_count() < 1000);
     }
 
     #[test]
