@@ -50,38 +50,46 @@ struct Flight {
 /// A waiter's end: the frame, or closed when it must read on its own.
 pub type Landing = oneshot::Receiver<Bytes>;
 
+/// What [`Flights::board`] made of a read.
+pub enum Boarding {
+    /// It waits for the lookup in flight.
+    Joined(Landing),
+    /// Its own lookup is the flight: it must send it.
+    Leads(Departed),
+}
+
 impl Flights {
     fn lock(&self) -> MutexGuard<'_, Map> {
         // Nothing under the lock can panic halfway through a change; a poisoned map is whole.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A tracked lookup of entry `key`, sent with `ticket`, departs: later reads of the
-    /// entry may join it until its [`Departed`] lands or is dropped. It takes the place of
-    /// any flight of the same key, whose waiters then read on their own.
-    pub fn depart(self: &Arc<Self>, key: String, ticket: Ticket) -> Departed {
+    /// A read of entry `key` that missed the L1, with the key's L1 ticket `now`: it joins
+    /// the lookup of the entry in flight, if there is one and nothing invalidated the key
+    /// since it was sent; otherwise its own lookup departs as the entry's flight, which
+    /// later reads may join until its [`Departed`] lands or is dropped (it takes the place
+    /// of a flight sent before an invalidation, whose waiters then read on their own). One
+    /// step under the lock: reads missing the L1 together on several cores never both find
+    /// no flight and both send a lookup.
+    pub fn board(self: &Arc<Self>, key: &str, now: Ticket) -> Boarding {
+        let mut map = self.lock();
+        if let Some(flight) = map.get_mut(key).filter(|f| f.ticket == now) {
+            let (tx, rx) = oneshot::channel();
+            flight.waiters.push(tx);
+            return Boarding::Joined(rx);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let flight = Flight {
             id,
-            ticket,
+            ticket: now,
             waiters: Vec::new(),
         };
-        self.lock().insert(key.clone(), flight);
-        Departed {
+        map.insert(key.to_owned(), flight);
+        Boarding::Leads(Departed {
             flights: Arc::clone(self),
-            key,
+            key: key.to_owned(),
             id,
-        }
-    }
-
-    /// Joins the lookup of `key` in flight, if there is one and nothing invalidated the key
-    /// since it was sent (`now`: the key's L1 ticket at this moment).
-    pub fn join(&self, key: &str, now: Ticket) -> Option<Landing> {
-        let mut map = self.lock();
-        let flight = map.get_mut(key).filter(|f| f.ticket == now)?;
-        let (tx, rx) = oneshot::channel();
-        flight.waiters.push(tx);
-        Some(rx)
+        })
     }
 
     /// Lookups in flight (for tests).
@@ -190,34 +198,50 @@ mod tests {
         L1::new(1 << 20, Duration::from_secs(1))
     }
 
+    fn leads(b: Boarding) -> Departed {
+        match b {
+            Boarding::Leads(d) => d,
+            Boarding::Joined(_) => panic!("joined a flight, expected to lead one"),
+        }
+    }
+
+    fn joined(b: Boarding) -> Landing {
+        match b {
+            Boarding::Joined(l) => l,
+            Boarding::Leads(_) => panic!("led a flight, expected to join one"),
+        }
+    }
+
     /// Readers that join a lookup get its frame when it lands; the flight is gone after.
     #[test]
     fn waiters_get_the_frame_the_lookup_found() {
         let (l1, flights) = (l1(), Arc::new(Flights::default()));
-        let sent = flights.depart("emp:1".into(), l1.ticket("emp:1"));
-        let mut a = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
-        let mut b = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
-        assert!(flights.join("emp:2", l1.ticket("emp:2")).is_none());
+        let sent = leads(flights.board("emp:1", l1.ticket("emp:1")));
+        let mut a = joined(flights.board("emp:1", l1.ticket("emp:1")));
+        let mut b = joined(flights.board("emp:1", l1.ticket("emp:1")));
+        drop(leads(flights.board("emp:2", l1.ticket("emp:2"))));
         sent.land(&Bytes::from_static(b"$5\r\nalice\r\n"), l1.ticket("emp:1"));
         assert_eq!(a.try_recv().ok().as_deref(), Some(&b"$5\r\nalice\r\n"[..]));
         assert_eq!(b.try_recv().ok().as_deref(), Some(&b"$5\r\nalice\r\n"[..]));
         assert!(flights.is_empty());
     }
 
-    /// An invalidation of the key after the lookup left: nobody joins it, and those who
-    /// joined before are let go rather than given what the lookup read.
+    /// An invalidation of the key after the lookup left: the next read leads a lookup of its
+    /// own, and those who joined before are let go rather than given what the first read.
     #[test]
     fn an_invalidation_in_between_lets_the_waiters_go() {
         let (l1, flights) = (l1(), Arc::new(Flights::default()));
-        let sent = flights.depart("emp:1".into(), l1.ticket("emp:1"));
-        let mut early = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
+        let sent = leads(flights.board("emp:1", l1.ticket("emp:1")));
+        let mut early = joined(flights.board("emp:1", l1.ticket("emp:1")));
         l1.invalidate_key(b"emp:1");
-        assert!(flights.join("emp:1", l1.ticket("emp:1")).is_none());
+        let after = leads(flights.board("emp:1", l1.ticket("emp:1")));
         sent.land(&Bytes::from_static(b"$3\r\nold\r\n"), l1.ticket("emp:1"));
         assert!(
             early.try_recv().is_err(),
             "let go, not served what was invalidated"
         );
+        assert_eq!(flights.len(), 1, "the lookup sent after stays");
+        drop(after);
         assert!(flights.is_empty());
     }
 
@@ -226,15 +250,45 @@ mod tests {
     #[test]
     fn an_abandoned_or_replaced_lookup_lets_its_waiters_go() {
         let (l1, flights) = (l1(), Arc::new(Flights::default()));
-        let first = flights.depart("emp:1".into(), l1.ticket("emp:1"));
-        let mut w1 = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
-        let second = flights.depart("emp:1".into(), l1.ticket("emp:1"));
+        let first = leads(flights.board("emp:1", l1.ticket("emp:1")));
+        let mut w1 = joined(flights.board("emp:1", l1.ticket("emp:1")));
+        l1.invalidate_key(b"emp:1");
+        let second = leads(flights.board("emp:1", l1.ticket("emp:1")));
         assert!(w1.try_recv().is_err(), "replaced: let go");
-        let mut w2 = flights.join("emp:1", l1.ticket("emp:1")).expect("joined");
+        let mut w2 = joined(flights.board("emp:1", l1.ticket("emp:1")));
         drop(first);
         assert_eq!(flights.len(), 1, "the newer flight stays");
         drop(second);
         assert!(w2.try_recv().is_err(), "abandoned: let go");
         assert!(flights.is_empty());
+    }
+
+    /// Reads on two threads missing the L1 at once: exactly one leads, the other joins.
+    #[test]
+    fn reads_boarding_together_make_one_flight() {
+        for _ in 0..200 {
+            let (l1, flights) = (Arc::new(l1()), Arc::new(Flights::default()));
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let reads: Vec<_> = (0..2)
+                .map(|_| {
+                    let (l1, flights, barrier) =
+                        (Arc::clone(&l1), Arc::clone(&flights), Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        flights.board("emp:1", l1.ticket("emp:1"))
+                    })
+                })
+                .collect();
+            // Both boardings are held until counted: a flight dropped early would end.
+            let boarded: Vec<Boarding> = reads
+                .into_iter()
+                .map(|r| r.join().expect("a read"))
+                .collect();
+            let led = boarded
+                .iter()
+                .filter(|b| matches!(b, Boarding::Leads(_)))
+                .count();
+            assert_eq!(led, 1, "one lookup for two reads");
+        }
     }
 }

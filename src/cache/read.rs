@@ -16,7 +16,7 @@ use futures::FutureExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::flight::{Landing, Leader, Reading};
+use super::flight::{Boarding, Departed, Landing, Leader, Reading};
 use super::l1::{self, Ticket};
 use super::store::{FillLease, Store};
 use super::{Cache, CacheStatus, Deps, Early, Entry, FillOptions, Tracking, Value};
@@ -252,13 +252,20 @@ impl Cache {
             return Begin::Hit(hit.frame);
         }
         let ticket = self.ticket(key);
-        let joined = ticket
-            .filter(|_| !hash)
-            .and_then(|t| self.flights.join(key, t));
-        if let Some(landing) = joined {
-            return Begin::Fill(self.await_landing(landing, plan(key.to_owned())));
+        self.missed(plan(key.to_owned()), ticket)
+    }
+
+    /// A read that missed the L1, with the key's L1 ticket: it waits for the lookup of its
+    /// entry in flight, or sends its own — which later reads may wait for, when they can
+    /// share it (see [`Cache::shareable`]).
+    fn missed(self: &Arc<Self>, plan: Plan, ticket: Option<Ticket>) -> Begin {
+        match ticket.filter(|_| self.shareable(&plan)) {
+            Some(t) => match self.flights.board(&plan.entry.key, t) {
+                Boarding::Joined(landing) => Begin::Fill(self.await_landing(landing, plan)),
+                Boarding::Leads(departed) => self.lookup(plan, ticket, Some(departed)),
+            },
+            None => self.lookup(plan, ticket, None),
         }
-        self.lookup(plan(key.to_owned()), ticket)
     }
 
     /// A read waiting for the lookup of its entry already in flight (see `flight`): that
@@ -294,7 +301,7 @@ impl Cache {
             return Begin::Hit(hit.frame);
         }
         let ticket = self.ticket(key);
-        self.lookup(plan, ticket)
+        self.missed(plan, ticket)
     }
 
     /// The L1 ticket a lookup of `key` is sent with, while the L1 is on.
@@ -325,8 +332,9 @@ impl Cache {
         )
     }
 
-    /// The lookup to send for a miss of the L1, with the L1 ticket taken before it leaves.
-    fn lookup(&self, plan: Plan, ticket: Option<Ticket>) -> Begin {
+    /// The lookup to send for a miss of the L1, with the L1 ticket taken before it leaves;
+    /// `departed`: it is the entry's flight, which other reads wait for.
+    fn lookup(&self, plan: Plan, ticket: Option<Ticket>, departed: Option<Departed>) -> Begin {
         let (request, early) = match self.early_lookup(&plan) {
             Some((request, lease)) => {
                 let store = self.store.clone();
@@ -338,7 +346,7 @@ impl Cache {
             }
             None => (lookup_request(&plan.entry.key, plan.kind), None),
         };
-        let flight = ticket.and_then(|t| self.depart(&plan, t, early.is_some()));
+        let flight = departed.map(|d| self.leader(d, &plan, early.is_some()));
         Begin::Lookup(Lookup {
             request,
             pending: Pending {
@@ -350,17 +358,18 @@ impl Cache {
         })
     }
 
-    /// Registers a lookup sent with `ticket` as one that reads of the same entry may wait
-    /// for — a string entry's (its frame is the same in either protocol) whose hit may enter
-    /// the L1 (its dependencies resolved), while nothing is degraded. `early`: the lookup is
-    /// the early lookup script.
-    fn depart(&self, plan: &Plan, ticket: Ticket, early: bool) -> Option<Box<Leader>> {
-        let shareable = plan.kind != ReplyKind::Hash
+    /// Whether reads of `plan`'s entry may share one lookup: a string entry's (its frame is
+    /// the same in either protocol) whose hit may enter the L1 (its dependencies resolved),
+    /// while nothing is degraded.
+    fn shareable(&self, plan: &Plan) -> bool {
+        plan.kind != ReplyKind::Hash
             && plan.entry.deps.tracking != Tracking::Unresolved
-            && !self.degraded.any();
-        if !shareable {
-            return None;
-        }
+            && !self.degraded.any()
+    }
+
+    /// The flight `departed` of `plan`'s lookup, with what it takes to hand the reply over.
+    /// `early`: the lookup is the early lookup script.
+    fn leader(&self, departed: Departed, plan: &Plan, early: bool) -> Box<Leader> {
         let reading = match early {
             true => Reading::Early {
                 store: self.store.clone(),
@@ -368,12 +377,12 @@ impl Cache {
             },
             false => Reading::Frame,
         };
-        Some(Box::new(Leader {
-            departed: self.flights.depart(plan.entry.key.clone(), ticket),
+        Box::new(Leader {
+            departed,
             l1: Arc::clone(&self.l1),
             degraded: Arc::clone(&self.degraded),
             reading,
-        }))
+        })
     }
 
     /// The lookup that is also its fill's first step, when it can be: the fill script's
