@@ -198,6 +198,11 @@ mod tests {
         L1::new(1 << 20, Duration::from_secs(1))
     }
 
+    /// A read of `key` missing the L1 now.
+    fn board(flights: &Arc<Flights>, l1: &L1, key: &str) -> Boarding {
+        flights.board(key, l1.ticket(key))
+    }
+
     fn leads(b: Boarding) -> Departed {
         match b {
             Boarding::Leads(d) => d,
@@ -216,10 +221,10 @@ mod tests {
     #[test]
     fn waiters_get_the_frame_the_lookup_found() {
         let (l1, flights) = (l1(), Arc::new(Flights::default()));
-        let sent = leads(flights.board("emp:1", l1.ticket("emp:1")));
-        let mut a = joined(flights.board("emp:1", l1.ticket("emp:1")));
-        let mut b = joined(flights.board("emp:1", l1.ticket("emp:1")));
-        drop(leads(flights.board("emp:2", l1.ticket("emp:2"))));
+        let sent = leads(board(&flights, &l1, "emp:1"));
+        let mut a = joined(board(&flights, &l1, "emp:1"));
+        let mut b = joined(board(&flights, &l1, "emp:1"));
+        drop(leads(board(&flights, &l1, "emp:2")));
         sent.land(&Bytes::from_static(b"$5\r\nalice\r\n"), l1.ticket("emp:1"));
         assert_eq!(a.try_recv().ok().as_deref(), Some(&b"$5\r\nalice\r\n"[..]));
         assert_eq!(b.try_recv().ok().as_deref(), Some(&b"$5\r\nalice\r\n"[..]));
@@ -231,10 +236,10 @@ mod tests {
     #[test]
     fn an_invalidation_in_between_lets_the_waiters_go() {
         let (l1, flights) = (l1(), Arc::new(Flights::default()));
-        let sent = leads(flights.board("emp:1", l1.ticket("emp:1")));
-        let mut early = joined(flights.board("emp:1", l1.ticket("emp:1")));
+        let sent = leads(board(&flights, &l1, "emp:1"));
+        let mut early = joined(board(&flights, &l1, "emp:1"));
         l1.invalidate_key(b"emp:1");
-        let after = leads(flights.board("emp:1", l1.ticket("emp:1")));
+        let after = leads(board(&flights, &l1, "emp:1"));
         sent.land(&Bytes::from_static(b"$3\r\nold\r\n"), l1.ticket("emp:1"));
         assert!(
             early.try_recv().is_err(),
@@ -250,12 +255,12 @@ mod tests {
     #[test]
     fn an_abandoned_or_replaced_lookup_lets_its_waiters_go() {
         let (l1, flights) = (l1(), Arc::new(Flights::default()));
-        let first = leads(flights.board("emp:1", l1.ticket("emp:1")));
-        let mut w1 = joined(flights.board("emp:1", l1.ticket("emp:1")));
+        let first = leads(board(&flights, &l1, "emp:1"));
+        let mut w1 = joined(board(&flights, &l1, "emp:1"));
         l1.invalidate_key(b"emp:1");
-        let second = leads(flights.board("emp:1", l1.ticket("emp:1")));
+        let second = leads(board(&flights, &l1, "emp:1"));
         assert!(w1.try_recv().is_err(), "replaced: let go");
-        let mut w2 = joined(flights.board("emp:1", l1.ticket("emp:1")));
+        let mut w2 = joined(board(&flights, &l1, "emp:1"));
         drop(first);
         assert_eq!(flights.len(), 1, "the newer flight stays");
         drop(second);
@@ -275,7 +280,7 @@ mod tests {
                         (Arc::clone(&l1), Arc::clone(&flights), Arc::clone(&barrier));
                     std::thread::spawn(move || {
                         barrier.wait();
-                        flights.board("emp:1", l1.ticket("emp:1"))
+                        board(&flights, &l1, "emp:1")
                     })
                 })
                 .collect();

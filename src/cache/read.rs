@@ -479,10 +479,14 @@ impl Cache {
     /// while it stays in Valkey. One resolution per query at a time; one that fails (the
     /// database is down) is tried again by a later hit.
     fn resolve_for_l1(self: &Arc<Self>, plan: &Plan) {
-        let sql = plan.source.query().1.to_owned();
-        if !self.resolving().insert(sql.clone()) {
+        let sql = plan.source.query().1;
+        let mut resolving = self.resolving();
+        if resolving.contains(sql) {
             return;
         }
+        let sql = sql.to_owned();
+        resolving.insert(sql.clone());
+        drop(resolving);
         let (cache, source, entry) = (
             Arc::clone(self),
             Arc::clone(&plan.source),

@@ -417,7 +417,7 @@ impl Cluster {
             Target::Fanout(how) => return fanout(&topo.nodes, how, lane, proto, raw, args),
         };
         match node {
-            Some(node) => node.mux(proto, lane).send_for(raw, lane, false, budget),
+            Some(node) => node.mux(proto, lane).send_for(raw, lane, budget),
             // What a node says for a slot nobody serves.
             None => ready(Ok(Refusal::ClusterDown.frame())),
         }
@@ -437,9 +437,7 @@ impl Cluster {
         proto: Proto,
         raw: Bytes,
     ) -> ReplyRx {
-        let first = replica
-            .mux(proto, lane)
-            .send_for(raw.clone(), lane, false, budget);
+        let first = replica.mux(proto, lane).send_for(raw.clone(), lane, budget);
         let (tx, rx) = oneshot::channel();
         let (replica, primary) = (Arc::clone(replica), Arc::clone(primary));
         let (budget, metrics) = (budget.cloned(), Arc::clone(&self.metrics));
@@ -464,10 +462,9 @@ impl Cluster {
                     tracing::warn!(replica = %replica.addr, error = %why, "a replica failed a read; the primary answers");
                     replica.mark_failed();
                     inc(&metrics.cluster_replica_fallbacks);
-                    let again =
-                        primary
-                            .mux(proto, lane)
-                            .send_for(raw, lane, false, budget.as_ref());
+                    let again = primary
+                        .mux(proto, lane)
+                        .send_for(raw, lane, budget.as_ref());
                     await_reply(again).await
                 }
             };
@@ -729,7 +726,7 @@ impl Cluster {
         if self.on_tracking.get().is_none() || node.tracking.current().0 == 0 {
             return None;
         }
-        Some(node.mux(proto, lane).send_for(raw, lane, true, budget))
+        Some(node.mux(proto, lane).send_tracked(raw, lane, budget, None))
     }
 
     /// Follows a redirect: sends `job` to `addr`, and for a `-MOVED` records that the slot now

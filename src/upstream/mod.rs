@@ -191,7 +191,7 @@ impl Upstream {
             }
             None => self
                 .mux(lane, proto)
-                .send_for(req.raw.clone(), lane, false, Some(budget)),
+                .send_for(req.raw.clone(), lane, Some(budget)),
         }
     }
 
@@ -206,9 +206,7 @@ impl Upstream {
     ) -> ReplyRx {
         match &self.cluster {
             Some(c) => Box::pin(c.send_key(lane, proto, raw, key, Some(budget))).await,
-            None => self
-                .mux(lane, proto)
-                .send_for(raw, lane, false, Some(budget)),
+            None => self.mux(lane, proto).send_for(raw, lane, Some(budget)),
         }
     }
 
@@ -273,7 +271,7 @@ impl Upstream {
         }
         Some(
             self.mux(lane, proto)
-                .send_tracked_teed(raw, lane, Some(budget), tee),
+                .send_tracked(raw, lane, Some(budget), tee),
         )
     }
 

@@ -339,20 +339,14 @@ impl Mux {
         rx
     }
 
-    /// A client's request: its reply is charged to the client's `budget`; with `tracked`,
-    /// Valkey tracks the keys read, for the L1 (see `upstream::tracking`).
-    pub fn send_for(
-        &self,
-        raw: Bytes,
-        lane: u64,
-        tracked: bool,
-        budget: Option<&Arc<ReplyBudget>>,
-    ) -> ReplyRx {
-        self.enqueue(raw, tracked, lane, budget.cloned(), None)
+    /// A client's request: its reply is charged to the client's `budget`.
+    pub fn send_for(&self, raw: Bytes, lane: u64, budget: Option<&Arc<ReplyBudget>>) -> ReplyRx {
+        self.enqueue(raw, false, lane, budget.cloned(), None)
     }
 
-    /// [`send_for`](Self::send_for) a tracked read whose reply `tee` is shown first.
-    pub fn send_tracked_teed(
+    /// [`send_for`](Self::send_for) a read whose keys Valkey tracks, for the L1 (see
+    /// `upstream::tracking`); `tee`, if any, is shown its reply first.
+    pub fn send_tracked(
         &self,
         raw: Bytes,
         lane: u64,
