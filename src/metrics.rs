@@ -526,6 +526,10 @@ declare_metrics! {
             "Clients disconnected for passing their output buffer limit";
         /// Hits answered from the in-process L1 (also counted in `hits`).
         Counter l1_hits: "l1_hits", "Hits answered from the in-process L1";
+        /// L1 items looked up again by one read in the last eighth of their life, while the
+        /// other reads kept hitting them (see `l1::Hit::renew`).
+        Counter l1_renewals: "l1_renewals",
+            "L1 items renewed by one read's lookup before their life ended";
         /// Reads that missed the L1 while a lookup of the same entry was in flight and took
         /// its reply instead of sending their own (also counted in `hits`; see `cache::flight`).
         Counter l1_shared_lookups: "l1_shared_lookups",

@@ -317,6 +317,34 @@ async fn valkey_busy(s: &Stack, secs: &'static str) -> tokio::task::JoinHandle<(
     sleep
 }
 
+/// A hot item never ends: read every 10 ms for four seconds (its life is 1.6 s), it is
+/// looked up again only by renewals — one read each time the last eighth of its life starts,
+/// while the reads around it hit — never by a read that found it gone (then, under a
+/// pipelined load, every read meanwhile would have waited for that lookup).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hot_item_is_renewed_before_its_life_ends() {
+    let s = Stack::start_with(|c| {
+        c.verify.enabled = false;
+        c.cache.l1_ttl_ms = 1600;
+    })
+    .await;
+    tracking_up(&s).await;
+    let mut c = s.client().await;
+    warm_l1(&s, &mut c, 1).await;
+    let mut v = s.valkey_client().await;
+    let renewals = || s.proxy.shared.metrics.l1_renewals.load(Ordering::Relaxed);
+    let (lookups_before, renewals_before) = (lookups_in_valkey(&mut v).await, renewals());
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        assert_eq!(emp(&mut c, 1).await.as_deref(), Some("Alice Johnson"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lookups = lookups_in_valkey(&mut v).await - lookups_before;
+    let renewed = renewals() - renewals_before;
+    assert!(renewed >= 2, "renewed {renewed} times in 4 s");
+    assert_eq!(lookups, renewed, "every lookup was a renewal");
+}
+
 /// Forty clients reading an entry the L1 does not hold, at once, while Valkey is busy: the
 /// first read's lookup is in flight when the others miss the L1, and they wait for its reply
 /// instead of sending forty lookups — each gets the entry.

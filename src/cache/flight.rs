@@ -78,6 +78,23 @@ impl Flights {
             flight.waiters.push(tx);
             return Boarding::Joined(rx);
         }
+        Boarding::Leads(self.depart(&mut map, key, now))
+    }
+
+    /// A read of an L1 item whose renewal is due (see `l1::Hit::renew`): its lookup departs
+    /// as the entry's flight unless a lookup of the entry is already in flight, whatever its
+    /// ticket. One step under the lock, so one read renews the item while the others keep
+    /// hitting it; `None`: this read is one of those.
+    pub fn renew(self: &Arc<Self>, key: &str, now: Ticket) -> Option<Departed> {
+        let mut map = self.lock();
+        if map.contains_key(key) {
+            return None;
+        }
+        Some(self.depart(&mut map, key, now))
+    }
+
+    /// Makes a new lookup of `key` its flight, in place of any older one.
+    fn depart(self: &Arc<Self>, map: &mut Map, key: &str, now: Ticket) -> Departed {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let flight = Flight {
             id,
@@ -85,11 +102,11 @@ impl Flights {
             waiters: Vec::new(),
         };
         map.insert(key.to_owned(), flight);
-        Boarding::Leads(Departed {
+        Departed {
             flights: Arc::clone(self),
             key: key.to_owned(),
             id,
-        })
+        }
     }
 
     /// Lookups in flight (for tests).
@@ -266,6 +283,27 @@ mod tests {
         drop(second);
         assert!(w2.try_recv().is_err(), "abandoned: let go");
         assert!(flights.is_empty());
+    }
+
+    /// An item due for renewal: the first read's lookup departs, the reads after it do not
+    /// (they hit), and reads missing the L1 meanwhile join that lookup; once it has landed,
+    /// the next due read renews again.
+    #[test]
+    fn one_read_renews_an_item_at_a_time() {
+        let (l1, flights) = (l1(), Arc::new(Flights::default()));
+        let renewing = flights.renew("emp:1", l1.ticket("emp:1")).expect("departs");
+        assert!(flights.renew("emp:1", l1.ticket("emp:1")).is_none());
+        let mut waiting = joined(board(&flights, &l1, "emp:1"));
+        assert!(
+            flights.renew("emp:2", l1.ticket("emp:2")).is_some(),
+            "another key renews on its own"
+        );
+        renewing.land(&Bytes::from_static(b"$5\r\nalice\r\n"), l1.ticket("emp:1"));
+        assert_eq!(
+            waiting.try_recv().ok().as_deref(),
+            Some(&b"$5\r\nalice\r\n"[..])
+        );
+        assert!(flights.renew("emp:1", l1.ticket("emp:1")).is_some());
     }
 
     /// Reads on two threads missing the L1 at once: exactly one leads, the other joins.

@@ -29,13 +29,14 @@ pub struct Item {
     pub fresh: Option<Freshness>,
 }
 
-/// An [`Item`] as stored: with when its `cache.l1_ttl_ms` ends (the end, not the start, so
-/// a hit compares two instants instead of working out a duration); `None`: a life too long
-/// for the clock to name, which never ends.
+/// An [`Item`] as stored: with when its renewal is due, the last eighth of its
+/// `cache.l1_ttl_ms` (an instant, not its start, so a hit before then compares two instants
+/// instead of working out a duration); `None`: a life too long for the clock to name, which
+/// never ends.
 #[derive(Clone)]
 struct Stored {
     item: Item,
-    ends: Option<Instant>,
+    renews: Option<Instant>,
 }
 
 /// An item weighs its key, its frame and a fixed overhead, so `l1_max_bytes` bounds memory.
@@ -74,10 +75,13 @@ pub struct Freshness {
     pub delta: Duration,
 }
 
-/// An L1 hit: the reply frame, and its entry's [`Freshness`] if this instance filled it.
+/// An L1 hit: the reply frame, its entry's [`Freshness`] if this instance filled it, and
+/// whether the item is in the last eighth of its life, when one read should look it up
+/// again so that it is renewed before it ends (see `Cache::begin`).
 pub struct Hit {
     pub frame: Bytes,
     pub fresh: Option<Freshness>,
+    pub renew: bool,
 }
 
 /// What an L1 item was read from (mirrors `cache::Deps`).
@@ -98,8 +102,14 @@ pub struct Ticket {
 
 pub struct L1 {
     items: Items,
-    /// `cache.l1_ttl_ms`: the longest an item is served.
-    ttl: Duration,
+    /// `cache.l1_ttl_ms` but its last eighth: when an item's renewal is due. The items of
+    /// hot entries are looked up again then, by one read, while every other read still
+    /// hits: they never all end at once, under a load that would otherwise send hundreds of
+    /// reads to wait for one lookup each time an item ends.
+    renewal: Duration,
+    /// The last eighth of `cache.l1_ttl_ms`: how long an item is served once its renewal is
+    /// due (the item's life is `renewal + grace`, the longest an item is served).
+    grace: Duration,
     /// Bumped by flushes.
     global: AtomicU64,
     /// Bumped by invalidations of keys hashing to the stripe.
@@ -158,6 +168,7 @@ const READ_ONLY: &[&[u8]] = &[
 
 impl L1 {
     pub fn new(max_bytes: u64, ttl: Duration) -> L1 {
+        let ttl = ttl.max(Duration::from_millis(1));
         let options = quick_cache::OptionsBuilder::new()
             .estimated_items_capacity(INITIAL_ITEMS)
             .weight_capacity(max_bytes.max(1))
@@ -182,7 +193,8 @@ impl L1 {
         };
         L1 {
             items,
-            ttl: ttl.max(Duration::from_millis(1)),
+            renewal: ttl - ttl / 8,
+            grace: ttl / 8,
             global: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             hashes: AtomicBool::new(false),
@@ -236,12 +248,19 @@ impl L1 {
             // A plain key is its own L1 key: look it up without building one.
             self.items.get(key.as_bytes())
         }?;
-        if stored.ends.is_some_and(|ends| now >= ends) {
-            return None;
-        }
+        let renew = match stored.renews {
+            Some(at) if now >= at => {
+                if at.checked_add(self.grace).is_some_and(|ends| now >= ends) {
+                    return None;
+                }
+                true
+            }
+            _ => false,
+        };
         Some(Hit {
             frame: stored.item.frame,
             fresh: stored.item.fresh,
+            renew,
         })
     }
 
@@ -267,8 +286,8 @@ impl L1 {
             self.hashes.store(true, Ordering::Release);
         }
         let slot = Self::slot_key(key.as_bytes(), hash, proto);
-        let ends = Instant::now().checked_add(self.ttl);
-        self.items.insert(slot.clone(), Stored { item, ends });
+        let renews = Instant::now().checked_add(self.renewal);
+        self.items.insert(slot.clone(), Stored { item, renews });
         // An invalidation may have run between the check and the insert; it bumped the
         // epoch before removing, so looking again after inserting catches it.
         if self.ticket(key) != t {
@@ -375,6 +394,22 @@ mod tests {
         assert!(l1.get_at("emp:1", false, Proto::Resp2, now).is_some());
         let late = now + Duration::from_millis(1001);
         assert!(l1.get_at("emp:1", false, Proto::Resp2, late).is_none());
+    }
+
+    #[test]
+    fn an_item_asks_for_renewal_in_the_last_eighth_of_its_life() {
+        let l1 = L1::new(1 << 20, Duration::from_millis(800));
+        stored(&l1, "emp:1");
+        let now = Instant::now();
+        let renew = |at: Duration| {
+            l1.get_at("emp:1", false, Proto::Resp2, now + at)
+                .map(|h| h.renew)
+        };
+        assert_eq!(renew(Duration::ZERO), Some(false));
+        assert_eq!(renew(Duration::from_millis(690)), Some(false));
+        assert_eq!(renew(Duration::from_millis(701)), Some(true));
+        assert_eq!(renew(Duration::from_millis(790)), Some(true));
+        assert_eq!(renew(Duration::from_millis(801)), None);
     }
 
     #[test]

@@ -241,18 +241,50 @@ impl Cache {
         proto: Proto,
         plan: impl FnOnce(String) -> Plan,
     ) -> Begin {
+        self.begin_at(key, kind, proto, Instant::now(), plan)
+    }
+
+    /// [`Cache::begin`] at `now` (tests read at chosen points of an L1 item's life).
+    fn begin_at(
+        self: &Arc<Self>,
+        key: &str,
+        kind: ReplyKind,
+        proto: Proto,
+        now: Instant,
+        plan: impl FnOnce(String) -> Plan,
+    ) -> Begin {
         if self.degraded.any() {
             return self.begin_planned(plan(key.to_owned()));
         }
-        let now = Instant::now();
         let hash = kind == ReplyKind::Hash;
-        if let Some(hit) = self.l1.get_at(key, hash, proto, now) {
-            let due = hit.fresh.is_some_and(|f| self.refresh_due(key, f, now));
+        let Some(hit) = self.l1.get_at(key, hash, proto, now) else {
+            let ticket = self.ticket(key);
+            return self.missed(plan(key.to_owned()), ticket);
+        };
+        let due = hit.fresh.is_some_and(|f| self.refresh_due(key, f, now));
+        let renewal = match hit.renew && !hash {
+            true => self.renewal(key),
+            false => None,
+        };
+        let Some((ticket, departed)) = renewal else {
             self.hit(CacheStatus::L1Hit, due, || plan(key.to_owned()));
             return Begin::Hit(hit.frame);
+        };
+        let plan = plan(key.to_owned());
+        if !self.shareable(&plan) {
+            self.hit(CacheStatus::L1Hit, due, || plan);
+            return Begin::Hit(hit.frame);
         }
-        let ticket = self.ticket(key);
-        self.missed(plan(key.to_owned()), ticket)
+        inc(&self.metrics.l1_renewals);
+        self.lookup(plan, Some(ticket), Some(departed))
+    }
+
+    /// The renewal of an L1 item whose renewal is due, if no lookup of its entry is in
+    /// flight: this read looks the entry up (its tracked reply renews the item, and reads
+    /// missing the L1 meanwhile wait for it), while the reads after it keep hitting the item.
+    fn renewal(self: &Arc<Self>, key: &str) -> Option<(Ticket, Departed)> {
+        let ticket = self.l1.ticket(key);
+        self.flights.renew(key, ticket).map(|d| (ticket, d))
     }
 
     /// A read that missed the L1, with the key's L1 ticket: it waits for the lookup of its
@@ -279,7 +311,10 @@ impl Cache {
                     cache.hit(CacheStatus::Hit, false, || plan);
                     (Reply::Raw(frame), CacheStatus::Hit)
                 }
-                Err(_) => cache.lookup_again(plan).await,
+                // Boxed apart: a fill is a large future, and every waiter's would be
+                // allocated and copied at its size — hundreds of them each time a hot item
+                // left the L1 — for the rare waiter let go.
+                Err(_) => Box::pin(cache.lookup_again(plan)).await,
             }
         }
         .boxed()
@@ -1049,6 +1084,36 @@ mod tests {
             plan(k, "dept", &src)
         });
         assert!(matches!(other, Begin::Lookup(_)));
+    }
+
+    /// An L1 item in the last eighth of its life: the first read looks the entry up again
+    /// (tracked, as the entry's flight), every read meanwhile still hits the item, and the
+    /// lookup's reply renews it — it is served past the end of its first life.
+    #[tokio::test]
+    async fn one_read_renews_an_l1_item_while_the_others_hit() {
+        let (cache, m) = cache();
+        let src = fake(Value::String(Bytes::from_static(b"alice")));
+        in_l1(&cache, "emp:1", FRAME);
+        let read = |at: Instant| {
+            cache.begin_at("emp:1", ReplyKind::Value, Proto::Resp2, at, |k| {
+                plan(k, "emp", &src)
+            })
+        };
+        let life = Duration::from_millis(CacheConfig::default().l1_ttl_ms);
+        let start = Instant::now();
+        assert!(matches!(read(start + life / 2), Begin::Hit(_)));
+        let due = start + life - life / 16;
+        let renewing = lookup(read(due));
+        assert_eq!(count(&m.l1_renewals), 1);
+        assert!(renewing.pending.wants_tracking());
+        for _ in 0..3 {
+            assert!(matches!(read(due), Begin::Hit(f) if f == FRAME));
+        }
+        assert_eq!((count(&m.l1_hits), count(&m.l1_renewals)), (4, 1));
+        let step = cache.finish(renewing.pending, Ok(Bytes::from_static(b"$3\r\nbob\r\n")));
+        assert!(matches!(step, Step::Reply(..)));
+        assert!(matches!(read(Instant::now()), Begin::Hit(f) if f == b"$3\r\nbob\r\n"[..]));
+        assert!(cache.flights.is_empty());
     }
 
     /// Reads that miss the L1 while a lookup of the same entry is in flight wait for it: the
