@@ -26,10 +26,12 @@ use crate::protocol::{Proto, Reply, Request, RequestParser};
 use crate::session::{ReplyMode, Session};
 use crate::tls::ClientStream;
 use crate::upstream::cluster::Owner;
-use crate::upstream::{LongMark, RawConn, ReplyBudget, ReplyRx};
+use crate::upstream::{Inbox, LongMark, RawConn, ReplyBudget, ReplyRx};
 
 mod queue;
+mod run;
 use queue::{Out, Queued, ReplyQueue};
+use run::Run;
 
 /// A reply position in the output queue.
 enum Slot {
@@ -39,7 +41,7 @@ enum Slot {
     Push(Bytes),
     /// A pass-through reply from a shared connection.
     Upstream {
-        rx: ReplyRx,
+        rx: Answer,
         transform: Transform,
         proto: Proto,
         started: Instant,
@@ -73,6 +75,13 @@ enum Slot {
         /// Held while a long command (a script…) waits for its reply.
         _long: Option<LongMark>,
     },
+}
+
+/// Where a pass-through reply comes from: a request's own channel, or the inbox of the
+/// run it was sent in (see `connection::run`).
+enum Answer {
+    One(ReplyRx),
+    Inbox(Arc<Inbox>),
 }
 
 impl Queued for Slot {
@@ -155,6 +164,8 @@ pub struct Connection {
     /// Replies in request order (and whether `CLIENT REPLY` drops each).
     outq: ReplyQueue<Slot>,
     ded: Option<Dedicated>,
+    /// Pass-through requests read since the last were handed to the shared connection.
+    run: Run,
     /// Cluster: MULTI was answered locally and opens on the node of the next command.
     deferred_multi: bool,
     /// The command being applied now is muted (its reply, if written at once, is dropped).
@@ -242,6 +253,7 @@ impl Connection {
             session: Session::new(id, addr, user, authed),
             outq: ReplyQueue::new(Arc::clone(&budget)),
             ded: None,
+            run: Run::default(),
             deferred_multi: false,
             muting: false,
             budget,
@@ -464,7 +476,7 @@ impl Connection {
                     }
                     self.muting = false;
                 }
-                Ok(Parsed::Incomplete) => return,
+                Ok(Parsed::Incomplete) => break,
                 Err(e) => {
                     let slot = self.ready(crate::error::protocol_error(&e));
                     self.outq.push_back(slot);
@@ -472,6 +484,15 @@ impl Connection {
                     self.closing = true;
                 }
             }
+        }
+        self.send_run();
+    }
+
+    /// Hands the run of pass-through requests gathered so far to the shared connection.
+    fn send_run(&mut self) {
+        if let Some(run) = self.run.take() {
+            let up = &self.ctx.upstream;
+            up.forward_run(self.session.id, run.proto, run.raw, run.owed, &self.budget);
         }
     }
 
@@ -514,6 +535,10 @@ impl Connection {
     }
 
     async fn apply(&mut self, action: Action) {
+        if !matches!(action, Action::Forward { .. }) {
+            // Whatever this is may reach Valkey (or wait): the requests before it go first.
+            self.send_run();
+        }
         let action = match action {
             Action::Check { req, verdict } => match verdict.await {
                 crate::acl::Check::Deny(r) => {
@@ -679,14 +704,20 @@ impl Connection {
             ClusterStep::Shared => held = false,
             ClusterStep::Continue => {}
         }
-        if route == Route::Any && !held {
+        let shared = route == Route::Any && !held;
+        if shared && self.ctx.upstream.runs() && !crate::upstream::is_long(&req.raw) {
+            self.join_run(req.raw, transform, proto);
+            return;
+        }
+        self.send_run();
+        if shared {
             let rx = self
                 .ctx
                 .upstream
                 .forward(self.session.id, proto, &req, &self.budget)
                 .await;
             self.outq.push_back(Slot::Upstream {
-                rx,
+                rx: Answer::One(rx),
                 transform,
                 proto,
                 started: Instant::now(),
@@ -752,6 +783,21 @@ impl Connection {
             self.budget.charge(ours.len());
             self.outq.push_back(Slot::Ready(ours));
         }
+    }
+
+    /// Adds a pass-through request to the client's run (a long one never joins: Valkey may
+    /// be busy with it for long, and the shared connection must know it is).
+    fn join_run(&mut self, raw: bytes::Bytes, transform: Transform, proto: Proto) {
+        if !self.run.takes(proto) {
+            self.send_run();
+        }
+        let (inbox, started) = self.run.add(raw, proto);
+        self.outq.push_back(Slot::Upstream {
+            rx: Answer::Inbox(inbox),
+            transform,
+            proto,
+            started,
+        });
     }
 
     /// Whether the dedicated connection is logged in as the session's user would need: its
@@ -1033,9 +1079,7 @@ impl Connection {
             };
             // As at the front: the shared connection charged the frame; what replaces it is
             // charged anew.
-            if let Ok(f) = &r {
-                self.budget.release(f.len());
-            }
+            self.release_shared(&r);
             let settled = self.looked_up(pending, r, started);
             self.outq[i] = self.charged(settled);
         }
@@ -1046,10 +1090,8 @@ impl Connection {
         let Some(front) = self.outq.pop_front() else {
             return;
         };
-        // A shared connection charged the frame it read; what replaces it is charged anew.
-        if let FrontDone::Upstream(Ok(f)) = &done {
-            self.budget.release(f.len());
-        }
+        // A shared connection charged the frame it read: passed on as it came, the charge
+        // stands; whatever replaces it is charged anew.
         let next = match (front, done) {
             (
                 Slot::Upstream {
@@ -1068,7 +1110,13 @@ impl Connection {
                     .latency
                     .passthrough
                     .observe(started.elapsed());
-                self.ready(transform.apply(&self.ctx, proto, r).into_bytes(proto))
+                match (transform, r) {
+                    (Transform::None, Ok(frame)) => Slot::Ready(frame),
+                    (transform, r) => {
+                        self.release_shared(&r);
+                        self.ready(transform.apply(&self.ctx, proto, r).into_bytes(proto))
+                    }
+                }
             }
             (
                 Slot::Lookup {
@@ -1076,6 +1124,7 @@ impl Connection {
                 },
                 FrontDone::Upstream(r),
             ) => {
+                self.release_shared(&r);
                 let s = self.looked_up(pending, r, started);
                 self.charged(s)
             }
@@ -1092,9 +1141,21 @@ impl Connection {
                 self.observe_read(status, started.elapsed(), stats.as_deref());
                 self.ready(reply.into_bytes(proto))
             }
-            (other, _) => other,
+            (other, done) => {
+                if let FrontDone::Upstream(r) = &done {
+                    self.release_shared(r);
+                }
+                other
+            }
         };
         self.outq.push_front(next);
+    }
+
+    /// Releases what a shared connection charged for the frame it read.
+    fn release_shared(&self, r: &crate::error::Result<Bytes>) {
+        if let Ok(f) = r {
+            self.budget.release(f.len());
+        }
     }
 
     /// A lookup's reply (or the failure to get one), through the cache's decision: the hit,
@@ -1302,7 +1363,7 @@ fn write_timeout() -> std::io::Error {
 }
 
 fn dropped() -> Error {
-    Error::upstream("connection to Valkey lost before the reply arrived")
+    crate::upstream::reply_lost()
 }
 
 fn joined(r: Result<Reply, tokio::task::JoinError>) -> Reply {
@@ -1374,7 +1435,15 @@ async fn sleep_until_some<T: Into<tokio::time::Instant>>(deadline: Option<T>) {
 /// The front slot's work, if it has completed (without waiting).
 fn front_done(outq: &mut VecDeque<Slot>) -> Option<FrontDone> {
     match outq.front_mut()? {
-        Slot::Upstream { rx, .. } | Slot::Lookup { rx, .. } => match rx.try_recv() {
+        Slot::Upstream {
+            rx: Answer::Inbox(inbox),
+            ..
+        } => inbox.try_take().map(FrontDone::Upstream),
+        Slot::Upstream {
+            rx: Answer::One(rx),
+            ..
+        }
+        | Slot::Lookup { rx, .. } => match rx.try_recv() {
             Ok(r) => Some(FrontDone::Upstream(r)),
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
             Err(_) => Some(FrontDone::Upstream(Err(dropped()))),
@@ -1392,7 +1461,15 @@ fn front_done(outq: &mut VecDeque<Slot>) -> Option<FrontDone> {
 /// Waits for the front slot's work to complete (never, if it is not waiting on anything).
 async fn front_event(outq: &mut VecDeque<Slot>) -> FrontDone {
     match outq.front_mut() {
-        Some(Slot::Upstream { rx, .. }) | Some(Slot::Lookup { rx, .. }) => {
+        Some(Slot::Upstream {
+            rx: Answer::Inbox(inbox),
+            ..
+        }) => FrontDone::Upstream(std::future::poll_fn(|cx| inbox.poll_take(cx)).await),
+        Some(Slot::Upstream {
+            rx: Answer::One(rx),
+            ..
+        })
+        | Some(Slot::Lookup { rx, .. }) => {
             FrontDone::Upstream(rx.await.unwrap_or_else(|_| Err(dropped())))
         }
         Some(Slot::Task(h, ..)) => FrontDone::Joined(joined(h.await)),

@@ -162,6 +162,47 @@ async fn valkey_paused_fails_fast_and_no_reply_goes_astray() {
     }
 }
 
+/// A client's pipeline read in one go goes to Valkey as one run (`connection::run`), its
+/// replies back through one inbox: cut off by a lost connection, every request of it is
+/// still answered — the ones Valkey never answered with an error — and the client's next
+/// pipeline gets exactly its own replies, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_cut_off_by_a_lost_connection_answers_every_request() {
+    let s = Stack::start_with(|c| c.valkey.command_timeout_ms = 500).await;
+    let mut a = s.raw().await;
+    assert_eq!(a.call(&[b"SET", b"a", b"from-a"]).await, "+OK\r\n");
+    let pipeline = |n: usize| {
+        let mut bytes = Vec::new();
+        for i in 0..n {
+            let key = if i % 2 == 0 { "a" } else { "missing" };
+            bytes.extend_from_slice(
+                format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).as_bytes(),
+            );
+        }
+        bytes
+    };
+    s.valkey.pause();
+    a.send(&pipeline(20)).await;
+    for i in 0..20 {
+        let r = a.frame().await;
+        assert!(r.starts_with("-UPSTREAM"), "reply {i}: {r}");
+    }
+    s.valkey.resume();
+    until(&mut a, &[b"GET", b"a"], Duration::from_secs(5), |r| {
+        r == "$6\r\nfrom-a\r\n"
+    })
+    .await;
+    a.send(&pipeline(20)).await;
+    for i in 0..20 {
+        let want = if i % 2 == 0 {
+            "$6\r\nfrom-a\r\n"
+        } else {
+            "$-1\r\n"
+        };
+        assert_eq!(a.frame().await, want, "reply {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_killed_hits_served_misses_fail_fast_and_recover() {
     let pg = start_private_postgres();

@@ -840,8 +840,7 @@ fn ready(r: Result<Bytes>) -> ReplyRx {
 }
 
 async fn await_reply(rx: ReplyRx) -> Result<Bytes> {
-    rx.await
-        .map_err(|_| Error::upstream("connection to Valkey lost before the reply arrived"))?
+    rx.await.map_err(|_| super::reply_lost())?
 }
 
 /// Keeps the slot map current: at start (retrying until a node answers), every few seconds,
@@ -881,7 +880,7 @@ async fn redirector(cluster: std::sync::Weak<Cluster>, mut rx: mpsc::UnboundedRe
         let Some(c) = cluster.upgrade() else { return };
         if r.job.hops >= MAX_HOPS {
             let msg = format!("TRYAGAIN too many cluster redirects for slot {}", r.slot);
-            let _ = r.job.reply.send(Err(Error::upstream(msg)));
+            r.job.reply.fail(&Error::upstream(msg));
             continue;
         }
         r.job.hops += 1;

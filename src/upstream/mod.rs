@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod commands;
 pub mod conn;
+pub mod inbox;
 pub mod mux;
 pub mod subscriber;
 pub mod tracking;
@@ -23,7 +24,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{Proto, Request};
 pub use cluster::Cluster;
 pub use conn::{Endpoint, Login, RawConn};
-pub use mux::{LongMark, Mux, ReplyBudget, ReplyRx, Tee};
+pub use inbox::{reply_lost, Inbox, Owed};
+pub use mux::{is_long, LongMark, Mux, ReplyBudget, ReplyRx, Tee};
 pub use tracking::{TrackingEvent, TrackingState};
 
 /// Valkey's script and function commands.
@@ -193,6 +195,27 @@ impl Upstream {
                 .mux(lane, proto)
                 .send_for(req.raw.clone(), lane, Some(budget)),
         }
+    }
+
+    /// Whether a client's pass-through requests may travel in runs (see `inbox`): on a
+    /// single server, where they all take the shared connection of the client's lane; a
+    /// cluster routes each by its keys.
+    pub fn runs(&self) -> bool {
+        self.cluster.is_none()
+    }
+
+    /// Sends a client's run of pass-through requests, encoded back to back in `raw`, on the
+    /// shared connection of its lane (single server only, see [`Upstream::runs`]); their
+    /// replies go to `owed`'s inbox, in order, each charged to the client's `budget`.
+    pub fn forward_run(
+        &self,
+        lane: u64,
+        proto: Proto,
+        raw: Bytes,
+        owed: Owed,
+        budget: &Arc<ReplyBudget>,
+    ) {
+        self.mux(lane, proto).send_run(raw, owed, lane, budget);
     }
 
     /// Sends one of cachefront's own single-key requests (a cache lookup) for a client.
@@ -502,7 +525,5 @@ impl Upstream {
 
 /// The reply a queued request gets; a dropped sender means its connection went away first.
 pub async fn reply_of(rx: ReplyRx) -> Result<Bytes> {
-    rx.await.map_err(|_| {
-        crate::error::Error::upstream("connection to Valkey lost before the reply arrived")
-    })?
+    rx.await.map_err(|_| reply_lost())?
 }

@@ -15,6 +15,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::conn::{connect, Endpoint, RawConn};
+use super::inbox::{Owed, ReplyTo};
 use super::tracking::TrackingState;
 use crate::error::{Error, Result};
 use crate::protocol::Proto;
@@ -149,7 +150,7 @@ const LONG_COMMANDS: &[&[u8]] = &[
 /// Whether an encoded request (`*N\r\n$L\r\nNAME…`) is a script or one of [`LONG_COMMANDS`].
 /// Asked of every request a client sends through a shared connection, so the name is found
 /// by hand, without UTF-8 checks or searching.
-fn is_long(raw: &[u8]) -> bool {
+pub fn is_long(raw: &[u8]) -> bool {
     command_name(raw).is_some_and(|name| {
         let is = |c: &&[u8]| c.eq_ignore_ascii_case(name);
         LONG_LENGTHS & (1 << name.len()) != 0
@@ -199,8 +200,9 @@ pub fn over_limit() -> Error {
 }
 
 pub struct Job {
+    /// One encoded request, or a client's run of them (see [`Mux::send_run`]).
     pub raw: Bytes,
-    pub reply: oneshot::Sender<Result<Bytes>>,
+    pub reply: ReplyTo,
     /// Send as a tracked read (`CLIENT CACHING yes` first) — cachefront's L1 lookups.
     pub tracked: bool,
     /// Cluster: precede with `ASKING` (the slot is being imported by this node).
@@ -252,7 +254,7 @@ type Pending = Option<Waiter>;
 
 /// Who waits for a reply. In a cluster the request is kept too, to resend it on a redirect.
 struct Waiter {
-    reply: oneshot::Sender<Result<Bytes>>,
+    reply: ReplyTo,
     resend: Option<Resend>,
     budget: Option<Arc<ReplyBudget>>,
     /// Held while a long request waits (see [`LongWork`]).
@@ -304,11 +306,7 @@ impl Mux {
 
     /// Sends a request again (after a cluster redirect), keeping its reply channel.
     pub fn resend(&self, job: Job) {
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(job) {
-            let _ = job
-                .reply
-                .send(Err(Error::upstream("cachefront is shutting down")));
-        }
+        self.push(job);
     }
 
     /// Queues a request for `lane` (cluster mode: kept for a possible redirect).
@@ -326,7 +324,7 @@ impl Mux {
         let (reply, rx) = oneshot::channel();
         self.push(Job {
             raw,
-            reply,
+            reply: ReplyTo::One(reply),
             tracked: false,
             asking: false,
             lane,
@@ -367,7 +365,7 @@ impl Mux {
         let (reply, rx) = oneshot::channel();
         self.push(Job {
             raw,
-            reply,
+            reply: ReplyTo::One(reply),
             tracked,
             asking: false,
             lane,
@@ -380,12 +378,29 @@ impl Mux {
         rx
     }
 
+    /// A client's run of pass-through requests, encoded one after another in `raw`, as one
+    /// job: its replies go to `owed`'s inbox in order (see `upstream::inbox`). None of them
+    /// may be long work (see [`is_long`]): only the run's first is looked at.
+    pub fn send_run(&self, raw: Bytes, owed: Owed, lane: u64, budget: &Arc<ReplyBudget>) {
+        self.push(Job {
+            raw,
+            reply: ReplyTo::Many(owed),
+            tracked: false,
+            asking: false,
+            lane,
+            hops: 0,
+            resp3: false,
+            budget: Some(Arc::clone(budget)),
+            own: false,
+            tee: None,
+        });
+    }
+
     /// Hands a job to the actor, or fails it if the actor is gone.
     fn push(&self, job: Job) {
         if let Err(mpsc::error::SendError(job)) = self.tx.send(job) {
-            let _ = job
-                .reply
-                .send(Err(Error::upstream("cachefront is shutting down")));
+            job.reply
+                .fail(&Error::upstream("cachefront is shutting down"));
         }
     }
 
@@ -441,7 +456,7 @@ async fn actor(ctx: Ctx, mut jobs: mpsc::UnboundedReceiver<Job>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Valkey; failing requests until it is back");
-                let _ = first.reply.send(Err(e.clone()));
+                first.reply.fail(&e);
                 fail_for(&mut jobs, backoff, &e, &ctx.recovered).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -464,9 +479,7 @@ async fn fail_for(
     loop {
         tokio::select! {
             job = tokio::time::timeout_at(until, jobs.recv()) => match job {
-                Ok(Some(job)) => {
-                    let _ = job.reply.send(Err(e.clone()));
-                }
+                Ok(Some(job)) => job.reply.fail(e),
                 Ok(None) | Err(_) => return,
             },
             () = &mut back => return,
@@ -551,7 +564,7 @@ async fn serve(
     };
     if let Err(e) = &result {
         for w in pending.drain(..).flatten() {
-            let _ = w.reply.send(Err(e.clone()));
+            w.reply.fail(e);
         }
     }
     result
@@ -628,6 +641,13 @@ fn deliver(
             // never let it be taken for someone's reply.
             continue;
         }
+        // A run's replies but its last go to its inbox; the last ends its waiter.
+        if let Some(Some(w)) = pending.front_mut() {
+            if w.reply.owes_more_than_one() {
+                w.reply.give_next(charged(w.budget.as_deref(), frame));
+                continue;
+            }
+        }
         match pending.pop_front() {
             Some(Some(w)) => answer(w, frame, redirects, conn.proto),
             Some(None) => {
@@ -680,26 +700,27 @@ fn answer(
         addr,
         job,
     }) {
-        let _ = r.job.reply.send(Ok(frame));
+        r.job.reply.answer(Ok(frame));
     }
 }
 
 /// Hands `frame` over, charged to the client's budget; past the client's limit the frame is
 /// dropped here, so a client that does not read cannot make the proxy hold its replies.
-fn deliver_charged(
-    reply: oneshot::Sender<Result<Bytes>>,
-    budget: Option<&ReplyBudget>,
-    frame: Bytes,
-) {
+fn deliver_charged(reply: ReplyTo, budget: Option<&ReplyBudget>, frame: Bytes) {
+    reply.answer(charged(budget, frame));
+}
+
+/// `frame`, charged to the client's budget — or, past the client's limit, the error that
+/// stands for it.
+fn charged(budget: Option<&ReplyBudget>, frame: Bytes) -> Result<Bytes> {
     let len = frame.len();
-    let r = match budget {
+    match budget {
         Some(b) if !b.charge(len) => {
             b.release(len);
             Err(over_limit())
         }
         _ => Ok(frame),
-    };
-    let _ = reply.send(r);
+    }
 }
 
 /// `-MOVED 3999 127.0.0.1:6381` or `-ASK 3999 127.0.0.1:6381` → (ask, slot, address).
