@@ -325,7 +325,7 @@ impl Connection {
                     self.unflushed = false;
                 }
                 Event::Client(ClientIo::Read(Err(e))) => return Err(e),
-                Event::Front(done) => self.resolve_front(done),
+                Event::Front(done) => self.resolve_front(done, Instant::now()),
                 Event::Dedicated(DedicatedIo::Read(r)) => self.on_dedicated_read(r),
                 Event::Dedicated(DedicatedIo::Wrote(r)) => self.dedicated_wrote(r),
                 Event::Dedicated(DedicatedIo::Flushed(r)) => self.dedicated_flushed(r),
@@ -470,11 +470,14 @@ impl Connection {
                     let live = self.live.load();
                     let action = command::dispatch(&self.ctx, live, &mut self.session, req);
                     self.muting = self.mutes(before);
+                    // (`let … else`: no action is kept beside `apply`'s future, which every
+                    // client's task would carry — see `an_idle_clients_task_stays_small`.)
+                    let Some(action) = self.run_or_not(action) else {
+                        self.command_done(slots);
+                        continue;
+                    };
                     self.apply(action).await;
-                    if self.outq.len() > slots {
-                        self.outq.command_reply(self.muting);
-                    }
-                    self.muting = false;
+                    self.command_done(slots);
                 }
                 Ok(Parsed::Incomplete) => break,
                 Err(e) => {
@@ -486,6 +489,15 @@ impl Connection {
             }
         }
         self.send_run();
+    }
+
+    /// A command was applied: the reply slot it added (if any; `slots` were there before)
+    /// is muted or not as `CLIENT REPLY` said.
+    fn command_done(&mut self, slots: usize) {
+        if self.outq.len() > slots {
+            self.outq.command_reply(self.muting);
+        }
+        self.muting = false;
     }
 
     /// Hands the run of pass-through requests gathered so far to the shared connection.
@@ -691,26 +703,43 @@ impl Connection {
         }
     }
 
+    /// Whether a request the client may send on any connection goes on its dedicated one:
+    /// one of the client's protocol that is logged in as it needs, or with replies pending.
+    fn holds_dedicated(&self) -> bool {
+        let proto = self.session.proto;
+        let held = self.ded.as_ref().is_some_and(|d| d.conn.proto == proto);
+        if held && !self.ded_logged_in_as_user() && !self.session.needs_dedicated() {
+            // The client logged in as another user since: a connection of the right login.
+            return self.ded.as_ref().is_some_and(|d| d.pending > 0);
+        }
+        held
+    }
+
+    /// Whether a pass-through request joins the client's run (see `connection::run`): one
+    /// for a shared connection, on a single server, that is not long work (Valkey may be
+    /// busy with that for long, and the shared connection must know it is).
+    fn joins_run(&self, req: &Request, route: Route) -> bool {
+        route == Route::Any
+            && self.ctx.upstream.runs()
+            && !self.holds_dedicated()
+            && !crate::upstream::is_long_name(req.name())
+    }
+
     async fn forward(&mut self, req: Request, route: Route, transform: Transform) {
         inc(&self.ctx.metrics.passthrough);
         let proto = self.session.proto;
-        let mut held = self.ded.as_ref().is_some_and(|d| d.conn.proto == proto);
-        if held && !self.ded_logged_in_as_user() && !self.session.needs_dedicated() {
-            // The client logged in as another user since: a connection of the right login.
-            held = self.ded.as_ref().is_some_and(|d| d.pending > 0);
+        if self.joins_run(&req, route) {
+            self.join_run(req.raw, transform, proto);
+            return;
         }
+        let mut held = self.holds_dedicated();
         match self.cluster_forward(&req, route, &transform, held) {
             ClusterStep::Done => return,
             ClusterStep::Shared => held = false,
             ClusterStep::Continue => {}
         }
-        let shared = route == Route::Any && !held;
-        if shared && self.ctx.upstream.runs() && !crate::upstream::is_long(&req.raw) {
-            self.join_run(req.raw, transform, proto);
-            return;
-        }
         self.send_run();
-        if shared {
+        if route == Route::Any && !held {
             let rx = self
                 .ctx
                 .upstream
@@ -785,8 +814,24 @@ impl Connection {
         }
     }
 
-    /// Adds a pass-through request to the client's run (a long one never joins: Valkey may
-    /// be busy with it for long, and the shared connection must know it is).
+    /// The usual pass-through request joins the client's run here, without `apply`'s
+    /// future; any other action is handed back to be applied.
+    fn run_or_not(&mut self, action: Action) -> Option<Action> {
+        match action {
+            Action::Forward {
+                req,
+                route,
+                transform,
+            } if self.joins_run(&req, route) => {
+                inc(&self.ctx.metrics.passthrough);
+                self.join_run(req.raw, transform, self.session.proto);
+                None
+            }
+            action => Some(action),
+        }
+    }
+
+    /// Adds a pass-through request to the client's run (see [`Connection::joins_run`]).
     fn join_run(&mut self, raw: bytes::Bytes, transform: Transform, proto: Proto) {
         if !self.run.takes(proto) {
             self.send_run();
@@ -1041,6 +1086,8 @@ impl Connection {
     /// Moves every reply that is ready at the front of the queue into the output buffer,
     /// settling the front slot's work as it completes.
     fn drain_ready(&mut self) {
+        // Read once for every reply settled here (a pipeline's come together).
+        let mut now = None;
         loop {
             let errors = self.outq.drain_front(&mut self.outbuf);
             if errors > 0 {
@@ -1048,7 +1095,7 @@ impl Connection {
                 crate::metrics::add(&self.ctx.metrics.errors, errors as u64);
             }
             match front_done(&mut self.outq) {
-                Some(done) => self.resolve_front(done),
+                Some(done) => self.resolve_front(done, *now.get_or_insert_with(Instant::now)),
                 None => break,
             }
         }
@@ -1085,8 +1132,9 @@ impl Connection {
         }
     }
 
-    /// Turns the front slot's completed work into a ready reply (or, for a cache miss, a fill).
-    fn resolve_front(&mut self, done: FrontDone) {
+    /// Turns the front slot's completed work into a ready reply (or, for a cache miss, a fill);
+    /// `now`: when it was found completed, for its latency.
+    fn resolve_front(&mut self, done: FrontDone, now: Instant) {
         let Some(front) = self.outq.pop_front() else {
             return;
         };
@@ -1109,7 +1157,7 @@ impl Connection {
                     .metrics
                     .latency
                     .passthrough
-                    .observe(started.elapsed());
+                    .observe(now.saturating_duration_since(started));
                 match (transform, r) {
                     (Transform::None, Ok(frame)) => Slot::Ready(frame),
                     (transform, r) => {
@@ -1138,7 +1186,8 @@ impl Connection {
                 },
                 FrontDone::Read(reply, status),
             ) => {
-                self.observe_read(status, started.elapsed(), stats.as_deref());
+                let took = now.saturating_duration_since(started);
+                self.observe_read(status, took, stats.as_deref());
                 self.ready(reply.into_bytes(proto))
             }
             (other, done) => {

@@ -25,7 +25,7 @@ use crate::protocol::{Proto, Request};
 pub use cluster::Cluster;
 pub use conn::{Endpoint, Login, RawConn};
 pub use inbox::{reply_lost, Inbox, Owed};
-pub use mux::{is_long, LongMark, Mux, ReplyBudget, ReplyRx, Tee};
+pub use mux::{is_long_name, LongMark, Mux, ReplyBudget, ReplyRx, Tee};
 pub use tracking::{TrackingEvent, TrackingState};
 
 /// Valkey's script and function commands.

@@ -150,12 +150,15 @@ const LONG_COMMANDS: &[&[u8]] = &[
 /// Whether an encoded request (`*N\r\n$L\r\nNAME…`) is a script or one of [`LONG_COMMANDS`].
 /// Asked of every request a client sends through a shared connection, so the name is found
 /// by hand, without UTF-8 checks or searching.
-pub fn is_long(raw: &[u8]) -> bool {
-    command_name(raw).is_some_and(|name| {
-        let is = |c: &&[u8]| c.eq_ignore_ascii_case(name);
-        LONG_LENGTHS & (1 << name.len()) != 0
-            && (LONG_COMMANDS.iter().any(is) || super::SCRIPT_COMMANDS.iter().any(is))
-    })
+fn is_long(raw: &[u8]) -> bool {
+    command_name(raw).is_some_and(is_long_name)
+}
+
+/// Whether a command of this name is a script or one of [`LONG_COMMANDS`] (any case).
+pub fn is_long_name(name: &[u8]) -> bool {
+    let is = |c: &&[u8]| c.eq_ignore_ascii_case(name);
+    LONG_LENGTHS.checked_shr(name.len() as u32).unwrap_or(0) & 1 != 0
+        && (LONG_COMMANDS.iter().any(is) || super::SCRIPT_COMMANDS.iter().any(is))
 }
 
 /// The lengths of the names [`is_long`] looks for, one bit each: most commands (`GET`,
