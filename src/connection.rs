@@ -470,12 +470,6 @@ impl Connection {
                     let live = self.live.load();
                     let action = command::dispatch(&self.ctx, live, &mut self.session, req);
                     self.muting = self.mutes(before);
-                    // (`let … else`: no action is kept beside `apply`'s future, which every
-                    // client's task would carry — see `an_idle_clients_task_stays_small`.)
-                    let Some(action) = self.run_or_not(action) else {
-                        self.command_done(slots);
-                        continue;
-                    };
                     self.apply(action).await;
                     self.command_done(slots);
                 }
@@ -547,6 +541,14 @@ impl Connection {
     }
 
     async fn apply(&mut self, action: Action) {
+        if self.joins_run_now(&action) {
+            // The usual pass-through request, without `forward`'s future.
+            if let Action::Forward { req, transform, .. } = action {
+                inc(&self.ctx.metrics.passthrough);
+                self.join_run(req.raw, transform, self.session.proto);
+            }
+            return;
+        }
         if !matches!(action, Action::Forward { .. }) {
             // Whatever this is may reach Valkey (or wait): the requests before it go first.
             self.send_run();
@@ -814,21 +816,10 @@ impl Connection {
         }
     }
 
-    /// The usual pass-through request joins the client's run here, without `apply`'s
-    /// future; any other action is handed back to be applied.
-    fn run_or_not(&mut self, action: Action) -> Option<Action> {
-        match action {
-            Action::Forward {
-                req,
-                route,
-                transform,
-            } if self.joins_run(&req, route) => {
-                inc(&self.ctx.metrics.passthrough);
-                self.join_run(req.raw, transform, self.session.proto);
-                None
-            }
-            action => Some(action),
-        }
+    /// Whether `action` is a pass-through request that joins the client's run (looked at,
+    /// not moved: every other action goes on to `apply` as it is).
+    fn joins_run_now(&self, action: &Action) -> bool {
+        matches!(action, Action::Forward { req, route, .. } if self.joins_run(req, *route))
     }
 
     /// Adds a pass-through request to the client's run (see [`Connection::joins_run`]).
