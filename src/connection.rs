@@ -26,7 +26,7 @@ use crate::protocol::{Proto, Reply, Request, RequestParser};
 use crate::session::{ReplyMode, Session};
 use crate::tls::ClientStream;
 use crate::upstream::cluster::Owner;
-use crate::upstream::{Inbox, LongMark, RawConn, ReplyBudget, ReplyRx};
+use crate::upstream::{reply_lost, Inbox, LongMark, RawConn, ReplyBudget, ReplyRx};
 
 mod queue;
 mod run;
@@ -1107,7 +1107,7 @@ impl Connection {
             let r = match rx.try_recv() {
                 Ok(r) => r,
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => continue,
-                Err(_) => Err(dropped()),
+                Err(_) => Err(reply_lost()),
             };
             let Slot::Lookup {
                 pending, started, ..
@@ -1402,10 +1402,6 @@ fn write_timeout() -> std::io::Error {
     )
 }
 
-fn dropped() -> Error {
-    crate::upstream::reply_lost()
-}
-
 fn joined(r: Result<Reply, tokio::task::JoinError>) -> Reply {
     r.unwrap_or_else(|e| {
         tracing::error!(error = %e, "command task failed");
@@ -1486,7 +1482,7 @@ fn front_done(outq: &mut VecDeque<Slot>) -> Option<FrontDone> {
         | Slot::Lookup { rx, .. } => match rx.try_recv() {
             Ok(r) => Some(FrontDone::Upstream(r)),
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
-            Err(_) => Some(FrontDone::Upstream(Err(dropped()))),
+            Err(_) => Some(FrontDone::Upstream(Err(reply_lost()))),
         },
         Slot::Task(h, ..) if h.is_finished() => {
             futures::FutureExt::now_or_never(h).map(|r| FrontDone::Joined(joined(r)))
@@ -1510,7 +1506,7 @@ async fn front_event(outq: &mut VecDeque<Slot>) -> FrontDone {
             ..
         })
         | Some(Slot::Lookup { rx, .. }) => {
-            FrontDone::Upstream(rx.await.unwrap_or_else(|_| Err(dropped())))
+            FrontDone::Upstream(rx.await.unwrap_or_else(|_| Err(reply_lost())))
         }
         Some(Slot::Task(h, ..)) => FrontDone::Joined(joined(h.await)),
         Some(Slot::Read { task, .. }) => read_joined(task.await),

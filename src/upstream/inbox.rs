@@ -80,12 +80,19 @@ impl Owed {
             self.inbox.put(reply);
         }
     }
+
+    /// Gives every reply still owed the error `e`.
+    fn fail_rest(&mut self, e: &Error) {
+        while self.count > 0 {
+            self.give(Err(e.clone()));
+        }
+    }
 }
 
 impl Drop for Owed {
     fn drop(&mut self) {
-        while self.count > 0 {
-            self.give(Err(reply_lost()));
+        if self.count > 0 {
+            self.fail_rest(&reply_lost());
         }
     }
 }
@@ -115,11 +122,7 @@ impl ReplyTo {
             ReplyTo::One(tx) => {
                 let _ = tx.send(Err(e.clone()));
             }
-            ReplyTo::Many(mut owed) => {
-                while owed.count > 0 {
-                    owed.give(Err(e.clone()));
-                }
-            }
+            ReplyTo::Many(mut owed) => owed.fail_rest(e),
         }
     }
 
