@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -524,7 +523,7 @@ impl OpenClient {
 
 impl Drop for OpenClient {
     fn drop(&mut self) {
-        self.0.connections_current.fetch_sub(1, Ordering::Relaxed);
+        self.0.connections_current.sub(1);
     }
 }
 

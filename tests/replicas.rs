@@ -95,19 +95,22 @@ fn lsn(text: &str) -> u64 {
     cachefront::db::replicas::parse_lsn(text).unwrap_or_else(|| panic!("not an LSN: {text}"))
 }
 
-fn counter(s: &Stack, which: fn(&cachefront::metrics::Metrics) -> &AtomicU64) -> u64 {
+fn counter(
+    s: &Stack,
+    which: fn(&cachefront::metrics::Metrics) -> &cachefront::metrics::Counter,
+) -> u64 {
     which(&s.proxy.shared.metrics).load(Ordering::Relaxed)
 }
 
-fn replica_fills(m: &cachefront::metrics::Metrics) -> &AtomicU64 {
+fn replica_fills(m: &cachefront::metrics::Metrics) -> &cachefront::metrics::Counter {
     &m.replica_fills
 }
 
-fn replica_fallbacks(m: &cachefront::metrics::Metrics) -> &AtomicU64 {
+fn replica_fallbacks(m: &cachefront::metrics::Metrics) -> &cachefront::metrics::Counter {
     &m.replica_fallbacks
 }
 
-fn replica_errors(m: &cachefront::metrics::Metrics) -> &AtomicU64 {
+fn replica_errors(m: &cachefront::metrics::Metrics) -> &cachefront::metrics::Counter {
     &m.replica_errors
 }
 

@@ -59,7 +59,10 @@ async fn listening(s: &Stack) {
     .await;
 }
 
-fn count(s: &Stack, f: impl Fn(&cachefront::metrics::Metrics) -> &AtomicU64) -> u64 {
+fn count(
+    s: &Stack,
+    f: impl Fn(&cachefront::metrics::Metrics) -> &cachefront::metrics::Counter,
+) -> u64 {
     f(&s.proxy.shared.metrics).load(Relaxed)
 }
 

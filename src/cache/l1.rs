@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::near;
 use crate::protocol::Proto;
 use crate::upstream::TrackingEvent;
 
@@ -33,10 +34,12 @@ pub struct Item {
 /// `cache.l1_ttl_ms` (an instant, not its start, so a hit before then compares two instants
 /// instead of working out a duration); `None`: a life too long for the clock to name, which
 /// never ends.
+/// The [`Ticket`] its lookup was sent with: the epochs it entered under (see `cache::near`).
 #[derive(Clone)]
 struct Stored {
     item: Item,
     renews: Option<Instant>,
+    ticket: Ticket,
 }
 
 /// An item weighs its key, its frame and a fixed overhead, so `l1_max_bytes` bounds memory.
@@ -102,6 +105,8 @@ pub struct Ticket {
 
 pub struct L1 {
     items: Items,
+    /// Tells this L1's copies in `cache::near` from another's (tests run several at once).
+    id: u64,
     /// `cache.l1_ttl_ms` but its last eighth: when an item's renewal is due. The items of
     /// hot entries are looked up again then, by one read, while every other read still
     /// hits: they never all end at once, under a load that would otherwise send hundreds of
@@ -191,8 +196,10 @@ impl L1 {
                 Default::default(),
             ),
         };
+        static IDS: AtomicU64 = AtomicU64::new(1);
         L1 {
             items,
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             renewal: ttl - ttl / 8,
             grace: ttl / 8,
             global: AtomicU64::new(0),
@@ -222,13 +229,29 @@ impl L1 {
         Bytes::from(k)
     }
 
-    fn stripe(key: &[u8]) -> usize {
-        // FNV-1a: cheap, and only spreads keys over stripes.
+    /// FNV-1a of a key: cheap, and only spreads keys over stripes and near slots.
+    fn hash(key: &[u8]) -> u64 {
         let mut h: u64 = 0xcbf29ce484222325;
         for b in key {
             h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
         }
+        h
+    }
+
+    fn stripe(key: &[u8]) -> usize {
+        Self::stripe_of(Self::hash(key))
+    }
+
+    fn stripe_of(h: u64) -> usize {
         (h as usize) % STRIPES
+    }
+
+    /// The epochs now, for a key of hash `h`.
+    fn current(&self, h: u64) -> Ticket {
+        Ticket {
+            global: self.global.load(Ordering::SeqCst),
+            stripe: self.stripes[Self::stripe_of(h)].load(Ordering::SeqCst),
+        }
     }
 
     /// The cached reply frame for an entry, if present.
@@ -242,15 +265,36 @@ impl L1 {
         if !self.enabled {
             return None;
         }
-        let stored = if hash {
-            self.items.get(&Self::slot_key(key.as_bytes(), hash, proto))
-        } else {
-            // A plain key is its own L1 key: look it up without building one.
-            self.items.get(key.as_bytes())
-        }?;
+        if hash {
+            let stored = self
+                .items
+                .get(&Self::slot_key(key.as_bytes(), hash, proto))?;
+            return Self::hit_of(stored, now, self.grace);
+        }
+        // A plain key is its own L1 key, and may have a copy on this thread.
+        let key = key.as_bytes();
+        let h = Self::hash(key);
+        if let Some((frame, fresh)) = near::get(self.id, key, h, now, || self.current(h)) {
+            return Some(Hit {
+                frame,
+                fresh,
+                renew: false,
+            });
+        }
+        let stored = self.items.get(key)?;
+        let (ticket, renews) = (stored.ticket, stored.renews);
+        let hit = Self::hit_of(stored, now, self.grace)?;
+        if let Some(renews) = renews.filter(|_| !hit.renew && ticket == self.current(h)) {
+            near::served(self.id, key, h, &hit.frame, hit.fresh, (ticket, renews));
+        }
+        Some(hit)
+    }
+
+    /// The hit an item gives at `now`: `None` once its life (renewal, then `grace`) is over.
+    fn hit_of(stored: Stored, now: Instant, grace: Duration) -> Option<Hit> {
         let renew = match stored.renews {
             Some(at) if now >= at => {
-                if at.checked_add(self.grace).is_some_and(|ends| now >= ends) {
+                if at.checked_add(grace).is_some_and(|ends| now >= ends) {
                     return None;
                 }
                 true
@@ -287,7 +331,14 @@ impl L1 {
         }
         let slot = Self::slot_key(key.as_bytes(), hash, proto);
         let renews = Instant::now().checked_add(self.renewal);
-        self.items.insert(slot.clone(), Stored { item, renews });
+        self.items.insert(
+            slot.clone(),
+            Stored {
+                item,
+                renews,
+                ticket: t,
+            },
+        );
         // An invalidation may have run between the check and the insert; it bumped the
         // epoch before removing, so looking again after inserting catches it.
         if self.ticket(key) != t {
@@ -410,6 +461,51 @@ mod tests {
         assert_eq!(renew(Duration::from_millis(701)), Some(true));
         assert_eq!(renew(Duration::from_millis(790)), Some(true));
         assert_eq!(renew(Duration::from_millis(801)), None);
+    }
+
+    /// Whether the hit at `now` came from this thread's copy: a copy's frame is its own
+    /// allocation, the L1's is the item's.
+    fn from_copy(l1: &L1, key: &str, now: Instant) -> Option<bool> {
+        l1.get_at(key, false, Proto::Resp2, now)
+            .map(|h| h.frame.as_ptr() != item().frame.as_ptr())
+    }
+
+    /// The second L1 hit in a row copies the item to the thread; every kind of invalidation,
+    /// and the item's renewal coming due, stops the copy from being served at once.
+    #[test]
+    fn a_threads_copy_is_served_only_while_nothing_invalidated_it() {
+        let l1 = L1::new(1 << 20, Duration::from_millis(800));
+        let now = Instant::now();
+        let invalidations: [&dyn Fn(&L1); 4] = [
+            &|l1| l1.invalidate_key(b"emp:1"),
+            &|l1| l1.clear(),
+            &|l1| l1.invalidate_tables(&["other".into()], true),
+            &|l1| l1.on_tracking(TrackingEvent::Keys(vec![Bytes::from_static(b"emp:1")])),
+        ];
+        for invalidate in invalidations {
+            stored(&l1, "emp:1");
+            assert_eq!(from_copy(&l1, "emp:1", now), Some(false));
+            from_copy(&l1, "emp:1", now);
+            assert_eq!(from_copy(&l1, "emp:1", now), Some(true));
+            invalidate(&l1);
+            // Gone from the L1, or (another table's invalidation) kept there but with
+            // epochs that moved: either way never served from the copy again.
+            assert_ne!(from_copy(&l1, "emp:1", now), Some(true));
+            assert_ne!(from_copy(&l1, "emp:1", now), Some(true));
+            l1.clear();
+        }
+        stored(&l1, "emp:1");
+        for _ in 0..3 {
+            from_copy(&l1, "emp:1", now);
+        }
+        assert_eq!(from_copy(&l1, "emp:1", now), Some(true));
+        // Due for renewal: the L1 answers (and asks for it).
+        let due = now + Duration::from_millis(750);
+        let hit = l1.get_at("emp:1", false, Proto::Resp2, due);
+        assert!(hit.is_some_and(|h| h.renew));
+        // Another L1 in the same thread never sees this one's copy.
+        let other = L1::new(1 << 20, Duration::from_millis(800));
+        assert!(other.get_at("emp:1", false, Proto::Resp2, now).is_none());
     }
 
     #[test]

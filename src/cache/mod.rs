@@ -9,6 +9,7 @@ pub mod flight;
 pub mod key;
 pub mod l1;
 pub mod named;
+mod near;
 pub mod read;
 mod resp;
 pub mod store;

@@ -857,7 +857,7 @@ mod tests {
         }
     }
 
-    fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
+    fn count(c: &crate::metrics::Counter) -> u64 {
         c.load(Relaxed)
     }
 

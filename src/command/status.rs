@@ -129,8 +129,7 @@ fn busiest(ctx: &Context) -> Vec<Query> {
         .take(BUSIEST)
         .map(|q| {
             let s = &q.stats;
-            let load =
-                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let load = |a: &crate::metrics::Counter| a.load(std::sync::atomic::Ordering::Relaxed);
             Query {
                 query: s.label.clone(),
                 command: s.command.clone(),

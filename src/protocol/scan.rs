@@ -32,24 +32,32 @@ impl FrameScanner {
             self.owed = 1;
         }
         while self.owed > 0 {
-            let Some(rel) = find_crlf(&buf[self.pos..]) else {
-                return Ok(None);
-            };
             let start = self.pos;
-            let line_end = start + rel;
-            let next = line_end + 2;
-            if line_end == start {
-                return Err(ScanError("empty line"));
-            }
-            let kind = buf[start];
-            let body = &buf[start + 1..line_end];
+            let (kind, n, next) = match counted_line(buf, start) {
+                Some(line) => line,
+                None => {
+                    let Some(rel) = find_crlf(&buf[start..]) else {
+                        return Ok(None);
+                    };
+                    let line_end = start + rel;
+                    if line_end == start {
+                        return Err(ScanError("empty line"));
+                    }
+                    let kind = buf[start];
+                    let n = match is_counted(kind) {
+                        true => parse_signed(&buf[start + 1..line_end]),
+                        false => None,
+                    };
+                    (kind, n, line_end + 2)
+                }
+            };
             match kind {
                 b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {
                     self.pos = next;
                     self.owed -= 1;
                 }
                 b'$' | b'!' | b'=' => {
-                    let n = parse_signed(body).ok_or(ScanError("bad blob length"))?;
+                    let n = n.ok_or(ScanError("bad blob length"))?;
                     if n < 0 {
                         if n != -1 || kind != b'$' {
                             return Err(ScanError("bad blob length"));
@@ -68,7 +76,7 @@ impl FrameScanner {
                     self.owed -= 1;
                 }
                 b'*' | b'~' | b'>' | b'%' | b'|' => {
-                    let n = parse_signed(body).ok_or(ScanError("bad aggregate length"))?;
+                    let n = n.ok_or(ScanError("bad aggregate length"))?;
                     self.pos = next;
                     self.owed -= 1;
                     if n < 0 {
@@ -93,6 +101,40 @@ impl FrameScanner {
             }
         }
         Ok(Some(self.pos))
+    }
+}
+
+/// Whether a line of this kind carries a number: a blob's length or an aggregate's count.
+fn is_counted(kind: u8) -> bool {
+    matches!(kind, b'$' | b'!' | b'=' | b'*' | b'~' | b'>' | b'%' | b'|')
+}
+
+/// A counted line at `start` in its usual form — the kind, an optional `-`, 1 to 18 digits,
+/// CRLF — read in one pass: its kind, its number and where the next line starts. Nearly
+/// every line Valkey sends is a length or a count, so this spares most lines the search for
+/// their end and a second pass over their digits. `None` for any other line, or one not all
+/// here yet: the exact path decides (and words any error).
+fn counted_line(buf: &[u8], start: usize) -> Option<(u8, Option<i64>, usize)> {
+    let kind = *buf.get(start)?;
+    if !is_counted(kind) {
+        return None;
+    }
+    let mut i = start + 1;
+    let negative = buf.get(i) == Some(&b'-');
+    if negative {
+        i += 1;
+    }
+    let first = i;
+    let mut n: i64 = 0;
+    loop {
+        match *buf.get(i)? {
+            b @ b'0'..=b'9' if i - first < 18 => n = n * 10 + i64::from(b - b'0'),
+            b'\r' if i > first && buf.get(i + 1) == Some(&b'\n') => {
+                return Some((kind, Some(if negative { -n } else { n }), i + 2));
+            }
+            _ => return None,
+        }
+        i += 1;
     }
 }
 
@@ -200,6 +242,47 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert_eq!(whole(f), Some(n));
+        }
+    }
+
+    /// The one-pass read of a counted line gives what the exact path gives, or leaves the
+    /// line to it.
+    #[test]
+    fn counted_lines_read_as_the_exact_path_reads_them() {
+        let lines: &[&[u8]] = &[
+            b"$3\r\n",
+            b"*-1\r\n",
+            b"$-1\r\n",
+            b"%12\r\n",
+            b"$007\r\n",
+            b"*-0\r\n",
+            b"$999999999999999999\r\n",
+            b"$1000000000000000000\r\n",
+            b"$\r\n",
+            b"$-\r\n",
+            b"$1x\r\n",
+            b"$1\r",
+            b"$12",
+            b"$1\rx\n",
+            b"+OK\r\n",
+            b":5\r\n",
+        ];
+        for line in lines {
+            let exact = find_crlf(line).map(|end| {
+                let n = is_counted(line[0])
+                    .then(|| parse_signed(&line[1..end]))
+                    .flatten();
+                (line[0], n, end + 2)
+            });
+            match counted_line(line, 0) {
+                Some(quick) => assert_eq!(Some(quick), exact, "{}", String::from_utf8_lossy(line)),
+                // Left to the exact path: not a counted line in the usual form.
+                None => assert!(
+                    exact.is_none_or(|(kind, n, _)| !is_counted(kind) || n.is_none()),
+                    "{}",
+                    String::from_utf8_lossy(line)
+                ),
+            }
         }
     }
 
