@@ -302,19 +302,24 @@ impl Connection {
             }
             let idle_deadline = self.idle_limit().map(|d| tokio::time::Instant::now() + d);
             let write_deadline = self.write_stalled.map(|t| t + write_limit);
-            // Timers without a deadline are not polled at all.
+            // Timers without a deadline are not polled at all. In a fixed order rather than
+            // a random one (a random draw per poll, twice a request for a client that sends
+            // one at a time): what must end the loop first, then the front reply before more
+            // input — reading never starves, since the requests whose replies keep the front
+            // busy are the client's own, and finite — then the timers.
             let event = tokio::select! {
+                biased;
                 _ = self.stop.wait(), if !self.closing => Event::Shutdown,
                 _ = self.budget.wait_exceeded() => Event::OutputLimit,
+                f = front_event(&mut self.outq) => Event::Front(f),
+                io = client_io(&mut self.stream, &mut self.inbuf, &self.outbuf, self.unflushed, can_read) => Event::Client(io),
+                io = dedicated_io(&mut self.ded) => Event::Dedicated(io),
                 _ = sleep_until_some(soft_deadline), if soft_deadline.is_some() => Event::OutputLimit,
                 _ = sleep_until_some(write_deadline), if write_deadline.is_some() => return Err(write_timeout()),
                 _ = sleep_until_some(idle_deadline), if idle_deadline.is_some() => {
                     tracing::debug!(client = self.session.id, "idle timeout");
                     return Ok(());
                 }
-                f = front_event(&mut self.outq) => Event::Front(f),
-                io = client_io(&mut self.stream, &mut self.inbuf, &self.outbuf, self.unflushed, can_read) => Event::Client(io),
-                io = dedicated_io(&mut self.ded) => Event::Dedicated(io),
             };
             match event {
                 Event::Client(ClientIo::Read(Ok(0))) => return Ok(()),
@@ -1150,7 +1155,13 @@ impl Connection {
                     .passthrough
                     .observe(now.saturating_duration_since(started));
                 match (transform, r) {
-                    (Transform::None, Ok(frame)) => Slot::Ready(frame),
+                    // Passed on as it came: it leaves now, the front slot with it.
+                    (Transform::None, Ok(frame)) => {
+                        if self.outq.send_front_reply(&frame, &mut self.outbuf) {
+                            inc(&self.ctx.metrics.errors);
+                        }
+                        return;
+                    }
                     (transform, r) => {
                         self.release_shared(&r);
                         self.ready(transform.apply(&self.ctx, proto, r).into_bytes(proto))

@@ -81,6 +81,22 @@ impl<S: Queued> ReplyQueue<S> {
         slot
     }
 
+    /// The front slot — already taken off by the caller — completed with `reply`, charged
+    /// and final: it leaves at once, into `out` or dropped while muted, as [`drain_front`]
+    /// would have sent it had the slot been put back ready (a pass-through reply, the
+    /// commonest, is spared that round). Returns whether it is an error reply, for the
+    /// error counter.
+    ///
+    /// [`drain_front`]: Self::drain_front
+    pub fn send_front_reply(&mut self, reply: &[u8], out: &mut BytesMut) -> bool {
+        if self.muted.pop_front().unwrap_or(false) {
+            self.budget.release(reply.len());
+        } else {
+            out.extend_from_slice(reply);
+        }
+        matches!(reply.first(), Some(b'-') | Some(b'!'))
+    }
+
     /// A command added its reply slot (the last one): whether that reply is dropped.
     pub fn command_reply(&mut self, muted: bool) {
         self.muted.push_back(muted);
@@ -208,6 +224,25 @@ mod tests {
         complete(&mut q, 1, "+a\r\n");
         q.drain_front(&mut out);
         assert_eq!(&out[..], b">2\r\n+m\r\n+1\r\n+a\r\n+b\r\n");
+    }
+
+    /// A front slot settled with its final reply leaves at once, in order with what the
+    /// queue drains after it, dropped and released while muted.
+    #[test]
+    fn a_settled_front_reply_leaves_at_once() {
+        let mut q = queue();
+        let mut out = BytesMut::new();
+        command(&mut q, Slot::Waiting(1), false);
+        command(&mut q, Slot::Waiting(2), true);
+        command(&mut q, ready("+c\r\n"), false);
+        for (reply, error) in [("-ERR a\r\n", true), ("+b\r\n", false)] {
+            q.budget().charge(reply.len());
+            assert!(matches!(q.pop_front(), Some(Slot::Waiting(_))));
+            assert_eq!(q.send_front_reply(reply.as_bytes(), &mut out), error);
+        }
+        q.drain_front(&mut out);
+        assert_eq!(&out[..], b"-ERR a\r\n+c\r\n");
+        assert_eq!(q.budget().held(), out.len(), "the muted reply released");
     }
 
     #[test]

@@ -41,6 +41,12 @@ impl Inbox {
         self.waker.wake();
     }
 
+    /// Puts several replies at once: one lock and one wake-up for all of them.
+    fn put_all(&self, replies: impl Iterator<Item = Result<Bytes>>) {
+        self.lock().extend(replies);
+        self.waker.wake();
+    }
+
     /// The next reply, if it has come.
     pub fn try_take(&self) -> Option<Result<Bytes>> {
         self.lock().pop_front()
@@ -79,6 +85,16 @@ impl Owed {
             self.count -= 1;
             self.inbox.put(reply);
         }
+    }
+
+    /// Gives the replies in `batch` (as many as are owed), emptying it.
+    fn give_all(&mut self, batch: &mut Vec<Result<Bytes>>) {
+        let n = batch.len().min(self.count as usize);
+        if n > 0 {
+            self.count -= n as u32;
+            self.inbox.put_all(batch.drain(..n));
+        }
+        batch.clear();
     }
 
     /// Gives every reply still owed the error `e`.
@@ -126,15 +142,20 @@ impl ReplyTo {
         }
     }
 
-    /// Whether this is a run still owing more than its last reply.
-    pub fn owes_more_than_one(&self) -> bool {
-        matches!(self, ReplyTo::Many(owed) if owed.count > 1)
+    /// How many replies are still owed: a run's count, one for a single request.
+    pub fn owed(&self) -> usize {
+        match self {
+            ReplyTo::One(_) => 1,
+            ReplyTo::Many(owed) => owed.count as usize,
+        }
     }
 
-    /// Gives a run's next reply (not its last: see [`ReplyTo::owes_more_than_one`]).
-    pub fn give_next(&mut self, reply: Result<Bytes>) {
-        if let ReplyTo::Many(owed) = self {
-            owed.give(reply);
+    /// Gives a run replies read together (not its last, see [`ReplyTo::owed`]), emptying
+    /// `batch`: they reach the inbox under one lock, with one wake-up.
+    pub fn give_batch(&mut self, batch: &mut Vec<Result<Bytes>>) {
+        match self {
+            ReplyTo::Many(owed) => owed.give_all(batch),
+            ReplyTo::One(_) => batch.clear(),
         }
     }
 }
@@ -156,18 +177,26 @@ mod tests {
             .collect()
     }
 
-    /// A run's replies arrive in order, the last through `answer`.
+    /// A run's replies arrive in order, batches of them and the last through `answer`; a
+    /// batch longer than what is owed gives only what is owed.
     #[test]
     fn a_runs_replies_arrive_in_order() {
         let inbox = Arc::new(Inbox::default());
-        let mut to = ReplyTo::Many(Owed::new(Arc::clone(&inbox), 3));
-        for f in ["+a", "+b"] {
-            assert!(to.owes_more_than_one());
-            to.give_next(frame(f));
-        }
-        assert!(!to.owes_more_than_one());
-        to.answer(frame("+c"));
-        assert_eq!(taken(&inbox), ["+a", "+b", "+c"]);
+        let mut to = ReplyTo::Many(Owed::new(Arc::clone(&inbox), 4));
+        let mut batch = vec![frame("+a")];
+        to.give_batch(&mut batch);
+        assert_eq!(to.owed(), 3);
+        batch.extend([frame("+b"), frame("+c")]);
+        to.give_batch(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(to.owed(), 1);
+        to.answer(frame("+d"));
+        assert_eq!(taken(&inbox), ["+a", "+b", "+c", "+d"]);
+        let mut over = ReplyTo::Many(Owed::new(Arc::clone(&inbox), 1));
+        let mut batch = vec![frame("+e"), frame("+f")];
+        over.give_batch(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!((over.owed(), taken(&inbox)), (0, vec!["+e".to_string()]));
     }
 
     /// A run dropped or failed partway still gives every slot a reply: the ones owed get
@@ -176,7 +205,7 @@ mod tests {
     fn a_run_ended_early_owes_nothing() {
         let inbox = Arc::new(Inbox::default());
         let mut dropped = ReplyTo::Many(Owed::new(Arc::clone(&inbox), 3));
-        dropped.give_next(frame("+a"));
+        dropped.give_batch(&mut vec![frame("+a")]);
         drop(dropped);
         let failed = ReplyTo::Many(Owed::new(Arc::clone(&inbox), 2));
         failed.fail(&Error::upstream("Valkey closed the connection"));

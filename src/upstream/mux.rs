@@ -503,6 +503,8 @@ async fn serve(
     // The tracking generation this connection's `CLIENT TRACKING` points at (0: none).
     let mut tracked_gen = 0u64;
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    // A run's replies read together, on their way to its inbox (see [`deliver`]).
+    let mut batch = Vec::new();
     let mut last_progress = Instant::now();
     let mut ticker = tokio::time::interval((timeout / 4).max(Duration::from_millis(20)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -548,7 +550,7 @@ async fn serve(
                 Ok(0) => break Err(Error::upstream("Valkey closed the connection")),
                 Ok(_) => {
                     last_progress = Instant::now();
-                    if let Err(e) = deliver(&mut conn, &mut pending, ctx.redirects.as_ref()) {
+                    if let Err(e) = deliver(&mut conn, &mut pending, ctx.redirects.as_ref(), &mut batch) {
                         break Err(e);
                     }
                 }
@@ -633,10 +635,29 @@ fn push_job(
 
 /// Hands every complete buffered frame to the oldest waiting request — or, for a cluster
 /// redirect, the request to the router.
+/// Hands every complete reply read so far to its waiter. A run's replies read together are
+/// gathered in `batch` (kept by the connection, empty between calls) and reach its inbox
+/// together — before its last reply, or when the read is used up, or when a bad frame ends
+/// the connection — so a pipeline's replies cost one lock and one wake-up per read, not one
+/// each.
 fn deliver(
     conn: &mut RawConn,
     pending: &mut VecDeque<Pending>,
     redirects: Option<&mpsc::UnboundedSender<Redirect>>,
+    batch: &mut Vec<Result<Bytes>>,
+) -> Result<()> {
+    let result = deliver_frames(conn, pending, redirects, batch);
+    if let Some(Some(w)) = pending.front_mut() {
+        w.reply.give_batch(batch);
+    }
+    result
+}
+
+fn deliver_frames(
+    conn: &mut RawConn,
+    pending: &mut VecDeque<Pending>,
+    redirects: Option<&mpsc::UnboundedSender<Redirect>>,
+    batch: &mut Vec<Result<Bytes>>,
 ) -> Result<()> {
     while let Some(frame) = conn.next_buffered()? {
         if frame.first() == Some(&b'>') {
@@ -644,12 +665,13 @@ fn deliver(
             // never let it be taken for someone's reply.
             continue;
         }
-        // A run's replies but its last go to its inbox; the last ends its waiter.
+        // A run's replies but its last are gathered for its inbox; the last ends its waiter.
         if let Some(Some(w)) = pending.front_mut() {
-            if w.reply.owes_more_than_one() {
-                w.reply.give_next(charged(w.budget.as_deref(), frame));
+            if w.reply.owed() > batch.len() + 1 {
+                batch.push(charged(w.budget.as_deref(), frame));
                 continue;
             }
+            w.reply.give_batch(batch);
         }
         match pending.pop_front() {
             Some(Some(w)) => answer(w, frame, redirects, conn.proto),
