@@ -383,7 +383,7 @@ impl Mux {
 
     /// A client's run of pass-through requests, encoded one after another in `raw`, as one
     /// job: its replies go to `owed`'s inbox in order (see `upstream::inbox`). None of them
-    /// may be long work (see [`is_long`]): only the run's first is looked at.
+    /// may be long work (see [`is_long`]): a run is not looked at for it.
     pub fn send_run(&self, raw: Bytes, owed: Owed, lane: u64, budget: &Arc<ReplyBudget>) {
         self.push(Job {
             raw,
@@ -612,10 +612,10 @@ fn push_job(
         }
     }
     wbuf.extend_from_slice(&job.raw);
-    let long = if job.own {
-        None
-    } else {
-        ctx.long.mark_if_long(&job.raw)
+    // A run never holds long work (see `Mux::send_run`): nothing of it to look at.
+    let long = match (job.own, &job.reply) {
+        (true, _) | (_, ReplyTo::Many(_)) => None,
+        _ => ctx.long.mark_if_long(&job.raw),
     };
     let resend = keep.then_some(Resend {
         raw: job.raw,
