@@ -34,11 +34,12 @@ pub struct Item {
 /// `cache.l1_ttl_ms` (an instant, not its start, so a hit before then compares two instants
 /// instead of working out a duration); `None`: a life too long for the clock to name, which
 /// never ends.
-/// The [`Ticket`] its lookup was sent with: the epochs it entered under (see `cache::near`).
 #[derive(Clone)]
 struct Stored {
     item: Item,
     renews: Option<Instant>,
+    /// The epochs its lookup was sent with, which it entered under: a thread's copy of it is
+    /// good while they are current (see `cache::near`).
     ticket: Ticket,
 }
 

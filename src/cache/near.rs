@@ -5,7 +5,7 @@
 //! the item's frame and dependencies — five or six atomic writes to cache lines every other
 //! core writes too. When many clients on several cores read the same hot entry, each of those
 //! writes waits for the line to come over from the other core: a sampling profile of pipelined
-//! `EMP.GET 1` hits put about a sixth of the process's time there, which instruction counts
+//! `EMP.GET 1` hits put about an eighth of the process's time there, which instruction counts
 //! never show. A thread that hits an item keeps a copy of it here — its own bytes, its own
 //! reference count — and serves the next hits from the copy, reading only two epochs that
 //! change when something is invalidated.

@@ -550,7 +550,8 @@ async fn serve(
                 Ok(0) => break Err(Error::upstream("Valkey closed the connection")),
                 Ok(_) => {
                     last_progress = Instant::now();
-                    if let Err(e) = deliver(&mut conn, &mut pending, ctx.redirects.as_ref(), &mut batch) {
+                    let redirects = ctx.redirects.as_ref();
+                    if let Err(e) = deliver(&mut conn, &mut pending, redirects, &mut batch) {
                         break Err(e);
                     }
                 }
@@ -634,8 +635,7 @@ fn push_job(
 }
 
 /// Hands every complete buffered frame to the oldest waiting request — or, for a cluster
-/// redirect, the request to the router.
-/// Hands every complete reply read so far to its waiter. A run's replies read together are
+/// redirect, the request to the router. A run's replies read together are
 /// gathered in `batch` (kept by the connection, empty between calls) and reach its inbox
 /// together — before its last reply, or when the read is used up, or when a bad frame ends
 /// the connection — so a pipeline's replies cost one lock and one wake-up per read, not one
