@@ -17,9 +17,9 @@
 //! only until the item's renewal is due, so it never outlives what the L1 itself would serve,
 //! and renewals still start from the L1.
 //!
-//! The table is direct-mapped and small (a slot per key hash, the newest copy wins), so it
-//! needs no eviction and holds at most [`SLOTS`] frames of at most [`MAX_FRAME`] bytes per
-//! thread.
+//! The table is direct-mapped and small (a slot per key hash; a key the L1 serves twice in a
+//! row at its slot takes it), so it needs no eviction and holds at most [`SLOTS`] frames of at
+//! most [`MAX_FRAME`] bytes per thread.
 
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -34,7 +34,7 @@ pub const SLOTS: usize = 256;
 pub const MAX_FRAME: usize = 4096;
 
 /// One copied item.
-struct Copy {
+struct Kept {
     /// The L1 it was copied from (tests and embedders may run several in one process).
     owner: u64,
     key: Box<[u8]>,
@@ -49,7 +49,7 @@ struct Copy {
 /// A slot: its copy, and the hash of the last key the L1 served at this slot without one.
 #[derive(Default)]
 struct Slot {
-    copy: Option<Copy>,
+    copy: Option<Kept>,
     candidate: u64,
 }
 
@@ -108,7 +108,7 @@ pub fn served(
             s.candidate = h;
             return;
         }
-        s.copy = Some(Copy {
+        s.copy = Some(Kept {
             owner,
             key: key.into(),
             frame: Bytes::copy_from_slice(frame),
