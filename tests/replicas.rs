@@ -369,10 +369,17 @@ async fn a_replica_found_behind_by_the_fills_own_check_is_not_used() {
     // An idle primary's insert position can sit just past a page header that no replayed
     // record ends at; any later record carries the replica past it.
     s.psql("CREATE TABLE wal_tick (x int); INSERT INTO wal_tick VALUES (1)");
-    common::eventually_within(PATIENCE, "a poll seeing the replica past the write", || {
-        let mut c = c.clone();
-        async move { lsn(&replica_field(&info(&mut c).await, 0, "replay_lsn")) >= required }
-    })
+    // Polls come every 5 s here (so that the check below sees the fill's own reading before
+    // the next poll): on a machine loaded by the other tests, replaying and polling once more
+    // has taken longer than the usual patience (once in several full runs).
+    common::eventually_within(
+        PATIENCE * 3,
+        "a poll seeing the replica past the write",
+        || {
+            let mut c = c.clone();
+            async move { lsn(&replica_field(&info(&mut c).await, 0, "replay_lsn")) >= required }
+        },
+    )
     .await;
 
     link.retarget(behind.port());
