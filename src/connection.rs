@@ -548,10 +548,7 @@ impl Connection {
     async fn apply(&mut self, action: Action) {
         if self.joins_run_now(&action) {
             // The usual pass-through request, without `forward`'s future.
-            if let Action::Forward { req, transform, .. } = action {
-                inc(&self.ctx.metrics.passthrough);
-                self.join_run(req.raw, transform, self.session.proto);
-            }
+            self.join_action(action);
             return;
         }
         if !matches!(action, Action::Forward { .. }) {
@@ -570,7 +567,13 @@ impl Connection {
                 }
                 _ => {
                     let live = self.live.load();
-                    command::dispatch_checked(&self.ctx, live, &mut self.session, req)
+                    let checked =
+                        command::dispatch_checked(&self.ctx, live, &mut self.session, req);
+                    if self.joins_run_now(&checked) {
+                        self.join_action(checked);
+                        return;
+                    }
+                    checked
                 }
             },
             a => a,
@@ -722,23 +725,11 @@ impl Connection {
         held
     }
 
-    /// Whether a pass-through request joins the client's run (see `connection::run`): one
-    /// for a shared connection, on a single server, that is not long work (Valkey may be
-    /// busy with that for long, and the shared connection must know it is).
-    fn joins_run(&self, req: &Request, route: Route) -> bool {
-        route == Route::Any
-            && self.ctx.upstream.runs()
-            && !self.holds_dedicated()
-            && !crate::upstream::is_long_name(req.name())
-    }
-
+    /// A pass-through request that does not join the client's run (see
+    /// [`Connection::joins_run_now`], asked before this is reached).
     async fn forward(&mut self, req: Request, route: Route, transform: Transform) {
         inc(&self.ctx.metrics.passthrough);
         let proto = self.session.proto;
-        if self.joins_run(&req, route) {
-            self.join_run(req.raw, transform, proto);
-            return;
-        }
         let mut held = self.holds_dedicated();
         match self.cluster_forward(&req, route, &transform, held) {
             ClusterStep::Done => return,
@@ -821,13 +812,27 @@ impl Connection {
         }
     }
 
-    /// Whether `action` is a pass-through request that joins the client's run (looked at,
-    /// not moved: every other action goes on to `apply` as it is).
+    /// Whether `action` is a pass-through request that joins the client's run (see
+    /// `connection::run`; looked at, not moved: every other action goes on as it is): one
+    /// for a shared connection, on a single server, that is not long work (Valkey may be
+    /// busy with that for long, and the shared connection must know it is).
     fn joins_run_now(&self, action: &Action) -> bool {
-        matches!(action, Action::Forward { req, route, .. } if self.joins_run(req, *route))
+        matches!(action, Action::Forward { req, route, .. }
+            if *route == Route::Any
+                && self.ctx.upstream.runs()
+                && !self.holds_dedicated()
+                && !crate::upstream::is_long_name(req.name()))
     }
 
-    /// Adds a pass-through request to the client's run (see [`Connection::joins_run`]).
+    /// Adds a pass-through request that joins the run ([`Connection::joins_run_now`]) to it.
+    fn join_action(&mut self, action: Action) {
+        if let Action::Forward { req, transform, .. } = action {
+            inc(&self.ctx.metrics.passthrough);
+            self.join_run(req.raw, transform, self.session.proto);
+        }
+    }
+
+    /// Adds a pass-through request's encoding to the client's run.
     fn join_run(&mut self, raw: bytes::Bytes, transform: Transform, proto: Proto) {
         if !self.run.takes(proto) {
             self.send_run();
