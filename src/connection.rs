@@ -282,7 +282,7 @@ impl Connection {
         let max_pipeline = self.ctx.config().limits.max_pipeline;
         let write_limit = Duration::from_millis(self.ctx.config().limits.client_write_timeout_ms);
         loop {
-            self.process_input().await;
+            let held = self.process_input().await;
             self.drain_ready();
             self.flush_dedicated();
             let soft_deadline = self.check_output_limit()?;
@@ -291,6 +291,11 @@ impl Connection {
                 return Ok(());
             }
             let can_read = !self.closing && self.outq.len() < max_pipeline;
+            if held && can_read {
+                // Requests already read wait at the pipeline limit, and their turn has come:
+                // nothing would wake the loop for bytes it already holds.
+                continue;
+            }
             if can_read && self.inbuf.capacity() - self.inbuf.len() < 512 {
                 // Small until the client sends more than small requests.
                 let grow = if self.inbuf.capacity() < 4096 {
@@ -455,7 +460,9 @@ impl Connection {
     }
 
     /// Parses and dispatches every complete request buffered, up to the pipeline limit.
-    async fn process_input(&mut self) {
+    /// Returns whether it stopped at that limit rather than at the end of the input (the
+    /// rest is taken once replies have left: see `serve`).
+    async fn process_input(&mut self) -> bool {
         let (limits, max_pipeline) = {
             let live = self.live.load();
             (live.limits(), live.config().limits.max_pipeline)
@@ -478,7 +485,10 @@ impl Connection {
                     self.apply(action).await;
                     self.command_done(slots);
                 }
-                Ok(Parsed::Incomplete) => break,
+                Ok(Parsed::Incomplete) => {
+                    self.send_run();
+                    return false;
+                }
                 Err(e) => {
                     let slot = self.ready(crate::error::protocol_error(&e));
                     self.outq.push_back(slot);
@@ -488,6 +498,7 @@ impl Connection {
             }
         }
         self.send_run();
+        !self.closing
     }
 
     /// A command was applied: the reply slot it added (if any; `slots` were there before)

@@ -205,3 +205,45 @@ async fn binary_and_invalid_utf8_arguments_pass_through() {
     raw.cmd(&[b"GET", b"\xff\x00key"]).await;
     assert_eq!(raw.frame_bytes().await, b"$4\r\n\x00\xfe\r\n\r\n");
 }
+
+/// A pipeline longer than `limits.max_pipeline`, all of it read at once: cachefront stops
+/// taking requests while the limit's worth of replies is pending and takes the rest as soon
+/// as they have left, even when nothing more arrives to wake it — the client waits for its
+/// replies, and local ones (`ECHO`) leave with no reply from Valkey to wait for. Then the
+/// same with pass-through requests (`GET`) mixed in.
+#[tokio::test]
+async fn a_pipeline_past_the_limit_is_answered_whole() {
+    let s = Stack::start_with(|c| c.limits.max_pipeline = 8).await;
+    let mut shared = s.raw().await;
+    // Then on a connection of its own (another database), whose replies come in together.
+    let mut own = s.raw().await;
+    assert_eq!(own.call(&[b"SELECT", b"9"]).await, "+OK\r\n");
+    for (on_own, every_other_a_get) in [(false, false), (false, true), (true, true)] {
+        let raw = if on_own { &mut own } else { &mut shared };
+        let get = |i: usize| every_other_a_get && i % 2 == 1;
+        let mut pipeline = Vec::new();
+        for i in 0..100 {
+            let word = i.to_string();
+            let (name, arg) = match get(i) {
+                false => ("ECHO", word.as_str()),
+                true => ("GET", "no-such-key-past-the-limit"),
+            };
+            pipeline.extend_from_slice(
+                format!(
+                    "*2\r\n${}\r\n{name}\r\n${}\r\n{arg}\r\n",
+                    name.len(),
+                    arg.len()
+                )
+                .as_bytes(),
+            );
+        }
+        raw.send(&pipeline).await;
+        for i in 0..100 {
+            let want = match get(i) {
+                false => format!("${}\r\n{i}\r\n", i.to_string().len()),
+                true => "$-1\r\n".to_string(),
+            };
+            assert_eq!(raw.frame().await, want, "reply {i}");
+        }
+    }
+}
