@@ -469,6 +469,30 @@ async fn info_value(c: &mut redis::aio::MultiplexedConnection, name: &str) -> St
     info_field(&info_cachefront(c).await, name).to_string()
 }
 
+/// A fill whose meta keys someone else overwrote with the wrong type — a row version that is
+/// a hash, a registry set that is a string — answers from PostgreSQL and stores nothing
+/// (storing an entry its invalidation could not find, or whose version it could not check,
+/// would let it go stale); once the keys are gone, the next miss stores again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_with_meta_keys_of_the_wrong_type_stores_nothing() {
+    let s = Stack::start().await;
+    listening(&s).await;
+    let mut c = s.client().await;
+    let mut v = s.valkey_client().await;
+    let employees = s.oid("employees");
+    let registry = format!("cachefront:k:{employees}");
+    let version = format!("cachefront:r:{employees}:id:3");
+    let _: () = v.set(&registry, "not a set").await.unwrap();
+    let _: () = v.hset(&version, "x", "1").await.unwrap();
+    for bad in [&registry, &version] {
+        assert_eq!(emp(&mut c, 3).await.as_deref(), Some("Charlie Brown"));
+        assert!(!exists(&mut v, "employee:3").await, "stored past {bad}");
+        let _: () = v.del(bad).await.unwrap();
+    }
+    assert_eq!(emp(&mut c, 3).await.as_deref(), Some("Charlie Brown"));
+    assert!(exists(&mut v, "employee:3").await, "stored once repaired");
+}
+
 /// Meta keys of the wrong type, written straight to Valkey by someone else, neither stall
 /// invalidation nor leave stale entries: the scripts repair them, the read is fresh, and a
 /// change to another table is applied promptly meanwhile.

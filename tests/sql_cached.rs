@@ -2,7 +2,7 @@
 
 mod common;
 
-use cachefront::db::{Collect, Db, QueryResult, ResultLimits, Rows};
+use cachefront::db::{Collect, Db, OperatorSql, QueryResult, ResultLimits, Rows};
 use common::{Stack, GUIDE_JOIN_JSON, GUIDE_QUERY, GUIDE_QUERY_KEY};
 use redis::AsyncCommands;
 use std::sync::atomic::Ordering;
@@ -437,9 +437,11 @@ fn limits() -> ResultLimits {
     }
 }
 
-/// The first column of the first row, as text, of `sql` run the way named queries run.
+/// The first column of the first row, as text, of `sql` run the way named queries run (as
+/// the operator's SQL: this test stands in for the configuration).
 async fn first_text(db: &Db, sql: &str) -> String {
-    match db.query_params(sql, &[], Collect::FirstRow, 0).await {
+    let operator = OperatorSql::from_config(sql);
+    match db.query_params(&operator, &[], Collect::FirstRow, 0).await {
         Ok(QueryResult {
             rows: Rows::First(Some(row)),
             ..
@@ -492,8 +494,9 @@ async fn sql_smuggled_through_functions_is_refused() {
 }
 
 /// A session advisory lock (which a rollback does not release), a session setting and a
-/// LISTEN, left on a pooled connection by routes that bypass the SQL checks, are all gone
-/// when that same session is handed out again.
+/// LISTEN, left on a pooled connection by routes that bypass the SQL checks — a client's SQL
+/// past the parser, cachefront's own work — are all gone when that same session is handed out
+/// again.
 #[tokio::test]
 async fn a_pooled_session_is_clean_when_reused() {
     let s = Stack::start().await;
@@ -503,15 +506,19 @@ async fn a_pooled_session_is_clean_when_reused() {
     db.query_read_only("SELECT pg_advisory_lock(4242)", &[], limits(), 0)
         .await
         .expect("the lock is taken");
-    // The named-query path runs outside a transaction: nothing rolls these back.
-    for sql in [
-        "SELECT pg_advisory_lock(4243)::text",
-        "SELECT set_config('statement_timeout', '1234', false)",
-        "LISTEN cachefront_test_channel",
-    ] {
-        db.query_params(sql, &[], Collect::FirstRow, 0)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    // Any other use of a pooled session runs outside a transaction: nothing rolls these back.
+    {
+        let client = db.client().await.expect("a pooled session");
+        for sql in [
+            "SELECT pg_advisory_lock(4243)",
+            "SELECT set_config('statement_timeout', '1234', false)",
+            "LISTEN cachefront_test_channel",
+        ] {
+            client
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
     }
     // The same session again, cleaned.
     assert_eq!(first_text(&db, "SELECT pg_backend_pid()::text").await, pid);
@@ -519,7 +526,7 @@ async fn a_pooled_session_is_clean_when_reused() {
         lock_is_free(&s, 4242).await,
         "SQL.CACHED path kept the lock"
     );
-    assert!(lock_is_free(&s, 4243).await, "named path kept the lock");
+    assert!(lock_is_free(&s, 4243).await, "a pooled use kept the lock");
     assert_eq!(
         first_text(&db, "SELECT current_setting('statement_timeout')").await,
         "4s",
@@ -531,6 +538,31 @@ async fn a_pooled_session_is_clean_when_reused() {
     );
     // Statements stay prepared across the cleaning: the cached one still runs.
     assert_eq!(first_text(&db, "SELECT pg_backend_pid()::text").await, pid);
+}
+
+/// A session that ran only the operator's SQL (a named query's statement) goes back to its
+/// pool as it is, without the cleaning's round trip and seven statements; the first client
+/// SQL on it sends it through the cleaning again.
+#[tokio::test]
+async fn only_a_session_a_client_used_is_cleaned() {
+    let s = Stack::start().await;
+    let db = direct_db(&s, |_| {});
+    let pid = first_text(&db, "SELECT pg_backend_pid()::text").await;
+    // The operator's statement leaves a setting (the checks would refuse it in a named
+    // query's text; here the test is the configuration).
+    first_text(
+        &db,
+        "SELECT set_config('application_name', 'operator', false)",
+    )
+    .await;
+    let setting = "SELECT current_setting('application_name')";
+    assert_eq!(first_text(&db, setting).await, "operator", "not cleaned");
+    // A client's SQL on the same session: cleaned after it.
+    db.query_read_only("SELECT 1 AS one", &[], limits(), 0)
+        .await
+        .expect("a client's query");
+    assert_eq!(first_text(&db, "SELECT pg_backend_pid()::text").await, pid);
+    assert_ne!(first_text(&db, setting).await, "operator", "cleaned");
 }
 
 /// A query abandoned half way (its caller gave up: a client that disconnected, a deadline)

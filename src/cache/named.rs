@@ -73,7 +73,8 @@ pub fn check(q: &NamedQueryConfig) -> Result<(), String> {
 pub struct NamedQuery {
     /// Uppercased command name.
     pub name: String,
-    pub sql: Arc<str>,
+    /// Its statement: the operator's (see `db::OperatorSql`).
+    pub sql: crate::db::OperatorSql,
     pub key: KeyTemplate,
     pub ttl: u64,
     pub reply: ReplyKind,
@@ -118,9 +119,9 @@ impl NamedQuery {
             })
         });
         let name = c.command.to_ascii_uppercase();
-        let sql: Arc<str> = Arc::from(c.sql.as_str());
+        let sql = crate::db::OperatorSql::from_config(&c.sql);
         Ok(NamedQuery {
-            stats: Arc::new(crate::metrics::QueryStats::named(&name, Arc::clone(&sql))),
+            stats: Arc::new(crate::metrics::QueryStats::named(&name, sql.shared())),
             name,
             sql,
             key: KeyTemplate::parse(&c.key, c.args.len())?,

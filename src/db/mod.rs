@@ -11,7 +11,7 @@ pub mod wal;
 
 use bytes::{BufMut, BytesMut};
 use futures::{pin_mut, TryStreamExt};
-use pool::{Pooled, Pools};
+use pool::{Author, Pooled, Pools};
 use postgres_types::{Format, IsNull, ToSql, Type};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -170,6 +170,35 @@ impl Rows {
     /// Whether the query returned no row.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// SQL text the operator wrote: a named query's statement, from the configuration. Only it
+/// runs on a pooled session that is handed on without the cleaning (see [`pool`]); a
+/// client's text never becomes one. Built where the configuration is read, nowhere else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorSql(Arc<str>);
+
+impl OperatorSql {
+    /// The statement of a named query in the configuration.
+    pub fn from_config(sql: &str) -> OperatorSql {
+        OperatorSql(Arc::from(sql))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The text, shared (the per-query figures keep it).
+    pub fn shared(&self) -> Arc<str> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl std::ops::Deref for OperatorSql {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
     }
 }
 
@@ -418,13 +447,18 @@ impl Db {
     /// A pooled connection, unless the circuit breaker is open.
     /// The calling thread's pool (its core's, see [`pool`]); cleaned after use.
     async fn get(&self) -> Result<Pooled, DbError> {
+        self.get_for(Author::Anyone).await
+    }
+
+    /// [`get`](Self::get), for SQL by `author` (which decides whether it is cleaned after).
+    async fn get_for(&self, author: Author) -> Result<Pooled, DbError> {
         self.breaker.check()?;
         let r = match self.pools.here() {
             Ok(pool) => pool.get().await.map_err(DbError::from),
             Err(e) => Err(e),
         };
         self.breaker.record(&r);
-        r.map(|object| Pooled::new(object, self.deadline))
+        r.map(|object| Pooled::for_author(object, self.deadline, author))
     }
 
     /// A pooled connection, for catalog queries and trigger maintenance.
@@ -448,13 +482,13 @@ impl Db {
     /// Runs `work` on a pooled connection of the primary within the query deadline (see
     /// `deadline`). A connection that does not answer in time — a partitioned or hung server
     /// the statement timeout cannot reach — is taken out of the pool, not reused.
-    async fn with_deadline<T, F>(&self, work: F) -> Result<T, DbError>
+    async fn with_deadline<T, F>(&self, author: Author, work: F) -> Result<T, DbError>
     where
         F: for<'a> FnOnce(
             &'a mut deadpool_postgres::Object,
         ) -> futures::future::BoxFuture<'a, Result<T, DbError>>,
     {
-        let client = self.get().await?;
+        let client = self.get_for(author).await?;
         self.deadline_on(client, Some(&self.breaker), work).await
     }
 
@@ -478,7 +512,10 @@ impl Db {
                 client.close();
                 Err(e)
             }
-            Ok(r) => r,
+            Ok(r) => {
+                client.finished();
+                r
+            }
             Err(_) => {
                 client.close();
                 let e = Err(DbError::Unavailable(format!(
@@ -511,24 +548,34 @@ impl Db {
     /// within the lag bound (see [`replicas`]), else on the primary. A replica that turns out
     /// to be behind, or fails as a server rather than on the query, hands the query to the
     /// primary (once).
-    async fn fill_query<F>(&self, must_see: u64, work: F) -> Result<QueryResult, DbError>
+    async fn fill_query<F>(
+        &self,
+        must_see: u64,
+        author: Author,
+        work: F,
+    ) -> Result<QueryResult, DbError>
     where
         F: for<'a> Fn(
             &'a mut deadpool_postgres::Object,
             Option<u64>,
         ) -> futures::future::BoxFuture<'a, Result<Attempt, DbError>>,
     {
-        match self.fill_query_once(must_see, &work).await {
+        match self.fill_query_once(must_see, author, &work).await {
             // A DDL statement ran before its notification arrived: prepare again, once.
             Err(e) if e.code() == Some("0A000") => {
                 self.schema_changed();
-                self.fill_query_once(must_see, &work).await
+                self.fill_query_once(must_see, author, &work).await
             }
             other => other,
         }
     }
 
-    async fn fill_query_once<F>(&self, must_see: u64, work: &F) -> Result<QueryResult, DbError>
+    async fn fill_query_once<F>(
+        &self,
+        must_see: u64,
+        author: Author,
+        work: &F,
+    ) -> Result<QueryResult, DbError>
     where
         F: for<'a> Fn(
             &'a mut deadpool_postgres::Object,
@@ -536,14 +583,16 @@ impl Db {
         ) -> futures::future::BoxFuture<'a, Result<Attempt, DbError>>,
     {
         let Some(set) = &self.replicas else {
-            return self.on_primary(work, Served::Primary).await;
+            return self.on_primary(author, work, Served::Primary).await;
         };
         let Some(replica) = set.pick(must_see) else {
-            return self.on_primary(work, Served::PrimaryReplicasBehind).await;
+            return self
+                .on_primary(author, work, Served::PrimaryReplicasBehind)
+                .await;
         };
         let attempt = match replica.pool.get().await {
             Ok(client) => {
-                let client = Pooled::new(client, self.deadline);
+                let client = Pooled::for_author(client, self.deadline, author);
                 // Nothing to check while nothing is required.
                 self.deadline_on(client, None, |c| {
                     work(c, (must_see > 0).then_some(must_see))
@@ -560,26 +609,32 @@ impl Db {
             Ok(Attempt::Behind(replay)) => {
                 tracing::debug!(replica = %replica.name, required = %replicas::format_lsn(must_see), "replica behind a write the fill must see");
                 replica.note_replay(replay);
-                self.on_primary(work, Served::PrimaryReplicasBehind).await
+                self.on_primary(author, work, Served::PrimaryReplicasBehind)
+                    .await
             }
             Err(e) if replicas::replica_trouble(&e) => {
                 tracing::warn!(replica = %replica.name, error = %e, "fill failed on a read replica; retrying on the primary");
                 replica.mark_down();
-                self.on_primary(work, Served::PrimaryAfterReplicaError)
+                self.on_primary(author, work, Served::PrimaryAfterReplicaError)
                     .await
             }
             Err(e) => Err(e),
         }
     }
 
-    async fn on_primary<F>(&self, work: &F, served: Served) -> Result<QueryResult, DbError>
+    async fn on_primary<F>(
+        &self,
+        author: Author,
+        work: &F,
+        served: Served,
+    ) -> Result<QueryResult, DbError>
     where
         F: for<'a> Fn(
             &'a mut deadpool_postgres::Object,
             Option<u64>,
         ) -> futures::future::BoxFuture<'a, Result<Attempt, DbError>>,
     {
-        match self.with_deadline(|c| work(c, None)).await? {
+        match self.with_deadline(author, |c| work(c, None)).await? {
             Attempt::Done(mut r) => {
                 r.served = served;
                 Ok(r)
@@ -594,13 +649,13 @@ impl Db {
     /// requirement; always 0 without replicas). Rows are kept as `collect` says.
     pub async fn query_params(
         &self,
-        sql: &str,
+        sql: &OperatorSql,
         args: &[String],
         collect: Collect,
         must_see: u64,
     ) -> Result<QueryResult, DbError> {
-        self.fill_query(must_see, |client, check| {
-            let (sql, args) = (sql.to_string(), args.to_vec());
+        self.fill_query(must_see, Author::Operator, |client, check| {
+            let (sql, args) = (sql.as_str().to_string(), args.to_vec());
             Box::pin(async move {
                 let stmt = prepare_bounded(client, &sql).await?;
                 let params: Vec<TextParam> = args.iter().map(|a| TextParam(a)).collect();
@@ -638,7 +693,7 @@ impl Db {
         limits: ResultLimits,
         must_see: u64,
     ) -> Result<QueryResult, DbError> {
-        self.fill_query(must_see, |client, check| {
+        self.fill_query(must_see, Author::Anyone, |client, check| {
             let (sql, params) = (sql.to_string(), params.to_vec());
             Box::pin(async move { read_only(client, &sql, &params, limits, check).await })
         })
@@ -649,7 +704,7 @@ impl Db {
     /// parser could not read. `Ok` means PostgreSQL accepts what the parser did not.
     pub async fn prepare_only(&self, sql: &str) -> Result<(), DbError> {
         let sql = sql.to_string();
-        self.with_deadline(move |client| {
+        self.with_deadline(Author::Anyone, move |client| {
             Box::pin(async move {
                 client.prepare(&sql).await?;
                 Ok(())

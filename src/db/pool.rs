@@ -9,15 +9,23 @@
 //! anything that runs off the cores (invalidation, catalog work, the verifier) uses the main
 //! pool.
 //!
-//! **Cleaned after use, off the client's path.** Whatever a query leaves on its session — a
-//! session advisory lock (which no rollback releases), a setting, a LISTEN, a cursor, a
-//! temporary table — must not reach the next user of the connection, whatever route the query
-//! came by. A [`Pooled`] connection goes back to its pool only through [`CLEAN`]: when it is
-//! dropped, a task of its own runs the cleaning and only then lets the pool have it back; a
-//! connection whose cleaning fails or does not finish within the deadline is closed instead.
-//! So a connection in the pool is always clean (the pool's own recycling only checks that it
-//! is open), and the client that ran the query has its answer one round trip sooner than if
-//! the cleaning ran when the connection is next handed out.
+//! **Cleaned after a client's SQL, off the client's path.** Whatever a query leaves on its
+//! session — a session advisory lock (which no rollback releases), a setting, a LISTEN, a
+//! cursor, a temporary table — must not reach the next user of the connection. A [`Pooled`]
+//! connection that ran SQL a client wrote (SQL.CACHED), or anything else not known to be the
+//! operator's, goes back to its pool only through [`CLEAN`]: when it is dropped, a task of its
+//! own runs the cleaning and only then lets the pool have it back; a connection whose cleaning
+//! fails or does not finish within the deadline is closed instead. So a client's query can
+//! never see what another client's left, and the client that ran the query has its answer one
+//! round trip sooner than if the cleaning ran when the connection is next handed out.
+//!
+//! A connection that ran only the operator's SQL (a named query's statement from the
+//! configuration, [`Author::Operator`]) goes straight back, as a transaction-mode pooler hands
+//! a server connection on: its text passed the same read-only checks as a client's, its
+//! arguments are only ever parameters, and whatever it could still leave on a session the
+//! operator's own SQL put there for every caller alike. The cleaning is seven statements that
+//! PostgreSQL parses and runs, as many as the fill's own query and then some: skipping it for
+//! named queries is half of PostgreSQL's work per miss.
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use std::ops::{Deref, DerefMut};
@@ -104,18 +112,47 @@ impl Pools {
     }
 }
 
-/// A pooled connection that is cleaned before any other user gets it (see the module doc).
+/// Who wrote the SQL a pooled connection is handed out to run, which decides whether the
+/// session is cleaned before its next user (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Author {
+    /// A named query's statement, from the configuration: handed on as it is.
+    Operator,
+    /// A client's SQL, or cachefront's own catalog and maintenance work: cleaned.
+    Anyone,
+}
+
+/// A pooled connection that is cleaned before any other user gets it, unless it ran only the
+/// operator's SQL and its use finished (see [`Pooled::finished`] and the module doc).
 pub struct Pooled {
     object: Option<Object>,
     /// How long the cleaning may take before the connection is closed instead.
     deadline: Duration,
+    author: Author,
 }
 
 impl Pooled {
+    /// A connection for any SQL: cleaned after use.
     pub fn new(object: Object, deadline: Duration) -> Pooled {
+        Pooled::for_author(object, deadline, Author::Anyone)
+    }
+
+    /// A connection for SQL by `author`.
+    pub fn for_author(object: Object, deadline: Duration, author: Author) -> Pooled {
         Pooled {
             object: Some(object),
             deadline,
+            author,
+        }
+    }
+
+    /// Gives the connection back once its use has finished (every query answered): straight
+    /// to its pool if it ran only the operator's SQL, else through the cleaning. A use that did
+    /// not finish — abandoned half way, its query maybe still running — never comes here: the
+    /// connection is dropped, and cleaned once the session is free.
+    pub fn finished(mut self) {
+        if self.author == Author::Operator {
+            drop(self.object.take());
         }
     }
 
