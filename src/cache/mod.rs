@@ -500,7 +500,9 @@ impl Cache {
             return ctx.fill_once(entry, opts, load).await;
         }
         let key = entry.key.clone();
-        let fill = async move { ctx.fill_once(entry, opts, load).await };
+        // Boxed: the fill is a deep future (lookup, query, store), which the coalescer's task
+        // would otherwise carry by value, copied whole at each step of its way in.
+        let fill = Box::pin(async move { ctx.fill_once(entry, opts, load).await });
         let (result, waited) = self.coalescer.run(&key, fill).await;
         if waited {
             inc(&self.metrics.coalesced_waits);
@@ -673,9 +675,9 @@ impl FillCtx {
             inc(&self.metrics.fleet_fill_leases);
         }
         let store = self.store.clone();
-        let result = self
-            .query_and_store(entry, opts, load, negative_key, prefill, held.as_ref())
-            .await;
+        let result =
+            Box::pin(self.query_and_store(entry, opts, load, negative_key, prefill, held.as_ref()))
+                .await;
         if let Some(l) = held.filter(|l| !l.released()) {
             // No row and nothing cached (no negative caching): the waiters' answer too.
             let no_row = matches!(&result, Ok((Value::Absent, CacheStatus::Miss)));
@@ -795,7 +797,7 @@ impl FillCtx {
         }
         let started = Instant::now();
         inc(&self.metrics.db_queries);
-        let value = match load().await {
+        let value = match Box::pin(load()).await {
             Ok(v) => v,
             Err(e) if matches!(e, crate::error::Error::Client(_)) => return Err(e),
             Err(e) => {

@@ -130,7 +130,7 @@ impl Invalidation {
         if let Some(found) = self.known_table(name) {
             return Ok(Some(found));
         }
-        let key = format!("\0table\0{name}");
+        let key = table_key(name);
         loop {
             let generation = self.generation.load(Ordering::Acquire);
             let client = db.client().await.map_err(Error::from)?;
@@ -168,7 +168,7 @@ impl Invalidation {
 
     /// A key table's resolution if this process has one, without asking PostgreSQL.
     pub fn known_table(&self, name: &str) -> Option<(u32, Arc<Resolution>)> {
-        let r = self.known(&format!("\0table\0{name}"))?;
+        let r = self.known(&table_key(name))?;
         r.relation.map(|oid| (oid, r))
     }
 
@@ -345,4 +345,10 @@ impl Invalidation {
             tracking: Tracking::Tracked,
         })
     }
+}
+
+/// The resolutions map's key for a table named `name`: apart from any SQL text (which cannot
+/// hold a NUL). Looked up on every fill of a row-keyed entry, so joined without `format!`.
+fn table_key(name: &str) -> String {
+    ["\0table\0", name].concat()
 }
