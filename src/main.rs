@@ -6,14 +6,6 @@ use std::path::PathBuf;
 
 use cachefront::config::Config;
 
-/// jemalloc (Valkey's own allocator) instead of glibc's malloc: a miss allocates and frees
-/// dozens of blocks of mixed sizes (futures, frames, rows), and glibc's malloc, free and
-/// consolidation of freed chunks were a seventh of the process's time under misses; jemalloc
-/// also keeps idle connections in less memory (56 MB for 9,990, against 62 MB). mimalloc was
-/// as quick but took 74 MB there.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// A Valkey-protocol caching front for PostgreSQL.
 #[derive(Parser, Debug)]
 #[command(version, about)]
