@@ -370,17 +370,28 @@ async fn a_replica_found_behind_by_the_fills_own_check_is_not_used() {
     // record ends at; any later record carries the replica past it.
     s.psql("CREATE TABLE wal_tick (x int); INSERT INTO wal_tick VALUES (1)");
     // Polls come every 5 s here (so that the check below sees the fill's own reading before
-    // the next poll): on a machine loaded by the other tests, replaying and polling once more
-    // has taken longer than the usual patience (once in several full runs).
-    common::eventually_within(
-        PATIENCE * 3,
-        "a poll seeing the replica past the write",
-        || {
-            let mut c = c.clone();
-            async move { lsn(&replica_field(&info(&mut c).await, 0, "replay_lsn")) >= required }
-        },
-    )
-    .await;
+    // the next poll). In full runs this wait has run out twice without the poll ever seeing
+    // the replica past the write: each second without it writes another record (should the
+    // replica's replay rest just short of `required`), and running out prints what the polls
+    // saw, so that a third time says why.
+    let started = std::time::Instant::now();
+    let mut nudged = std::time::Instant::now();
+    loop {
+        let text = info(&mut c).await;
+        if lsn(&replica_field(&text, 0, "replay_lsn")) >= required {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE * 3,
+            "no poll saw the replica past {required:X}; the primary is at {}; INFO: {text}",
+            s.psql("SELECT pg_current_wal_insert_lsn()")
+        );
+        if nudged.elapsed() >= Duration::from_secs(1) {
+            s.psql("INSERT INTO wal_tick VALUES (1)");
+            nudged = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     link.retarget(behind.port());
     link.cut();
