@@ -185,10 +185,6 @@ impl OperatorSql {
         OperatorSql(Arc::from(sql))
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// The text, shared (the per-query figures keep it).
     pub fn shared(&self) -> Arc<str> {
         Arc::clone(&self.0)
@@ -655,7 +651,8 @@ impl Db {
         must_see: u64,
     ) -> Result<QueryResult, DbError> {
         self.fill_query(must_see, Author::Operator, |client, check| {
-            let (sql, args) = (sql.as_str().to_string(), args.to_vec());
+            // The text shared, not copied: this runs on every fill.
+            let (sql, args) = (sql.clone(), args.to_vec());
             Box::pin(async move {
                 let stmt = prepare_bounded(client, &sql).await?;
                 let params: Vec<TextParam> = args.iter().map(|a| TextParam(a)).collect();
