@@ -2,8 +2,8 @@
 # cachefront benchmark, self-contained: installs what is missing (scripts/deps.sh, and the
 # Debian package `nutcracker`, i.e. twemproxy), builds the release binary, starts its own
 # throwaway Valkey, PostgreSQL (sql/staff.sql plus 100,000 generated employees), cachefront
-# and twemproxy in front of the same Valkey, all on free ports of 127.0.0.1, measures, and
-# stops everything on exit.
+# (twice: one client thread per CPU, the default, and `threads = 1`) and twemproxy in front of
+# the same Valkey, all on free ports of 127.0.0.1, measures, and stops everything on exit.
 #
 #   bash scripts/bench.sh            the table (scripts/bench_run.py), the single-request
 #                                    latencies (scripts/miss_latency.py) and the idle-
@@ -108,10 +108,10 @@ fi
 # --- a throwaway directory and free ports --------------------------------------------------
 WORK="$(mktemp -d /var/tmp/cachefront-bench.XXXXXX)"
 chmod 755 "$WORK"
-read -r VALKEY_PORT PG_PORT CF_PORT NC_PORT CFP_PORT NC_STATS_PORT < <(python3 - <<'PY'
+read -r VALKEY_PORT PG_PORT CF_PORT CF1_PORT NC_PORT CFP_PORT NC_STATS_PORT < <(python3 - <<'PY'
 import socket
 socks = []
-for _ in range(6):
+for _ in range(7):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -133,7 +133,7 @@ as_pg() {
     fi
 }
 
-VALKEY_PID="" CF_PID="" CFP_PID="" NC_PID="" PG_DATA="$WORK/pg" CLUSTER_PIDS=() CFC_PID=""
+VALKEY_PID="" CF_PID="" CF1_PID="" CFP_PID="" NC_PID="" PG_DATA="$WORK/pg" CLUSTER_PIDS=() CFC_PID=""
 stop_pid() { # pid: TERM, up to 5 s, then KILL
     local pid="$1" i
     [[ -n "$pid" ]] || return 0
@@ -151,6 +151,7 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     stop_pid "$CF_PID"
+    stop_pid "$CF1_PID"
     stop_pid "$CFC_PID"
     for p in "${CLUSTER_PIDS[@]}"; do stop_pid "$p"; done
     stop_pid "$CFP_PID"
@@ -239,6 +240,14 @@ start_cachefront "$CF_PORT"
 CF_PID=$STARTED_PID
 wait_port "$CF_PORT" 20 cachefront "$WORK/cachefront.log"
 say "cachefront on 127.0.0.1:$CF_PORT (pid $CF_PID)"
+# The same build and config on one client thread (`threads = 1`), for the rows that compare
+# thread layouts: here the load generator and Valkey share the machine's CPUs with it.
+if [[ "$mode" == all || "$mode" == all+profile || "$mode" == services ]]; then
+    start_cachefront "$CF1_PORT" env CACHEFRONT_THREADS=1
+    CF1_PID=$STARTED_PID
+    wait_port "$CF1_PORT" 20 "cachefront (threads = 1)" "$WORK/cachefront.log"
+    say "cachefront, threads = 1, on 127.0.0.1:$CF1_PORT (pid $CF1_PID)"
+fi
 
 # --- twemproxy in front of the same Valkey ---------------------------------------------------
 cat >"$WORK/nutcracker.yml" <<EOF
@@ -265,6 +274,7 @@ export BENCH_COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo
 
 run_args=(--cachefront-port "$CF_PORT" --valkey-port "$VALKEY_PORT" --nutcracker-port "$NC_PORT"
     --pg-port "$PG_PORT" --cachefront-pid "$CF_PID" --valkey-pid "$VALKEY_PID" --nutcracker-pid "$NC_PID"
+    --cachefront1-port "$CF1_PORT" --cachefront1-pid "$CF1_PID"
     --pg-data "$PG_DATA" --pgbench "$PGBENCH" --psql "$PGBIN/psql" --work "$WORK")
 
 if [[ "$mode" == services ]]; then
@@ -272,6 +282,7 @@ if [[ "$mode" == services ]]; then
 VALKEY_PORT=$VALKEY_PORT
 PG_PORT=$PG_PORT
 CACHEFRONT_PORT=$CF_PORT   (pid $CF_PID)
+CACHEFRONT_THREADS1_PORT=$CF1_PORT   (pid $CF1_PID)
 NUTCRACKER_PORT=$NC_PORT
 WORK=$WORK
 generate the 100,000 employees: ${PSQL[*]} -d staff -c "\$GEN_SQL"
