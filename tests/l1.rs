@@ -38,6 +38,17 @@ async fn warm_l1(s: &Stack, c: &mut redis::aio::MultiplexedConnection, id: i64) 
     panic!("employee {id} never served from the L1");
 }
 
+/// Reads `EMP.GET id`, which must answer `want`, until a read is served from the L1 (5 s at
+/// most).
+async fn until_l1_hit(s: &Stack, c: &mut redis::aio::MultiplexedConnection, id: i64, want: &str) {
+    common::eventually_within(Duration::from_secs(5), "a hit from the L1", async || {
+        let before = l1_hits(s);
+        assert_eq!(emp(c, id).await.as_deref(), Some(want));
+        l1_hits(s) > before
+    })
+    .await;
+}
+
 /// Reads EMP.GET until it returns `want` (2 s at most); returns how long it took.
 async fn until_value(c: &mut redis::aio::MultiplexedConnection, id: i64, want: &str) -> Duration {
     common::eventually_within(Duration::from_secs(2), want, async || {
@@ -133,6 +144,40 @@ async fn hits_of_an_entry_another_instance_filled_reach_the_l1() {
         0,
         "the other instance read the entry, never PostgreSQL"
     );
+}
+
+/// Hits of entries the application wrote itself (the guide's `SETEX employee:<id>`) reach
+/// the L1 without any miss in this process — which is what used to load the lookup script:
+/// on a Valkey without it (new, restarted, `SCRIPT FLUSH`), the first lookup that finds it
+/// missing loads it, and from then on the lookups are tracked again.
+#[tokio::test(flavor = "multi_thread")]
+async fn hits_reach_the_l1_on_a_valkey_that_never_saw_a_miss() {
+    let s = Stack::start().await;
+    tracking_up(&s).await;
+    let mut v = s.valkey_client().await;
+    for id in 1..=2 {
+        let _: () = v
+            .set_ex(
+                format!("employee:{id}"),
+                format!("Written by hand {id}"),
+                600,
+            )
+            .await
+            .unwrap();
+    }
+    let mut c = s.client().await;
+    let m = &s.proxy.shared.metrics;
+    until_l1_hit(&s, &mut c, 1, "Written by hand 1").await;
+    // The scripts gone (a `SCRIPT FLUSH`, as after a restart with persistence): hits of a
+    // key not in the L1 yet still reach it.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut v)
+        .await
+        .unwrap();
+    until_l1_hit(&s, &mut c, 2, "Written by hand 2").await;
+    assert_eq!(m.misses.load(Ordering::Relaxed), 0, "nothing but hits");
+    assert_eq!(m.db_queries.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

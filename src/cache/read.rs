@@ -565,6 +565,7 @@ impl Cache {
             return Step::Fill(self.fill_task(*plan, Mode::Direct));
         };
         if frame.starts_with(b"-NOSCRIPT") {
+            self.store.lookup_script_missing();
             return Step::Fill(Arc::clone(self).lookup_again(*plan).boxed());
         }
         if frame.starts_with(b"-") {
@@ -596,9 +597,9 @@ impl Cache {
     }
 
     /// The lookup of `plan` with a plain `GET` — after Valkey said it lacks the early lookup's
-    /// script (a new or restarted server), or for a read let go by the lookup it waited for:
-    /// a hit is answered (untracked: not kept in the L1), a miss fills — and its fill loads
-    /// the script for the next lookup.
+    /// script (a new or restarted server; the script is being loaded for the next lookups,
+    /// see `Store::lookup_script_missing`), or for a read let go by the lookup it waited for:
+    /// a hit is answered (untracked: not kept in the L1), a miss fills.
     async fn lookup_again(self: Arc<Self>, plan: Plan) -> (Reply, CacheStatus) {
         let bypass = self.bypasses(&plan.entry);
         match self.store.get(&plan.entry.key).await {

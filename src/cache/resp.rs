@@ -109,6 +109,17 @@ impl Script {
         }
     }
 
+    /// `SCRIPT LOAD` of this script on the server of `route`: for a caller that sends only
+    /// its SHA1 (see [`Invocation::evalsha`]) and found the server without it.
+    pub async fn load(&self, up: &Upstream, route: &[u8]) -> Result<()> {
+        let request = encode_multibulk(&[
+            Bytes::from_static(b"SCRIPT"),
+            Bytes::from_static(b"LOAD"),
+            self.src.clone(),
+        ]);
+        decode(&up.call(request, route).await?).map(|_| ())
+    }
+
     /// An invocation to fill with keys and arguments.
     pub fn prepare(&'static self) -> Invocation {
         Invocation {

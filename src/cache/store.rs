@@ -22,7 +22,7 @@
 use bytes::Bytes;
 use futures::future::{self, BoxFuture};
 use futures::FutureExt;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use super::cluster_store::ClusterStore;
@@ -400,7 +400,7 @@ pub struct FillLease {
 impl FillLease {
     /// Whether a store script has given the lease up already.
     pub fn released(&self) -> bool {
-        self.released.load(std::sync::atomic::Ordering::Relaxed)
+        self.released.load(Ordering::Relaxed)
     }
 
     /// This lease as a store queued without waiting leaves it: marked released here (the
@@ -418,8 +418,7 @@ impl FillLease {
     }
 
     fn mark_released(&self) {
-        self.released
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.released.store(true, Ordering::Relaxed);
     }
 }
 
@@ -579,6 +578,28 @@ impl Store {
         };
         let keys = s.version_keys(&entry.deps);
         Some(prefill_invocation(entry, false, negative_key, (lease, ""), &keys).evalsha())
+    }
+
+    /// Valkey answered an [`early_lookup`](Self::early_lookup) with `-NOSCRIPT` (a new or
+    /// restarted server, a `SCRIPT FLUSH`): the lookup script is loaded, one load at a time,
+    /// off the caller's path. The lookup is sent by SHA1 alone, so nothing else would load
+    /// it but a miss's fill; until then every hit would cost a second round trip and never
+    /// enter the L1 — on a Valkey that only ever hits (entries another instance or the
+    /// application wrote, a restart with persistence), for good.
+    pub fn lookup_script_missing(&self) {
+        let Store::Single(s) = self else {
+            return;
+        };
+        if s.lookup_loading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (up, loading) = (Arc::clone(&s.upstream), Arc::clone(&s.lookup_loading));
+        tokio::spawn(async move {
+            if let Err(e) = PREFILL.load(&up, b"").await {
+                tracing::warn!(error = %e, "could not load the lookup script into Valkey");
+            }
+            loading.store(false, Ordering::Release);
+        });
     }
 
     /// The reply to an [`early_lookup`](Self::early_lookup); `negative`: whether it asked
@@ -897,6 +918,8 @@ pub struct SingleStore {
     prefix: String,
     /// Whether this Valkey has the store script (see `resp::Invocation::queue`).
     store_loaded: Arc<AtomicBool>,
+    /// A `SCRIPT LOAD` of the lookup script is under way (see [`Store::lookup_script_missing`]).
+    lookup_loading: Arc<AtomicBool>,
 }
 
 impl SingleStore {
@@ -905,6 +928,7 @@ impl SingleStore {
             upstream,
             prefix: meta_prefix.to_string(),
             store_loaded: Arc::default(),
+            lookup_loading: Arc::default(),
         }
     }
 
