@@ -585,7 +585,7 @@ impl Store {
     /// off the caller's path. The lookup is sent by SHA1 alone, so nothing else would load
     /// it but a miss's fill; until then every hit would cost a second round trip and never
     /// enter the L1 — on a Valkey that only ever hits (entries another instance or the
-    /// application wrote, a restart with persistence), for good.
+    /// application wrote, a restart with persistence), indefinitely.
     pub fn lookup_script_missing(&self) {
         let Store::Single(s) = self else {
             return;
