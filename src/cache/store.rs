@@ -596,7 +596,10 @@ impl Store {
         let (up, loading) = (Arc::clone(&s.upstream), Arc::clone(&s.lookup_loading));
         tokio::spawn(async move {
             if let Err(e) = PREFILL.load(&up, b"").await {
+                // Refused (a Valkey user without `SCRIPT`) or Valkey away: the lookups keep
+                // falling back to `GET` meanwhile; tried again at most once a second.
                 tracing::warn!(error = %e, "could not load the lookup script into Valkey");
+                tokio::time::sleep(LOOKUP_RELOAD_PAUSE).await;
             }
             loading.store(false, Ordering::Release);
         });
@@ -910,6 +913,9 @@ pub(super) fn existing_value(
         resp::opt_bytes(v)?.map(Value::String)
     })
 }
+
+/// How long after a failed `SCRIPT LOAD` of the lookup script the next is tried.
+const LOOKUP_RELOAD_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A single Valkey server.
 #[derive(Clone)]
