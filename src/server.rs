@@ -478,7 +478,7 @@ impl Server {
                 if let Some(stream) = stream {
                     inc(&shared.metrics.connections_total);
                     let _open = OpenClient::new(&shared.metrics);
-                    Connection::new(shared.context(), stream, Some(peer), stop)
+                    Box::new(Connection::new(shared.context(), stream, Some(peer), stop))
                         .run()
                         .await;
                 }
