@@ -109,15 +109,12 @@ impl Script {
         }
     }
 
-    /// `SCRIPT LOAD` of this script on the server of `route`: for a caller that sends only
-    /// its SHA1 (see [`Invocation::evalsha`]) and found the server without it.
-    pub async fn load(&self, up: &Upstream, route: &[u8]) -> Result<()> {
-        let request = encode_multibulk(&[
-            Bytes::from_static(b"SCRIPT"),
-            Bytes::from_static(b"LOAD"),
-            self.src.clone(),
-        ]);
-        decode(&up.call(request, route).await?).map(|_| ())
+    /// `SCRIPT LOAD` of this script: for a caller that sends only its SHA1 (see
+    /// [`Invocation::evalsha`], single server only) and found the server without it.
+    pub async fn load(&self, up: &Upstream) -> Result<()> {
+        call(up, "", Cmd::new("SCRIPT").arg("LOAD").arg(&self.src))
+            .await
+            .map(|_| ())
     }
 
     /// An invocation to fill with keys and arguments.

@@ -595,7 +595,7 @@ impl Store {
         }
         let (up, loading) = (Arc::clone(&s.upstream), Arc::clone(&s.lookup_loading));
         tokio::spawn(async move {
-            if let Err(e) = PREFILL.load(&up, b"").await {
+            if let Err(e) = PREFILL.load(&up).await {
                 // Refused (a Valkey user without `SCRIPT`) or Valkey away: the lookups keep
                 // falling back to `GET` meanwhile; tried again at most once a second.
                 tracing::warn!(error = %e, "could not load the lookup script into Valkey");
