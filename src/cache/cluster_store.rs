@@ -233,14 +233,16 @@ impl ClusterStore {
         lease: (&FillLease, &str),
     ) -> Result<Prefill> {
         let registrations = self.register(entry);
-        let generation = [self.generation_key(&entry.key)];
+        let generation = self.generation_key(&entry.key);
         let read = prefill_script(
             &self.upstream,
             entry,
             hash,
             negative_key,
             lease,
-            &generation,
+            |inv: &mut Invocation| {
+                inv.key(&generation);
+            },
         );
         let (_, prefill) = futures::try_join!(registrations, read)?;
         Ok(prefill)
@@ -266,7 +268,7 @@ impl ClusterStore {
             // batch in that slot.
             Cmd::new("EXISTS").arg(negative_key.unwrap_or(&entry.key)),
         ];
-        let replies = resp::batch(&self.upstream, &entry.key, &cmds).await?;
+        let replies = resp::batch(&self.upstream, &entry.key, cmds).await?;
         let [generation, existing, negative]: [_; 3] = replies
             .try_into()
             .map_err(|_| crate::error::Error::upstream("a reply is missing"))?;

@@ -251,25 +251,26 @@ pub struct FillOptions {
 pub struct Early {
     prefill: Option<Prefill>,
     lease: Option<FillLease>,
-    /// The version keys it read.
-    keys: Vec<String>,
+    /// The dependencies of the entry it read the versions of: the versions a fill reads
+    /// follow from them (see `Deps::versions`).
+    deps: Deps,
     store: Store,
 }
 
 impl Early {
-    pub fn new(prefill: Prefill, lease: FillLease, keys: Vec<String>, store: Store) -> Early {
+    pub fn new(prefill: Prefill, lease: FillLease, deps: Deps, store: Store) -> Early {
         Early {
             prefill: Some(prefill),
             lease: Some(lease),
-            keys,
+            deps,
             store,
         }
     }
 
-    /// What it read and its lease, for a fill of an entry whose versions are `keys` — or
-    /// `None` (and the lease given up) if it read others.
-    fn take_for(mut self, keys: &[String]) -> Option<(Prefill, FillLease)> {
-        if self.keys != keys {
+    /// What it read and its lease, for a fill of an entry of dependencies `deps` — or `None`
+    /// (and the lease given up) if it read the versions of others.
+    fn take_for(mut self, deps: &Deps) -> Option<(Prefill, FillLease)> {
+        if self.deps.tables != deps.tables || self.deps.row != deps.row {
             return None;
         }
         self.prefill.take().zip(self.lease.take())
@@ -650,7 +651,7 @@ impl FillCtx {
         let early = opts
             .early
             .take()
-            .and_then(|e| e.take_for(&self.store.version_keys(&entry)))
+            .and_then(|e| e.take_for(&entry.deps))
             .filter(|(read, _)| !matches!(read.lease, LeaseState::Held(..)));
         let (first, lease) = match early {
             Some((read, lease)) => (Some(read), Some(lease)),

@@ -591,8 +591,8 @@ impl Cache {
         if !bypass {
             inc(&self.metrics.misses);
         }
-        let keys = self.store.version_keys(&plan.entry);
-        let early = Early::new(prefill, lease, keys, self.store.clone());
+        let deps = plan.entry.deps.clone();
+        let early = Early::new(prefill, lease, deps, self.store.clone());
         Step::Fill(self.fill_with(*plan, Mode::Cache { refresh: false }, Some(early)))
     }
 

@@ -3,81 +3,184 @@
 //! pass-through's own), its replies decoded with `redis_protocol` into the few shapes the
 //! store reads, and its Lua scripts run by SHA1, sent whole only to a server without them.
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
+use smallvec::SmallVec;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use crate::error::{Error, Result};
-use crate::protocol::request::encode_multibulk;
 use crate::protocol::Proto;
 use crate::upstream::{reply_of, Upstream};
 
-/// Something that can be one argument of a request.
+/// Something that can be one argument of a request: it is written straight into the
+/// request's buffer, so an argument costs no allocation of its own.
 pub(super) trait ToArg {
-    fn to_arg(&self) -> Bytes;
+    /// Appends this argument; returns where its bytes are in the request's buffer.
+    fn put(&self, out: &mut Args) -> Range<usize>;
 }
 
 impl ToArg for str {
-    fn to_arg(&self) -> Bytes {
-        Bytes::copy_from_slice(self.as_bytes())
+    fn put(&self, out: &mut Args) -> Range<usize> {
+        out.push(self.as_bytes())
     }
 }
 
 impl ToArg for String {
-    fn to_arg(&self) -> Bytes {
-        self.as_str().to_arg()
+    fn put(&self, out: &mut Args) -> Range<usize> {
+        out.push(self.as_bytes())
     }
 }
 
 impl ToArg for Bytes {
-    /// Shared, not copied: values can be large.
-    fn to_arg(&self) -> Bytes {
-        self.clone()
+    fn put(&self, out: &mut Args) -> Range<usize> {
+        out.push(self)
+    }
+}
+
+/// An argument given as parts, sent joined (meta keys are a prefix, a kind and names).
+pub(super) struct Joined<'a>(pub &'a [&'a str]);
+
+impl ToArg for Joined<'_> {
+    fn put(&self, out: &mut Args) -> Range<usize> {
+        let parts: SmallVec<[&[u8]; 8]> = self.0.iter().map(|p| p.as_bytes()).collect();
+        out.push_joined(&parts)
     }
 }
 
 impl ToArg for u64 {
-    fn to_arg(&self) -> Bytes {
-        Bytes::copy_from_slice(itoa::Buffer::new().format(*self).as_bytes())
+    fn put(&self, out: &mut Args) -> Range<usize> {
+        out.push(itoa::Buffer::new().format(*self).as_bytes())
     }
 }
 
 impl ToArg for usize {
-    fn to_arg(&self) -> Bytes {
-        (*self as u64).to_arg()
+    fn put(&self, out: &mut Args) -> Range<usize> {
+        (*self as u64).put(out)
     }
 }
 
+/// Bytes kept free at the front of a request's buffer for its header — `*<count>`, the
+/// command, a script's SHA1 and key count — which is known only once every argument is in.
+/// Written there, it makes the request the very buffer its arguments were encoded in.
+const HEADER_ROOM: usize = 96;
+
+/// A request's arguments, encoded as RESP bulk strings as they are added, after room for
+/// the header (see [`HEADER_ROOM`]): one buffer per request, instead of one allocation per
+/// argument and a copy of them all into the request at the end.
+pub(super) struct Args {
+    buf: BytesMut,
+    count: usize,
+}
+
+impl Args {
+    fn new() -> Args {
+        let mut buf = BytesMut::with_capacity(HEADER_ROOM + 160);
+        buf.resize(HEADER_ROOM, 0);
+        Args { buf, count: 0 }
+    }
+
+    /// Appends one argument; returns where its bytes are in the buffer.
+    pub fn push(&mut self, a: &[u8]) -> Range<usize> {
+        self.push_joined(&[a])
+    }
+
+    /// Appends one argument made of `parts` joined, without joining them anywhere else first.
+    pub fn push_joined(&mut self, parts: &[&[u8]]) -> Range<usize> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut len = itoa::Buffer::new();
+        let len = len.format(total).as_bytes();
+        self.buf.reserve(total + len.len() + 5);
+        self.buf.put_u8(b'$');
+        self.buf.put_slice(len);
+        self.buf.put_slice(b"\r\n");
+        let start = self.buf.len();
+        for p in parts {
+            self.buf.put_slice(p);
+        }
+        self.buf.put_slice(b"\r\n");
+        self.count += 1;
+        start..start + total
+    }
+
+    /// The request: `head` (its command, and what comes before these arguments), then these.
+    /// Made in place when the header fits its room, else (an `EVAL` carrying a script's
+    /// source) in a new buffer.
+    fn finish(self, head: &[&[u8]]) -> Bytes {
+        let header = header(self.count + head.len(), head);
+        let Args { mut buf, .. } = self;
+        if header.len() <= HEADER_ROOM {
+            let start = HEADER_ROOM - header.len();
+            buf[start..HEADER_ROOM].copy_from_slice(&header);
+            buf.advance(start);
+            return buf.freeze();
+        }
+        let mut out = BytesMut::with_capacity(header.len() + buf.len() - HEADER_ROOM);
+        out.put_slice(&header);
+        out.put_slice(&buf[HEADER_ROOM..]);
+        out.freeze()
+    }
+}
+
+/// `*<count>` and the arguments of `head`, RESP-encoded.
+fn header(count: usize, head: &[&[u8]]) -> SmallVec<[u8; HEADER_ROOM]> {
+    let mut out = SmallVec::new();
+    let put_line = |prefix: u8, n: usize, out: &mut SmallVec<[u8; HEADER_ROOM]>| {
+        out.push(prefix);
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    };
+    put_line(b'*', count, &mut out);
+    for h in head {
+        put_line(b'$', h.len(), &mut out);
+        out.extend_from_slice(h);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
 /// One request being built: the command name, then its arguments.
-pub(super) struct Cmd(Vec<Bytes>);
+pub(super) struct Cmd {
+    name: &'static str,
+    args: Args,
+}
 
 impl Cmd {
     pub fn new(name: &'static str) -> Cmd {
-        Cmd(vec![Bytes::from_static(name.as_bytes())])
+        Cmd {
+            name,
+            args: Args::new(),
+        }
     }
 
     pub fn arg(mut self, a: &(impl ToArg + ?Sized)) -> Cmd {
-        self.0.push(a.to_arg());
+        let _ = a.put(&mut self.args);
         self
     }
 
     pub fn args<A: ToArg>(mut self, all: &[A]) -> Cmd {
-        self.0.extend(all.iter().map(ToArg::to_arg));
+        for a in all {
+            let _ = a.put(&mut self.args);
+        }
         self
     }
 
     /// The multibulk encoding, as sent.
-    pub fn encode(&self) -> Bytes {
-        encode_multibulk(&self.0)
+    pub fn encode(self) -> Bytes {
+        self.args.finish(&[self.name.as_bytes()])
     }
 }
 
 /// Sends `cmds` about `key` back to back on one connection (see [`Upstream::send_own`]) —
 /// one round trip, like a pipeline — and decodes their replies. Any error reply fails the
 /// whole batch, as a failed pipeline did.
-pub(super) async fn batch(up: &Upstream, key: &str, cmds: &[Cmd]) -> Result<Vec<BytesFrame>> {
-    let mut pending = Vec::with_capacity(cmds.len());
+pub(super) async fn batch<const N: usize>(
+    up: &Upstream,
+    key: &str,
+    cmds: [Cmd; N],
+) -> Result<Vec<BytesFrame>> {
+    let mut pending = Vec::with_capacity(N);
     for c in cmds {
         pending.push(up.send_own(c.encode(), key.as_bytes()).await);
     }
@@ -117,12 +220,13 @@ impl Script {
             .map(|_| ())
     }
 
-    /// An invocation to fill with keys and arguments.
+    /// An invocation to fill with keys, then arguments.
     pub fn prepare(&'static self) -> Invocation {
         Invocation {
             script: self,
-            keys: Vec::new(),
-            args: Vec::new(),
+            args: Args::new(),
+            keys: 0,
+            route: 0..0,
         }
     }
 }
@@ -131,38 +235,63 @@ impl Script {
 pub(super) type StaticScript = LazyLock<Script>;
 
 /// One run of a [`Script`]: its keys (the first routes it in a cluster, where all of a
-/// script's keys share one slot), then its arguments.
+/// script's keys share one slot), then its arguments, encoded as they are added.
 pub(super) struct Invocation {
     script: &'static Script,
-    keys: Vec<Bytes>,
-    args: Vec<Bytes>,
+    args: Args,
+    /// How many of `args` are keys: they come first.
+    keys: usize,
+    /// Where the first key's bytes are in `args`.
+    route: Range<usize>,
 }
 
 impl Invocation {
+    /// Adds a key. Keys precede arguments in the request, so every key is added before the
+    /// first argument.
     pub fn key(&mut self, k: &(impl ToArg + ?Sized)) -> &mut Invocation {
-        self.keys.push(k.to_arg());
+        debug_assert_eq!(self.keys, self.args.count, "a key after an argument");
+        let at = k.put(&mut self.args);
+        if self.keys == 0 {
+            self.route = at;
+        }
+        self.keys += 1;
         self
     }
 
     pub fn arg(&mut self, a: &(impl ToArg + ?Sized)) -> &mut Invocation {
-        self.args.push(a.to_arg());
+        let _ = a.put(&mut self.args);
         self
+    }
+
+    /// The request by SHA1 (`EVALSHA`), and where its first key is in it.
+    fn seal(self) -> Sealed {
+        let mut keys = itoa::Buffer::new();
+        let keys = keys.format(self.keys).as_bytes();
+        let body = self.args.buf.len() - HEADER_ROOM;
+        let count = self.args.count;
+        let route = self.route;
+        let request = self.args.finish(&[b"EVALSHA", &self.script.sha, keys]);
+        // The header went in front of the arguments: positions move by what it outgrew.
+        let shift = request.len() - body;
+        Sealed {
+            script: self.script,
+            route: route.start - HEADER_ROOM + shift..route.end - HEADER_ROOM + shift,
+            body: shift,
+            keys: self.keys,
+            count,
+            request,
+        }
     }
 
     /// EVALSHA, and on `-NOSCRIPT` (the server does not have the script yet) EVAL with the
     /// source, which also loads it for next time. Routed by the first key.
-    pub async fn run(&self, up: &Upstream) -> Result<BytesFrame> {
-        let route = self.keys.first().cloned().unwrap_or_default();
-        let reply = up
-            .call(self.encode("EVALSHA", &self.script.sha), &route)
-            .await?;
+    pub async fn run(self, up: &Upstream) -> Result<BytesFrame> {
+        let sealed = self.seal();
+        let reply = up.call(sealed.request.clone(), sealed.route()).await?;
         if !reply.starts_with(b"-NOSCRIPT") {
             return decode(&reply);
         }
-        decode(
-            &up.call(self.encode("EVAL", &self.script.src), &route)
-                .await?,
-        )
+        decode(&up.call(sealed.eval(), sealed.route()).await?)
     }
 
     /// [`run`](Self::run), queued now and answered later, on a client's connection (`lane`,
@@ -178,14 +307,14 @@ impl Invocation {
         lane: Option<(u64, Proto)>,
         loaded: Arc<AtomicBool>,
     ) -> impl std::future::Future<Output = Result<BytesFrame>> + Send + 'static {
-        let route = self.keys.first().cloned().unwrap_or_default();
+        let sealed = self.seal();
         let request = match loaded.load(Ordering::Relaxed) {
-            true => self.encode("EVALSHA", &self.script.sha),
-            false => self.encode("EVAL", &self.script.src),
+            true => sealed.request.clone(),
+            false => sealed.eval(),
         };
         let sent = match lane {
-            Some(lane) => up.send_own_on(lane, request, &route).await,
-            None => up.send_own(request, &route).await,
+            Some(lane) => up.send_own_on(lane, request, sealed.route()).await,
+            None => up.send_own(request, sealed.route()).await,
         };
         async move {
             let reply = reply_of(sent).await?;
@@ -194,9 +323,7 @@ impl Invocation {
             if !reply.starts_with(b"-NOSCRIPT") {
                 return decode(&reply);
             }
-            let reply = up
-                .call(self.encode("EVAL", &self.script.src), &route)
-                .await?;
+            let reply = up.call(sealed.eval(), sealed.route()).await?;
             loaded.store(!reply.starts_with(b"-NOSCRIPT"), Ordering::Relaxed);
             decode(&reply)
         }
@@ -206,19 +333,40 @@ impl Invocation {
     /// `-NOSCRIPT`).
     ///
     /// [`run`]: Self::run
-    pub fn evalsha(&self) -> Bytes {
-        self.encode("EVALSHA", &self.script.sha)
+    pub fn evalsha(self) -> Bytes {
+        self.seal().request
+    }
+}
+
+/// An invocation encoded: the `EVALSHA` request, from which the `EVAL` one is made if the
+/// server lacks the script.
+struct Sealed {
+    script: &'static Script,
+    request: Bytes,
+    /// Where the keys and arguments start in `request`.
+    body: usize,
+    keys: usize,
+    /// How many keys and arguments.
+    count: usize,
+    /// Where the first key is in `request`.
+    route: Range<usize>,
+}
+
+impl Sealed {
+    fn route(&self) -> &[u8] {
+        &self.request[self.route.clone()]
     }
 
-    /// `EVALSHA sha` or `EVAL src`, then the keys and arguments.
-    fn encode(&self, command: &'static str, script: &Bytes) -> Bytes {
-        let mut all = Vec::with_capacity(3 + self.keys.len() + self.args.len());
-        all.push(Bytes::from_static(command.as_bytes()));
-        all.push(script.clone());
-        all.push(self.keys.len().to_arg());
-        all.extend(self.keys.iter().cloned());
-        all.extend(self.args.iter().cloned());
-        encode_multibulk(&all)
+    /// The same invocation as `EVAL` with the script's source (which also loads it).
+    fn eval(&self) -> Bytes {
+        let mut keys = itoa::Buffer::new();
+        let keys = keys.format(self.keys).as_bytes();
+        let body = &self.request[self.body..];
+        let header = header(3 + self.count, &[b"EVAL", &self.script.src, keys]);
+        let mut out = BytesMut::with_capacity(header.len() + body.len());
+        out.put_slice(&header);
+        out.put_slice(body);
+        out.freeze()
     }
 }
 
@@ -327,18 +475,51 @@ mod tests {
         assert_eq!(&s.sha[..], b"e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
     }
 
+    static S2: StaticScript = LazyLock::new(|| Script::new(&"-- padding\n".repeat(20)));
+
     #[test]
     fn invocations_encode_as_evalsha_then_eval() {
         static S: StaticScript = LazyLock::new(|| Script::new("return 1"));
         let mut inv = S.prepare();
-        inv.key("k").arg(&7u64);
+        inv.key("k")
+            .key(&String::from("key2"))
+            .arg(&7u64)
+            .arg(&Bytes::from_static(b""));
+        let sealed = inv.seal();
+        let args = "$1\r\nk\r\n$4\r\nkey2\r\n$1\r\n7\r\n$0\r\n\r\n";
         assert_eq!(
-            &inv.encode("EVALSHA", &S.sha)[..],
-            &b"*5\r\n$7\r\nEVALSHA\r\n$40\r\ne0e1f9fabfc9d4800c877a703b823ac0578ff8db\r\n$1\r\n1\r\n$1\r\nk\r\n$1\r\n7\r\n"[..]
+            std::str::from_utf8(&sealed.request).unwrap(),
+            format!("*7\r\n$7\r\nEVALSHA\r\n$40\r\ne0e1f9fabfc9d4800c877a703b823ac0578ff8db\r\n$1\r\n2\r\n{args}")
         );
-        assert!(inv
-            .encode("EVAL", &S.src)
-            .starts_with(b"*5\r\n$4\r\nEVAL\r\n$8\r\nreturn 1\r\n"));
+        assert_eq!(sealed.route(), b"k");
+        assert_eq!(
+            std::str::from_utf8(&sealed.eval()).unwrap(),
+            format!("*7\r\n$4\r\nEVAL\r\n$8\r\nreturn 1\r\n$1\r\n2\r\n{args}")
+        );
+    }
+
+    /// A header longer than the room kept for it (a command given a long first argument)
+    /// is put in front of the arguments all the same.
+    #[test]
+    fn commands_encode_as_multibulk_whatever_their_length() {
+        let long = "x".repeat(300);
+        assert_eq!(
+            &Cmd::new("GET").arg("k").encode()[..],
+            b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+        );
+        assert_eq!(&Cmd::new("PING").encode()[..], b"*1\r\n$4\r\nPING\r\n");
+        let many: Vec<u64> = (0..12).collect();
+        let enc = Cmd::new("MGET").args(&many).arg(&long).encode();
+        assert!(enc.starts_with(b"*14\r\n$4\r\nMGET\r\n$1\r\n0\r\n"));
+        assert!(enc.ends_with(format!("$300\r\n{long}\r\n").as_bytes()));
+        // The lookup script's keys are routed by the first one even when it is long.
+        let mut inv = S2.prepare();
+        inv.key(&long).arg("a");
+        let sealed = inv.seal();
+        assert_eq!(sealed.route(), long.as_bytes());
+        assert!(sealed
+            .eval()
+            .ends_with(format!("$300\r\n{long}\r\n$1\r\na\r\n").as_bytes()));
     }
 
     #[test]

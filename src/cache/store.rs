@@ -27,12 +27,13 @@ use std::sync::{Arc, LazyLock};
 
 use super::cluster_store::ClusterStore;
 use super::fleet::Fleet;
-use super::resp::{self, Cmd, Invocation, Script, StaticScript};
+use super::resp::{self, Cmd, Invocation, Joined, Script, StaticScript};
 use super::{Deps, Entry, Value, Version};
 use crate::error::Result;
 use crate::protocol::Proto;
 use crate::upstream::Upstream;
 use redis_protocol::resp2::types::BytesFrame;
+use smallvec::SmallVec;
 
 /// Checks the versions, registers the entry with its tables, then stores it — registering
 /// first, so no entry can exist that its tables' invalidation cannot find (a refused write
@@ -422,7 +423,7 @@ impl FillLease {
     }
 }
 
-/// Runs [`PREFILL_LUA`] for `entry` (its keys in one slot on a cluster): `versions` are the
+/// Runs [`PREFILL_LUA`] for `entry` (its keys in one slot on a cluster): `versions` adds the
 /// version keys (a cluster's generation key), `negative_key` the marker if negative caching
 /// is on.
 pub(super) async fn prefill_script(
@@ -431,7 +432,7 @@ pub(super) async fn prefill_script(
     hash: bool,
     negative_key: Option<&str>,
     lease: (&FillLease, &str),
-    versions: &[String],
+    versions: impl FnOnce(&mut Invocation),
 ) -> Result<Prefill> {
     let inv = prefill_invocation(entry, hash, negative_key, lease, versions);
     parse_prefill(inv.run(up).await?, hash, negative_key.is_some())
@@ -443,15 +444,13 @@ fn prefill_invocation(
     hash: bool,
     negative_key: Option<&str>,
     (lease, waited_for): (&FillLease, &str),
-    versions: &[String],
+    versions: impl FnOnce(&mut Invocation),
 ) -> Invocation {
     let mut inv = PREFILL.prepare();
     inv.key(&entry.key)
         .key(negative_key.unwrap_or(&entry.key))
         .key(&lease.key);
-    for v in versions {
-        inv.key(v);
-    }
+    versions(&mut inv);
     inv.arg(if hash { "h" } else { "s" })
         .arg(if negative_key.is_some() { "1" } else { "0" })
         .arg(&lease.token)
@@ -555,8 +554,10 @@ impl Store {
         };
         match self {
             Store::Single(s) => {
-                let keys = s.version_keys(&entry.deps);
-                prefill_script(&s.upstream, entry, hash, negative_key, lease, &keys).await
+                let versions = |inv: &mut Invocation| {
+                    s.put_version_keys(&entry.deps, inv);
+                };
+                prefill_script(&s.upstream, entry, hash, negative_key, lease, versions).await
             }
             Store::Cluster(c) => c.prefill_leased(entry, hash, negative_key, lease).await,
         }
@@ -576,8 +577,10 @@ impl Store {
         let Store::Single(s) = self else {
             return None;
         };
-        let keys = s.version_keys(&entry.deps);
-        Some(prefill_invocation(entry, false, negative_key, (lease, ""), &keys).evalsha())
+        let versions = |inv: &mut Invocation| {
+            s.put_version_keys(&entry.deps, inv);
+        };
+        Some(prefill_invocation(entry, false, negative_key, (lease, ""), versions).evalsha())
     }
 
     /// Valkey answered an [`early_lookup`](Self::early_lookup) with `-NOSCRIPT` (a new or
@@ -609,15 +612,6 @@ impl Store {
     /// about a negative marker. An error reply is an error.
     pub fn early_reply(&self, raw: &Bytes, negative: bool) -> Result<Prefill> {
         parse_prefill(resp::decode(raw)?, false, negative)
-    }
-
-    /// The version keys a fill of `entry` reads (on a single server): an early lookup's
-    /// versions serve a fill only if its entry, resolved again, reads the same.
-    pub fn version_keys(&self, entry: &Entry) -> Vec<String> {
-        match self {
-            Store::Single(s) => s.version_keys(&entry.deps),
-            Store::Cluster(c) => vec![c.generation_key(&entry.key)],
-        }
     }
 
     /// A lease for one fill of `entry_key`, lasting `ms` (not taken yet).
@@ -958,26 +952,44 @@ impl SingleStore {
     /// The version keys a fill of `deps` must find unchanged.
     fn version_keys(&self, deps: &Deps) -> Vec<String> {
         deps.versions()
-            .into_iter()
-            .map(|v| match v {
-                Version::Table(t) => self.meta("v", t),
-                Version::Epoch(t) => self.meta("e", t),
-                Version::Row {
-                    table,
-                    column,
-                    value,
-                } => self.row_version(table, column, value),
-            })
+            .iter()
+            .map(|v| self.version_key_parts(v).concat())
             .collect()
     }
 
-    /// The registry sets an entry of `deps` joins.
-    fn registry_keys(&self, deps: &Deps) -> Vec<String> {
-        let mut keys: Vec<String> = deps.tables.iter().map(|t| self.meta("d", t)).collect();
-        if let Some(r) = &deps.row {
-            keys.push(self.meta("k", &r.table));
+    /// [`version_keys`](Self::version_keys) added to a script's keys, joined only there;
+    /// returns how many.
+    fn put_version_keys(&self, deps: &Deps, inv: &mut Invocation) -> usize {
+        let versions = deps.versions();
+        for v in &versions {
+            inv.key(&Joined(&self.version_key_parts(v)));
         }
-        keys
+        versions.len()
+    }
+
+    /// A version key's parts: `<prefix>v:<table>`, `<prefix>e:<table>` or
+    /// `<prefix>r:<table>:<column>:<value>` (see [`row_version`](Self::row_version)).
+    fn version_key_parts<'a>(&'a self, v: &Version<'a>) -> SmallVec<[&'a str; 7]> {
+        match *v {
+            Version::Table(t) => SmallVec::from_slice(&[&self.prefix, "v", ":", t]),
+            Version::Epoch(t) => SmallVec::from_slice(&[&self.prefix, "e", ":", t]),
+            Version::Row {
+                table,
+                column,
+                value,
+            } => SmallVec::from_slice(&[&self.prefix, "r:", table, ":", column, ":", value]),
+        }
+    }
+
+    /// The registry sets an entry of `deps` joins, added to a script's keys; returns how many.
+    fn put_registry_keys(&self, deps: &Deps, inv: &mut Invocation) -> usize {
+        for t in &deps.tables {
+            inv.key(&Joined(&[&self.prefix, "d", ":", t]));
+        }
+        if let Some(r) = &deps.row {
+            inv.key(&Joined(&[&self.prefix, "k", ":", &r.table]));
+        }
+        deps.tables.len() + usize::from(deps.row.is_some())
     }
 
     /// Current versions for a fill of `deps` ("" for never bumped).
@@ -1009,7 +1021,7 @@ impl SingleStore {
             Cmd::new(if hash { "HGETALL" } else { "GET" }).arg(&entry.key),
             Cmd::new("EXISTS").arg(negative_key.unwrap_or("")),
         ];
-        let [versions, existing, negative]: [_; 3] = resp::batch(&self.upstream, &entry.key, &cmds)
+        let [versions, existing, negative]: [_; 3] = resp::batch(&self.upstream, &entry.key, cmds)
             .await?
             .try_into()
             .map_err(|_| crate::error::Error::upstream("a reply is missing"))?;
@@ -1037,21 +1049,18 @@ impl SingleStore {
         release: Option<(&FillLease, &str, &str)>,
     ) -> Option<Invocation> {
         let kind = value_kind(value)?;
-        let vkeys = self.version_keys(&entry.deps);
-        let rkeys = self.registry_keys(&entry.deps);
         let mut inv = FILL.prepare();
         inv.key(&entry.key);
-        for k in vkeys.iter().chain(&rkeys) {
-            inv.key(k);
-        }
+        let vkeys = self.put_version_keys(&entry.deps, &mut inv);
+        let rkeys = self.put_registry_keys(&entry.deps, &mut inv);
         let (lease_key, [token, channel, announced]) = release_parts(release);
         if let Some(k) = lease_key {
             inv.key(k);
         }
         inv.arg(kind)
             .arg(&entry.ttl)
-            .arg(&vkeys.len())
-            .arg(&rkeys.len())
+            .arg(&vkeys)
+            .arg(&rkeys)
             .arg(token)
             .arg(channel)
             .arg(announced);

@@ -162,7 +162,7 @@ impl read::Source for Load {
     }
 
     fn filled(&self, took: std::time::Duration) {
-        SlowNote::of(&self.source, &self.key).record_if_slow(&self.ctx, took);
+        record_if_slow(&self.ctx, &self.source, &self.key, took);
     }
 
     fn query(&self) -> (&str, &str) {
@@ -207,50 +207,34 @@ pub fn route(
     Action::Read(begin, stats)
 }
 
-/// What the slow-fill log says about a fill, taken before the fill consumes its plan.
-struct SlowNote {
-    command: String,
-    key: String,
-    sql: String,
-}
-
-impl SlowNote {
-    fn of(source: &Source, key: &str) -> SlowNote {
-        let (command, sql) = match source {
-            Source::Named { query, .. } => (query.name.clone(), query.sql.to_string()),
-            Source::Sql { sql, .. } => ("SQL.CACHED".to_string(), sql.clone()),
-        };
-        SlowNote {
-            command,
+/// Keeps a fill of `key` from `source` in `CACHEFRONT.SLOWLOG` if it took
+/// `metrics.slow_fill_ms` or more. The log line names the command and key, never the SQL
+/// text. The entry is made only for a slow fill: every other fill pays one comparison.
+fn record_if_slow(ctx: &Context, source: &Source, key: &str, took: std::time::Duration) {
+    let config = ctx.config();
+    if took < std::time::Duration::from_millis(config.metrics.slow_fill_ms) {
+        return;
+    }
+    let (command, sql) = match source {
+        Source::Named { query, .. } => (query.name.as_str(), &*query.sql),
+        Source::Sql { sql, .. } => ("SQL.CACHED", sql.as_str()),
+    };
+    tracing::warn!(command, key, ms = took.as_millis() as u64, "slow fill");
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    ctx.metrics.slowlog.record(
+        config.metrics.slowlog_max_len,
+        crate::metrics::SlowFill {
+            id: 0,
+            at,
+            duration_us: took.as_micros() as u64,
+            command: command.to_string(),
             key: key.to_string(),
             sql: sql.chars().take(256).collect(),
-        }
-    }
-
-    /// Keeps the fill in `CACHEFRONT.SLOWLOG` if it took `metrics.slow_fill_ms` or more.
-    /// The log line names the command and key, never the SQL text.
-    fn record_if_slow(self, ctx: &Context, took: std::time::Duration) {
-        let config = ctx.config();
-        if took < std::time::Duration::from_millis(config.metrics.slow_fill_ms) {
-            return;
-        }
-        tracing::warn!(command = %self.command, key = %self.key, ms = took.as_millis() as u64, "slow fill");
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        ctx.metrics.slowlog.record(
-            config.metrics.slowlog_max_len,
-            crate::metrics::SlowFill {
-                id: 0,
-                at,
-                duration_us: took.as_micros() as u64,
-                command: self.command,
-                key: self.key,
-                sql: self.sql,
-            },
-        );
-    }
+        },
+    );
 }
 
 /// Resolves what the entry depends on (PostgreSQL's analysis of the query, see

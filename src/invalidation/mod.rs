@@ -79,8 +79,10 @@ pub struct Invalidation {
     /// How far the fleet's applied invalidations reach (read-your-writes, see [`applied`]).
     applied: Applied,
     /// Query texts (and key table names) → what PostgreSQL resolved them to. Emptied by any
-    /// DDL, so the next fill asks again; a failure is never kept.
-    resolutions: Mutex<HashMap<String, Arc<Resolution>>>,
+    /// DDL, so the next fill asks again; a failure is never kept. Looked up on every fill:
+    /// hashed with foldhash, seeded per process, which costs a fraction of SipHash on a
+    /// query's text.
+    resolutions: Mutex<HashMap<String, Arc<Resolution>, foldhash::fast::RandomState>>,
     /// Bumped with every emptying of `resolutions`: a resolution that raced a DDL is not kept.
     generation: AtomicU64,
     /// Resolutions being asked, by query text: concurrent misses share one.
@@ -110,7 +112,7 @@ impl Invalidation {
             hearing: AtomicBool::new(false),
             lease: Lease::new(cfg.lease_ms),
             applied: Applied::default(),
-            resolutions: Mutex::new(HashMap::new()),
+            resolutions: Mutex::new(HashMap::default()),
             generation: AtomicU64::new(0),
             resolving: Arc::new(Coalescer::default()),
             watched: Mutex::new(HashSet::new()),
