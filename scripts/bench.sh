@@ -2,7 +2,7 @@
 # cachefront benchmark, self-contained: installs what is missing (scripts/deps.sh, and the
 # Debian package `nutcracker`, i.e. twemproxy), builds the release binary, starts its own
 # throwaway Valkey, PostgreSQL (sql/staff.sql plus 100,000 generated employees), cachefront
-# (twice: one client thread per CPU, the default, and `threads = 1`) and twemproxy in front of
+# (twice: the default, one client thread per CPU but one, and one per CPU) and twemproxy in front of
 # the same Valkey, all on free ports of 127.0.0.1, measures, and stops everything on exit.
 #
 #   bash scripts/bench.sh            the table (scripts/bench_run.py), the single-request
@@ -108,7 +108,7 @@ fi
 # --- a throwaway directory and free ports --------------------------------------------------
 WORK="$(mktemp -d /var/tmp/cachefront-bench.XXXXXX)"
 chmod 755 "$WORK"
-read -r VALKEY_PORT PG_PORT CF_PORT CF1_PORT NC_PORT CFP_PORT NC_STATS_PORT < <(python3 - <<'PY'
+read -r VALKEY_PORT PG_PORT CF_PORT CFN_PORT NC_PORT CFP_PORT NC_STATS_PORT < <(python3 - <<'PY'
 import socket
 socks = []
 for _ in range(7):
@@ -133,7 +133,7 @@ as_pg() {
     fi
 }
 
-VALKEY_PID="" CF_PID="" CF1_PID="" CFP_PID="" NC_PID="" PG_DATA="$WORK/pg" CLUSTER_PIDS=() CFC_PID=""
+VALKEY_PID="" CF_PID="" CFN_PID="" CFP_PID="" NC_PID="" PG_DATA="$WORK/pg" CLUSTER_PIDS=() CFC_PID=""
 stop_pid() { # pid: TERM, up to 5 s, then KILL
     local pid="$1" i
     [[ -n "$pid" ]] || return 0
@@ -151,7 +151,7 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     stop_pid "$CF_PID"
-    stop_pid "$CF1_PID"
+    stop_pid "$CFN_PID"
     stop_pid "$CFC_PID"
     for p in "${CLUSTER_PIDS[@]}"; do stop_pid "$p"; done
     stop_pid "$CFP_PID"
@@ -240,13 +240,13 @@ start_cachefront "$CF_PORT"
 CF_PID=$STARTED_PID
 wait_port "$CF_PORT" 20 cachefront "$WORK/cachefront.log"
 say "cachefront on 127.0.0.1:$CF_PORT (pid $CF_PID)"
-# The same build and config on one client thread (`threads = 1`), for the rows that compare
-# thread layouts: here the load generator and Valkey share the machine's CPUs with it.
+# The same build and config on one client thread per CPU (the default leaves one spare), for
+# the rows that compare thread layouts: here the load generator and Valkey share the CPUs.
 if [[ "$mode" == all || "$mode" == all+profile || "$mode" == services ]]; then
-    start_cachefront "$CF1_PORT" env CACHEFRONT_THREADS=1
-    CF1_PID=$STARTED_PID
-    wait_port "$CF1_PORT" 20 "cachefront (threads = 1)" "$WORK/cachefront.log"
-    say "cachefront, threads = 1, on 127.0.0.1:$CF1_PORT (pid $CF1_PID)"
+    start_cachefront "$CFN_PORT" env CACHEFRONT_THREADS="$(nproc)"
+    CFN_PID=$STARTED_PID
+    wait_port "$CFN_PORT" 20 "cachefront (threads = $(nproc))" "$WORK/cachefront.log"
+    say "cachefront, threads = $(nproc), on 127.0.0.1:$CFN_PORT (pid $CFN_PID)"
 fi
 
 # --- twemproxy in front of the same Valkey ---------------------------------------------------
@@ -274,7 +274,7 @@ export BENCH_COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo
 
 run_args=(--cachefront-port "$CF_PORT" --valkey-port "$VALKEY_PORT" --nutcracker-port "$NC_PORT"
     --pg-port "$PG_PORT" --cachefront-pid "$CF_PID" --valkey-pid "$VALKEY_PID" --nutcracker-pid "$NC_PID"
-    --cachefront1-port "$CF1_PORT" --cachefront1-pid "$CF1_PID"
+    --cachefront-percpu-port "$CFN_PORT" --cachefront-percpu-pid "$CFN_PID"
     --pg-data "$PG_DATA" --pgbench "$PGBENCH" --psql "$PGBIN/psql" --work "$WORK")
 
 if [[ "$mode" == services ]]; then
@@ -282,7 +282,7 @@ if [[ "$mode" == services ]]; then
 VALKEY_PORT=$VALKEY_PORT
 PG_PORT=$PG_PORT
 CACHEFRONT_PORT=$CF_PORT   (pid $CF_PID)
-CACHEFRONT_THREADS1_PORT=$CF1_PORT   (pid $CF1_PID)
+CACHEFRONT_PERCPU_PORT=$CFN_PORT   (pid $CFN_PID, threads = $(nproc))
 NUTCRACKER_PORT=$NC_PORT
 WORK=$WORK
 generate the 100,000 employees: ${PSQL[*]} -d staff -c "\$GEN_SQL"

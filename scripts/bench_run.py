@@ -46,8 +46,9 @@ QUIET_MAX = float(ENV.get("BENCH_QUIET_MAX", "60"))
 QUIET_MODE = ENV.get("BENCH_QUIET", "cpu")
 ONLY = ENV.get("BENCH_ONLY", "")
 HZ = os.sysconf("SC_CLK_TCK")
-# The second cachefront of the run: the same build and config on one client thread.
-ONE_THREAD = "cachefront, threads = 1"
+# The second cachefront of the run: the same build and config on one client thread per CPU
+# (the default leaves one CPU spare, see `cores::count`).
+PER_CPU = f"cachefront, threads = {os.cpu_count()}"
 
 
 def log(*a):
@@ -309,18 +310,18 @@ def median3(results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for k in ("cachefront-port", "valkey-port", "nutcracker-port", "pg-port", "cachefront-pid",
-              "valkey-pid", "nutcracker-pid", "cachefront1-port", "cachefront1-pid"):
+              "valkey-pid", "nutcracker-pid", "cachefront-percpu-port", "cachefront-percpu-pid"):
         ap.add_argument("--" + k, type=int, required=True)
     ap.add_argument("--pg-data", required=True)
     ap.add_argument("--pgbench", default="pgbench")
     ap.add_argument("--psql", default="psql")
     ap.add_argument("--work", required=True)
     a = ap.parse_args()
-    CF, VK, NC, CF1 = a.cachefront_port, a.valkey_port, a.nutcracker_port, a.cachefront1_port
+    CF, VK, NC, CFN = a.cachefront_port, a.valkey_port, a.nutcracker_port, a.cachefront_percpu_port
 
     with open(os.path.join(a.pg_data, "postmaster.pid")) as f:
         pg_pid = int(f.readline())
-    roots = [a.cachefront_pid, a.cachefront1_pid, a.valkey_pid, a.nutcracker_pid, pg_pid, os.getpid()]
+    roots = [a.cachefront_pid, a.cachefront_percpu_pid, a.valkey_pid, a.nutcracker_pid, pg_pid, os.getpid()]
 
     problems = []
     notes_global = []
@@ -332,8 +333,8 @@ def main():
 
     # Warm and check what the hit rows read.
     check("EMP.GET 1 via cachefront", call(CF, "EMP.GET", "1"), "Alice Johnson")
-    check(f"EMP.GET 1 via {ONE_THREAD}", call(CF1, "EMP.GET", "1"), "Alice Johnson")
-    check(f"GET via {ONE_THREAD}", call(CF1, "GET", "employee:1"), "Alice Johnson")
+    check(f"EMP.GET 1 via {PER_CPU}", call(CFN, "EMP.GET", "1"), "Alice Johnson")
+    check(f"GET via {PER_CPU}", call(CFN, "GET", "employee:1"), "Alice Johnson")
     check("GET employee:1 on Valkey", call(VK, "GET", "employee:1"), "Alice Johnson")
     joined = call(CF, "SQL.CACHED", GUIDE_JOIN)
     check("GET <guide join key> on Valkey = SQL.CACHED reply", call(VK, "GET", GUIDE_JOIN_KEY), joined)
@@ -364,12 +365,12 @@ def main():
         notes_global.append(f"EMP.GET 000000000007 (redis-benchmark's __rand_int__ form) answers {r!r}"
                             + ("; hence BENCH.EMP for the miss row" if isinstance(r, RuntimeError) else ""))
 
-    pid_of = {"cachefront": a.cachefront_pid, ONE_THREAD: a.cachefront1_pid, "valkey": a.valkey_pid,
+    pid_of = {"cachefront": a.cachefront_pid, PER_CPU: a.cachefront_percpu_pid, "valkey": a.valkey_pid,
               "twemproxy": a.nutcracker_pid}
 
     def gs(cmd, clients):
         return [Target("cachefront", "rb", CF, ["-t", cmd]),
-                Target(ONE_THREAD, "rb", CF1, ["-t", cmd]),
+                Target(PER_CPU, "rb", CFN, ["-t", cmd]),
                 Target("valkey", "rb", VK, ["-t", cmd]),
                 Target("twemproxy", "rb", NC, ["-t", cmd])]
 
@@ -382,7 +383,7 @@ def main():
 
     def emp(clients):
         return [Target("cachefront", "rb", CF, ["EMP.GET", "1"]),
-                Target(ONE_THREAD, "rb", CF1, ["EMP.GET", "1"]),
+                Target(PER_CPU, "rb", CFN, ["EMP.GET", "1"]),
                 Target("valkey", "rb", VK, ["GET", "employee:1"])]
 
     # (workload, clients, pipeline, requests, targets, baseline target name, step before the row)
@@ -512,8 +513,8 @@ def main():
     print("Misses: Valkey FLUSHALLed before each run; ids 0..99,999 at random (redis-benchmark -r 100000), through")
     print("BENCH.EMP = EMP.GET's SQL with a text id; PostgreSQL: pgbench -M prepared, the same SELECT, random(1, 100000).")
     print("cachefront reaches PostgreSQL through its pool of 16 connections; pgbench uses one per client.")
-    print(f"cachefront: the default layout, one client thread per CPU ({os.cpu_count()} here); {ONE_THREAD}: the same")
-    print("build and config with CACHEFRONT_THREADS=1, beside it in the same run.")
+    print(f"cachefront: the default layout, one client thread per CPU but one ({max(1, os.cpu_count() - 1)} here); {PER_CPU}:")
+    print(f"the same build and config with CACHEFRONT_THREADS={os.cpu_count()} (one per CPU), beside it in the same run.")
     for f in footnotes:
         print("- " + f)
     for nline in notes_global:

@@ -40,7 +40,7 @@ pub struct Config {
     /// Log format: "text" or "json".
     pub log_format: String,
     /// Threads serving clients, one single-threaded runtime each (`crate::cores`; 0: one per
-    /// CPU).
+    /// CPU but one, at least one).
     pub threads: usize,
     pub valkey: ValkeyConfig,
     pub postgres: PostgresConfig,

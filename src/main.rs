@@ -146,12 +146,15 @@ fn init_tracing(format: &str) {
 async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let server = cachefront::server::Server::bind(config).await?;
     tokio::spawn(reload_on_sighup(server.shared(), path));
+    let threads = server.threads();
     match (server.tls_addr(), config_only_tls(&server)) {
-        (Some(tls), true) => tracing::info!(tls = %tls, "cachefront listening (TLS only)"),
-        (Some(tls), false) => {
-            tracing::info!(addr = %server.local_addr(), tls = %tls, "cachefront listening")
+        (Some(tls), true) => {
+            tracing::info!(tls = %tls, threads, "cachefront listening (TLS only)")
         }
-        (None, _) => tracing::info!(addr = %server.local_addr(), "cachefront listening"),
+        (Some(tls), false) => {
+            tracing::info!(addr = %server.local_addr(), tls = %tls, threads, "cachefront listening")
+        }
+        (None, _) => tracing::info!(addr = %server.local_addr(), threads, "cachefront listening"),
     }
     server.run(shutdown_signal()).await;
     Ok(())

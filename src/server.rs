@@ -318,6 +318,11 @@ impl Server {
     }
 
     /// The plain TCP address; with `tls.only`, the TLS one.
+    /// How many threads serve clients (the config's `threads`, see `crate::cores::count`).
+    pub fn threads(&self) -> usize {
+        self.cores.len()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .as_ref()

@@ -33,6 +33,9 @@ pub fn config_for(valkey: &Valkey, db: &TestDb) -> Config {
     c.valkey.url = valkey.url();
     c.postgres.url = db.url();
     c.postgres.pool_size = 4;
+    // Two client threads whatever the machine, so clients on different threads — their own
+    // shared connections, L1 copies and pools — are what every test runs against.
+    c.threads = 2;
     c
 }
 
