@@ -271,11 +271,16 @@ impl Invocation {
         let count = self.args.count;
         let route = self.route;
         let request = self.args.finish(&[b"EVALSHA", &self.script.sha, keys]);
-        // The header went in front of the arguments: positions move by what it outgrew.
+        // The header went in front of the arguments: positions in them move by its length.
         let shift = request.len() - body;
+        let at = |p: usize| p + shift - HEADER_ROOM;
         Sealed {
             script: self.script,
-            route: route.start - HEADER_ROOM + shift..route.end - HEADER_ROOM + shift,
+            // No key: no route (an empty one, as a keyless request has).
+            route: match self.keys {
+                0 => 0..0,
+                _ => at(route.start)..at(route.end),
+            },
             body: shift,
             keys: self.keys,
             count,
@@ -520,6 +525,13 @@ mod tests {
         assert!(sealed
             .eval()
             .ends_with(format!("$300\r\n{long}\r\n$1\r\na\r\n").as_bytes()));
+        // A script given no key is routed by none.
+        let mut inv = S2.prepare();
+        inv.arg("a");
+        let sealed = inv.seal();
+        assert_eq!(sealed.route(), b"");
+        assert!(sealed.request.starts_with(b"*4\r\n$7\r\nEVALSHA\r\n"));
+        assert!(sealed.request.ends_with(b"$1\r\n0\r\n$1\r\na\r\n"));
     }
 
     #[test]

@@ -936,12 +936,27 @@ impl SingleStore {
     /// `format!`: several meta keys are built on every miss, and the formatting machinery
     /// cost more than the rest of the key's work.
     fn meta(&self, kind: &str, rest: &str) -> String {
-        [self.prefix.as_str(), kind, ":", rest].concat()
+        self.meta_parts(kind, rest).concat()
+    }
+
+    /// [`meta`](Self::meta)'s parts, for a request that writes them joined (`resp::Joined`).
+    fn meta_parts<'a>(&'a self, kind: &'a str, rest: &'a str) -> [&'a str; 4] {
+        [&self.prefix, kind, ":", rest]
     }
 
     /// A row's version key, `<prefix>r:<table>:<column>:<value>`.
     fn row_version(&self, table: &str, column: &str, value: &str) -> String {
-        [self.prefix.as_str(), "r:", table, ":", column, ":", value].concat()
+        self.row_version_parts(table, column, value).concat()
+    }
+
+    /// [`row_version`](Self::row_version)'s parts.
+    fn row_version_parts<'a>(
+        &'a self,
+        table: &'a str,
+        column: &'a str,
+        value: &'a str,
+    ) -> [&'a str; 7] {
+        [&self.prefix, "r:", table, ":", column, ":", value]
     }
 
     /// The key of the negative-cache marker for an entry key.
@@ -967,27 +982,26 @@ impl SingleStore {
         versions.len()
     }
 
-    /// A version key's parts: `<prefix>v:<table>`, `<prefix>e:<table>` or
-    /// `<prefix>r:<table>:<column>:<value>` (see [`row_version`](Self::row_version)).
+    /// A version key's parts: `<prefix>v:<table>`, `<prefix>e:<table>` or a row's version.
     fn version_key_parts<'a>(&'a self, v: &Version<'a>) -> SmallVec<[&'a str; 7]> {
         match *v {
-            Version::Table(t) => SmallVec::from_slice(&[&self.prefix, "v", ":", t]),
-            Version::Epoch(t) => SmallVec::from_slice(&[&self.prefix, "e", ":", t]),
+            Version::Table(t) => SmallVec::from_slice(&self.meta_parts("v", t)),
+            Version::Epoch(t) => SmallVec::from_slice(&self.meta_parts("e", t)),
             Version::Row {
                 table,
                 column,
                 value,
-            } => SmallVec::from_slice(&[&self.prefix, "r:", table, ":", column, ":", value]),
+            } => SmallVec::from_slice(&self.row_version_parts(table, column, value)),
         }
     }
 
     /// The registry sets an entry of `deps` joins, added to a script's keys; returns how many.
     fn put_registry_keys(&self, deps: &Deps, inv: &mut Invocation) -> usize {
         for t in &deps.tables {
-            inv.key(&Joined(&[&self.prefix, "d", ":", t]));
+            inv.key(&Joined(&self.meta_parts("d", t)));
         }
         if let Some(r) = &deps.row {
-            inv.key(&Joined(&[&self.prefix, "k", ":", &r.table]));
+            inv.key(&Joined(&self.meta_parts("k", &r.table)));
         }
         deps.tables.len() + usize::from(deps.row.is_some())
     }
