@@ -76,9 +76,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&config.log_format);
-    // Clients are served on their own threads, one per core (`cachefront::cores`); this
-    // runtime only accepts them and runs the background work (invalidation, the lease,
-    // metrics, the verifier), which one thread keeps up with.
+    // Clients are served on threads of their own (`cachefront::cores`: by default one per CPU
+    // but one); this runtime only accepts them and runs the background work (invalidation,
+    // the lease, metrics, the verifier), which one thread keeps up with.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
