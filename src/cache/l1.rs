@@ -321,6 +321,12 @@ impl L1 {
 
     /// Stores a reply Valkey gave for a tracked lookup, with its entry's freshness if known.
     pub fn insert(&self, key: &str, hash: bool, proto: Proto, item: Item, t: Ticket) {
+        self.insert_at(key, hash, proto, item, t, Instant::now());
+    }
+
+    /// [`insert`](Self::insert) at `now`, from which the item's life is counted (as
+    /// [`get_at`](Self::get_at) is served at a given instant: tests set the clock).
+    fn insert_at(&self, key: &str, hash: bool, proto: Proto, item: Item, t: Ticket, now: Instant) {
         if !self.enabled {
             return;
         }
@@ -331,7 +337,7 @@ impl L1 {
             self.hashes.store(true, Ordering::Release);
         }
         let slot = Self::slot_key(key.as_bytes(), hash, proto);
-        let renews = Instant::now().checked_add(self.renewal);
+        let renews = now.checked_add(self.renewal);
         self.items.insert(
             slot.clone(),
             Stored {
@@ -433,16 +439,17 @@ mod tests {
         }
     }
 
-    fn stored(l1: &L1, key: &str) {
+    /// `key` stored at `at`: its life counts from there, whatever time the test took.
+    fn stored(l1: &L1, key: &str, at: Instant) {
         let t = l1.ticket(key);
-        l1.insert(key, false, Proto::Resp2, item(), t);
+        l1.insert_at(key, false, Proto::Resp2, item(), t, at);
     }
 
     #[test]
     fn an_item_is_served_until_its_life_ends() {
         let l1 = L1::new(1 << 20, Duration::from_millis(1000));
-        stored(&l1, "emp:1");
         let now = Instant::now();
+        stored(&l1, "emp:1", now);
         assert!(l1.get_at("emp:1", false, Proto::Resp2, now).is_some());
         let late = now + Duration::from_millis(1001);
         assert!(l1.get_at("emp:1", false, Proto::Resp2, late).is_none());
@@ -451,8 +458,8 @@ mod tests {
     #[test]
     fn an_item_asks_for_renewal_in_the_last_eighth_of_its_life() {
         let l1 = L1::new(1 << 20, Duration::from_millis(800));
-        stored(&l1, "emp:1");
         let now = Instant::now();
+        stored(&l1, "emp:1", now);
         let renew = |at: Duration| {
             l1.get_at("emp:1", false, Proto::Resp2, now + at)
                 .map(|h| h.renew)
@@ -484,7 +491,7 @@ mod tests {
             &|l1| l1.on_tracking(TrackingEvent::Keys(vec![Bytes::from_static(b"emp:1")])),
         ];
         for invalidate in invalidations {
-            stored(&l1, "emp:1");
+            stored(&l1, "emp:1", now);
             assert_eq!(from_copy(&l1, "emp:1", now), Some(false));
             from_copy(&l1, "emp:1", now);
             assert_eq!(from_copy(&l1, "emp:1", now), Some(true));
@@ -495,7 +502,7 @@ mod tests {
             assert_ne!(from_copy(&l1, "emp:1", now), Some(true));
             l1.clear();
         }
-        stored(&l1, "emp:1");
+        stored(&l1, "emp:1", now);
         for _ in 0..3 {
             from_copy(&l1, "emp:1", now);
         }
@@ -512,8 +519,9 @@ mod tests {
     #[test]
     fn a_life_too_long_for_the_clock_never_ends() {
         let l1 = L1::new(1 << 20, Duration::MAX);
-        stored(&l1, "emp:1");
-        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let now = Instant::now();
+        stored(&l1, "emp:1", now);
+        let far = now + Duration::from_secs(100 * 365 * 24 * 3600);
         assert!(l1.get_at("emp:1", false, Proto::Resp2, far).is_some());
     }
 }
