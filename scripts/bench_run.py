@@ -48,7 +48,8 @@ ONLY = ENV.get("BENCH_ONLY", "")
 HZ = os.sysconf("SC_CLK_TCK")
 # The second cachefront of the run: the same build and config on one client thread per CPU
 # (the default leaves one CPU spare, see `cores::count`).
-PER_CPU = f"cachefront, threads = {os.cpu_count()}"
+CPUS = len(os.sched_getaffinity(0))  # what `nproc` counts, as bench.sh does
+PER_CPU = f"cachefront, threads = {CPUS}"
 
 
 def log(*a):
@@ -513,8 +514,8 @@ def main():
     print("Misses: Valkey FLUSHALLed before each run; ids 0..99,999 at random (redis-benchmark -r 100000), through")
     print("BENCH.EMP = EMP.GET's SQL with a text id; PostgreSQL: pgbench -M prepared, the same SELECT, random(1, 100000).")
     print("cachefront reaches PostgreSQL through its pool of 16 connections; pgbench uses one per client.")
-    print(f"cachefront: the default layout, one client thread per CPU but one ({max(1, os.cpu_count() - 1)} here); {PER_CPU}:")
-    print(f"the same build and config with CACHEFRONT_THREADS={os.cpu_count()} (one per CPU), beside it in the same run.")
+    print(f"cachefront: the default layout, one client thread per CPU but one ({max(1, CPUS - 1)} here); {PER_CPU}:")
+    print(f"the same build and config with CACHEFRONT_THREADS={CPUS} (one per CPU), beside it in the same run.")
     for f in footnotes:
         print("- " + f)
     for nline in notes_global:
