@@ -317,12 +317,12 @@ impl Server {
         })
     }
 
-    /// The plain TCP address; with `tls.only`, the TLS one.
     /// How many threads serve clients (the config's `threads`, see `crate::cores::count`).
     pub fn threads(&self) -> usize {
         self.cores.len()
     }
 
+    /// The plain TCP address; with `tls.only`, the TLS one.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .as_ref()

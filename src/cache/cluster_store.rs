@@ -27,8 +27,8 @@ use std::sync::{Arc, LazyLock, OnceLock};
 
 use super::resp::{self, Cmd, Invocation, Script, StaticScript};
 use super::store::{
-    existing_value, prefill_script, push_value_args, release_parts, value_kind, FillLease,
-    LeaseState, Prefill, RELEASE_FN,
+    existing_value, prefill_invocation, prefill_script, push_value_args, release_parts, value_kind,
+    FillLease, LeaseState, Prefill, RELEASE_FN,
 };
 use super::{Deps, Entry, Value};
 use crate::error::Result;
@@ -234,16 +234,10 @@ impl ClusterStore {
     ) -> Result<Prefill> {
         let registrations = self.register(entry);
         let generation = self.generation_key(&entry.key);
-        let read = prefill_script(
-            &self.upstream,
-            entry,
-            hash,
-            negative_key,
-            lease,
-            |inv: &mut Invocation| {
-                inv.key(&generation);
-            },
-        );
+        let inv = prefill_invocation(entry, hash, negative_key, lease, |inv| {
+            inv.key(&generation);
+        });
+        let read = prefill_script(&self.upstream, inv, hash, negative_key.is_some());
         let (_, prefill) = futures::try_join!(registrations, read)?;
         Ok(prefill)
     }

@@ -44,8 +44,7 @@ pub(super) struct Joined<'a>(pub &'a [&'a str]);
 
 impl ToArg for Joined<'_> {
     fn put(&self, out: &mut Args) -> Range<usize> {
-        let parts: SmallVec<[&[u8]; 8]> = self.0.iter().map(|p| p.as_bytes()).collect();
-        out.push_joined(&parts)
+        out.push_joined(self.0)
     }
 }
 
@@ -87,8 +86,8 @@ impl Args {
     }
 
     /// Appends one argument made of `parts` joined, without joining them anywhere else first.
-    pub fn push_joined(&mut self, parts: &[&[u8]]) -> Range<usize> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
+    pub fn push_joined<P: AsRef<[u8]>>(&mut self, parts: &[P]) -> Range<usize> {
+        let total: usize = parts.iter().map(|p| p.as_ref().len()).sum();
         let mut len = itoa::Buffer::new();
         let len = len.format(total).as_bytes();
         self.buf.reserve(total + len.len() + 5);
@@ -97,7 +96,7 @@ impl Args {
         self.buf.put_slice(b"\r\n");
         let start = self.buf.len();
         for p in parts {
-            self.buf.put_slice(p);
+            self.buf.put_slice(p.as_ref());
         }
         self.buf.put_slice(b"\r\n");
         self.count += 1;

@@ -423,23 +423,21 @@ impl FillLease {
     }
 }
 
-/// Runs [`PREFILL_LUA`] for `entry` (its keys in one slot on a cluster): `versions` adds the
-/// version keys (a cluster's generation key), `negative_key` the marker if negative caching
-/// is on.
+/// Runs an invocation of [`PREFILL_LUA`] (see [`prefill_invocation`]); `negative`: whether
+/// it asks about a negative marker.
 pub(super) async fn prefill_script(
     up: &Upstream,
-    entry: &Entry,
+    inv: Invocation,
     hash: bool,
-    negative_key: Option<&str>,
-    lease: (&FillLease, &str),
-    versions: impl FnOnce(&mut Invocation),
+    negative: bool,
 ) -> Result<Prefill> {
-    let inv = prefill_invocation(entry, hash, negative_key, lease, versions);
-    parse_prefill(inv.run(up).await?, hash, negative_key.is_some())
+    parse_prefill(inv.run(up).await?, hash, negative)
 }
 
-/// The invocation of [`PREFILL_LUA`] (see [`prefill_script`]).
-fn prefill_invocation(
+/// The invocation of [`PREFILL_LUA`] for `entry` (its keys in one slot on a cluster):
+/// `versions` adds the version keys (a cluster's generation key), `negative_key` the marker
+/// if negative caching is on.
+pub(super) fn prefill_invocation(
     entry: &Entry,
     hash: bool,
     negative_key: Option<&str>,
@@ -554,10 +552,8 @@ impl Store {
         };
         match self {
             Store::Single(s) => {
-                let versions = |inv: &mut Invocation| {
-                    s.put_version_keys(&entry.deps, inv);
-                };
-                prefill_script(&s.upstream, entry, hash, negative_key, lease, versions).await
+                let inv = s.prefill_invocation(entry, hash, negative_key, lease);
+                prefill_script(&s.upstream, inv, hash, negative_key.is_some()).await
             }
             Store::Cluster(c) => c.prefill_leased(entry, hash, negative_key, lease).await,
         }
@@ -577,10 +573,10 @@ impl Store {
         let Store::Single(s) = self else {
             return None;
         };
-        let versions = |inv: &mut Invocation| {
-            s.put_version_keys(&entry.deps, inv);
-        };
-        Some(prefill_invocation(entry, false, negative_key, (lease, ""), versions).evalsha())
+        Some(
+            s.prefill_invocation(entry, false, negative_key, (lease, ""))
+                .evalsha(),
+        )
     }
 
     /// Valkey answered an [`early_lookup`](Self::early_lookup) with `-NOSCRIPT` (a new or
@@ -993,6 +989,19 @@ impl SingleStore {
                 value,
             } => SmallVec::from_slice(&self.row_version_parts(table, column, value)),
         }
+    }
+
+    /// [`PREFILL_LUA`]'s invocation for `entry`, its version keys this server's own.
+    fn prefill_invocation(
+        &self,
+        entry: &Entry,
+        hash: bool,
+        negative_key: Option<&str>,
+        lease: (&FillLease, &str),
+    ) -> Invocation {
+        prefill_invocation(entry, hash, negative_key, lease, |inv| {
+            self.put_version_keys(&entry.deps, inv);
+        })
     }
 
     /// The registry sets an entry of `deps` joins, added to a script's keys; returns how many.
